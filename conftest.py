@@ -1,0 +1,13 @@
+"""Repository-wide pytest set-up.
+
+Forces 8 host (CPU) devices *before* jax is imported anywhere, so that `shard_map` tests can run on a
+single CPU machine, and keeps everything offline (no model hub).
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
