@@ -1,0 +1,33 @@
+"""Pure-function losses of ADRPO (Adaptive Divergence Regularized Policy Optimization).
+
+Plain ``jax.Array`` in, ``jax.Array`` out: no model or config objects. Shapes and the equation of
+ADRPO.md (``/work/shared/paper/ADRPO.md`` in the project) are documented on every function. Argument errors
+(rank, shape, dtype, unknown option, out-of-range hyper-parameter) raise ``ValueError`` naming the argument,
+at trace time. All loss math runs in float32 (bfloat16/float16 inputs are upcast; float64 stays float64).
+
+Distributed contract (every reduced loss)
+----------------------------------------
+* ``axis_name=None``: the loss is the plain mean over this call's inputs.
+* ``axis_name`` = a mesh/pmap axis name or tuple of names (inside ``jax.shard_map`` / ``pmap``): the function
+  returns this device's *share* ``local_sum / global_normalizer``; only the normalizer (a token or sample
+  count) crosses devices (psum). Hence ``jax.lax.psum(loss, axis_name)`` is the global loss, and under
+  ``shard_map``'s default ``check_vma=True`` the gradient with respect to replicated parameters is already
+  summed over devices into exactly the single-device gradient -- do **not** pmean/psum the gradients.
+* ``metrics`` hold global values (psum-ed, stop-gradient), identical on all devices, including
+  ``metrics["loss"]``.
+* ``normalizer=`` (where offered) overrides the denominator with a given global value, e.g. the token count of
+  the whole batch when accumulating gradients over micro-batches: the sum of the micro-batch losses and
+  gradients then equals the full-batch loss and gradient.
+* Batch statistics (advantage group means/stds, batch means) are global with ``axis_name``; group statistics
+  all-gather the small reward vector, so groups may be split across devices arbitrarily.
+"""
+
+from adrpo_jax.losses.flow_matching import cfm_loss
+from adrpo_jax.losses.flow_matching import flow_matching_error
+from adrpo_jax.losses.flow_matching import rectified_flow_path
+
+__all__ = [
+    "cfm_loss",
+    "flow_matching_error",
+    "rectified_flow_path",
+]
