@@ -1,0 +1,499 @@
+"""Hugging Face checkpoint I/O for `CausalLM`, without torch.
+
+* `load_pretrained(path)` reads `config.json` and one or many `*.safetensors` files (with
+  `model.safetensors.index.json` when sharded) straight into an abstract (`nnx.eval_shape`) model, one
+  tensor at a time from a memory map, placing every array directly with its sharding when a mesh or a
+  sharding function is given (so a checkpoint never exists twice in host memory).
+* `save_pretrained(model, path)` writes `config.json`, `generation_config.json` and safetensors in HF
+  names/layout (sharded with an index above `max_shard_size`) that `transformers` loads back.
+* `load_tokenizer(path)`: `transformers.AutoTokenizer` from the same local directory (never the hub).
+
+The safetensors format is parsed here (8-byte little-endian header length, JSON header, raw data), which
+handles bfloat16 through `ml_dtypes` (numpy has no bf16) and lets us memory-map instead of copying.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from adrpo_jax.models.llm.config import DecoderConfig
+from adrpo_jax.models.llm.modeling import CausalLM
+
+log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+_ST_TO_NP = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NP_TO_ST = {v.name if v.name != "bool" else "bool": k for k, v in _ST_TO_NP.items()}
+
+# Checkpoint tensors that are derived buffers, not parameters: skipped silently (debug log).
+_IGNORED_TENSORS = (re.compile(r".*\.rotary_emb\.inv_freq$"),)
+
+# Default logical-axis -> mesh-axis rules (the project contract; adrpo_jax/train/sharding.py owns the
+# authoritative copy, pass its function as `shardings=` to use it).
+DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not match the model (missing / mis-shaped tensor, bad index, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# Name / layout mapping between our parameters and HF tensors
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TensorMapping:
+  """How one of our parameters is stored in an HF checkpoint.
+
+  `to_ours(hf_array)` and `to_hf(our_array)` convert layouts (numpy, lazy views where possible).
+  """
+
+  ours: tuple[Any, ...]
+  hf_name: str
+  hf_shape: tuple[int, ...]
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+  return x
+
+
+def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
+  """All parameters of `CausalLM(config)` with their HF names, shapes and layout conversions (HF order)."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  h, k, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+  out: list[TensorMapping] = []
+
+  def add(ours, hf_name, hf_shape, to_ours=_identity, to_hf=_identity):
+    out.append(TensorMapping(tuple(ours), hf_name, tuple(hf_shape), to_ours, to_hf))
+
+  def linear(ours, hf_name, n_in, n_out):  # HF Linear weight [out, in]; ours [in, out]
+    add(ours, hf_name, (n_out, n_in), lambda w: w.T, lambda w: w.T)
+
+  def heads_in(ours, hf_name, n_heads):  # HF [n*hd, D]; ours [D, n, hd]
+    add(ours, hf_name, (n_heads * hd, d), lambda w: w.T.reshape(d, n_heads, hd),
+        lambda w: w.reshape(d, n_heads * hd).T)
+
+  def heads_bias(ours, hf_name, n_heads):  # HF [n*hd]; ours [n, hd]
+    add(ours, hf_name, (n_heads * hd,), lambda b: b.reshape(n_heads, hd), lambda b: b.reshape(n_heads * hd))
+
+  add(("embed_tokens", "embedding"), "model.embed_tokens.weight", (v, d))
+  for i in range(config.num_hidden_layers):
+    p, q = ("layers", i), f"model.layers.{i}"
+    attn, aq = p + ("self_attn",), f"{q}.self_attn"
+    heads_in(attn + ("q_proj", "kernel"), f"{aq}.q_proj.weight", h)
+    if config.attention_bias:
+      heads_bias(attn + ("q_proj", "bias"), f"{aq}.q_proj.bias", h)
+    heads_in(attn + ("k_proj", "kernel"), f"{aq}.k_proj.weight", k)
+    if config.attention_bias:
+      heads_bias(attn + ("k_proj", "bias"), f"{aq}.k_proj.bias", k)
+    heads_in(attn + ("v_proj", "kernel"), f"{aq}.v_proj.weight", k)
+    if config.attention_bias:
+      heads_bias(attn + ("v_proj", "bias"), f"{aq}.v_proj.bias", k)
+    add(attn + ("o_proj", "kernel"), f"{aq}.o_proj.weight", (d, h * hd),
+        lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T)
+    if config.attention_out_bias:
+      add(attn + ("o_proj", "bias"), f"{aq}.o_proj.bias", (d,))
+    if config.qk_norm:
+      add(attn + ("q_norm", "weight"), f"{aq}.q_norm.weight", (hd,))
+      add(attn + ("k_norm", "weight"), f"{aq}.k_norm.weight", (hd,))
+    mlp, mq = p + ("mlp",), f"{q}.mlp"
+    for name, n_in, n_out in (("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)):
+      linear(mlp + (name, "kernel"), f"{mq}.{name}.weight", n_in, n_out)
+      if config.mlp_bias:
+        add(mlp + (name, "bias"), f"{mq}.{name}.bias", (n_out,))
+    add(p + ("input_layernorm", "weight"), f"{q}.input_layernorm.weight", (d,))
+    add(p + ("post_attention_layernorm", "weight"), f"{q}.post_attention_layernorm.weight", (d,))
+  add(("norm", "weight"), "model.norm.weight", (d,))
+  if not config.tie_word_embeddings:
+    linear(("lm_head", "kernel"), "lm_head.weight", d, v)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# safetensors reading / writing (memory-mapped, bf16-aware)
+# ------------------------------------------------------------------------------------------------------
+class SafetensorsFile:
+  """Memory-mapped read access to one `.safetensors` file: `names()`, `shape(name)`, `get(name)`."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    with open(self.path, "rb") as f:
+      raw_len = f.read(8)
+      if len(raw_len) != 8:
+        raise CheckpointError(f"{self.path} is not a safetensors file (too short)")
+      header_len = int.from_bytes(raw_len, "little")
+      try:
+        header = json.loads(f.read(header_len))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{self.path} has a corrupt safetensors header: {e}") from e
+    self.metadata = header.pop("__metadata__", None) or {}
+    self._entries = header
+    self._data_start = 8 + header_len
+    self._buffer = None
+
+  def names(self) -> list[str]:
+    return list(self._entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._entries[name]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    """A read-only numpy view (memory map) of tensor `name`."""
+    entry = self._entries[name]
+    st_dtype = entry["dtype"]
+    if st_dtype not in _ST_TO_NP:
+      raise CheckpointError(f"tensor {name!r} in {self.path} has unsupported dtype {st_dtype}")
+    dtype, shape = _ST_TO_NP[st_dtype], tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+      raise CheckpointError(f"tensor {name!r} in {self.path}: data_offsets do not match shape {shape}")
+    if end == begin:
+      return np.zeros(shape, dtype)
+    if self._buffer is None:
+      self._buffer = np.memmap(self.path, dtype=np.uint8, mode="r")
+    start = self._data_start + begin
+    return self._buffer[start:self._data_start + end].view(dtype).reshape(shape)
+
+
+def _st_dtype(dtype: np.dtype) -> str:
+  dtype = np.dtype(dtype)
+  for st, npd in _ST_TO_NP.items():
+    if npd == dtype:
+      return st
+  raise CheckpointError(f"dtype {dtype} cannot be written to safetensors")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                      fetch: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> None:
+  """Writes a safetensors file tensor by tensor: `tensors` lists (name, shape, dtype) in file order and
+  `fetch(name)` returns the array when its turn comes (so only one tensor is on the host at a time)."""
+  header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+  offset = 0
+  for name, shape, dtype in tensors:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _st_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  header_bytes = json.dumps(header, separators=(",", ":")).encode()
+  header_bytes += b" " * (-len(header_bytes) % 8)
+  tmp = Path(str(path) + ".tmp")
+  with open(tmp, "wb") as f:
+    f.write(len(header_bytes).to_bytes(8, "little"))
+    f.write(header_bytes)
+    for name, shape, dtype in tensors:
+      arr = np.ascontiguousarray(fetch(name), dtype=dtype)
+      if arr.shape != tuple(shape):
+        raise CheckpointError(f"tensor {name!r}: fetched shape {arr.shape} != declared {tuple(shape)}")
+      f.write(arr.tobytes())
+  os.replace(tmp, path)
+
+
+class CheckpointReader:
+  """All tensors of an HF directory: `model.safetensors.index.json` if present, else every `*.safetensors`."""
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = Path(directory)
+    index_path = self.directory / SAFE_WEIGHTS_INDEX_NAME
+    self._files: dict[str, SafetensorsFile] = {}
+    self._where: dict[str, str] = {}
+    if index_path.exists():
+      with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} has no 'weight_map'")
+      self.source = str(index_path)
+      self._where = dict(weight_map)
+    else:
+      files = sorted(self.directory.glob("*.safetensors"))
+      if not files:
+        others = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+            p.name for p in self.directory.glob("*.gguf"))
+        hint = f" (found {others}: convert them to safetensors first)" if others else ""
+        raise FileNotFoundError(f"no *.safetensors files in {self.directory}{hint}")
+      self.source = ", ".join(str(p) for p in files)
+      for p in files:
+        for name in self._file(p.name).names():
+          self._where[name] = p.name
+
+  def _file(self, filename: str) -> SafetensorsFile:
+    if filename not in self._files:
+      path = self.directory / filename
+      if not path.exists():
+        raise CheckpointError(f"{self.source} refers to missing file {path}")
+      self._files[filename] = SafetensorsFile(path)
+    return self._files[filename]
+
+  def names(self) -> list[str]:
+    return list(self._where)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def location(self, name: str) -> str:
+    return str(self.directory / self._where[name]) if name in self._where else self.source
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._where:
+      raise CheckpointError(f"tensor {name!r} not found in {self.source}")
+    file = self._file(self._where[name])
+    if name not in file.names():
+      raise CheckpointError(f"tensor {name!r} listed for {file.path} by {self.source} but absent from that file")
+    return file.get(name)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sharding helpers
+# ------------------------------------------------------------------------------------------------------
+def logical_to_sharding(mesh: jax.sharding.Mesh, names: Sequence[str | None], shape: Sequence[int],
+                        rules: Iterable[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> jax.sharding.NamedSharding:
+  """NamedSharding of a parameter from its logical axis names; a dimension not divisible by its mesh
+  axis size (or whose mesh axis is absent / already used) is replicated.
+
+  >>> mesh = jax.make_mesh((1,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
+  >>> logical_to_sharding(mesh, ("embed", "mlp"), (4, 8)).spec
+  PartitionSpec(None, 'tensor')
+  """
+  rule_map = dict(rules)
+  spec, used = [], set()
+  for name, dim in zip(names, shape):
+    axis = rule_map.get(name) if name is not None else None
+    axes = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if not axes or dim % size:
+      if axes:
+        log.info("replicating a dimension of size %d (logical %r): not divisible by mesh axes %s", dim, name, axes)
+      spec.append(None)
+    else:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+# ------------------------------------------------------------------------------------------------------
+# load / save
+# ------------------------------------------------------------------------------------------------------
+def _flat_params(state) -> dict[tuple, Any]:
+  return {tuple(path): var for path, var in nnx.to_flat_state(state)}
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                    remat: bool = False, remat_policy: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                    rules: Iterable[tuple[str, Any]] | None = None,
+                    shardings: Callable[[tuple[str | None, ...], tuple[int, ...]], jax.sharding.Sharding]
+                    | None = None, config_overrides: dict[str, Any] | None = None) -> CausalLM:
+  """Loads a local Hugging Face Llama / Qwen2 / Qwen3 directory into a `CausalLM`.
+
+  Args:
+    path: directory with config.json and `*.safetensors` (+ `model.safetensors.index.json` if sharded).
+    dtype: computation dtype; param_dtype: dtype the parameters are stored in (converted on load).
+    remat, remat_policy: gradient checkpointing per layer (see `DecoderConfig`).
+    mesh: place every parameter with `logical_to_sharding(mesh, names, shape, rules)` (default rules:
+      'embed'->'fsdp'; 'mlp', 'heads', 'kv_heads', 'vocab'->'tensor'; others replicated).
+    shardings: alternatively, a function (logical_names, shape) -> jax.sharding.Sharding.
+    config_overrides: extra `DecoderConfig` fields to replace.
+  Returns:
+    the model; without mesh/shardings the parameters live on the default device.
+  Raises:
+    ValueError: unsupported model_type (lists the supported ones); `CheckpointError` (a ValueError) for a
+      missing tensor (names the tensor and file) or a wrong shape (names the tensor, expected and found).
+    FileNotFoundError: no config.json / no safetensors.
+  """
+  path = Path(path)
+  overrides = dict(config_overrides or {})
+  config = DecoderConfig.from_hf_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                        remat_policy=remat_policy, **overrides)
+  if mesh is not None and shardings is not None:
+    raise ValueError("pass either mesh (with rules) or shardings, not both")
+  if mesh is not None:
+    rule_list = tuple(rules) if rules is not None else DEFAULT_LOGICAL_RULES
+    shardings = lambda names, shape: logical_to_sharding(mesh, names, shape, rule_list)  # noqa: E731
+  reader = CheckpointReader(path)
+  abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = _flat_params(abstract_state)
+  mappings = {m.ours: m for m in param_mappings(config)}
+  if set(mappings) != set(flat):  # internal consistency, not a user error
+    raise AssertionError(f"mapping/model mismatch: {sorted(set(mappings) ^ set(flat), key=str)[:5]}")
+  target_dtype = np.dtype(config.param_dtype)
+  pure: dict[tuple, Any] = {}
+  used = set()
+  for ours, var in flat.items():
+    m = mappings[ours]
+    if m.hf_name not in reader:
+      raise CheckpointError(f"tensor {m.hf_name!r} (for parameter {'.'.join(map(str, ours))}) not found in "
+                            f"{reader.source}")
+    hf = reader.get(m.hf_name)
+    if tuple(hf.shape) != m.hf_shape:
+      raise CheckpointError(f"tensor {m.hf_name!r} in {reader.location(m.hf_name)} has shape {tuple(hf.shape)}, "
+                            f"expected {m.hf_shape} for this config")
+    used.add(m.hf_name)
+    host = m.to_ours(hf)  # a (lazy) view of the memory map
+    shape = tuple(var.get_value().shape)
+    if shardings is None:
+      value = jax.device_put(np.ascontiguousarray(host, dtype=target_dtype))
+    else:
+      names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
+      sharding = shardings(names, shape)
+      value = jax.make_array_from_callback(
+          shape, sharding, lambda idx, host=host: np.ascontiguousarray(host[idx], dtype=target_dtype))
+    pure[ours] = value
+  for name in reader.names():
+    if name in used:
+      continue
+    if any(p.match(name) for p in _IGNORED_TENSORS):
+      log.debug("ignoring derived tensor %s", name)
+    elif name == "lm_head.weight" and config.tie_word_embeddings:
+      log.debug("ignoring lm_head.weight: tie_word_embeddings=True uses model.embed_tokens.weight")
+    else:
+      log.warning("unexpected tensor %r in %s was not loaded", name, reader.location(name))
+  nested: dict = {}
+  for ours, value in pure.items():
+    node = nested
+    for key in ours[:-1]:
+      node = node.setdefault(key, {})
+    node[ours[-1]] = value
+  nnx.replace_by_pure_dict(abstract_state, nested)
+  return nnx.merge(graphdef, abstract_state)
+
+
+def _parse_size(size: int | str) -> int:
+  if isinstance(size, (int, np.integer)):
+    if size <= 0:
+      raise ValueError(f"max_shard_size={size} must be positive")
+    return int(size)
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+  if not match:
+    raise ValueError(f"max_shard_size={size!r}: use an int (bytes) or a string like '5GB', '500MB', '2GiB'")
+  value, unit = float(match.group(1)), match.group(2)
+  base = 1024 if "I" in unit else 1000
+  power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+  return int(value * base ** power)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any = None,
+                    max_shard_size: int | str = "5GB", dtype: Any = None,
+                    generation_config: dict[str, Any] | None = None) -> Path:
+  """Writes `model` as a Hugging Face directory that `transformers.AutoModelForCausalLM` loads.
+
+  Args:
+    model: a `CausalLM` (parameters may be sharded; with several processes only process 0 writes).
+    path: output directory (created).
+    tokenizer: optional HF tokenizer, saved into the same directory.
+    max_shard_size: bytes (int) or '5GB' / '500MB' / '2GiB'; above it the weights are split into
+      `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
+    dtype: storage dtype of the tensors (default: the parameter dtype).
+    generation_config: extra fields for generation_config.json (bos/eos/pad come from the config).
+  Returns:
+    the directory.
+  """
+  if not isinstance(model, CausalLM):
+    raise ValueError(f"model must be a CausalLM, got {type(model).__name__}")
+  path = Path(path)
+  config = model.config
+  flat = _flat_params(nnx.state(model, nnx.Param))
+  mappings = param_mappings(config)
+  save_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
+  entries = []
+  for m in mappings:
+    arr = flat[m.ours].get_value()
+    entries.append((m.hf_name, m.hf_shape, save_dtype or np.dtype(arr.dtype), m))
+  limit = _parse_size(max_shard_size)
+  shards: list[list] = [[]]
+  size = 0
+  for e in entries:
+    nbytes = int(np.prod(e[1], dtype=np.int64)) * e[2].itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes
+  writer = jax.process_index() == 0
+  if writer:
+    path.mkdir(parents=True, exist_ok=True)
+    # Remove stale weights of an earlier save into the same directory.
+    for old in list(path.glob("model*.safetensors")) + [path / SAFE_WEIGHTS_INDEX_NAME]:
+      if old.exists():
+        old.unlink()
+  by_name = {e[0]: e for e in entries}
+
+  def fetch(name):
+    _, _, dt, m = by_name[name]
+    return m.to_hf(_to_host(flat[m.ours].get_value())).astype(dt)
+
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    filename = (SAFE_WEIGHTS_NAME if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    tensors = [(name, shape, dt) for name, shape, dt, _ in shard]
+    if writer:
+      write_safetensors(path / filename, tensors, fetch, metadata={"format": "pt"})
+    else:  # every process takes part in the gathers of sharded arrays
+      for name, *_ in tensors:
+        fetch(name)
+    for name, shape, dt, _ in shard:
+      weight_map[name] = filename
+      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+  if not writer:
+    return path
+  if len(shards) > 1:
+    with open(path / SAFE_WEIGHTS_INDEX_NAME, "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  hf_config = config.to_hf_config()
+  if save_dtype is not None:
+    hf_config["dtype"] = save_dtype.name
+  with open(path / "config.json", "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  gen = {k: v for k, v in (("bos_token_id", config.bos_token_id),
+                           ("eos_token_id", hf_config["eos_token_id"]),
+                           ("pad_token_id", config.pad_token_id)) if v is not None}
+  gen.update(generation_config or {})
+  if gen:
+    with open(path / "generation_config.json", "w") as f:
+      json.dump(gen, f, indent=2, sort_keys=True)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(path))
+  return path
+
+
+def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "left"):
+  """`transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)` with `padding_side`
+  (left by default: prompts for generation are left-padded). A missing pad token falls back to EOS."""
+  from transformers import AutoTokenizer  # optional dependency: imported on use only
+
+  if padding_side not in ("left", "right"):
+    raise ValueError(f"padding_side={padding_side!r} must be 'left' or 'right'")
+  tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+  tokenizer.padding_side = padding_side
+  if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    log.info("tokenizer in %s has no pad token; using the EOS token %r", path, tokenizer.eos_token)
+    tokenizer.pad_token = tokenizer.eos_token
+  return tokenizer

@@ -1,0 +1,408 @@
+"""Flax NNX causal LM for the Llama / Qwen2 / Qwen3 families (numerics of transformers 5.23).
+
+Shapes: B batch, T new tokens, S key slots (T without a cache, the cache length with one), D hidden,
+H query heads, K kv heads, G = H // K, hd head_dim, F intermediate, V vocab.
+
+Parameter layout (logical axis names in the `out_sharding` metadata of every `nnx.Param`):
+
+==============================  =================  ===================================
+parameter                       shape              logical axes
+==============================  =================  ===================================
+embed_tokens.embedding          [V, D]             ('vocab', 'embed')
+layers[i].self_attn.q_proj      kernel [D, H, hd]  ('embed', 'heads', 'head_dim')
+layers[i].self_attn.k/v_proj    kernel [D, K, hd]  ('embed', 'kv_heads', 'head_dim')
+layers[i].self_attn.o_proj      kernel [H, hd, D]  ('heads', 'head_dim', 'embed')
+layers[i].mlp.gate/up_proj      kernel [D, F]      ('embed', 'mlp')
+layers[i].mlp.down_proj         kernel [F, D]      ('mlp', 'embed')
+*norm*.weight                   [D] or [hd]        ('norm',)
+lm_head.kernel (untied only)    [D, V]             ('embed', 'vocab')
+==============================  =================  ===================================
+
+Attention masks are boolean. Causality is over *slots* (token index in the sequence / cache), padding is
+a per-key mask, and rotary positions are separate per-row integers (HF convention for left padding:
+`positions_from_mask`). Padded query rows produce finite garbage (never NaN) that callers mask out.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq
+
+Array = jax.Array
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def positions_from_mask(mask: Array) -> Array:
+  """Rotary positions for a (left-)padded batch: `clip(cumsum(mask) - 1, 0)` (HF convention), int32 [B, T].
+
+  >>> positions_from_mask(jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)).tolist()
+  [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+  """
+  mask = jnp.asarray(mask)
+  if mask.ndim != 2:
+    raise ValueError(f"mask must be [batch, time], got shape {mask.shape}")
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------------
+# KV cache: a plain pytree of arrays (functional; returned updated by every cached call).
+# ------------------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class KVCache:
+  """Key/value cache of all layers.
+
+  Attributes:
+    keys, values: per layer, [B, S, K, hd] (rotary already applied to keys).
+    mask: [B, S] bool, True where a slot holds a real (non-padding) token.
+    index: [] int32, number of slots written so far (the next call writes at `index`).
+    next_position: [B] int32, rotary position of the next real token of each row.
+  """
+
+  keys: tuple[Array, ...]
+  values: tuple[Array, ...]
+  mask: Array
+  index: Array
+  next_position: Array
+
+  @classmethod
+  def create(cls, config: DecoderConfig, batch_size: int, max_length: int, dtype: Any = None) -> "KVCache":
+    """An empty cache of `max_length` slots; `dtype` defaults to the config's compute dtype."""
+    if batch_size <= 0 or max_length <= 0:
+      raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+               mask=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32),
+               next_position=jnp.zeros((batch_size,), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.mask.shape[1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------------
+def _param(rngs: nnx.Rngs | None, shape, names, dtype, *, init: str, std: float = 0.02) -> nnx.Param:
+  if init == "normal":
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  elif init == "zeros":
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    raise ValueError(init)
+  return nnx.Param(value.astype(dtype), out_sharding=tuple(names))
+
+
+class RMSNorm(nnx.Module):
+  """y = weight * x / sqrt(mean(x^2) + eps), statistics in float32 (HF `LlamaRMSNorm`)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+    self.weight = _param(None, (dim,), ("norm",), param_dtype, init="ones")
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+  """`y = einsum(equation, x, kernel) (+ bias)` in the compute dtype, with named parameter axes."""
+
+  def __init__(self, equation: str, kernel_shape, kernel_axes, *, bias_shape=None, bias_axes=None,
+               dtype, param_dtype, std: float, rngs: nnx.Rngs):
+    self.equation = equation
+    self.dtype = dtype
+    self.kernel = _param(rngs, kernel_shape, kernel_axes, param_dtype, init="normal", std=std)
+    self.bias = (_param(None, bias_shape, bias_axes, param_dtype, init="zeros")
+                 if bias_shape is not None else None)
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, std: float, rngs: nnx.Rngs):
+    self.embedding = _param(rngs, (vocab_size, dim), ("vocab", "embed"), param_dtype, init="normal", std=std)
+    self.dtype = dtype
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+
+def _rotate_half(x: Array) -> Array:
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def rotary_cos_sin(positions: Array, inv_freq: np.ndarray, scale: float, dtype) -> tuple[Array, Array]:
+  """cos, sin [B, T, hd] for integer positions [B, T] (HF half-rotation layout, computed in float32)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B, T, heads, hd] rotated by cos/sin [B, T, hd]."""
+  return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+def attend(q: Array, k: Array, v: Array, allowed: Array, *, scale: float) -> Array:
+  """Grouped-query attention with a boolean mask; scores and softmax in float32.
+
+  Args:
+    q: [B, T, H, hd]; k, v: [B, S, K, hd] with K dividing H (query head h uses kv head h // G).
+    allowed: [B, T, S] bool.
+  Returns:
+    [B, T, H, hd] in v's dtype.
+  """
+  b, t, h, hd = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, hd)
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    d, h, k, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    common = dict(dtype=config.dtype, param_dtype=config.param_dtype, std=config.initializer_range, rngs=rngs)
+    qkv_bias = config.attention_bias
+    self.q_proj = Dense("btd,dhk->bthk", (d, h, hd), ("embed", "heads", "head_dim"),
+                        bias_shape=(h, hd) if qkv_bias else None, bias_axes=("heads", "head_dim"), **common)
+    self.k_proj = Dense("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(k, hd) if qkv_bias else None, bias_axes=("kv_heads", "head_dim"), **common)
+    self.v_proj = Dense("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(k, hd) if qkv_bias else None, bias_axes=("kv_heads", "head_dim"), **common)
+    self.o_proj = Dense("bthk,hkd->btd", (h, hd, d), ("heads", "head_dim", "embed"),
+                        bias_shape=(d,) if config.attention_out_bias else None, bias_axes=("embed",), **common)
+    if config.qk_norm:
+      self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+      self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+    self.scale = hd ** -0.5
+
+  def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
+    """x [B, T, D] -> [B, T, D]; with `kv_cache=(k [B,S,K,hd], v)` the new keys/values are written at
+    slot `index` and the updated pair is returned as well."""
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if kv_cache is not None:
+      cache_k, cache_v = kv_cache
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      kv_cache = (k, v)
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed, scale=self.scale)
+    return self.o_proj(out), kv_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    common = dict(dtype=config.dtype, param_dtype=config.param_dtype, std=config.initializer_range, rngs=rngs)
+    bias = config.mlp_bias
+    self.gate_proj = Dense("btd,df->btf", (d, f), ("embed", "mlp"), bias_shape=(f,) if bias else None,
+                           bias_axes=("mlp",), **common)
+    self.up_proj = Dense("btd,df->btf", (d, f), ("embed", "mlp"), bias_shape=(f,) if bias else None,
+                         bias_axes=("mlp",), **common)
+    self.down_proj = Dense("btf,fd->btd", (f, d), ("mlp", "embed"), bias_shape=(d,) if bias else None,
+                           bias_axes=("embed",), **common)
+    self.act = config.hidden_act
+
+  def __call__(self, x: Array) -> Array:
+    return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    norm = dict(eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+    self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
+    attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv_cache, index)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, kv_cache
+
+
+def _remat_layer_call(layer: DecoderLayer, x, cos, sin, allowed):
+  return layer(x, cos, sin, allowed)[0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The causal LM
+# ------------------------------------------------------------------------------------------------------
+class CausalLM(nnx.Module):
+  """Decoder-only causal LM (Llama / Qwen2 / Qwen3) in Flax NNX.
+
+  Build fresh with `CausalLM(config, rngs=nnx.Rngs(0))` (no mesh needed; logical axis names are metadata)
+  or from a Hugging Face directory with `adrpo_jax.models.llm.load_pretrained`.
+
+  Entry points (all take int tokens [B, T]; `positions` [B, T] int32 and `attention_mask` [B, T] bool are
+  optional, see `hidden_states`):
+    * `model(tokens, ...)` -> logits [B, T, V] in the compute dtype; with `cache=` -> (logits, new_cache).
+    * `model.hidden_states(tokens, ...)` -> [B, T, D] after the final norm (same cache convention).
+    * `model.lm_head_matrix()` -> [D, V] (the embedding transposed when tied), so `logits = h @ W`.
+    * `model.init_cache(batch_size, max_length)` -> empty `KVCache`.
+
+  >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+  ...                     num_attention_heads=4, num_key_value_heads=2)
+  >>> model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  >>> tokens = jnp.array([[0, 0, 5, 6], [1, 2, 3, 4]])
+  >>> mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
+  >>> model(tokens, attention_mask=mask).shape
+  (2, 4, 32)
+  """
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    with nnx.use_eager_sharding(False):  # logical names stay metadata: the model builds without a mesh
+      common = dict(dtype=config.dtype, param_dtype=config.param_dtype, std=config.initializer_range, rngs=rngs)
+      self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **common)
+      self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+      self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.dtype,
+                          param_dtype=config.param_dtype)
+      if config.tie_word_embeddings:
+        self.lm_head = None
+      else:
+        self.lm_head = Dense("btd,dv->btv", (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                             **common)
+    inv_freq, rope_scale = rope_inv_freq(config)
+    self._inv_freq = tuple(float(f) for f in inv_freq)  # static (hashable) metadata, not a parameter
+    self._rope_scale = rope_scale
+
+  # -- helpers ------------------------------------------------------------------------------------------
+  def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    """Empty KV cache (`dtype` defaults to the compute dtype)."""
+    return KVCache.create(self.config, batch_size, max_length, dtype)
+
+  def lm_head_matrix(self) -> Array:
+    """[D, V] output projection in the parameter dtype (the transposed embedding when tied)."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...].T
+    return self.lm_head.kernel[...]
+
+  def logits(self, hidden: Array) -> Array:
+    """[..., D] hidden states -> [..., V] logits in the compute dtype."""
+    w = self.lm_head_matrix().astype(self.config.dtype)
+    return jnp.einsum("...d,dv->...v", hidden.astype(self.config.dtype), w)
+
+  def _check_inputs(self, tokens, positions, attention_mask, cache):
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    for name, x in (("positions", positions), ("attention_mask", attention_mask)):
+      if x is not None and tuple(x.shape) != tuple(tokens.shape):
+        raise ValueError(f"{name} must have the shape of tokens {tokens.shape}, got {x.shape}")
+    if cache is not None:
+      if cache.mask.shape[0] != tokens.shape[0]:
+        raise ValueError(f"cache batch {cache.mask.shape[0]} != tokens batch {tokens.shape[0]}")
+      if tokens.shape[1] > cache.max_length:
+        raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {cache.max_length} slots")
+      if len(cache.keys) != len(self.layers):
+        raise ValueError(f"cache has {len(cache.keys)} layers, the model {len(self.layers)}")
+
+  # -- forward ------------------------------------------------------------------------------------------
+  def hidden_states(self, tokens: Array, *, positions: Array | None = None,
+                    attention_mask: Array | None = None, cache: KVCache | None = None):
+    """Final-norm hidden states [B, T, D] (compute dtype); with `cache`: (hidden, updated cache).
+
+    Args:
+      tokens: [B, T] int token ids.
+      positions: [B, T] rotary positions. Default without a cache: `positions_from_mask(attention_mask)`
+        (or 0..T-1 without a mask); with a cache: continue each row from `cache.next_position`.
+      attention_mask: [B, T] bool, False on padding tokens (never attended to). Default all True.
+      cache: a `KVCache`; the T new tokens are written at slots [cache.index, cache.index + T) and
+        attend to every valid earlier slot. The caller must keep `cache.index + T <= cache.max_length`.
+    """
+    tokens = jnp.asarray(tokens)
+    positions = None if positions is None else jnp.asarray(positions)
+    attention_mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+    self._check_inputs(tokens, positions, attention_mask, cache)
+    cfg = self.config
+    b, t = tokens.shape
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
+    if cache is None:
+      if positions is None:
+        positions = (positions_from_mask(valid) if attention_mask is not None
+                     else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+      key_valid, q_slots, index = valid, jnp.arange(t), None
+      k_slots = jnp.arange(t)
+    else:
+      if positions is None:
+        positions = cache.next_position[:, None] + positions_from_mask(valid)
+      index = cache.index
+      key_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, index))
+      q_slots = index + jnp.arange(t)
+      k_slots = jnp.arange(cache.max_length)
+    causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    masks: dict[int | None, Array] = {}
+    for window in set(cfg.layer_sliding_windows):
+      allowed = causal if window is None else causal & (q_slots[:, None] - k_slots[None, :] < window)
+      masks[window] = allowed[None, :, :] & key_valid[:, None, :]
+    cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
+
+    x = self.embed_tokens(tokens)
+    new_keys, new_values = [], []
+    use_remat = cfg.remat and cache is None
+    if use_remat:
+      policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
+      layer_fn = nnx.remat(_remat_layer_call, policy=policy)
+    for i, layer in enumerate(self.layers):
+      allowed = masks[cfg.layer_sliding_windows[i]]
+      if cache is not None:
+        x, (k, v) = layer(x, cos, sin, allowed, (cache.keys[i], cache.values[i]), index)
+        new_keys.append(k)
+        new_values.append(v)
+      elif use_remat:
+        x = layer_fn(layer, x, cos, sin, allowed)
+      else:
+        x, _ = layer(x, cos, sin, allowed)
+    x = self.norm(x)
+    if cache is None:
+      return x
+    new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), mask=key_valid, index=index + t,
+                        next_position=cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32))
+    return x, new_cache
+
+  def __call__(self, tokens: Array, *, positions: Array | None = None, attention_mask: Array | None = None,
+               cache: KVCache | None = None):
+    """Logits [B, T, V] in the compute dtype; with `cache`: (logits, updated cache). See `hidden_states`."""
+    out = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+    if cache is None:
+      return self.logits(out)
+    hidden, cache = out
+    return self.logits(hidden), cache

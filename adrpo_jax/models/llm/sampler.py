@@ -1,0 +1,272 @@
+"""Jitted, KV-cached autoregressive sampling for a batch of left-padded prompts.
+
+One call = a prefill of all prompts (one forward over [B, P]) + a `jax.lax.while_loop` of single-token
+decode steps that stops as soon as every row is done, so one compilation serves every step. The KV cache
+is a plain pytree (`KVCache`) of length P + max_new_tokens.
+
+Log-probs returned with the samples (`GenerationOutput.logprobs`) are float32
+`log_softmax(logits / temperature)[token]` over the *full* vocabulary, i.e. after temperature scaling and
+*before* top-k / top-p truncation (what TRL uses for the old-policy log-probs). This is exactly what
+`token_logprobs(model, out.tokens, out.attention_mask, temperature=temperature)` recomputes, so the
+on-policy importance ratio is 1. With `greedy=True` they are computed the same way.
+
+Two entry points:
+  * `generate(model, prompt_tokens, prompt_mask, ...)`: convenience; jits once per
+    (graphdef, SamplingConfig, shapes) and reuses the compiled function across calls.
+  * `make_generate_fn(graphdef, config)`: the pure function `(state, prompt_tokens, prompt_mask, rng) ->
+    GenerationOutput` for trainers that `jax.jit` it themselves (with shardings / donation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adrpo_jax.models.llm.modeling import CausalLM, KVCache, positions_from_mask
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling options (hashable: one compilation per distinct config and shape).
+
+  Attributes:
+    max_new_tokens: N, completion length budget (>= 1).
+    temperature: > 0; logits are divided by it before top-k / top-p / sampling.
+    top_k: keep the k most likely tokens (None = all).
+    top_p: nucleus sampling, keep the smallest prefix of sorted tokens whose probability mass reaches
+      top_p (at least one token), applied after top_k (None or 1.0 = off).
+    greedy: argmax decoding (temperature, top_k, top_p then only affect the returned log-probs).
+    eos_token_ids: ids that end a row (EOS / stop tokens); the stop token itself is part of the completion.
+    pad_token_id: written after a row is done (completion_mask is False there).
+    cache_dtype: KV-cache dtype (None = the model's compute dtype).
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int | None = None
+  top_p: float | None = None
+  greedy: bool = False
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int = 0
+  cache_dtype: str | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax decoding)")
+    if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1):
+      raise ValueError(f"top_k={self.top_k!r} must be None or an int >= 1")
+    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    eos = self.eos_token_ids
+    eos = () if eos is None else ((int(eos),) if isinstance(eos, (int, np.integer)) else tuple(int(e) for e in eos))
+    object.__setattr__(self, "eos_token_ids", eos)
+    object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
+    object.__setattr__(self, "temperature", float(self.temperature))
+    if self.cache_dtype is not None:
+      object.__setattr__(self, "cache_dtype", jnp.dtype(self.cache_dtype).name)
+
+
+@flax.struct.dataclass
+class GenerationOutput:
+  """Result of `generate` (B rows, P prompt slots, N = max_new_tokens).
+
+  Attributes:
+    tokens: [B, P + N] int32, the prompt (as given, left-padded) followed by the completion.
+    attention_mask: [B, P + N] bool, prompt_mask followed by completion_mask: feed it (with `tokens`) to
+      `token_logprobs` / the model; `positions_from_mask(attention_mask)` are the positions used here.
+    completions: [B, N] int32, sampled tokens, `pad_token_id` after a row is done.
+    completion_mask: [B, N] bool, True up to and including the stop token.
+    logprobs: [B, N] float32 sampling log-probs (see module doc), 0 where completion_mask is False.
+    lengths: [B] int32, number of completion tokens (sum of completion_mask).
+    done: [B] bool, the row ended with a stop token (False: truncated at max_new_tokens).
+  """
+
+  tokens: Array
+  attention_mask: Array
+  completions: Array
+  completion_mask: Array
+  logprobs: Array
+  lengths: Array
+  done: Array
+
+
+def process_logits(logits: Array, *, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> Array:
+  """Temperature, then top-k, then top-p: float32 [B, V] logits with removed tokens at -inf.
+
+  >>> l = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  >>> jnp.isfinite(process_logits(l, top_p=0.7)).tolist()
+  [[True, True, False, False]]
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  sorted_desc = None
+  if top_k is not None and top_k < logits.shape[-1]:
+    sorted_desc, _ = jax.lax.top_k(logits, top_k)
+    logits = jnp.where(logits < sorted_desc[:, -1:], -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    if sorted_desc is None:
+      sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_desc, keep - 1, axis=-1)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _select(logits: Array, rng: Array, config: SamplingConfig) -> tuple[Array, Array]:
+  """Next tokens [B] int32 and their float32 log-probs under log_softmax(logits / temperature)."""
+  logits = logits.astype(jnp.float32)
+  scaled = logits / config.temperature
+  if config.greedy:
+    token = jnp.argmax(logits, axis=-1)
+  else:
+    processed = process_logits(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    token = jax.random.categorical(rng, processed, axis=-1)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token.astype(jnp.int32), logp
+
+
+def _last_logits(model: CausalLM, hidden: Array) -> Array:
+  """float32 logits [B, V] of hidden [B, D] (the output matmul accumulates in float32)."""
+  w = model.lm_head_matrix()
+  return jnp.einsum("bd,dv->bv", hidden.astype(model.config.dtype), w.astype(model.config.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Array,
+              config: SamplingConfig) -> GenerationOutput:
+  b, p = prompt_tokens.shape
+  n = config.max_new_tokens
+  prompt_tokens = prompt_tokens.astype(jnp.int32)
+  prompt_mask = prompt_mask.astype(bool)
+  eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+  cache = model.init_cache(b, p + n, config.cache_dtype)
+  # Prefill: left padding puts every row's last prompt token in the last column.
+  hidden, cache = model.hidden_states(prompt_tokens, positions=positions_from_mask(prompt_mask),
+                                      attention_mask=prompt_mask, cache=cache)
+  rng, step_rng = jax.random.split(rng)
+  token, logp = _select(_last_logits(model, hidden[:, -1]), step_rng, config)
+  done = jnp.isin(token, eos)
+  completions = jnp.full((b, n), config.pad_token_id, jnp.int32).at[:, 0].set(token)
+  logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
+  valid = jnp.zeros((b, n), bool).at[:, 0].set(True)
+  graphdef, state = nnx.split(model)
+
+  def cond(carry):
+    i, _, _, _, _, done, _, _ = carry
+    return (i < n) & ~jnp.all(done)
+
+  def body(carry):
+    i, token, cache, completions, logprobs, done, valid, rng = carry
+    step_model = nnx.merge(graphdef, state)
+    # Feed the previous token (rows already done feed padding that nothing attends to).
+    hidden, cache = step_model.hidden_states(token[:, None], attention_mask=~done[:, None], cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    new, logp = _select(_last_logits(step_model, hidden[:, 0]), step_rng, config)
+    new = jnp.where(done, config.pad_token_id, new)
+    logp = jnp.where(done, 0.0, logp)
+    completions = jax.lax.dynamic_update_slice(completions, new[:, None], (0, i))
+    logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, None], (0, i))
+    valid = jax.lax.dynamic_update_slice(valid, ~done[:, None], (0, i))
+    done = done | jnp.isin(new, eos)
+    return i + 1, new, cache, completions, logprobs, done, valid, rng
+
+  carry = (jnp.ones((), jnp.int32), token, cache, completions, logprobs, done, valid, rng)
+  _, _, _, completions, logprobs, done, valid, _ = jax.lax.while_loop(cond, body, carry)
+  return GenerationOutput(
+      tokens=jnp.concatenate([prompt_tokens, completions], axis=1),
+      attention_mask=jnp.concatenate([prompt_mask, valid], axis=1),
+      completions=completions,
+      completion_mask=valid,
+      logprobs=logprobs,
+      lengths=jnp.sum(valid, axis=1, dtype=jnp.int32),
+      done=done,
+  )
+
+
+def make_generate_fn(graphdef: nnx.GraphDef, config: SamplingConfig):
+  """Pure `fn(state, prompt_tokens [B,P], prompt_mask [B,P], rng) -> GenerationOutput` (not jitted).
+
+  `graphdef, state = nnx.split(model)`; jit it yourself, e.g. `jax.jit(fn, in_shardings=...)`.
+  """
+  if not isinstance(config, SamplingConfig):
+    raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
+
+  def generate_fn(state, prompt_tokens, prompt_mask, rng):
+    return _generate(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, rng, config)
+
+  return generate_fn
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_generate(graphdef: nnx.GraphDef, config: SamplingConfig):
+  return jax.jit(make_generate_fn(graphdef, config))
+
+
+def _check_prompts(prompt_tokens, prompt_mask):
+  if prompt_tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens must be [batch, prompt_len], got shape {prompt_tokens.shape}")
+  if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+    raise ValueError(f"prompt_tokens must be integers, got dtype {prompt_tokens.dtype}")
+  if prompt_mask.shape != prompt_tokens.shape:
+    raise ValueError(f"prompt_mask shape {prompt_mask.shape} != prompt_tokens shape {prompt_tokens.shape}")
+  if isinstance(prompt_mask, jax.core.Tracer):
+    return
+  mask = np.asarray(prompt_mask).astype(bool)
+  if not mask[:, -1].all():
+    rows = np.nonzero(~mask[:, -1])[0].tolist()
+    raise ValueError(f"prompt_mask must be left-padded (last column all True); rows {rows} end with padding")
+  if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+    raise ValueError("prompt_mask must be left-padded: padding (False) only before the first real token")
+
+
+def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = None, *, rng: Array | None = None,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             greedy: bool = False, eos_token_ids: Any = (), pad_token_id: int = 0,
+             cache_dtype: Any = None) -> GenerationOutput:
+  """Samples up to `max_new_tokens` tokens after each left-padded prompt (jitted, KV-cached).
+
+  Args:
+    model: a `CausalLM`.
+    prompt_tokens: [B, P] int, left-padded prompts.
+    prompt_mask: [B, P] bool, False on left padding (default: no padding).
+    rng: PRNG key (required unless greedy).
+    max_new_tokens, temperature, top_k, top_p, greedy, eos_token_ids, pad_token_id, cache_dtype: see
+      `SamplingConfig`.
+  Returns:
+    `GenerationOutput`. Compiled once per (model structure, options, B, P): later calls reuse it.
+
+  >>> from adrpo_jax.models.llm import DecoderConfig, CausalLM
+  >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+  ...                     num_attention_heads=2)
+  >>> model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  >>> out = generate(model, jnp.array([[0, 3, 4], [5, 6, 7]]), jnp.array([[0, 1, 1], [1, 1, 1]], bool),
+  ...                rng=jax.random.key(0), max_new_tokens=4, top_k=5)
+  >>> out.tokens.shape, out.completion_mask.shape, out.logprobs.dtype
+  ((2, 7), (2, 4), dtype('float32'))
+  """
+  if not isinstance(model, CausalLM):
+    raise ValueError(f"model must be a CausalLM, got {type(model).__name__}")
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  prompt_mask = jnp.ones(prompt_tokens.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
+  _check_prompts(prompt_tokens, prompt_mask)
+  if rng is None:
+    if not greedy:
+      raise ValueError("rng is required for sampling (greedy=False)")
+    rng = jax.random.key(0)
+  config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                          cache_dtype=cache_dtype)
+  graphdef, state = nnx.split(model)
+  return _jitted_generate(graphdef, config)(state, prompt_tokens, prompt_mask, rng)
