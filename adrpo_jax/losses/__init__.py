@@ -22,12 +22,63 @@ Distributed contract (every reduced loss)
   all-gather the small reward vector, so groups may be split across devices arbitrarily.
 """
 
+from adrpo_jax.losses.advantages import batch_normalized_advantages
+from adrpo_jax.losses.advantages import exponential_reward_weights
+from adrpo_jax.losses.advantages import group_advantages
+from adrpo_jax.losses.advantages import group_advantages_from_ids
+from adrpo_jax.losses.advantages import prompt_mean_advantages
+from adrpo_jax.losses.advantages import rloo_advantages
+from adrpo_jax.losses.coefficients import CLIP_MODES
+from adrpo_jax.losses.coefficients import adaptive_coefficient
+from adrpo_jax.losses.coefficients import advantage_clip_bounds
+from adrpo_jax.losses.coefficients import clip_advantages
+from adrpo_jax.losses.coefficients import coefficient_metrics
+from adrpo_jax.losses.divergences import KL_ESTIMATORS
+from adrpo_jax.losses.divergences import guarded_exp
+from adrpo_jax.losses.divergences import kl_divergence
+from adrpo_jax.losses.divergences import w2_velocity_penalty
+from adrpo_jax.losses.flow_matching import adrpo_flow_loss
 from adrpo_jax.losses.flow_matching import cfm_loss
 from adrpo_jax.losses.flow_matching import flow_matching_error
+from adrpo_jax.losses.flow_matching import orw_cfm_w2_loss
 from adrpo_jax.losses.flow_matching import rectified_flow_path
+from adrpo_jax.losses.policy_gradient import LOSS_AGGREGATIONS
+from adrpo_jax.losses.policy_gradient import RATIO_LEVELS
+from adrpo_jax.losses.policy_gradient import aggregate_loss
+from adrpo_jax.losses.policy_gradient import clipped_surrogate
+from adrpo_jax.losses.policy_gradient import grpo_loss
+from adrpo_jax.losses.policy_gradient import importance_log_ratio
 
 __all__ = [
+    # advantages
+    "batch_normalized_advantages",
+    "exponential_reward_weights",
+    "group_advantages",
+    "group_advantages_from_ids",
+    "prompt_mean_advantages",
+    "rloo_advantages",
+    # the adaptive coefficient
+    "CLIP_MODES",
+    "adaptive_coefficient",
+    "advantage_clip_bounds",
+    "clip_advantages",
+    "coefficient_metrics",
+    # divergences
+    "KL_ESTIMATORS",
+    "guarded_exp",
+    "kl_divergence",
+    "w2_velocity_penalty",
+    # policy gradient
+    "LOSS_AGGREGATIONS",
+    "RATIO_LEVELS",
+    "aggregate_loss",
+    "clipped_surrogate",
+    "grpo_loss",
+    "importance_log_ratio",
+    # flow matching
+    "adrpo_flow_loss",
     "cfm_loss",
     "flow_matching_error",
+    "orw_cfm_w2_loss",
     "rectified_flow_path",
 ]

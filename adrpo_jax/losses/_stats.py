@@ -75,7 +75,8 @@ def global_mean(x: jax.Array, mask: jax.Array | None = None, axis_name: AxisName
 
 
 def global_max(x: jax.Array, mask: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
-    """Max over valid entries (global with ``axis_name``); 0 when there is no valid entry."""
+    """Max over valid entries (global with ``axis_name``); 0 when there is no valid entry. Stop-gradient."""
+    x = sg(x)
     neg_inf = jnp.asarray(-jnp.inf, x.dtype)
     local = jnp.max(jnp.where(mask, x, neg_inf) if mask is not None else x, initial=neg_inf)
     out = pmax(local, axis_name)
@@ -83,7 +84,8 @@ def global_max(x: jax.Array, mask: jax.Array | None = None, axis_name: AxisName 
 
 
 def global_min(x: jax.Array, mask: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
-    """Min over valid entries (global with ``axis_name``); 0 when there is no valid entry."""
+    """Min over valid entries (global with ``axis_name``); 0 when there is no valid entry. Stop-gradient."""
+    x = sg(x)
     pos_inf = jnp.asarray(jnp.inf, x.dtype)
     local = jnp.min(jnp.where(mask, x, pos_inf) if mask is not None else x, initial=pos_inf)
     out = pmin(local, axis_name)

@@ -27,6 +27,8 @@ __all__ = [
     "check_scalar",
     "check_axis_name",
     "to_float",
+    "check_real",
+    "check_static_int",
 ]
 
 
@@ -166,3 +168,21 @@ def to_float(x: jax.Array) -> jax.Array:
     """Upcasts to at least float32 (bfloat16/float16 -> float32; float64 stays float64)."""
     dtype = jnp.promote_types(jnp.result_type(x), jnp.float32)
     return jnp.asarray(x, dtype)
+
+
+def check_real(x: Any, name: str) -> jax.Array:
+    """Returns ``x`` as an array of a real dtype (bool/integer/floating), raising otherwise."""
+    x = check_array(x, name)
+    dtype = jnp.result_type(x)
+    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"`{name}` must have a real (bool, integer or floating) dtype, got {dtype}.")
+    return x
+
+
+def check_static_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """A static Python integer >= ``minimum`` (shapes depend on it)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise ValueError(f"`{name}` must be a Python int >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
+    return int(value)

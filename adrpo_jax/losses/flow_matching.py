@@ -15,11 +15,16 @@ import jax.numpy as jnp
 
 from adrpo_jax.losses import _stats
 from adrpo_jax.losses import _validation as V
+from adrpo_jax.losses import advantages as A
+from adrpo_jax.losses import coefficients as C
+from adrpo_jax.losses import divergences as D
 
 __all__ = [
     "rectified_flow_path",
     "flow_matching_error",
     "cfm_loss",
+    "adrpo_flow_loss",
+    "orw_cfm_w2_loss",
 ]
 
 Metrics = dict[str, jax.Array]
@@ -178,4 +183,154 @@ def cfm_loss(v: jax.Array, u: jax.Array, *, weights: jax.Array | None = None, ma
         "cfm_error_mean": _stats.sg(_stats.global_mean(err, mask, axis_name)),
         "num_samples": _stats.psum(_stats.masked_count(mask, (n,)), axis_name),
     }
+    return loss, metrics
+
+
+def _flow_inputs(v, v_ref, u, mask):
+    v = V.check_array(v, "v")
+    V.check_floating(v, "v")
+    V.check_rank(v, None, "v", min_rank=1)
+    for x, name in ((v_ref, "v_ref"), (u, "u")):
+        x = V.check_array(x, name)
+        V.check_floating(x, name)
+        V.check_same_shape(x, name, v, "v")
+    n = v.shape[0]
+    mask = V.check_mask(mask, (n,), "mask", expected_from="leading axis of `v`")
+    v, v_ref, u = (_zero_invalid(V.to_float(jnp.asarray(x)), mask) for x in (v, v_ref, u))
+    err = flow_matching_error(v, u)
+    w2 = D.w2_velocity_penalty(v, v_ref)  # stop-gradient on v_ref
+    return n, mask, err, w2
+
+
+def adrpo_flow_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, advantages: jax.Array, *,
+                    beta: float | jax.Array, adaptive: bool = True, clip: str | None = "multiple",
+                    clip_multiple: float = 1.0, clip_min: float | None = None, clip_max: float | None = None,
+                    clip_cfm_advantages: bool = False, mask: jax.Array | None = None,
+                    normalizer: float | jax.Array | None = None, axis_name: Any = None
+                    ) -> tuple[jax.Array, Metrics]:
+    r"""ADRPO-W2 flow objective: advantage-weighted CFM plus the per-sample adaptive W2 penalty.
+
+    ADRPO.md, "Flow matching: ADRPO with Wasserstein-2 regularization"::
+
+        loss = (1/n) sum_i m_i [ A_i ||v_i - u_i||^2 + beta_i ||v_i - sg(v_ref_i)||^2 ],
+        beta_i = beta_0 - clip(A_i)   (stop-gradient; A is stop-gradient too)
+
+    Both terms use the same ``(x_t, t, c)``: ``v = v_theta(x_t, t, c)``, ``v_ref`` the frozen reference's
+    velocity there, ``u`` the path target (:func:`rectified_flow_path`). With ``A < 0`` the first term pushes
+    the model away from bad samples.
+
+    ``adaptive=False`` gives "advantage-weighted CFM + fixed beta_0 W2", the clean fixed-coefficient ablation
+    of ADRPO. Note this is *not* the paper's fixed-beta baseline: ORW-CFM-W2 weights CFM by raw
+    ``exp(tau r)`` (always positive) with a fixed W2 coefficient ``alpha`` -- see :func:`orw_cfm_w2_loss`.
+
+    Args:
+      v: ``[N, D...]`` policy velocity (differentiated).
+      v_ref: ``[N, D...]`` frozen reference velocity (stop-gradient inside).
+      u: ``[N, D...]`` conditional target velocity.
+      advantages: ``[N]`` (e.g. :func:`prompt_mean_advantages`), stop-gradient.
+      beta: ``beta_0 >= 0``.
+      adaptive, clip, clip_multiple, clip_min, clip_max: the coefficient (:func:`adaptive_coefficient`).
+      clip_cfm_advantages: also clip the advantage weighting the CFM term (default False).
+      mask: optional ``[N]`` sample validity.
+      normalizer: optional global denominator replacing the valid-sample count.
+      axis_name: mesh/pmap axis name(s); the loss is then this device's share (package docstring).
+
+    Returns:
+      ``(loss, metrics)``; metrics (global, stop-gradient): ``loss``, ``cfm_term`` and ``w2_term`` (the two
+      parts of the loss, ``loss = cfm_term + w2_term``), ``w2_mean`` (unweighted mean W2 bound),
+      ``cfm_error_mean``, ``advantage_mean``/``_min``/``_max``, ``beta_eff_mean``/``_min``/``_max``,
+      ``adv_clip_fraction``, ``num_samples``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> v, v_ref, u = jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.full((2, 3), 2.0)
+      >>> loss, m = adrpo_flow_loss(v, v_ref, u, jnp.array([0.5, -0.5]), beta=1.0)
+      >>> loss, m["cfm_term"], m["w2_term"]
+      (Array(1., dtype=float32), Array(0., dtype=float32), Array(1., dtype=float32))
+    """
+    n, mask, err, w2 = _flow_inputs(v, v_ref, u, mask)
+    advantages = _check_per_sample(advantages, n, "advantages", "v")
+    advantages = _stats.sg(advantages)
+    _check_normalizer(normalizer)
+    V.check_axis_name(axis_name)
+    if not isinstance(clip_cfm_advantages, bool):
+        raise ValueError(f"`clip_cfm_advantages` must be a bool, got {clip_cfm_advantages!r}.")
+    coef_kw = dict(adaptive=adaptive, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
+                   clip_max=clip_max)
+    coef = C.adaptive_coefficient(advantages, beta, **coef_kw)
+    bounds = C.advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
+                                     clip_max=clip_max)
+    adv_cfm = C._clip(advantages, bounds) if clip_cfm_advantages else advantages
+    cfm_share, den = _stats.global_share(adv_cfm * err, mask, normalizer, axis_name)
+    w2_share = _stats.safe_div(_stats.masked_sum(coef * w2, mask), den)
+    loss = cfm_share + w2_share
+    metrics = _flow_metrics(loss, cfm_share, w2_share, err, w2, mask, n, axis_name)
+    metrics.update({
+        "advantage_mean": _stats.global_mean(advantages, mask, axis_name),
+        "advantage_min": _stats.global_min(advantages, mask, axis_name),
+        "advantage_max": _stats.global_max(advantages, mask, axis_name),
+    })
+    metrics.update(C._metrics(coef, advantages, mask, axis_name, adaptive, bounds))
+    return loss, metrics
+
+
+def _flow_metrics(loss, cfm_share, w2_share, err, w2, mask, n, axis_name) -> Metrics:
+    return {
+        "loss": _stats.psum(_stats.sg(loss), axis_name),
+        "cfm_term": _stats.psum(_stats.sg(cfm_share), axis_name),
+        "w2_term": _stats.psum(_stats.sg(w2_share), axis_name),
+        "w2_mean": _stats.sg(_stats.global_mean(w2, mask, axis_name)),
+        "cfm_error_mean": _stats.sg(_stats.global_mean(err, mask, axis_name)),
+        "num_samples": _stats.psum(_stats.masked_count(mask, (n,)), axis_name),
+    }
+
+
+def orw_cfm_w2_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, rewards: jax.Array, *,
+                    tau: float | jax.Array = 0.5, alpha: float | jax.Array = 1.0,
+                    max_exponent: float | None = None, mask: jax.Array | None = None,
+                    normalizer: float | jax.Array | None = None, axis_name: Any = None
+                    ) -> tuple[jax.Array, Metrics]:
+    r"""ORW-CFM-W2 baseline (Fan et al., ICLR 2025), as its public code computes it.
+
+    ADRPO.md, "Flow matching" (the fixed-beta baseline)::
+
+        loss = (1/n) sum_i m_i [ exp(tau r_i) ||v_i - u_i||^2 + alpha ||v_i - sg(v_ref_i)||^2 ]
+
+    with raw exponential reward weights (no softmax, no normalization; stop-gradient), ``tau = 0.5`` and
+    ``alpha = 1.0`` by default.
+
+    Args:
+      v, v_ref, u: ``[N, D...]`` as in :func:`adrpo_flow_loss`.
+      rewards: ``[N]`` rewards of the samples ``x1``.
+      tau: reward temperature.
+      alpha: fixed W2 coefficient (``>= 0``).
+      max_exponent: optional cap on ``tau r`` (see :func:`exponential_reward_weights`).
+      mask, normalizer, axis_name: as in :func:`adrpo_flow_loss`.
+
+    Returns:
+      ``(loss, metrics)``; metrics (global, stop-gradient): ``loss``, ``cfm_term``, ``w2_term``, ``w2_mean``,
+      ``cfm_error_mean``, ``weight_mean``/``_min``/``_max`` (of ``exp(tau r)``), ``num_samples``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> loss, m = orw_cfm_w2_loss(jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(2))
+      >>> loss, m["cfm_term"], m["w2_term"]
+      (Array(2., dtype=float32), Array(1., dtype=float32), Array(1., dtype=float32))
+    """
+    n, mask, err, w2 = _flow_inputs(v, v_ref, u, mask)
+    rewards = V.check_real(rewards, "rewards")
+    V.check_shape(rewards, (n,), "rewards", expected_from="leading axis of `v`")
+    V.check_scalar(alpha, "alpha", nonnegative=True)
+    _check_normalizer(normalizer)
+    V.check_axis_name(axis_name)
+    weights = _stats.sg(A.exponential_reward_weights(rewards, tau, max_exponent=max_exponent, mask=mask))
+    cfm_share, den = _stats.global_share(weights * err, mask, normalizer, axis_name)
+    w2_share = _stats.safe_div(jnp.asarray(alpha, w2.dtype) * _stats.masked_sum(w2, mask), den)
+    loss = cfm_share + w2_share
+    metrics = _flow_metrics(loss, cfm_share, w2_share, err, w2, mask, n, axis_name)
+    metrics.update({
+        "weight_mean": _stats.global_mean(weights, mask, axis_name),
+        "weight_min": _stats.global_min(weights, mask, axis_name),
+        "weight_max": _stats.global_max(weights, mask, axis_name),
+    })
     return loss, metrics
