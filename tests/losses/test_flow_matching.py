@@ -149,3 +149,125 @@ def test_cfm_loss_normalizer_gradient_accumulation():
 def test_flow_matching_errors_name_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def np_adrpo_flow(v, v_ref, u, adv, mask, beta, adaptive=True, lo=None, hi=None, clip_cfm=False):
+    e, w2 = np_err(v, u), np_err(v, v_ref)
+    total, n = 0.0, 0
+    for i in range(len(adv)):
+        if not mask[i]:
+            continue
+        a_c = adv[i] if lo is None else min(max(adv[i], lo), hi)
+        coef = beta - a_c if adaptive else beta
+        total += (a_c if clip_cfm else adv[i]) * e[i] + coef * w2[i]
+        n += 1
+    return total / n
+
+
+def np_orw(v, v_ref, u, r, mask, tau, alpha):
+    e, w2 = np_err(v, u), np_err(v, v_ref)
+    idx = [i for i in range(len(r)) if mask[i]]
+    return sum(np.exp(tau * np.float64(r[i])) * e[i] + alpha * w2[i] for i in idx) / len(idx)
+
+
+def flow_inputs(seed, n=6, shape=(3, 2)):
+    rng = np.random.default_rng(seed)
+    v, v_ref, u = (rng.normal(size=(n,) + shape).astype(np.float32) for _ in range(3))
+    adv = (rng.normal(size=n) * 0.5).astype(np.float32)
+    mask = rng.uniform(size=n) > 0.25
+    mask[0] = True
+    return v, v_ref, u, adv, mask
+
+
+@pytest.mark.parametrize("kw,ref", [
+    (dict(beta=0.5), dict(beta=0.5, lo=-0.5, hi=0.5)),
+    (dict(beta=0.5, adaptive=False), dict(beta=0.5, adaptive=False)),
+    (dict(beta=0.3, clip="absolute", clip_min=-0.2, clip_max=0.6, clip_cfm_advantages=True),
+     dict(beta=0.3, lo=-0.2, hi=0.6, clip_cfm=True)),
+])
+def test_adrpo_flow_loss_matches_numpy(kw, ref):
+    v, v_ref, u, adv, mask = flow_inputs(1)
+    f = jax.jit(jax.value_and_grad(lambda a, b: losses.adrpo_flow_loss(a, b, u, adv, mask=mask, **kw),
+                                   argnums=(0, 1), has_aux=True))
+    (loss, m), (gv, gref) = f(v, v_ref)
+    want = np_adrpo_flow(v, v_ref, u, adv, mask, **ref)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["cfm_term"] + m["w2_term"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["w2_mean"], np_err(v, v_ref)[mask].mean(), rtol=1e-5)
+    g_ref = _helpers.central_diff_grad(lambda a: np_adrpo_flow(a, v_ref, u, adv, mask, **ref), v)
+    np.testing.assert_allclose(gv, g_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(gref, np.zeros_like(v_ref))  # frozen reference
+    np.testing.assert_allclose(m["advantage_mean"], adv[mask].mean(), rtol=1e-5)
+    beta = kw["beta"]
+    coef = np.full(6, beta) if ref.get("adaptive") is False else beta - np.clip(adv, ref["lo"], ref["hi"])
+    np.testing.assert_allclose(m["beta_eff_min"], coef[mask].min(), rtol=1e-5)
+    np.testing.assert_allclose(m["beta_eff_max"], coef[mask].max(), rtol=1e-5)
+
+
+def test_adrpo_flow_zero_advantage_is_fixed_beta_w2_and_sign_of_cfm_gradient():
+    v, v_ref, u, adv, mask = flow_inputs(2)
+    l0, m0 = losses.adrpo_flow_loss(v, v_ref, u, np.zeros(6, np.float32), beta=0.7, mask=mask)
+    np.testing.assert_allclose(l0, 0.7 * np_err(v, v_ref)[mask].mean(), rtol=1e-5)
+    assert m0["cfm_term"] == 0
+    # negative advantage reverses the CFM gradient (pushes away from the sample), beta = 0 isolates it
+    g = jax.grad(lambda a: losses.adrpo_flow_loss(a, v_ref, u, -np.ones(6, np.float32), beta=0.0)[0])(v)
+    np.testing.assert_allclose(g, -2 * (v - u) / (6 * 6), rtol=1e-5, atol=1e-7)
+
+
+def test_orw_cfm_w2_loss_matches_numpy():
+    v, v_ref, u, r, mask = flow_inputs(3)
+    f = jax.jit(jax.value_and_grad(lambda a: losses.orw_cfm_w2_loss(a, v_ref, u, r, tau=0.5, alpha=1.5,
+                                                                     mask=mask), has_aux=True))
+    (loss, m), g = f(v)
+    np.testing.assert_allclose(loss, np_orw(v, v_ref, u, r, mask, 0.5, 1.5), rtol=1e-5)
+    g_ref = _helpers.central_diff_grad(lambda a: np_orw(a, v_ref, u, r, mask, 0.5, 1.5), v)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["weight_max"], np.exp(0.5 * r[mask].astype(np.float64)).max(), rtol=1e-6)
+    np.testing.assert_allclose(m["cfm_term"] + m["w2_term"], loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["adrpo", "orw"])
+def test_flow_losses_shard_map_equals_single_device(which):
+    v, v_ref, u, adv, mask = flow_inputs(4, n=16, shape=(2, 2, 1))
+    mask[3] = False
+    theta = np.float32(1.3)
+
+    def loss_fn(th, a, b, c, d, m, ax):
+        if which == "adrpo":
+            return losses.adrpo_flow_loss(th * a, b, c, d, beta=0.4, mask=m, axis_name=ax)
+        return losses.orw_cfm_w2_loss(th * a, b, c, d, mask=m, axis_name=ax)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (l1, m1), (gt1, gv1) = jax.jit(grad_fn, static_argnums=6)(theta, v, v_ref, u, adv, mask, None)
+
+    def local(th, a, b, c, d, m):
+        (l, mm), g = grad_fn(th, a, b, c, d, m, "data")
+        return jax.lax.psum(l, "data"), mm, g
+
+    spec = P("data")
+    f = jax.jit(jax.shard_map(local, mesh=_helpers.mesh_1d(), in_specs=(P(),) + (spec,) * 5,
+                              out_specs=(P(), P(), (P(), spec))))
+    l2, m2, (gt2, gv2) = f(theta, v, v_ref, u, adv, mask)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gt2, gt1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gv2, gv1, rtol=1e-6, atol=1e-6)
+    for k in m1:
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: losses.adrpo_flow_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(3),
+                                    beta=0.1), "`advantages`"),
+    (lambda: losses.adrpo_flow_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.zeros((2, 3)), jnp.zeros(2),
+                                    beta=0.1), "`v_ref`"),
+    (lambda: losses.adrpo_flow_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(2),
+                                    beta=-0.1), "`beta`"),
+    (lambda: losses.orw_cfm_w2_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(3)),
+     "`rewards`"),
+    (lambda: losses.orw_cfm_w2_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(2),
+                                    alpha=-1.0), "`alpha`"),
+])
+def test_flow_loss_errors_name_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
