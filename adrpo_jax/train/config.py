@@ -1,0 +1,459 @@
+"""Common config sections shared by every trainer, and config validation.
+
+An experiment config (``configs/<name>.py``) builds its own sections (model, data, ADRPO coefficients) on
+top of the common ones::
+
+    def get_config(variant=""):
+        config = add_common_config(ml_collections.ConfigDict())
+        config.trainer = "llm"
+        config.rl = ml_collections.ConfigDict({"batch_size": 64, "group_size": 8})
+        return config
+
+``launch.py`` validates the common sections with :func:`validate_common_config`, locks the config and hands
+it to the trainer, which validates its own sections with the ``require_*`` helpers. Every failure raises
+:class:`ConfigError` (a ``ValueError``) naming the dotted key and the bad value.
+
+Common keys (defaults in :func:`common_config`; "unset" sentinels are ``''`` / ``-1`` so that every key keeps a
+fixed type and can be overridden from the command line):
+
+==============================  ===============================================================================
+key                             meaning
+==============================  ===============================================================================
+``trainer``                     ``'llm'`` | ``'flow'`` | ``'some.module:function'`` (see ``registry.py``)
+``seed``                        master seed: parameter init, sampling and data order derive from it
+``total_steps``                 number of optimizer steps of the run; re-running with a larger value resumes
+``log_every``                   write a metrics line every N steps (values are means over those N steps)
+``eval_every``                  run the trainer's evaluation every N steps and at the end (0 = never)
+``checkpoint.every_steps``      save a checkpoint every N steps (and always at the end / on preemption)
+``checkpoint.max_to_keep``      keep the N most recent checkpoints (0 = keep all)
+``checkpoint.keep_period``      additionally keep every checkpoint whose step is a multiple of N (0 = off)
+``checkpoint.async_save``       write checkpoints in a background thread (the device->host copy is blocking)
+``mesh.data``                   size of the pure data-parallel mesh axis (-1 = all remaining devices)
+``mesh.fsdp``                   size of the fully-sharded data-parallel axis (params sharded on ``'embed'``)
+``mesh.tensor``                 size of the tensor-parallel axis (``'mlp'``, ``'heads'``, ``'vocab'``)
+``optim.name``                  ``adamw`` | ``adam`` | ``sgd`` | ``lion`` | ``adafactor``
+``optim.learning_rate``         peak learning rate (after warm-up)
+``optim.schedule``              ``constant`` | ``cosine`` | ``linear`` decay after the warm-up
+``optim.warmup_steps``          linear warm-up from 0 to the peak over this many steps
+``optim.end_lr_factor``         final learning rate = factor * peak (cosine / linear)
+``optim.weight_decay``          decoupled (adamw, lion, adafactor) or L2 (adam, sgd: added to the gradient)
+``optim.weight_decay_1d``       also decay 1-D parameters (biases, norm scales); off by default
+``optim.b1`` / ``optim.b2``     first / second moment decay (adam-family, lion)
+``optim.eps``                   numerical epsilon of adam-family optimizers
+``optim.momentum``              SGD momentum (0 = plain SGD)
+``optim.grad_clip_norm``        clip the gradient to this global norm before the optimizer (0 = off)
+``optim.grad_accum_steps``      micro-batches per step (see ``step_utils.accumulate_gradients``)
+``numerics.max_consecutive_skips``  stop (after saving a checkpoint) after N consecutive non-finite steps
+``logging.jsonl``               append one JSON object per logged step to ``workdir/metrics.jsonl``
+``logging.tensorboard``         TensorBoard event files under ``workdir/tb`` (needs tensorboardX)
+``logging.wandb``               log to Weights & Biases when ``wandb`` is importable (warning otherwise)
+``logging.wandb_project``       W&B project name
+``logging.wandb_entity``        W&B entity ('' = your default entity)
+``logging.progress_bar``        tqdm progress bar on stderr (plain log lines when not a TTY or ``CI=true``)
+``compilation_cache_dir``       persistent XLA compilation cache directory ('' = off)
+``distributed.mode``            ``auto`` (initialize when the environment shows a multi-process launch) |
+                                ``on`` | ``off``; see ``distributed.py`` and docs/distributed.md
+``distributed.coordinator_address``  ``host:port`` of process 0 ('' = from the environment / auto-detect)
+``distributed.num_processes``   number of processes (-1 = from the environment / auto-detect)
+``distributed.process_id``      this process's index (-1 = from the environment / auto-detect)
+==============================  ===============================================================================
+
+>>> config = common_config()
+>>> config.optim.name, config.mesh.data
+('adamw', -1)
+>>> config.optim.learning_rate = -1.0
+>>> validate_common_config(config)
+Traceback (most recent call last):
+...
+adrpo_jax.train.config.ConfigError: `optim.learning_rate` must be > 0.0, got -1.0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "common_config",
+    "add_common_config",
+    "validate_common_config",
+    "finalize_config",
+    "get_by_path",
+    "require_type",
+    "require_range",
+    "require_choice",
+    "require_divisible",
+    "find_unknown_override",
+    "config_to_dict",
+    "config_diff",
+    "config_fingerprint",
+    "RUNTIME_KEY_PREFIXES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "DISTRIBUTED_MODES",
+]
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
+SCHEDULES = ("constant", "cosine", "linear")
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+# Keys that only change how a run is executed / logged, never the model, data or optimization: they are left
+# out of the config fingerprint and of the "config changed since the previous run" warning.
+RUNTIME_KEY_PREFIXES = (
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint.",
+    "logging.",
+    "compilation_cache_dir",
+    "distributed.",
+    "mesh.",
+)
+
+
+class ConfigError(ValueError):
+    """A config value is missing, has the wrong type, is out of range or contradicts another key.
+
+    ``key`` is the dotted config key (e.g. ``'optim.learning_rate'``) and ``value`` the offending value.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, value: Any = None):
+        super().__init__(message)
+        self.key = key
+        self.value = value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Common sections
+# ----------------------------------------------------------------------------------------------------------
+
+
+def common_config() -> ml_collections.ConfigDict:
+    """Returns a fresh ConfigDict holding only the common sections, with their defaults."""
+    return add_common_config(ml_collections.ConfigDict())
+
+
+def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the common sections (see the module docstring) to ``config`` in place and returns it.
+
+    Keys already present in ``config`` are kept (so an experiment may set them before or after the call).
+    """
+    defaults = {
+        "trainer": "llm",
+        "seed": 0,
+        "total_steps": 1000,
+        "log_every": 10,
+        "eval_every": 0,
+        "checkpoint": {"every_steps": 100, "max_to_keep": 3, "keep_period": 0, "async_save": True},
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "optim": {
+            "name": "adamw",
+            "learning_rate": 1e-4,
+            "schedule": "cosine",
+            "warmup_steps": 0,
+            "end_lr_factor": 0.0,
+            "weight_decay": 0.0,
+            "weight_decay_1d": False,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "momentum": 0.0,
+            "grad_clip_norm": 1.0,
+            "grad_accum_steps": 1,
+        },
+        "numerics": {"max_consecutive_skips": 10},
+        "logging": {
+            "jsonl": True,
+            "tensorboard": True,
+            "wandb": False,
+            "wandb_project": "adrpo_jax",
+            "wandb_entity": "",
+            "progress_bar": True,
+        },
+        "compilation_cache_dir": "",
+        "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1},
+    }
+    _merge_defaults(config, defaults)
+    return config
+
+
+def _merge_defaults(config: ml_collections.ConfigDict, defaults: Mapping[str, Any]) -> None:
+    for key, value in defaults.items():
+        if isinstance(value, Mapping):
+            if key not in config:
+                config[key] = ml_collections.ConfigDict()
+            _merge_defaults(config[key], value)
+        elif key not in config:
+            config[key] = value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def get_by_path(config: Any, key: str, default: Any = _MISSING) -> Any:
+    """Returns ``config[a][b]...`` for the dotted ``key`` ``'a.b...'``; ConfigError if a part is missing.
+
+    >>> get_by_path(common_config(), "optim.name")
+    'adamw'
+    """
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, (Mapping, ml_collections.ConfigDict)) and part in node:
+            node = node[part]
+            continue
+        if default is not _MISSING:
+            return default
+        parent = ".".join(parts[:i]) or "<root>"
+        raise ConfigError(f"Config key `{key}` is missing (no `{part}` in `{parent}`).", key=key)
+    return node
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def require_type(config: Any, key: str, types: type | tuple[type, ...]) -> Any:
+    """Returns ``config.<key>``; ConfigError unless it is an instance of ``types``.
+
+    ``bool`` is never accepted where ``int``/``float`` is asked for, and ``int`` is accepted for ``float``.
+    """
+    value = get_by_path(config, key)
+    wanted = types if isinstance(types, tuple) else (types,)
+    if float in wanted:
+        wanted = wanted + (int,)
+    ok = isinstance(value, wanted)
+    if isinstance(value, bool) and bool not in wanted:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"`{key}` must be of type {_type_names(types)}, got {value!r} ({type(value).__name__}).",
+            key=key, value=value)
+    return value
+
+
+def require_range(config: Any, key: str, *, min: float | None = None, max: float | None = None,
+                  min_inclusive: bool = True, max_inclusive: bool = True,
+                  allow: Iterable[Any] = ()) -> Any:  # pylint: disable=redefined-builtin
+    """Returns ``config.<key>``; ConfigError unless it is a real number within [min, max].
+
+    Values in ``allow`` (sentinels such as ``-1`` = "fill") are accepted as they are.
+    """
+    value = get_by_path(config, key)
+    if value in tuple(allow) and not isinstance(value, bool):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"`{key}` must be a number, got {value!r} ({type(value).__name__}).", key=key,
+                          value=value)
+    extra = f" (or one of {sorted(allow)})" if allow else ""
+    if value != value:  # NaN
+        raise ConfigError(f"`{key}` must be a finite number, got {value!r}.", key=key, value=value)
+    if min is not None and (value < min or (not min_inclusive and value == min)):
+        op = ">=" if min_inclusive else ">"
+        raise ConfigError(f"`{key}` must be {op} {min}{extra}, got {value!r}.", key=key, value=value)
+    if max is not None and (value > max or (not max_inclusive and value == max)):
+        op = "<=" if max_inclusive else "<"
+        raise ConfigError(f"`{key}` must be {op} {max}{extra}, got {value!r}.", key=key, value=value)
+    return value
+
+
+def require_choice(config: Any, key: str, choices: Sequence[Any]) -> Any:
+    """Returns ``config.<key>``; ConfigError unless it is one of ``choices``."""
+    value = get_by_path(config, key)
+    if value not in tuple(choices):
+        raise ConfigError(f"`{key}` must be one of {list(choices)}, got {value!r}.", key=key, value=value)
+    return value
+
+
+def require_divisible(config: Any, key: str, divisor: str | int, *, what: str | None = None) -> None:
+    """ConfigError unless the integer ``config.<key>`` is divisible by ``divisor``.
+
+    ``divisor`` is another dotted key (``require_divisible(c, 'rl.batch_size', 'rl.group_size')``) or a
+    number computed at run time (then ``what`` describes it, e.g. ``'the data-parallel size 8'``).
+
+    >>> c = ml_collections.ConfigDict({"rl": {"batch_size": 10, "group_size": 4}})
+    >>> require_divisible(c, "rl.batch_size", "rl.group_size")
+    Traceback (most recent call last):
+    ...
+    adrpo_jax.train.config.ConfigError: `rl.batch_size`=10 must be divisible by `rl.group_size`=4.
+    """
+    value = require_type(config, key, int)
+    if isinstance(divisor, str):
+        div = require_type(config, divisor, int)
+        desc = f"`{divisor}`={div}"
+    else:
+        div = int(divisor)
+        desc = what or str(div)
+    if div <= 0:
+        raise ConfigError(f"`{key}`: divisor {desc} must be positive.", key=key, value=value)
+    if value % div:
+        raise ConfigError(f"`{key}`={value} must be divisible by {desc}.", key=key, value=value)
+
+
+def _require_int_range(config: Any, key: str, *, min: int | None = None, max: int | None = None,
+                       allow: Iterable[int] = ()) -> int:  # pylint: disable=redefined-builtin
+    require_type(config, key, int)
+    return require_range(config, key, min=min, max=max, allow=allow)
+
+
+def validate_common_config(config: Any) -> None:
+    """Checks types, ranges and consistency of every common key; raises :class:`ConfigError`.
+
+    Device-dependent checks (the mesh product equals the device count) happen in ``sharding.make_mesh``.
+    """
+    from adrpo_jax.train import registry  # local: registry imports nothing heavy, but keep config standalone
+
+    trainer = require_type(config, "trainer", str)
+    registry.validate_trainer_name(trainer)
+    _require_int_range(config, "seed", min=0)
+    total_steps = _require_int_range(config, "total_steps", min=1)
+    _require_int_range(config, "log_every", min=1)
+    _require_int_range(config, "eval_every", min=0)
+
+    _require_int_range(config, "checkpoint.every_steps", min=1)
+    _require_int_range(config, "checkpoint.max_to_keep", min=0)
+    _require_int_range(config, "checkpoint.keep_period", min=0)
+    require_type(config, "checkpoint.async_save", bool)
+
+    fills = []
+    for axis in ("data", "fsdp", "tensor"):
+        size = _require_int_range(config, f"mesh.{axis}", min=1, allow=(-1,))
+        if size == -1:
+            fills.append(f"mesh.{axis}")
+    if len(fills) > 1:
+        raise ConfigError(f"At most one mesh axis may be -1 (fill), got {fills}.", key=fills[1], value=-1)
+
+    name = require_choice(config, "optim.name", OPTIMIZERS)
+    require_type(config, "optim.learning_rate", float)
+    require_range(config, "optim.learning_rate", min=0.0, min_inclusive=False)
+    require_choice(config, "optim.schedule", SCHEDULES)
+    warmup = _require_int_range(config, "optim.warmup_steps", min=0)
+    if warmup > total_steps:
+        raise ConfigError(f"`optim.warmup_steps`={warmup} must be <= `total_steps`={total_steps}.",
+                          key="optim.warmup_steps", value=warmup)
+    require_range(config, "optim.end_lr_factor", min=0.0, max=1.0)
+    require_range(config, "optim.weight_decay", min=0.0)
+    require_type(config, "optim.weight_decay_1d", bool)
+    require_range(config, "optim.b1", min=0.0, max=1.0, max_inclusive=False)
+    require_range(config, "optim.b2", min=0.0, max=1.0, max_inclusive=False)
+    require_range(config, "optim.eps", min=0.0, min_inclusive=False)
+    require_range(config, "optim.momentum", min=0.0, max=1.0, max_inclusive=False)
+    if name != "sgd" and get_by_path(config, "optim.momentum") != 0:
+        raise ConfigError(f"`optim.momentum` only applies to optim.name='sgd' (got name={name!r}); "
+                          "use optim.b1 for adam-family optimizers.", key="optim.momentum")
+    require_range(config, "optim.grad_clip_norm", min=0.0)
+    _require_int_range(config, "optim.grad_accum_steps", min=1)
+
+    _require_int_range(config, "numerics.max_consecutive_skips", min=1)
+
+    for key in ("jsonl", "tensorboard", "wandb", "progress_bar"):
+        require_type(config, f"logging.{key}", bool)
+    for key in ("wandb_project", "wandb_entity"):
+        require_type(config, f"logging.{key}", str)
+    require_type(config, "compilation_cache_dir", str)
+
+    require_choice(config, "distributed.mode", DISTRIBUTED_MODES)
+    address = require_type(config, "distributed.coordinator_address", str)
+    if address and ":" not in address:
+        raise ConfigError(f"`distributed.coordinator_address` must be 'host:port', got {address!r}.",
+                          key="distributed.coordinator_address", value=address)
+    nproc = _require_int_range(config, "distributed.num_processes", min=1, allow=(-1,))
+    pid = _require_int_range(config, "distributed.process_id", min=0, allow=(-1,))
+    if nproc != -1 and pid != -1 and pid >= nproc:
+        raise ConfigError(f"`distributed.process_id`={pid} must be < `distributed.num_processes`={nproc}.",
+                          key="distributed.process_id", value=pid)
+
+
+def finalize_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates the common sections and locks ``config`` (adding a new key then raises); returns it."""
+    validate_common_config(config)
+    config.lock()
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command-line overrides, fingerprints, diffs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def find_unknown_override(config: Any, keys: Iterable[str]) -> str | None:
+    """Returns an error message for the first dotted key in ``keys`` that ``config`` lacks, else None.
+
+    Used by ``launch.py`` to turn ml_collections' bare ``AttributeError: 'x'`` into a message naming the
+    full key and its valid siblings.
+    """
+    for key in keys:
+        node = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if isinstance(node, (Mapping, ml_collections.ConfigDict)) and part in node:
+                node = node[part]
+                continue
+            parent = ".".join(parts[:i])
+            if isinstance(node, (Mapping, ml_collections.ConfigDict)):
+                valid = ", ".join(sorted(str(k) for k in node.keys()))
+                where = f"`config.{parent}`" if parent else "the config"
+                return (f"Unknown config key `config.{key}`: {where} has no field `{part}` "
+                        f"(valid fields: {valid}).")
+            return f"Unknown config key `config.{key}`: `config.{parent}` is a {type(node).__name__}, not a section."
+    return None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (JSON-able where possible) of a ConfigDict."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=repr, sort_keys=True))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _is_runtime_key(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p.rstrip(".") or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def config_diff(old: Mapping[str, Any] | ml_collections.ConfigDict, new: Mapping[str, Any] | ml_collections.ConfigDict,
+                *, ignore_prefixes: Sequence[str] = RUNTIME_KEY_PREFIXES) -> list[tuple[str, Any, Any]]:
+    """Lists ``(dotted_key, old_value, new_value)`` for keys that differ, skipping runtime-only keys.
+
+    A key present on one side only appears with ``'<missing>'`` on the other.
+
+    >>> config_diff({"a": 1, "optim": {"b1": 0.9}, "total_steps": 5}, {"a": 2, "optim": {"b1": 0.9}})
+    [('a', 1, 2)]
+    """
+    flat_old = _flatten(config_to_dict(old))
+    flat_new = _flatten(config_to_dict(new))
+    diffs = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if _is_runtime_key(key, ignore_prefixes):
+            continue
+        a, b = flat_old.get(key, "<missing>"), flat_new.get(key, "<missing>")
+        if a != b:
+            diffs.append((key, a, b))
+    return diffs
+
+
+def config_fingerprint(config: Any, *, ignore_prefixes: Sequence[str] = RUNTIME_KEY_PREFIXES) -> str:
+    """Short sha256 of the config without runtime-only keys (stored in checkpoints' ``meta``)."""
+    flat = {k: v for k, v in _flatten(config_to_dict(config)).items() if not _is_runtime_key(k, ignore_prefixes)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=repr).encode()).hexdigest()[:16]
