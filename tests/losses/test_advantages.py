@@ -9,6 +9,25 @@ from jax.sharding import PartitionSpec as P
 from adrpo_jax import losses
 from tests.losses import _helpers
 
+_STATIC_ALL = ("group_size", "num_groups", "num_prompts", "scale_by_std", "std_level", "ddof", "eps", "axis_name",
+               "tau", "max_exponent")
+
+
+def _jit(fn):
+    """jit with every hyper-parameter the function has marked static."""
+    import inspect
+    names = [n for n in _STATIC_ALL if n in inspect.signature(fn).parameters]
+    return jax.jit(fn, static_argnames=names)
+
+
+# module-level jitted entry points: parametrizations with equal static options share one compilation
+group_advantages = _jit(losses.group_advantages)
+group_advantages_from_ids = _jit(losses.group_advantages_from_ids)
+prompt_mean_advantages = _jit(losses.prompt_mean_advantages)
+rloo_advantages = _jit(losses.rloo_advantages)
+batch_normalized_advantages = _jit(losses.batch_normalized_advantages)
+exponential_reward_weights = _jit(losses.exponential_reward_weights)
+
 
 def np_group_reference(r, ids, valid, *, kind="mean", scale=True, ddof=1, eps=1e-4, std_level="group"):
     """Loops over groups; float64."""
@@ -50,9 +69,9 @@ def test_group_advantages_contiguous_and_2d(seed, scale, ddof, std_level):
     ids = np.arange(24) // k
     ref = np_group_reference(r, ids, mask, scale=scale, ddof=ddof, std_level=std_level)
     kw = dict(scale_by_std=scale, ddof=ddof, std_level=std_level, mask=mask)
-    got = jax.jit(lambda x: losses.group_advantages(x, k, **kw))(r)
+    got = group_advantages(r, k, **kw)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
-    got2 = losses.group_advantages(r.reshape(6, 4), **{**kw, "mask": mask.reshape(6, 4)})
+    got2 = group_advantages(r.reshape(6, 4), **{**kw, "mask": mask.reshape(6, 4)})
     np.testing.assert_allclose(got2.reshape(-1), ref, rtol=2e-5, atol=2e-5)
     assert np.all(np.asarray(got)[~mask] == 0)
 
@@ -66,14 +85,14 @@ def test_group_advantages_from_ids_and_prompt_mean(seed):
     mask = rng.uniform(size=20) > 0.2
     valid = mask & (ids < 5)
     ref = np_group_reference(r, ids, valid)
-    got = losses.group_advantages_from_ids(r, ids, 5, mask=mask)
+    got = group_advantages_from_ids(r, ids, 5, mask=mask)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(losses.group_advantages(r, group_ids=ids, num_groups=5, mask=mask), ref,
+    np.testing.assert_allclose(group_advantages(r, group_ids=ids, num_groups=5, mask=mask), ref,
                                rtol=2e-5, atol=2e-5)
     ref_pm = np_group_reference(r, ids, valid, scale=False)
-    np.testing.assert_allclose(losses.prompt_mean_advantages(r, ids, 5, mask=mask), ref_pm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prompt_mean_advantages(r, ids, 5, mask=mask), ref_pm, rtol=1e-5, atol=1e-6)
     # a prompt's advantages sum to zero (mean baseline)
-    pm = np.asarray(losses.prompt_mean_advantages(r, ids, 5, mask=mask))
+    pm = np.asarray(prompt_mean_advantages(r, ids, 5, mask=mask))
     for g in range(5):
         assert abs(pm[(ids == g) & valid].sum()) < 1e-5
 
@@ -84,12 +103,12 @@ def test_rloo_advantages(seed):
     r = random_rewards(rng, 18)
     mask = rng.uniform(size=18) > 0.3
     ref = np_group_reference(r, np.arange(18) // 6, mask, kind="rloo")
-    np.testing.assert_allclose(losses.rloo_advantages(r, 6, mask=mask), ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(losses.rloo_advantages(r.reshape(3, 6), mask=mask.reshape(3, 6)).reshape(-1), ref,
+    np.testing.assert_allclose(rloo_advantages(r, 6, mask=mask), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rloo_advantages(r.reshape(3, 6), mask=mask.reshape(3, 6)).reshape(-1), ref,
                                rtol=1e-5, atol=1e-6)
     # identity: RLOO = n/(n-1) * (r - mean) for a fully valid group
-    full = np.asarray(losses.rloo_advantages(r, 6))
-    dr = np.asarray(losses.group_advantages(r, 6, scale_by_std=False))
+    full = np.asarray(rloo_advantages(r, 6))
+    dr = np.asarray(group_advantages(r, 6, scale_by_std=False))
     np.testing.assert_allclose(full, dr * 6 / 5, rtol=1e-5, atol=1e-6)
 
 
@@ -100,22 +119,22 @@ def test_batch_normalized_advantages(ddof, scale):
     mask = rng.uniform(size=(4, 5)) > 0.3
     vals = r[mask].astype(np.float64)
     ref = np.where(mask, (r - vals.mean()) / ((np.std(vals, ddof=ddof) + 1e-4) if scale else 1.0), 0.0)
-    got = losses.batch_normalized_advantages(r, ddof=ddof, scale_by_std=scale, mask=mask)
+    got = batch_normalized_advantages(r, ddof=ddof, scale_by_std=scale, mask=mask)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(losses.batch_normalized_advantages(jnp.full(6, 0.3))) == 0)
+    assert np.all(np.asarray(batch_normalized_advantages(jnp.full(6, 0.3))) == 0)
 
 
 def test_exponential_reward_weights():
     r = np.array([-1.0, 0.0, 0.5, 3.0], np.float32)
-    np.testing.assert_allclose(losses.exponential_reward_weights(r, 0.5), np.exp(0.5 * r.astype(np.float64)),
+    np.testing.assert_allclose(exponential_reward_weights(r, 0.5), np.exp(0.5 * r.astype(np.float64)),
                                rtol=1e-6)
-    w = losses.exponential_reward_weights(r, 2.0, mask=np.array([1, 1, 0, 1]), max_exponent=1.0)
+    w = exponential_reward_weights(r, 2.0, mask=np.array([1, 1, 0, 1]), max_exponent=1.0)
     np.testing.assert_allclose(w, [np.exp(-2.0), 1.0, 0.0, np.e], rtol=1e-6)
-    g = jax.grad(lambda x: losses.exponential_reward_weights(x, 0.5).sum())(r)
+    g = jax.grad(lambda x: exponential_reward_weights(x, 0.5).sum())(r)
     np.testing.assert_allclose(g, 0.5 * np.exp(0.5 * r), rtol=1e-6)
     # raw, no normalization: huge rewards overflow in float32 unless capped
-    assert np.isinf(losses.exponential_reward_weights(jnp.array([200.0]), 1.0))[0]
-    assert np.isfinite(losses.exponential_reward_weights(jnp.array([200.0]), 1.0, max_exponent=50.0))[0]
+    assert np.isinf(exponential_reward_weights(jnp.array([200.0]), 1.0))[0]
+    assert np.isfinite(exponential_reward_weights(jnp.array([200.0]), 1.0, max_exponent=50.0))[0]
 
 
 def test_degenerate_groups_give_exact_zero_and_finite_grads():
@@ -123,21 +142,24 @@ def test_degenerate_groups_give_exact_zero_and_finite_grads():
     r = jnp.array([0.1, 0.1, 0.1, 0.7, 0.2, 0.5, 0.9, 0.3], jnp.float32)
     mask = jnp.array([1, 1, 1, 1, 0, 0, 1, 1], bool)
     ids = jnp.array([0, 0, 0, 1, 2, 2, 3, 3])
-    for fn in (lambda x: losses.group_advantages_from_ids(x, ids, 4, mask=mask),
-               lambda x: losses.rloo_advantages(x, group_ids=ids, num_groups=4, mask=mask),
-               lambda x: losses.prompt_mean_advantages(x, ids, 4, mask=mask, scale_by_std=True)):
-        a = np.asarray(jax.jit(fn)(r))
-        assert np.all(a[:6] == 0.0), a  # all-equal, single sample, fully masked
-        assert np.all(a[6:] != 0.0)
-        g = jax.jit(jax.jacrev(fn))(r)
-        assert np.all(np.isfinite(g))
-        assert np.all(np.asarray(g)[:6] == 0) and np.all(np.asarray(g)[:, :6] == 0)
-    # group_size 1: every group degenerate
-    np.testing.assert_array_equal(losses.group_advantages(r, 1), np.zeros(8))
-    g = jax.grad(lambda x: losses.group_advantages(x, 1).sum())(r)
-    assert np.all(g == 0)
+    fns = (lambda x: losses.group_advantages_from_ids(x, ids, 4, mask=mask),
+           lambda x: losses.rloo_advantages(x, group_ids=ids, num_groups=4, mask=mask),
+           lambda x: losses.prompt_mean_advantages(x, ids, 4, mask=mask, scale_by_std=True),
+           lambda x: losses.group_advantages(x, 1))  # group_size 1: every group degenerate
+
+    @jax.jit
+    def values_and_jacobians(x):
+        return [(f(x), jax.jacrev(f)(x)) for f in fns]
+
+    for k, (a, g) in enumerate(values_and_jacobians(r)):
+        a, g = np.asarray(a), np.asarray(g)
+        n_zero = 8 if k == 3 else 6
+        assert np.all(a[:n_zero] == 0.0), (k, a)  # all-equal, single sample, fully masked
+        assert np.all(a[n_zero:] != 0.0), (k, a)
+        assert np.all(np.isfinite(g)), k
+        assert np.all(g[:n_zero] == 0) and np.all(g[:, :n_zero] == 0), k
     # all-equal over the whole batch, std scaling on
-    np.testing.assert_array_equal(losses.group_advantages(jnp.full((3, 4), 0.3)), np.zeros((3, 4)))
+    np.testing.assert_array_equal(group_advantages(jnp.full((3, 4), 0.3)), np.zeros((3, 4)))
 
 
 @pytest.mark.parametrize("fn_name", ["group", "rloo"])
@@ -150,14 +172,14 @@ def test_advantage_gradients_vs_central_differences(fn_name):
     kind = "mean" if fn_name == "group" else "rloo"
     f_np = lambda x: np.dot(w, np_group_reference(x, ids, mask, kind=kind))
     fn = losses.group_advantages if fn_name == "group" else losses.rloo_advantages
-    g = jax.grad(lambda x: jnp.dot(w.astype(np.float32), fn(x, 4, mask=mask)))(r.astype(np.float32))
+    g = jax.jit(jax.grad(lambda x: jnp.dot(w.astype(np.float32), fn(x, 4, mask=mask))))(r.astype(np.float32))
     np.testing.assert_allclose(g, _helpers.central_diff_grad(f_np, r), rtol=1e-3, atol=1e-4)
 
 
 def test_vmap_over_reward_functions():
     rng = np.random.default_rng(2)
     r = rng.normal(size=(3, 12)).astype(np.float32)  # 3 reward functions
-    got = jax.vmap(lambda x: losses.group_advantages(x, 4))(r)
+    got = jax.jit(jax.vmap(lambda x: losses.group_advantages(x, 4)))(r)
     for j in range(3):
         np.testing.assert_allclose(got[j], np_group_reference(r[j], np.arange(12) // 4, np.ones(12, bool)),
                                    rtol=2e-5, atol=2e-5)
@@ -173,25 +195,27 @@ def test_advantages_shard_map_equals_single_device(mesh_fn, axis):
     w = rng.normal(size=n).astype(np.float32)
 
     def all_advantages(rr, mm, ii, ax):
-        return (losses.group_advantages(rr, 4, mask=mm, axis_name=ax),
-                losses.group_advantages(rr, 4, mask=mm, std_level="batch", axis_name=ax),
-                losses.prompt_mean_advantages(rr, ii, 5, mask=mm, axis_name=ax),
-                losses.rloo_advantages(rr, 4, mask=mm, axis_name=ax),
-                losses.batch_normalized_advantages(rr, mask=mm, axis_name=ax))
+        out = (losses.group_advantages(rr, 4, mask=mm, axis_name=ax),
+               losses.prompt_mean_advantages(rr, ii, 5, mask=mm, axis_name=ax))
+        if mesh_fn is _helpers.mesh_2d:  # the tuple-axis path is the same code: keep that case small
+            return out
+        return out + (losses.group_advantages(rr, 4, mask=mm, std_level="batch", axis_name=ax),
+                      losses.rloo_advantages(rr, 4, mask=mm, axis_name=ax),
+                      losses.batch_normalized_advantages(rr, mask=mm, axis_name=ax))
 
     def objective(rr, mm, ii, ww, ax):  # a scalar through every estimator, for gradients
         total = sum(jnp.sum(ww * a) for a in all_advantages(rr, mm, ii, ax))
         return total if ax is None else jax.lax.psum(total, ax)
 
-    single = all_advantages(r, mask, ids, None)
-    g_single = jax.grad(objective)(r, mask, ids, w, None)
+    single, g_single = jax.jit(lambda *a: (all_advantages(*a[:3], None), jax.grad(objective)(*a, None)))(
+        r, mask, ids, w)
     mesh = mesh_fn()
     spec = P(axis)
 
     def local(rr, mm, ii, ww):
         return all_advantages(rr, mm, ii, axis), jax.grad(objective)(rr, mm, ii, ww, axis)
 
-    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=((spec,) * 5, spec)))
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=((spec,) * len(single), spec)))
     sharded, g_sharded = f(r, mask, ids, w)
     for a, b in zip(sharded, single):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

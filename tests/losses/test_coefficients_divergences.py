@@ -48,9 +48,9 @@ def test_adaptive_coefficient_values(kw, lo, hi):
 
 def test_adaptive_coefficient_gradient_and_traced_beta():
     a = jnp.array([-1.0, 0.01, -0.02, 1.0])
-    g = jax.grad(lambda x: losses.adaptive_coefficient(x, 0.04).sum())(a)
+    g = jax.jit(jax.grad(lambda x: losses.adaptive_coefficient(x, 0.04).sum()))(a)
     np.testing.assert_array_equal(g, np.zeros(4))  # stop-gradient by default
-    g = jax.grad(lambda x: losses.adaptive_coefficient(x, 0.04, stop_gradient=False).sum())(a)
+    g = jax.jit(jax.grad(lambda x: losses.adaptive_coefficient(x, 0.04, stop_gradient=False).sum()))(a)
     np.testing.assert_array_equal(g, [0.0, -1.0, -1.0, 0.0])  # d(beta - clip(A))/dA inside the bounds
     # beta as a traced scalar (a schedule under jit)
     f = jax.jit(lambda x, b: losses.adaptive_coefficient(x, b))
@@ -68,9 +68,9 @@ def test_coefficient_metrics_mask_and_shard_map():
     np.testing.assert_allclose(m["beta_eff_min"], c.min(), rtol=1e-6)
     np.testing.assert_allclose(m["beta_eff_max"], c.max(), rtol=1e-6)
     np.testing.assert_allclose(m["adv_clip_fraction"], np.mean(np.abs(a[mask]) > 0.04), rtol=1e-6)
-    m0 = losses.coefficient_metrics(a, 0.04, adaptive=False)
+    m0 = jax.jit(lambda x: losses.coefficient_metrics(x, 0.04, adaptive=False))(a)
     assert m0["adv_clip_fraction"] == 0 and np.isclose(m0["beta_eff_min"], 0.04)
-    empty = losses.coefficient_metrics(a, 0.04, mask=np.zeros(16, bool))
+    empty = jax.jit(lambda x: losses.coefficient_metrics(x, 0.04, mask=np.zeros(16, bool)))(a)
     assert all(float(v) == 0.0 for v in empty.values())
     mesh = _helpers.mesh_1d()
     f = jax.jit(jax.shard_map(lambda x, mm: losses.coefficient_metrics(x, 0.04, mask=mm, axis_name="data"),
@@ -111,27 +111,37 @@ def test_kl_estimators_values_grads(est):
 def test_kl_extreme_log_ratios_and_padding():
     logp = jnp.array([[0.0, -1e3, 0.0, -5.0]])
     ref = jnp.array([[-1e3, 0.0, 0.0, -5.0]])  # log-ratios d = ref - logp: -1e3, +1e3, 0, 0
+    pad_lp = jnp.array([[-1.0, jnp.nan, -jnp.inf]])
+    pad_ref = jnp.full((1, 3), -1.5)
+    pad_mask = jnp.array([[1, 0, 0]])
+
+    @jax.jit
+    def run(lp, r, plp, pr):
+        out = {}
+        for est in ("k1", "k2", "k3"):
+            f = lambda a, b, e=est: losses.kl_divergence(a, b, e).sum()
+            out[est] = (losses.kl_divergence(lp, r, est), jax.grad(f, argnums=(0, 1))(lp, r))
+        fp = lambda a: losses.kl_divergence(a, pr, mask=pad_mask)
+        out["pad"] = (fp(plp), jax.grad(lambda a: fp(a).sum())(plp))
+        out["guard"] = (losses.guarded_exp(jnp.float32(20.0)), jax.grad(losses.guarded_exp)(jnp.float32(20.5)))
+        return out
+
+    out = run(logp, ref, pad_lp, pad_ref)
     for est in ("k1", "k2", "k3"):
-        f = jax.jit(lambda lp, r, e=est: losses.kl_divergence(lp, r, e))
-        val = f(logp, ref)
-        gl, gr = jax.grad(lambda lp, r: f(lp, r).sum(), argnums=(0, 1))(logp, ref)
+        val, (gl, gr) = out[est]
         assert np.all(np.isfinite(val)) and np.all(np.isfinite(gl)) and np.all(np.isfinite(gr)), est
-    k3 = np.asarray(losses.kl_divergence(logp, ref))
+    k3, (g, _) = out["k3"]
+    k3, g = np.asarray(k3), np.asarray(g)
     np.testing.assert_allclose(k3[0, 0], 999.0, rtol=1e-6)  # exp(-1e3) - (-1e3) - 1
     assert k3[0, 1] > 1e11 and k3[0, 2] == 0 and k3[0, 3] == 0
-    g = np.asarray(jax.grad(lambda lp: losses.kl_divergence(lp, ref).sum())(logp))
     # d k3 / d logp = 1 - exp(d): the guarded branch keeps the right sign (push logp up towards ref)
     assert g[0, 1] < -1e8 and np.isclose(g[0, 0], 1.0)
     # the guard is C^1 at the bound: matches exp there
-    at = float(losses.guarded_exp(jnp.float32(20.0)))
+    at, slope = out["guard"]
     np.testing.assert_allclose(at, np.exp(20.0), rtol=1e-6)
-    gd = jax.grad(lambda x: losses.guarded_exp(x))(jnp.float32(20.5))
-    np.testing.assert_allclose(gd, np.exp(20.0), rtol=1e-6)
+    np.testing.assert_allclose(slope, np.exp(20.0), rtol=1e-6)
     # NaN / -inf in padding never leaks
-    lp = jnp.array([[-1.0, jnp.nan, -jnp.inf]])
-    m = jnp.array([[1, 0, 0]])
-    val = losses.kl_divergence(lp, jnp.full((1, 3), -1.5), mask=m)
-    gl = jax.grad(lambda x: losses.kl_divergence(x, jnp.full((1, 3), -1.5), mask=m).sum())(lp)
+    val, gl = out["pad"]
     assert np.all(np.isfinite(val)) and np.all(np.isfinite(gl)) and np.all(np.asarray(gl)[0, 1:] == 0)
 
 
@@ -141,10 +151,10 @@ def test_w2_velocity_penalty():
     vr = rng.normal(size=(4, 2, 3)).astype(np.float32)
     ref = np.array([np.mean((v[i].astype(np.float64) - vr[i]) ** 2) for i in range(4)])
     np.testing.assert_allclose(jax.jit(losses.w2_velocity_penalty)(v, vr), ref, rtol=1e-6)
-    gv, gr = jax.grad(lambda a, b: losses.w2_velocity_penalty(a, b).sum(), argnums=(0, 1))(v, vr)
+    gv, gr = jax.jit(jax.grad(lambda a, b: losses.w2_velocity_penalty(a, b).sum(), argnums=(0, 1)))(v, vr)
     np.testing.assert_allclose(gv, 2 * (v - vr) / 6, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(gr, np.zeros_like(vr))  # frozen reference
-    gr2 = jax.grad(lambda b: losses.w2_velocity_penalty(v, b, stop_gradient_ref=False).sum())(vr)
+    gr2 = jax.jit(jax.grad(lambda b: losses.w2_velocity_penalty(v, b, stop_gradient_ref=False).sum()))(vr)
     np.testing.assert_allclose(gr2, -2 * (v - vr) / 6, rtol=1e-5, atol=1e-7)
 
 

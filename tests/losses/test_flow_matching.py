@@ -26,20 +26,21 @@ def test_rectified_flow_path_matches_numpy(seed):
     x0 = rng.normal(size=(5, 3, 2)).astype(np.float32)
     x1 = rng.normal(size=(5, 3, 2)).astype(np.float32)
     t = rng.uniform(size=(5,)).astype(np.float32)
-    x_t, u_t = jax.jit(losses.rectified_flow_path)(x0, x1, t)
+    path = jax.jit(losses.rectified_flow_path)
+    x_t, u_t = path(x0, x1, t)
     for i in range(5):
         np.testing.assert_allclose(x_t[i], (1 - t[i]) * x0[i] + t[i] * x1[i], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(u_t[i], x1[i] - x0[i], rtol=1e-6, atol=1e-6)
     # endpoints: t=0 is noise, t=1 is data
-    x_t0, _ = losses.rectified_flow_path(x0, x1, jnp.zeros(5))
-    x_t1, _ = losses.rectified_flow_path(x0, x1, jnp.ones(5))
+    x_t0, _ = path(x0, x1, jnp.zeros(5))
+    x_t1, _ = path(x0, x1, jnp.ones(5))
     np.testing.assert_array_equal(x_t0, x0)
     np.testing.assert_allclose(x_t1, x1, atol=1e-7)
     # scalar t and bfloat16 inputs upcast to float32
-    x_ts, _ = losses.rectified_flow_path(x0.astype(jnp.bfloat16), x1, 0.5)
+    x_ts, _ = path(x0.astype(jnp.bfloat16), x1, 0.5)
     assert x_ts.dtype == jnp.float32
     # d x_t / d t = u_t
-    jvp = jax.jvp(lambda tt: losses.rectified_flow_path(x0, x1, tt)[0], (t,), (jnp.ones(5),))[1]
+    jvp = jax.jit(lambda tt: jax.jvp(lambda s: losses.rectified_flow_path(x0, x1, s)[0], (tt,), (jnp.ones(5),))[1])(t)
     np.testing.assert_allclose(jvp, x1 - x0, rtol=1e-6, atol=1e-6)
 
 
@@ -48,11 +49,11 @@ def test_flow_matching_error_values_grads_vmap():
     v = rng.normal(size=(4, 3, 5)).astype(np.float32)
     u = rng.normal(size=(4, 3, 5)).astype(np.float32)
     np.testing.assert_allclose(jax.jit(losses.flow_matching_error)(v, u), np_err(v, u), rtol=1e-6)
-    g = jax.grad(lambda a: losses.flow_matching_error(a, u).sum())(v)
+    g = jax.jit(jax.grad(lambda a: losses.flow_matching_error(a, u).sum()))(v)
     ref = _helpers.central_diff_grad(lambda a: np_err(a, u).sum(), v)
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
     # vmap over an extra leading axis
-    vv = jax.vmap(losses.flow_matching_error)(v[None].repeat(2, 0), u[None].repeat(2, 0))
+    vv = jax.jit(jax.vmap(losses.flow_matching_error))(v[None].repeat(2, 0), u[None].repeat(2, 0))
     np.testing.assert_allclose(vv[1], np_err(v, u), rtol=1e-6)
     # rank-1 data: per-sample scalars
     np.testing.assert_allclose(losses.flow_matching_error(jnp.array([1.0, 2.0]), jnp.zeros(2)), [1.0, 4.0])
@@ -76,18 +77,21 @@ def test_cfm_loss_matches_numpy(use_weights):
     np.testing.assert_allclose(m["loss"], ref(v), rtol=1e-6)
     np.testing.assert_allclose(m["cfm_error_mean"], np_err(v, u)[mask].mean(), rtol=1e-6)
     assert m["num_samples"] == 4
-    g = jax.grad(lambda a: losses.cfm_loss(a, u, weights=w, mask=mask)[0])(v)
+    g = jax.jit(jax.grad(lambda a: losses.cfm_loss(a, u, weights=w, mask=mask)[0]))(v)
     np.testing.assert_allclose(g, _helpers.central_diff_grad(ref, v), rtol=1e-5, atol=1e-6)
     assert np.all(g[~mask] == 0)
 
 
 def test_cfm_loss_fully_masked_and_nan_padding():
-    v = jnp.full((3, 2), jnp.nan)  # padding may hold garbage
-    loss, m = losses.cfm_loss(v, jnp.zeros((3, 2)), mask=jnp.zeros(3, bool))
-    assert loss == 0 and m["cfm_error_mean"] == 0 and m["num_samples"] == 0
-    g = jax.grad(lambda a: losses.cfm_loss(a, jnp.zeros((3, 2)), mask=jnp.array([True, False, True]))[0])(
-        jnp.ones((3, 2)).at[1].set(jnp.nan))
-    assert np.all(np.isfinite(g))
+    @jax.jit
+    def run(v):
+        empty = losses.cfm_loss(v, jnp.zeros((3, 2)), mask=jnp.zeros(3, bool))
+        g = jax.grad(lambda a: losses.cfm_loss(a, jnp.zeros((3, 2)), mask=jnp.array([True, False, True]))[0])(v)
+        return empty, g
+
+    (loss, m), g = run(jnp.ones((3, 2)).at[1].set(jnp.nan))  # padding may hold garbage
+    assert loss == 0 and m["num_samples"] == 0
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[1] == 0)
 
 
 @pytest.mark.parametrize("mesh_fn,axis", [(_helpers.mesh_1d, "data"), (_helpers.mesh_2d, ("data", "fsdp"))])
@@ -127,10 +131,10 @@ def test_cfm_loss_normalizer_gradient_accumulation():
     v = rng.normal(size=(8, 3)).astype(np.float32)
     u = rng.normal(size=(8, 3)).astype(np.float32)
     mask = rng.uniform(size=8) > 0.3
-    fn = lambda vv, uu, mm, nz=None: losses.cfm_loss(vv, uu, mask=mm, normalizer=nz)[0]
-    full, gfull = jax.value_and_grad(fn)(v, u, mask)
+    fn = jax.jit(jax.value_and_grad(lambda vv, uu, mm, nz: losses.cfm_loss(vv, uu, mask=mm, normalizer=nz)[0]))
+    full, gfull = fn(v, u, mask, None)
     total = float(mask.sum())
-    parts = [jax.value_and_grad(fn)(v[s], u[s], mask[s], total) for s in (slice(0, 3), slice(3, 8))]
+    parts = [fn(v[s], u[s], mask[s], total) for s in (slice(0, 4), slice(4, 8))]
     np.testing.assert_allclose(sum(p[0] for p in parts), full, rtol=1e-6)
     np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), gfull, rtol=1e-6)
 
@@ -207,11 +211,17 @@ def test_adrpo_flow_loss_matches_numpy(kw, ref):
 
 def test_adrpo_flow_zero_advantage_is_fixed_beta_w2_and_sign_of_cfm_gradient():
     v, v_ref, u, adv, mask = flow_inputs(2)
-    l0, m0 = losses.adrpo_flow_loss(v, v_ref, u, np.zeros(6, np.float32), beta=0.7, mask=mask)
+
+    @jax.jit
+    def run(a):
+        zero_adv = losses.adrpo_flow_loss(a, v_ref, u, jnp.zeros(6), beta=0.7, mask=mask)
+        # negative advantage reverses the CFM gradient (pushes away from the sample), beta = 0 isolates it
+        g = jax.grad(lambda x: losses.adrpo_flow_loss(x, v_ref, u, -jnp.ones(6), beta=0.0)[0])(a)
+        return zero_adv, g
+
+    (l0, m0), g = run(v)
     np.testing.assert_allclose(l0, 0.7 * np_err(v, v_ref)[mask].mean(), rtol=1e-5)
     assert m0["cfm_term"] == 0
-    # negative advantage reverses the CFM gradient (pushes away from the sample), beta = 0 isolates it
-    g = jax.grad(lambda a: losses.adrpo_flow_loss(a, v_ref, u, -np.ones(6, np.float32), beta=0.0)[0])(v)
     np.testing.assert_allclose(g, -2 * (v - u) / (6 * 6), rtol=1e-5, atol=1e-7)
 
 

@@ -123,14 +123,19 @@ def test_grpo_metrics_match_numpy():
 
 def test_adaptive_vs_fixed_and_beta_zero():
     logp, old, ref, adv, mask = make_inputs(3)
-    l_fixed, _ = losses.grpo_loss(logp, old, ref, adv, mask, adaptive=False)
-    l_zero_adv, _ = losses.grpo_loss(logp, old, ref, np.zeros_like(adv), mask)
+
+    @jax.jit
+    def run(lp, o, r, a, m):
+        return (losses.grpo_loss(lp, o, r, a, m, adaptive=False)[0],
+                losses.grpo_loss(lp, o, r, jnp.zeros_like(a), m)[0],
+                losses.grpo_loss(lp, o, None, a, m, beta=0.0))
+
+    l_fixed, l_zero_adv, (l0, m0) = run(logp, old, ref, adv, mask)
     want_fixed = np_grpo(logp, old, ref, adv, mask, adaptive=False)[0]
     np.testing.assert_allclose(l_fixed, want_fixed, rtol=1e-5)
     # A = 0 gives back fixed beta (ADRPO.md: "A = 0 gives back the fixed-beta method")
     np.testing.assert_allclose(l_zero_adv, np_grpo(logp, old, ref, 0 * adv, mask, adaptive=False)[0], rtol=1e-5)
     # beta = 0: reference may be omitted; equals the pure PG loss
-    l0, m0 = losses.grpo_loss(logp, old, None, adv, mask, beta=0.0)
     np.testing.assert_allclose(l0, np_grpo(logp, old, ref, adv, mask, beta=0.0, lo=0.0, hi=0.0)[0], rtol=1e-5)
     assert m0["kl_term"] == 0 and m0["kl_mean"] == 0
     with pytest.raises(ValueError, match="`ref_logp`"):
@@ -139,14 +144,23 @@ def test_adaptive_vs_fixed_and_beta_zero():
 
 def test_on_policy_old_none_and_sequence_ratio_grad():
     logp, _, ref, adv, mask = make_inputs(4)
-    for level in ("token", "sequence"):
-        f = lambda lp, o: losses.grpo_loss(lp, o, ref, adv, mask, ratio_level=level, beta=0.0)[0]
-        g_none = jax.jit(jax.grad(lambda lp: f(lp, None)))(logp)
-        g_same = jax.jit(jax.grad(lambda lp: f(lp, jax.lax.stop_gradient(lp))))(logp)
-        np.testing.assert_allclose(g_none, g_same, rtol=1e-6)
-    # on-policy token level: d loss / d logp_{i,t} = -A_i / num_tokens (token_mean)
-    g = jax.grad(lambda lp: losses.grpo_loss(lp, None, ref, adv, mask, beta=0.0)[0])(logp)
-    np.testing.assert_allclose(g, np.where(mask, -adv[:, None] / mask.sum(), 0.0), rtol=1e-6, atol=1e-9)
+
+    @jax.jit
+    def grads(lp):
+        out = []
+        for level in ("token", "sequence"):
+            f = lambda x, o: losses.grpo_loss(x, o, ref, adv, mask, ratio_level=level, beta=0.0)[0]
+            out.append((jax.grad(lambda x: f(x, None))(lp), jax.grad(lambda x: f(x, jax.lax.stop_gradient(x)))(lp)))
+        return out
+
+    (g_tok, g_tok_sg), (g_seq, g_seq_sg) = grads(logp)
+    np.testing.assert_allclose(g_tok, g_tok_sg, rtol=1e-6)
+    np.testing.assert_allclose(g_seq, g_seq_sg, rtol=1e-6)
+    # on-policy, token level, token_mean: d loss / d logp_{i,t} = -A_i / num_tokens
+    np.testing.assert_allclose(g_tok, np.where(mask, -adv[:, None] / mask.sum(), 0.0), rtol=1e-6, atol=1e-9)
+    # on-policy, sequence level: each of the n_i tokens carries -A_i s_i with d s_i / d logp_{i,t} = 1 / n_i,
+    # so with token_mean the per-token gradient is again -A_i / num_tokens
+    np.testing.assert_allclose(g_seq, np.where(mask, -adv[:, None] / mask.sum(), 0.0), rtol=1e-6, atol=1e-9)
 
 
 def test_degenerate_inputs_finite():
@@ -158,30 +172,42 @@ def test_degenerate_inputs_finite():
     logp[~mask] = -np.inf
     old[~mask] = np.nan
     ref[~mask] = np.nan
-    for kw in (dict(), dict(ratio_level="sequence", loss_aggregation="sequence_mean"), dict(dual_clip=3.0),
-               dict(kl_estimator="k2", loss_aggregation="constant_normalizer")):
-        f = jax.jit(jax.value_and_grad(lambda lp: losses.grpo_loss(lp, old, ref, adv, mask, **kw), has_aux=True))
-        (loss, m), g = f(logp)
+    variants = (dict(), dict(ratio_level="sequence", loss_aggregation="sequence_mean"), dict(dual_clip=3.0),
+                dict(kl_estimator="k2", loss_aggregation="constant_normalizer"))
+
+    @jax.jit
+    def run(lp, m):
+        out = [jax.value_and_grad(lambda x: losses.grpo_loss(x, old, ref, adv, m, **kw), has_aux=True)(lp)
+               for kw in variants]
+        empty = jax.value_and_grad(lambda x: losses.grpo_loss(x, old, ref, adv, jnp.zeros_like(m)),
+                                   has_aux=True)(lp)
+        return out, empty
+
+    out, ((loss0, m0), g0) = run(logp, mask)
+    for kw, ((loss, m), g) in zip(variants, out):
         assert np.isfinite(loss) and np.all(np.isfinite(g)), kw
         assert all(np.all(np.isfinite(v)) for v in m.values()), kw
     # fully masked batch: loss 0, zero grads
-    (loss, m), g = jax.value_and_grad(lambda lp: losses.grpo_loss(lp, old, ref, adv, np.zeros_like(mask)),
-                                      has_aux=True)(logp)
-    assert loss == 0 and np.all(g == 0) and m["num_tokens"] == 0
+    assert loss0 == 0 and np.all(np.asarray(g0) == 0) and m0["num_tokens"] == 0
     # a fully masked row does not change the loss (excluded from every count)
     logp2, old2, ref2, adv2, mask2 = make_inputs(6, full_row_masked=False)
-    for agg in ("token_mean", "sequence_mean"):
-        with_pad = losses.grpo_loss(np.concatenate([logp2, logp2[:1]]), np.concatenate([old2, old2[:1]]),
-                                    np.concatenate([ref2, ref2[:1]]), np.concatenate([adv2, adv2[:1]]),
-                                    np.concatenate([mask2, np.zeros_like(mask2[:1])]), loss_aggregation=agg)[0]
-        np.testing.assert_allclose(with_pad, losses.grpo_loss(logp2, old2, ref2, adv2, mask2,
-                                                              loss_aggregation=agg)[0], rtol=1e-6)
+    pad = lambda x, fill: np.concatenate([x, np.full_like(x[:1], fill)])
+
+    @jax.jit
+    def padded_vs_plain(args, padded):
+        return [(losses.grpo_loss(*padded, loss_aggregation=agg)[0], losses.grpo_loss(*args, loss_aggregation=agg)[0])
+                for agg in ("token_mean", "sequence_mean")]
+
+    args = (logp2, old2, ref2, adv2, mask2)
+    padded = (pad(logp2, -1.0), pad(old2, -1.0), pad(ref2, -1.0), pad(adv2, 1.0), pad(mask2, False))
+    for with_pad, plain in padded_vs_plain(args, padded):
+        np.testing.assert_allclose(with_pad, plain, rtol=1e-6)
 
 
 def test_bfloat16_inputs_computed_in_float32():
     logp, old, ref, adv, mask = make_inputs(7)
     bf = [jnp.asarray(x, jnp.bfloat16) for x in (logp, old, ref, adv)]
-    loss, m = losses.grpo_loss(*bf, mask)
+    loss, m = jax.jit(losses.grpo_loss)(*bf, mask)
     assert loss.dtype == jnp.float32 and m["kl_mean"].dtype == jnp.float32
     up = [np.asarray(x.astype(jnp.float32)) for x in bf]
     np.testing.assert_allclose(loss, np_grpo(*up, mask, lo=-0.04, hi=0.04)[0], rtol=1e-5, atol=1e-7)
@@ -190,7 +216,7 @@ def test_bfloat16_inputs_computed_in_float32():
 def test_vmap_over_micro_batches():
     logp, old, ref, adv, mask = make_inputs(8, b=6)
     stack = lambda x: x.reshape((2, 3) + x.shape[1:])
-    f = jax.vmap(lambda lp, o, r, a, m: losses.grpo_loss(lp, o, r, a, m)[0])
+    f = jax.jit(jax.vmap(lambda lp, o, r, a, m: losses.grpo_loss(lp, o, r, a, m)[0]))
     got = f(*map(stack, (logp, old, ref, adv, mask)))
     for k in range(2):
         s = slice(3 * k, 3 * k + 3)
@@ -198,21 +224,26 @@ def test_vmap_over_micro_batches():
                                    rtol=1e-5)
 
 
-@pytest.mark.parametrize("agg", ["token_mean", "sequence_mean", "constant_normalizer"])
-def test_gradient_accumulation_with_normalizer_equals_full_batch(agg):
+def test_gradient_accumulation_with_normalizer_equals_full_batch():
     logp, old, ref, adv, mask = make_inputs(9, b=6, full_row_masked=True)
-    full = jax.value_and_grad(lambda lp: losses.grpo_loss(lp, old, ref, adv, mask, loss_aggregation=agg)[0])
-    l_full, g_full = full(logp)
-    den = {"token_mean": mask.sum(), "sequence_mean": mask.any(1).sum(), "constant_normalizer": 6 * 6}[agg]
-    total, grads = 0.0, []
-    for s in (slice(0, 2), slice(2, 6)):
-        micro = jax.value_and_grad(lambda lp: losses.grpo_loss(lp, old[s], ref[s], adv[s], mask[s],
-                                                               loss_aggregation=agg, normalizer=float(den))[0])
-        l, g = micro(logp[s])
-        total += l
-        grads.append(g)
-    np.testing.assert_allclose(total, l_full, rtol=1e-6)
-    np.testing.assert_allclose(np.concatenate(grads), g_full, rtol=1e-6, atol=1e-9)
+    aggs = ("token_mean", "sequence_mean", "constant_normalizer")
+
+    @jax.jit
+    def all_aggs(lp, o, r, a, m, normalizers):
+        return [jax.value_and_grad(lambda x: losses.grpo_loss(x, o, r, a, m, loss_aggregation=agg,
+                                                              normalizer=nz)[0])(lp)
+                for agg, nz in zip(aggs, normalizers)]
+
+    full = all_aggs(logp, old, ref, adv, mask, (None, None, None))
+    dens = (float(mask.sum()), float(mask.any(1).sum()), 6.0 * 6)  # whole-batch denominators
+    micro = [all_aggs(logp[s], old[s], ref[s], adv[s], mask[s], dens) for s in (slice(0, 3), slice(3, 6))]
+    for k, agg in enumerate(aggs):
+        l_full, g_full = full[k]
+        np.testing.assert_allclose(micro[0][k][0] + micro[1][k][0], l_full, rtol=1e-6, err_msg=agg)
+        np.testing.assert_allclose(np.concatenate([micro[0][k][1], micro[1][k][1]]), g_full, rtol=1e-6, atol=1e-9,
+                                   err_msg=agg)
+        np.testing.assert_allclose(l_full, np_grpo(logp, old, ref, adv, mask, lo=-0.04, hi=0.04, agg=agg)[0],
+                                   rtol=1e-5, err_msg=agg)
 
 
 @pytest.mark.parametrize("mesh_fn,axis,kw", [
@@ -252,11 +283,12 @@ def test_aggregate_loss_and_surrogate_helpers():
     rng = np.random.default_rng(12)
     per = rng.normal(size=(3, 4)).astype(np.float32)
     mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
-    np.testing.assert_allclose(losses.aggregate_loss(per, mask), per[mask].mean(), rtol=1e-6)
-    np.testing.assert_allclose(losses.aggregate_loss(per, mask, loss_aggregation="sequence_mean"),
+    agg = jax.jit(losses.aggregate_loss, static_argnames="loss_aggregation")
+    np.testing.assert_allclose(agg(per, mask), per[mask].mean(), rtol=1e-6)
+    np.testing.assert_allclose(agg(per, mask, loss_aggregation="sequence_mean"),
                                (per[0, :2].mean() + per[2].mean()) / 2, rtol=1e-6)
-    np.testing.assert_allclose(losses.aggregate_loss(per, mask, loss_aggregation="constant_normalizer"),
-                               per[mask].sum() / 12, rtol=1e-6)
+    np.testing.assert_allclose(agg(per, mask, loss_aggregation="constant_normalizer"), per[mask].sum() / 12,
+                               rtol=1e-6)
     ratio = np.array([0.5, 0.9, 1.1, 1.5, 0.5, 1.5, 4.0], np.float32)
     a = np.array([1, 1, 1, 1, -1, -1, -1], np.float32)
     got = losses.clipped_surrogate(ratio, a, eps_low=0.2, eps_high=0.3, dual_clip=3.0)
