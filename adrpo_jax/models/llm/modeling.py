@@ -24,6 +24,7 @@ a per-key mask, and rotary positions are separate per-row integers (HF conventio
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -97,16 +98,23 @@ class KVCache:
 # ------------------------------------------------------------------------------------------------------
 # Layers
 # ------------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "std"))
+def _normal_init(key, *, shape, dtype, std):
+  # One fused compilation per (shape, dtype, std) instead of eager normal / scale / cast ops.
+  return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def _param(rngs: nnx.Rngs | None, shape, names, dtype, *, init: str, std: float = 0.02) -> nnx.Param:
+  shape, dtype = tuple(int(s) for s in shape), jnp.dtype(dtype)
   if init == "normal":
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    value = _normal_init(rngs.params(), shape=shape, dtype=dtype, std=float(std))
   elif init == "ones":
-    value = jnp.ones(shape, jnp.float32)
+    value = jnp.ones(shape, dtype)
   elif init == "zeros":
-    value = jnp.zeros(shape, jnp.float32)
+    value = jnp.zeros(shape, dtype)
   else:
     raise ValueError(init)
-  return nnx.Param(value.astype(dtype), out_sharding=tuple(names))
+  return nnx.Param(value, out_sharding=tuple(names))
 
 
 class RMSNorm(nnx.Module):
@@ -277,13 +285,14 @@ class CausalLM(nnx.Module):
     * `model.lm_head_matrix()` -> [D, V] (the embedding transposed when tied), so `logits = h @ W`.
     * `model.init_cache(batch_size, max_length)` -> empty `KVCache`.
 
-  >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-  ...                     num_attention_heads=4, num_key_value_heads=2)
+  >>> cfg = DecoderConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+  ...                     num_attention_heads=2, tie_word_embeddings=True)
   >>> model = CausalLM(cfg, rngs=nnx.Rngs(0))
   >>> tokens = jnp.array([[0, 0, 5, 6], [1, 2, 3, 4]])
   >>> mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
-  >>> model(tokens, attention_mask=mask).shape
-  (2, 4, 32)
+  >>> forward = jax.jit(lambda m, t, a: m(t, attention_mask=a))  # jit it: eager op-by-op is slow
+  >>> forward(model, tokens, mask).shape
+  (2, 4, 16)
   """
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):

@@ -248,11 +248,11 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
     `GenerationOutput`. Compiled once per (model structure, options, B, P): later calls reuse it.
 
   >>> from adrpo_jax.models.llm import DecoderConfig, CausalLM
-  >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-  ...                     num_attention_heads=2)
+  >>> cfg = DecoderConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+  ...                     num_attention_heads=2, tie_word_embeddings=True)
   >>> model = CausalLM(cfg, rngs=nnx.Rngs(0))
   >>> out = generate(model, jnp.array([[0, 3, 4], [5, 6, 7]]), jnp.array([[0, 1, 1], [1, 1, 1]], bool),
-  ...                rng=jax.random.key(0), max_new_tokens=4, top_k=5)
+  ...                greedy=True, max_new_tokens=4, eos_token_ids=(2,))
   >>> out.tokens.shape, out.completion_mask.shape, out.logprobs.dtype
   ((2, 7), (2, 4), dtype('float32'))
   """
