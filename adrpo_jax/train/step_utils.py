@@ -1,0 +1,154 @@
+"""Pure helpers used inside jitted train steps: guarded optimizer updates and gradient accumulation.
+
+>>> import jax, jax.numpy as jnp, optax
+>>> tx = optax.sgd(0.1)
+>>> params = {"w": jnp.ones(3)}
+>>> opt_state = tx.init(params)
+>>> new_params, _, info = apply_updates_if_finite(tx, {"w": jnp.array([1.0, jnp.nan, 0.0])}, opt_state, params)
+>>> bool(info["skipped"]), new_params["w"].tolist()
+(True, [1.0, 1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = ["apply_updates_if_finite", "tree_is_finite", "global_norm", "accumulate_gradients",
+           "split_micro_batches"]
+
+PyTree = Any
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    """sqrt(sum of squares) of every floating leaf, accumulated in float32 (NaN/Inf propagate)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.abs(x).astype(jnp.float32))) for x in leaves))
+
+
+def tree_is_finite(tree: PyTree) -> jax.Array:
+    """Scalar bool: every element of every floating leaf is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def apply_updates_if_finite(tx: optax.GradientTransformation, grads: PyTree, opt_state: optax.OptState,
+                            params: PyTree, *, loss: jax.Array | None = None,
+                            ) -> tuple[PyTree, optax.OptState, dict[str, jax.Array]]:
+    """Applies ``tx`` to ``params`` unless the loss or any gradient is non-finite.
+
+    Jit-friendly (no Python control flow on values): the update is always computed and then selected with
+    ``jnp.where``, so when the step is skipped the returned ``params`` and ``opt_state`` are bit-identical to
+    the inputs (the optimizer's step count and the learning-rate schedule do not advance either).
+
+    Args:
+      tx: the optimizer (``optim.make_optimizer``).
+      grads: gradients, same tree as ``params``.
+      opt_state: ``tx``'s state.
+      params: current parameters (any pytree, e.g. an ``nnx.State`` of ``nnx.Param``).
+      loss: optional loss (any shape); a non-finite value also skips the update.
+
+    Returns:
+      ``(params, opt_state, info)``; ``info`` holds scalars ``skipped`` (bool), ``grad_norm`` (global norm
+      of ``grads`` before clipping, float32) and ``update_norm`` (global norm of the applied update; 0 when
+      skipped).
+    """
+    grad_norm = global_norm(grads)
+    finite = tree_is_finite(grads)
+    if loss is not None:
+        finite = jnp.logical_and(finite, jnp.all(jnp.isfinite(jnp.asarray(loss))))
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+
+    def select(new, old):
+        return jnp.where(finite, new, old)
+
+    params_out = jax.tree.map(select, new_params, params)
+    opt_state_out = jax.tree.map(select, new_opt_state, opt_state)
+    update_norm = jnp.where(finite, global_norm(updates), jnp.zeros((), jnp.float32))
+    info = {"skipped": jnp.logical_not(finite), "grad_norm": grad_norm, "update_norm": update_norm}
+    return params_out, opt_state_out, info
+
+
+def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
+    """Reshapes every leaf ``[B, ...]`` to ``[num_micro_batches, B // num_micro_batches, ...]``.
+
+    Micro-batch ``i`` takes rows ``i, i + k, i + 2k, ...`` (k = ``num_micro_batches``): a batch sharded on its
+    leading axis then keeps every micro-batch spread over all devices (a contiguous split would put each
+    micro-batch on a subset of the devices). Raises ``ValueError`` if ``B`` is not divisible.
+
+    >>> split_micro_batches({"x": np.arange(6)}, 2)["x"].tolist()
+    [[0, 2, 4], [1, 3, 5]]
+    """
+    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, (int, np.integer)) or \
+            num_micro_batches < 1:
+        raise ValueError(f"`num_micro_batches` must be a positive int, got {num_micro_batches!r}.")
+    k = int(num_micro_batches)
+
+    def one(x):
+        x = jnp.asarray(x) if not isinstance(x, (np.ndarray, jax.Array)) else x
+        if x.ndim == 0 or x.shape[0] % k:
+            raise ValueError(f"Batch leaf of shape {tuple(x.shape)} cannot be split into `num_micro_batches`={k} "
+                             "micro-batches along its leading axis.")
+        moved = x.reshape((x.shape[0] // k, k) + tuple(x.shape[1:]))
+        return jnp.swapaxes(moved, 0, 1) if isinstance(x, jax.Array) else np.swapaxes(moved, 0, 1)
+
+    return jax.tree.map(one, batch)
+
+
+def accumulate_gradients(loss_and_grad_fn: Callable[[PyTree, PyTree], tuple[Any, PyTree]], params: PyTree,
+                         micro_batches: PyTree) -> tuple[Any, PyTree]:
+    """Sums ``loss_and_grad_fn(params, micro_batch)`` over a leading micro-batch axis with ``jax.lax.scan``.
+
+    A drop-in replacement for calling a ``jax.value_and_grad``-style function on the full batch:
+
+    * ``loss_and_grad_fn(params, micro_batch) -> (value, grads)`` where ``value`` is the loss or
+      ``(loss, aux)`` (``has_aux=True``), i.e. exactly what ``jax.value_and_grad(f, has_aux=...)`` returns;
+    * ``micro_batches``: every leaf has shape ``[k, ...]`` (see :func:`split_micro_batches`);
+    * returns ``(value_sum, grads_sum)``: every leaf of ``value`` and of the gradients summed over the k
+      micro-batches (floating leaves accumulated in float32, cast back to their dtype at the end).
+
+    The sum equals the full-batch gradient when the loss normalizes by the *global* batch normalizer (e.g.
+    the total number of valid tokens of the whole batch, passed as ``normalizer=`` to the loss functions),
+    not by each micro-batch's own count. Memory: one micro-batch's activations at a time.
+    """
+    leaves = jax.tree.leaves(micro_batches)
+    if not leaves:
+        raise ValueError("`micro_batches` has no arrays.")
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"Every leaf of `micro_batches` needs the same leading (micro-batch) axis; got leading "
+                         f"sizes {sorted(sizes)}.")
+    k = sizes.pop()
+    if k < 1:
+        raise ValueError("`micro_batches` has an empty micro-batch axis.")
+
+    def to_acc(x):
+        x = jnp.asarray(x)
+        return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    if k == 1:
+        return loss_and_grad_fn(params, first)
+    # Shapes/dtypes of one call, without tracing it twice into the program.
+    out_shapes = jax.eval_shape(loss_and_grad_fn, params, first)
+    carry0 = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, jnp.float32 if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype),
+        out_shapes)
+
+    def body(carry, micro_batch):
+        out = loss_and_grad_fn(params, micro_batch)
+        return jax.tree.map(lambda a, b: a + to_acc(b), carry, out), None
+
+    total, _ = jax.lax.scan(body, carry0, micro_batches)
+    value_sum, grads_sum = jax.tree.map(lambda x, s: x.astype(s.dtype), total, out_shapes)
+    return value_sum, grads_sum
