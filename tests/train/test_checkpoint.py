@@ -1,0 +1,171 @@
+"""Checkpointer: round trip, retention, corruption fallback, mismatch errors, killed-save leftovers."""
+
+import os
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from adrpo_jax.train import sharding
+from adrpo_jax.train.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointRestoreError, rng_from_meta,
+                                        rng_to_meta)
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs, width=8):
+        with nnx.use_eager_sharding(False):
+            self.dense = nnx.Linear(width, 4, rngs=rngs,
+                                    kernel_init=nnx.with_partitioning(nnx.initializers.normal(1.0), ("embed", "mlp")))
+
+
+TX = optax.adamw(1e-2)
+
+
+def make_init(width=8, seed=0):
+    def init():
+        params = nnx.state(Net(nnx.Rngs(seed), width), nnx.Param)
+        return {"params": params, "opt_state": TX.init(params), "step_key": jax.random.key_data(jax.random.key(1))}
+    return init
+
+
+@pytest.fixture(scope="module")
+def setup():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    abstract = sharding.plan_sharded(make_init(), mesh)
+    state = sharding.create_sharded(make_init(), abstract)
+    return mesh, abstract, state
+
+
+def bump(state, k):
+    return jax.tree.map(lambda x: x + k if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+def bits(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def test_round_trip_bit_identical_with_shardings(setup, tmp_path):
+    _, abstract, state = setup
+    with Checkpointer(tmp_path / "ck", max_to_keep=2, save_every=1) as ck:
+        assert ck.restore_latest(abstract) is None
+        assert ck.save(3, bump(state, 0.5), {"data": {"epoch": 1}, "rng": rng_to_meta(jax.random.key(9))})
+        ck.wait()
+        step, restored, meta = ck.restore_latest(abstract)
+    assert step == 3 and meta["data"] == {"epoch": 1} and meta["step"] == 3
+    assert bits(restored) == bits(bump(state, 0.5))
+    kernel = restored["params"]["dense"]["kernel"][...]
+    assert kernel.sharding.spec == P("fsdp", "tensor")
+    assert isinstance(restored["params"], nnx.State)
+    np.testing.assert_array_equal(jax.random.key_data(rng_from_meta(meta["rng"])),
+                                  jax.random.key_data(jax.random.key(9)))
+
+
+def test_retention_save_every_and_async(setup, tmp_path):
+    _, abstract, state = setup
+    with Checkpointer(tmp_path, max_to_keep=2, save_every=2, async_save=True) as ck:
+        saved = [ck.save(s, bump(state, s), {}) for s in range(1, 8)]
+        assert saved == [False, True, False, True, False, True, False]
+        assert ck.save(7, bump(state, 7), {}, force=True)
+        assert not ck.save(7, state, {}, force=True)  # already saved
+        ck.wait()
+        assert ck.all_steps() == [6, 7] and ck.latest_step() == 7
+        step, restored, _ = ck.restore_latest(abstract)
+    assert step == 7 and bits(restored) == bits(bump(state, 7))
+
+
+def _data_files(step_dir):
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+# tensorstore's failed read can leave an "Event loop is closed" callback behind: harmless noise
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["truncate", "delete", "meta"])
+def test_corrupted_latest_falls_back_with_warning(setup, tmp_path, damage):
+    _, abstract, state = setup
+    ck = Checkpointer(tmp_path, max_to_keep=3)
+    for s in (1, 2):
+        ck.save(s, bump(state, s), {"s": s})
+    ck.wait()
+    latest = tmp_path / "2"
+    if damage == "meta":
+        os.remove(latest / "meta" / "metadata")
+    else:
+        target = max(_data_files(latest / "state"), key=lambda p: p.stat().st_size)
+        if damage == "truncate":
+            with open(target, "r+b") as f:
+                f.truncate(target.stat().st_size // 2)
+        else:
+            os.remove(target)
+    with pytest.warns(RuntimeWarning, match=r"Checkpoint step 2 .* corrupted or incomplete"):
+        step, restored, meta = ck.restore_latest(abstract)
+    assert step == 1 and meta["s"] == 1
+    assert bits(restored) == bits(bump(state, 1))
+    # the corrupted step is moved aside: it no longer counts as the latest, and saving step 2 again works
+    assert ck.all_steps() == [1] and any(p.name.startswith("corrupted.2.") for p in tmp_path.iterdir())
+    assert ck.save(2, bump(state, 2), {})
+    ck.close()
+
+
+def test_no_restorable_checkpoint_raises(setup, tmp_path):
+    _, abstract, state = setup
+    ck = Checkpointer(tmp_path)
+    ck.save(1, state, {})
+    ck.wait()
+    os.remove(tmp_path / "1" / "meta" / "metadata")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointRestoreError, match=r"No checkpoint .* could be restored"):
+            ck.restore_latest(abstract)
+    ck.close()
+
+
+def test_shape_mismatch_names_param_and_both_shapes(setup, tmp_path):
+    mesh, abstract, state = setup
+    ck = Checkpointer(tmp_path)
+    ck.save(5, state, {})
+    ck.wait()
+    wider = sharding.plan_sharded(make_init(width=6), mesh)
+    with pytest.raises(CheckpointMismatchError, match=r"parameter `params/dense/kernel` has shape \(8, 4\) float32 "
+                                                      r"in the checkpoint but \(6, 4\) float32 now"):
+        ck.restore_latest(wider)
+    assert ck.all_steps() == [5]  # a config error never quarantines the checkpoint
+    missing = dict(abstract)
+    missing["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=sharding.replicated_sharding(mesh))
+    with pytest.raises(CheckpointMismatchError, match=r"`extra` \(2,\) float32 exists now but is missing"):
+        ck.restore_latest(missing)
+    fewer = {k: v for k, v in abstract.items() if k != "step_key"}
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint has parameter `step_key` \(2,\) uint32"):
+        ck.restore_latest(fewer)
+    ck.close()
+
+
+def test_leftover_tmp_dir_of_killed_save_is_ignored_and_cleaned(setup, tmp_path):
+    _, abstract, state = setup
+    ck = Checkpointer(tmp_path)
+    ck.save(4, bump(state, 4), {})
+    ck.close()
+    # what a save killed mid-write leaves behind: a partially written tmp directory
+    leftover = tmp_path / "8.orbax-checkpoint-tmp-1795000000"
+    shutil.copytree(tmp_path / "4", leftover)
+    for f in _data_files(leftover / "state"):
+        os.remove(f)
+    ck = Checkpointer(tmp_path)
+    assert ck.all_steps() == [4]
+    step, restored, _ = ck.restore_latest(abstract)
+    assert step == 4 and bits(restored) == bits(bump(state, 4))
+    assert ck.save(8, bump(state, 8), {}, force=True)
+    ck.wait()
+    assert ck.all_steps() == [4, 8] and not leftover.exists()
+    ck.close()
+
+
+def test_typed_keys_rejected(setup, tmp_path):
+    _, _, state = setup
+    with Checkpointer(tmp_path) as ck, pytest.raises(ValueError, match=r"`key` is a typed PRNG key"):
+        ck.save(1, {"key": jax.random.key(0)}, {})
