@@ -1,7 +1,7 @@
 """Pure-function losses of ADRPO (Adaptive Divergence Regularized Policy Optimization).
 
 Plain ``jax.Array`` in, ``jax.Array`` out: no model or config objects. Shapes and the equation of
-ADRPO.md (``/work/shared/paper/ADRPO.md`` in the project) are documented on every function. Argument errors
+ADRPO.md (the project's working statement of the paper's math) are documented on every function. Argument errors
 (rank, shape, dtype, unknown option, out-of-range hyper-parameter) raise ``ValueError`` naming the argument,
 at trace time. All loss math runs in float32 (bfloat16/float16 inputs are upcast; float64 stays float64).
 
@@ -13,6 +13,8 @@ Distributed contract (every reduced loss)
   count) crosses devices (psum). Hence ``jax.lax.psum(loss, axis_name)`` is the global loss, and under
   ``shard_map``'s default ``check_vma=True`` the gradient with respect to replicated parameters is already
   summed over devices into exactly the single-device gradient -- do **not** pmean/psum the gradients.
+  With ``jax.pmap`` (no varying-manual-axes tracking) the gradient of replicated parameters is per device:
+  ``psum`` it over ``axis_name`` yourself (still never ``pmean``).
 * ``metrics`` hold global values (psum-ed, stop-gradient), identical on all devices, including
   ``metrics["loss"]``.
 * ``normalizer=`` (where offered) overrides the denominator with a given global value, e.g. the token count of
@@ -20,6 +22,22 @@ Distributed contract (every reduced loss)
   gradients then equals the full-batch loss and gradient.
 * Batch statistics (advantage group means/stds, batch means) are global with ``axis_name``; group statistics
   all-gather the small reward vector, so groups may be split across devices arbitrarily.
+
+Example (data-parallel GRPO/ADRPO step body under ``shard_map``; ``logp`` etc. are this device's rows)::
+
+    def step_body(params, batch):
+        adv = group_advantages(batch["rewards"], group_size=8, axis_name="data")
+        def loss_fn(p):
+            logp = policy_logp(p, batch)            # [B_local, T]
+            return grpo_loss(logp, batch["old_logp"], batch["ref_logp"], adv, batch["mask"],
+                             beta=0.04, axis_name="data")
+        (loss_share, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return metrics, grads                       # grads already global (check_vma); metrics global
+
+Module map: ``advantages`` (GRPO/Dr. GRPO, per-prompt mean, RLOO, batch-normalized, exp(tau r)),
+``coefficients`` (beta_i = beta_0 - clip(A_i)), ``divergences`` (k1/k2/k3 KL, W2 velocity bound),
+``policy_gradient`` (clipped surrogate, aggregation, ``grpo_loss``), ``flow_matching`` (rectified-flow path,
+CFM, ``adrpo_flow_loss``, ``orw_cfm_w2_loss``).
 """
 
 from adrpo_jax.losses.advantages import batch_normalized_advantages

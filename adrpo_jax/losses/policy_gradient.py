@@ -19,6 +19,7 @@ given global value, e.g. the whole batch's when accumulating gradients over micr
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -277,10 +278,12 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
       >>> logp = jnp.log(jnp.array([[0.5, 0.5], [0.2, 0.9]]))
       >>> ref = jnp.log(jnp.array([[0.5, 0.5], [0.4, 0.9]]))
       >>> adv = jnp.array([1.0, -1.0])
-      >>> loss, m = grpo_loss(logp, None, ref, adv, jnp.array([[1, 1], [1, 0]]), beta=0.04)
+      >>> mask = jnp.array([[1, 1], [1, 0]])
+      >>> loss_and_grad = jax.jit(jax.value_and_grad(
+      ...     lambda lp: grpo_loss(lp, None, ref, adv, mask, beta=0.04), has_aux=True))
+      >>> (loss, m), grad = loss_and_grad(logp)
       >>> loss, m["beta_eff_min"], m["beta_eff_max"]
       (Array(-0.3251506, dtype=float32), Array(0., dtype=float32), Array(0.08, dtype=float32))
-      >>> grads = jax.grad(lambda lp: grpo_loss(lp, None, ref, adv, None, adaptive=False)[0])(logp)
     """
     logp = _check_tokens(logp, "logp")
     shape = logp.shape
@@ -307,7 +310,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     bounds = C.advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
                                      clip_max=clip_max)
     if ref_logp is None:
-        zero_coef = (isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta == 0
+        zero_coef = (isinstance(beta, numbers.Real) and not isinstance(beta, bool) and beta == 0
                      and (not adaptive or clip == "multiple"))
         if not zero_coef:
             raise ValueError(f"`ref_logp` is None but the KL coefficient is not identically zero (beta={beta!r}, "

@@ -222,6 +222,16 @@ def test_advantages_shard_map_equals_single_device(mesh_fn, axis):
     np.testing.assert_allclose(g_sharded, g_single, rtol=1e-6, atol=1e-6)
 
 
+def test_two_dim_groups_with_batch_std_under_shard_map():
+    rng = np.random.default_rng(21)
+    r = rng.normal(size=(16, 3)).astype(np.float32)  # 2 whole groups per device; the batch std is global
+    mask = rng.uniform(size=(16, 3)) > 0.2
+    single = group_advantages(r, mask=mask, std_level="batch")
+    f = jax.jit(jax.shard_map(lambda a, m: losses.group_advantages(a, mask=m, std_level="batch", axis_name="data"),
+                              mesh=_helpers.mesh_1d(), in_specs=(P("data"), P("data")), out_specs=P("data")))
+    np.testing.assert_allclose(f(r, mask), single, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: losses.group_advantages(jnp.zeros(10), 4), "`group_size`"),
     (lambda: losses.group_advantages(jnp.zeros(8)), "`group_size`"),
