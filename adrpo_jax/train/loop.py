@@ -1,0 +1,297 @@
+"""The shared training driver: restore-or-init, step, log, evaluate, checkpoint, preempt, stop on NaN.
+
+Both trainers only build their state and step function and call :func:`run_training`::
+
+    abstract_state = sharding.plan_sharded(init_state, mesh)          # no allocation
+    init_fn = lambda: sharding.create_sharded(init_state, abstract_state)
+    step_jit = jax.jit(train_step, donate_argnums=0, ...)
+    def step_fn(step, state):                                        # step = index of the step to run
+        batch = sharding.host_local_to_global(data.batch_for(step), mesh)
+        return step_jit(state, batch, jax.random.fold_in(base_key, step))
+    result = run_training(config=config, workdir=workdir, init_state=init_fn, abstract_state=abstract_state,
+                          train_step=step_fn, get_host_state=data.state_dict, set_host_state=data.load_state_dict)
+    return result.to_dict()                                          # result.state: the final state
+
+Contract:
+
+* ``train_step(step, state) -> (state, metrics)``: ``step`` counts completed steps before this one (0 on a
+  fresh run); ``metrics`` is a flat dict of scalars (device arrays are fine: they are fetched only at log
+  time), with an optional boolean ``"skipped"`` (from ``step_utils.apply_updates_if_finite``). ``state`` is an
+  array pytree saved as the orbax ``state`` item (no typed PRNG keys: keep ``jax.random.key_data``).
+* Host-side state that is not in ``state`` (data-iterator position, numpy RNG, ...) goes through
+  ``get_host_state() -> JSON-able dict`` (called at each save) and ``set_host_state(dict)`` (called once
+  after a restore, before the first step). Derive per-step randomness from ``(seed, step)`` (e.g.
+  ``jax.random.fold_in``) so a resumed run is bit-identical to an uninterrupted one.
+* Logged records (one per logged step, JSONL/TensorBoard/W&B) hold the means of the numeric metrics over the
+  steps since the previous record, plus ``step_time_s``, ``steps_per_sec``, ``<key>_per_sec`` for each
+  ``throughput_keys`` entry (sum over the interval / wall time), ``skipped_steps`` (in the interval),
+  ``total_skipped_steps`` and ``learning_rate`` (if ``learning_rate_fn``); the evaluation's metrics (as
+  returned by ``eval_step``, prefix them yourself, e.g. ``eval/``) are merged into the same record.
+* Checkpoints every ``checkpoint.every_steps`` and at the end; SIGTERM/SIGINT: finish the current step,
+  save, log, return normally with ``result.preempted = True`` (``launch.py`` exits 0).
+* ``numerics.max_consecutive_skips`` consecutive skipped steps: save a checkpoint, write the record, raise
+  :class:`NonFiniteUpdatesError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from adrpo_jax.train.checkpoint import Checkpointer
+from adrpo_jax.train.config import config_fingerprint, get_by_path
+from adrpo_jax.train.metrics import MetricWriter, ProgressBar, to_python_scalar
+from adrpo_jax.train.preemption import PreemptionGuard
+
+__all__ = ["run_training", "TrainingResult", "NonFiniteUpdatesError", "checkpointer_from_config"]
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient (``numerics.max_consecutive_skips``)."""
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    """What :func:`run_training` returns.
+
+    Attributes:
+      step: completed steps (== ``total_steps`` unless preempted).
+      preempted: True when a signal stopped the run (a checkpoint of ``step`` was saved).
+      resumed_from: the checkpoint step the run resumed from, or None for a fresh start.
+      metrics: the last logged record (train means, timing, eval metrics), host Python scalars.
+      state: the final train state (device arrays, sharded as ``abstract_state``).
+    """
+
+    step: int
+    preempted: bool
+    resumed_from: int | None
+    metrics: dict[str, Any]
+    state: PyTree = dataclasses.field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"step", "preempted", "resumed_from", **metrics}``: what ``train_and_evaluate`` returns."""
+        return {**self.metrics, "step": self.step, "preempted": self.preempted, "resumed_from": self.resumed_from}
+
+
+def checkpointer_from_config(config: Any, workdir: str | os.PathLike) -> Checkpointer:
+    """The :class:`Checkpointer` for ``workdir/checkpoints`` configured by ``config.checkpoint``."""
+    ck = config.checkpoint
+    return Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"), max_to_keep=ck.max_to_keep or None,
+                        save_every=ck.every_steps, keep_period=ck.keep_period or None, async_save=ck.async_save)
+
+
+def _mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-key mean of numeric scalars over ``records`` (host values); non-numeric: last value."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    last: dict[str, Any] = {}
+    for record in records:
+        for key, value in record.items():
+            value = to_python_scalar(value)
+            if isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, (int, float)):
+                sums[key] = sums.get(key, 0.0) + float(value)
+                counts[key] = counts.get(key, 0) + 1
+            elif value in ("NaN", "Infinity", "-Infinity"):
+                sums[key] = sums.get(key, 0.0) + float(value)
+                counts[key] = counts.get(key, 0) + 1
+            else:
+                last[key] = value
+    out = {k: sums[k] / counts[k] for k in sums}
+    out.update({k: v for k, v in last.items() if k not in out})
+    return out
+
+
+def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callable[[], PyTree],
+                 abstract_state: PyTree, train_step: Callable[[int, PyTree], tuple[PyTree, Mapping[str, Any]]],
+                 get_host_state: Callable[[], Mapping[str, Any]] | None = None,
+                 set_host_state: Callable[[Mapping[str, Any]], None] | None = None,
+                 eval_step: Callable[[int, PyTree], Mapping[str, Any]] | None = None,
+                 learning_rate_fn: Callable[[int], Any] | None = None,
+                 throughput_keys: Sequence[str] = (),
+                 writer: MetricWriter | None = None,
+                 checkpointer: Checkpointer | None = None) -> TrainingResult:
+    """Runs (or resumes) training to ``config.total_steps``; see the module docstring for the contract.
+
+    Args:
+      config: the locked experiment config (common sections of ``config.py``).
+      workdir: run directory (``metrics.jsonl``, ``tb/``, ``checkpoints/``).
+      init_state: ``() -> state``; called only when there is no checkpoint (build it sharded, e.g.
+        ``sharding.create_sharded``).
+      abstract_state: ``jax.ShapeDtypeStruct`` tree (with shardings) of the state: the restore target.
+      train_step: ``(step, state) -> (state, metrics)``.
+      get_host_state / set_host_state: JSON-able host state saved in each checkpoint's ``meta``.
+      eval_step: ``(step, state) -> metrics``, run every ``config.eval_every`` steps and at the end (if
+        ``eval_every`` > 0), on the state after ``step`` completed steps.
+      learning_rate_fn: ``step -> lr`` logged as ``learning_rate`` (e.g. the optimizer schedule).
+      throughput_keys: metric names (e.g. ``'num_tokens'``) also logged as ``<name>_per_sec``.
+      writer / checkpointer: override the defaults built from ``config.logging`` / ``config.checkpoint``.
+
+    Returns:
+      a :class:`TrainingResult` (``.to_dict()`` is what a trainer's ``train_and_evaluate`` returns).
+
+    Raises:
+      NonFiniteUpdatesError: after ``numerics.max_consecutive_skips`` consecutive skipped steps (a
+        checkpoint of that step is saved first).
+      checkpoint.CheckpointMismatchError: the latest checkpoint does not fit ``abstract_state``.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    total_steps = int(config.total_steps)
+    log_every = int(config.log_every)
+    eval_every = int(get_by_path(config, "eval_every", 0) or 0)
+    max_skips = int(get_by_path(config, "numerics.max_consecutive_skips", 10))
+    own_writer = writer is None
+    own_checkpointer = checkpointer is None
+    if writer is None:
+        writer = MetricWriter(workdir, get_by_path(config, "logging", None), run_config=config)
+    if checkpointer is None:
+        checkpointer = checkpointer_from_config(config, workdir)
+    fingerprint = config_fingerprint(config)
+    throughput_keys = tuple(throughput_keys)
+
+    consecutive_skips = 0
+    total_skips = 0
+    resumed_from = None
+    try:
+        restored = checkpointer.restore_latest(abstract_state)
+        if restored is not None:
+            start, state, meta = restored
+            resumed_from = start
+            loop_meta = meta.get("loop", {})
+            consecutive_skips = int(loop_meta.get("consecutive_skips", 0))
+            total_skips = int(loop_meta.get("total_skips", 0))
+            if set_host_state is not None:
+                set_host_state(meta.get("host_state", {}))
+            if meta.get("config_fingerprint") not in (None, fingerprint):
+                log.warning("Resuming from step %d of a run with a different config (fingerprint %s, now %s).",
+                            start, meta.get("config_fingerprint"), fingerprint)
+            writer.truncate_after(start)
+            log.info("Resumed from checkpoint step %d (%s).", start, checkpointer.directory)
+        else:
+            start = 0
+            state = init_state()
+            writer.truncate_after(0)
+        if start >= total_steps:
+            if start > total_steps:
+                log.warning("Checkpoint step %d is beyond total_steps=%d: nothing to do.", start, total_steps)
+            else:
+                log.info("Training already finished at step %d.", start)
+            return TrainingResult(step=start, preempted=False, resumed_from=resumed_from, metrics={}, state=state)
+
+        def make_meta() -> dict[str, Any]:
+            host = dict(get_host_state()) if get_host_state is not None else {}
+            return {"host_state": host, "config_fingerprint": fingerprint, "wall_time": time.time(),
+                    "loop": {"consecutive_skips": consecutive_skips, "total_skips": total_skips}}
+
+        progress = ProgressBar(total_steps, start, enabled=bool(get_by_path(config, "logging.progress_bar", True)),
+                               is_primary=writer.is_primary)
+        buffer: list[Mapping[str, Any]] = []
+        interval_start = time.perf_counter()
+        interval_steps = 0
+        interval_skips = 0
+        last_record: dict[str, Any] = {}
+        preempted = False
+        done = start
+
+        def flush_record(done: int, eval_metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+            nonlocal buffer, interval_start, interval_steps, interval_skips
+            record: dict[str, Any] = {}
+            if buffer:
+                host = jax.device_get(buffer)
+                elapsed = time.perf_counter() - interval_start
+                mean = _mean_records([{k: v for k, v in m.items() if k != "skipped"} for m in host])
+                record.update(mean)
+                record["step_time_s"] = elapsed / max(interval_steps, 1)
+                record["steps_per_sec"] = interval_steps / elapsed if elapsed > 0 else float("nan")
+                for key in throughput_keys:
+                    total = sum(float(to_python_scalar(m[key])) for m in host if key in m)
+                    record[f"{key}_per_sec"] = total / elapsed if elapsed > 0 else float("nan")
+                record["skipped_steps"] = interval_skips
+                record["total_skipped_steps"] = total_skips
+                if learning_rate_fn is not None:
+                    record["learning_rate"] = to_python_scalar(learning_rate_fn(done))
+                buffer = []
+                interval_start = time.perf_counter()
+                interval_steps = 0
+                interval_skips = 0
+            if eval_metrics:
+                record.update({k: to_python_scalar(v) for k, v in jax.device_get(dict(eval_metrics)).items()})
+            if record:
+                writer.write(done, record)
+                if writer.is_primary:
+                    shown = ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in list(record.items())[:8])
+                    log.info("step %d/%d: %s", done, total_steps, shown)
+            return record
+
+        with PreemptionGuard() as guard:
+            try:
+                for step in range(start, total_steps):
+                    state, metrics = train_step(step, state)
+                    if not isinstance(metrics, Mapping):
+                        raise TypeError(f"train_step must return (state, metrics: dict), got metrics of type "
+                                        f"{type(metrics).__name__}.")
+                    done = step + 1
+                    interval_steps += 1
+                    buffer.append(metrics)
+                    if "skipped" in metrics and bool(np.asarray(jax.device_get(metrics["skipped"]))):
+                        consecutive_skips += 1
+                        total_skips += 1
+                        interval_skips += 1
+                    else:
+                        consecutive_skips = 0
+                    is_last = done == total_steps
+                    if consecutive_skips >= max_skips:
+                        checkpointer.save(done, state, make_meta(), force=True)
+                        checkpointer.wait()
+                        last_record = flush_record(done, None)
+                        raise NonFiniteUpdatesError(
+                            f"{consecutive_skips} consecutive steps (steps {done - consecutive_skips + 1}-{done}) had "
+                            f"a non-finite loss or gradient; their updates were skipped. Stopping because "
+                            f"numerics.max_consecutive_skips={max_skips}. A checkpoint of step {done} was saved in "
+                            f"{checkpointer.directory}. Check the data and lower optim.learning_rate.")
+                    eval_metrics = None
+                    if eval_step is not None and eval_every > 0 and (done % eval_every == 0 or is_last):
+                        eval_metrics = eval_step(done, state)
+                    if done % log_every == 0 or is_last or eval_metrics:
+                        last_record = flush_record(done, eval_metrics) or last_record
+                    checkpointer.save(done, state, make_meta(), force=is_last)
+                    progress.update(done, {k: v for k, v in last_record.items() if k in ("loss", "reward")})
+                    if not is_last and guard.should_stop(done):
+                        if buffer:
+                            last_record = flush_record(done, None) or last_record
+                        checkpointer.save(done, state, make_meta(), force=True)
+                        checkpointer.wait()
+                        preempted = True
+                        log.warning("Preempted (%s) at step %d/%d: checkpoint saved in %s. Re-run the same command "
+                                    "to resume.", guard.signal_name or "stop requested by another process", done,
+                                    total_steps, checkpointer.directory)
+                        break
+                else:
+                    log.info("Training finished at step %d.", total_steps)
+            finally:
+                progress.close()
+        return TrainingResult(step=done, preempted=preempted, resumed_from=resumed_from, metrics=dict(last_record),
+                              state=state)
+    finally:
+        try:
+            checkpointer.wait()
+        finally:
+            if own_checkpointer:
+                checkpointer.close()
+            if own_writer:
+                writer.close()
+            else:
+                writer.flush()

@@ -1,0 +1,151 @@
+r"""The single entry point for training runs.
+
+    python launch.py --config=configs/<experiment>.py[:variant] --workdir=DIR [--config.key=value ...]
+
+Steps: parse and validate the config (unknown keys and bad values fail here, naming the key), initialize
+``jax.distributed`` when ``config.distributed`` or the environment asks for it, enable the persistent
+compilation cache, write ``DIR/config.json`` (process 0), then run ``config.trainer``'s
+``train_and_evaluate(config, workdir)`` (see ``adrpo_jax/train/registry.py``). Re-running the same command
+resumes from the last checkpoint in ``DIR/checkpoints``. Exit code 0 on success and after a graceful
+preemption (SIGTERM/SIGINT); 1 with a one-line message for config, checkpoint-mismatch and non-finite errors.
+Multi-host commands: docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file: path/to/config.py[:variant].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config.json).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("launch")
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+    keys = []
+    for arg in argv[1:]:
+        if arg.startswith("--config.") or arg.startswith("-config."):
+            keys.append(arg.split("config.", 1)[1].split("=", 1)[0])
+    return keys
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config=") or arg.startswith("-config="):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load_config_file(spec: str):
+    """``get_config(arg)`` of ``path.py[:arg]`` (what ``--config`` does), to diagnose a failed override."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+
+    path, sep, arg = spec.partition(".py:")
+    path = path + ".py" if sep else spec
+    module_spec = importlib.util.spec_from_file_location("_adrpo_config_for_diagnosis", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if sep else module.get_config()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a clear message (naming the full key) for unknown ``--config.*`` overrides."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as err:
+        message = None
+        path = _config_arg(argv)
+        if path is not None:
+            from adrpo_jax.train.config import find_unknown_override  # pylint: disable=import-outside-toplevel
+            try:
+                config = _load_config_file(path)
+                message = find_unknown_override(config, _override_keys(argv))
+            except Exception:  # pylint: disable=broad-except
+                message = None
+        sys.stderr.write(f"FATAL Flags parsing error: {message or f'unknown config key {err}'}\n")
+        sys.exit(1)
+    except flags.Error as err:
+        sys.stderr.write(f"FATAL Flags parsing error: {err}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+
+
+def _write_config_json(config, workdir: str) -> None:
+    from adrpo_jax.train.config import config_diff, config_to_dict  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(workdir, "config.json")
+    new = config_to_dict(config)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is not None:
+            diffs = config_diff(old, new)
+            if diffs:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:20])
+                more = f" (+{len(diffs) - 20} more)" if len(diffs) > 20 else ""
+                log.warning("The config differs from the previous run in %s: %s%s. Resuming anyway; a checkpoint "
+                            "whose shapes do not fit fails with CheckpointMismatchError.", workdir, shown, more)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+    # Heavy imports after flag parsing (fast failure for bad flags); jax is imported but not yet initialized.
+    from adrpo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+    from adrpo_jax.train import distributed, registry  # pylint: disable=import-outside-toplevel
+    from adrpo_jax.train.checkpoint import (  # pylint: disable=import-outside-toplevel
+        CheckpointMismatchError, CheckpointRestoreError)
+    from adrpo_jax.train.loop import NonFiniteUpdatesError  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS["verbosity"].present:
+        # orbax logs every save phase at INFO through absl; keep those at WARNING (pass --verbosity=0 to see them).
+        logging.getLogger("absl").setLevel(logging.WARNING)
+    config = _CONFIG.value
+    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    try:
+        config_lib.validate_common_config(config)
+        if not config.is_locked:
+            config.lock()
+        distributed.initialize_from_config(config.distributed)  # before any device use
+        distributed.setup_compilation_cache(config.compilation_cache_dir)
+
+        import jax  # pylint: disable=import-outside-toplevel
+        from adrpo_jax.train.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+        log.info("adrpo_jax launch: %s; workdir %s", distributed.describe_processes(), workdir)
+        make_mesh(config.mesh)  # fail now (naming mesh.*) if the mesh does not fit the devices
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            _write_config_json(config, workdir)
+        train_and_evaluate = registry.resolve_trainer(config.trainer)
+        result = train_and_evaluate(config, workdir)
+    except (config_lib.ConfigError, CheckpointMismatchError, CheckpointRestoreError, NonFiniteUpdatesError) as err:
+        sys.stderr.write(f"ERROR {type(err).__name__}: {err}\n")
+        sys.stderr.flush()
+        sys.exit(1)
+    result = dict(result or {})
+    if result.get("preempted"):
+        log.warning("Run preempted at step %s; checkpoint saved. Re-run the same command to resume.",
+                    result.get("step"))
+    else:
+        log.info("Done: %s", {k: v for k, v in result.items() if not isinstance(v, (list, dict))})
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)
+    app.run(main, flags_parser=_parse_flags)
