@@ -319,8 +319,12 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     # Sanitize padding before any arithmetic: garbage (-inf/NaN) there never reaches values or gradients.
     logp = _zero_invalid(logp, mask)
     old_logp = _stats.sg(logp) if old_logp is None else _zero_invalid(old_logp, mask)
-    log_ratio = _log_ratio(logp, old_logp, mask, ratio_level)
-    ratio = jnp.exp(jnp.clip(log_ratio, -max_log_ratio, max_log_ratio))
+    token_log_ratio = _zero_invalid(logp - old_logp, mask)
+    if ratio_level == "sequence":  # GSPO: one ratio per sequence, [B, 1] against the tokens
+        seq_ratio = jnp.exp(jnp.clip(_seq_log_ratio(token_log_ratio, mask), -max_log_ratio, max_log_ratio))
+        ratio = seq_ratio[:, None]
+    else:
+        ratio = jnp.exp(jnp.clip(token_log_ratio, -max_log_ratio, max_log_ratio))
 
     adv_pg = C._clip(advantages, bounds) if clip_pg_advantages else advantages
     adv_tok = adv_pg[:, None]
@@ -337,11 +341,10 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     # ---- metrics: global, stop-gradient ----
     n_tok = _stats.masked_count(mask, shape, logp.dtype, axis=-1)
     seq_valid = n_tok > 0
-    sg_ratio = _stats.sg(ratio)
     if ratio_level == "sequence":  # one value per sequence, as TRL
-        stat_ratio, stat_mask, stat_adv = sg_ratio[:, 0], seq_valid, adv_pg
+        stat_ratio, stat_mask, stat_adv = _stats.sg(seq_ratio), seq_valid, adv_pg
     else:
-        stat_ratio, stat_mask, stat_adv = sg_ratio, (jnp.ones(shape, bool) if mask is None else mask), adv_tok
+        stat_ratio, stat_mask, stat_adv = _stats.sg(ratio), (jnp.ones(shape, bool) if mask is None else mask), adv_tok
     low = ((stat_ratio < 1.0 - eps_low) & (stat_adv < 0)).astype(logp.dtype)
     high = ((stat_ratio > 1.0 + eps_high) & (stat_adv > 0)).astype(logp.dtype)
     dual = jnp.zeros_like(low) if dual_clip is None else ((stat_ratio > dual_clip) & (stat_adv < 0)).astype(

@@ -121,6 +121,23 @@ def test_grpo_metrics_match_numpy():
     np.testing.assert_allclose(m["loss"], m["pg_loss"] + m["kl_term"], rtol=1e-6)
 
 
+def test_sequence_level_metrics_with_left_padding():
+    logp, old, ref, adv, mask = make_inputs(15, b=5, t=6, noise=0.4, full_row_masked=False)
+    mask = mask[:, ::-1].copy()  # left padding: valid tokens at the end of each row
+    adv = np.array([0.5, -0.5, 0.3, -0.2, 0.1], np.float32)
+    f = jax.jit(lambda lp: losses.grpo_loss(lp, old, ref, adv, mask, ratio_level="sequence", eps_low=0.05))
+    loss, m = f(logp)
+    s = np.array([np.exp(np.mean((logp[i].astype(np.float64) - old[i])[mask[i]])) for i in range(5)])
+    np.testing.assert_allclose(m["ratio_mean"], s.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["ratio_min"], s.min(), rtol=1e-5)
+    np.testing.assert_allclose(m["ratio_max"], s.max(), rtol=1e-5)
+    low, high = (s < 0.95) & (adv < 0), (s > 1.05) & (adv > 0)
+    np.testing.assert_allclose(m["clip_fraction_low"], low.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["clip_fraction_high"], high.mean(), rtol=1e-6)
+    np.testing.assert_allclose(loss, np_grpo(logp, old, ref, adv, mask, lo=-0.04, hi=0.04, level="sequence",
+                                             eps_low=0.05)[0], rtol=1e-5)
+
+
 def test_adaptive_vs_fixed_and_beta_zero():
     logp, old, ref, adv, mask = make_inputs(3)
 
