@@ -16,8 +16,9 @@ Semantics:
   extra key, or a shape/dtype difference, raises :class:`CheckpointMismatchError` naming the first bad
   parameter and both shapes (a config error: never "fixed" by falling back). A checkpoint whose metadata or
   data cannot be read (truncated/deleted files, ...) is reported with a warning naming the step and the
-  reason, moved aside to ``<directory>/corrupted.<step>.<time>`` and the previous step is tried; if no step
-  restores, :class:`CheckpointRestoreError` lists every reason.
+  reason and the previous step is tried; once an older step restores, the unreadable ones are moved aside to
+  ``<directory>/corrupted.<step>.<time>`` (never deleted). If no step restores, nothing is moved and
+  :class:`CheckpointRestoreError` lists every reason.
 * Arrays are restored directly into the shardings of ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves
   with ``.sharding``, e.g. from ``sharding.plan_sharded``), so a checkpoint written on one mesh restores
   onto another.
@@ -159,6 +160,15 @@ def check_tree_matches(saved: PyTree, target: PyTree, *, what: str = "checkpoint
                 f"`{_display(path)}` {_fmt(s.shape, getattr(s, 'dtype', None))} that the current state lacks.")
 
 
+def _check_abstract(abstract_state: PyTree) -> None:
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=_is_array_like)[0]
+    for path, leaf in leaves:
+        if not _is_array_like(leaf) or getattr(leaf, "sharding", None) is None:
+            name = _display(tuple(_key_str(k) for k in path))
+            raise ValueError(f"`abstract_state` leaf `{name}` must be a jax.ShapeDtypeStruct with a sharding (or a "
+                             f"jax.Array), got {leaf!r}; build it with `sharding.plan_sharded`.")
+
+
 def _check_savable(state: PyTree) -> None:
     for path, leaf in _flatten(state).items():
         dtype = getattr(leaf, "dtype", None)
@@ -276,18 +286,21 @@ class Checkpointer:
     def restore_latest(self, abstract_state: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
         """``(step, state, meta)`` of the newest restorable checkpoint, or None if there is none.
 
-        A corrupted step is warned about, moved aside and the previous one tried (module docstring).
+        A step that cannot be read is warned about and the previous one tried; once an older step restores,
+        the unreadable newer ones are moved aside (so later saves of those steps work). If no step restores,
+        nothing is moved and :class:`CheckpointRestoreError` lists every reason.
         """
+        _check_abstract(abstract_state)
         self.wait()
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
-        failures = []
+        failures: list[tuple[int, str]] = []
         for step in steps:
             try:
                 saved = self._saved_tree(step)
             except Exception as err:  # pylint: disable=broad-except  # unreadable metadata = corruption
-                failures.append(self._corrupted(step, f"unreadable metadata: {type(err).__name__}: {err}"))
+                failures.append((step, self._warn_corrupted(step, f"unreadable metadata: {type(err).__name__}: {err}")))
                 continue
             # A tree mismatch is a config error, not corruption: raise, never fall back.
             check_tree_matches(saved, abstract_state, what=f"Checkpoint step {step} in {self.directory}")
@@ -296,20 +309,21 @@ class Checkpointer:
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                   meta=ocp.args.JsonRestore()))
             except Exception as err:  # pylint: disable=broad-except
-                failures.append(self._corrupted(step, f"restore failed: {type(err).__name__}: {err}"))
+                failures.append((step, self._warn_corrupted(step, f"restore failed: {type(err).__name__}: {err}")))
                 continue
+            for bad_step, _ in failures:
+                self._quarantine(bad_step)
             meta = dict(restored["meta"] or {})
             log.info("Restored checkpoint step %d from %s.", step, self.directory)
             return step, restored["state"], meta
-        raise CheckpointRestoreError(f"No checkpoint in {self.directory} could be restored:\n  " +
-                                     "\n  ".join(failures))
+        raise CheckpointRestoreError(f"No checkpoint in {self.directory} could be restored (nothing was moved):\n  " +
+                                     "\n  ".join(reason for _, reason in failures))
 
-    def _corrupted(self, step: int, reason: str) -> str:
+    def _warn_corrupted(self, step: int, reason: str) -> str:
         reason = reason if len(reason) < 600 else reason[:600] + " ..."
         message = f"Checkpoint step {step} in {self.directory} is corrupted or incomplete ({reason})"
         warnings.warn(message + "; falling back to the previous checkpoint.", RuntimeWarning, stacklevel=3)
         log.warning("%s; falling back to the previous checkpoint.", message)
-        self._quarantine(step)
         return message
 
     def _quarantine(self, step: int) -> None:

@@ -122,6 +122,10 @@ def test_no_restorable_checkpoint_raises(setup, tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(CheckpointRestoreError, match=r"No checkpoint .* could be restored"):
             ck.restore_latest(abstract)
+    assert (tmp_path / "1").exists()  # nothing is moved aside when no step restores
+    with pytest.raises(ValueError, match=r"`abstract_state` leaf `opt_state/0/count` must be a "
+                                         r"jax.ShapeDtypeStruct with a sharding"):
+        ck.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract))
     ck.close()
 
 

@@ -118,6 +118,12 @@ def test_resume_with_larger_total_steps_is_bit_identical(tmp_path, cache_dir, re
     # the same command once more: nothing left to do
     r = launch(tmp_path, cache_dir, "--config.total_steps=20")
     assert r.returncode == 0 and "already finished at step 20" in r.stderr
+    # a different model config in the same workdir: warning about config.json, then a clear mismatch error
+    r = launch(tmp_path, cache_dir, "--config.total_steps=30", "--config.toy.hidden=32")
+    assert r.returncode == 1, r.stderr[-4000:]
+    assert "differs from the previous run" in r.stderr and "toy.hidden: 16 -> 32" in r.stderr
+    assert ("CheckpointMismatchError: Checkpoint step 20 in " in r.stderr and "parameter `params/hidden/bias` has "
+            "shape (16,) float32 in the checkpoint but (32,) float32 now" in r.stderr), r.stderr[-3000:]
 
 
 def test_sigterm_checkpoints_exits_zero_and_resumes_bit_identically(tmp_path, cache_dir, reference_run):
@@ -147,7 +153,8 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_bit_identically(tmp_path, ca
 
 
 def test_consecutive_non_finite_steps_stop_with_error_and_checkpoint(tmp_path, cache_dir):
-    r = launch(tmp_path, cache_dir, "--config.toy.nan_from_step=3", "--config.numerics.max_consecutive_skips=4")
+    r = launch(tmp_path, cache_dir, "--config.toy.nan_from_step=3", "--config.numerics.max_consecutive_skips=4",
+               "--config.optim.grad_accum_steps=2")  # also runs the micro-batch path end to end
     assert r.returncode == 1, r.stderr[-4000:]
     assert "NonFiniteUpdatesError: 4 consecutive steps (steps 4-7) had a non-finite loss or gradient" in r.stderr
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())

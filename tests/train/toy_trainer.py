@@ -115,7 +115,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def train_step(step_index: int, state):
         if toy.step_sleep_s:
             time.sleep(toy.step_sleep_s)
-        batch = train.host_local_to_global(data.next(), mesh)
+        local = data.next()
+        batch = train.host_local_to_global(local, mesh)
+        if step_index == 0:  # each process reads back exactly the rows it fed
+            assert np.array_equal(train.global_to_host_local(batch["x"]), local["x"])
         nan_scale = np.float32(np.nan if 0 <= toy.nan_from_step <= step_index else 1.0)
         key = jax.random.key_data(jax.random.fold_in(base_key, step_index))
         return step_jit(state, batch, jax.random.wrap_key_data(key), nan_scale)
