@@ -15,7 +15,6 @@ the bound), so value and gradient stay finite, continuous and of the right sign 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +32,24 @@ __all__ = [
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
+def check_exp_bound(value, name: str) -> None:
+    """A static bound in ``(0, 80]`` for :func:`guarded_exp` (``exp`` overflows float32 near 88.7)."""
+    V.check_scalar(value, name, positive=True, allow_traced=False)
+    if float(value) > 80.0:
+        raise ValueError(f"`{name}` must be <= 80 (exp overflows float32 near 88.7), got {value!r}.")
+
+
 def guarded_exp(x: jax.Array, max_value: float = 20.0) -> jax.Array:
     """``exp(x)`` for ``x <= max_value``, ``exp(max_value) (1 + x - max_value)`` above (C^1, never inf).
+
+    ``max_value`` is a Python number in ``(0, 80]``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> guarded_exp(jnp.array([0.0, 1e3]), 20.0)
       Array([1.0000000e+00, 4.7594704e+11], dtype=float32)
     """
+    check_exp_bound(max_value, "max_value")
     e_max = math.exp(max_value)
     below = x <= max_value
     return jnp.where(below, jnp.exp(jnp.minimum(x, max_value)), e_max * (1.0 + (jnp.maximum(x, max_value) - max_value)))
@@ -77,7 +86,7 @@ def kl_divergence(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3", *
     V.check_floating(ref_logp, "ref_logp")
     V.check_same_shape(ref_logp, "ref_logp", logp, "logp")
     V.check_option(estimator, KL_ESTIMATORS, "estimator")
-    V.check_scalar(max_log_ratio, "max_log_ratio", positive=True, allow_traced=False)
+    check_exp_bound(max_log_ratio, "max_log_ratio")
     mask = V.check_mask(mask, logp.shape, "mask", expected_from="logp")
     return _kl(V.to_float(logp), V.to_float(ref_logp), estimator, max_log_ratio, mask)
 

@@ -298,7 +298,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     mask = V.check_mask(mask, shape, "mask", expected_from="logp")
     V.check_option(ratio_level, RATIO_LEVELS, "ratio_level")
     V.check_option(kl_estimator, D.KL_ESTIMATORS, "kl_estimator")
-    V.check_scalar(max_log_ratio, "max_log_ratio", positive=True, allow_traced=False)
+    D.check_exp_bound(max_log_ratio, "max_log_ratio")
     eps_low, eps_high = _check_eps(eps_low, eps_high, dual_clip)
     _check_aggregation(loss_aggregation, max_tokens, normalizer)
     V.check_axis_name(axis_name)

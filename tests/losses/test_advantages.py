@@ -162,18 +162,31 @@ def test_degenerate_groups_give_exact_zero_and_finite_grads():
     np.testing.assert_array_equal(group_advantages(jnp.full((3, 4), 0.3)), np.zeros((3, 4)))
 
 
-@pytest.mark.parametrize("fn_name", ["group", "rloo"])
+def np_batch_normalized(r, mask, ddof=1, eps=1e-4):
+    vals = np.asarray(r, np.float64)[mask]
+    return np.where(mask, (r - vals.mean()) / (np.std(vals, ddof=ddof) + eps), 0.0)
+
+
+@pytest.mark.parametrize("fn_name", ["group", "rloo", "prompt", "batch"])
 def test_advantage_gradients_vs_central_differences(fn_name):
     rng = np.random.default_rng(9)
     r = rng.normal(size=12)
     mask = rng.uniform(size=12) > 0.2
     w = rng.normal(size=12)
-    ids = np.arange(12) // 4
-    kind = "mean" if fn_name == "group" else "rloo"
-    f_np = lambda x: np.dot(w, np_group_reference(x, ids, mask, kind=kind))
-    fn = losses.group_advantages if fn_name == "group" else losses.rloo_advantages
-    g = jax.jit(jax.grad(lambda x: jnp.dot(w.astype(np.float32), fn(x, 4, mask=mask))))(r.astype(np.float32))
-    np.testing.assert_allclose(g, _helpers.central_diff_grad(f_np, r), rtol=1e-3, atol=1e-4)
+    contiguous = np.arange(12) // 4
+    prompt_ids = rng.integers(0, 3, size=12)
+    ref_fn, fn = {
+        "group": (lambda x: np_group_reference(x, contiguous, mask),
+                  lambda x: losses.group_advantages(x, 4, mask=mask)),
+        "rloo": (lambda x: np_group_reference(x, contiguous, mask, kind="rloo"),
+                 lambda x: losses.rloo_advantages(x, 4, mask=mask)),
+        "prompt": (lambda x: np_group_reference(x, prompt_ids, mask, scale=False),
+                   lambda x: losses.prompt_mean_advantages(x, prompt_ids, 3, mask=mask)),
+        "batch": (lambda x: np_batch_normalized(x, mask), lambda x: losses.batch_normalized_advantages(x, mask=mask)),
+    }[fn_name]
+    g = jax.jit(jax.grad(lambda x: jnp.dot(w.astype(np.float32), fn(x))))(r.astype(np.float32))
+    np.testing.assert_allclose(g, _helpers.central_diff_grad(lambda x: np.dot(w, ref_fn(x)), r), rtol=1e-3,
+                               atol=1e-4)
 
 
 def test_vmap_over_reward_functions():

@@ -347,11 +347,14 @@ def test_grpo_pmap_equals_single_device():
     (lambda a: losses.grpo_loss(a["lp"], None, a["lp"], a["adv"], a["m"], loss_aggregation="constant_normalizer",
                                 max_tokens=0), "`max_tokens`"),
     (lambda a: losses.grpo_loss(a["lp"], None, a["lp"], a["adv"], a["m"], kl_estimator="k5"), "`kl_estimator`"),
+    (lambda a: losses.grpo_loss(a["lp"], None, a["lp"], a["adv"], a["m"], max_log_ratio=100.0), "`max_log_ratio`"),
     (lambda a: losses.grpo_loss(a["lp"], None, a["lp"], a["adv"], a["m"], beta=-1.0), "`beta`"),
     (lambda a: losses.grpo_loss(a["lp"], None, a["lp"], a["adv"], a["m"], normalizer=0), "`normalizer`"),
     (lambda a: losses.grpo_loss(a["lp"], None, None, a["adv"], a["m"]), "`ref_logp`"),
     (lambda a: losses.grpo_loss(a["lp"], None, a["lp"], a["adv"], a["m"], clip="relative"), "`clip`"),
     (lambda a: losses.aggregate_loss(a["lp"][0]), "`per_token_loss`"),
+    (lambda a: losses.importance_log_ratio(a["lp"], a["lp"], level="seq"), "`level`"),
+    (lambda a: losses.importance_log_ratio(a["lp"], a["lp"][0]), "`old_logp`"),
     (lambda a: losses.clipped_surrogate(a["lp"], a["adv"]), "`advantages`"),
 ])
 def test_errors_name_argument(call, match):
