@@ -90,14 +90,23 @@ def checkpointer_from_config(config: Any, workdir: str | os.PathLike) -> Checkpo
                         save_every=ck.every_steps, keep_period=ck.keep_period or None, async_save=ck.async_save)
 
 
+_WARNED_NON_SCALAR: set[str] = set()
+
+
 def _mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-key mean of numeric scalars over ``records`` (host values); non-numeric: last value."""
+    """Per-key mean of numeric scalars over ``records`` (host values); strings: last value; arrays: dropped."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     last: dict[str, Any] = {}
     for record in records:
         for key, value in record.items():
-            value = to_python_scalar(value)
+            try:
+                value = to_python_scalar(value)
+            except ValueError:
+                if key not in _WARNED_NON_SCALAR:
+                    _WARNED_NON_SCALAR.add(key)
+                    log.warning("Metric %r is not a scalar (shape %s); it is not logged.", key, np.shape(value))
+                continue
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, (int, float)):
