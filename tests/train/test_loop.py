@@ -102,10 +102,11 @@ def test_consecutive_skips_stop_after_saving(tmp_path):
 
 def test_sigterm_saves_and_returns_preempted(tmp_path):
     host = Host()
+    handler_before = signal.getsignal(signal.SIGTERM)
     result = run_training(config=make_config(), workdir=tmp_path, init_state=init, abstract_state=ABSTRACT,
                           train_step=make_step(host, signal_at=1), get_host_state=host.get, set_host_state=host.set)
     assert result.preempted and result.step == 2 and float(result.state["w"]) == 2.0
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the guard restored the previous handler
     host2 = Host()
     result = run_training(config=make_config(), workdir=tmp_path, init_state=init, abstract_state=ABSTRACT,
                           train_step=make_step(host2), get_host_state=host2.get, set_host_state=host2.set)
