@@ -277,8 +277,8 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def plan_sharded(init_fn: Callable[..., Any], mesh: Mesh,
-                 rules: LogicalRules | Mapping[str, MeshAxes] = DEFAULT_LOGICAL_RULES, *args: Any) -> Any:
+def plan_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
+                 rules: LogicalRules | Mapping[str, MeshAxes] = DEFAULT_LOGICAL_RULES) -> Any:
     """Shapes and shardings of ``init_fn(*args)`` without allocating anything (``jax.eval_shape``).
 
     Returns the output tree with every array replaced by a ``jax.ShapeDtypeStruct`` carrying its
