@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Literal
 
 import jax
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 __all__ = [
     "METHODS",
     "sample",
+    "sample_noise",
     "guided_velocity",
     "time_grid",
     "num_function_evaluations",
@@ -54,6 +56,16 @@ __all__ = [
 VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 Method = Literal["euler", "heun", "midpoint"]
 METHODS = ("euler", "heun", "midpoint")
+
+
+def sample_noise(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Standard normal noise of ``shape`` (e.g. the sampler's ``x0``), drawn flat and reshaped.
+
+    Same distribution as ``jax.random.normal(key, shape)``; drawing a 1-D array compiles several times faster
+    on XLA:CPU with the (default) partitionable threefry PRNG than an N-D draw (measured 0.4 s vs 2.8 s).
+    """
+    shape = tuple(int(d) for d in shape)
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def time_grid(num_steps: int, t_start: float = 0.0, t_end: float = 1.0) -> jax.Array:
@@ -178,7 +190,7 @@ def sample(velocity_fn: VelocityFn, x0: jax.Array, cond: Any, *, num_steps: int,
             if stochastic:
                 tb = t
                 drift = vel - 0.5 * sde_noise ** 2 * (x - tb * vel)
-                noise = jax.random.normal(step_key, x.shape, jnp.float32)
+                noise = sample_noise(step_key, x.shape)
                 x_next = x + h * drift + sde_noise * jnp.sqrt(jnp.maximum(1.0 - t, 0.0) * h) * noise
             else:
                 x_next = x + h * vel

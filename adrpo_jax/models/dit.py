@@ -29,7 +29,8 @@ Example:
   >>> from flax import nnx
   >>> cfg = DiTConfig(image_size=8, patch_size=2, hidden=32, depth=1, heads=2, num_classes=10)
   >>> model = DiT(cfg, rngs=nnx.Rngs(0))
-  >>> v = model(jnp.zeros((3, 8, 8, 1)), jnp.array([0.0, 0.5, 1.0]), jnp.array([0, 1, 10]))
+  >>> apply = jax.jit(lambda m, x, t, c: m(x, t, c))  # eager calls work too, but compile op by op
+  >>> v = apply(model, jnp.zeros((3, 8, 8, 1)), jnp.array([0.0, 0.5, 1.0]), jnp.array([0, 1, 10]))
   >>> v.shape, v.dtype
   ((3, 8, 8, 1), dtype('float32'))
 """
@@ -62,6 +63,7 @@ __all__ = [
     "save_nnx_params",
     "restore_nnx_params",
     "host_initializer",
+    "concrete_value",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -269,6 +271,17 @@ def count_params(module: nnx.Module) -> int:
 # Layers
 # ---------------------------------------------------------------------------------------------------------
 
+def concrete_value(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array when it is concrete, ``None`` when it is traced (inside ``jit``/``grad``/...).
+
+    Used for value checks (e.g. class ids in range) that can only run on concrete inputs.
+    """
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def _fans(shape: tuple[int, ...], in_axis, out_axis) -> tuple[float, float]:
     in_axes = (in_axis,) if isinstance(in_axis, int) else tuple(in_axis)
     out_axes = (out_axis,) if isinstance(out_axis, int) else tuple(out_axis)
@@ -321,11 +334,12 @@ def host_initializer(distribution: str, *, stddev: float = 0.02, in_axis: int | 
         if distribution == "zeros":
             return jnp.asarray(np.zeros(shape, np_dtype), dtype)
         key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-        if isinstance(key_data, jax.core.Tracer):
+        concrete = concrete_value(key_data)
+        if concrete is None:
             out = jax.pure_callback(lambda kd: draw(kd, shape, np_dtype),
                                     jax.ShapeDtypeStruct(shape, np_dtype), key_data)
             return out.astype(dtype)
-        return jnp.asarray(draw(np.asarray(key_data), shape, np_dtype), dtype)
+        return jnp.asarray(draw(concrete, shape, np_dtype), dtype)
 
     return init
 
@@ -487,8 +501,9 @@ class DiT(nnx.Module):
             if cond.shape != (b,) or not jnp.issubdtype(cond.dtype, jnp.integer):
                 raise ValueError(f"`cond` must be [{b}] integer class ids in [0, {cfg.num_classes}] "
                                  f"(num_classes = null class), got shape {cond.shape} dtype {cond.dtype}.")
-            if not isinstance(cond, jax.core.Tracer):
-                lo, hi = int(np.min(np.asarray(cond))), int(np.max(np.asarray(cond)))
+            values = concrete_value(cond)
+            if values is not None and values.size:
+                lo, hi = int(values.min()), int(values.max())
                 if lo < 0 or hi > cfg.num_classes:
                     raise ValueError(f"`cond` class ids must be in [0, {cfg.num_classes}] "
                                      f"(num_classes = null class), got values in [{lo}, {hi}].")
