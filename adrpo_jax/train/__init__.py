@@ -10,6 +10,7 @@ Modules:
   metrics      ``MetricWriter`` (JSONL / TensorBoard / W&B), ``ProgressBar``
   preemption   ``PreemptionGuard`` (SIGTERM/SIGINT -> checkpoint and exit 0)
   distributed  ``maybe_initialize_distributed``, ``setup_compilation_cache``
+  parallel     ``batch_sharded_loss``: a library loss inside shard_map over the batch axes
   loop         ``run_training``: the shared restore/step/log/checkpoint/preempt driver
 
 Public names are re-exported lazily (PEP 562), so ``import adrpo_jax.train.config`` (what experiment config
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "accumulate_gradients": "step_utils",
     "add_common_config": "config",
     "apply_updates_if_finite": "step_utils",
+    "batch_sharded_loss": "parallel",
     "batch_sharding": "sharding",
     "checkpointer_from_config": "loop",
     "common_config": "config",
