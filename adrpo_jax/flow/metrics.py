@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -221,6 +222,13 @@ def coefficient_stats(beta_eff: jax.Array, advantages: jax.Array | None = None, 
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _classifier_fn(graphdef) -> Callable:
+    from flax import nnx
+
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, return_features=True))
+
+
 def evaluate_samples(images: jax.Array, cond: jax.Array, *, classifier: Any = None, condition_mode: str = "digit",
                      num_conditions: int | None = None, reward_fn: Callable | None = None,
                      reference_features: Any = None) -> dict[str, float]:
@@ -249,7 +257,7 @@ def evaluate_samples(images: jax.Array, cond: jax.Array, *, classifier: Any = No
         out["reward_mean"], out["reward_std"] = float(r.mean()), float(r.std())
     if classifier is not None:
         graphdef, state = nnx.split(classifier)
-        logits, feats = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, return_features=True))(state, images)
+        logits, feats = _classifier_fn(graphdef)(state, images)
         digit, thick = split_condition(cond, condition_mode)
         pred_digit = jnp.argmax(logits["digit"], -1)
         out["digit_accuracy"] = float(jnp.mean(pred_digit == digit))

@@ -110,3 +110,26 @@ def test_coefficient_stats():
     assert float(s["beta_eff_min"]) == 0.0 and float(s["beta_eff_max"]) == 2.0
     np.testing.assert_allclose(s["clip_fraction"], 0.5)
     assert "clip_fraction" not in metrics.coefficient_stats(beta_eff)
+
+
+def test_evaluate_samples_with_classifier_and_reward():
+    from flax import nnx
+
+    from adrpo_jax.flow.rewards import ImageStatReward
+    from adrpo_jax.models.classifier import ClassifierConfig, DigitClassifier
+
+    clf = DigitClassifier(ClassifierConfig(image_size=8, channels=(8,), features=8), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.uniform(-1, 1, (12, 8, 8, 1)), jnp.float32)
+    cond = jnp.asarray(np.repeat(np.arange(6), 2))  # digit_thickness ids: digits 0..2, both thicknesses
+    ev = metrics.evaluate_samples(images, cond, classifier=clf, condition_mode="digit_thickness",
+                                  reward_fn=ImageStatReward("mean_ink"),
+                                  reference_features=rng.standard_normal((50, 8)))
+    logits = clf(images)
+    np.testing.assert_allclose(ev["digit_accuracy"], np.mean(np.argmax(logits["digit"], -1) == np.asarray(cond) // 2))
+    np.testing.assert_allclose(ev["thickness_accuracy"],
+                               np.mean(np.argmax(logits["thickness"], -1) == np.asarray(cond) % 2))
+    np.testing.assert_allclose(ev["reward_mean"], float(((images + 1) / 2).mean()), rtol=1e-5)
+    _, div = metrics.pairwise_diversity(images, cond, 20)
+    np.testing.assert_allclose(ev["diversity"], float(div), rtol=1e-6)
+    assert ev["frechet_distance"] > 0 and 0 <= ev["digit_entropy"] <= np.log(2) + 1e-6
