@@ -21,6 +21,12 @@ lm_head.kernel (untied only)    [D, V]             ('embed', 'vocab')
 Attention masks are boolean. Causality is over *slots* (token index in the sequence / cache), padding is
 a per-key mask, and rotary positions are separate per-row integers (HF convention for left padding:
 `positions_from_mask`). Padded query rows produce finite garbage (never NaN) that callers mask out.
+
+Numerics: float32 logits match transformers to ~1e-6 on CPU. On GPU, XLA's default precision for float32
+matmuls is reduced (TF32-like): measured on an H100, max |diff| 2e-2 on the tiny test models; with
+`jax.config.update("jax_default_matmul_precision", "highest")` the 1e-4 parity tests pass there too.
+Attention materializes [B, heads, T, S] float32 scores (no flash kernel): use `remat=True` for long
+sequences in training.
 """
 from __future__ import annotations
 
