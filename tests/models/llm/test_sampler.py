@@ -171,3 +171,18 @@ def test_input_validation(models):
     generate(model, tokens, greedy=True, max_new_tokens=0)
   with pytest.raises(ValueError, match="top_p"):
     generate(model, tokens, rng=jax.random.key(0), max_new_tokens=2, top_p=1.5)
+
+
+def test_greedy_on_a_sharded_model(tiny_hf, prompts):
+  """The trainer path: parameters sharded FSDP x tensor over 8 devices, data-parallel prompts."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  tokens, mask = prompts
+  tiny = tiny_hf("llama")
+  mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  model = load_pretrained(tiny.path, mesh=mesh)
+  tokens4 = np.concatenate([tokens, tokens[:1]])  # 4 rows: divisible by the fsdp axis
+  mask4 = np.concatenate([mask, mask[:1]])
+  rows = NamedSharding(mesh, P("fsdp"))
+  out = generate(model, jax.device_put(tokens4, rows), jax.device_put(mask4, rows), greedy=True,
+                 max_new_tokens=MAX_NEW)
+  np.testing.assert_array_equal(np.asarray(out.completions), _hf_greedy(tiny, tokens4, mask4, MAX_NEW))
