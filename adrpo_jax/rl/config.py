@@ -1,0 +1,497 @@
+"""Config sections of the LLM trainer (``model``, ``data``, ``rl``, ``sampling``, ``rewards``, ``eval``) and
+their validation.
+
+An experiment config adds them on top of the kit's common sections::
+
+    config = add_llm_config(add_common_config(ml_collections.ConfigDict()))
+    config.rl.beta = 0.04
+
+and :func:`validate_llm_config` (called by the trainer at start, before anything is loaded) checks every key's
+type and range and the combinations, raising :class:`~adrpo_jax.train.config.ConfigError` naming the key.
+"Unset" sentinels keep one type per key so that every key can be overridden from the command line
+(``''`` for strings, ``0`` for counts, ``inf`` for bounds).
+
+Batch layout: one RL step draws ``rl.num_prompts_per_step`` prompts and samples ``rl.group_size`` completions
+of each, a *rollout batch* of ``B = num_prompts_per_step * group_size`` rows (a group's rows are contiguous).
+The batch is split into ``rl.num_minibatches`` minibatches, each giving one optimizer update, for
+``rl.num_iterations`` passes (GRPO's mu): ``num_iterations * num_minibatches`` updates per RL step. Each
+minibatch is further split into ``optim.grad_accum_steps`` micro-batches whose gradients are summed
+(exactly the minibatch gradient). ``total_steps`` counts RL steps; the learning-rate schedule counts updates.
+
+=====================================  ===================================================================
+key                                    meaning
+=====================================  ===================================================================
+``model.path``                         ``builtin:tiny_arith`` (the project's SFT'd char-level model, built and
+                                       cached on first use), ``builtin:smollm2`` (SmolLM2-135M-Instruct,
+                                       converted offline once), or a local Hugging Face directory
+``model.tokenizer_path``               tokenizer directory ('' = ``model.path``)
+``model.dtype`` / ``model.param_dtype``  compute / parameter dtype: float32 | bfloat16 | float16
+``model.remat``, ``model.remat_policy``  per-layer gradient checkpointing ('' = save nothing)
+``model.logprob_chunk_size``           token positions per chunk of the log-softmax (memory ~ chunk * vocab)
+``data.source``                        ``arithmetic`` (built-in task) | ``jsonl`` (one JSON object per line)
+``data.path``                          the jsonl file (``jsonl`` source)
+``data.prompt_key``/``data.answer_key``  jsonl fields of the question / the reference answer
+``data.answer_format``                 ``gsm8k`` (the answer is what follows ``####``) | ``raw``
+``data.prompt_template``               ``str.format`` template with ``{prompt}`` (e.g. ``'Q: {prompt}\\nA:'``)
+``data.chat_template``                 wrap the prompt in the tokenizer's chat template (instruct models)
+``data.system_prompt``                 optional system message for the chat template
+``data.shuffle``                       jsonl: reshuffle every epoch from (seed, epoch)
+``data.arithmetic.*``                  ``min_digits``, ``max_digits``, ``operations`` (e.g. ``'+-*'``),
+                                       ``style`` (``symbolic`` | ``word``)
+``rl.num_prompts_per_step``            prompts per RL step (divisible by the process count)
+``rl.group_size``                      completions per prompt (G >= 2 for group estimators)
+``rl.num_iterations``                  mu: passes over each rollout batch (> 1 uses old log-probs)
+``rl.num_minibatches``                 optimizer updates per pass
+``rl.shuffle_minibatches``             re-permute the rows before each pass (from the step's key)
+``rl.advantage_estimator``             ``grpo`` | ``rloo`` | ``batch_normalized``
+``rl.scale_rewards``                   ``group`` (GRPO) | ``batch`` | ``none`` (Dr. GRPO: no std)
+``rl.advantage_eps``                   added to the std
+``rl.beta``                            beta_0 of the KL term (0 = no reference model at all)
+``rl.adaptive``                        ADRPO: beta_i = beta_0 - clip(A_i); False = fixed-beta GRPO
+``rl.adv_clip``                        clip of A inside the coefficient: ``multiple`` | ``absolute`` | ``none``
+``rl.adv_clip_multiple``               ``multiple``: A clipped to +-m * beta_0
+``rl.adv_clip_min`` / ``adv_clip_max``  ``absolute`` bounds (+-inf = unbounded on that side)
+``rl.clip_pg_advantages``              also clip A in the policy-gradient term
+``rl.eps_low`` / ``rl.eps_high``       surrogate clip [1 - eps_low, 1 + eps_high] (DAPO clip-higher: 0.28)
+``rl.dual_clip``                       dual-clip constant c > 1 for A < 0 (0 = off)
+``rl.ratio_level``                     ``token`` (GRPO) | ``sequence`` (GSPO)
+``rl.loss_aggregation``                ``token_mean`` | ``sequence_mean`` | ``constant_normalizer`` (Dr. GRPO)
+``rl.kl_estimator``                    ``k1`` | ``k2`` | ``k3``
+``rl.kl_placement``                    ``loss`` (per-token term, the paper) | ``reward`` (r - beta * sum_t KL)
+``rl.max_log_ratio``                   clamp of log-ratios inside exp
+``rl.entropy_coef``                    entropy bonus: loss -= coef * aggregate(entropy)
+``rl.mask_truncated_completions``      completions cut at max_new_tokens without EOS get no loss (DAPO)
+``rl.overlong_buffer``                 DAPO soft overlong penalty over the last N tokens (0 = off)
+``rl.overlong_penalty``                its maximum (a reward of -penalty at the limit)
+``rl.ref_sync_steps``                  refresh the reference every N RL steps (0 = frozen reference)
+``rl.ref_mixup_alpha``                 ref = alpha * policy + (1 - alpha) * ref at a refresh (1 = copy)
+``sampling.max_prompt_length``         prompts are left-padded (longer ones left-truncated) to this
+``sampling.max_new_tokens``            completion budget N
+``sampling.temperature``, ``top_k`` (0 = off), ``top_p`` (1 = off)
+``rewards.functions``                  tuple of built-in names (``exact_match``, ``final_number``,
+                                       ``format``, ``strict_format``) or ``'package.module:function'``
+``rewards.weights``                    tuple of floats, one per function (empty = all 1)
+``rewards.on_error``                   ``raise`` (fail fast) | ``missing`` (score the sample as missing)
+``rewards.timeout_s``                  per-call time limit of a reward function (0 = none)
+``eval.num_examples``                  held-out prompts evaluated every ``eval_every`` steps
+``eval.path``                          held-out jsonl (required for the ``jsonl`` source)
+``eval.accuracy_reward``               the reward function whose mean is ``eval/accuracy``
+``eval.greedy``                        greedy decoding (else sampling.temperature)
+=====================================  ===================================================================
+
+>>> from adrpo_jax.train.config import common_config
+>>> config = add_llm_config(common_config())
+>>> config.rl.adaptive, config.rl.kl_placement = True, "reward"
+>>> validate_llm_config(config)
+Traceback (most recent call last):
+...
+adrpo_jax.train.config.ConfigError: `rl.adaptive`=True cannot be combined with `rl.kl_placement`='reward': ...
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from adrpo_jax.train.config import (
+    ConfigError,
+    get_by_path,
+    require_choice,
+    require_range,
+    require_type,
+)
+
+__all__ = [
+    "add_llm_config",
+    "validate_llm_config",
+    "validate_llm_batch_layout",
+    "coefficient_is_zero",
+    "needs_reference",
+    "needs_old_logprobs",
+    "updates_per_step",
+    "BUILTIN_MODELS",
+    "DTYPES",
+]
+
+BUILTIN_MODELS = ("builtin:tiny_arith", "builtin:smollm2")
+DTYPES = ("float32", "bfloat16", "float16")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "batch_normalized")
+SCALE_REWARDS = ("group", "batch", "none")
+ADV_CLIPS = ("multiple", "absolute", "none")
+RATIO_LEVELS = ("token", "sequence")
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "constant_normalizer")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+DATA_SOURCES = ("arithmetic", "jsonl")
+ANSWER_FORMATS = ("gsm8k", "raw")
+ON_ERROR = ("raise", "missing")
+
+
+def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the LLM trainer's sections (defaults: ADRPO on the built-in arithmetic task) in place; returns it.
+
+    Keys already present are kept.
+    """
+    defaults = {
+        "trainer": "llm",
+        "model": {
+            "path": "builtin:tiny_arith",
+            "tokenizer_path": "",
+            "dtype": "float32",
+            "param_dtype": "float32",
+            "remat": False,
+            "remat_policy": "",
+            "logprob_chunk_size": 512,
+        },
+        "data": {
+            "source": "arithmetic",
+            "path": "",
+            "prompt_key": "question",
+            "answer_key": "answer",
+            "answer_format": "gsm8k",
+            "prompt_template": "{prompt}",
+            "chat_template": False,
+            "system_prompt": "",
+            "shuffle": True,
+            "arithmetic": {"min_digits": 1, "max_digits": 2, "operations": "+", "style": "symbolic"},
+        },
+        "rl": {
+            "num_prompts_per_step": 16,
+            "group_size": 8,
+            "num_iterations": 1,
+            "num_minibatches": 1,
+            "shuffle_minibatches": True,
+            "advantage_estimator": "grpo",
+            "scale_rewards": "group",
+            "advantage_eps": 1e-4,
+            "beta": 0.04,
+            "adaptive": True,
+            "adv_clip": "multiple",
+            "adv_clip_multiple": 1.0,
+            "adv_clip_min": -math.inf,
+            "adv_clip_max": math.inf,
+            "clip_pg_advantages": False,
+            "eps_low": 0.2,
+            "eps_high": 0.2,
+            "dual_clip": 0.0,
+            "ratio_level": "token",
+            "loss_aggregation": "token_mean",
+            "kl_estimator": "k3",
+            "kl_placement": "loss",
+            "max_log_ratio": 20.0,
+            "entropy_coef": 0.0,
+            "mask_truncated_completions": False,
+            "overlong_buffer": 0,
+            "overlong_penalty": 1.0,
+            "ref_sync_steps": 0,
+            "ref_mixup_alpha": 1.0,
+        },
+        "sampling": {"max_prompt_length": 16, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+        "rewards": {"functions": ("exact_match", "format"), "weights": (1.0, 0.1), "on_error": "raise",
+                    "timeout_s": 0.0},
+        "eval": {"num_examples": 128, "path": "", "accuracy_reward": "exact_match", "greedy": True},
+    }
+    _merge(config, defaults)
+    return config
+
+
+def _merge(config, defaults):
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            if key not in config:
+                config[key] = ml_collections.ConfigDict()
+            _merge(config[key], value)
+        elif key not in config:
+            config[key] = value
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _int(config, key, *, min=None, max=None):  # pylint: disable=redefined-builtin
+    require_type(config, key, int)
+    return require_range(config, key, min=min, max=max)
+
+
+def _float(config, key, *, min=None, max=None, min_inclusive=True, max_inclusive=True):  # pylint: disable=redefined-builtin
+    require_type(config, key, float)
+    return float(require_range(config, key, min=min, max=max, min_inclusive=min_inclusive,
+                               max_inclusive=max_inclusive))
+
+
+def _float_or_inf(config, key):
+    value = require_type(config, key, float)
+    if value != value:  # NaN
+        raise ConfigError(f"`{key}` must be a number or +-inf, got {value!r}.", key=key, value=value)
+    return float(value)
+
+
+def coefficient_is_zero(rl: Any) -> bool:
+    """True when the KL coefficient is identically 0: beta_0 == 0 and no adaptive term can move it off 0.
+
+    With ``adaptive`` and ``adv_clip='multiple'`` the clip bounds are +-m * beta_0 = 0, so beta_i = 0; with
+    ``adv_clip`` ``'none'`` / ``'absolute'`` beta_i = -clip(A_i) is not 0 even at beta_0 = 0.
+    """
+    if float(rl.beta) != 0.0:
+        return False
+    return (not rl.adaptive) or rl.adv_clip == "multiple"
+
+
+def needs_reference(rl: Any) -> bool:
+    """Whether reference log-probs (and so reference parameters) are needed at all."""
+    return not coefficient_is_zero(rl)
+
+
+def needs_old_logprobs(rl: Any) -> bool:
+    """Old-policy log-probs from a forward pass of the pre-update policy: when the rollout batch is reused
+    (``num_iterations > 1`` or ``num_minibatches > 1``; TRL's rule) or the KL goes into the reward."""
+    return rl.num_iterations > 1 or rl.num_minibatches > 1 or (rl.kl_placement == "reward" and needs_reference(rl))
+
+
+def updates_per_step(config: Any) -> int:
+    """Optimizer updates per RL step: ``num_iterations * num_minibatches``."""
+    return int(config.rl.num_iterations) * int(config.rl.num_minibatches)
+
+
+def _validate_model(config) -> None:
+    path = require_type(config, "model.path", str)
+    if not path:
+        raise ConfigError("`model.path` must be set: 'builtin:tiny_arith', 'builtin:smollm2' or a local Hugging "
+                          "Face directory.", key="model.path", value=path)
+    if path.startswith("builtin:"):
+        if path not in BUILTIN_MODELS:
+            raise ConfigError(f"`model.path`={path!r}: unknown built-in model; choose one of {list(BUILTIN_MODELS)}.",
+                              key="model.path", value=path)
+    elif not os.path.isdir(os.path.expanduser(path)) or not os.path.exists(
+            os.path.join(os.path.expanduser(path), "config.json")):
+        raise ConfigError(f"`model.path`={path!r} is not a local Hugging Face model directory (no config.json); "
+                          "nothing is downloaded: give a local path or a 'builtin:' model.", key="model.path",
+                          value=path)
+    tok = require_type(config, "model.tokenizer_path", str)
+    if tok and not os.path.isdir(os.path.expanduser(tok)):
+        raise ConfigError(f"`model.tokenizer_path`={tok!r} is not a directory.", key="model.tokenizer_path", value=tok)
+    require_choice(config, "model.dtype", DTYPES)
+    require_choice(config, "model.param_dtype", DTYPES)
+    require_type(config, "model.remat", bool)
+    policy = require_type(config, "model.remat_policy", str)
+    if policy:
+        import jax  # pylint: disable=import-outside-toplevel
+        if not hasattr(jax.checkpoint_policies, policy):
+            raise ConfigError(f"`model.remat_policy`={policy!r} is not an attribute of jax.checkpoint_policies.",
+                              key="model.remat_policy", value=policy)
+    _int(config, "model.logprob_chunk_size", min=1)
+
+
+def _validate_data(config) -> None:
+    source = require_choice(config, "data.source", DATA_SOURCES)
+    path = require_type(config, "data.path", str)
+    if source == "jsonl":
+        if not path:
+            raise ConfigError("`data.path` must name a jsonl file when data.source='jsonl'.", key="data.path",
+                              value=path)
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"`data.path`={path!r} does not exist (data.source='jsonl').", key="data.path",
+                              value=path)
+    for key in ("prompt_key", "answer_key", "system_prompt"):
+        require_type(config, f"data.{key}", str)
+    for key in ("prompt_key", "answer_key"):
+        if not get_by_path(config, f"data.{key}"):
+            raise ConfigError(f"`data.{key}` must be a non-empty string.", key=f"data.{key}")
+    require_choice(config, "data.answer_format", ANSWER_FORMATS)
+    template = require_type(config, "data.prompt_template", str)
+    try:
+        rendered = template.format(prompt="<<P>>")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"`data.prompt_template`={template!r} is not a valid format string with only "
+                          f"{{prompt}}: {err!r}.", key="data.prompt_template", value=template) from None
+    if "<<P>>" not in rendered:
+        raise ConfigError(f"`data.prompt_template`={template!r} must contain '{{prompt}}'.",
+                          key="data.prompt_template", value=template)
+    require_type(config, "data.chat_template", bool)
+    require_type(config, "data.shuffle", bool)
+    lo = _int(config, "data.arithmetic.min_digits", min=1, max=18)
+    _int(config, "data.arithmetic.max_digits", min=lo, max=18)
+    ops = require_type(config, "data.arithmetic.operations", str)
+    if not ops or any(op not in "+-*" for op in ops):
+        raise ConfigError(f"`data.arithmetic.operations`={ops!r} must be a non-empty string of '+', '-', '*'.",
+                          key="data.arithmetic.operations", value=ops)
+    require_choice(config, "data.arithmetic.style", ("symbolic", "word"))
+
+
+def _validate_rl(config) -> None:
+    rl = config.rl
+    _int(config, "rl.num_prompts_per_step", min=1)
+    group = _int(config, "rl.group_size", min=1)
+    _int(config, "rl.num_iterations", min=1)
+    _int(config, "rl.num_minibatches", min=1)
+    require_type(config, "rl.shuffle_minibatches", bool)
+    estimator = require_choice(config, "rl.advantage_estimator", ADVANTAGE_ESTIMATORS)
+    if estimator in ("grpo", "rloo") and group < 2:
+        raise ConfigError(f"`rl.group_size`={group} must be >= 2 with rl.advantage_estimator={estimator!r} "
+                          "(a group of one has advantage 0).", key="rl.group_size", value=group)
+    scale = require_choice(config, "rl.scale_rewards", SCALE_REWARDS)
+    if estimator == "rloo" and scale != "none":
+        raise ConfigError(f"`rl.scale_rewards`={scale!r} does not apply to rl.advantage_estimator='rloo' (RLOO "
+                          "advantages are not std-scaled); set rl.scale_rewards='none'.", key="rl.scale_rewards",
+                          value=scale)
+    if estimator == "batch_normalized" and scale == "group":
+        raise ConfigError("`rl.scale_rewards`='group' does not apply to rl.advantage_estimator='batch_normalized'; "
+                          "use 'batch' or 'none'.", key="rl.scale_rewards", value=scale)
+    _float(config, "rl.advantage_eps", min=0.0)
+    _float(config, "rl.beta", min=0.0)
+    adaptive = require_type(config, "rl.adaptive", bool)
+    clip = require_choice(config, "rl.adv_clip", ADV_CLIPS)
+    _float(config, "rl.adv_clip_multiple", min=0.0, min_inclusive=False)
+    lo, hi = _float_or_inf(config, "rl.adv_clip_min"), _float_or_inf(config, "rl.adv_clip_max")
+    if clip == "absolute":
+        if math.isinf(lo) and math.isinf(hi):
+            raise ConfigError("rl.adv_clip='absolute' needs a finite `rl.adv_clip_min` and/or `rl.adv_clip_max` "
+                              "(use rl.adv_clip='none' for no clipping).", key="rl.adv_clip_min", value=lo)
+        if lo > hi:
+            raise ConfigError(f"`rl.adv_clip_min`={lo} must be <= `rl.adv_clip_max`={hi}.", key="rl.adv_clip_min",
+                              value=lo)
+    elif not (lo == -math.inf and hi == math.inf):
+        raise ConfigError(f"`rl.adv_clip_min`/`rl.adv_clip_max` only apply to rl.adv_clip='absolute' (got "
+                          f"rl.adv_clip={clip!r}, min={lo}, max={hi}).", key="rl.adv_clip_min", value=lo)
+    require_type(config, "rl.clip_pg_advantages", bool)
+    _float(config, "rl.eps_low", min=0.0, max=1.0, max_inclusive=False)
+    _float(config, "rl.eps_high", min=0.0)
+    dual = _float(config, "rl.dual_clip", min=0.0)
+    if 0.0 < dual <= 1.0:
+        raise ConfigError(f"`rl.dual_clip` must be 0 (off) or > 1, got {dual}.", key="rl.dual_clip", value=dual)
+    require_choice(config, "rl.ratio_level", RATIO_LEVELS)
+    require_choice(config, "rl.loss_aggregation", LOSS_AGGREGATIONS)
+    require_choice(config, "rl.kl_estimator", KL_ESTIMATORS)
+    placement = require_choice(config, "rl.kl_placement", KL_PLACEMENTS)
+    if adaptive and placement == "reward":
+        raise ConfigError(
+            "`rl.adaptive`=True cannot be combined with `rl.kl_placement`='reward': the adaptive coefficient "
+            "beta_i = beta_0 - clip(A_i) depends on the advantage that the KL-shaped reward would change (a circular "
+            "definition). Use rl.kl_placement='loss' (the paper) or rl.adaptive=False.", key="rl.adaptive",
+            value=True)
+    _float(config, "rl.max_log_ratio", min=0.0, max=80.0, min_inclusive=False)
+    _float(config, "rl.entropy_coef", min=0.0)
+    require_type(config, "rl.mask_truncated_completions", bool)
+    buffer = _int(config, "rl.overlong_buffer", min=0)
+    max_new = int(config.sampling.max_new_tokens)
+    if buffer >= max_new and buffer > 0:
+        raise ConfigError(f"`rl.overlong_buffer`={buffer} must be < `sampling.max_new_tokens`={max_new}.",
+                          key="rl.overlong_buffer", value=buffer)
+    _float(config, "rl.overlong_penalty", min=0.0)
+    sync = _int(config, "rl.ref_sync_steps", min=0)
+    alpha = _float(config, "rl.ref_mixup_alpha", min=0.0, max=1.0, min_inclusive=False)
+    if sync == 0 and alpha != 1.0:
+        raise ConfigError(f"`rl.ref_mixup_alpha`={alpha} has no effect with `rl.ref_sync_steps`=0 (the reference "
+                          "is never refreshed).", key="rl.ref_mixup_alpha", value=alpha)
+    if sync > 0 and coefficient_is_zero(rl):
+        raise ConfigError(f"`rl.ref_sync_steps`={sync} has no effect: the KL coefficient is identically 0 "
+                          f"(`rl.beta`={rl.beta}), so no reference model is used.", key="rl.ref_sync_steps",
+                          value=sync)
+
+
+def _validate_sampling(config) -> None:
+    _int(config, "sampling.max_prompt_length", min=1)
+    _int(config, "sampling.max_new_tokens", min=1)
+    _float(config, "sampling.temperature", min=0.0, min_inclusive=False)
+    _int(config, "sampling.top_k", min=0)
+    _float(config, "sampling.top_p", min=0.0, max=1.0, min_inclusive=False)
+
+
+def _validate_rewards(config) -> None:
+    from adrpo_jax.rl import rewards as rewards_lib  # pylint: disable=import-outside-toplevel
+
+    functions = get_by_path(config, "rewards.functions")
+    if isinstance(functions, str):
+        functions = (functions,)
+    if not isinstance(functions, (tuple, list)) or not functions or not all(isinstance(f, str) for f in functions):
+        raise ConfigError(f"`rewards.functions` must be a non-empty tuple of names or 'module:function' paths, got "
+                          f"{functions!r}.", key="rewards.functions", value=functions)
+    for spec in functions:
+        try:
+            rewards_lib.resolve_reward_function(spec)
+        except (ValueError, ImportError, AttributeError) as err:
+            raise ConfigError(f"`rewards.functions`: {err}", key="rewards.functions", value=spec) from None
+    weights = get_by_path(config, "rewards.weights")
+    if weights is None:
+        weights = ()
+    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = (weights,)
+    if not isinstance(weights, (tuple, list)) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ConfigError(f"`rewards.weights` must be a tuple of finite numbers, got {weights!r}.",
+                          key="rewards.weights", value=weights)
+    if weights and len(weights) != len(functions):
+        raise ConfigError(f"`rewards.weights` has {len(weights)} entries but `rewards.functions` has "
+                          f"{len(functions)}.", key="rewards.weights", value=weights)
+    require_choice(config, "rewards.on_error", ON_ERROR)
+    _float(config, "rewards.timeout_s", min=0.0)
+
+
+def _validate_eval(config) -> None:
+    from adrpo_jax.rl import rewards as rewards_lib  # pylint: disable=import-outside-toplevel
+
+    _int(config, "eval.num_examples", min=1)
+    path = require_type(config, "eval.path", str)
+    eval_every = int(get_by_path(config, "eval_every", 0) or 0)
+    if eval_every > 0 and config.data.source == "jsonl" and not path:
+        raise ConfigError("`eval.path` must name a held-out jsonl file when data.source='jsonl' and eval_every > 0 "
+                          "(set eval_every=0 to train without evaluation).", key="eval.path", value=path)
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"`eval.path`={path!r} does not exist.", key="eval.path", value=path)
+    name = require_type(config, "eval.accuracy_reward", str)
+    try:
+        rewards_lib.resolve_reward_function(name)
+    except (ValueError, ImportError, AttributeError) as err:
+        raise ConfigError(f"`eval.accuracy_reward`: {err}", key="eval.accuracy_reward", value=name) from None
+    require_type(config, "eval.greedy", bool)
+
+
+def validate_llm_config(config: Any) -> None:
+    """Checks every ``model.* / data.* / rl.* / sampling.* / rewards.* / eval.*`` key and their combinations.
+
+    Device-dependent divisibility (batch vs. mesh, prompts vs. processes) is :func:`validate_llm_batch_layout`.
+    Raises :class:`ConfigError` naming the key.
+    """
+    for section in ("model", "data", "rl", "sampling", "rewards", "eval"):
+        if section not in config:
+            raise ConfigError(f"Config section `{section}` is missing (build the config with add_llm_config).",
+                              key=section)
+    _validate_sampling(config)
+    _validate_model(config)
+    _validate_data(config)
+    _validate_rl(config)
+    _validate_rewards(config)
+    _validate_eval(config)
+
+
+def validate_llm_batch_layout(config: Any, data_parallel_size: int, process_count: int = 1) -> dict[str, int]:
+    """Divisibility of the rollout batch by the groups, minibatches, micro-batches, mesh and processes.
+
+    Returns ``{"batch_size", "minibatch_size", "micro_batch_size"}``.
+    """
+    rl = config.rl
+    prompts, group = int(rl.num_prompts_per_step), int(rl.group_size)
+    batch = prompts * group
+    if prompts % process_count:
+        raise ConfigError(f"`rl.num_prompts_per_step`={prompts} must be divisible by the process count "
+                          f"{process_count} (each process materializes an equal share of the prompts).",
+                          key="rl.num_prompts_per_step", value=prompts)
+    m = int(rl.num_minibatches)
+    if batch % m:
+        raise ConfigError(f"`rl.num_minibatches`={m} must divide the rollout batch rl.num_prompts_per_step * "
+                          f"rl.group_size = {prompts} * {group} = {batch}.", key="rl.num_minibatches", value=m)
+    minibatch = batch // m
+    accum = int(config.optim.grad_accum_steps)
+    if minibatch % accum:
+        raise ConfigError(f"`optim.grad_accum_steps`={accum} must divide the minibatch size {minibatch} "
+                          f"(= {batch} rows / rl.num_minibatches={m}).", key="optim.grad_accum_steps", value=accum)
+    micro = minibatch // accum
+    if micro % data_parallel_size:
+        raise ConfigError(f"The micro-batch of {micro} rows (rl.num_prompts_per_step * rl.group_size / "
+                          f"rl.num_minibatches / optim.grad_accum_steps = {batch}/{m}/{accum}) must be divisible "
+                          f"by the data-parallel size {data_parallel_size} (mesh.data * mesh.fsdp).",
+                          key="rl.num_prompts_per_step", value=prompts)
+    return {"batch_size": batch, "minibatch_size": minibatch, "micro_batch_size": micro}

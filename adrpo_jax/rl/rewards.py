@@ -1,0 +1,312 @@
+"""Reward functions: a registry of built-ins, user functions by ``'module:function'``, weighted combination,
+missing / non-finite rewards, and exception / time-out handling.
+
+A reward function is a plain Python callable in TRL's convention::
+
+    def my_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+
+called with keyword arguments: ``prompts``, ``completions`` (decoded text, special tokens removed),
+``completion_ids`` (list of token-id lists) and every column of the prompt source aligned with the
+completions (e.g. ``answer``, ``index``). It returns one value per completion.
+
+Combination (:class:`RewardComputer`), per sample ``i`` over the functions ``f`` with weights ``w_f``:
+
+* ``None`` means "this function does not apply to this sample" (TRL): it is left out of the weighted sum
+  ``r_i = sum_f w_f v_{i,f}``; if *every* function returns ``None`` the sample is *missing*.
+* a NaN / +-Inf value makes the sample *missing* (issue 8: a non-finite reward masks the sample out of every
+  statistic, its group's advantage included).
+* an exception or a time-out (``timeout_s``) in a function: with ``on_error='raise'`` a
+  :class:`RewardFunctionError` names the function, the failing sample's index, its prompt and completion
+  (the batched call is repeated per sample to find it); with ``on_error='missing'`` the failing samples are
+  scored as missing and counted.
+* a contract violation (wrong number of values, a value that is not a number or ``None``) always raises.
+
+Missing samples are counted (``num_missing``) and masked by the trainer (``valid`` False): they enter no
+mean, std, advantage or loss.
+
+>>> computer = RewardComputer(["exact_match", "format"], weights=[1.0, 0.5])
+>>> out = computer(["2+2=", "3+3="], ["4", "six"], answer=["4", "6"])
+>>> out.rewards.tolist(), out.valid.tolist(), out.names
+([1.5, 0.0], [True, True], ('exact_match', 'format'))
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib
+import logging
+import math
+import numbers
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from adrpo_jax.rl.tasks.arithmetic import exact_match_reward, final_number_reward, format_reward
+
+__all__ = [
+    "BUILTIN_REWARDS",
+    "RewardComputer",
+    "RewardFunctionError",
+    "RewardOutput",
+    "register_reward_function",
+    "resolve_reward_function",
+]
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[..., Sequence[Any]]
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "exact_match": exact_match_reward,
+    "final_number": final_number_reward,
+    "format": format_reward,
+}
+
+_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, timed out, or broke the contract (wrong count / type of values)."""
+
+
+def register_reward_function(name: str, fn: RewardFn) -> None:
+    """Adds ``fn`` to the built-in registry under ``name`` (usable in ``rewards.functions``)."""
+    if not callable(fn):
+        raise ValueError(f"`fn` for reward {name!r} must be callable, got {type(fn).__name__}.")
+    BUILTIN_REWARDS[name] = fn
+
+
+def resolve_reward_function(spec: str | RewardFn) -> tuple[str, RewardFn]:
+    """``(name, fn)`` for a registry name, a ``'package.module:function'`` path or a callable.
+
+    Raises ``ValueError`` for an unknown name or a malformed path, ``ImportError`` / ``AttributeError`` when
+    the module or function cannot be found.
+    """
+    if callable(spec):
+        return getattr(spec, "__name__", type(spec).__name__), spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a reward function must be a registry name, a 'module:function' path or a callable, "
+                         f"got {spec!r}")
+    if spec in BUILTIN_REWARDS:
+        return spec, BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(f"unknown reward function {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or a "
+                         "'package.module:function' path")
+    if not _PATH_RE.match(spec):
+        raise ValueError(f"reward function path {spec!r} is not of the form 'package.module:function'")
+    module_name, fn_name = spec.split(":")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, fn_name)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is not callable")
+    return fn_name, fn
+
+
+@dataclasses.dataclass
+class RewardOutput:
+    """Rewards of one batch of ``N`` completions from ``F`` functions.
+
+    Attributes:
+      rewards: ``[N]`` float32 weighted sum; NaN where the sample is missing.
+      valid: ``[N]`` bool, False for missing samples (every function None, a non-finite value, or an error
+        scored as missing).
+      per_function: ``[N, F]`` float32 unweighted values; NaN where the function gave None, a non-finite value
+        or failed.
+      names: the ``F`` function names (metric keys ``reward/<name>_mean``).
+      num_missing: number of samples with ``valid`` False.
+      num_errors: number of (function, sample) pairs that raised or timed out (``on_error='missing'``).
+    """
+
+    rewards: np.ndarray
+    valid: np.ndarray
+    per_function: np.ndarray
+    names: tuple[str, ...]
+    num_missing: int
+    num_errors: int
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
+    """``fn()`` in a daemon worker thread, waiting at most ``timeout_s`` (``future.result(timeout)``).
+
+    A function that overruns keeps running in its (daemon) thread -- Python cannot kill a thread -- but its
+    result is ignored and it never blocks the interpreter's exit.
+    """
+    if not timeout_s or timeout_s <= 0:
+        return fn()
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as err:  # pylint: disable=broad-except
+            future.set_exception(err)
+
+    threading.Thread(target=run, daemon=True, name="reward-fn").start()
+    try:
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        raise _TimedOut(f"timed out after {timeout_s:g} s") from None
+
+
+def _short(text: Any, limit: int = 200) -> str:
+    s = repr(text)
+    return s if len(s) <= limit else s[:limit] + "...'"
+
+
+def _describe_failure(err: BaseException) -> str:
+    return str(err) if isinstance(err, _TimedOut) else f"raised {type(err).__name__}: {err}"
+
+
+class RewardComputer:
+    """Calls the reward functions on a batch and combines them (see the module docstring).
+
+    Args:
+      functions: registry names, ``'module:function'`` paths or callables.
+      weights: one finite float per function (default all 1).
+      on_error: ``'raise'`` (fail fast, naming the failing sample) or ``'missing'`` (score it as missing).
+      timeout_s: per-call time limit (0 = none). On a time-out of the batched call each sample is re-scored
+        alone (each call again limited to ``timeout_s``) to find the failing one(s).
+    """
+
+    def __init__(self, functions: Sequence[str | RewardFn], weights: Sequence[float] | None = None, *,
+                 on_error: str = "raise", timeout_s: float = 0.0):
+        if isinstance(functions, (str, bytes)) or callable(functions):
+            functions = [functions]
+        functions = list(functions)
+        if not functions:
+            raise ValueError("`functions` must name at least one reward function.")
+        resolved = [resolve_reward_function(f) for f in functions]
+        names, seen = [], {}
+        for name, _ in resolved:
+            seen[name] = seen.get(name, 0) + 1
+            names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+        self.names = tuple(names)
+        self.functions = tuple(fn for _, fn in resolved)
+        if weights is None or len(weights) == 0:
+            weights = [1.0] * len(functions)
+        weights = list(weights)
+        if len(weights) != len(functions):
+            raise ValueError(f"`weights` has {len(weights)} entries for {len(functions)} reward functions.")
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+                raise ValueError(f"`weights` must be finite numbers, got {weights!r}.")
+        self.weights = np.asarray(weights, np.float64)
+        if on_error not in ("raise", "missing"):
+            raise ValueError(f"`on_error` must be 'raise' or 'missing', got {on_error!r}.")
+        self.on_error = on_error
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or timeout_s < 0:
+            raise ValueError(f"`timeout_s` must be a number >= 0, got {timeout_s!r}.")
+        self.timeout_s = float(timeout_s)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _invoke(self, fn: RewardFn, prompts, completions, columns) -> Any:
+        return _call_with_timeout(lambda: fn(prompts=list(prompts), completions=list(completions), **columns),
+                                  self.timeout_s)
+
+    @staticmethod
+    def _check_values(name: str, values: Any, n: int, offset: int = 0) -> list[float | None]:
+        """Validates one function's output: ``n`` values, each a real number or None; None -> None."""
+        if isinstance(values, np.ndarray):
+            if values.ndim != 1:
+                raise RewardFunctionError(f"reward function {name!r} returned an array of shape {values.shape}; "
+                                          f"expected {n} values (shape ({n},)).")
+            values = values.tolist()
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise RewardFunctionError(f"reward function {name!r} returned {type(values).__name__}; expected a list "
+                                      f"of {n} numbers (or None).")
+        if len(values) != n:
+            raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {n} completions "
+                                      "(one value per completion expected).")
+        out: list[float | None] = []
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(None)
+            elif isinstance(v, (numbers.Real, np.number, np.bool_)) and not isinstance(v, complex):
+                out.append(float(v))
+            else:
+                raise RewardFunctionError(f"reward function {name!r} returned {v!r} ({type(v).__name__}) for sample "
+                                          f"{offset + i}; expected a number or None.")
+        return out
+
+    def _per_sample(self, name, fn, prompts, completions, columns, batch_error):
+        """Re-scores every sample alone after the batched call failed; returns (values, failures)."""
+        n = len(completions)
+        values: list[float | None] = [None] * n
+        failures: list[tuple[int, BaseException]] = []
+        for i in range(n):
+            cols = {k: [v[i]] for k, v in columns.items()}
+            try:
+                out = self._invoke(fn, [prompts[i]], [completions[i]], cols)
+            except RewardFunctionError:
+                raise
+            except BaseException as err:  # pylint: disable=broad-except
+                if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                    raise
+                failures.append((i, err))
+                if self.on_error == "raise":
+                    raise RewardFunctionError(
+                        f"reward function {name!r} {_describe_failure(err)} on sample {i} of {n}: prompt "
+                        f"{_short(prompts[i])}, completion {_short(completions[i])}. Set rewards.on_error='missing' "
+                        "to score failing samples as missing instead.") from err
+                continue
+            values[i] = self._check_values(name, out, 1, offset=i)[0]
+        if not failures and self.on_error == "raise":
+            raise RewardFunctionError(
+                f"reward function {name!r} {_describe_failure(batch_error)} on the batch of {n} completions, but "
+                "no single completion fails alone (the failure depends on the batch).") from batch_error
+        return values, failures
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]) -> RewardOutput:
+        """Scores ``completions`` (aligned with ``prompts`` and every column) with every function."""
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"`prompts` has {len(prompts)} entries but `completions` has {n}.")
+        for key, column in columns.items():
+            if len(column) != n:
+                raise ValueError(f"column `{key}` has {len(column)} entries but there are {n} completions.")
+        f = len(self.functions)
+        per_function = np.full((n, f), np.nan, np.float64)
+        applicable = np.zeros((n, f), bool)
+        bad = np.zeros(n, bool)
+        num_errors = 0
+        for j, (name, fn) in enumerate(zip(self.names, self.functions)):
+            try:
+                values = self._check_values(name, self._invoke(fn, prompts, completions, columns), n)
+            except RewardFunctionError:
+                raise
+            except BaseException as err:  # pylint: disable=broad-except
+                if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                    raise
+                values, failures = self._per_sample(name, fn, prompts, completions, columns, err)
+                for i, e in failures:
+                    bad[i] = True
+                    num_errors += 1
+                if failures:
+                    i, e = failures[0]
+                    log.warning("reward function %r %s on %d of %d samples (first: sample %d, completion %s); "
+                                "scored as missing.", name, _describe_failure(e), len(failures), n, i,
+                                _short(completions[i]))
+            for i, v in enumerate(values):
+                if v is None:
+                    continue
+                if not math.isfinite(v):
+                    bad[i] = True
+                    continue
+                per_function[i, j] = v
+                applicable[i, j] = True
+        weighted = np.where(applicable, per_function * self.weights[None, :], 0.0).sum(axis=1)
+        valid = applicable.any(axis=1) & ~bad
+        rewards = np.where(valid, weighted, np.nan).astype(np.float32)
+        return RewardOutput(rewards=rewards, valid=valid, per_function=per_function.astype(np.float32),
+                            names=self.names, num_missing=int(n - valid.sum()), num_errors=num_errors)

@@ -1,0 +1,607 @@
+"""The jitted pieces of a GRPO / ADRPO step: log-probs, rollout preparation (rewards -> advantages -> loss
+mask), the minibatch update and the whole RL update.
+
+Everything here is a pure function of arrays (plus static :class:`StepOptions`), built for ``jax.jit`` over
+the functional NNX split ``(graphdef, params, frozen)``: ``params`` is the trainable state (the ``nnx.Param``
+filter by default; a LoRA setup swaps the filter), ``frozen`` the rest of the model state (empty for a plain
+:class:`~adrpo_jax.models.llm.CausalLM`).
+
+The model forward runs under GSPMD (parameters and batches carry ``NamedSharding``\\ s); the GRPO loss runs
+inside ``jax.shard_map`` over the batch axes through :func:`adrpo_jax.train.batch_sharded_loss`, with the
+loss library's distributed contract (local sums, global normalizers, global metrics).
+
+One RL update (:func:`make_rl_update`) on a rollout batch of ``B`` rows (``B = prompts * G``, groups
+contiguous) with ``N`` completion slots::
+
+    rewards [B] (NaN = missing) --(+ DAPO overlong penalty, - beta * KL if kl_placement='reward')--> r
+    A = group advantages of r over the valid rows (GRPO / Dr. GRPO / RLOO / batch-normalized)
+    loss mask = completion mask & valid rows (& not truncated, with mask_truncated_completions)
+    for each of num_iterations passes: permute rows, split into num_minibatches minibatches:
+        one optimizer update per minibatch: gradient of
+            grpo_loss(logp, old_logp, ref_logp, A, loss mask)   (ADRPO: beta_i = beta_0 - clip(A_i))
+            - entropy_coef * aggregate(entropy)
+        accumulated over optim.grad_accum_steps micro-batches, normalized by the *minibatch's* global
+        normalizer (token count / sequence count / B_mb * N), so accumulation is exact; non-finite loss or
+        gradients skip the update (optimizer state untouched).
+
+>>> opts = StepOptions(group_size=2, prompt_length=1, max_new_tokens=2)
+>>> prep = prepare_rollout(opts, {
+...     "completion_mask": jnp.ones((4, 2), bool), "lengths": jnp.full((4,), 2), "done": jnp.ones(4, bool),
+...     "rewards": jnp.array([1.0, 0.0, jnp.nan, 1.0]), "reward_valid": jnp.array([True, True, False, True])})
+>>> prep.advantages.round(3).tolist(), prep.loss_mask[:, 0].tolist()
+([0.707, -0.707, 0.0, 0.0], [True, True, False, True])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adrpo_jax import losses
+from adrpo_jax.models.llm.logprobs import token_logprobs
+from adrpo_jax.train.parallel import batch_sharded_loss
+from adrpo_jax.train.sharding import BATCH_AXES
+from adrpo_jax.train.step_utils import accumulate_gradients, apply_updates_if_finite, split_micro_batches
+
+__all__ = [
+    "StepOptions",
+    "PreparedRollout",
+    "overlong_penalty",
+    "sequence_kl",
+    "prepare_rollout",
+    "loss_normalizer",
+    "completion_logprobs",
+    "make_logprob_fn",
+    "make_loss_fn",
+    "make_minibatch_update",
+    "make_rl_update",
+    "mix_reference",
+    "merge_model",
+]
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+# Metrics of one micro-batch that add up over micro-batches (they are shares of one minibatch loss / counts).
+_SUM_KEYS = ("loss", "pg_loss", "kl_term", "entropy_term", "num_tokens", "num_sequences")
+# grpo_loss metrics kept from the minibatch pass (the coefficient statistics come from the whole rollout).
+_LOSS_KEYS = ("loss", "pg_loss", "kl_term", "kl_mean", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
+              "dual_clip_fraction", "ratio_mean", "ratio_min", "ratio_max", "num_tokens", "num_sequences")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static options of the step (hashable). Field meanings: ``adrpo_jax/rl/config.py`` (``rl.*`` keys).
+
+    ``prompt_length`` (P) and ``max_new_tokens`` (N) fix the layout ``tokens [B, P + N]``; ``temperature`` is
+    the sampling temperature (log-probs are computed at it, as TRL). ``adv_clip_min/max`` None = unbounded.
+    """
+
+    group_size: int
+    prompt_length: int
+    max_new_tokens: int
+    num_iterations: int = 1
+    num_minibatches: int = 1
+    grad_accum_steps: int = 1
+    shuffle_minibatches: bool = True
+    advantage_estimator: str = "grpo"
+    scale_rewards: str = "group"
+    advantage_eps: float = 1e-4
+    beta: float = 0.04
+    adaptive: bool = True
+    adv_clip: str = "multiple"
+    adv_clip_multiple: float = 1.0
+    adv_clip_min: float | None = None
+    adv_clip_max: float | None = None
+    clip_pg_advantages: bool = False
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    ratio_level: str = "token"
+    loss_aggregation: str = "token_mean"
+    kl_estimator: str = "k3"
+    kl_placement: str = "loss"
+    max_log_ratio: float = 20.0
+    entropy_coef: float = 0.0
+    mask_truncated_completions: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    temperature: float = 1.0
+    logprob_chunk_size: int = 512
+    reward_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.adv_clip not in losses.CLIP_MODES:
+            raise ValueError(f"adv_clip={self.adv_clip!r} must be one of {losses.CLIP_MODES}")
+        if self.kl_placement not in ("loss", "reward"):
+            raise ValueError(f"kl_placement={self.kl_placement!r} must be 'loss' or 'reward'")
+        if self.kl_placement == "reward" and self.adaptive:
+            raise ValueError("adaptive=True cannot be combined with kl_placement='reward' (the coefficient would "
+                             "depend on the advantage it changes)")
+        if self.advantage_estimator not in ("grpo", "rloo", "batch_normalized"):
+            raise ValueError(f"advantage_estimator={self.advantage_estimator!r} is unknown")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards={self.scale_rewards!r} is unknown")
+        for name in ("group_size", "prompt_length", "max_new_tokens", "num_iterations", "num_minibatches",
+                     "grad_accum_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+
+    @classmethod
+    def from_config(cls, config: Any, *, prompt_length: int | None = None,
+                    reward_names: tuple[str, ...] = ()) -> "StepOptions":
+        """Options of a validated trainer config (``rl``, ``sampling``, ``model``, ``optim`` sections)."""
+        rl, sampling = config.rl, config.sampling
+        inf_to_none = lambda x: None if math.isinf(float(x)) else float(x)  # noqa: E731
+        return cls(
+            group_size=int(rl.group_size), prompt_length=int(prompt_length or sampling.max_prompt_length),
+            max_new_tokens=int(sampling.max_new_tokens), num_iterations=int(rl.num_iterations),
+            num_minibatches=int(rl.num_minibatches), grad_accum_steps=int(config.optim.grad_accum_steps),
+            shuffle_minibatches=bool(rl.shuffle_minibatches), advantage_estimator=rl.advantage_estimator,
+            scale_rewards=rl.scale_rewards, advantage_eps=float(rl.advantage_eps), beta=float(rl.beta),
+            adaptive=bool(rl.adaptive), adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
+            adv_clip_min=inf_to_none(rl.adv_clip_min), adv_clip_max=inf_to_none(rl.adv_clip_max),
+            clip_pg_advantages=bool(rl.clip_pg_advantages), eps_low=float(rl.eps_low), eps_high=float(rl.eps_high),
+            dual_clip=float(rl.dual_clip) or None, ratio_level=rl.ratio_level, loss_aggregation=rl.loss_aggregation,
+            kl_estimator=rl.kl_estimator, kl_placement=rl.kl_placement, max_log_ratio=float(rl.max_log_ratio),
+            entropy_coef=float(rl.entropy_coef), mask_truncated_completions=bool(rl.mask_truncated_completions),
+            overlong_buffer=int(rl.overlong_buffer), overlong_penalty=float(rl.overlong_penalty),
+            temperature=float(sampling.temperature), logprob_chunk_size=int(config.model.logprob_chunk_size),
+            reward_names=tuple(reward_names))
+
+    # -- derived ------------------------------------------------------------------------------------------
+    @property
+    def coefficient_is_zero(self) -> bool:
+        """The KL coefficient is identically 0 (no reference model is needed)."""
+        return self.beta == 0.0 and (not self.adaptive or self.adv_clip == "multiple")
+
+    @property
+    def use_reference(self) -> bool:
+        return not self.coefficient_is_zero
+
+    @property
+    def use_old_logprobs(self) -> bool:
+        """Old log-probs from a pre-update forward: the batch is reused, or the KL goes into the reward."""
+        return (self.num_iterations > 1 or self.num_minibatches > 1
+                or (self.kl_placement == "reward" and self.use_reference))
+
+    @property
+    def ratio_uses_old_logprobs(self) -> bool:
+        """Pass old log-probs to the surrogate (else on-policy, ratio 1; TRL's rule)."""
+        return self.num_iterations > 1 or self.num_minibatches > 1
+
+    @property
+    def loss_beta(self) -> float:
+        return self.beta if self.kl_placement == "loss" else 0.0
+
+    @property
+    def num_updates(self) -> int:
+        return self.num_iterations * self.num_minibatches
+
+    def coefficient_kwargs(self) -> dict[str, Any]:
+        return dict(adaptive=self.adaptive and self.kl_placement == "loss", clip=self.adv_clip,
+                    clip_multiple=self.adv_clip_multiple,
+                    clip_min=self.adv_clip_min if self.adv_clip == "absolute" else None,
+                    clip_max=self.adv_clip_max if self.adv_clip == "absolute" else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollout preparation: rewards -> advantages -> loss mask
+# ----------------------------------------------------------------------------------------------------------
+
+
+def overlong_penalty(lengths: jax.Array, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> jax.Array:
+    r"""DAPO's soft overlong punishment per completion, in ``[-penalty, 0]``.
+
+    With ``L = max_new_tokens`` and ``c = buffer``: 0 for ``len <= L - c``, ``penalty * (L - c - len) / c`` for
+    ``L - c < len <= L`` (linear from 0 to ``-penalty``); ``len`` counts the completion's tokens including EOS.
+
+    >>> overlong_penalty(jnp.array([2, 6, 7, 8]), 8, 4).tolist()
+    [0.0, -0.5, -0.75, -1.0]
+    """
+    if buffer <= 0:
+        return jnp.zeros(jnp.shape(lengths), jnp.float32)
+    excess = jnp.asarray(lengths, jnp.float32) - (max_new_tokens - buffer)
+    return -penalty * jnp.clip(excess / buffer, 0.0, 1.0)
+
+
+def sequence_kl(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *, estimator: str = "k3",
+                max_log_ratio: float = 20.0) -> jax.Array:
+    """``[B]`` sum over valid tokens of the per-token KL estimate of ``KL(pi || pi_ref)`` (the sequence KL
+    subtracted from the reward with ``kl_placement='reward'``)."""
+    kl = losses.kl_divergence(logp, ref_logp, estimator, max_log_ratio=max_log_ratio, mask=mask)
+    return jnp.sum(kl, axis=-1)
+
+
+class PreparedRollout(NamedTuple):
+    """Output of :func:`prepare_rollout`: ``advantages [B]`` float32, ``loss_mask [B, N]`` bool, ``rewards [B]``
+    (the shaped reward the advantages were computed from; 0 for missing rows), ``valid [B]``, ``metrics``."""
+
+    advantages: jax.Array
+    loss_mask: jax.Array
+    rewards: jax.Array
+    valid: jax.Array
+    metrics: Metrics
+
+
+def _masked_mean_std(x, mask):
+    m = mask.astype(jnp.float32)
+    n = jnp.sum(m)
+    mean = jnp.where(n > 0, jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1.0), 0.0)
+    var = jnp.where(n > 0, jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / jnp.maximum(n, 1.0), 0.0)
+    return mean, jnp.sqrt(var)
+
+
+def _masked_min_max(x, mask):
+    any_valid = jnp.any(mask)
+    lo = jnp.where(any_valid, jnp.min(jnp.where(mask, x, jnp.inf)), 0.0)
+    hi = jnp.where(any_valid, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)
+    return lo, hi
+
+
+def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedRollout:
+    """Rewards -> advantages and loss mask of a rollout batch (global arrays; jit-able).
+
+    Args:
+      opts: the step options.
+      batch: ``completion_mask [B, N]`` bool, ``lengths [B]`` int, ``done [B]`` bool (ended with a stop
+        token), ``rewards [B]`` float (NaN / any value where missing), ``reward_valid [B]`` bool; optional
+        ``reward_components [B, F]`` (per-function values, NaN = missing; logged as ``reward/<name>_mean``),
+        ``prompt_truncated [B]`` bool, and ``old_logp`` / ``ref_logp [B, N]`` (needed for
+        ``kl_placement='reward'``).
+
+    Returns:
+      :class:`PreparedRollout`. Missing rows (``reward_valid`` False or a non-finite reward) get advantage 0,
+      enter no statistic and have an all-False loss mask.
+    """
+    cmask = batch["completion_mask"].astype(bool)
+    b = cmask.shape[0]
+    if b % opts.group_size:
+        raise ValueError(f"batch of {b} rows is not divisible by group_size={opts.group_size}")
+    lengths = batch["lengths"].astype(jnp.int32)
+    done = batch["done"].astype(bool)
+    raw = batch["rewards"].astype(jnp.float32)
+    valid = batch["reward_valid"].astype(bool) & jnp.isfinite(raw)
+    task_reward = jnp.where(valid, raw, 0.0)
+    metrics: Metrics = {}
+    if opts.overlong_buffer > 0:
+        pen = overlong_penalty(lengths, opts.max_new_tokens, opts.overlong_buffer, opts.overlong_penalty)
+        task_reward = jnp.where(valid, task_reward + pen, 0.0)
+        metrics["reward/overlong_mean"] = _masked_mean_std(pen, valid)[0]
+    shaped = task_reward
+    if opts.kl_placement == "reward" and opts.use_reference:
+        if "old_logp" not in batch or "ref_logp" not in batch:
+            raise ValueError("kl_placement='reward' needs `old_logp` and `ref_logp` in the batch")
+        seq_kl = sequence_kl(batch["old_logp"], batch["ref_logp"], cmask, estimator=opts.kl_estimator,
+                             max_log_ratio=opts.max_log_ratio)
+        shaped = jnp.where(valid, task_reward - opts.beta * seq_kl, 0.0)
+        tok_kl = losses.kl_divergence(batch["old_logp"], batch["ref_logp"], opts.kl_estimator,
+                                      max_log_ratio=opts.max_log_ratio, mask=cmask)
+        metrics["kl_mean"] = _masked_mean_std(tok_kl, cmask & valid[:, None])[0]
+        metrics["kl_reward_penalty_mean"] = _masked_mean_std(opts.beta * seq_kl, valid)[0]
+
+    g = opts.group_size
+    if opts.advantage_estimator == "grpo":
+        adv = losses.group_advantages(shaped, group_size=g, scale_by_std=opts.scale_rewards != "none",
+                                      std_level="batch" if opts.scale_rewards == "batch" else "group",
+                                      eps=opts.advantage_eps, mask=valid)
+    elif opts.advantage_estimator == "rloo":
+        adv = losses.rloo_advantages(shaped, group_size=g, mask=valid)
+    else:
+        adv = losses.batch_normalized_advantages(shaped, scale_by_std=opts.scale_rewards == "batch",
+                                                 eps=opts.advantage_eps, mask=valid)
+    adv = jnp.where(valid, adv, 0.0)
+
+    loss_mask = cmask & valid[:, None]
+    if opts.mask_truncated_completions:
+        loss_mask = loss_mask & done[:, None]
+    seq_has_loss = jnp.any(loss_mask, axis=-1)
+
+    metrics["reward_mean"], metrics["reward_std"] = _masked_mean_std(task_reward, valid)
+    metrics["reward"] = metrics["reward_mean"]  # TRL's name (also shown on the progress bar)
+    comps = batch.get("reward_components")
+    if comps is not None:
+        names = opts.reward_names or tuple(f"fn{j}" for j in range(comps.shape[1]))
+        if len(names) != comps.shape[1]:
+            raise ValueError(f"reward_components has {comps.shape[1]} columns but reward_names has {len(names)}")
+        for j, name in enumerate(names):
+            col = comps[:, j].astype(jnp.float32)
+            metrics[f"reward/{name}_mean"] = _masked_mean_std(col, valid & jnp.isfinite(col))[0]
+    metrics["advantage_mean"], metrics["advantage_std"] = _masked_mean_std(adv, valid)
+    metrics["advantage_min"], metrics["advantage_max"] = _masked_min_max(adv, valid)
+    grouped_r = shaped.reshape(b // g, g)
+    grouped_v = valid.reshape(b // g, g)
+    g_lo, g_hi = (jnp.min(jnp.where(grouped_v, grouped_r, jnp.inf), axis=1),
+                  jnp.max(jnp.where(grouped_v, grouped_r, -jnp.inf), axis=1))
+    no_signal = ~(g_hi > g_lo)  # < 2 valid samples or all-equal rewards
+    metrics["zero_std_group_fraction"] = jnp.mean(no_signal.astype(jnp.float32))
+    if opts.coefficient_is_zero:
+        for key in ("beta_eff_mean", "beta_eff_min", "beta_eff_max", "adv_clip_fraction"):
+            metrics[key] = jnp.zeros((), jnp.float32)
+    else:
+        metrics.update(losses.coefficient_metrics(adv, opts.beta, mask=seq_has_loss, **opts.coefficient_kwargs()))
+    lengths_f = lengths.astype(jnp.float32)
+    metrics["completion_length_mean"] = jnp.mean(lengths_f)
+    metrics["completion_length_min"] = jnp.min(lengths_f)
+    metrics["completion_length_max"] = jnp.max(lengths_f)
+    metrics["truncated_fraction"] = jnp.mean((~done).astype(jnp.float32))
+    metrics["num_missing_rewards"] = jnp.sum(~valid).astype(jnp.float32)
+    metrics["tokens"] = jnp.sum(lengths_f)
+    metrics["loss_tokens"] = jnp.sum(loss_mask).astype(jnp.float32)
+    if "prompt_truncated" in batch:
+        metrics["prompts_truncated"] = jnp.sum(batch["prompt_truncated"].astype(jnp.float32)) / g
+    return PreparedRollout(advantages=adv, loss_mask=loss_mask, rewards=shaped, valid=valid, metrics=metrics)
+
+
+def loss_normalizer(loss_mask: jax.Array, loss_aggregation: str, max_new_tokens: int) -> jax.Array:
+    """The global denominator of one minibatch's loss (>= 1), computed once and passed to every micro-batch:
+    token count (``token_mean``), sequences with a loss token (``sequence_mean``), ``B_mb * N``
+    (``constant_normalizer``)."""
+    mask = loss_mask.astype(bool)
+    if loss_aggregation == "token_mean":
+        n = jnp.sum(mask, dtype=jnp.float32)
+    elif loss_aggregation == "sequence_mean":
+        n = jnp.sum(jnp.any(mask, axis=-1), dtype=jnp.float32)
+    elif loss_aggregation == "constant_normalizer":
+        n = jnp.asarray(mask.shape[0] * max_new_tokens, jnp.float32)
+    else:
+        raise ValueError(f"loss_aggregation={loss_aggregation!r} is unknown")
+    return jnp.maximum(n, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def merge_model(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree | None = None) -> nnx.Module:
+    """``nnx.merge`` of the trainable and frozen states."""
+    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
+def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array, opts: StepOptions
+                        ) -> tuple[jax.Array, jax.Array]:
+    """``(logp [B, N], entropy [B, N])`` of the completion tokens ``tokens[:, P:]`` at the sampling temperature
+    (float32; 0 on padding), from one chunked forward pass (never a [B, T, V] float32 logits array)."""
+    logp, ent = token_logprobs(model, tokens, attention_mask, chunk_size=opts.logprob_chunk_size,
+                               return_entropy=True, temperature=opts.temperature)
+    p = opts.prompt_length
+    return logp[:, p:], ent[:, p:]
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """Pure ``fn(params, frozen, tokens, attention_mask) -> (logp [B, N], entropy [B, N])`` (not jitted)."""
+
+    def fn(params, frozen, tokens, attention_mask):
+        model = merge_model(graphdef, params, frozen)
+        logp, ent = completion_logprobs(model, tokens, attention_mask, opts)
+        return jax.lax.stop_gradient(logp), jax.lax.stop_gradient(ent)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss and updates
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _global_mean(x, mask, axis_name):
+    total = jnp.sum(jnp.where(mask, x, 0.0))
+    count = jnp.sum(mask, dtype=jnp.float32)
+    if axis_name is not None:
+        total, count = jax.lax.psum(total, axis_name), jax.lax.psum(count, axis_name)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
+                 ) -> Callable[[PyTree, PyTree, dict[str, jax.Array], jax.Array], tuple[jax.Array, Metrics]]:
+    """``loss_fn(params, frozen, minibatch, normalizer) -> (loss, metrics)`` of one (micro-)batch.
+
+    ``minibatch``: ``tokens [b, P+N]``, ``attention_mask [b, P+N]``, ``loss_mask [b, N]``, ``advantages [b]``,
+    and ``old_logp`` / ``ref_logp [b, N]`` when used. ``normalizer`` is the global normalizer of the whole
+    minibatch (:func:`loss_normalizer`). With a ``mesh``, the loss runs in ``shard_map`` over the batch axes
+    (:func:`adrpo_jax.train.batch_sharded_loss`); with None, on one device. ``metrics``: ``loss``, ``pg_loss``,
+    ``kl_term``, ``entropy_term``, ``kl_mean``, clip fractions, ratio stats, ``entropy_mean``, counts.
+    """
+    loss_kw = dict(beta=opts.loss_beta, **opts.coefficient_kwargs(), clip_pg_advantages=opts.clip_pg_advantages,
+                   eps_low=opts.eps_low, eps_high=opts.eps_high, dual_clip=opts.dual_clip,
+                   ratio_level=opts.ratio_level, loss_aggregation=opts.loss_aggregation,
+                   kl_estimator=opts.kl_estimator, max_log_ratio=opts.max_log_ratio)
+    use_ref_in_loss = opts.use_reference and opts.kl_placement == "loss"
+
+    def loss_fn(params, frozen, minibatch, normalizer):
+        model = merge_model(graphdef, params, frozen)
+        logp, entropy = completion_logprobs(model, minibatch["tokens"], minibatch["attention_mask"], opts)
+        shard_batch = {"logp": logp, "entropy": entropy, "loss_mask": minibatch["loss_mask"],
+                       "advantages": minibatch["advantages"]}
+        if opts.ratio_uses_old_logprobs:
+            shard_batch["old_logp"] = minibatch["old_logp"]
+        if use_ref_in_loss:
+            shard_batch["ref_logp"] = minibatch["ref_logp"]
+
+        def per_device(b, axis_name=None):
+            mask = b["loss_mask"]
+            loss, m = losses.grpo_loss(b["logp"], b.get("old_logp"), b.get("ref_logp"), b["advantages"], mask,
+                                       normalizer=normalizer, axis_name=axis_name, **loss_kw)
+            out = {k: m[k] for k in _LOSS_KEYS}
+            out["entropy_mean"] = _global_mean(jax.lax.stop_gradient(b["entropy"]), mask, axis_name)
+            if opts.entropy_coef:
+                ent_share = losses.aggregate_loss(b["entropy"], mask, loss_aggregation=opts.loss_aggregation,
+                                                  normalizer=normalizer, axis_name=axis_name)
+                loss = loss - opts.entropy_coef * ent_share
+                psum = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
+                out["entropy_term"] = -opts.entropy_coef * psum(jax.lax.stop_gradient(ent_share))
+                out["loss"] = psum(jax.lax.stop_gradient(loss))
+            else:
+                out["entropy_term"] = jnp.zeros((), jnp.float32)
+            return loss, out
+
+        if mesh is None:
+            return per_device(shard_batch)
+        return batch_sharded_loss(per_device, mesh)(shard_batch)
+
+    return loss_fn
+
+
+def _reduce_micro(stacked: Metrics) -> Metrics:
+    """Per-micro-batch metric vectors [k] -> minibatch metrics (sum / min / max / token-weighted mean)."""
+    weights = stacked.get("num_tokens")
+    out = {}
+    for key, v in stacked.items():
+        if key in _SUM_KEYS:
+            out[key] = jnp.sum(v)
+        elif key.endswith("_min"):
+            out[key] = jnp.min(v)
+        elif key.endswith("_max"):
+            out[key] = jnp.max(v)
+        elif weights is not None:
+            wsum = jnp.sum(weights)
+            out[key] = jnp.where(wsum > 0, jnp.sum(v * weights) / jnp.maximum(wsum, 1.0), jnp.mean(v))
+        else:
+            out[key] = jnp.mean(v)
+    return out
+
+
+def _reduce_updates(stacked: Metrics) -> Metrics:
+    """Per-update metrics [U] -> step metrics (min / max / any / sum / mean)."""
+    out = {}
+    for key, v in stacked.items():
+        if key == "skipped":
+            out[key] = jnp.any(v)
+            out["skipped_updates"] = jnp.sum(v.astype(jnp.float32))
+        elif key.endswith("_min"):
+            out[key] = jnp.min(v)
+        elif key.endswith("_max"):
+            out[key] = jnp.max(v)
+        else:
+            out[key] = jnp.mean(v.astype(jnp.float32))
+    return out
+
+
+def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions,
+                          mesh: Mesh | None, *, return_grads: bool = False):
+    """``update(params, opt_state, frozen, minibatch) -> (params, opt_state, metrics)``: one optimizer update.
+
+    The gradient is accumulated over ``opts.grad_accum_steps`` micro-batches (rows ``i, i + k, ...``; kit's
+    ``accumulate_gradients``) with the minibatch's global normalizer, so it equals the full-minibatch gradient;
+    ``apply_updates_if_finite`` skips a non-finite update. With ``return_grads`` the (summed) gradients are
+    returned too: ``(params, opt_state, metrics, grads)``.
+    """
+    loss_fn = make_loss_fn(graphdef, opts, mesh)
+    k = opts.grad_accum_steps
+
+    def update(params, opt_state, frozen, minibatch):
+        normalizer = loss_normalizer(minibatch["loss_mask"], opts.loss_aggregation, opts.max_new_tokens)
+
+        def grad_fn(p, micro):
+            micro = dict(micro)
+            index = micro.pop("_micro_index")
+            (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, frozen, micro, normalizer)
+            onehot = jax.nn.one_hot(index, k, dtype=jnp.bool_)
+            m = {key: jnp.where(onehot, v.astype(jnp.float32), 0.0) for key, v in m.items()}
+            return (loss, m), grads
+
+        micro = split_micro_batches(minibatch, k)
+        micro["_micro_index"] = jnp.arange(k)
+        (loss, stacked), grads = accumulate_gradients(grad_fn, params, micro)
+        metrics = _reduce_micro(stacked)
+        new_params, new_opt_state, info = apply_updates_if_finite(tx, grads, opt_state, params, loss=loss)
+        metrics.update(info)
+        if return_grads:
+            return new_params, new_opt_state, metrics, grads
+        return new_params, new_opt_state, metrics
+
+    return update
+
+
+def _constrain_batch(tree, mesh):
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, P(BATCH_AXES))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+def minibatch_indices(opts: StepOptions, batch_size: int, key: jax.Array | None) -> jax.Array:
+    """``[num_iterations * num_minibatches, batch_size // num_minibatches]`` row indices of every update.
+
+    Each pass permutes the rows (``shuffle_minibatches``, from ``fold_in(key, pass)``) and takes minibatch
+    ``m`` = rows ``m, m + M, m + 2M, ...`` of that order (strided, so a sharded batch stays spread over all
+    devices without shuffling).
+    """
+    m = opts.num_minibatches
+    if batch_size % m:
+        raise ValueError(f"batch of {batch_size} rows is not divisible by num_minibatches={m}")
+    rows = []
+    for it in range(opts.num_iterations):
+        order = jnp.arange(batch_size)
+        if opts.shuffle_minibatches and key is not None and opts.num_updates > 1:
+            order = jax.random.permutation(jax.random.fold_in(key, it), batch_size)
+        rows.append(order.reshape(batch_size // m, m).T)
+    return jnp.concatenate(rows, axis=0)
+
+
+def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions,
+                   mesh: Mesh | None):
+    """``rl_update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``: one RL step's
+    updates on a rollout batch (see the module docstring); jit it with ``donate_argnums=(0, 1)``.
+
+    ``batch``: the keys of :func:`prepare_rollout` plus ``tokens [B, P+N]`` and ``attention_mask [B, P+N]``
+    (``old_logp`` / ``ref_logp [B, N]`` when :attr:`StepOptions.use_old_logprobs` /
+    :attr:`StepOptions.use_reference`). ``key`` drives the minibatch permutation.
+    """
+    minibatch_update = make_minibatch_update(graphdef, tx, opts, mesh)
+
+    def rl_update(params, opt_state, frozen, batch, key):
+        prep = prepare_rollout(opts, batch)
+        train_batch = {"tokens": batch["tokens"], "attention_mask": batch["attention_mask"],
+                       "loss_mask": prep.loss_mask, "advantages": prep.advantages}
+        if opts.ratio_uses_old_logprobs:
+            train_batch["old_logp"] = batch["old_logp"]
+        if opts.use_reference and opts.kl_placement == "loss":
+            train_batch["ref_logp"] = batch["ref_logp"]
+        b = prep.advantages.shape[0]
+        if opts.num_updates == 1:
+            params, opt_state, m = minibatch_update(params, opt_state, frozen, train_batch)
+            step_metrics = _reduce_updates(jax.tree.map(lambda x: x[None], m))
+        else:
+            indices = minibatch_indices(opts, b, key)
+
+            def body(carry, idx):
+                p, o = carry
+                mb = _constrain_batch(jax.tree.map(lambda x: jnp.take(x, idx, axis=0), train_batch), mesh)
+                p, o, m = minibatch_update(p, o, frozen, mb)
+                return (p, o), m
+
+            (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state), indices)
+            step_metrics = _reduce_updates(stacked)
+        metrics = dict(prep.metrics)
+        for key_, value in step_metrics.items():
+            if key_ == "kl_mean" and opts.kl_placement == "reward":
+                continue  # the rollout's KL(old || ref) (the shaped one) is the meaningful one there
+            metrics[key_] = value
+        if not opts.use_reference:
+            metrics.pop("kl_mean", None)
+        return params, opt_state, metrics
+
+    return rl_update
+
+
+def mix_reference(ref_params: PyTree, params: PyTree, alpha: float) -> PyTree:
+    """Reference refresh: ``ref = alpha * policy + (1 - alpha) * ref`` (``alpha = 1``: a copy; TRL's
+    ``ref_model_mixup_alpha`` / ``ref_model_sync_steps``). Pure; jit with ``donate_argnums=0``."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
+    if alpha == 1.0:
+        return jax.tree.map(lambda r, p: p.astype(r.dtype) + jnp.zeros_like(r), ref_params, params)
+    return jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)
+                                      ).astype(r.dtype), ref_params, params)

@@ -1,0 +1,337 @@
+"""The GRPO / ADRPO trainer for language models: ``train_and_evaluate(config, workdir)`` (registry name ``'llm'``).
+
+    python launch.py --config=configs/llm_arith.py:cpu --workdir=/tmp/adrpo_arith [--config.total_steps=200]
+
+One RL step (``total_steps`` counts them):
+
+1. this process's rows of ``rl.num_prompts_per_step`` prompts x ``rl.group_size`` (a deterministic function of
+   ``(seed, step)``), rendered and left-padded, assembled into global sharded arrays;
+2. ``G`` completions per prompt from the jitted KV-cached sampler (key ``fold_in(key(seed), step)``);
+3. **host/device overlap**: the jitted old-policy and reference log-prob passes are *dispatched* (JAX runs them
+   asynchronously), then the host decodes this process's completions and runs the reward functions while the
+   device computes, then the rewards go back as global arrays (nothing waits on the device before the rewards
+   are computed, and the rewards never wait on the log-probs);
+4. one jitted, donated update (:func:`adrpo_jax.rl.step.make_rl_update`): advantages on the global batch, then
+   ``rl.num_iterations`` x ``rl.num_minibatches`` optimizer updates of the clipped GRPO objective with ADRPO's
+   adaptive KL coefficient, gradient accumulation, clipping, skip of non-finite updates;
+5. optional reference refresh (``rl.ref_sync_steps``, logged as ``ref_synced``).
+
+State: ``{"params", "opt_state"}`` (+ ``"ref_params"`` when the reference is refreshed), born sharded over the
+``('data', 'fsdp', 'tensor')`` mesh from the parameters' logical axis names; a frozen reference (the initial
+policy) is loaded from ``model.path`` at start, sharded like the policy, and never checkpointed; with a KL
+coefficient identically 0 no reference exists at all. Checkpoints, logging, preemption and the non-finite skip
+limit come from :func:`adrpo_jax.train.run_training`; the prompt iterator's position is host state, so a
+resumed run (also after SIGKILL) continues bit-identically.
+
+Metrics (one JSONL line / TensorBoard point per ``log_every`` steps, means over the interval): ``reward_mean``,
+``reward_std``, ``reward/<fn>_mean``, ``advantage_mean/std/min/max``, ``kl_mean``, ``beta_eff_mean/min/max``,
+``adv_clip_fraction``, ``clip_fraction`` (+ ``_low``/``_high``), ``ratio_mean/min/max``, ``entropy_mean``,
+``completion_length_mean/min/max``, ``truncated_fraction``, ``zero_std_group_fraction``,
+``num_missing_rewards``, ``pg_loss``, ``kl_term``, ``entropy_term``, ``loss``, ``grad_norm``,
+``skipped_updates``, ``tokens_per_sec``, ``step_time_s``, ``learning_rate``, ``ref_synced``, ``eval/accuracy``.
+A few decoded samples per logged step go to ``workdir/samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from adrpo_jax import train
+from adrpo_jax.models.llm import CausalLM, DecoderConfig, load_pretrained, load_tokenizer
+from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn
+from adrpo_jax.rl import config as config_lib
+from adrpo_jax.rl import data as data_lib
+from adrpo_jax.rl.rewards import RewardComputer, resolve_reward_function
+from adrpo_jax.rl.rollout import PromptEncoder, stop_token_ids
+from adrpo_jax.rl.step import StepOptions, make_logprob_fn, make_rl_update, mix_reference
+
+__all__ = ["train_and_evaluate", "resolve_model_path", "RLTrainer", "Evaluator"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_model_path(model_config: Any) -> tuple[Path, Path]:
+    """``(model_dir, tokenizer_dir)`` of ``config.model``; builds / converts a ``builtin:`` model on first use."""
+    path = model_config.path
+    if path == "builtin:tiny_arith":
+        from adrpo_jax.rl.sft import ensure_tiny_arith_model  # pylint: disable=import-outside-toplevel
+        model_dir = ensure_tiny_arith_model()
+    elif path == "builtin:smollm2":
+        from adrpo_jax.models.llm.smollm2 import convert_smollm2  # pylint: disable=import-outside-toplevel
+        model_dir = convert_smollm2()
+    else:
+        model_dir = Path(os.path.expanduser(path))
+    tok = Path(os.path.expanduser(model_config.tokenizer_path)) if model_config.tokenizer_path else model_dir
+    return model_dir, tok
+
+
+def _param_sharding_fn(mesh: Mesh):
+    def fn(names, shape):
+        return NamedSharding(mesh, train.logical_to_partition_spec(names, shape, mesh))
+    return fn
+
+
+class Evaluator:
+    """Held-out accuracy: greedy (or sampled) completions of fixed examples, scored by one reward function.
+
+    Every process generates the global batch (sharded) and scores its own rows; the accuracy is a global mean.
+    The example count is padded to a multiple of the data-parallel size (padding rows are not counted).
+    """
+
+    def __init__(self, examples: list[dict[str, Any]], encoder: PromptEncoder, graphdef: nnx.GraphDef,
+                 sampling: SamplingConfig, mesh: Mesh, accuracy_reward: str):
+        if not examples:
+            raise ValueError("no evaluation examples")
+        self.encoder, self.mesh = encoder, mesh
+        self.name, self.reward_fn = resolve_reward_function(accuracy_reward)
+        dp = train.data_parallel_size(mesh) * max(1, jax.process_count())
+        n = len(examples)
+        n_pad = -(-n // dp) * dp
+        rows = train.process_batch_slice(n_pad, mesh)
+        padded = examples + [examples[-1]] * (n_pad - n)
+        self.rows = padded[rows]
+        self.valid_local = (np.arange(n_pad) < n)[rows]
+        self.n = n
+        tokens, mask, _ = encoder.encode([r["prompt"] for r in self.rows])
+        self.batch = train.host_local_to_global({"tokens": tokens, "mask": mask}, mesh)
+        gen = make_generate_fn(graphdef, sampling)
+        bs = train.batch_sharding(mesh)
+        self._generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
+                                 out_shardings=bs)
+        self._global_mean = jax.jit(lambda x, v: jnp.sum(x * v) / jnp.maximum(jnp.sum(v), 1.0),
+                                    out_shardings=train.replicated_sharding(mesh))
+        self._key = jax.random.key(0)
+
+    def __call__(self, params, frozen) -> dict[str, Any]:
+        out = self._generate(params, frozen, self.batch["tokens"], self.batch["mask"], self._key)
+        local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths,
+                                            "done": out.done})
+        texts = self.encoder.decode(local["completions"], local["lengths"])
+        columns = data_lib.columns_of(self.rows)
+        scores = self.reward_fn(prompts=[r["prompt"] for r in self.rows], completions=texts, **columns)
+        scores = np.asarray([0.0 if s is None or not np.isfinite(s) else float(s) for s in scores], np.float32)
+        g = train.host_local_to_global({"score": scores, "valid": self.valid_local.astype(np.float32),
+                                        "length": local["lengths"].astype(np.float32),
+                                        "truncated": (~local["done"]).astype(np.float32)}, self.mesh)
+        return {"eval/accuracy": self._global_mean(g["score"], g["valid"]),
+                "eval/completion_length_mean": self._global_mean(g["length"], g["valid"]),
+                "eval/truncated_fraction": self._global_mean(g["truncated"], g["valid"])}
+
+
+class RLTrainer:
+    """Builds everything of an LLM RL run from a validated config (used by :func:`train_and_evaluate`).
+
+    Public attributes useful to tests and tools: ``mesh``, ``graphdef``, ``opts`` (:class:`StepOptions`),
+    ``tx``, ``abstract_state``, ``tokenizer``, ``encoder``, ``rewards`` (:class:`RewardComputer`),
+    ``iterator`` (:class:`~adrpo_jax.rl.data.PromptIterator`), ``trainable`` (the parameter filter).
+    """
+
+    def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = nnx.Param):
+        config_lib.validate_llm_config(config)
+        self.config, self.workdir = config, os.fspath(workdir)
+        self.trainable = trainable
+        self.mesh = train.make_mesh(config.mesh)
+        self.layout = config_lib.validate_llm_batch_layout(config, train.data_parallel_size(self.mesh),
+                                                           jax.process_count())
+        self.model_dir, tokenizer_dir = resolve_model_path(config.model)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        m = config.model
+        self.model_config = DecoderConfig.from_hf_config(
+            self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
+            remat_policy=m.remat_policy or None)
+        if config.sampling.top_k > self.model_config.vocab_size:
+            raise train.ConfigError(f"`sampling.top_k`={config.sampling.top_k} exceeds the vocabulary size "
+                                    f"{self.model_config.vocab_size}.", key="sampling.top_k")
+        self.rewards = RewardComputer(tuple(config.rewards.functions), tuple(config.rewards.weights),
+                                      on_error=config.rewards.on_error, timeout_s=config.rewards.timeout_s)
+        self.opts = StepOptions.from_config(config, reward_names=self.rewards.names)
+        self.updates_per_step = config_lib.updates_per_step(config)
+        self.tx, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
+        self.encoder = PromptEncoder(self.tokenizer, int(config.sampling.max_prompt_length),
+                                     chat_template=config.data.chat_template, system_prompt=config.data.system_prompt,
+                                     prompt_template=config.data.prompt_template)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model_config)
+
+        abstract_model = nnx.eval_shape(lambda: CausalLM(self.model_config, rngs=nnx.Rngs(0)))
+        self.graphdef, _, abstract_frozen = nnx.split(abstract_model, trainable, ...)
+        self.ref_in_state = self.opts.use_reference and config.rl.ref_sync_steps > 0
+        tx, cfg, ref_in_state = self.tx, self.model_config, self.ref_in_state
+
+        def plan():
+            params = nnx.state(CausalLM(cfg, rngs=nnx.Rngs(0)), trainable)
+            state = {"params": params, "opt_state": tx.init(params)}
+            if ref_in_state:
+                state["ref_params"] = params
+            return state
+
+        self.abstract_state = train.plan_sharded(plan, self.mesh)
+        self.state_shardings = train.shardings_of(self.abstract_state)
+        self._pretrained: CausalLM | None = None
+        self.frozen = abstract_frozen if not jax.tree.leaves(abstract_frozen) else \
+            nnx.split(self._load_pretrained(), trainable, ...)[2]
+        # A frozen reference (the initial policy) is loaded, not checkpointed; a refreshed one lives in the state.
+        self.ref_params = (nnx.state(self._load_pretrained(), trainable)
+                           if self.opts.use_reference and not self.ref_in_state else None)
+
+        self.iterator = data_lib.PromptIterator(
+            data_lib.make_prompt_source(config), int(config.rl.num_prompts_per_step), int(config.rl.group_size),
+            rows=train.process_batch_slice(self.layout["batch_size"], self.mesh), seed=int(config.seed),
+            shuffle=bool(config.data.shuffle))
+        self._build_functions()
+        self.evaluator = None
+        if int(config.eval_every) > 0:
+            eval_sampling = SamplingConfig(
+                max_new_tokens=int(config.sampling.max_new_tokens), temperature=float(config.sampling.temperature),
+                greedy=bool(config.eval.greedy), eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id)
+            self.evaluator = Evaluator(data_lib.make_eval_examples(config), self.encoder, self.graphdef,
+                                       eval_sampling, self.mesh, config.eval.accuracy_reward)
+        self.base_key = jax.random.key(int(config.seed))
+        self._samples_path = os.path.join(self.workdir, "samples.jsonl")
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _load_pretrained(self) -> CausalLM:
+        if self._pretrained is None:
+            m = self.config.model
+            self._pretrained = load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
+                                               remat=m.remat, remat_policy=m.remat_policy or None,
+                                               shardings=_param_sharding_fn(self.mesh))
+        return self._pretrained
+
+    def _build_functions(self) -> None:
+        config, opts, mesh = self.config, self.opts, self.mesh
+        bs = train.batch_sharding(mesh)
+        repl = train.replicated_sharding(mesh)
+        s = config.sampling
+        self.sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+                                       top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
+                                       eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id)
+        gen = make_generate_fn(self.graphdef, self.sampling)
+        self.generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
+                                out_shardings=bs)
+        self.logprobs = jax.jit(make_logprob_fn(self.graphdef, opts), out_shardings=(bs, bs))
+        sh = self.state_shardings
+        self.update = jax.jit(make_rl_update(self.graphdef, self.tx, opts, mesh),
+                              out_shardings=(sh["params"], sh["opt_state"], repl), donate_argnums=(0, 1))
+        self.mix = jax.jit(functools.partial(mix_reference, alpha=float(config.rl.ref_mixup_alpha)),
+                           out_shardings=sh["params"], donate_argnums=0)
+
+    def init_state(self) -> dict[str, Any]:
+        """The fresh train state: the pretrained weights (copied, sharded), a new optimizer state."""
+        params = nnx.state(self._load_pretrained(), self.trainable)
+        sh = self.state_shardings
+        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["params"])
+        state = {"params": copy(params), "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params)}
+        if self.ref_in_state:
+            state["ref_params"] = copy(params)
+        return state
+
+    def reference_params(self, state) -> Any:
+        return state["ref_params"] if self.ref_in_state else self.ref_params
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def rollout_batch(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Generates, scores and assembles the rollout batch of ``step`` (global arrays) and host info."""
+        mesh, opts = self.mesh, self.opts
+        rows = self.iterator.next_rows()
+        prompts = [r["prompt"] for r in rows]
+        tokens, pmask, ptrunc = self.encoder.encode(prompts)
+        g = train.host_local_to_global({"tokens": tokens, "mask": pmask, "truncated": ptrunc}, mesh)
+        key = jax.random.fold_in(self.base_key, step)
+        sample_key, update_key = jax.random.split(key)
+        out = self.generate(state["params"], self.frozen, g["tokens"], g["mask"], sample_key)
+        # Dispatch the device work that does not need the rewards first (asynchronous), then score on the host.
+        batch: dict[str, Any] = {"tokens": out.tokens, "attention_mask": out.attention_mask,
+                                 "completion_mask": out.completion_mask, "lengths": out.lengths, "done": out.done,
+                                 "prompt_truncated": g["truncated"]}
+        if opts.use_old_logprobs:
+            batch["old_logp"], _ = self.logprobs(state["params"], self.frozen, out.tokens, out.attention_mask)
+        if opts.use_reference:
+            batch["ref_logp"], _ = self.logprobs(self.reference_params(state), self.frozen, out.tokens,
+                                                 out.attention_mask)
+        local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths})
+        texts = self.encoder.decode(local["completions"], local["lengths"])
+        columns = data_lib.columns_of(rows)
+        columns["completion_ids"] = [row[:n].tolist() for row, n in zip(local["completions"], local["lengths"])]
+        scored = self.rewards(prompts, texts, **columns)
+        batch.update(train.host_local_to_global({"rewards": scored.rewards, "reward_valid": scored.valid,
+                                                 "reward_components": scored.per_function}, mesh))
+        host = {"prompts": prompts, "completions": texts, "rewards": scored.rewards, "key": update_key,
+                "num_errors": scored.num_errors}
+        return batch, host
+
+    def train_step(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
+        batch, host = self.rollout_batch(step, state)
+        params, opt_state, metrics = self.update(state["params"], state["opt_state"], self.frozen, batch,
+                                                 host["key"])
+        new_state = dict(state, params=params, opt_state=opt_state)
+        metrics = dict(metrics)
+        metrics["reward_errors"] = float(host["num_errors"])
+        sync = int(self.config.rl.ref_sync_steps)
+        if self.ref_in_state:
+            synced = (step + 1) % sync == 0
+            if synced:
+                new_state["ref_params"] = self.mix(state["ref_params"], params)
+                log.info("step %d: reference refreshed (alpha=%g)", step + 1, self.config.rl.ref_mixup_alpha)
+            metrics["ref_synced"] = float(synced)
+        if (step + 1) % int(self.config.log_every) == 0 and jax.process_index() == 0:
+            self._write_samples(step + 1, host)
+        return new_state, metrics
+
+    def _write_samples(self, step: int, host: dict[str, Any], k: int = 4) -> None:
+        try:
+            with open(self._samples_path, "a", encoding="utf-8") as f:
+                for p, c, r in list(zip(host["prompts"], host["completions"], host["rewards"].tolist()))[:k]:
+                    f.write(json.dumps({"step": step, "prompt": p, "completion": c,
+                                        "reward": None if r != r else r}) + "\n")
+        except OSError as err:  # logging must never kill a run
+            log.warning("could not write %s: %s", self._samples_path, err)
+
+    def eval_step(self, step: int, state) -> dict[str, Any]:
+        del step
+        return self.evaluator(state["params"], self.frozen) if self.evaluator is not None else {}
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        writer = train.MetricWriter(self.workdir, config.logging, run_config=config)
+        upd = self.updates_per_step
+
+        def init_state():
+            state = self.init_state()
+            if self.evaluator is not None:  # the "before" number of a fresh run, logged at step 0
+                writer.truncate_after(-1)
+                writer.write(0, {k: v for k, v in jax.device_get(self.eval_step(0, state)).items()})
+            return state
+
+        try:
+            result = train.run_training(
+                config=config, workdir=self.workdir, init_state=init_state, abstract_state=self.abstract_state,
+                train_step=self.train_step, get_host_state=self.iterator.get_state,
+                set_host_state=self.iterator.set_state,
+                eval_step=self.eval_step if self.evaluator is not None else None,
+                learning_rate_fn=lambda s: self.schedule(s * upd), throughput_keys=("tokens",), writer=writer)
+        finally:
+            writer.close()
+        self.result = result
+        return result.to_dict()
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) GRPO / ADRPO training of ``config`` in ``workdir``; returns the last logged metrics
+    plus ``step``, ``preempted``, ``resumed_from``."""
+    return RLTrainer(config, workdir).run()
