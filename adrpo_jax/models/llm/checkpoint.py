@@ -30,6 +30,7 @@ from flax import nnx
 
 from adrpo_jax.models.llm.config import DecoderConfig
 from adrpo_jax.models.llm.modeling import CausalLM
+from adrpo_jax.train.sharding import DEFAULT_LOGICAL_RULES, logical_to_partition_spec
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,6 @@ _IGNORED_TENSORS = (re.compile(r".*\.rotary_emb\.inv_freq$"),)
 
 # Default logical-axis -> mesh-axis rules (the project contract; adrpo_jax/train/sharding.py owns the
 # authoritative copy, pass its function as `shardings=` to use it).
-DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
-    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
-)
 
 
 class CheckpointError(ValueError):
@@ -267,28 +265,16 @@ class CheckpointReader:
 # ------------------------------------------------------------------------------------------------------
 def logical_to_sharding(mesh: jax.sharding.Mesh, names: Sequence[str | None], shape: Sequence[int],
                         rules: Iterable[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> jax.sharding.NamedSharding:
-  """NamedSharding of a parameter from its logical axis names; a dimension not divisible by its mesh
-  axis size (or whose mesh axis is absent / already used) is replicated.
+  """NamedSharding of a parameter from its logical axis names, by the project's one rule set
+  (`adrpo_jax.train.sharding.logical_to_partition_spec`: a dimension not divisible by its mesh axis size, or
+  whose mesh axis is already used, is replicated).
 
-  >>> mesh = jax.make_mesh((1,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
-  >>> tuple(logical_to_sharding(mesh, ("embed", "mlp"), (4, 8)).spec)
-  (None, 'tensor')
+  >>> mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  ...                      devices=jax.devices()[:4])
+  >>> tuple(logical_to_sharding(mesh, ("embed", "mlp"), (4, 3)).spec)   # 3 % 2 != 0 -> replicated
+  ('fsdp',)
   """
-  rule_map = dict(rules)
-  spec, used = [], set()
-  for name, dim in zip(names, shape):
-    axis = rule_map.get(name) if name is not None else None
-    axes = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-    axes = tuple(a for a in axes if a in mesh.shape and a not in used)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if not axes or dim % size:
-      if axes:
-        log.info("replicating a dimension of size %d (logical %r): not divisible by mesh axes %s", dim, name, axes)
-      spec.append(None)
-    else:
-      used.update(axes)
-      spec.append(axes[0] if len(axes) == 1 else axes)
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.sharding.NamedSharding(mesh, logical_to_partition_spec(names, shape, mesh, rules))
 
 
 # ------------------------------------------------------------------------------------------------------
