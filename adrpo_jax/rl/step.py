@@ -551,15 +551,18 @@ def minibatch_indices(opts: StepOptions, batch_size: int, key: jax.Array | None)
 
 
 def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions,
-                   mesh: Mesh | None):
+                   mesh: Mesh | None, *, return_grads: bool = False):
     """``rl_update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``: one RL step's
     updates on a rollout batch (see the module docstring); jit it with ``donate_argnums=(0, 1)``.
 
     ``batch``: the keys of :func:`prepare_rollout` plus ``tokens [B, P+N]`` and ``attention_mask [B, P+N]``
     (``old_logp`` / ``ref_logp [B, N]`` when :attr:`StepOptions.use_old_logprobs` /
-    :attr:`StepOptions.use_reference`). ``key`` drives the minibatch permutation.
+    :attr:`StepOptions.use_reference`). ``key`` drives the minibatch permutation. ``return_grads`` (tests,
+    one update per step only) appends the update's gradients to the outputs.
     """
-    minibatch_update = make_minibatch_update(graphdef, tx, opts, mesh)
+    if return_grads and opts.num_updates != 1:
+        raise ValueError("return_grads needs num_iterations * num_minibatches == 1")
+    minibatch_update = make_minibatch_update(graphdef, tx, opts, mesh, return_grads=return_grads)
 
     def rl_update(params, opt_state, frozen, batch, key):
         prep = prepare_rollout(opts, batch)
@@ -570,8 +573,9 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
         if opts.use_reference and opts.kl_placement == "loss":
             train_batch["ref_logp"] = batch["ref_logp"]
         b = prep.advantages.shape[0]
+        grads = None
         if opts.num_updates == 1:
-            params, opt_state, m = minibatch_update(params, opt_state, frozen, train_batch)
+            params, opt_state, m, *grads = minibatch_update(params, opt_state, frozen, train_batch)
             step_metrics = _reduce_updates(jax.tree.map(lambda x: x[None], m))
         else:
             indices = minibatch_indices(opts, b, key)
@@ -591,6 +595,8 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
             metrics[key_] = value
         if not opts.use_reference:
             metrics.pop("kl_mean", None)
+        if return_grads:
+            return params, opt_state, metrics, grads[0]
         return params, opt_state, metrics
 
     return rl_update
