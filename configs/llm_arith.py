@@ -51,6 +51,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config.optim.b2 = 0.99
 
     config.model.path = "builtin:tiny_arith"
+    config.model.save_final = True
     config.data.source = "arithmetic"
     config.data.arithmetic.min_digits = 1
     config.data.arithmetic.max_digits = 2
@@ -78,6 +79,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
 
     elif variant == "smollm2":
         config.model.path = "builtin:smollm2"
+        config.model.save_final = False
         config.data.arithmetic.style = "word"
         config.data.arithmetic.operations = "+-"
         config.data.chat_template = True
@@ -99,6 +101,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
 
     elif variant == "tpu":
         config.model.path = "builtin:smollm2"
+        config.model.save_final = False
         config.model.dtype = "bfloat16"
         config.model.param_dtype = "float32"
         config.model.remat = True

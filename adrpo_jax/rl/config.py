@@ -28,6 +28,8 @@ key                                    meaning
 ``model.dtype`` / ``model.param_dtype``  compute / parameter dtype: float32 | bfloat16 | float16
 ``model.remat``, ``model.remat_policy``  per-layer gradient checkpointing ('' = save nothing)
 ``model.logprob_chunk_size``           token positions per chunk of the log-softmax (memory ~ chunk * vocab)
+``model.save_final``                   write the trained policy as a Hugging Face directory (with the
+                                       tokenizer) to ``workdir/final_model`` when the run completes
 ``data.source``                        ``arithmetic`` (built-in task) | ``jsonl`` (one JSON object per line)
 ``data.path``                          the jsonl file (``jsonl`` source)
 ``data.prompt_key``/``data.answer_key``  jsonl fields of the question / the reference answer
@@ -145,6 +147,7 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "remat": False,
             "remat_policy": "",
             "logprob_chunk_size": 512,
+            "save_final": False,
         },
         "data": {
             "source": "arithmetic",
@@ -283,6 +286,7 @@ def _validate_model(config) -> None:
             raise ConfigError(f"`model.remat_policy`={policy!r} is not an attribute of jax.checkpoint_policies.",
                               key="model.remat_policy", value=policy)
     _int(config, "model.logprob_chunk_size", min=1)
+    require_type(config, "model.save_final", bool)
 
 
 def _validate_data(config) -> None:

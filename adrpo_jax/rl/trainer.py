@@ -328,7 +328,18 @@ class RLTrainer:
         finally:
             writer.close()
         self.result = result
-        return result.to_dict()
+        out = result.to_dict()
+        if config.model.save_final and not result.preempted:
+            out["final_model"] = str(self.save_model(result.state["params"], os.path.join(self.workdir, "final_model")))
+        return out
+
+    def save_model(self, params, path: str | os.PathLike) -> Path:
+        """Writes ``params`` (the policy) as a Hugging Face directory with the tokenizer (process 0 writes)."""
+        from adrpo_jax.models.llm import save_pretrained  # pylint: disable=import-outside-toplevel
+        model = nnx.merge(self.graphdef, params, self.frozen)
+        path = save_pretrained(model, path, tokenizer=self.tokenizer)
+        log.info("Saved the trained policy to %s", path)
+        return Path(path)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
