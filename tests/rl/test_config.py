@@ -134,3 +134,25 @@ def test_batch_layout():
     with pytest.raises(ConfigError, match="micro-batch of 4 rows.*data-parallel size 8"):
         validate_llm_batch_layout(config, 8)
     assert validate_llm_batch_layout(config, 4)["micro_batch_size"] == 4
+
+
+def test_gsm8k_config_requires_local_paths(tmp_path):
+    config = load_config("llm_gsm8k", "")
+    with pytest.raises(ConfigError, match="`model.path` must be set"):
+        validate_llm_config(config)
+    config.model.path = "builtin:smollm2"
+    with pytest.raises(ConfigError, match="`data.path` must name a jsonl file"):
+        validate_llm_config(config)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    config.data.path = str(data)
+    with pytest.raises(ConfigError, match="eval.path"):
+        validate_llm_config(config)
+    config.eval.path = str(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="`eval.path`=.*does not exist"):
+        validate_llm_config(config)
+    config.eval.path = str(data)
+    validate_llm_config(config)
+    cpu = load_config("llm_gsm8k", "cpu")
+    cpu.data.path = cpu.eval.path = str(data)
+    validate_llm_config(cpu)
