@@ -98,7 +98,7 @@ class Evaluator:
             raise ValueError("no evaluation examples")
         self.encoder, self.mesh = encoder, mesh
         self.name, self.reward_fn = resolve_reward_function(accuracy_reward)
-        dp = train.data_parallel_size(mesh) * max(1, jax.process_count())
+        dp = train.data_parallel_size(mesh)  # global (all processes' devices)
         n = len(examples)
         n_pad = -(-n // dp) * dp
         rows = train.process_batch_slice(n_pad, mesh)
@@ -238,6 +238,7 @@ class RLTrainer:
         state = {"params": copy(params), "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params)}
         if self.ref_in_state:
             state["ref_params"] = copy(params)
+        self._pretrained = None  # a frozen reference keeps its arrays in self.ref_params; nothing else is held
         return state
 
     def reference_params(self, state) -> Any:
