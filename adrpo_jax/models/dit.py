@@ -103,7 +103,7 @@ class DiTConfig:
     image_size: int = 8
     channels: int = 1
     patch_size: int = 2
-    hidden: int = 128
+    hidden: int = 64
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0

@@ -37,10 +37,10 @@ def test_save_load_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_classifier_is_accurate_on_the_test_split(tmp_path):
-    clf, metrics = pretrain.train_classifier(pretrain.default_config(), workdir=tmp_path / "clf", log_fn=None)
+def test_trained_classifier_is_accurate_on_the_test_split(trained_classifier):
+    clf, metrics = trained_classifier
     assert metrics["test_digit_accuracy"] > 0.95, metrics
     assert metrics["test_thickness_accuracy"] > 0.85, metrics
     # re-using the finished run
-    again, m2 = pretrain.train_classifier(pretrain.default_config(), workdir=tmp_path / "clf", log_fn=None)
+    again, m2 = pretrain.train_classifier(pretrain.default_config(), workdir=metrics["directory"], log_fn=None)
     assert m2["cached"] and m2["test_digit_accuracy"] == metrics["test_digit_accuracy"]
