@@ -70,8 +70,8 @@ key                                    meaning
 ``sampling.max_prompt_length``         prompts are left-padded (longer ones left-truncated) to this
 ``sampling.max_new_tokens``            completion budget N
 ``sampling.temperature``, ``top_k`` (0 = off), ``top_p`` (1 = off)
-``rewards.functions``                  tuple of built-in names (``exact_match``, ``final_number``,
-                                       ``format``, ``strict_format``) or ``'package.module:function'``
+``rewards.functions``                  tuple of built-in names (``exact_match``, ``final_number``, ``format``)
+                                       or ``'package.module:function'`` paths
 ``rewards.weights``                    tuple of floats, one per function (empty = all 1)
 ``rewards.on_error``                   ``raise`` (fail fast) | ``missing`` (score the sample as missing)
 ``rewards.timeout_s``                  per-call time limit of a reward function (0 = none)
