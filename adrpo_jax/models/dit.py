@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adrpo_jax.models.lora import add_lora
+
 __all__ = [
     "DiTConfig",
     "DiT",
@@ -378,16 +380,26 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.scale = 1.0 / math.sqrt(head_dim)
 
+    _LORA_KERNELS = {"wq": "ble,ehd->blhd", "wk": "ble,ehd->blhd", "wv": "ble,ehd->blhd", "wo": "blhd,hde->ble"}
+
+    def lora_kernels(self) -> dict[str, str]:
+        """LoRA protocol (:mod:`adrpo_jax.models.lora`): sites ``<path>.wq`` / ``wk`` / ``wv`` / ``wo``."""
+        return dict(self._LORA_KERNELS)
+
+    def _project(self, name: str, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self._LORA_KERNELS[name], x, getattr(self, name)[...].astype(self.dtype))
+        return add_lora(self, name, x, y)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         x = x.astype(dt)
-        q = jnp.einsum("ble,ehd->blhd", x, self.wq[...].astype(dt)) + self.bq[...].astype(dt)
-        k = jnp.einsum("ble,ehd->blhd", x, self.wk[...].astype(dt)) + self.bk[...].astype(dt)
-        v = jnp.einsum("ble,ehd->blhd", x, self.wv[...].astype(dt)) + self.bv[...].astype(dt)
+        q = self._project("wq", x) + self.bq[...].astype(dt)
+        k = self._project("wk", x) + self.bk[...].astype(dt)
+        v = self._project("wv", x) + self.bv[...].astype(dt)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return jnp.einsum("blhd,hde->ble", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+        return self._project("wo", out) + self.bo[...].astype(dt)
 
 
 class DiTBlock(nnx.Module):

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq
+from adrpo_jax.models.lora import add_lora, effective_kernel
 
 Array = jax.Array
 
@@ -148,8 +149,13 @@ class Dense(nnx.Module):
     self.bias = (_param(None, bias_shape, bias_axes, param_dtype, init="zeros")
                  if bias_shape is not None else None)
 
+  def lora_kernels(self) -> dict[str, str]:
+    """LoRA protocol (`adrpo_jax.models.lora`): the kernel and the einsum it is applied with."""
+    return {"kernel": self.equation}
+
   def __call__(self, x: Array) -> Array:
-    y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = add_lora(self, "kernel", x, jnp.einsum(self.equation, x, self.kernel[...].astype(self.dtype)))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -327,7 +333,7 @@ class CausalLM(nnx.Module):
     """[D, V] output projection in the parameter dtype (the transposed embedding when tied)."""
     if self.lm_head is None:
       return self.embed_tokens.embedding[...].T
-    return self.lm_head.kernel[...]
+    return effective_kernel(self.lm_head)  # the kernel, plus s * A B when lm_head has an enabled LoRA adapter
 
   def logits(self, hidden: Array) -> Array:
     """[..., D] hidden states -> [..., V] logits in the compute dtype."""
