@@ -462,7 +462,7 @@ def _path_str(path: Sequence[Any]) -> str:
 
 
 def lora_sites(model: nnx.Module) -> list[LoRASite]:
-    """Every projection of ``model`` that can carry an adapter, in graph order."""
+    """Every projection of ``model`` that can carry an adapter, in ``nnx.iter_modules`` order (deterministic)."""
     sites = []
     for path, module in nnx.iter_modules(model):
         kernels = _module_kernels(module)
