@@ -79,7 +79,22 @@ key                                    meaning
 ``eval.path``                          held-out jsonl (required for the ``jsonl`` source)
 ``eval.accuracy_reward``               the reward function whose mean is ``eval/accuracy``
 ``eval.greedy``                        greedy decoding (else sampling.temperature)
+``lora.enabled``                       train LoRA adapters instead of all weights (see below)
+``lora.rank`` / ``lora.alpha``         r and alpha (update scale alpha / r; alpha / sqrt(r) with use_rslora)
+``lora.dropout``                       must be 0 here: the policy ratio and KL need a deterministic policy
+                                       (TRL's GRPO disables dropout too)
+``lora.target_modules``                names (``'q_proj'``), regexes full-matching the site path
+                                       (``'layers\\.[0-9]\\.mlp\\..*'``) or ``('all-linear',)`` (all but lm_head)
+``lora.init``                          ``kaiming_uniform`` (peft default) | ``gaussian``; B starts at 0
+``lora.use_rslora``                    rank-stabilized scale alpha / sqrt(r)
 =====================================  ===================================================================
+
+LoRA (``lora.enabled``; :mod:`adrpo_jax.models.lora`): only the adapters are trained and live in the
+optimizer state and the checkpoints (the base weights are reloaded from ``model.path`` on resume). The frozen
+reference is the same model with its adapters switched off, so no second copy of the weights exists; with
+``rl.ref_sync_steps > 0`` the reference is base + a copy of the adapters taken at each refresh
+(``rl.ref_mixup_alpha`` must be 1: mixing the factors A and B is not mixing the weights). ``model.save_final``
+writes the merged model (W + s A B) as a plain Hugging Face directory.
 
 >>> from adrpo_jax.train.config import common_config
 >>> config = add_llm_config(common_config())
@@ -94,6 +109,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -114,6 +130,7 @@ __all__ = [
     "needs_reference",
     "needs_old_logprobs",
     "updates_per_step",
+    "lora_config",
     "BUILTIN_MODELS",
     "DTYPES",
 ]
@@ -130,6 +147,8 @@ KL_PLACEMENTS = ("loss", "reward")
 DATA_SOURCES = ("arithmetic", "jsonl")
 ANSWER_FORMATS = ("gsm8k", "raw")
 ON_ERROR = ("raise", "missing")
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_INITS = ("kaiming_uniform", "gaussian")
 
 
 def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -196,6 +215,8 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         "rewards": {"functions": ("exact_match", "format"), "weights": (1.0, 0.1), "on_error": "raise",
                     "timeout_s": 0.0},
         "eval": {"num_examples": 128, "path": "", "accuracy_reward": "exact_match", "greedy": True},
+        "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0,
+                 "target_modules": LORA_DEFAULT_TARGETS, "init": "kaiming_uniform", "use_rslora": False},
     }
     _merge(config, defaults)
     return config
@@ -453,6 +474,53 @@ def _validate_eval(config) -> None:
     require_type(config, "eval.greedy", bool)
 
 
+def _validate_lora(config) -> None:
+    if "lora" not in config:
+        return
+    enabled = require_type(config, "lora.enabled", bool)
+    _int(config, "lora.rank", min=1)
+    _float(config, "lora.alpha", min=0.0, min_inclusive=False)
+    dropout = _float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
+    targets = get_by_path(config, "lora.target_modules")
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, (tuple, list)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"`lora.target_modules` must be a non-empty tuple of module names / regexes (or "
+                          f"('all-linear',)), got {targets!r}.", key="lora.target_modules", value=targets)
+    for t in targets:
+        try:
+            re.compile(t)
+        except re.error as err:
+            raise ConfigError(f"`lora.target_modules` entry {t!r} is not a valid regex: {err}.",
+                              key="lora.target_modules", value=t) from None
+    require_choice(config, "lora.init", LORA_INITS)
+    require_type(config, "lora.use_rslora", bool)
+    if not enabled:
+        return
+    if dropout > 0.0:
+        raise ConfigError(f"`lora.dropout`={dropout} is not supported by the RL trainer: the policy ratio and the KL "
+                          "to the reference need the deterministic policy that sampled the completions (TRL's GRPO "
+                          "disables dropout for the same reason). Set lora.dropout=0.0.", key="lora.dropout",
+                          value=dropout)
+    if int(config.rl.ref_sync_steps) > 0 and float(config.rl.ref_mixup_alpha) != 1.0:
+        raise ConfigError(f"`rl.ref_mixup_alpha`={config.rl.ref_mixup_alpha} cannot be used with LoRA: the refreshed "
+                          "reference is base + a copy of the adapters, and mixing the factors A and B does not mix the "
+                          "weights W + s A B. Use rl.ref_mixup_alpha=1.0 (copy) or lora.enabled=False.",
+                          key="rl.ref_mixup_alpha", value=config.rl.ref_mixup_alpha)
+
+
+def lora_config(config: Any):
+    """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off."""
+    if "lora" not in config or not config.lora.enabled:
+        return None
+    from adrpo_jax.models.lora import LoRAConfig  # pylint: disable=import-outside-toplevel
+
+    lc = config.lora
+    targets = (lc.target_modules,) if isinstance(lc.target_modules, str) else tuple(lc.target_modules)
+    return LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout), target_modules=targets,
+                      init=lc.init, use_rslora=bool(lc.use_rslora))
+
+
 def validate_llm_config(config: Any) -> None:
     """Checks every ``model.* / data.* / rl.* / sampling.* / rewards.* / eval.*`` key and their combinations.
 
@@ -469,6 +537,7 @@ def validate_llm_config(config: Any) -> None:
     _validate_rl(config)
     _validate_rewards(config)
     _validate_eval(config)
+    _validate_lora(config)
 
 
 def validate_llm_batch_layout(config: Any, data_parallel_size: int, process_count: int = 1) -> dict[str, int]:

@@ -16,6 +16,12 @@ One RL step (``total_steps`` counts them):
    adaptive KL coefficient, gradient accumulation, clipping, skip of non-finite updates;
 5. optional reference refresh (``rl.ref_sync_steps``, logged as ``ref_synced``).
 
+LoRA (``lora.enabled``): the trainable state is the adapters (``nnx.LoRAParam``) and their optimizer state; the
+base weights, loaded from ``model.path`` and sharded, are the frozen part of the split; the reference
+log-probs come from the same weights with the adapters switched off (a second ``GraphDef``), so no reference
+copy is held (with ``rl.ref_sync_steps > 0`` the reference is base + a copy of the adapters); ``save_final``
+writes the merged model.
+
 State: ``{"params", "opt_state"}`` (+ ``"ref_params"`` when the reference is refreshed), born sharded over the
 ``('data', 'fsdp', 'tensor')`` mesh from the parameters' logical axis names; a frozen reference (the initial
 policy) is loaded from ``model.path`` at start, sharded like the policy, and never checkpointed; with a KL
@@ -51,6 +57,7 @@ from jax.sharding import Mesh, NamedSharding
 from adrpo_jax import train
 from adrpo_jax.models.llm import CausalLM, DecoderConfig, load_pretrained, load_tokenizer
 from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn
+from adrpo_jax.models.lora import apply_lora, merge_lora, set_lora_enabled
 from adrpo_jax.rl import config as config_lib
 from adrpo_jax.rl import data as data_lib
 from adrpo_jax.rl.rewards import RewardComputer, resolve_reward_function
@@ -137,12 +144,17 @@ class RLTrainer:
 
     Public attributes useful to tests and tools: ``mesh``, ``graphdef``, ``opts`` (:class:`StepOptions`),
     ``tx``, ``abstract_state``, ``tokenizer``, ``encoder``, ``rewards`` (:class:`RewardComputer`),
-    ``iterator`` (:class:`~adrpo_jax.rl.data.PromptIterator`), ``trainable`` (the parameter filter).
+    ``iterator`` (:class:`~adrpo_jax.rl.data.PromptIterator`), ``trainable`` (the parameter filter; default
+    ``nnx.Param``, ``nnx.LoRAParam`` with LoRA), ``lora_config`` (None without LoRA), ``ref_graphdef`` (the
+    ``GraphDef`` the reference log-probs are computed with: adapters off with LoRA).
     """
 
-    def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = nnx.Param):
+    def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = None):
         config_lib.validate_llm_config(config)
         self.config, self.workdir = config, os.fspath(workdir)
+        self.lora_config = config_lib.lora_config(config)
+        if trainable is None:
+            trainable = nnx.LoRAParam if self.lora_config is not None else nnx.Param
         self.trainable = trainable
         self.mesh = train.make_mesh(config.mesh)
         self.layout = config_lib.validate_llm_batch_layout(config, train.data_parallel_size(self.mesh),
@@ -166,26 +178,35 @@ class RLTrainer:
                                      prompt_template=config.data.prompt_template)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model_config)
 
-        abstract_model = nnx.eval_shape(lambda: CausalLM(self.model_config, rngs=nnx.Rngs(0)))
+        abstract_model = nnx.eval_shape(lambda: self._new_model(0))
         self.graphdef, _, abstract_frozen = nnx.split(abstract_model, trainable, ...)
         self.ref_in_state = self.opts.use_reference and config.rl.ref_sync_steps > 0
-        tx, cfg, ref_in_state = self.tx, self.model_config, self.ref_in_state
+        # LoRA with a frozen reference: the reference is the policy's own weights with the adapters switched off.
+        self.lora_reference = self.lora_config is not None and self.opts.use_reference and not self.ref_in_state
+        self.ref_graphdef = self.graphdef
+        if self.lora_reference:
+            self.ref_graphdef = nnx.split(set_lora_enabled(abstract_model, False), trainable, ...)[0]
+        tx, ref_in_state, new_model = self.tx, self.ref_in_state, self._new_model
 
         def plan():
-            params = nnx.state(CausalLM(cfg, rngs=nnx.Rngs(0)), trainable)
+            params = nnx.state(new_model(0), trainable)
             state = {"params": params, "opt_state": tx.init(params)}
             if ref_in_state:
                 state["ref_params"] = params
             return state
 
+        self._plan = plan
         self.abstract_state = train.plan_sharded(plan, self.mesh)
         self.state_shardings = train.shardings_of(self.abstract_state)
         self._pretrained: CausalLM | None = None
         self.frozen = abstract_frozen if not jax.tree.leaves(abstract_frozen) else \
             nnx.split(self._load_pretrained(), trainable, ...)[2]
+        if jax.tree.structure(nnx.to_pure_dict(self.frozen)) != \
+                jax.tree.structure(nnx.to_pure_dict(abstract_frozen)):  # internal consistency, not a user error
+            raise AssertionError("the loaded frozen state does not match the model's frozen part")
         # A frozen reference (the initial policy) is loaded, not checkpointed; a refreshed one lives in the state.
         self.ref_params = (nnx.state(self._load_pretrained(), trainable)
-                           if self.opts.use_reference and not self.ref_in_state else None)
+                           if self.opts.use_reference and not self.ref_in_state and not self.lora_reference else None)
 
         self.iterator = data_lib.PromptIterator(
             data_lib.make_prompt_source(config), int(config.rl.num_prompts_per_step), int(config.rl.group_size),
@@ -204,7 +225,20 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------------------------------------
 
+    def _lora_rngs(self) -> nnx.Rngs:
+        # The adapters' initial A: a function of the seed only (identical on every process).
+        return nnx.Rngs(params=jax.random.fold_in(jax.random.key(int(self.config.seed)), 0x10A))
+
+    def _new_model(self, seed: int) -> CausalLM:
+        """A freshly initialized policy (with adapters under LoRA); only ever built abstractly / under jit."""
+        model = CausalLM(self.model_config, rngs=nnx.Rngs(seed))
+        if self.lora_config is not None:
+            apply_lora(model, self.lora_config, rngs=self._lora_rngs())
+        return model
+
     def _load_pretrained(self) -> CausalLM:
+        """The pretrained model, sharded (without adapters: with LoRA only its state, the frozen base, is used; its
+        structure is that of the adapted model's non-adapter part)."""
         if self._pretrained is None:
             m = self.config.model
             self._pretrained = load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
@@ -224,6 +258,8 @@ class RLTrainer:
         self.generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
                                 out_shardings=bs)
         self.logprobs = jax.jit(make_logprob_fn(self.graphdef, opts), out_shardings=(bs, bs))
+        self.ref_logprobs = (jax.jit(make_logprob_fn(self.ref_graphdef, opts), out_shardings=(bs, bs))
+                             if self.lora_reference else self.logprobs)
         sh = self.state_shardings
         self.update = jax.jit(make_rl_update(self.graphdef, self.tx, opts, mesh),
                               out_shardings=(sh["params"], sh["opt_state"], repl), donate_argnums=(0, 1))
@@ -231,7 +267,11 @@ class RLTrainer:
                            out_shardings=sh["params"], donate_argnums=0)
 
     def init_state(self) -> dict[str, Any]:
-        """The fresh train state: the pretrained weights (copied, sharded), a new optimizer state."""
+        """The fresh train state: the pretrained weights (copied, sharded), a new optimizer state. With LoRA: fresh
+        adapters (B = 0, so the policy starts as the pretrained model) born sharded, and their optimizer state."""
+        if self.lora_config is not None:
+            self._pretrained = None  # the base weights live on in self.frozen
+            return train.create_sharded(self._plan, self.abstract_state)
         params = nnx.state(self._load_pretrained(), self.trainable)
         sh = self.state_shardings
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["params"])
@@ -242,6 +282,10 @@ class RLTrainer:
         return state
 
     def reference_params(self, state) -> Any:
+        """The trainable-state argument of the reference log-prob pass (with LoRA and a frozen reference: the
+        policy's own adapters, which ``ref_graphdef`` ignores)."""
+        if self.lora_reference:
+            return state["params"]
         return state["ref_params"] if self.ref_in_state else self.ref_params
 
     # ------------------------------------------------------------------------------------------------------
@@ -263,8 +307,8 @@ class RLTrainer:
         if opts.use_old_logprobs:
             batch["old_logp"], _ = self.logprobs(state["params"], self.frozen, out.tokens, out.attention_mask)
         if opts.use_reference:
-            batch["ref_logp"], _ = self.logprobs(self.reference_params(state), self.frozen, out.tokens,
-                                                 out.attention_mask)
+            batch["ref_logp"], _ = self.ref_logprobs(self.reference_params(state), self.frozen, out.tokens,
+                                                     out.attention_mask)
         local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths})
         texts = self.encoder.decode(local["completions"], local["lengths"])
         columns = data_lib.columns_of(rows)
@@ -335,9 +379,12 @@ class RLTrainer:
         return out
 
     def save_model(self, params, path: str | os.PathLike) -> Path:
-        """Writes ``params`` (the policy) as a Hugging Face directory with the tokenizer (process 0 writes)."""
+        """Writes ``params`` (the policy) as a Hugging Face directory with the tokenizer (process 0 writes); with
+        LoRA, the merged model ``W + s A B`` (a plain checkpoint that ``transformers`` loads)."""
         from adrpo_jax.models.llm import save_pretrained  # pylint: disable=import-outside-toplevel
         model = nnx.merge(self.graphdef, params, self.frozen)
+        if self.lora_config is not None:
+            model = merge_lora(model)
         path = save_pretrained(model, path, tokenizer=self.tokenizer)
         log.info("Saved the trained policy to %s", path)
         return Path(path)

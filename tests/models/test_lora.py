@@ -313,6 +313,7 @@ def test_adapters_are_sharded_like_their_base_kernels():
     assert merged.layers[0].mlp.up_proj.kernel[...].sharding == sharded.layers[0].mlp.up_proj.kernel[...].sharding
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_trains_only_adapters():
     model = _adapted(targets=("q_proj", "v_proj", "down_proj"))
     base_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, lora.BASE_PARAMS)))

@@ -12,7 +12,7 @@ from adrpo_jax import train
 from adrpo_jax.models import lora
 from adrpo_jax.models.dit import DiT, DiTConfig, load_dit, save_dit
 
-CFG = DiTConfig(image_size=8, patch_size=2, hidden=32, depth=2, heads=2, mlp_ratio=2.0, num_classes=10)
+CFG = DiTConfig(image_size=8, patch_size=2, hidden=32, depth=1, heads=2, mlp_ratio=2.0, num_classes=10)
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "fc1", "fc2")
 
 
@@ -20,8 +20,8 @@ def _base(seed=0, scale=0.05):
     """A DiT whose zero-initialised (adaLN-Zero) weights are perturbed, so the output is not trivially 0."""
     model = DiT(CFG, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda x: x + jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state)
+    rng = np.random.default_rng(seed)  # NumPy noise: no per-shape XLA compilations
+    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype), state)
     return nnx.merge(graphdef, state)
 
 
@@ -54,9 +54,9 @@ def base_and_adapted():
 def test_sites_and_init_equals_base(base_and_adapted, inputs):
     base, adapted = base_and_adapted
     all_sites = [s.path for s in lora.lora_sites(base)]
-    assert {"blocks.0.attn.wq", "blocks.1.attn.wo", "blocks.0.fc1", "patch_embed", "final_linear"} <= set(all_sites)
+    assert {"blocks.0.attn.wq", "blocks.0.attn.wo", "blocks.0.fc1", "patch_embed", "final_linear"} <= set(all_sites)
     chosen = sorted(s.path for s in lora.lora_sites(adapted) if s.adapted)
-    assert chosen == sorted(f"blocks.{i}.{t}" for i in range(2) for t in TARGETS)
+    assert chosen == sorted(f"blocks.0.{t}" for t in TARGETS)
     blk = adapted.blocks[0]
     assert type(blk.fc1) is lora.LoRALinear and type(blk.modulation) is nnx.Linear
     assert blk.attn.wq_lora.lora_a.shape == (32, 4) and blk.attn.wq_lora.lora_b.shape == (4, 2, 16)
@@ -73,7 +73,8 @@ def test_attention_update_matches_numpy(base_and_adapted):
     s = 2.0
 
     def proj(w, lo):
-        return np.einsum("ble,ehd->blhd", x, f64(w)) + s * np.einsum("blr,rhd->blhd", x @ f64(lo.lora_a), f64(lo.lora_b))
+        update = np.einsum("blr,rhd->blhd", x @ f64(lo.lora_a), f64(lo.lora_b))
+        return np.einsum("ble,ehd->blhd", x, f64(w)) + s * update
 
     q = proj(attn.wq, attn.wq_lora) + f64(attn.bq)
     k = proj(attn.wk, attn.wk_lora) + f64(attn.bk)
@@ -98,7 +99,7 @@ def test_gradients_only_on_adapters_and_off_equals_base(base_and_adapted, inputs
 
     _, grads = loss_and_grad(params)
     leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads))
-    assert len(leaves) == 2 * 2 * len(TARGETS)  # A and B of every adapted site, nothing else
+    assert len(leaves) == 2 * len(TARGETS)  # A and B of every adapted site, nothing else
     assert all(str(path[-1].key) in ("lora_a", "lora_b") for path, _ in leaves)
     # B = 0 at init: dL/dB != 0 drives learning, dL/dA = 0 until B moves
     assert all(float(jnp.abs(g).max()) > 0 for path, g in leaves if path[-1].key == "lora_b")
