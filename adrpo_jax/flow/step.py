@@ -1,0 +1,532 @@
+r"""The jitted pieces of one ADRPO-W2 RL step of a flow-matching model: rollout, batch preparation, loss, updates.
+
+Everything here is a pure function of arrays plus static :class:`FlowStepOptions`, written for ``jax.jit`` over
+the functional NNX split ``(graphdef, params, frozen)``: ``params`` is the trainable state (the ``nnx.Param``
+filter by default; a LoRA setup swaps the filter), ``frozen`` the rest of the model state (empty for a plain
+:class:`~adrpo_jax.models.dit.DiT`). The reference is a separate parameter tree of the same structure as
+``params`` (the frozen pre-trained model, or a refreshed copy).
+
+One RL step (:func:`make_train_step`) on ``B = K * G`` prompt ids ``cond [B]`` (G samples per prompt)::
+
+    x1 = ODE/SDE sample of the policy (or of its sampling copy) from x0 ~ N(0, I)      (stop-gradient: data)
+    r = reward_model(x1, cond)                                                           [B]
+    valid = finite(r) & finite(x1)          invalid samples enter no statistic, baseline or loss (counted)
+    A = r - mean_{same prompt, valid}(r)                                                 ADRPO.md, "Advantages"
+    for each of rl.num_inner_updates updates (fresh t ~ U(0, 1) or logit-normal, x0' ~ N(0, I)):
+        x_t = (1 - t) x0' + t x1,  u = x1 - x0'
+        v = v_theta(x_t, t, c),  v_ref = sg(v_ref(x_t, t, c))      one policy and one reference forward
+        loss (rl.method):
+          adrpo       mean_i [ A_i ||v - u||^2 + (beta_0 - clip(A_i)) ||v - v_ref||^2 ]     (ADRPO-FM)
+          fixed_beta  mean_i [ A_i ||v - u||^2 + beta_0 ||v - v_ref||^2 ]
+          orw_cfm_w2  mean_i [ exp(tau r_i) ||v - u||^2 + alpha ||v - v_ref||^2 ]             (ORW-CFM-W2)
+          none        mean_i [ A_i ||v - u||^2 ]
+        optimizer update (skipped when the loss or a gradient is non-finite, or no sample is valid)
+    optional: reference refresh ref <- alpha * theta + (1 - alpha) * ref, sampling-copy refresh
+
+Parallelism: the model runs under GSPMD (parameters and the batch carry ``NamedSharding``\ s; noise drawn
+inside the step is constrained to the batch sharding), the loss runs inside ``jax.shard_map`` over the batch
+axes via :func:`adrpo_jax.train.batch_sharded_loss` with the loss library's distributed contract (local sums,
+global normalizers, global metrics). The per-prompt advantages are computed on the global ``[B]`` rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adrpo_jax import losses
+from adrpo_jax.flow.metrics import pairwise_diversity
+from adrpo_jax.flow.sampling import METHODS as SAMPLER_METHODS
+from adrpo_jax.flow.sampling import sample, sample_noise
+from adrpo_jax.train.parallel import batch_sharded_loss
+from adrpo_jax.train.sharding import BATCH_AXES
+from adrpo_jax.train.step_utils import accumulate_gradients, apply_updates_if_finite, split_micro_batches
+
+__all__ = [
+    "FlowStepOptions",
+    "PreparedBatch",
+    "prepare_batch",
+    "draw_path_inputs",
+    "inner_update_key",
+    "make_loss_fn",
+    "make_flow_update",
+    "make_rollout_fn",
+    "make_train_step",
+    "mix_params",
+    "reward_components",
+]
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+METHODS = ("adrpo", "fixed_beta", "orw_cfm_w2", "none")
+_LOSS_KEYS = ("loss", "cfm_term", "w2_term", "w2_mean", "cfm_error_mean", "num_samples")
+_SAMPLE_MEAN_KEYS = ("w2_mean", "cfm_error_mean")  # means over valid samples: averaged weighted by num_samples
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowStepOptions:
+    """Static options of the flow RL step (hashable). Meanings: ``adrpo_jax/flow/config.py`` (``rl.*``,
+    ``sampling.*``). ``num_conditions`` is the number of prompt ids (advantage groups), ``null_class`` the DiT's
+    unconditional class id (CFG), ``image_shape`` ``(H, W, C)``. ``adv_clip_min/max`` and ``orw_max_exponent``
+    None = unbounded."""
+
+    num_conditions: int
+    null_class: int
+    image_shape: tuple[int, int, int]
+    method: str = "adrpo"
+    beta: float = 1.0
+    adv_clip: str = "multiple"
+    adv_clip_multiple: float = 1.0
+    adv_clip_min: float | None = None
+    adv_clip_max: float | None = None
+    clip_cfm_advantages: bool = False
+    scale_advantages_by_std: bool = False
+    advantage_eps: float = 1e-4
+    tau: float = 0.5
+    alpha: float = 1.0
+    orw_max_exponent: float | None = None
+    num_inner_updates: int = 1
+    grad_accum_steps: int = 1
+    time_sampling: str = "uniform"
+    cond_dropout_prob: float = 0.0
+    sampling_method: str = "heun"
+    sampling_steps: int = 10
+    cfg_scale: float = 1.0
+    sde_noise: float = 0.0
+    ref_refresh_alpha: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"`method`={self.method!r} must be one of {METHODS}.")
+        if self.adv_clip not in losses.CLIP_MODES:
+            raise ValueError(f"`adv_clip`={self.adv_clip!r} must be one of {losses.CLIP_MODES}.")
+        if self.time_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"`time_sampling`={self.time_sampling!r} must be 'uniform' or 'logit_normal'.")
+        if self.sampling_method not in SAMPLER_METHODS:
+            raise ValueError(f"`sampling_method`={self.sampling_method!r} must be one of {SAMPLER_METHODS}.")
+        for name in ("num_conditions", "num_inner_updates", "grad_accum_steps", "sampling_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}`={value!r} must be a positive int.")
+        if len(tuple(self.image_shape)) != 3:
+            raise ValueError(f"`image_shape`={self.image_shape!r} must be (H, W, C).")
+        if self.beta < 0 or self.alpha < 0:
+            raise ValueError(f"`beta`={self.beta} and `alpha`={self.alpha} must be >= 0.")
+        if not 0.0 <= self.cond_dropout_prob < 1.0:
+            raise ValueError(f"`cond_dropout_prob`={self.cond_dropout_prob} must be in [0, 1).")
+        if not 0.0 < self.ref_refresh_alpha <= 1.0:
+            raise ValueError(f"`ref_refresh_alpha`={self.ref_refresh_alpha} must be in (0, 1].")
+
+    @classmethod
+    def from_config(cls, config: Any, *, num_conditions: int, null_class: int,
+                    image_shape: tuple[int, int, int]) -> "FlowStepOptions":
+        """Options of a validated flow config (``rl``, ``sampling``, ``optim`` sections)."""
+        rl, s = config.rl, config.sampling
+        inf_to_none = lambda x: None if math.isinf(float(x)) else float(x)  # noqa: E731
+        absolute = rl.adv_clip == "absolute"
+        return cls(
+            num_conditions=int(num_conditions), null_class=int(null_class),
+            image_shape=tuple(int(d) for d in image_shape), method=rl.method, beta=float(rl.beta),
+            adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
+            adv_clip_min=inf_to_none(rl.adv_clip_min) if absolute else None,
+            adv_clip_max=inf_to_none(rl.adv_clip_max) if absolute else None,
+            clip_cfm_advantages=bool(rl.clip_cfm_advantages),
+            scale_advantages_by_std=bool(rl.scale_advantages_by_std), advantage_eps=float(rl.advantage_eps),
+            tau=float(rl.tau), alpha=float(rl.alpha), orw_max_exponent=inf_to_none(rl.orw_max_exponent),
+            num_inner_updates=int(rl.num_inner_updates), grad_accum_steps=int(config.optim.grad_accum_steps),
+            time_sampling=rl.time_sampling, cond_dropout_prob=float(rl.cond_dropout_prob),
+            sampling_method=s.method, sampling_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
+            sde_noise=float(s.sde_noise), ref_refresh_alpha=float(rl.ref_refresh_alpha))
+
+    # -- derived ------------------------------------------------------------------------------------------
+    @property
+    def adaptive(self) -> bool:
+        """The coefficient is ``beta_0 - clip(A)`` (``adrpo``); else constant."""
+        return self.method == "adrpo"
+
+    @property
+    def loss_beta(self) -> float:
+        """beta_0 of :func:`~adrpo_jax.losses.adrpo_flow_loss` (0 for ``none``)."""
+        return 0.0 if self.method == "none" else self.beta
+
+    def coefficient_kwargs(self) -> dict[str, Any]:
+        return dict(adaptive=self.adaptive, clip=self.adv_clip, clip_multiple=self.adv_clip_multiple,
+                    clip_min=self.adv_clip_min, clip_max=self.adv_clip_max)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Batch-shard an array created inside the step (noise): GSPMD would otherwise replicate its computation."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+
+
+def _per_sample(mask: jax.Array, ndim: int) -> jax.Array:
+    return mask.reshape(mask.shape + (1,) * (ndim - 1))
+
+
+def _masked_mean_std(x, mask):
+    m = mask.astype(jnp.float32)
+    n = jnp.sum(m)
+    mean = jnp.where(n > 0, jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1.0), 0.0)
+    var = jnp.where(n > 0, jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / jnp.maximum(n, 1.0), 0.0)
+    return mean, jnp.sqrt(var)
+
+
+def _masked_min_max(x, mask):
+    any_valid = jnp.any(mask)
+    lo = jnp.where(any_valid, jnp.min(jnp.where(mask, x, jnp.inf)), 0.0)
+    hi = jnp.where(any_valid, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)
+    return lo, hi
+
+
+def reward_components(reward_model: Callable, images: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
+    """``{"reward": [B], <component>: [B], ...}`` of a reward model (its ``components`` when it has them)."""
+    if hasattr(reward_model, "components"):
+        comps = dict(reward_model.components(images, cond))
+    else:
+        comps = {"reward": reward_model(images, cond)}
+    if "reward" not in comps:
+        raise ValueError("the reward model's components() must contain 'reward'")
+    b = images.shape[0]
+    out = {}
+    for name, value in comps.items():
+        value = jnp.asarray(value, jnp.float32)
+        if value.shape != (b,):
+            raise ValueError(f"reward component {name!r} has shape {value.shape}, expected ({b},) (one value per "
+                             "image)")
+        out[name] = value
+    return out
+
+
+def mix_params(ref_params: PyTree, params: PyTree, alpha: float) -> PyTree:
+    """Reference refresh ``ref = alpha * policy + (1 - alpha) * ref`` (``alpha = 1``: a copy). Pure.
+
+    >>> mix_params({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.25)["w"].tolist()
+    [0.25, 0.25]
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
+    if alpha == 1.0:
+        return jax.tree.map(lambda r, p: p.astype(r.dtype), ref_params, params)
+    return jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)
+                                      ).astype(r.dtype), ref_params, params)
+
+
+def _select_tree(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch preparation: rewards -> validity -> advantages (+ statistics)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PreparedBatch(NamedTuple):
+    """Output of :func:`prepare_batch` (global arrays): ``x1 [B, H, W, C]`` (invalid rows zeroed), ``cond [B]``,
+    ``rewards [B]`` (0 at invalid rows), ``valid [B]`` bool, ``advantages [B]`` (0 at invalid rows), ``metrics``."""
+
+    x1: jax.Array
+    cond: jax.Array
+    rewards: jax.Array
+    valid: jax.Array
+    advantages: jax.Array
+    metrics: Metrics
+
+
+def prepare_batch(opts: FlowStepOptions, x1: jax.Array, cond: jax.Array, rewards: jax.Array,
+                  components: dict[str, jax.Array] | None = None) -> PreparedBatch:
+    """Validity, per-prompt advantages and the batch statistics (jit-able; global ``[B]`` arrays).
+
+    A sample is invalid when its reward or any of its pixels is non-finite: it gets advantage 0, its reward
+    enters no mean/std (its prompt's baseline ``V(c)`` included) and it is masked out of the loss; its ``x1``
+    is replaced by zeros so that NaN never reaches a forward pass. ``A = r - V(c)`` with
+    :func:`~adrpo_jax.losses.prompt_mean_advantages` (``/ (std_c + eps)`` with ``scale_advantages_by_std``).
+
+    Metrics: ``reward_mean/std/min/max``, ``reward/<component>_mean``, ``advantage_mean/std/min/max``,
+    ``num_nonfinite_rewards``, ``zero_std_prompt_fraction`` (prompts of the batch with < 2 valid samples or
+    all-equal rewards), ``beta_eff_mean/min/max`` and ``adv_clip_fraction`` (the W2 coefficient of the
+    method: beta_0 - clip(A), beta_0, alpha, or 0), and for ``orw_cfm_w2`` ``orw_weight_mean/min/max``.
+    """
+    x1 = jnp.asarray(x1)
+    if x1.ndim != 4:
+        raise ValueError(f"`x1` must be [B, H, W, C] images, got shape {x1.shape}")
+    b = x1.shape[0]
+    cond = jnp.asarray(cond)
+    if cond.shape != (b,) or not jnp.issubdtype(cond.dtype, jnp.integer):
+        raise ValueError(f"`cond` must be [{b}] integer prompt ids, got shape {cond.shape} dtype {cond.dtype}")
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.shape != (b,):
+        raise ValueError(f"`rewards` must have shape ({b},), got {r.shape}")
+    finite_x = jnp.all(jnp.isfinite(x1.reshape(b, -1)), axis=-1)
+    valid = jnp.isfinite(r) & finite_x
+    r = jnp.where(valid, r, 0.0)
+    x1 = jnp.where(_per_sample(valid, x1.ndim), x1, jnp.zeros_like(x1))
+    adv = losses.prompt_mean_advantages(r, cond, opts.num_conditions, scale_by_std=opts.scale_advantages_by_std,
+                                        eps=opts.advantage_eps, mask=valid)
+    adv = jnp.where(valid, adv, 0.0)
+
+    metrics: Metrics = {}
+    metrics["reward_mean"], metrics["reward_std"] = _masked_mean_std(r, valid)
+    metrics["reward_min"], metrics["reward_max"] = _masked_min_max(r, valid)
+    metrics["reward"] = metrics["reward_mean"]  # shown on the progress bar
+    for name, value in (components or {}).items():
+        if name == "reward":
+            continue
+        value = jnp.asarray(value, jnp.float32)
+        metrics[f"reward/{name}_mean"] = _masked_mean_std(value, valid & jnp.isfinite(value))[0]
+    metrics["advantage_mean"], metrics["advantage_std"] = _masked_mean_std(adv, valid)
+    metrics["advantage_min"], metrics["advantage_max"] = _masked_min_max(adv, valid)
+    metrics["num_nonfinite_rewards"] = jnp.sum(~valid).astype(jnp.float32)
+
+    onehot = jax.nn.one_hot(cond, opts.num_conditions, dtype=jnp.float32)  # [B, K]
+    present = jnp.sum(onehot, axis=0) > 0
+    vhot = onehot * valid[:, None]
+    hi = jnp.max(jnp.where(vhot > 0, r[:, None], -jnp.inf), axis=0)
+    lo = jnp.min(jnp.where(vhot > 0, r[:, None], jnp.inf), axis=0)
+    no_signal = present & ~(hi > lo)
+    metrics["zero_std_prompt_fraction"] = jnp.sum(no_signal) / jnp.maximum(jnp.sum(present), 1)
+
+    if opts.method == "orw_cfm_w2":
+        w = losses.exponential_reward_weights(r, opts.tau, max_exponent=opts.orw_max_exponent, mask=valid)
+        metrics["orw_weight_mean"] = _masked_mean_std(w, valid)[0]
+        metrics["orw_weight_min"], metrics["orw_weight_max"] = _masked_min_max(w, valid)
+        alpha = jnp.asarray(opts.alpha, jnp.float32)
+        metrics.update({"beta_eff_mean": alpha, "beta_eff_min": alpha, "beta_eff_max": alpha,
+                        "adv_clip_fraction": jnp.zeros((), jnp.float32)})
+    else:
+        metrics.update(losses.coefficient_metrics(adv, opts.loss_beta, mask=valid, **opts.coefficient_kwargs()))
+    return PreparedBatch(x1=x1, cond=cond.astype(jnp.int32), rewards=r, valid=valid, advantages=adv,
+                         metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def inner_update_key(key: jax.Array, update_index: int | jax.Array) -> jax.Array:
+    """The key of inner update ``i`` of a step: ``fold_in(key, i)``."""
+    return jax.random.fold_in(key, update_index)
+
+
+def draw_path_inputs(opts: FlowStepOptions, key: jax.Array, x1: jax.Array, mesh: Mesh | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(t [B], x0 [B, ...], drop_mask [B] or None)`` of one inner update: the CFM path's time (uniform or
+    logit-normal), fresh noise ``x0 ~ N(0, I)`` and the CFG condition-dropout rows."""
+    from adrpo_jax.flow.pretrain import sample_time  # pylint: disable=import-outside-toplevel
+
+    b = x1.shape[0]
+    k_t, k_x0, k_drop = jax.random.split(key, 3)
+    t = _constrain(sample_time(k_t, b, opts.time_sampling), mesh)
+    x0 = _constrain(sample_noise(k_x0, x1.shape, jnp.float32), mesh)
+    drop = None
+    if opts.cond_dropout_prob > 0:
+        drop = _constrain(jax.random.bernoulli(k_drop, opts.cond_dropout_prob, (b,)), mesh)
+    return t, x0, drop
+
+
+def make_loss_fn(opts: FlowStepOptions, mesh: Mesh | None
+                 ) -> Callable[[dict[str, jax.Array], jax.Array], tuple[jax.Array, Metrics]]:
+    """``loss_fn(batch, normalizer) -> (loss, metrics)``: the method's library loss on velocity arrays.
+
+    ``batch``: ``v``, ``v_ref``, ``u`` ``[b, H, W, C]``, ``advantages``, ``rewards`` ``[b]`` float, ``mask [b]``
+    bool. ``normalizer``: the global count of valid samples of the whole batch (so micro-batch losses add up).
+    With a ``mesh`` the loss runs in ``shard_map`` over the batch axes (:func:`batch_sharded_loss`); with None
+    on one device. ``metrics``: ``loss``, ``cfm_term``, ``w2_term``, ``w2_mean``, ``cfm_error_mean``,
+    ``num_samples`` (global).
+    """
+    def loss_fn(batch, normalizer):
+        def per_device(b, axis_name=None):
+            if opts.method == "orw_cfm_w2":
+                loss, m = losses.orw_cfm_w2_loss(b["v"], b["v_ref"], b["u"], b["rewards"], tau=opts.tau,
+                                                 alpha=opts.alpha, max_exponent=opts.orw_max_exponent,
+                                                 mask=b["mask"], normalizer=normalizer, axis_name=axis_name)
+            else:
+                loss, m = losses.adrpo_flow_loss(b["v"], b["v_ref"], b["u"], b["advantages"], beta=opts.loss_beta,
+                                                 clip_cfm_advantages=opts.clip_cfm_advantages, mask=b["mask"],
+                                                 normalizer=normalizer, axis_name=axis_name,
+                                                 **opts.coefficient_kwargs())
+            return loss, {k: m[k] for k in _LOSS_KEYS}
+
+        shard_batch = {k: batch[k] for k in ("v", "v_ref", "u", "advantages", "rewards", "mask")}
+        if mesh is None:
+            return per_device(shard_batch)
+        return batch_sharded_loss(per_device, mesh)(shard_batch)
+
+    return loss_fn
+
+
+def _reduce_updates(stacked: Metrics) -> Metrics:
+    out = {}
+    for key, v in stacked.items():
+        if key == "skipped":
+            out[key] = jnp.any(v)
+            out["skipped_updates"] = jnp.sum(v.astype(jnp.float32))
+        else:
+            out[key] = jnp.mean(v.astype(jnp.float32))
+    return out
+
+
+def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: FlowStepOptions,
+                     mesh: Mesh | None, *, return_grads: bool = False):
+    """``update(params, opt_state, ref_params, frozen, batch, key) -> (params, opt_state, metrics)``.
+
+    ``batch``: ``x1 [B, H, W, C]`` (the policy's samples), ``cond [B]`` int prompt ids, ``rewards [B]`` (NaN =
+    missing), optional ``components`` (``{name: [B]}`` reward parts, logged). Runs :func:`prepare_batch`, then
+    ``opts.num_inner_updates`` optimizer updates, update ``i`` with the path inputs of
+    ``draw_path_inputs(opts, inner_update_key(key, i), x1)``; each gradient is accumulated over
+    ``opts.grad_accum_steps`` micro-batches (strided rows ``i, i + k, ...``; exact: the valid-sample count of the
+    whole batch is the normalizer). ``frozen`` is the non-trainable model state (None for none).
+
+    Metrics: those of :func:`prepare_batch`, the loss terms (mean over the inner updates), ``grad_norm``,
+    ``update_norm``, ``skipped`` (any update skipped) and ``skipped_updates``. ``return_grads`` (tests; one
+    inner update only) appends the gradients.
+    """
+    if return_grads and opts.num_inner_updates != 1:
+        raise ValueError("return_grads needs num_inner_updates == 1")
+    loss_fn = make_loss_fn(opts, mesh)
+    k = opts.grad_accum_steps
+
+    def merge(p, frozen):
+        return nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
+
+    def one_update(params, opt_state, ref_params, frozen, prep: PreparedBatch, key):
+        t, x0, drop = draw_path_inputs(opts, key, prep.x1, mesh)
+        x_t, u = losses.rectified_flow_path(x0, prep.x1, t)
+        v_ref = jax.lax.stop_gradient(merge(ref_params, frozen)(x_t, t, prep.cond, drop_mask=drop))
+        normalizer = jnp.maximum(jnp.sum(prep.valid, dtype=jnp.float32), 1.0)
+        rows = {"x_t": x_t, "t": t, "cond": prep.cond, "u": u, "v_ref": v_ref, "advantages": prep.advantages,
+                "rewards": prep.rewards, "mask": prep.valid}
+        if drop is not None:
+            rows["drop"] = drop
+
+        def grad_fn(p, mb):
+            def f(p_):
+                v = merge(p_, frozen)(mb["x_t"], mb["t"], mb["cond"], drop_mask=mb.get("drop"))
+                return loss_fn({**mb, "v": v}, normalizer)
+
+            (loss, m), grads = jax.value_and_grad(f, has_aux=True)(p)
+            # Means over valid samples -> sums, so that micro-batch metrics add up like the loss shares.
+            m = {key_: (m[key_] * m["num_samples"] if key_ in _SAMPLE_MEAN_KEYS else m[key_]) for key_ in m}
+            return (loss, m), grads
+
+        if k == 1:
+            (loss, m), grads = grad_fn(params, rows)
+        else:
+            (loss, m), grads = accumulate_gradients(grad_fn, params, split_micro_batches(rows, k))
+        m = {key_: (m[key_] / jnp.maximum(m["num_samples"], 1.0) if key_ in _SAMPLE_MEAN_KEYS else m[key_])
+             for key_ in m}
+        # No valid sample at all: nothing to learn from; skip the update (it would only decay the weights).
+        check = jnp.where(jnp.any(prep.valid), loss, jnp.nan)
+        new_params, new_opt_state, info = apply_updates_if_finite(tx, grads, opt_state, params, loss=check)
+        m.update(info)
+        return new_params, new_opt_state, m, grads
+
+    def update(params, opt_state, ref_params, frozen, batch, key):
+        prep = prepare_batch(opts, batch["x1"], batch["cond"], batch["rewards"], batch.get("components"))
+        if opts.num_inner_updates == 1:
+            params, opt_state, m, grads = one_update(params, opt_state, ref_params, frozen, prep,
+                                                     inner_update_key(key, 0))
+            step_metrics = _reduce_updates(jax.tree.map(lambda x: x[None], m))
+        else:
+            def body(carry, i):
+                p, o = carry
+                p, o, m, _ = one_update(p, o, ref_params, frozen, prep, inner_update_key(key, i))
+                return (p, o), m
+
+            (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state),
+                                                        jnp.arange(opts.num_inner_updates))
+            step_metrics = _reduce_updates(stacked)
+            grads = None
+        metrics = dict(prep.metrics)
+        metrics.update(step_metrics)
+        metrics["images"] = jnp.asarray(prep.x1.shape[0], jnp.float32)
+        if return_grads:
+            return params, opt_state, metrics, grads
+        return params, opt_state, metrics
+
+    return update
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollout and the whole step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowStepOptions,
+                    mesh: Mesh | None = None):
+    """``rollout(params, frozen, cond [B], key) -> (x1 [B, H, W, C], components)``: samples of the model from
+    fresh noise (``opts.sampling_*``, CFG with the null class), stop-gradient, and the reward model's outputs
+    (:func:`reward_components`; ``components["reward"]`` is the reward). Pure; jit-able."""
+    def rollout(params, frozen, cond, key):
+        model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+        b = cond.shape[0]
+        k_x0, k_sde = jax.random.split(key)
+        x0 = _constrain(sample_noise(k_x0, (b,) + tuple(opts.image_shape), jnp.float32), mesh)
+        x1 = sample(lambda x, t, c: model(x, t, c), x0, cond, num_steps=opts.sampling_steps,
+                    method=opts.sampling_method, cfg_scale=opts.cfg_scale,
+                    null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
+                    key=k_sde if opts.sde_noise > 0 else None)
+        x1 = _constrain(jax.lax.stop_gradient(x1), mesh)
+        return x1, reward_components(reward_model, x1, cond)
+
+    return rollout
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reward_model: Callable,
+                    opts: FlowStepOptions, mesh: Mesh | None, *, return_grads: bool = False):
+    """``train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler) -> (state, metrics)``.
+
+    One whole RL step (module docstring), to be jitted with ``donate_argnums=0``. ``state``: ``params``,
+    ``opt_state``, optionally ``ref_params`` (a refreshed reference; then the ``ref_params`` argument is
+    ignored and may be None) and ``sampler_params`` (the sampling copy; else the policy samples itself).
+    ``refresh_ref`` / ``refresh_sampler``: scalar bools; after the update, ``ref <- mix_params(ref, params,
+    opts.ref_refresh_alpha)`` / ``sampler <- params`` where set. ``key`` splits into the rollout's and the
+    update's keys. Metrics: the update's, ``sample_diversity`` (mean per-prompt pairwise L2 of the rollout),
+    ``ref_refreshed``, ``sampler_refreshed``.
+    """
+    rollout = make_rollout_fn(graphdef, reward_model, opts, mesh)
+    update = make_flow_update(graphdef, tx, opts, mesh, return_grads=return_grads)
+
+    def train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler):
+        k_roll, k_update = jax.random.split(key)
+        sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
+        x1, comps = rollout(sampler, frozen, cond, k_roll)
+        reference = state["ref_params"] if "ref_params" in state else ref_params
+        batch = {"x1": x1, "cond": cond, "rewards": comps["reward"],
+                 "components": {k: v for k, v in comps.items() if k != "reward"}}
+        params, opt_state, metrics, *grads = update(state["params"], state["opt_state"], reference, frozen, batch,
+                                                    k_update)
+        new_state = dict(state, params=params, opt_state=opt_state)
+        refresh_ref = jnp.asarray(refresh_ref, bool)
+        refresh_sampler = jnp.asarray(refresh_sampler, bool)
+        if "ref_params" in state:
+            new_state["ref_params"] = _select_tree(refresh_ref, mix_params(reference, params, opts.ref_refresh_alpha),
+                                                   reference)
+        if "sampler_params" in state:
+            new_state["sampler_params"] = _select_tree(refresh_sampler, params, sampler)
+        metrics = dict(metrics)
+        metrics["sample_diversity"] = pairwise_diversity(x1, cond, opts.num_conditions)[1]
+        metrics["ref_refreshed"] = (refresh_ref & ("ref_params" in state)).astype(jnp.float32)
+        metrics["sampler_refreshed"] = (refresh_sampler & ("sampler_params" in state)).astype(jnp.float32)
+        if return_grads:
+            return new_state, metrics, grads[0]
+        return new_state, metrics
+
+    return train_step
