@@ -21,6 +21,9 @@ Conditioning:
 CFG dropout is a pure function of an explicit key (:func:`cfg_drop_mask`, :func:`cond_dropout`) passed in as
 ``drop_mask``: the module holds no RNG state, so a train step over ``nnx.split`` state stays functional.
 
+LoRA (:mod:`adrpo_jax.models.lora`): the ``nnx.Linear`` layers (``blocks.{i}.fc1`` / ``fc2`` / ``modulation``,
+``patch_embed``, ...) and the attention kernels (``blocks.{i}.attn.wq`` / ``wk`` / ``wv`` / ``wo``) are LoRA sites.
+
 Parameters carry the logical axis names of the project ('embed', 'mlp', 'heads', 'head_dim'; None =
 replicated) and the module is built with eager sharding off, so it builds without a mesh.
 

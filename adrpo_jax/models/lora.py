@@ -32,7 +32,8 @@ A module opts in by defining ``lora_kernels() -> {kernel attribute: einsum equat
 The reference policy of a LoRA run is the *same* model with its adapters switched off: ``enabled`` is a
 static attribute of every adapter (part of the ``GraphDef``), so ``set_lora_enabled(model, False)`` /
 ``with lora_disabled(model):`` give the base model's forward pass with no second copy of the weights, also
-inside a jitted function (merge, switch off, call).
+inside a jitted function (merge, switch off, call); :func:`split_lora` returns both ``GraphDef`` s with the
+``(adapters, base)`` states for a functional train step.
 
 Dropout on the adapter input is functional: it is active only inside ``with lora_dropout_rng(key):`` (enter it
 inside the jitted function, with the key as an argument), and never otherwise (evaluation, sampling,
@@ -94,6 +95,7 @@ __all__ = [
     "load_lora_state_dict",
     "merge_lora",
     "set_lora_enabled",
+    "split_lora",
 ]
 
 Array = jax.Array
@@ -576,6 +578,24 @@ def lora_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
     finally:
         for a, p in zip(adapters, previous):
             a.enabled = p
+
+
+def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
+    """The functional split of an adapted model for a train step:
+    ``(graphdef, ref_graphdef, adapters, base)``.
+
+    ``adapters`` (``nnx.LoRAParam``) is the trainable state, ``base`` everything else (frozen);
+    ``nnx.merge(graphdef, adapters, base)`` is the policy and ``nnx.merge(ref_graphdef, adapters, base)`` the same
+    weights with every adapter off (the reference: the base model exactly). ``model`` is not modified.
+
+    >>> model = apply_lora(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), LoRAConfig(1, 1.0), rngs=nnx.Rngs(1))
+    >>> graphdef, ref_graphdef, adapters, base = split_lora(model)
+    >>> sorted(nnx.to_pure_dict(adapters)["lora"]), sorted(nnx.to_pure_dict(base))
+    (['lora_a', 'lora_b'], ['bias', 'kernel'])
+    """
+    graphdef, adapters, base = nnx.split(model, LORA_PARAMS, ...)
+    ref_graphdef = nnx.split(set_lora_enabled(nnx.clone(model), False), LORA_PARAMS, ...)[0]
+    return graphdef, ref_graphdef, adapters, base
 
 
 def lora_param_count(model: nnx.Module) -> int:

@@ -110,6 +110,10 @@ def test_gradients_only_on_adapters_and_off_equals_base(base_and_adapted, inputs
     assert np.abs(np.asarray(_velocity(moved, *inputs)) - v_base).max() > 1e-3
     with lora.lora_disabled(moved):
         np.testing.assert_array_equal(np.asarray(_velocity(moved, *inputs)), v_base)
+    # the flow trainer's functional form: the reference velocity from the same states, adapters off
+    graphdef, ref_graphdef, adapters, base_state = lora.split_lora(moved)
+    v_ref = jax.jit(lambda a, b: nnx.merge(ref_graphdef, a, b)(x, t, cond))(adapters, base_state)
+    np.testing.assert_array_equal(np.asarray(v_ref), v_base)
 
 
 def test_merge_equals_and_saves_as_plain_dit(base_and_adapted, inputs, tmp_path):

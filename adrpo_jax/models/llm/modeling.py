@@ -18,6 +18,10 @@ layers[i].mlp.down_proj         kernel [F, D]      ('mlp', 'embed')
 lm_head.kernel (untied only)    [D, V]             ('embed', 'vocab')
 ==============================  =================  ===================================
 
+LoRA (`adrpo_jax.models.lora.apply_lora`): every `Dense` is a site (`layers.{i}.self_attn.{q,k,v,o}_proj`,
+`layers.{i}.mlp.{gate,up,down}_proj`, `lm_head` when untied); its adapter lives at `<site>.lora` and the
+3-D attention kernels get `A [in dims..., r]`, `B [r, out dims...]`.
+
 Attention masks are boolean. Causality is over *slots* (token index in the sequence / cache), padding is
 a per-key mask, and rotary positions are separate per-row integers (HF convention for left padding:
 `positions_from_mask`). Padded query rows produce finite garbage (never NaN) that callers mask out.
