@@ -47,8 +47,9 @@ def _sharded(cfg, graphdef, params, batch, opts, mesh_shape, return_grads):
                                            "opt_state": tx.init(p)}, mesh)
     shardings = train.shardings_of(abstract)
     sharded_params = jax.device_put(jax.tree.map(jnp.copy, params), shardings["params"])  # donated below
-    if mesh_shape.get("fsdp", 1) > 1:  # the embedding really is split over 'fsdp'
-        assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(sharded_params))
+    for axis in ("fsdp", "tensor"):  # parameters really are split over that axis
+        if mesh_shape.get(axis, 1) > 1:
+            assert any(axis in str(x.sharding.spec) for x in jax.tree.leaves(sharded_params)), axis
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(sharded_params)
     gbatch = train.host_local_to_global(batch, mesh)
     out_sh = (shardings["params"], shardings["opt_state"], train.replicated_sharding(mesh))
@@ -65,9 +66,9 @@ def _compare(a, b, what):
                                    err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=8), dict(data=2, fsdp=4),
+@pytest.mark.parametrize("mesh_shape", [dict(data=8), dict(data=2, fsdp=4), dict(data=4, tensor=2),
                                         pytest.param(dict(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow)],
-                         ids=["data8", "data2_fsdp4", "data2_fsdp2_tensor2"])
+                         ids=["data8", "data2_fsdp4", "data4_tensor2", "data2_fsdp2_tensor2"])
 def test_sharded_update_matches_single_device(mesh_shape):
     assert jax.device_count() == 8
     cfg, graphdef, params, batch, opts = _setup()
