@@ -1,5 +1,6 @@
 """End to end through launch.py on the CPU config (slow): the built-in tiny model learns the arithmetic task with
-ADRPO, and a run killed with SIGKILL after a checkpoint resumes to exactly the parameters of an uninterrupted one.
+ADRPO; a run killed with SIGKILL after a checkpoint, and a run stopped by SIGTERM whose newest checkpoint is then
+truncated, each resume to exactly the parameters of an uninterrupted one.
 
 The SFT model is built once in ``$ADRPO_JAX_CACHE`` (or ~/.cache/adrpo_jax) if absent (~1 min).
 """
@@ -34,14 +35,54 @@ def _cmd(workdir, cache, *extra):
             "--config.logging.tensorboard=False", f"--config.compilation_cache_dir={cache}", *extra]
 
 
-@pytest.mark.slow
-def test_cpu_config_learns_and_sigkill_resume_is_exact(tmp_path):
+def _final_weights(workdir):
+    return load_file(str(workdir / "final_model" / "model.safetensors"))
+
+
+def _assert_bit_identical(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted reference run: ``(workdir, xla cache dir)``."""
     from adrpo_jax.rl.sft import ensure_tiny_arith_model
     ensure_tiny_arith_model()
-    cache = tmp_path / "xla_cache"
-    full, killed = tmp_path / "full", tmp_path / "killed"
+    root = tmp_path_factory.mktemp("e2e")
+    cache, full = root / "xla_cache", root / "full"
     r = subprocess.run(_cmd(full, cache), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    return full, cache
+
+
+def _start_and_signal(cmd, workdir, min_checkpoint, sig):
+    """Starts ``cmd``, sends ``sig`` once a checkpoint of step >= ``min_checkpoint`` is committed; returns
+    (exit code, stderr)."""
+    log = workdir.parent / f"{workdir.name}.{sig.name}.log"  # a file, not a pipe: a full pipe would block the run
+    with open(log, "w", encoding="utf-8") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            ckpt = workdir / "checkpoints"
+            if ckpt.exists() and any(p.name.isdigit() and int(p.name) >= min_checkpoint for p in ckpt.iterdir()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be stopped; lower the checkpoint interval"
+        proc.send_signal(sig)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, log.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_cpu_config_learns_and_sigkill_resume_is_exact(uninterrupted, tmp_path):
+    full, cache = uninterrupted
+    killed = tmp_path / "killed"
     records = read_jsonl(full / "metrics.jsonl")
     train = [x for x in records if "reward/exact_match_mean" in x]
     first = train[0]["reward/exact_match_mean"]  # steps 1-10
@@ -53,29 +94,42 @@ def test_cpu_config_learns_and_sigkill_resume_is_exact(tmp_path):
     assert (full / "final_model" / "model.safetensors").exists()
 
     # The same command, SIGKILLed once a checkpoint (step >= 50) is committed, then run again to completion.
-    proc = subprocess.Popen(_cmd(killed, cache), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            ckpt = killed / "checkpoints"
-            if ckpt.exists() and any(p.name.isdigit() and int(p.name) >= 50 for p in ckpt.iterdir()):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run finished before it could be killed; lower the checkpoint interval"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, _ = _start_and_signal(_cmd(killed, cache), killed, 50, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     assert not (killed / "final_model").exists()
     r = subprocess.run(_cmd(killed, cache), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed from checkpoint step" in r.stderr
-    a = load_file(str(full / "final_model" / "model.safetensors"))
-    b = load_file(str(killed / "final_model" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].tobytes() == b[key].tobytes(), key
+    _assert_bit_identical(_final_weights(full), _final_weights(killed))
     steps = [x["step"] for x in read_jsonl(killed / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+
+@pytest.mark.slow
+def test_sigterm_then_truncated_checkpoint_resume_is_exact(uninterrupted, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint of that step is written, exit 0. Then the newest
+    checkpoint's files are truncated (a half-written save): the re-run warns, falls back to the previous
+    checkpoint and still ends bit-identical to the uninterrupted run, with one metrics line per step."""
+    full, cache = uninterrupted
+    run = tmp_path / "sigterm"
+    code, err = _start_and_signal(_cmd(run, cache), run, 25, signal.SIGTERM)
+    assert code == 0, err[-3000:]
+    assert "Preempted (SIGTERM) at step" in err
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < STEPS and not (run / "final_model").exists()
+    newest = run / "checkpoints" / str(saved[-1])
+    damaged = 0
+    for f in sorted(newest.rglob("*")):
+        if f.is_file() and f.stat().st_size > 64:
+            with open(f, "r+b") as fh:
+                fh.truncate(f.stat().st_size // 2)
+            damaged += 1
+    assert damaged
+    r = subprocess.run(_cmd(run, cache), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "corrupted or incomplete" in r.stderr
+    if len(saved) > 1:
+        assert f"Resumed from checkpoint step {saved[-2]}" in r.stderr
+    _assert_bit_identical(_final_weights(full), _final_weights(run))
+    steps = [x["step"] for x in read_jsonl(run / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
