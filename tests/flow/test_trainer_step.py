@@ -7,7 +7,8 @@
 * non-finite rewards / images are masked out of every statistic (the prompt's baseline included) and the loss;
   a batch without a valid sample skips the update;
 * the whole step on 8 forced CPU devices == the single-device step (metrics, gradients, parameters, refreshed
-  reference and sampling copy; 1e-5), on a data x FSDP x tensor mesh (default) and a data-parallel mesh (slow);
+  reference and sampling copy; 1e-5), on a data x FSDP x tensor mesh (default), and (slow) a data-parallel mesh,
+  an FSDP mesh (data=2, fsdp=4) and a tensor-parallel mesh (data=4, tensor=2);
   with gradient accumulation, CFG dropout and a reward model that returns NaN for some samples;
 * the reference refresh sets ref = alpha * policy + (1 - alpha) * ref, and the next loss uses exactly it.
 """
@@ -308,7 +309,10 @@ def _compare(a, b, what):
 
 
 @pytest.mark.parametrize("mesh_shape", [pytest.param(dict(data=8), marks=pytest.mark.slow),
-                                        dict(data=2, fsdp=2, tensor=2)], ids=["data8", "data2_fsdp2_tensor2"])
+                                        dict(data=2, fsdp=2, tensor=2),
+                                        pytest.param(dict(data=2, fsdp=4), marks=pytest.mark.slow),
+                                        pytest.param(dict(data=4, tensor=2), marks=pytest.mark.slow)],
+                         ids=["data8", "data2_fsdp2_tensor2", "data2_fsdp4", "data4_tensor2"])
 def test_sharded_step_matches_single_device(mesh_shape):
     assert jax.device_count() == 8
     graphdef, _ = tiny_model(0)
@@ -320,9 +324,9 @@ def test_sharded_step_matches_single_device(mesh_shape):
         return {"params": p, "opt_state": tx.init(p), "ref_params": p, "sampler_params": p}
 
     shardings = train.shardings_of(train.plan_sharded(plan, mesh))
-    if mesh_shape.get("fsdp", 1) > 1:  # parameters really are split over 'fsdp' and 'tensor'
-        specs = [str(x.spec) for x in jax.tree.leaves(shardings["params"])]
-        assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
+    specs = [str(x.spec) for x in jax.tree.leaves(shardings["params"])]
+    for axis in ("fsdp", "tensor"):  # parameters really are split over the model axes of the mesh
+        assert any(axis in s for s in specs) == (mesh_shape.get(axis, 1) > 1), (axis, specs)
     state = jax.device_put(_step_state(tx), shardings)
     step = jax.jit(make_train_step(graphdef, tx, _nan_reward, _step_options(), mesh, return_grads=True),
                    out_shardings=(shardings, train.replicated_sharding(mesh), shardings["params"]),
