@@ -76,7 +76,24 @@ key                                    meaning
 ``eval.seed``                          seed of the eval noise (fixed over the run)
 ``eval.w2_time_samples``               (t, x0) draws per sample of the W2 bound
 ``eval.write_images``                  write ``samples_before.png`` / ``samples_before_after.png``
+``lora.enabled``                       train LoRA adapters on the DiT instead of all its weights (below)
+``lora.rank`` / ``lora.alpha``         r and alpha (update scale alpha / r; alpha / sqrt(r) with use_rslora)
+``lora.dropout``                       dropout on the adapter inputs in the loss's policy forward only (a
+                                       fresh key per inner update / micro-batch); sampling, the reference
+                                       and evaluation are deterministic. 0 = off
+``lora.target_modules``                DiT site names (``'attn.wq'``, ``'wq'``, ``'fc1'``, ``'modulation'``,
+                                       ``'final_linear'``, ...), regexes full-matching the site path
+                                       (``'blocks\.[0-1]\.attn\..*'``) or ``('all-linear',)``
+``lora.init``                          ``kaiming_uniform`` (peft default) | ``gaussian``; B starts at 0
+``lora.use_rslora``                    rank-stabilized scale alpha / sqrt(r)
 =====================================  ===================================================================
+
+LoRA (``lora.enabled``; :mod:`adrpo_jax.models.lora`): only the adapters are trained and live in the
+optimizer state and the checkpoints (the base weights are the pre-trained DiT, reloaded from ``model.path`` or
+the pre-training cache on resume). The frozen reference of the W2 term is the same model with its adapters
+switched off, so no second copy of the weights exists; with ``rl.ref_refresh_steps > 0`` the reference is base
++ a copy of the adapters taken at each refresh (``rl.ref_refresh_alpha`` must be 1: mixing the factors A and B
+is not mixing the weights). ``model.save_final`` writes the merged DiT (``W + s A B``, ``load_dit`` reads it).
 
 >>> from adrpo_jax.train.config import common_config
 >>> config = add_flow_config(common_config())
@@ -91,6 +108,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -105,6 +123,8 @@ __all__ = [
     "pretrain_config",
     "num_prompt_conditions",
     "uses_reference",
+    "lora_config",
+    "LORA_DEFAULT_TARGETS",
 ]
 
 METHODS = ("adrpo", "fixed_beta", "orw_cfm_w2", "none")
@@ -117,6 +137,9 @@ ADV_CLIPS = ("multiple", "absolute", "none")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "midpoint")
 DTYPES = ("float32", "bfloat16", "float16")
+# The DiT's attention projections and MLP (not the adaLN modulation, embeddings or the output layer).
+LORA_DEFAULT_TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "fc1", "fc2")
+LORA_INITS = ("kaiming_uniform", "gaussian")
 
 # Keys of the pre-training sections that pretrain.py reads (everything else is the trainer's).
 _MODEL_KEYS = ("image_size", "channels", "patch_size", "hidden", "depth", "heads", "mlp_ratio", "num_classes",
@@ -181,6 +204,8 @@ def add_flow_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         },
         "sampling": {"method": "heun", "num_steps": 10, "cfg_scale": 1.0, "sde_noise": 0.0},
         "eval": {"samples_per_prompt": 8, "seed": 1234, "w2_time_samples": 4, "write_images": True},
+        "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": LORA_DEFAULT_TARGETS,
+                 "init": "kaiming_uniform", "use_rslora": False},
     }
     _merge(config, defaults)
     return config
@@ -370,6 +395,55 @@ def _validate_sampling_eval(config) -> None:
     require_type(config, "eval.write_images", bool)
 
 
+def _lora_targets(config) -> tuple[str, ...]:
+    targets = get_by_path(config, "lora.target_modules")
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, (tuple, list)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"`lora.target_modules` must be a non-empty tuple of DiT site names / regexes (or "
+                          f"('all-linear',)), got {targets!r}.", key="lora.target_modules", value=targets)
+    return tuple(targets)
+
+
+def _validate_lora(config) -> None:
+    if "lora" not in config:
+        return
+    enabled = require_type(config, "lora.enabled", bool)
+    _int(config, "lora.rank", min=1)
+    _float(config, "lora.alpha", min=0.0, min_inclusive=False)
+    _float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
+    _lora_targets(config)
+    require_choice(config, "lora.init", LORA_INITS)
+    require_type(config, "lora.use_rslora", bool)
+    try:  # the remaining checks (regex syntax, ...) are LoRAConfig's own
+        _build_lora_config(config)
+    except ValueError as err:
+        field = re.search(r"LoRAConfig\.(\w+)", str(err))
+        key = f"lora.{field.group(1)}" if field else "lora"
+        raise ConfigError(f"`{key}`: {err}", key=key, value=get_by_path(config, key)) from None
+    if enabled and int(config.rl.ref_refresh_steps) > 0 and float(config.rl.ref_refresh_alpha) != 1.0:
+        raise ConfigError(f"`rl.ref_refresh_alpha`={config.rl.ref_refresh_alpha} cannot be used with LoRA: the "
+                          "refreshed reference is base + a copy of the adapters, and mixing the factors A and B does "
+                          "not mix the weights W + s A B. Use rl.ref_refresh_alpha=1.0 (copy) or lora.enabled=False.",
+                          key="rl.ref_refresh_alpha", value=config.rl.ref_refresh_alpha)
+
+
+def _build_lora_config(config):
+    from adrpo_jax.models.lora import LoRAConfig  # pylint: disable=import-outside-toplevel
+
+    lc = config.lora
+    return LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                      target_modules=_lora_targets(config), init=lc.init, use_rslora=bool(lc.use_rslora))
+
+
+def lora_config(config: Any):
+    """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off
+    (or the config has no ``lora`` section)."""
+    if "lora" not in config or not config.lora.enabled:
+        return None
+    return _build_lora_config(config)
+
+
 def validate_flow_config(config: Any) -> None:
     """Checks every flow-trainer key (types, ranges, combinations); raises :class:`ConfigError` naming the key.
 
@@ -383,6 +457,7 @@ def validate_flow_config(config: Any) -> None:
     _validate_reward(config)
     _validate_rl(config)
     _validate_sampling_eval(config)
+    _validate_lora(config)
 
 
 def validate_flow_batch_layout(config: Any, data_parallel_size: int, process_count: int = 1) -> dict[str, int]:

@@ -384,7 +384,8 @@ def _reduce_updates(stacked: Metrics) -> Metrics:
 
 
 def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: FlowStepOptions,
-                     mesh: Mesh | None, *, return_grads: bool = False):
+                     mesh: Mesh | None, *, return_grads: bool = False, ref_graphdef: nnx.GraphDef | None = None,
+                     lora_dropout: bool = False):
     """``update(params, opt_state, ref_params, frozen, batch, key) -> (params, opt_state, metrics)``.
 
     ``batch``: ``x1 [B, H, W, C]`` (the policy's samples), ``cond [B]`` int prompt ids, ``rewards [B]`` (NaN =
@@ -394,31 +395,50 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
     ``opts.grad_accum_steps`` micro-batches (strided rows ``i, i + k, ...``; exact: the valid-sample count of the
     whole batch is the normalizer). ``frozen`` is the non-trainable model state (None for none).
 
+    ``ref_graphdef``: the graph the reference forward runs with (default ``graphdef``); a LoRA run passes the
+    adapters-off graph of :func:`~adrpo_jax.models.lora.split_lora`, so that ``merge(ref_graphdef, ref_params,
+    frozen)`` is the frozen base model whatever adapter values ``ref_params`` holds (pass the policy's own).
+    ``lora_dropout``: run the loss's policy forward inside :func:`~adrpo_jax.models.lora.lora_dropout_rng` with a
+    key of the update (``fold_in(inner-update key, 0x10D)``, then the micro-batch index), so adapters with
+    ``dropout > 0`` drop their inputs there; sampling, the reference and evaluation never do.
+
     Metrics: those of :func:`prepare_batch`, the loss terms (mean over the inner updates), ``grad_norm``,
     ``update_norm``, ``skipped`` (any update skipped) and ``skipped_updates``. ``return_grads`` (tests; one
     inner update only) appends the gradients.
     """
     if return_grads and opts.num_inner_updates != 1:
         raise ValueError("return_grads needs num_inner_updates == 1")
+    from adrpo_jax.models.lora import lora_dropout_rng  # pylint: disable=import-outside-toplevel
+
     loss_fn = make_loss_fn(opts, mesh)
     k = opts.grad_accum_steps
+    ref_graphdef = graphdef if ref_graphdef is None else ref_graphdef
 
-    def merge(p, frozen):
-        return nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
+    def merge(p, frozen, g=graphdef):
+        return nnx.merge(g, p) if frozen is None else nnx.merge(g, p, frozen)
 
     def one_update(params, opt_state, ref_params, frozen, prep: PreparedBatch, key):
         t, x0, drop = draw_path_inputs(opts, key, prep.x1, mesh)
         x_t, u = losses.rectified_flow_path(x0, prep.x1, t)
-        v_ref = jax.lax.stop_gradient(merge(ref_params, frozen)(x_t, t, prep.cond, drop_mask=drop))
+        v_ref = jax.lax.stop_gradient(merge(ref_params, frozen, ref_graphdef)(x_t, t, prep.cond, drop_mask=drop))
         normalizer = jnp.maximum(jnp.sum(prep.valid, dtype=jnp.float32), 1.0)
         rows = {"x_t": x_t, "t": t, "cond": prep.cond, "u": u, "v_ref": v_ref, "advantages": prep.advantages,
                 "rewards": prep.rewards, "mask": prep.valid}
         if drop is not None:
             rows["drop"] = drop
+        if lora_dropout:  # row i of micro-batch j (strided split) has index i * k + j: index[0] is j
+            rows["index"] = _constrain(jnp.arange(prep.x1.shape[0], dtype=jnp.int32), mesh)
+            dropout_key = jax.random.fold_in(key, 0x10D)
 
         def grad_fn(p, mb):
             def f(p_):
-                v = merge(p_, frozen)(mb["x_t"], mb["t"], mb["cond"], drop_mask=mb.get("drop"))
+                model = merge(p_, frozen)
+                x = (mb["x_t"], mb["t"], mb["cond"])
+                if lora_dropout:
+                    with lora_dropout_rng(jax.random.fold_in(dropout_key, mb["index"][0])):
+                        v = model(*x, drop_mask=mb.get("drop"))
+                else:
+                    v = model(*x, drop_mask=mb.get("drop"))
                 return loss_fn({**mb, "v": v}, normalizer)
 
             (loss, m), grads = jax.value_and_grad(f, has_aux=True)(p)
@@ -490,7 +510,8 @@ def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowSt
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reward_model: Callable,
-                    opts: FlowStepOptions, mesh: Mesh | None, *, return_grads: bool = False):
+                    opts: FlowStepOptions, mesh: Mesh | None, *, return_grads: bool = False,
+                    ref_graphdef: nnx.GraphDef | None = None, lora_dropout: bool = False):
     """``train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler) -> (state, metrics)``.
 
     One whole RL step (module docstring), to be jitted with ``donate_argnums=0``. ``state``: ``params``,
@@ -502,13 +523,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, re
     ``ref_refreshed``, ``sampler_refreshed``.
     """
     rollout = make_rollout_fn(graphdef, reward_model, opts, mesh)
-    update = make_flow_update(graphdef, tx, opts, mesh, return_grads=return_grads)
+    update = make_flow_update(graphdef, tx, opts, mesh, return_grads=return_grads, ref_graphdef=ref_graphdef,
+                              lora_dropout=lora_dropout)
 
     def train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler):
         k_roll, k_update = jax.random.split(key)
         sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
         x1, comps = rollout(sampler, frozen, cond, k_roll)
         reference = state["ref_params"] if "ref_params" in state else ref_params
+        if reference is None:
+            if ref_graphdef is None:
+                raise ValueError("train_step needs `ref_params` (or state['ref_params']) unless a `ref_graphdef` "
+                                 "(LoRA: adapters off) makes the reference the policy's own base weights")
+            reference = state["params"]
         batch = {"x1": x1, "cond": cond, "rewards": comps["reward"],
                  "components": {k: v for k, v in comps.items() if k != "reward"}}
         params, opt_state, metrics, *grads = update(state["params"], state["opt_state"], reference, frozen, batch,

@@ -38,6 +38,12 @@ noise), ``eval/frechet_distance_data`` (vs the test split), ``eval/w2_bound`` (t
 pre-trained model on the policy's eval samples). Images: ``workdir/samples_before.png`` at the start and
 ``workdir/samples_before_after.png`` (pre-trained vs fine-tuned, one row per prompt) at the end; with
 ``model.save_final`` the fine-tuned DiT goes to ``workdir/final_model`` (``load_dit``).
+
+LoRA (``lora.enabled``, :mod:`adrpo_jax.models.lora`): adapters on the DiT sites of ``lora.target_modules``; the
+state (optimizer state and checkpoints included) holds the adapters only, the pre-trained weights are the
+frozen part (``frozen``, reloaded at start, never checkpointed), the reference of the W2 term is the same model
+with its adapters off (``ref_graphdef``; no second copy of the weights; with ``rl.ref_refresh_steps`` base + a
+refreshed copy of the adapters), and ``model.save_final`` writes the merged DiT (``merge_lora``: ``W + s A B``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from adrpo_jax.flow.sampling import sample, sample_noise
 from adrpo_jax.flow.step import FlowStepOptions, make_train_step
 from adrpo_jax.models.classifier import DigitClassifier, load_classifier
 from adrpo_jax.models.dit import DiT, load_dit
+from adrpo_jax.models.lora import apply_lora, merge_lora, set_lora_enabled
 
 __all__ = ["train_and_evaluate", "FlowTrainer", "FlowEvaluator", "step_prompts", "build_reward_model",
            "load_models"]
@@ -170,23 +177,26 @@ class FlowEvaluator:
         self.x0 = train.host_local_to_global(x0[rows], mesh)
         self.cond = train.host_local_to_global(cond[rows], mesh)
         repl = train.replicated_sharding(mesh)
-        graphdef = trainer.graphdef
+        graphdef, base_graphdef = trainer.graphdef, trainer.base_graphdef
 
-        def merge(params, frozen):
-            return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+        def merge(params, frozen, g=graphdef):
+            return nnx.merge(g, params) if frozen is None else nnx.merge(g, params, frozen)
 
-        def sample_fn(params, frozen, x0, cond, key):
-            model = merge(params, frozen)
+        def sample_fn(params, frozen, x0, cond, key, g=graphdef):
+            model = merge(params, frozen, g)
             return sample(lambda x, t, c: model(x, t, c), x0, cond, num_steps=opts.sampling_steps,
                           method=opts.sampling_method, cfg_scale=opts.cfg_scale,
                           null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
                           key=key if opts.sde_noise > 0 else None)
 
         self._sample = jax.jit(sample_fn, out_shardings=repl)
+        # The pre-trained model (LoRA: the same weights with the adapters off).
+        self._sample_base = self._sample if base_graphdef is graphdef else \
+            jax.jit(lambda *a: sample_fn(*a, g=base_graphdef), out_shardings=repl)
         n_time = int(config.eval.w2_time_samples)
 
         def w2_fn(params, ref_params, frozen, x1, cond, key):
-            policy, ref = merge(params, frozen), merge(ref_params, frozen)
+            policy, ref = merge(params, frozen), merge(ref_params, frozen, base_graphdef)
             return velocity_w2_bound(lambda x, t, c: policy(x, t, c), lambda x, t, c: ref(x, t, c), x1, cond, key,
                                      num_time_samples=n_time)
 
@@ -194,16 +204,18 @@ class FlowEvaluator:
         self.classifier = trainer.classifier
         cgraph, self._cstate = nnx.split(self.classifier)
         self._features = jax.jit(lambda s, x: nnx.merge(cgraph, s)(x, return_features=True)[1])
-        self.reference_images = self.sample(trainer.ref_params, trainer.frozen)
+        self.reference_images = self.sample(trainer.ref_params, trainer.frozen, pretrained=True)
         self.reference_features = np.asarray(self._features(self._cstate, self.reference_images))
         _, test = load_digits_splits(config.data.image_size, test_fraction=config.data.test_fraction,
                                      seed=config.data.split_seed)
         self.data_features = np.asarray(self._features(self._cstate, jnp.asarray(test.images)))
         self.last_images: tuple[int, np.ndarray] | None = None
 
-    def sample(self, params, frozen) -> np.ndarray:
-        """The eval samples ``[n, H, W, C]`` (host numpy) of a parameter tree."""
-        return np.asarray(jax.device_get(self._sample(params, frozen, self.x0, self.cond, self.sde_key)))
+    def sample(self, params, frozen, *, pretrained: bool = False) -> np.ndarray:
+        """The eval samples ``[n, H, W, C]`` (host numpy) of a parameter tree (of the policy's graph, or with
+        ``pretrained`` of the pre-trained model's graph: adapters off under LoRA)."""
+        fn = self._sample_base if pretrained else self._sample
+        return np.asarray(jax.device_get(fn(params, frozen, self.x0, self.cond, self.sde_key)))
 
     def __call__(self, step: int, params, frozen) -> dict[str, float]:
         images = self.sample(params, frozen)
@@ -235,21 +247,28 @@ class FlowTrainer:
     Args:
       config: the experiment config (common sections + :func:`~adrpo_jax.flow.config.add_flow_config`).
       workdir: run directory.
-      trainable: the parameter filter of the policy (default ``nnx.Param``; a LoRA run passes
-        ``nnx.LoRAParam``); the rest of the model state is ``frozen``.
+      trainable: the parameter filter of the policy (default: ``nnx.Param``, or ``nnx.LoRAParam`` with
+        ``lora.enabled``); the rest of the model state is ``frozen``.
       reward_model: overrides the reward model of ``config.reward`` (any pure, jittable
         ``(images [B, H, W, C], cond [B]) -> [B]``, optionally with ``components``).
       models: ``(pre-trained DiT, classifier)`` to use instead of :func:`load_models` (tests).
 
     Public attributes: ``mesh``, ``opts`` (:class:`FlowStepOptions`), ``graphdef``, ``tx``, ``schedule``,
-    ``abstract_state``, ``state_shardings``, ``ref_params`` (the frozen pre-trained reference), ``frozen``,
-    ``reward_model``, ``classifier``, ``evaluator`` (None when ``eval_every`` = 0 and images are off).
+    ``abstract_state``, ``state_shardings``, ``ref_params`` (the trainable part of the frozen pre-trained
+    reference; with LoRA the initial adapters, which ``base_graphdef`` ignores), ``frozen``, ``reward_model``,
+    ``classifier``, ``evaluator`` (None when ``eval_every`` = 0 and images are off), ``lora_config`` (None
+    without LoRA), ``base_graphdef`` (the pre-trained model's graph: ``graphdef``, or adapters off with LoRA),
+    ``ref_graphdef`` (the graph of the step's reference forward: ``base_graphdef`` with LoRA and a frozen
+    reference, else ``graphdef``).
     """
 
-    def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = nnx.Param,
+    def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = None,
                  reward_model: Callable | None = None, models: tuple[DiT, DigitClassifier] | None = None):
         config_lib.validate_flow_config(config)
         self.config, self.workdir = config, os.fspath(workdir)
+        self.lora_config = config_lib.lora_config(config)
+        if trainable is None:
+            trainable = nnx.LoRAParam if self.lora_config is not None else nnx.Param
         self.trainable = trainable
         self.mesh = train.make_mesh(config.mesh)
         self.layout = config_lib.validate_flow_batch_layout(config, train.data_parallel_size(self.mesh),
@@ -265,14 +284,20 @@ class FlowTrainer:
         self.updates_per_step = int(config.rl.num_inner_updates)
         self.tx, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
 
-        abstract_model = nnx.eval_shape(lambda: DiT(mc, rngs=nnx.Rngs(0)))
-        self.graphdef = nnx.split(abstract_model, trainable, ...)[0]
+        abstract_model = nnx.eval_shape(self._new_model)
+        self.graphdef, _, abstract_frozen = nnx.split(abstract_model, trainable, ...)
         self.ref_in_state = int(config.rl.ref_refresh_steps) > 0
         self.sampler_in_state = int(config.rl.sampler_refresh_steps) > 1
+        self.base_graphdef = self.ref_graphdef = self.graphdef
+        if self.lora_config is not None:
+            self.base_graphdef = nnx.split(set_lora_enabled(abstract_model, False), trainable, ...)[0]
+            if not self.ref_in_state:  # the reference: the policy's own weights with the adapters off
+                self.ref_graphdef = self.base_graphdef
         tx, trainable_, ref_in_state, sampler_in_state = self.tx, trainable, self.ref_in_state, self.sampler_in_state
+        new_model = self._new_model
 
         def plan():
-            params = nnx.state(DiT(mc, rngs=nnx.Rngs(0)), trainable_)
+            params = nnx.state(new_model(), trainable_)
             state = {"params": params, "opt_state": tx.init(params)}
             if ref_in_state:
                 state["ref_params"] = params
@@ -280,12 +305,20 @@ class FlowTrainer:
                 state["sampler_params"] = params
             return state
 
+        self._plan = plan
         self.abstract_state = train.plan_sharded(plan, self.mesh)
         self.state_shardings = train.shardings_of(self.abstract_state)
         param_shardings = self.state_shardings["params"]
         _, pre_params, pre_frozen = nnx.split(pretrained, trainable, ...)
-        # The frozen reference: the pre-trained weights, a separate tree sharded like the policy.
-        self.ref_params = jax.device_put(pre_params, param_shardings)
+        if jax.tree.structure(nnx.to_pure_dict(pre_frozen)) != jax.tree.structure(nnx.to_pure_dict(abstract_frozen)):
+            raise AssertionError("the pre-trained model's frozen state does not match the policy's frozen part")
+        if self.lora_config is None:
+            # The frozen reference: the pre-trained weights, a separate tree sharded like the policy.
+            self.ref_params = jax.device_put(pre_params, param_shardings)
+        else:
+            # The reference is base_graphdef (adapters off): any adapter values give the pre-trained model.
+            self.ref_params = train.create_sharded(lambda: nnx.state(new_model(), trainable_),
+                                                   self.abstract_state["params"])
         self.frozen = None  # the non-trainable model state (None for a plain DiT with the nnx.Param filter)
         if jax.tree.leaves(pre_frozen):
             self.frozen = jax.device_put(pre_frozen, train.logical_to_named_sharding(pre_frozen, self.mesh))
@@ -294,7 +327,9 @@ class FlowTrainer:
         self.rows = train.process_batch_slice(self.layout["batch_size"], self.mesh)
         self.base_key = jax.random.key(int(config.seed))
         repl = train.replicated_sharding(self.mesh)
-        self.step_fn = jax.jit(make_train_step(self.graphdef, self.tx, self.reward_model, self.opts, self.mesh),
+        lora_dropout = self.lora_config is not None and self.lora_config.dropout > 0
+        self.step_fn = jax.jit(make_train_step(self.graphdef, self.tx, self.reward_model, self.opts, self.mesh,
+                                               ref_graphdef=self.ref_graphdef, lora_dropout=lora_dropout),
                                out_shardings=(self.state_shardings, repl), donate_argnums=0)
         self.evaluator = None
         if int(config.eval_every) > 0 or bool(config.eval.write_images):
@@ -302,8 +337,21 @@ class FlowTrainer:
 
     # ------------------------------------------------------------------------------------------------------
 
+    def _new_model(self) -> DiT:
+        """A freshly initialized policy (with adapters under LoRA; their A a function of ``seed`` only); only
+        ever built abstractly or under jit."""
+        model = DiT(self.model_config, rngs=nnx.Rngs(0))
+        if self.lora_config is not None:
+            key = jax.random.fold_in(jax.random.key(int(self.config.seed)), 0x10A)
+            apply_lora(model, self.lora_config, rngs=nnx.Rngs(params=key))
+        return model
+
     def init_state(self) -> dict[str, Any]:
-        """The fresh train state: copies of the pre-trained weights (sharded) and a new optimizer state."""
+        """The fresh train state: copies of the pre-trained weights (sharded) and a new optimizer state. With
+        LoRA: fresh adapters (B = 0: the policy starts as the pre-trained model), born sharded, and their
+        optimizer state."""
+        if self.lora_config is not None:
+            return train.create_sharded(self._plan, self.abstract_state)
         sh = self.state_shardings
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["params"])
         state = {"params": copy(self.ref_params),
@@ -326,8 +374,10 @@ class FlowTrainer:
         key = jax.random.fold_in(self.base_key, step)
         refresh_ref = self.ref_in_state and (step + 1) % int(rl.ref_refresh_steps) == 0
         refresh_sampler = self.sampler_in_state and (step + 1) % int(rl.sampler_refresh_steps) == 0
-        state, metrics = self.step_fn(state, None if self.ref_in_state else self.ref_params, self.frozen, cond, key,
-                                      np.bool_(refresh_ref), np.bool_(refresh_sampler))
+        # A LoRA reference (adapters off) takes the policy's own adapters (ignored): ref_params None.
+        ref = None if self.ref_in_state or self.lora_config is not None else self.ref_params
+        state, metrics = self.step_fn(state, ref, self.frozen, cond, key, np.bool_(refresh_ref),
+                                      np.bool_(refresh_sampler))
         if refresh_ref:
             log.info("step %d: reference refreshed (ref = %g * policy + %g * ref)", step + 1,
                      float(rl.ref_refresh_alpha), 1.0 - float(rl.ref_refresh_alpha))
@@ -378,20 +428,23 @@ class FlowTrainer:
         return out
 
     def save_model(self, params, path: str | os.PathLike) -> str | None:
-        """Writes the policy ``params`` as a DiT directory (``load_dit`` reads it); every process takes part
-        (the parameters may be split across processes), process 0 writes. Returns the path on process 0."""
+        """Writes the policy ``params`` as a DiT directory (``load_dit`` reads it; with LoRA the merged DiT, ``W + s
+        A B``); every process takes part (the parameters may be split across processes), process 0 writes.
+        Returns the path on process 0."""
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
         from adrpo_jax.models.dit import save_dit  # pylint: disable=import-outside-toplevel
 
-        if jax.process_count() > 1:
-            host = multihost_utils.process_allgather(params, tiled=True)
-        else:
-            host = jax.device_get(params)
+        gather = (lambda x: multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 \
+            else jax.device_get
+        host = gather(params)
+        frozen = gather(self.frozen) if self.frozen is not None else None
         if not self._is_primary():
             return None
         host = jax.tree.map(np.asarray, host)
-        model = nnx.merge(self.graphdef, host) if self.frozen is None else \
-            nnx.merge(self.graphdef, host, jax.device_get(self.frozen))
+        model = nnx.merge(self.graphdef, host) if frozen is None else \
+            nnx.merge(self.graphdef, host, jax.tree.map(np.asarray, frozen))
+        if self.lora_config is not None:
+            model = merge_lora(model)
         save_dit(model, path)
         log.info("Saved the fine-tuned policy to %s", path)
         return str(path)

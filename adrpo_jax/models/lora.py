@@ -623,7 +623,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         sharding = getattr(w, "sharding", None)
         if sharding is not None and getattr(new, "sharding", None) != sharding:
             new = jax.device_put(new, sharding)
-        kernel[...] = new
+        kernel.set_value(new)  # replace, never write into the buffer (a NumPy kernel is shared with `model`)
         delattr(site.module, _adapter_attr(site.kernel_name))
         if type(site.module) is LoRALinear:
             object.__setattr__(site.module, "__class__", nnx.Linear)
