@@ -275,3 +275,39 @@ def test_tiny_lora_trainer_run(tmp_path):
     arrays = [k for k, v in meta.items() if v["value_metadata"].get("value_type") == "jax.Array"]
     assert any("lora_a" in k for k in arrays) and any("lora_b" in k for k in arrays)
     assert all("lora_a" in k or "lora_b" in k or "count" in k for k in arrays), arrays
+
+
+def _trainer_without_eval(tmp_path, lora: bool):
+    config = tiny_trainer_config()
+    config.eval_every = 0
+    config.eval.write_images = False
+    config.rl.ref_refresh_steps, config.rl.ref_refresh_alpha, config.rl.sampler_refresh_steps = 0, 1.0, 1
+    config.lora.enabled = lora
+    config.lora.rank, config.lora.alpha = 2, 4.0
+    return FlowTrainer(config, tmp_path, models=_tiny_models())
+
+
+def test_lora_off_builds_the_plain_trainer(tmp_path):
+    trainer = _trainer_without_eval(tmp_path, lora=False)
+    assert trainer.lora_config is None and trainer.trainable is nnx.Param
+    assert trainer.ref_graphdef is trainer.graphdef is trainer.base_graphdef and trainer.frozen is None
+    dit = _tiny_models()[0]
+    assert jax.tree.structure(nnx.to_pure_dict(trainer.abstract_state["params"])) == \
+        jax.tree.structure(nnx.to_pure_dict(nnx.state(dit, nnx.Param)))
+    for a, b in zip(jax.tree.leaves(trainer.ref_params), jax.tree.leaves(nnx.state(dit, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the reference: the pre-trained weights
+
+
+@pytest.mark.slow  # two train-step compilations
+def test_fresh_lora_step_computes_what_the_plain_step_computes(tmp_path):
+    """B = 0 at init: the LoRA policy is the base model, so the first step samples the same images and has the
+    same loss and statistics as the full-parameter trainer (only the trained parameters differ)."""
+    out = {}
+    for lora in (False, True):
+        trainer = _trainer_without_eval(tmp_path / str(lora), lora)
+        _, metrics = trainer.train_step(0, trainer.init_state())
+        out[lora] = jax.device_get(metrics)
+    for key in ("reward_mean", "reward_std", "advantage_std", "loss", "cfm_term", "w2_term", "w2_mean",
+                "beta_eff_mean", "sample_diversity"):
+        np.testing.assert_allclose(out[True][key], out[False][key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert out[True]["w2_mean"] == 0.0  # policy == reference at the first update
