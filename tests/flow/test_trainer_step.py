@@ -125,6 +125,11 @@ def test_method_losses_match_numpy(method):
             "none": np.zeros(B)}[method]
     np.testing.assert_allclose(float(prep.metrics["beta_eff_mean"]), coef.mean(), atol=1e-6)
     np.testing.assert_allclose(float(prep.metrics["beta_eff_min"]), coef.min(), atol=1e-6)
+    np.testing.assert_allclose(float(prep.metrics["beta_eff_max"]), coef.max(), atol=1e-6)
+    # the two terms separately (issue 9.6): weighted CFM and coefficient-weighted W2, means over the batch
+    cfm_weight = np.exp(0.7 * r.astype(np.float64)) if method == "orw_cfm_w2" else adv
+    np.testing.assert_allclose(float(m["cfm_term"]), np.mean(cfm_weight * err), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(m["w2_term"]), np.mean(coef * w2), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(prep.metrics["adv_clip_fraction"]),
                                np.mean(np.abs(adv) > 0.3) if method == "adrpo" else 0.0, atol=1e-6)
 
