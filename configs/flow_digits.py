@@ -17,6 +17,9 @@ Variants (the same run, only the objective differs; ADRPO.md, "Flow matching"):
 * ``cpu_orw``: ORW-CFM-W2, ``exp(tau r) ||v - u||^2 + alpha ||v - v_ref||^2`` (tau 0.5, alpha 1; raw weights),
   sampling from a copy of the policy refreshed every 10 steps (ORW's "copy refreshed every epoch").
 * ``cpu_none``: ``A ||v - u||^2``, no regularization.
+* ``cpu_lora``: ADRPO-W2 training only LoRA adapters (rank 8, alpha 16) on the DiT's attention projections and
+  MLPs (``lora.target_modules``); the W2 reference is the same DiT with the adapters off; checkpoints hold the
+  adapters, ``model.save_final`` writes the merged DiT. A higher learning rate (2e-3), as usual for adapters.
 * ``gpu`` / ``tpu``: templates for accelerators: 16x16 images, a larger DiT (hidden 256, depth 8, patch 2),
   bfloat16 compute with float32 parameters, an FSDP mesh (``mesh.fsdp=-1``), 32 prompts x 16 samples.
 
@@ -30,7 +33,7 @@ import ml_collections
 from adrpo_jax.flow.config import add_flow_config
 from adrpo_jax.train.config import add_common_config
 
-VARIANTS = ("cpu", "cpu_fixed_beta", "cpu_orw", "cpu_none", "gpu", "tpu")
+VARIANTS = ("cpu", "cpu_fixed_beta", "cpu_orw", "cpu_none", "cpu_lora", "gpu", "tpu")
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -81,6 +84,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         config.rl.sampler_refresh_steps = 10
     elif variant == "cpu_none":
         config.rl.method = "none"
+    elif variant == "cpu_lora":
+        config.lora.enabled = True
+        config.lora.rank = 8
+        config.lora.alpha = 16.0
+        config.optim.learning_rate = 2e-3
     elif variant in ("gpu", "tpu"):
         config.data.image_size = 16
         config.model.patch_size = 2

@@ -33,7 +33,7 @@ def base():
     return add_flow_config(common_config())
 
 
-@pytest.mark.parametrize("variant", ["cpu", "cpu_fixed_beta", "cpu_orw", "cpu_none", "gpu", "tpu"])
+@pytest.mark.parametrize("variant", ["cpu", "cpu_fixed_beta", "cpu_orw", "cpu_none", "cpu_lora", "gpu", "tpu"])
 def test_shipped_configs_validate(variant):
     config = load_config(variant)
     validate_flow_config(config)
