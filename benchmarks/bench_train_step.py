@@ -1,8 +1,8 @@
 """Train-step benchmark: GRPO vs ADRPO update time (same batch, interleaved) and update memory vs sequence length.
 
-    .venv/bin/python benchmarks/bench_train_step.py                       # both parts, CPU defaults (~3-5 min)
-    .venv/bin/python benchmarks/bench_train_step.py --skip-memory --reps 30
-    .venv/bin/python benchmarks/bench_train_step.py --skip-time --lengths 128,512,2048 --measure-up-to 1024
+    .venv/bin/python benchmarks/bench_train_step.py --skip-memory --prompt-len 32 --new-tokens 96   # (a), ~5 min
+    .venv/bin/python benchmarks/bench_train_step.py --skip-time                                     # (c), ~10 min
+    (times on a loaded 2-core machine; benchmarks/RESULTS.md has the exact commands and results)
 
 Both parts run the trainer's real update, ``jax.jit(make_rl_update(...), donate_argnums=(0, 1))``
 (``adrpo_jax/rl/step.py``: rewards -> group advantages -> chunked completion log-probs -> clipped GRPO loss with
@@ -193,9 +193,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=192, help="(a) completion slots")
     parser.add_argument("--chunk", type=int, default=512, help="log-prob chunk (token positions)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=20, help="(a) timed steps per variant")
-    parser.add_argument("--lengths", default="128,256,512,1024,2048", help="(c) total sequence lengths P + N")
-    parser.add_argument("--mem-rows", type=int, default=8, help="(c) rollout rows")
+    parser.add_argument("--reps", type=int, default=40, help="(a) timed steps per variant")
+    parser.add_argument("--lengths", default="256,512,1024,2048", help="(c) total sequence lengths P + N")
+    parser.add_argument("--mem-rows", type=int, default=4, help="(c) rollout rows")
     parser.add_argument("--measure-up-to", type=int, default=1024,
                         help="(c) also run the step and measure peak RSS growth for lengths <= this (0: never)")
     parser.add_argument("--skip-time", action="store_true")

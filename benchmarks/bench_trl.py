@@ -13,7 +13,10 @@ Setup (identical on both sides):
   * batch: ``--prompts`` prompts x ``--group`` completions, ``--new-tokens`` completion slots, beta 0.04, k3 KL,
     clip eps 0.2, token-mean (TRL ``loss_type='dapo'`` == our ``token_mean``), temperature 1.0, no top-k/top-p;
     AdamW lr 1e-6 with global-norm clipping 1.0 on both sides;
-  * threads: torch.set_num_threads(os.cpu_count()); XLA's CPU thread pool also uses every core.
+  * threads: torch.set_num_threads(os.cpu_count()) and XLA's CPU thread pool both use every core; with
+    ``--threads 1`` both are single-threaded (XLA: ``--xla_cpu_multi_thread_eigen=false
+    intra_op_parallelism_threads=1``), the fair setting on a machine shared with other jobs (torch's OpenMP
+    pool degrades badly when its threads are preempted).
 
 (i) train step = log-probs (+ entropy) of the completion tokens + backward + optimizer update on one rollout
     batch with precomputed reference log-probs (no generation, no reference forward on either side):
@@ -44,6 +47,19 @@ import tempfile
 import time
 import warnings
 
+def _threads_from_argv(argv) -> int | None:
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return None
+
+
+# XLA's CPU thread pool is fixed when jax initialises: --threads 1 makes both sides single-threaded.
+if _threads_from_argv(sys.argv[1:]) == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                               " intra_op_parallelism_threads=1").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -106,8 +122,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=512, help="our log-prob chunk (token positions)")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads; 1 also makes XLA single-threaded (set before jax starts), otherwise "
+                             "XLA uses every core")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -269,7 +287,9 @@ def main(argv=None) -> dict:
 
     tr, ge = result["train"], result["generate"]
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"**Machine:** {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+    xla_threads = "1 thread" if args.threads == 1 else f"{os.cpu_count()} threads"
+    print(f"**Machine:** {machine()}; XLA {xla_threads}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers "
           f"{transformers.__version__}, trl {trl.__version__}  ")
     print(f"**Model:** LlamaConfig(vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
           f"{hf_cfg.num_attention_heads} heads / {hf_cfg.num_key_value_heads} kv, untied), {n_params / 1e6:.2f}M "
