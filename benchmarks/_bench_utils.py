@@ -89,7 +89,9 @@ def measured_step_peak(fn, *args) -> tuple[float, int | None]:
     """Runs ``fn(*args)`` once (blocking) and returns ``(seconds, bytes)``: the growth of the process's peak
     resident set over the resident set just before the call (Linux: ``VmHWM`` reset by writing 5 to
     ``/proc/self/clear_refs``), i.e. the host memory the call allocated on top of what was resident (its
-    temporaries and outputs; the arguments were already resident). None where the reset is not available."""
+    temporaries and outputs; the arguments were already resident). None where the reset is not available.
+    A lower bound: memory the allocator kept resident from earlier calls (freed, not returned to the OS) is
+    reused without growing the RSS (tiny steps read ~0; steps of 100+ MiB match XLA's temporaries)."""
     import gc
     gc.collect()
     try:
