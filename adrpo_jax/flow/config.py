@@ -113,7 +113,8 @@ from typing import Any
 
 import ml_collections
 
-from adrpo_jax.train.config import ConfigError, get_by_path, require_choice, require_range, require_type
+from adrpo_jax.train.config import (ConfigError, get_by_path, require_choice, require_float, require_float_or_inf,
+                                    require_int, require_type, validate_advantage_clip)
 
 __all__ = [
     "METHODS",
@@ -133,7 +134,6 @@ CONDITION_MODES = ("digit", "digit_thickness")
 REWARD_KINDS = ("classifier", "image_stat", "combined")
 CLASSIFIER_OUTPUTS = ("log_prob", "prob")
 IMAGE_STATS = ("mean_ink", "neg_mean_ink", "contrast", "sharpness")
-ADV_CLIPS = ("multiple", "absolute", "none")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "midpoint")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -224,26 +224,6 @@ def _merge(config, defaults) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _int(config, key, *, min=None, max=None) -> int:  # pylint: disable=redefined-builtin
-    require_type(config, key, int)
-    return int(require_range(config, key, min=min, max=max))
-
-
-def _float(config, key, *, min=None, max=None, min_inclusive=True,  # pylint: disable=redefined-builtin
-           max_inclusive=True) -> float:
-    require_type(config, key, float)
-    value = float(require_range(config, key, min=min, max=max, min_inclusive=min_inclusive,
-                                max_inclusive=max_inclusive))
-    if math.isinf(value):
-        raise ConfigError(f"`{key}` must be finite, got {value!r}.", key=key, value=value)
-    return value
-
-
-def _float_or_inf(config, key) -> float:
-    value = require_type(config, key, float)
-    if value != value:
-        raise ConfigError(f"`{key}` must be a number or +-inf, got {value!r}.", key=key, value=value)
-    return float(value)
 
 
 def num_prompt_conditions(config: Any) -> int:
@@ -258,21 +238,21 @@ def uses_reference(config: Any) -> bool:
 
 def _validate_data_model(config) -> None:
     require_type(config, "data.image_size", int)
-    size = _int(config, "data.image_size", min=8)
+    size = require_int(config, "data.image_size", min=8)
     mode = require_choice(config, "data.condition_mode", CONDITION_MODES)
-    _float(config, "data.test_fraction", min=0.0, max=1.0, min_inclusive=False, max_inclusive=False)
-    _int(config, "data.split_seed", min=0)
+    require_float(config, "data.test_fraction", min=0.0, max=1.0, min_inclusive=False, max_inclusive=False)
+    require_int(config, "data.split_seed", min=0)
 
     path = require_type(config, "model.path", str)
     if path and not os.path.exists(os.path.join(os.path.expanduser(path), "config.json")):
         raise ConfigError(f"`model.path`={path!r} is not a saved DiT directory (no config.json); '' pre-trains one.",
                           key="model.path", value=path)
-    image = _int(config, "model.image_size", min=0)
+    image = require_int(config, "model.image_size", min=0)
     if image not in (0, size):
         raise ConfigError(f"`model.image_size`={image} must be 0 (= data.image_size) or equal `data.image_size`="
                           f"{size}.", key="model.image_size", value=image)
     for key in ("channels", "patch_size", "hidden", "depth", "heads", "frequency_dim"):
-        _int(config, f"model.{key}", min=1)
+        require_int(config, f"model.{key}", min=1)
     if size % config.model.patch_size:
         raise ConfigError(f"`model.patch_size`={config.model.patch_size} must divide the image size {size}.",
                           key="model.patch_size", value=config.model.patch_size)
@@ -283,13 +263,13 @@ def _validate_data_model(config) -> None:
         raise ConfigError(f"`model.frequency_dim` must be even, got {config.model.frequency_dim}.",
                           key="model.frequency_dim", value=config.model.frequency_dim)
     n = num_prompt_conditions(config)
-    classes = _int(config, "model.num_classes", min=0)
+    classes = require_int(config, "model.num_classes", min=0)
     if classes not in (0, n):
         raise ConfigError(f"`model.num_classes`={classes} must be 0 (= from data.condition_mode) or {n} "
                           f"(data.condition_mode={mode!r}).", key="model.num_classes", value=classes)
-    _float(config, "model.mlp_ratio", min=0.0, min_inclusive=False)
-    _float(config, "model.class_dropout_prob", min=0.0, max=1.0, max_inclusive=False)
-    _float(config, "model.time_scale", min=0.0, min_inclusive=False)
+    require_float(config, "model.mlp_ratio", min=0.0, min_inclusive=False)
+    require_float(config, "model.class_dropout_prob", min=0.0, max=1.0, max_inclusive=False)
+    require_float(config, "model.time_scale", min=0.0, min_inclusive=False)
     require_choice(config, "model.pos_embed", ("sincos", "learned"))
     require_choice(config, "model.dtype", DTYPES)
     require_choice(config, "model.param_dtype", DTYPES)
@@ -297,13 +277,13 @@ def _validate_data_model(config) -> None:
     require_type(config, "model.save_final", bool)
 
     for key in ("steps", "batch_size", "log_every"):
-        _int(config, f"pretrain.{key}", min=1)
-    _int(config, "pretrain.warmup_steps", min=0)
-    _int(config, "pretrain.seed", min=0)
-    _float(config, "pretrain.learning_rate", min=0.0, min_inclusive=False)
-    _float(config, "pretrain.weight_decay", min=0.0)
-    _float(config, "pretrain.grad_clip", min=0.0)
-    _float(config, "pretrain.ema_decay", min=0.0, max=1.0, max_inclusive=False)
+        require_int(config, f"pretrain.{key}", min=1)
+    require_int(config, "pretrain.warmup_steps", min=0)
+    require_int(config, "pretrain.seed", min=0)
+    require_float(config, "pretrain.learning_rate", min=0.0, min_inclusive=False)
+    require_float(config, "pretrain.weight_decay", min=0.0)
+    require_float(config, "pretrain.grad_clip", min=0.0)
+    require_float(config, "pretrain.ema_decay", min=0.0, max=1.0, max_inclusive=False)
     require_choice(config, "pretrain.time_sampling", TIME_SAMPLINGS)
 
     cpath = require_type(config, "classifier.path", str)
@@ -316,63 +296,51 @@ def _validate_data_model(config) -> None:
         raise ConfigError(f"`classifier.channels` must be a non-empty tuple of positive ints, got {channels!r}.",
                           key="classifier.channels", value=channels)
     for key in ("features", "steps", "batch_size"):
-        _int(config, f"classifier.{key}", min=1)
-    _int(config, "classifier.seed", min=0)
-    _float(config, "classifier.learning_rate", min=0.0, min_inclusive=False)
-    _float(config, "classifier.weight_decay", min=0.0)
-    _float(config, "classifier.noise_std", min=0.0)
+        require_int(config, f"classifier.{key}", min=1)
+    require_int(config, "classifier.seed", min=0)
+    require_float(config, "classifier.learning_rate", min=0.0, min_inclusive=False)
+    require_float(config, "classifier.weight_decay", min=0.0)
+    require_float(config, "classifier.noise_std", min=0.0)
 
 
 def _validate_reward(config) -> None:
     require_choice(config, "reward.kind", REWARD_KINDS)
     require_choice(config, "reward.classifier_output", CLASSIFIER_OUTPUTS)
-    _float(config, "reward.thickness_weight", min=0.0)
+    require_float(config, "reward.thickness_weight", min=0.0)
     require_choice(config, "reward.image_stat", IMAGE_STATS)
     target = require_type(config, "reward.image_stat_target", float)
     if target != target or target == -math.inf:
         raise ConfigError(f"`reward.image_stat_target` must be a finite number or +inf (= no target), got "
                           f"{target!r}.", key="reward.image_stat_target", value=target)
-    _float(config, "reward.image_stat_scale")
-    _float(config, "reward.image_stat_weight")
+    require_float(config, "reward.image_stat_scale")
+    require_float(config, "reward.image_stat_weight")
 
 
 def _validate_rl(config) -> None:
     method = require_choice(config, "rl.method", METHODS)
-    _float(config, "rl.beta", min=0.0)
-    clip = require_choice(config, "rl.adv_clip", ADV_CLIPS)
-    _float(config, "rl.adv_clip_multiple", min=0.0, min_inclusive=False)
-    lo, hi = _float_or_inf(config, "rl.adv_clip_min"), _float_or_inf(config, "rl.adv_clip_max")
-    if clip == "absolute":
-        if math.isinf(lo) and math.isinf(hi):
-            raise ConfigError("rl.adv_clip='absolute' needs a finite `rl.adv_clip_min` and/or `rl.adv_clip_max` "
-                              "(use rl.adv_clip='none' for no clipping).", key="rl.adv_clip_min", value=lo)
-        if lo > hi:
-            raise ConfigError(f"`rl.adv_clip_min`={lo} must be <= `rl.adv_clip_max`={hi}.", key="rl.adv_clip_min",
-                              value=lo)
-    elif not (lo == -math.inf and hi == math.inf):
-        raise ConfigError(f"`rl.adv_clip_min`/`rl.adv_clip_max` only apply to rl.adv_clip='absolute' (got "
-                          f"rl.adv_clip={clip!r}, min={lo}, max={hi}).", key="rl.adv_clip_min", value=lo)
+    require_float(config, "rl.beta", min=0.0)
+    clip = validate_advantage_clip(config, "rl")
     require_type(config, "rl.clip_cfm_advantages", bool)
     require_type(config, "rl.scale_advantages_by_std", bool)
-    _float(config, "rl.advantage_eps", min=0.0)
-    _float(config, "rl.tau")
-    _float(config, "rl.alpha", min=0.0)
-    cap = _float_or_inf(config, "rl.orw_max_exponent")
+    require_float(config, "rl.advantage_eps", min=0.0)
+    require_float(config, "rl.tau")
+    require_float(config, "rl.alpha", min=0.0)
+    cap = require_float_or_inf(config, "rl.orw_max_exponent")
     if cap == -math.inf:
         raise ConfigError("`rl.orw_max_exponent` must be a number or +inf (= no cap), got -inf.",
                           key="rl.orw_max_exponent", value=cap)
-    _int(config, "rl.prompts_per_step", min=1)
-    g = _int(config, "rl.samples_per_prompt", min=1)
+    require_int(config, "rl.prompts_per_step", min=1)
+    g = require_int(config, "rl.samples_per_prompt", min=1)
     if method in ADVANTAGE_METHODS and g < 2:
         raise ConfigError(f"`rl.samples_per_prompt`={g} must be >= 2 with rl.method={method!r}: the advantage "
                           "r - mean_prompt(r) of a prompt with one sample is 0.", key="rl.samples_per_prompt",
                           value=g)
-    _int(config, "rl.num_inner_updates", min=1)
+    require_int(config, "rl.num_inner_updates", min=1)
     require_choice(config, "rl.time_sampling", TIME_SAMPLINGS)
-    _float(config, "rl.cond_dropout_prob", min=0.0, max=1.0, max_inclusive=False)
-    _int(config, "rl.sampler_refresh_steps", min=1)
-    sync = _int(config, "rl.ref_refresh_steps", min=0)
-    alpha = _float(config, "rl.ref_refresh_alpha", min=0.0, max=1.0, min_inclusive=False)
+    require_float(config, "rl.cond_dropout_prob", min=0.0, max=1.0, max_inclusive=False)
+    require_int(config, "rl.sampler_refresh_steps", min=1)
+    sync = require_int(config, "rl.ref_refresh_steps", min=0)
+    alpha = require_float(config, "rl.ref_refresh_alpha", min=0.0, max=1.0, min_inclusive=False)
     if sync == 0 and alpha != 1.0:
         raise ConfigError(f"`rl.ref_refresh_alpha`={alpha} has no effect with `rl.ref_refresh_steps`=0 (the "
                           "reference is never refreshed).", key="rl.ref_refresh_alpha", value=alpha)
@@ -383,15 +351,15 @@ def _validate_rl(config) -> None:
 
 def _validate_sampling_eval(config) -> None:
     method = require_choice(config, "sampling.method", SAMPLERS)
-    _int(config, "sampling.num_steps", min=1)
-    _float(config, "sampling.cfg_scale", min=0.0)
-    noise = _float(config, "sampling.sde_noise", min=0.0)
+    require_int(config, "sampling.num_steps", min=1)
+    require_float(config, "sampling.cfg_scale", min=0.0)
+    noise = require_float(config, "sampling.sde_noise", min=0.0)
     if noise > 0 and method != "euler":
         raise ConfigError(f"`sampling.sde_noise`={noise} > 0 samples the SDE by Euler-Maruyama: set "
                           f"sampling.method='euler' (got {method!r}).", key="sampling.sde_noise", value=noise)
-    _int(config, "eval.samples_per_prompt", min=2)
-    _int(config, "eval.seed", min=0)
-    _int(config, "eval.w2_time_samples", min=1)
+    require_int(config, "eval.samples_per_prompt", min=2)
+    require_int(config, "eval.seed", min=0)
+    require_int(config, "eval.w2_time_samples", min=1)
     require_type(config, "eval.write_images", bool)
 
 
@@ -409,9 +377,9 @@ def _validate_lora(config) -> None:
     if "lora" not in config:
         return
     enabled = require_type(config, "lora.enabled", bool)
-    _int(config, "lora.rank", min=1)
-    _float(config, "lora.alpha", min=0.0, min_inclusive=False)
-    _float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
+    require_int(config, "lora.rank", min=1)
+    require_float(config, "lora.alpha", min=0.0, min_inclusive=False)
+    require_float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
     _lora_targets(config)
     require_choice(config, "lora.init", LORA_INITS)
     require_type(config, "lora.use_rslora", bool)

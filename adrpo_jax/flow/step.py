@@ -49,7 +49,8 @@ from adrpo_jax.flow.sampling import METHODS as SAMPLER_METHODS
 from adrpo_jax.flow.sampling import sample, sample_noise
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
-from adrpo_jax.train.step_utils import accumulate_gradients, apply_updates_if_finite, split_micro_batches
+from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
+                                       split_micro_batches)
 
 __all__ = [
     "FlowStepOptions",
@@ -180,19 +181,6 @@ def _per_sample(mask: jax.Array, ndim: int) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
-def _masked_mean_std(x, mask):
-    m = mask.astype(jnp.float32)
-    n = jnp.sum(m)
-    mean = jnp.where(n > 0, jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1.0), 0.0)
-    var = jnp.where(n > 0, jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / jnp.maximum(n, 1.0), 0.0)
-    return mean, jnp.sqrt(var)
-
-
-def _masked_min_max(x, mask):
-    any_valid = jnp.any(mask)
-    lo = jnp.where(any_valid, jnp.min(jnp.where(mask, x, jnp.inf)), 0.0)
-    hi = jnp.where(any_valid, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)
-    return lo, hi
 
 
 def reward_components(reward_model: Callable, images: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
@@ -282,16 +270,16 @@ def prepare_batch(opts: FlowStepOptions, x1: jax.Array, cond: jax.Array, rewards
     adv = jnp.where(valid, adv, 0.0)
 
     metrics: Metrics = {}
-    metrics["reward_mean"], metrics["reward_std"] = _masked_mean_std(r, valid)
-    metrics["reward_min"], metrics["reward_max"] = _masked_min_max(r, valid)
+    metrics["reward_mean"], metrics["reward_std"] = masked_mean_std(r, valid)
+    metrics["reward_min"], metrics["reward_max"] = masked_min_max(r, valid)
     metrics["reward"] = metrics["reward_mean"]  # shown on the progress bar
     for name, value in (components or {}).items():
         if name == "reward":
             continue
         value = jnp.asarray(value, jnp.float32)
-        metrics[f"reward/{name}_mean"] = _masked_mean_std(value, valid & jnp.isfinite(value))[0]
-    metrics["advantage_mean"], metrics["advantage_std"] = _masked_mean_std(adv, valid)
-    metrics["advantage_min"], metrics["advantage_max"] = _masked_min_max(adv, valid)
+        metrics[f"reward/{name}_mean"] = masked_mean_std(value, valid & jnp.isfinite(value))[0]
+    metrics["advantage_mean"], metrics["advantage_std"] = masked_mean_std(adv, valid)
+    metrics["advantage_min"], metrics["advantage_max"] = masked_min_max(adv, valid)
     metrics["num_nonfinite_rewards"] = jnp.sum(~valid).astype(jnp.float32)
 
     onehot = jax.nn.one_hot(cond, opts.num_conditions, dtype=jnp.float32)  # [B, K]
@@ -304,8 +292,8 @@ def prepare_batch(opts: FlowStepOptions, x1: jax.Array, cond: jax.Array, rewards
 
     if opts.method == "orw_cfm_w2":
         w = losses.exponential_reward_weights(r, opts.tau, max_exponent=opts.orw_max_exponent, mask=valid)
-        metrics["orw_weight_mean"] = _masked_mean_std(w, valid)[0]
-        metrics["orw_weight_min"], metrics["orw_weight_max"] = _masked_min_max(w, valid)
+        metrics["orw_weight_mean"] = masked_mean_std(w, valid)[0]
+        metrics["orw_weight_min"], metrics["orw_weight_max"] = masked_min_max(w, valid)
         alpha = jnp.asarray(opts.alpha, jnp.float32)
         metrics.update({"beta_eff_mean": alpha, "beta_eff_min": alpha, "beta_eff_max": alpha,
                         "adv_clip_fraction": jnp.zeros((), jnp.float32)})

@@ -118,8 +118,10 @@ from adrpo_jax.train.config import (
     ConfigError,
     get_by_path,
     require_choice,
-    require_range,
+    require_float,
+    require_int,
     require_type,
+    validate_advantage_clip,
 )
 
 __all__ = [
@@ -139,7 +141,6 @@ BUILTIN_MODELS = ("builtin:tiny_arith", "builtin:smollm2")
 DTYPES = ("float32", "bfloat16", "float16")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "batch_normalized")
 SCALE_REWARDS = ("group", "batch", "none")
-ADV_CLIPS = ("multiple", "absolute", "none")
 RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "constant_normalizer")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -235,22 +236,6 @@ def _merge(config, defaults):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _int(config, key, *, min=None, max=None):  # pylint: disable=redefined-builtin
-    require_type(config, key, int)
-    return require_range(config, key, min=min, max=max)
-
-
-def _float(config, key, *, min=None, max=None, min_inclusive=True, max_inclusive=True):  # pylint: disable=redefined-builtin
-    require_type(config, key, float)
-    return float(require_range(config, key, min=min, max=max, min_inclusive=min_inclusive,
-                               max_inclusive=max_inclusive))
-
-
-def _float_or_inf(config, key):
-    value = require_type(config, key, float)
-    if value != value:  # NaN
-        raise ConfigError(f"`{key}` must be a number or +-inf, got {value!r}.", key=key, value=value)
-    return float(value)
 
 
 def coefficient_is_zero(rl: Any) -> bool:
@@ -306,7 +291,7 @@ def _validate_model(config) -> None:
         if not hasattr(jax.checkpoint_policies, policy):
             raise ConfigError(f"`model.remat_policy`={policy!r} is not an attribute of jax.checkpoint_policies.",
                               key="model.remat_policy", value=policy)
-    _int(config, "model.logprob_chunk_size", min=1)
+    require_int(config, "model.logprob_chunk_size", min=1)
     require_type(config, "model.save_final", bool)
 
 
@@ -337,8 +322,8 @@ def _validate_data(config) -> None:
                           key="data.prompt_template", value=template)
     require_type(config, "data.chat_template", bool)
     require_type(config, "data.shuffle", bool)
-    lo = _int(config, "data.arithmetic.min_digits", min=1, max=18)
-    _int(config, "data.arithmetic.max_digits", min=lo, max=18)
+    lo = require_int(config, "data.arithmetic.min_digits", min=1, max=18)
+    require_int(config, "data.arithmetic.max_digits", min=lo, max=18)
     ops = require_type(config, "data.arithmetic.operations", str)
     if not ops or any(op not in "+-*" for op in ops):
         raise ConfigError(f"`data.arithmetic.operations`={ops!r} must be a non-empty string of '+', '-', '*'.",
@@ -348,10 +333,10 @@ def _validate_data(config) -> None:
 
 def _validate_rl(config) -> None:
     rl = config.rl
-    _int(config, "rl.num_prompts_per_step", min=1)
-    group = _int(config, "rl.group_size", min=1)
-    _int(config, "rl.num_iterations", min=1)
-    _int(config, "rl.num_minibatches", min=1)
+    require_int(config, "rl.num_prompts_per_step", min=1)
+    group = require_int(config, "rl.group_size", min=1)
+    require_int(config, "rl.num_iterations", min=1)
+    require_int(config, "rl.num_minibatches", min=1)
     require_type(config, "rl.shuffle_minibatches", bool)
     estimator = require_choice(config, "rl.advantage_estimator", ADVANTAGE_ESTIMATORS)
     if estimator in ("grpo", "rloo") and group < 2:
@@ -365,26 +350,14 @@ def _validate_rl(config) -> None:
     if estimator == "batch_normalized" and scale == "group":
         raise ConfigError("`rl.scale_rewards`='group' does not apply to rl.advantage_estimator='batch_normalized'; "
                           "use 'batch' or 'none'.", key="rl.scale_rewards", value=scale)
-    _float(config, "rl.advantage_eps", min=0.0)
-    _float(config, "rl.beta", min=0.0)
+    require_float(config, "rl.advantage_eps", min=0.0)
+    require_float(config, "rl.beta", min=0.0)
     adaptive = require_type(config, "rl.adaptive", bool)
-    clip = require_choice(config, "rl.adv_clip", ADV_CLIPS)
-    _float(config, "rl.adv_clip_multiple", min=0.0, min_inclusive=False)
-    lo, hi = _float_or_inf(config, "rl.adv_clip_min"), _float_or_inf(config, "rl.adv_clip_max")
-    if clip == "absolute":
-        if math.isinf(lo) and math.isinf(hi):
-            raise ConfigError("rl.adv_clip='absolute' needs a finite `rl.adv_clip_min` and/or `rl.adv_clip_max` "
-                              "(use rl.adv_clip='none' for no clipping).", key="rl.adv_clip_min", value=lo)
-        if lo > hi:
-            raise ConfigError(f"`rl.adv_clip_min`={lo} must be <= `rl.adv_clip_max`={hi}.", key="rl.adv_clip_min",
-                              value=lo)
-    elif not (lo == -math.inf and hi == math.inf):
-        raise ConfigError(f"`rl.adv_clip_min`/`rl.adv_clip_max` only apply to rl.adv_clip='absolute' (got "
-                          f"rl.adv_clip={clip!r}, min={lo}, max={hi}).", key="rl.adv_clip_min", value=lo)
+    clip = validate_advantage_clip(config, "rl")
     require_type(config, "rl.clip_pg_advantages", bool)
-    _float(config, "rl.eps_low", min=0.0, max=1.0, max_inclusive=False)
-    _float(config, "rl.eps_high", min=0.0)
-    dual = _float(config, "rl.dual_clip", min=0.0)
+    require_float(config, "rl.eps_low", min=0.0, max=1.0, max_inclusive=False)
+    require_float(config, "rl.eps_high", min=0.0)
+    dual = require_float(config, "rl.dual_clip", min=0.0)
     if 0.0 < dual <= 1.0:
         raise ConfigError(f"`rl.dual_clip` must be 0 (off) or > 1, got {dual}.", key="rl.dual_clip", value=dual)
     require_choice(config, "rl.ratio_level", RATIO_LEVELS)
@@ -397,17 +370,17 @@ def _validate_rl(config) -> None:
             "beta_i = beta_0 - clip(A_i) depends on the advantage that the KL-shaped reward would change (a circular "
             "definition). Use rl.kl_placement='loss' (the paper) or rl.adaptive=False.", key="rl.adaptive",
             value=True)
-    _float(config, "rl.max_log_ratio", min=0.0, max=80.0, min_inclusive=False)
-    _float(config, "rl.entropy_coef", min=0.0)
+    require_float(config, "rl.max_log_ratio", min=0.0, max=80.0, min_inclusive=False)
+    require_float(config, "rl.entropy_coef", min=0.0)
     require_type(config, "rl.mask_truncated_completions", bool)
-    buffer = _int(config, "rl.overlong_buffer", min=0)
+    buffer = require_int(config, "rl.overlong_buffer", min=0)
     max_new = int(config.sampling.max_new_tokens)
     if buffer >= max_new and buffer > 0:
         raise ConfigError(f"`rl.overlong_buffer`={buffer} must be < `sampling.max_new_tokens`={max_new}.",
                           key="rl.overlong_buffer", value=buffer)
-    _float(config, "rl.overlong_penalty", min=0.0)
-    sync = _int(config, "rl.ref_sync_steps", min=0)
-    alpha = _float(config, "rl.ref_mixup_alpha", min=0.0, max=1.0, min_inclusive=False)
+    require_float(config, "rl.overlong_penalty", min=0.0)
+    sync = require_int(config, "rl.ref_sync_steps", min=0)
+    alpha = require_float(config, "rl.ref_mixup_alpha", min=0.0, max=1.0, min_inclusive=False)
     if sync == 0 and alpha != 1.0:
         raise ConfigError(f"`rl.ref_mixup_alpha`={alpha} has no effect with `rl.ref_sync_steps`=0 (the reference "
                           "is never refreshed).", key="rl.ref_mixup_alpha", value=alpha)
@@ -418,11 +391,11 @@ def _validate_rl(config) -> None:
 
 
 def _validate_sampling(config) -> None:
-    _int(config, "sampling.max_prompt_length", min=1)
-    _int(config, "sampling.max_new_tokens", min=1)
-    _float(config, "sampling.temperature", min=0.0, min_inclusive=False)
-    _int(config, "sampling.top_k", min=0)
-    _float(config, "sampling.top_p", min=0.0, max=1.0, min_inclusive=False)
+    require_int(config, "sampling.max_prompt_length", min=1)
+    require_int(config, "sampling.max_new_tokens", min=1)
+    require_float(config, "sampling.temperature", min=0.0, min_inclusive=False)
+    require_int(config, "sampling.top_k", min=0)
+    require_float(config, "sampling.top_p", min=0.0, max=1.0, min_inclusive=False)
 
 
 def _validate_rewards(config) -> None:
@@ -452,13 +425,13 @@ def _validate_rewards(config) -> None:
         raise ConfigError(f"`rewards.weights` has {len(weights)} entries but `rewards.functions` has "
                           f"{len(functions)}.", key="rewards.weights", value=weights)
     require_choice(config, "rewards.on_error", ON_ERROR)
-    _float(config, "rewards.timeout_s", min=0.0)
+    require_float(config, "rewards.timeout_s", min=0.0)
 
 
 def _validate_eval(config) -> None:
     from adrpo_jax.rl import rewards as rewards_lib  # pylint: disable=import-outside-toplevel
 
-    _int(config, "eval.num_examples", min=1)
+    require_int(config, "eval.num_examples", min=1)
     path = require_type(config, "eval.path", str)
     eval_every = int(get_by_path(config, "eval_every", 0) or 0)
     if eval_every > 0 and config.data.source == "jsonl" and not path:
@@ -478,9 +451,9 @@ def _validate_lora(config) -> None:
     if "lora" not in config:
         return
     enabled = require_type(config, "lora.enabled", bool)
-    _int(config, "lora.rank", min=1)
-    _float(config, "lora.alpha", min=0.0, min_inclusive=False)
-    dropout = _float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
+    require_int(config, "lora.rank", min=1)
+    require_float(config, "lora.alpha", min=0.0, min_inclusive=False)
+    dropout = require_float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
     targets = get_by_path(config, "lora.target_modules")
     if isinstance(targets, str):
         targets = (targets,)

@@ -50,7 +50,8 @@ from adrpo_jax import losses
 from adrpo_jax.models.llm.logprobs import token_logprobs
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
-from adrpo_jax.train.step_utils import accumulate_gradients, apply_updates_if_finite, split_micro_batches
+from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
+                                       split_micro_batches)
 
 __all__ = [
     "StepOptions",
@@ -234,19 +235,6 @@ class PreparedRollout(NamedTuple):
     metrics: Metrics
 
 
-def _masked_mean_std(x, mask):
-    m = mask.astype(jnp.float32)
-    n = jnp.sum(m)
-    mean = jnp.where(n > 0, jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1.0), 0.0)
-    var = jnp.where(n > 0, jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / jnp.maximum(n, 1.0), 0.0)
-    return mean, jnp.sqrt(var)
-
-
-def _masked_min_max(x, mask):
-    any_valid = jnp.any(mask)
-    lo = jnp.where(any_valid, jnp.min(jnp.where(mask, x, jnp.inf)), 0.0)
-    hi = jnp.where(any_valid, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)
-    return lo, hi
 
 
 def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedRollout:
@@ -277,7 +265,7 @@ def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedR
     if opts.overlong_buffer > 0:
         pen = overlong_penalty(lengths, opts.max_new_tokens, opts.overlong_buffer, opts.overlong_penalty)
         task_reward = jnp.where(valid, task_reward + pen, 0.0)
-        metrics["reward/overlong_mean"] = _masked_mean_std(pen, valid)[0]
+        metrics["reward/overlong_mean"] = masked_mean_std(pen, valid)[0]
     shaped = task_reward
     if opts.kl_placement == "reward" and opts.use_reference:
         if "old_logp" not in batch or "ref_logp" not in batch:
@@ -287,8 +275,8 @@ def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedR
         shaped = jnp.where(valid, task_reward - opts.beta * seq_kl, 0.0)
         tok_kl = losses.kl_divergence(batch["old_logp"], batch["ref_logp"], opts.kl_estimator,
                                       max_log_ratio=opts.max_log_ratio, mask=cmask)
-        metrics["kl_mean"] = _masked_mean_std(tok_kl, cmask & valid[:, None])[0]
-        metrics["kl_reward_penalty_mean"] = _masked_mean_std(opts.beta * seq_kl, valid)[0]
+        metrics["kl_mean"] = masked_mean_std(tok_kl, cmask & valid[:, None])[0]
+        metrics["kl_reward_penalty_mean"] = masked_mean_std(opts.beta * seq_kl, valid)[0]
 
     g = opts.group_size
     if opts.advantage_estimator == "grpo":
@@ -307,7 +295,7 @@ def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedR
         loss_mask = loss_mask & done[:, None]
     seq_has_loss = jnp.any(loss_mask, axis=-1)
 
-    metrics["reward_mean"], metrics["reward_std"] = _masked_mean_std(task_reward, valid)
+    metrics["reward_mean"], metrics["reward_std"] = masked_mean_std(task_reward, valid)
     metrics["reward"] = metrics["reward_mean"]  # TRL's name (also shown on the progress bar)
     comps = batch.get("reward_components")
     if comps is not None:
@@ -316,9 +304,9 @@ def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedR
             raise ValueError(f"reward_components has {comps.shape[1]} columns but reward_names has {len(names)}")
         for j, name in enumerate(names):
             col = comps[:, j].astype(jnp.float32)
-            metrics[f"reward/{name}_mean"] = _masked_mean_std(col, valid & jnp.isfinite(col))[0]
-    metrics["advantage_mean"], metrics["advantage_std"] = _masked_mean_std(adv, valid)
-    metrics["advantage_min"], metrics["advantage_max"] = _masked_min_max(adv, valid)
+            metrics[f"reward/{name}_mean"] = masked_mean_std(col, valid & jnp.isfinite(col))[0]
+    metrics["advantage_mean"], metrics["advantage_std"] = masked_mean_std(adv, valid)
+    metrics["advantage_min"], metrics["advantage_max"] = masked_min_max(adv, valid)
     grouped_r = shaped.reshape(b // g, g)
     grouped_v = valid.reshape(b // g, g)
     g_lo, g_hi = (jnp.min(jnp.where(grouped_v, grouped_r, jnp.inf), axis=1),

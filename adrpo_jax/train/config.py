@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -87,6 +88,10 @@ __all__ = [
     "get_by_path",
     "require_type",
     "require_range",
+    "require_int",
+    "require_float",
+    "require_float_or_inf",
+    "validate_advantage_clip",
     "require_choice",
     "require_divisible",
     "find_unknown_override",
@@ -266,6 +271,50 @@ def require_range(config: Any, key: str, *, min: float | None = None, max: float
         op = "<=" if max_inclusive else "<"
         raise ConfigError(f"`{key}` must be {op} {max}{extra}, got {value!r}.", key=key, value=value)
     return value
+
+
+def require_int(config: Any, key: str, *, min: int | None = None, max: int | None = None) -> int:  # pylint: disable=redefined-builtin
+    """Returns ``config.<key>``; ConfigError unless it is an ``int`` within [min, max]."""
+    require_type(config, key, int)
+    return int(require_range(config, key, min=min, max=max))
+
+
+def require_float(config: Any, key: str, *, min: float | None = None, max: float | None = None,  # pylint: disable=redefined-builtin
+                  min_inclusive: bool = True, max_inclusive: bool = True) -> float:
+    """Returns ``config.<key>`` as a float; ConfigError unless it is a finite number within the bounds."""
+    require_type(config, key, float)
+    value = float(require_range(config, key, min=min, max=max, min_inclusive=min_inclusive,
+                                max_inclusive=max_inclusive))
+    if math.isinf(value):
+        raise ConfigError(f"`{key}` must be finite, got {value!r}.", key=key, value=value)
+    return value
+
+
+def require_float_or_inf(config: Any, key: str) -> float:
+    """Returns ``config.<key>`` as a float; +-inf allowed (e.g. an open bound), NaN refused."""
+    value = require_type(config, key, float)
+    if value != value:  # NaN
+        raise ConfigError(f"`{key}` must be a number or +-inf, got {value!r}.", key=key, value=value)
+    return float(value)
+
+
+def validate_advantage_clip(config: Any, prefix: str = "rl") -> str:
+    """Checks ``<prefix>.adv_clip`` (``multiple`` | ``absolute`` | ``none``), ``adv_clip_multiple`` and the
+    ``adv_clip_min`` / ``adv_clip_max`` bounds of ADRPO's coefficient ``beta_0 - clip(A)``; returns the mode."""
+    clip = require_choice(config, f"{prefix}.adv_clip", ("multiple", "absolute", "none"))
+    require_float(config, f"{prefix}.adv_clip_multiple", min=0.0, min_inclusive=False)
+    kmin, kmax = f"{prefix}.adv_clip_min", f"{prefix}.adv_clip_max"
+    lo, hi = require_float_or_inf(config, kmin), require_float_or_inf(config, kmax)
+    if clip == "absolute":
+        if math.isinf(lo) and math.isinf(hi):
+            raise ConfigError(f"{prefix}.adv_clip='absolute' needs a finite `{kmin}` and/or `{kmax}` "
+                              f"(use {prefix}.adv_clip='none' for no clipping).", key=kmin, value=lo)
+        if lo > hi:
+            raise ConfigError(f"`{kmin}`={lo} must be <= `{kmax}`={hi}.", key=kmin, value=lo)
+    elif not (lo == -math.inf and hi == math.inf):
+        raise ConfigError(f"`{kmin}`/`{kmax}` only apply to {prefix}.adv_clip='absolute' (got "
+                          f"{prefix}.adv_clip={clip!r}, min={lo}, max={hi}).", key=kmin, value=lo)
+    return clip
 
 
 def require_choice(config: Any, key: str, choices: Sequence[Any]) -> Any:

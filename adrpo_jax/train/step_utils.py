@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["apply_updates_if_finite", "tree_is_finite", "global_norm", "accumulate_gradients",
+__all__ = ["apply_updates_if_finite", "tree_is_finite", "global_norm", "accumulate_gradients", "masked_mean_std",
+           "masked_min_max",
            "split_micro_batches"]
 
 PyTree = Any
@@ -152,3 +153,26 @@ def accumulate_gradients(loss_and_grad_fn: Callable[[PyTree, PyTree], tuple[Any,
     total, _ = jax.lax.scan(body, carry0, micro_batches)
     value_sum, grads_sum = jax.tree.map(lambda x, s: x.astype(s.dtype), total, out_shapes)
     return value_sum, grads_sum
+
+
+def masked_mean_std(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and (population) std of ``x`` over the entries where ``mask`` is True; ``(0, 0)`` when none is.
+
+    For logging: masked-out entries (NaN rewards, padding) never enter either statistic.
+
+    >>> m, s = masked_mean_std(jnp.array([1.0, 3.0, jnp.nan]), jnp.array([True, True, False]))
+    >>> float(m), float(s)
+    (2.0, 1.0)
+    """
+    n = jnp.sum(mask.astype(jnp.float32))
+    mean = jnp.where(n > 0, jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1.0), 0.0)
+    var = jnp.where(n > 0, jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / jnp.maximum(n, 1.0), 0.0)
+    return mean, jnp.sqrt(var)
+
+
+def masked_min_max(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Min and max of ``x`` over the entries where ``mask`` is True; ``(0, 0)`` when none is."""
+    any_valid = jnp.any(mask)
+    lo = jnp.where(any_valid, jnp.min(jnp.where(mask, x, jnp.inf)), 0.0)
+    hi = jnp.where(any_valid, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)
+    return lo, hi
