@@ -121,12 +121,14 @@ def plot(summary, initial, out: Path, fixed_names, title: str) -> None:
         ax.plot([pts[i][0] for i in order], [pts[i][1] for i in order], "-", color="C0", alpha=0.5,
                 label="fixed-beta frontier")
         for name, s in summary.items():
-            method = name.split("_beta")[0]
+            method, _, beta = name.partition("_beta")
+            if method == "fixed":  # "fixed_beta_beta0.3"
+                method, beta = "fixed_beta", name.rpartition("_beta")[2]
             marker, color, size = styles.get(method, ("D", "k", 8))
             ax.errorbar(s[xkey][0], s["eval/reward_mean"][0], xerr=s[xkey][1], yerr=s["eval/reward_mean"][1],
                         fmt=marker, color=color, ms=size, capsize=2, lw=1)
-            label = name.replace("_beta", " \u03b2=").replace("orw_cfm_w2", "ORW-CFM-W2").replace("adrpo", "ADRPO") \
-                .replace("fixed_beta", "fixed").replace("none", "no reg.")
+            label = {"adrpo": "ADRPO \u03b2\u2080=", "fixed_beta": "fixed \u03b2="}.get(method, "") + beta if beta \
+                else {"orw_cfm_w2": "ORW-CFM-W2", "none": "no reg."}.get(method, name)
             ax.annotate(label, (s[xkey][0], s["eval/reward_mean"][0]), textcoords="offset points", xytext=(5, 4),
                         fontsize=7)
         ax.plot([initial[xkey]], [initial["eval/reward_mean"]], "k^", ms=9, label="pre-trained")
@@ -134,6 +136,10 @@ def plot(summary, initial, out: Path, fixed_names, title: str) -> None:
         ax.set_ylabel("eval reward (log p(digit) + log p(thickness)) \u2192")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
+    handles = [plt.Line2D([], [], ls="", marker=styles[m][0], color=styles[m][1], label=lab)
+               for m, lab in (("adrpo", "ADRPO-W2"), ("fixed_beta", "fixed-\u03b2 W2"), ("orw_cfm_w2", "ORW-CFM-W2"),
+                              ("none", "no regularization")) if any(n.startswith(m) for n in summary)]
+    axes[0].legend(handles=handles + axes[0].get_legend_handles_labels()[0], fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +191,8 @@ def main() -> None:
         {"args": {k: str(v) for k, v in vars(args).items()}, "initial": initial, "runs": results,
          "summary": summary, "wall_time_s": time.time() - t0}, indent=2))
     plot(summary, initial, args.out, fixed_names,
-         f"ADRPO-W2 vs fixed-beta W2 / ORW-CFM-W2 / no regularization; digits, composite prompts; {args.steps} RL "
+         f"ADRPO-W2 vs fixed-beta W2{'' if args.no_orw else ' / ORW-CFM-W2'}"
+         f"{'' if args.no_none else ' / no regularization'}; digits, composite prompts; {args.steps} RL "
          f"steps x 80 images; mean +- std over seeds {args.seeds}")
 
     header = "| run | " + " | ".join(label for _, label in METRICS) + " | frontier reward at same diversity | " \
