@@ -113,8 +113,8 @@ from typing import Any
 
 import ml_collections
 
-from adrpo_jax.train.config import (ConfigError, get_by_path, require_choice, require_float, require_float_or_inf,
-                                    require_int, require_type, validate_advantage_clip)
+from adrpo_jax.train.config import (ConfigError, get_by_path, merge_defaults, require_choice, require_float,
+                                    require_float_or_inf, require_int, require_type, validate_advantage_clip)
 
 __all__ = [
     "METHODS",
@@ -207,23 +207,11 @@ def add_flow_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": LORA_DEFAULT_TARGETS,
                  "init": "kaiming_uniform", "use_rslora": False},
     }
-    _merge(config, defaults)
+    merge_defaults(config, defaults)
     return config
 
 
-def _merge(config, defaults) -> None:
-    for key, value in defaults.items():
-        if isinstance(value, dict):
-            if key not in config:
-                config[key] = ml_collections.ConfigDict()
-            _merge(config[key], value)
-        elif key not in config:
-            config[key] = value
-
-
 # ----------------------------------------------------------------------------------------------------------
-
-
 
 
 def num_prompt_conditions(config: Any) -> int:

@@ -117,6 +117,7 @@ import ml_collections
 from adrpo_jax.train.config import (
     ConfigError,
     get_by_path,
+    merge_defaults,
     require_choice,
     require_float,
     require_int,
@@ -219,23 +220,11 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0,
                  "target_modules": LORA_DEFAULT_TARGETS, "init": "kaiming_uniform", "use_rslora": False},
     }
-    _merge(config, defaults)
+    merge_defaults(config, defaults)
     return config
 
 
-def _merge(config, defaults):
-    for key, value in defaults.items():
-        if isinstance(value, dict):
-            if key not in config:
-                config[key] = ml_collections.ConfigDict()
-            _merge(config[key], value)
-        elif key not in config:
-            config[key] = value
-
-
 # ----------------------------------------------------------------------------------------------------------
-
-
 
 
 def coefficient_is_zero(rl: Any) -> bool:

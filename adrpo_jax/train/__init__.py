@@ -59,6 +59,7 @@ _EXPORTS: dict[str, str] = {
     "masked_mean_std": "step_utils",
     "masked_min_max": "step_utils",
     "maybe_initialize_distributed": "distributed",
+    "merge_defaults": "config",
     "plan_sharded": "sharding",
     "process_batch_slice": "sharding",
     "read_jsonl": "metrics",

@@ -87,6 +87,7 @@ __all__ = [
     "finalize_config",
     "get_by_path",
     "require_type",
+    "merge_defaults",
     "require_range",
     "require_int",
     "require_float",
@@ -184,16 +185,17 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
         "compilation_cache_dir": "",
         "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1},
     }
-    _merge_defaults(config, defaults)
+    merge_defaults(config, defaults)
     return config
 
 
-def _merge_defaults(config: ml_collections.ConfigDict, defaults: Mapping[str, Any]) -> None:
+def merge_defaults(config: ml_collections.ConfigDict, defaults: Mapping[str, Any]) -> None:
+    """Adds the keys of the nested mapping ``defaults`` that ``config`` lacks (existing values are kept)."""
     for key, value in defaults.items():
         if isinstance(value, Mapping):
             if key not in config:
                 config[key] = ml_collections.ConfigDict()
-            _merge_defaults(config[key], value)
+            merge_defaults(config[key], value)
         elif key not in config:
             config[key] = value
 
