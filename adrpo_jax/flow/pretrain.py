@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from adrpo_jax.cache import cache_root
 from adrpo_jax.flow.data import DigitsDataset, load_digits_splits, num_conditions
 from adrpo_jax.flow.sampling import sample_noise
 from adrpo_jax.losses import cfm_loss, flow_matching_error, rectified_flow_path
@@ -122,11 +123,6 @@ def classifier_config_from(config: Any) -> ClassifierConfig:
     clf = _with_defaults(config, "classifier")
     return ClassifierConfig(image_size=data["image_size"], channels=tuple(clf["channels"]),
                             features=clf["features"])
-
-
-def cache_root() -> str:
-    """``$ADRPO_JAX_CACHE`` or ``~/.cache/adrpo_jax``."""
-    return os.environ.get("ADRPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adrpo_jax")
 
 
 def _hash(obj: Any) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from adrpo_jax.cache import cache_root
 from adrpo_jax.models.llm import CausalLM, DecoderConfig, save_pretrained
 from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn
 from adrpo_jax.rl.tasks.arithmetic import ArithmeticTask, build_char_tokenizer
@@ -93,11 +94,6 @@ TINY_ARITH_SFT = TinyArithSFTConfig()
 _TRAIN_SEED_OFFSET = 1_000_003
 _EVAL_SEED_OFFSET = 2_000_003
 
-
-def cache_root() -> Path:
-    """``$ADRPO_JAX_CACHE`` or ``~/.cache/adrpo_jax``."""
-    root = os.environ.get("ADRPO_JAX_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "adrpo_jax"
 
 
 def tiny_arith_dir(cfg: TinyArithSFTConfig = TINY_ARITH_SFT, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -36,7 +36,7 @@ def test_short_run_lowers_cfm_loss_and_is_cached(tmp_path):
 
 def test_cache_root_and_config_validation(monkeypatch, tmp_path):
     monkeypatch.setenv("ADRPO_JAX_CACHE", str(tmp_path))
-    assert pretrain.cache_root() == str(tmp_path)
+    assert str(pretrain.cache_root()) == str(tmp_path)
     cfg = pretrain.default_config()
     assert pretrain.dit_config_from(cfg).num_classes == 10
     cfg.data.condition_mode = "digit_thickness"

