@@ -108,13 +108,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any
 
 import ml_collections
 
 from adrpo_jax.train.config import (ConfigError, get_by_path, merge_defaults, require_choice, require_float,
-                                    require_float_or_inf, require_int, require_type, validate_advantage_clip)
+                                    require_float_or_inf, require_int, require_type, validate_advantage_clip,
+                                    validate_lora_section)
 
 __all__ = [
     "METHODS",
@@ -139,7 +139,6 @@ SAMPLERS = ("euler", "heun", "midpoint")
 DTYPES = ("float32", "bfloat16", "float16")
 # The DiT's attention projections and MLP (not the adaLN modulation, embeddings or the output layer).
 LORA_DEFAULT_TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "fc1", "fc2")
-LORA_INITS = ("kaiming_uniform", "gaussian")
 
 # Keys of the pre-training sections that pretrain.py reads (everything else is the trainer's).
 _MODEL_KEYS = ("image_size", "channels", "patch_size", "hidden", "depth", "heads", "mlp_ratio", "num_classes",
@@ -351,53 +350,19 @@ def _validate_sampling_eval(config) -> None:
     require_type(config, "eval.write_images", bool)
 
 
-def _lora_targets(config) -> tuple[str, ...]:
-    targets = get_by_path(config, "lora.target_modules")
-    if isinstance(targets, str):
-        targets = (targets,)
-    if not isinstance(targets, (tuple, list)) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"`lora.target_modules` must be a non-empty tuple of DiT site names / regexes (or "
-                          f"('all-linear',)), got {targets!r}.", key="lora.target_modules", value=targets)
-    return tuple(targets)
-
-
 def _validate_lora(config) -> None:
-    if "lora" not in config:
-        return
-    enabled = require_type(config, "lora.enabled", bool)
-    require_int(config, "lora.rank", min=1)
-    require_float(config, "lora.alpha", min=0.0, min_inclusive=False)
-    require_float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
-    _lora_targets(config)
-    require_choice(config, "lora.init", LORA_INITS)
-    require_type(config, "lora.use_rslora", bool)
-    try:  # the remaining checks (regex syntax, ...) are LoRAConfig's own
-        _build_lora_config(config)
-    except ValueError as err:
-        field = re.search(r"LoRAConfig\.(\w+)", str(err))
-        key = f"lora.{field.group(1)}" if field else "lora"
-        raise ConfigError(f"`{key}`: {err}", key=key, value=get_by_path(config, key)) from None
-    if enabled and int(config.rl.ref_refresh_steps) > 0 and float(config.rl.ref_refresh_alpha) != 1.0:
+    lora = validate_lora_section(config, "DiT site")
+    if lora is not None and int(config.rl.ref_refresh_steps) > 0 and float(config.rl.ref_refresh_alpha) != 1.0:
         raise ConfigError(f"`rl.ref_refresh_alpha`={config.rl.ref_refresh_alpha} cannot be used with LoRA: the "
                           "refreshed reference is base + a copy of the adapters, and mixing the factors A and B does "
                           "not mix the weights W + s A B. Use rl.ref_refresh_alpha=1.0 (copy) or lora.enabled=False.",
                           key="rl.ref_refresh_alpha", value=config.rl.ref_refresh_alpha)
 
 
-def _build_lora_config(config):
-    from adrpo_jax.models.lora import LoRAConfig  # pylint: disable=import-outside-toplevel
-
-    lc = config.lora
-    return LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
-                      target_modules=_lora_targets(config), init=lc.init, use_rslora=bool(lc.use_rslora))
-
-
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off
     (or the config has no ``lora`` section)."""
-    if "lora" not in config or not config.lora.enabled:
-        return None
-    return _build_lora_config(config)
+    return validate_lora_section(config, "DiT site")
 
 
 def validate_flow_config(config: Any) -> None:

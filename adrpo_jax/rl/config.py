@@ -109,7 +109,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any
 
 import ml_collections
@@ -123,6 +122,7 @@ from adrpo_jax.train.config import (
     require_int,
     require_type,
     validate_advantage_clip,
+    validate_lora_section,
 )
 
 __all__ = [
@@ -150,7 +150,6 @@ DATA_SOURCES = ("arithmetic", "jsonl")
 ANSWER_FORMATS = ("gsm8k", "raw")
 ON_ERROR = ("raise", "missing")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_INITS = ("kaiming_uniform", "gaussian")
 
 
 def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -437,28 +436,9 @@ def _validate_eval(config) -> None:
 
 
 def _validate_lora(config) -> None:
-    if "lora" not in config:
+    if validate_lora_section(config) is None:
         return
-    enabled = require_type(config, "lora.enabled", bool)
-    require_int(config, "lora.rank", min=1)
-    require_float(config, "lora.alpha", min=0.0, min_inclusive=False)
-    dropout = require_float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
-    targets = get_by_path(config, "lora.target_modules")
-    if isinstance(targets, str):
-        targets = (targets,)
-    if not isinstance(targets, (tuple, list)) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"`lora.target_modules` must be a non-empty tuple of module names / regexes (or "
-                          f"('all-linear',)), got {targets!r}.", key="lora.target_modules", value=targets)
-    for t in targets:
-        try:
-            re.compile(t)
-        except re.error as err:
-            raise ConfigError(f"`lora.target_modules` entry {t!r} is not a valid regex: {err}.",
-                              key="lora.target_modules", value=t) from None
-    require_choice(config, "lora.init", LORA_INITS)
-    require_type(config, "lora.use_rslora", bool)
-    if not enabled:
-        return
+    dropout = float(config.lora.dropout)
     if dropout > 0.0:
         raise ConfigError(f"`lora.dropout`={dropout} is not supported by the RL trainer: the policy ratio and the KL "
                           "to the reference need the deterministic policy that sampled the completions (TRL's GRPO "
@@ -473,14 +453,7 @@ def _validate_lora(config) -> None:
 
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off."""
-    if "lora" not in config or not config.lora.enabled:
-        return None
-    from adrpo_jax.models.lora import LoRAConfig  # pylint: disable=import-outside-toplevel
-
-    lc = config.lora
-    targets = (lc.target_modules,) if isinstance(lc.target_modules, str) else tuple(lc.target_modules)
-    return LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout), target_modules=targets,
-                      init=lc.init, use_rslora=bool(lc.use_rslora))
+    return validate_lora_section(config)
 
 
 def validate_llm_config(config: Any) -> None:

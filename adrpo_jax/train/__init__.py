@@ -83,6 +83,7 @@ _EXPORTS: dict[str, str] = {
     "tree_is_finite": "step_utils",
     "validate_advantage_clip": "config",
     "validate_common_config": "config",
+    "validate_lora_section": "config",
     "weight_decay_mask": "optim",
 }
 

@@ -74,6 +74,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -93,6 +94,7 @@ __all__ = [
     "require_float",
     "require_float_or_inf",
     "validate_advantage_clip",
+    "validate_lora_section",
     "require_choice",
     "require_divisible",
     "find_unknown_override",
@@ -317,6 +319,37 @@ def validate_advantage_clip(config: Any, prefix: str = "rl") -> str:
         raise ConfigError(f"`{kmin}`/`{kmax}` only apply to {prefix}.adv_clip='absolute' (got "
                           f"{prefix}.adv_clip={clip!r}, min={lo}, max={hi}).", key=kmin, value=lo)
     return clip
+
+
+def validate_lora_section(config: Any, what: str = "module") -> Any:
+    """Checks the ``lora.*`` keys that every trainer shares (``enabled``, ``rank``, ``alpha``, ``dropout``,
+    ``target_modules``, ``init``, ``use_rslora``); returns the :class:`~adrpo_jax.models.lora.LoRAConfig` when
+    ``lora.enabled`` is on, else None (also when the config has no ``lora`` section). Errors name the key;
+    ``what`` names the sites in the ``target_modules`` message (e.g. "DiT site")."""
+    if "lora" not in config:
+        return None
+    enabled = require_type(config, "lora.enabled", bool)
+    require_int(config, "lora.rank", min=1)
+    require_float(config, "lora.alpha", min=0.0, min_inclusive=False)
+    require_float(config, "lora.dropout", min=0.0, max=1.0, max_inclusive=False)
+    targets = get_by_path(config, "lora.target_modules")
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, (tuple, list)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"`lora.target_modules` must be a non-empty tuple of {what} names / regexes (or "
+                          f"('all-linear',)), got {targets!r}.", key="lora.target_modules", value=targets)
+    require_type(config, "lora.use_rslora", bool)
+    from adrpo_jax.models.lora import LoRAConfig  # pylint: disable=import-outside-toplevel
+
+    lc = config.lora
+    try:  # the remaining checks (init name, regex syntax, ...) are LoRAConfig's own
+        lora = LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                          target_modules=tuple(targets), init=lc.init, use_rslora=bool(lc.use_rslora))
+    except ValueError as err:
+        field = re.search(r"LoRAConfig\.(\w+)", str(err))
+        key = f"lora.{field.group(1)}" if field else "lora"
+        raise ConfigError(f"`{key}`: {err}", key=key, value=get_by_path(config, key)) from None
+    return lora if enabled else None
 
 
 def require_choice(config: Any, key: str, choices: Sequence[Any]) -> Any:
