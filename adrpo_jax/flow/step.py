@@ -50,7 +50,7 @@ from adrpo_jax.flow.sampling import sample, sample_noise
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
 from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
-                                       split_micro_batches)
+                                       reduce_update_metrics, split_micro_batches)
 
 __all__ = [
     "FlowStepOptions",
@@ -360,16 +360,6 @@ def make_loss_fn(opts: FlowStepOptions, mesh: Mesh | None
     return loss_fn
 
 
-def _reduce_updates(stacked: Metrics) -> Metrics:
-    out = {}
-    for key, v in stacked.items():
-        if key == "skipped":
-            out[key] = jnp.any(v)
-            out["skipped_updates"] = jnp.sum(v.astype(jnp.float32))
-        else:
-            out[key] = jnp.mean(v.astype(jnp.float32))
-    return out
-
 
 def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: FlowStepOptions,
                      mesh: Mesh | None, *, return_grads: bool = False, ref_graphdef: nnx.GraphDef | None = None,
@@ -451,7 +441,7 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
         if opts.num_inner_updates == 1:
             params, opt_state, m, grads = one_update(params, opt_state, ref_params, frozen, prep,
                                                      inner_update_key(key, 0))
-            step_metrics = _reduce_updates(jax.tree.map(lambda x: x[None], m))
+            step_metrics = reduce_update_metrics(jax.tree.map(lambda x: x[None], m))
         else:
             def body(carry, i):
                 p, o = carry
@@ -460,7 +450,7 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
 
             (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state),
                                                         jnp.arange(opts.num_inner_updates))
-            step_metrics = _reduce_updates(stacked)
+            step_metrics = reduce_update_metrics(stacked)
             grads = None
         metrics = dict(prep.metrics)
         metrics.update(step_metrics)

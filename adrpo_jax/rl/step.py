@@ -51,7 +51,7 @@ from adrpo_jax.models.llm.logprobs import token_logprobs
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
 from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
-                                       split_micro_batches)
+                                       reduce_update_metrics, split_micro_batches)
 
 __all__ = [
     "StepOptions",
@@ -460,21 +460,6 @@ def _reduce_micro(stacked: Metrics) -> Metrics:
     return out
 
 
-def _reduce_updates(stacked: Metrics) -> Metrics:
-    """Per-update metrics [U] -> step metrics (min / max / any / sum / mean)."""
-    out = {}
-    for key, v in stacked.items():
-        if key == "skipped":
-            out[key] = jnp.any(v)
-            out["skipped_updates"] = jnp.sum(v.astype(jnp.float32))
-        elif key.endswith("_min"):
-            out[key] = jnp.min(v)
-        elif key.endswith("_max"):
-            out[key] = jnp.max(v)
-        else:
-            out[key] = jnp.mean(v.astype(jnp.float32))
-    return out
-
 
 def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions,
                           mesh: Mesh | None, *, return_grads: bool = False):
@@ -564,7 +549,7 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
         grads = None
         if opts.num_updates == 1:
             params, opt_state, m, *grads = minibatch_update(params, opt_state, frozen, train_batch)
-            step_metrics = _reduce_updates(jax.tree.map(lambda x: x[None], m))
+            step_metrics = reduce_update_metrics(jax.tree.map(lambda x: x[None], m))
         else:
             indices = minibatch_indices(opts, b, key)
 
@@ -575,7 +560,7 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
                 return (p, o), m
 
             (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state), indices)
-            step_metrics = _reduce_updates(stacked)
+            step_metrics = reduce_update_metrics(stacked)
         metrics = dict(prep.metrics)
         for key_, value in step_metrics.items():
             if key_ == "kl_mean" and opts.kl_placement == "reward":

@@ -63,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "plan_sharded": "sharding",
     "process_batch_slice": "sharding",
     "read_jsonl": "metrics",
+    "reduce_update_metrics": "step_utils",
     "register_trainer": "registry",
     "replicated_sharding": "sharding",
     "require_choice": "config",

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 __all__ = ["apply_updates_if_finite", "tree_is_finite", "global_norm", "accumulate_gradients", "masked_mean_std",
-           "masked_min_max",
+           "masked_min_max", "reduce_update_metrics",
            "split_micro_batches"]
 
 PyTree = Any
@@ -176,3 +176,29 @@ def masked_min_max(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]
     lo = jnp.where(any_valid, jnp.min(jnp.where(mask, x, jnp.inf)), 0.0)
     hi = jnp.where(any_valid, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)
     return lo, hi
+
+
+def reduce_update_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Metrics of several optimizer updates stacked on axis 0 (``[U]`` each) -> one step's metrics.
+
+    ``skipped`` (from :func:`apply_updates_if_finite`) becomes "any update skipped" plus the count
+    ``skipped_updates``; keys ending in ``_min`` / ``_max`` take the min / max over updates; everything else the
+    mean (float32).
+
+    >>> m = reduce_update_metrics({"skipped": jnp.array([False, True]), "loss": jnp.array([1.0, 3.0]),
+    ...                            "ratio_max": jnp.array([1.5, 1.2])})
+    >>> bool(m["skipped"]), float(m["skipped_updates"]), float(m["loss"]), float(m["ratio_max"])
+    (True, 1.0, 2.0, 1.5)
+    """
+    out = {}
+    for key, v in stacked.items():
+        if key == "skipped":
+            out[key] = jnp.any(v)
+            out["skipped_updates"] = jnp.sum(v.astype(jnp.float32))
+        elif key.endswith("_min"):
+            out[key] = jnp.min(v)
+        elif key.endswith("_max"):
+            out[key] = jnp.max(v)
+        else:
+            out[key] = jnp.mean(v.astype(jnp.float32))
+    return out
