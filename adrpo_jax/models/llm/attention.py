@@ -1,0 +1,392 @@
+"""Attention implementations behind one function, `attention(q, k, v, mask, impl=...)`.
+
+The mask is *structured* (`AttentionMask`), never a dense [B, T, S] tensor unless an implementation needs
+one: query i of the call sits at slot `q_offset + i`, key j at slot j, and query slot a may attend key slot
+b iff `key_valid[:, b]` and (causal) `b <= a` and (window) `a - b < window`. Rotary positions never enter
+here (they are applied to q/k before), so per-row positions and left padding need nothing more; the
+KV-cache decode step is `q_offset = cache.index` with `key_valid = cache.mask`. Query rows that may attend
+no key at all (padding) give finite values (never NaN) that callers mask out; what they hold differs
+between implementations.
+
+Implementations (`DecoderConfig.attention_impl`):
+
+=========  ==============================================================================================
+`xla`      the reference: [B, K, G, T, S] float32 scores, softmax, weighted sum (quadratic memory).
+`chunked`  flash-style online softmax over key blocks of `chunk_size` slots (`lax.scan`), float32
+           accumulators, and a custom VJP that recomputes each block's probabilities from the saved
+           log-sum-exp (FlashAttention-2 backward), so forward *and* backward memory are linear in T.
+           Pure JAX: runs everywhere. Every block is computed (no skipping of causally masked blocks).
+`cudnn`    `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; float16/bfloat16; GQA native;
+           left padding as a boolean mask). Used for the calls it supports (a prefill without a cache);
+           cached calls (decode) take the `auto` choice among xla / chunked.
+`splash`   Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with segment
+           ids for padding; same scope as `cudnn` (prefill without a cache). `interpret=True` runs it on CPU.
+`auto`     splash on TPU, cudnn on GPU where the shapes/dtypes allow, otherwise chunked when
+           T * S >= `auto_min_len`**2, xla below (the decode step, T = 1, stays on xla).
+=========  ==============================================================================================
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+_NEG = float(np.finfo(np.float32).min)
+
+
+@flax.struct.dataclass
+class AttentionMask:
+  """Structured attention mask (a pytree; `causal` and `window` are static).
+
+  Attributes:
+    key_valid: [B, S] bool, False on padding / unwritten cache slots.
+    q_offset: None (the queries are slots 0..T-1, a prefill without a cache) or an int32 scalar (may be
+      traced: the cache index) giving the slot of the first query.
+    causal: key slot <= query slot.
+    window: None or a positive int: query slot - key slot < window (sliding-window attention).
+    window_array: None or an int32 scalar (may be traced, e.g. per layer inside a scan over layers): a
+      window like `window` where the value is > 0, no window where it is <= 0. Implementations that need
+      a static mask (cudnn, splash) are not used when it is set.
+  """
+
+  key_valid: Array
+  q_offset: Array | None = None
+  window_array: Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=True)
+  window: int | None = flax.struct.field(pytree_node=False, default=None)
+
+  def with_window_array(self, window_array) -> "AttentionMask":
+    """This mask with a (traced) per-layer window (<= 0: none)."""
+    return self.replace(window_array=jnp.asarray(window_array, jnp.int32))
+
+  def dense(self, q_len: int) -> Array:
+    """The equivalent dense boolean mask [B, T, S] (what `xla` uses)."""
+    return dense_mask(self.key_valid, q_len, q_offset=self.q_offset, causal=self.causal, window=self.window,
+                      window_array=self.window_array)
+
+
+def _slot_rules(q_slots, k_slots, causal, window, window_array):
+  """[T, C] bool from the slot rules (None when nothing restricts)."""
+  dist = q_slots[:, None] - k_slots[None, :]
+  rules = []
+  if causal:
+    rules.append(dist >= 0)
+  if window is not None:
+    rules.append(dist < window)
+  if window_array is not None:
+    rules.append((window_array <= 0) | (dist < window_array))
+  return functools.reduce(jnp.logical_and, rules) if rules else None
+
+
+def dense_mask(key_valid: Array, q_len: int, *, q_offset=None, causal: bool = True, window=None,
+               window_array=None) -> Array:
+  """[B, T, S] bool: query slot `q_offset + i` may attend key slot j (see the module doc)."""
+  s = key_valid.shape[1]
+  q_slots = jnp.arange(q_len) + (0 if q_offset is None else q_offset)
+  allowed = _slot_rules(q_slots, jnp.arange(s), causal, window, window_array)
+  if allowed is None:
+    allowed = jnp.ones((q_len, s), bool)
+  return allowed[None, :, :] & key_valid[:, None, :]
+
+
+def validate_impl(impl: str, name: str = "attention_impl") -> str:
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"{name}={impl!r} is not an attention implementation; use one of {IMPLEMENTATIONS}")
+  return impl
+
+
+# ------------------------------------------------------------------------------------------------------
+# xla: the reference
+# ------------------------------------------------------------------------------------------------------
+def attend(q: Array, k: Array, v: Array, allowed: Array, *, scale: float) -> Array:
+  """Grouped-query attention with a dense boolean mask; scores and softmax in float32 (the reference).
+
+  Args:
+    q: [B, T, H, hd]; k, v: [B, S, K, hd] with K dividing H (query head h uses kv head h // G).
+    allowed: [B, T, S] bool.
+  Returns:
+    [B, T, H, hd] in v's dtype.
+  """
+  b, t, h, hd = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, hd)
+
+
+# ------------------------------------------------------------------------------------------------------
+# chunked: online softmax over key blocks, custom VJP (FlashAttention-2 style), memory linear in T
+# ------------------------------------------------------------------------------------------------------
+def _key_blocks(k, v, key_valid, c):
+  """[n, B, c, K, hd] key/value blocks and [n, B, c] validity (S padded to n * c with invalid slots)."""
+  b, s, kh, hd = k.shape
+  n = -(-s // c)
+  pad = n * c - s
+  if pad:
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    key_valid = jnp.pad(key_valid, ((0, 0), (0, pad)))
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)  # noqa: E731
+  return split(k), split(v), split(key_valid), n
+
+
+def _block_allowed(valid_j, j, c, q_slots, causal, window, window_array):
+  """[B, 1, 1, T, c] bool for key block j."""
+  rules = _slot_rules(q_slots, j * c + jnp.arange(c), causal, window, window_array)
+  allowed = valid_j[:, None, :]  # [B, 1, c]
+  if rules is not None:
+    allowed = allowed & rules[None]
+  return allowed[:, None, None, :, :]
+
+
+def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size):
+  b, t, h, hd = q.shape
+  kh = k.shape[2]
+  g = h // kh
+  c = min(chunk_size, k.shape[1])
+  qg = q.reshape(b, t, kh, g, hd)
+  kb, vb, validb, n = _key_blocks(k, v, key_valid, c)
+  q_slots = jnp.arange(t) + q_offset
+
+  def body(carry, xs):
+    m, l, acc = carry
+    # The barrier ties the block's mask to this block's keys: without it XLA hoists the (layer-invariant)
+    # masks of all blocks out of an enclosing scan over layers, a [blocks, B, K, G, T, c] = O(T * S) tensor.
+    kj, vj, valid_j, j = jax.lax.optimization_barrier(xs)
+    s = jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale
+    allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array)
+    s = jnp.where(allowed, s, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = l * corr + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+    return (m_new, l, acc * corr[..., None] + pv), None
+
+  init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+          jnp.zeros((b, kh, g, t, hd), jnp.float32))
+  (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, jnp.arange(n)))
+  has = l > 0
+  out = acc / jnp.where(has, l, 1.0)[..., None]  # fully masked rows: 0
+  lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), 0.0)
+  out = jnp.moveaxis(out, 3, 1).reshape(b, t, h, hd).astype(v.dtype)  # [B,K,G,T,hd] -> [B,T,H,hd]
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _chunked(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size):
+  return _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size)[0]
+
+
+def _chunked_fwd(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size):
+  out, lse = _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size)
+  return out, (q, k, v, key_valid, q_offset, window_array, out, lse)
+
+
+def _chunked_bwd(scale, causal, window, chunk_size, res, d_out):
+  q, k, v, key_valid, q_offset, window_array, out, lse = res
+  b, t, h, hd = q.shape
+  s_len, kh = k.shape[1], k.shape[2]
+  g = h // kh
+  c = min(chunk_size, s_len)
+  qg = q.reshape(b, t, kh, g, hd)
+  to_bkgt = lambda x: jnp.moveaxis(x.reshape(b, t, kh, g, hd), 1, 3)  # noqa: E731  [B,K,G,T,hd]
+  dog = to_bkgt(d_out).astype(jnp.float32)
+  delta = jnp.sum(dog * to_bkgt(out).astype(jnp.float32), axis=-1)  # [B,K,G,T]
+  kb, vb, validb, n = _key_blocks(k, v, key_valid, c)
+  q_slots = jnp.arange(t) + q_offset
+  cdt = v.dtype
+
+  def body(dq, xs):
+    # The barrier ties the block's mask to this block's keys: without it XLA hoists the (layer-invariant)
+    # masks of all blocks out of an enclosing scan over layers, a [blocks, B, K, G, T, c] = O(T * S) tensor.
+    kj, vj, valid_j, j = jax.lax.optimization_barrier(xs)
+    s = jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale
+    allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array)
+    p = jnp.where(allowed, jnp.exp(jnp.where(allowed, s, _NEG) - lse[..., None]), 0.0)
+    dv_j = jnp.einsum("bkgtc,bkgtd->bckd", p.astype(cdt), dog.astype(cdt), preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgtd,bckd->bkgtc", dog.astype(cdt), vj, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = dq + jnp.einsum("bkgtc,bckd->bkgtd", ds.astype(cdt), kj, preferred_element_type=jnp.float32)
+    dk_j = jnp.einsum("bkgtc,btkgd->bckd", ds.astype(cdt), qg, preferred_element_type=jnp.float32)
+    return dq, (dk_j, dv_j)
+
+  dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((b, kh, g, t, hd), jnp.float32),
+                              (kb, vb, validb, jnp.arange(n)))
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * c, kh, hd)[:, :s_len]  # noqa: E731
+  dq = jnp.moveaxis(dq, 3, 1).reshape(b, t, h, hd).astype(q.dtype)
+  return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
+                      chunk_size: int = 512) -> Array:
+  """Memory-efficient attention (see the module doc): same contract as `attend(q, k, v, mask.dense(T))`."""
+  if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+  q_offset = jnp.zeros((), jnp.int32) if mask.q_offset is None else jnp.asarray(mask.q_offset, jnp.int32)
+  window_array = None if mask.window_array is None else jnp.asarray(mask.window_array, jnp.int32)
+  return _chunked(q, k, v, jnp.asarray(mask.key_valid, bool), q_offset, window_array, float(scale),
+                  bool(mask.causal), mask.window, int(chunk_size))
+
+
+# ------------------------------------------------------------------------------------------------------
+# cudnn (GPU) and splash (TPU)
+# ------------------------------------------------------------------------------------------------------
+def cudnn_supported(q_shape, k_shape, dtype, mask: AttentionMask) -> str | None:
+  """None when `cudnn` can run this call, else the reason (a sentence) it cannot."""
+  t, hd, s = q_shape[1], q_shape[3], k_shape[1]
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"cuDNN flash attention needs float16/bfloat16 inputs, got {jnp.dtype(dtype).name}"
+  if hd % 8 or hd > 128:
+    return f"cuDNN flash attention needs head_dim <= 128 and a multiple of 8, got {hd}"
+  if mask.q_offset is not None or t != s:
+    return "cuDNN attention is used for a prefill without a KV cache only"
+  if mask.window_array is not None:
+    return "cuDNN attention needs a static window (window_array is set)"
+  if t % 2:
+    return f"cuDNN flash attention with a mask needs an even sequence length, got {t}"
+  return None
+
+
+def cudnn_arguments(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float) -> dict[str, Any]:
+  """Keyword arguments of `jax.nn.dot_product_attention` for `mask` (GQA is native: k/v keep K heads).
+
+  Left padding is a boolean key mask [B, 1, T, S] (cuDNN's sequence lengths only describe right padding);
+  causality and the window are cuDNN's own (`is_causal`, `local_window_size=(window - 1, 0)`).
+  """
+  t = q.shape[1]
+  key_mask = jnp.broadcast_to(jnp.asarray(mask.key_valid, bool)[:, None, None, :],
+                              (q.shape[0], 1, t, k.shape[1]))
+  args = dict(query=q, key=k, value=v, mask=key_mask, scale=float(scale), is_causal=bool(mask.causal),
+              implementation="cudnn")
+  if mask.window is not None:
+    args["local_window_size"] = (int(mask.window) - 1, 0)
+  return args
+
+
+def cudnn_attention(q, k, v, mask: AttentionMask, *, scale: float) -> Array:
+  reason = cudnn_supported(q.shape, k.shape, q.dtype, mask)
+  if reason is not None:
+    raise ValueError(f"attention_impl='cudnn' cannot run this call: {reason}")
+  return jax.nn.dot_product_attention(**cudnn_arguments(q, k, v, mask, scale=scale))
+
+
+def splash_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
+  if mask.q_offset is not None or q_shape[1] != k_shape[1]:
+    return "splash attention is used for a prefill without a KV cache only"
+  if not mask.causal:
+    return "splash attention is wired for causal masks only"
+  if mask.window_array is not None:
+    return "splash attention needs a static window (window_array is set)"
+  return None
+
+
+def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
+                     block_size: int = 512, interpret: bool = False) -> Array:
+  """Pallas TPU splash attention (vmapped over the batch; GQA native). Padding: segment ids (1 real, 0
+  padding, so a padding query attends padding keys and no row is empty); T is padded to a multiple of the
+  block (a multiple of 128) with padding slots."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # local: TPU-only kernel
+
+  reason = splash_supported(q.shape, k.shape, mask)
+  if reason is not None:
+    raise ValueError(f"attention_impl='splash' cannot run this call: {reason}")
+  b, t, h, hd = q.shape
+  block = min(int(block_size), 128 * -(-t // 128))
+  block = max(128, block - block % 128)
+  tp = block * -(-t // block)
+  seg = jnp.asarray(mask.key_valid, jnp.int32)
+  if tp != t:
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    seg = jnp.pad(seg, ((0, 0), (0, tp - t)))
+  if mask.window is None:
+    one = sa.CausalMask((tp, tp))
+  else:
+    one = sa.LocalMask((tp, tp), window_size=(int(mask.window) - 1, 0), offset=0)
+  sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = sa.make_splash_mha_single_device(sa.MultiHeadMask([one] * h), block_sizes=sizes,
+                                            interpret=interpret)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, heads, hd] -> [B, heads, T, hd]
+  qs = heads_first((q.astype(jnp.float32) * scale).astype(q.dtype))
+
+  def one_row(q_, k_, v_, seg_):
+    return kernel(q_, k_, v_, sa.SegmentIds(q=seg_, kv=seg_))
+
+  out = jax.vmap(one_row)(qs, heads_first(k), heads_first(v), seg)
+  return heads_first(out)[:, :t].astype(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Selection and the one entry point
+# ------------------------------------------------------------------------------------------------------
+def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: AttentionMask,
+                auto_min_len: int = 1024) -> str:
+  """The implementation that runs a call: `impl` itself for xla / chunked, cudnn / splash where they can
+  run this call (else the auto fallback), and for `auto`: splash on TPU, cudnn on GPU where allowed, then
+  chunked when T * S >= auto_min_len**2, else xla.
+
+  >>> m = AttentionMask(key_valid=jnp.ones((1, 4096), bool))
+  >>> [select_impl("auto", platform=p, q_shape=(1, 4096, 8, 64), k_shape=(1, 4096, 8, 64),
+  ...              dtype=jnp.bfloat16, mask=m) for p in ("cpu", "gpu", "tpu")]
+  ['chunked', 'cudnn', 'splash']
+  """
+  validate_impl(impl)
+  if impl in ("xla", "chunked"):
+    return impl
+  platform = platform.lower()
+  if impl in ("auto", "splash") and (impl == "splash" or platform == "tpu"):
+    if splash_supported(q_shape, k_shape, mask) is None:
+      return "splash"
+  if impl in ("auto", "cudnn") and (impl == "cudnn" or platform in ("gpu", "cuda")):
+    if cudnn_supported(q_shape, k_shape, dtype, mask) is None:
+      return "cudnn"
+  return "chunked" if q_shape[1] * k_shape[1] >= auto_min_len ** 2 else "xla"
+
+
+def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float | None = None,
+              impl: str = "auto", chunk_size: int = 512, auto_min_len: int = 1024,
+              platform: str | None = None, interpret: bool = False) -> Array:
+  """Grouped-query attention [B, T, H, hd] x [B, S, K, hd] -> [B, T, H, hd] (v's dtype) under `mask`.
+
+  Args:
+    q, k, v: queries [B, T, H, hd]; keys/values [B, S, K, hd], K dividing H.
+    mask: the structured `AttentionMask`.
+    scale: logit scale (default hd ** -0.5).
+    impl: one of `IMPLEMENTATIONS` (see the module doc and `select_impl`).
+    chunk_size: key slots per block of `chunked`. auto_min_len: `auto` uses chunked when T*S >= this**2.
+    platform: 'cpu' / 'gpu' / 'tpu' (default `jax.default_backend()`), for `auto`.
+    interpret: run `splash` in Pallas interpret mode (CPU tests).
+  """
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"q must be [B, T, H, hd] and k, v [B, S, K, hd]; got {q.shape}, {k.shape}, {v.shape}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+  if mask.key_valid.shape != (k.shape[0], k.shape[1]):
+    raise ValueError(f"mask.key_valid shape {mask.key_valid.shape} must be [B, S] = {k.shape[:2]}")
+  if mask.window is not None and not (isinstance(mask.window, (int, np.integer)) and mask.window > 0):
+    raise ValueError(f"window={mask.window!r} must be None or a positive int")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape,
+                       dtype=q.dtype, mask=mask, auto_min_len=auto_min_len)
+  if chosen == "xla":
+    return attend(q, k, v, mask.dense(q.shape[1]), scale=scale)
+  if chosen == "chunked":
+    return chunked_attention(q, k, v, mask, scale=scale, chunk_size=chunk_size)
+  if chosen == "cudnn":
+    return cudnn_attention(q, k, v, mask, scale=scale)
+  return splash_attention(q, k, v, mask, scale=scale, interpret=interpret)
