@@ -10,6 +10,12 @@ Log-probs returned with the samples (`GenerationOutput.logprobs`) are float32
 `token_logprobs(model, out.tokens, out.attention_mask, temperature=temperature)` recomputes, so the
 on-policy importance ratio is 1. With `greedy=True` they are computed the same way.
 
+Sampling does not sort the vocabulary: top-k / top-p find their thresholds with `lax.top_k` over at most 256
+candidates or by exact bisection over the float order (`process_logits`, the same token sets as the sorted
+definition `process_logits_reference`), and the draw is an inverse CDF with two uniforms per row
+(`sample_inverse_cdf`). `SamplingConfig(sampler="reference")` keeps the sorted / Gumbel path. With
+`prompt_group_size=G` (GRPO's G completions per prompt) each prompt is prefilled once for its G rows.
+
 Two entry points:
   * `generate(model, prompt_tokens, prompt_mask, ...)`: convenience; jits once per
     (graphdef, SamplingConfig, shapes) and reuses the compiled function across calls.
@@ -47,6 +53,12 @@ class SamplingConfig:
     eos_token_ids: ids that end a row (EOS / stop tokens); the stop token itself is part of the completion.
     pad_token_id: written after a row is done (completion_mask is False there).
     cache_dtype: KV-cache dtype (None = the model's compute dtype).
+    prompt_group_size: G >= 1: the rows come in consecutive groups of G rows with the *same* prompt (GRPO's
+      G completions per prompt, rows r // G of one prompt); each group's prompt is prefilled once and its KV
+      cache repeated to the G rows. The batch must be a multiple of G; the rows of a group are not checked
+      inside a jitted function (`generate` checks them).
+    sampler: "fast" (top-k / top-p without sorting the vocabulary, inverse-CDF draw) or "reference" (the
+      sorted definition and one Gumbel per vocabulary entry; same distribution, slower, for tests/benchmarks).
   """
 
   max_new_tokens: int
@@ -57,6 +69,8 @@ class SamplingConfig:
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
   cache_dtype: str | None = None
+  prompt_group_size: int = 1
+  sampler: str = "fast"
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
@@ -67,6 +81,11 @@ class SamplingConfig:
       raise ValueError(f"top_k={self.top_k!r} must be None or an int >= 1")
     if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if not isinstance(self.prompt_group_size, (int, np.integer)) or self.prompt_group_size < 1:
+      raise ValueError(f"prompt_group_size={self.prompt_group_size!r} must be an int >= 1")
+    if self.sampler not in ("fast", "reference"):
+      raise ValueError(f"sampler={self.sampler!r} must be 'fast' or 'reference'")
+    object.__setattr__(self, "prompt_group_size", int(self.prompt_group_size))
     eos = self.eos_token_ids
     eos = () if eos is None else ((int(eos),) if isinstance(eos, (int, np.integer)) else tuple(int(e) for e in eos))
     object.__setattr__(self, "eos_token_ids", eos)
@@ -100,13 +119,12 @@ class GenerationOutput:
   done: Array
 
 
-def process_logits(logits: Array, *, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> Array:
-  """Temperature, then top-k, then top-p: float32 [B, V] logits with removed tokens at -inf.
+def process_logits_reference(logits: Array, *, temperature: float = 1.0, top_k: int | None = None,
+                             top_p: float | None = None) -> Array:
+  """The sorted definition of `process_logits` (sorts the vocabulary for top-p); kept for tests and benchmarks.
 
-  >>> l = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  >>> jnp.isfinite(process_logits(l, top_p=0.7)).tolist()
-  [[True, True, False, False]]
+  Temperature, then top-k (the k largest values, ties with the k-th included), then top-p (the smallest prefix
+  of the descending order whose mass *before* a token is < top_p; ties with the last kept value included).
   """
   logits = logits.astype(jnp.float32) / temperature
   sorted_desc = None
@@ -124,17 +142,132 @@ def process_logits(logits: Array, *, temperature: float = 1.0, top_k: int | None
   return logits
 
 
-def _select(logits: Array, rng: Array, config: SamplingConfig) -> tuple[Array, Array]:
-  """Next tokens [B] int32 and their float32 log-probs under log_softmax(logits / temperature)."""
+def _ordered_keys(x: Array) -> Array:
+  """int32 keys with the order of the float32 values (-0.0 == +0.0; -inf lowest): x < y <=> key(x) < key(y)."""
+  x = jnp.where(x == 0, jnp.float32(0), x)
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _bisect_keys(lo: Array, hi: Array, ok) -> Array:
+  """The smallest int32 t in [lo, hi] ([B] each) with ok(t) True, for ok monotone (False...False True...True)
+  and ok(hi) True. Bisection on the integers: at most 32 rounds of one pass over the row each, and the result
+  is exact (no float tolerance: the keys are the float values' order)."""
+
+  def cond(c):
+    return jnp.any(c[0] < c[1])
+
+  def body(c):
+    lo, hi = c
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+    good = ok(mid)
+    return jnp.where(good, lo, mid + 1), jnp.where(good, mid, hi)
+
+  return jax.lax.while_loop(cond, body, (lo, hi))[0]
+
+
+def process_logits(logits: Array, *, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> Array:
+  """Temperature, then top-k, then top-p: float32 [B, V] logits with removed tokens at -inf.
+
+  Keeps exactly the token sets of the sorted definition (`process_logits_reference`, ties included) without
+  sorting the vocabulary (nor `lax.top_k`, a partial sort that is as slow as a sort on CPU): top-k finds the
+  k-th largest value and top-p its threshold value (a token is kept iff the mass of the tokens strictly more
+  likely than it is < top_p) by bisection over the float order, one pass over the vocabulary per round, at
+  most 32 rounds.
+  Only the float rounding of the mass sums differs from the sorted definition (a token whose mass-before lies
+  within float32 rounding of top_p may fall on the other side).
+
+  >>> l = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  >>> jnp.isfinite(process_logits(l, top_p=0.7)).tolist()
+  [[True, True, False, False]]
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    # The k-th largest value: the smallest t with #{x > t} < k (ties with it are kept).
+    keys = _ordered_keys(logits)
+    kth = _bisect_keys(jnp.min(keys, -1), jnp.max(keys, -1), lambda t: jnp.sum(keys > t[:, None], -1) < top_k)
+    logits = jnp.where(keys < kth[:, None], -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    keys = _ordered_keys(logits)
+    weights = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))  # 0 at -inf
+    budget = top_p * jnp.sum(weights, -1)
+    lo = jnp.min(jnp.where(jnp.isfinite(logits), keys, jnp.iinfo(jnp.int32).max), -1)
+    # A token is kept iff the mass strictly above it is < top_p: the smallest such value is the threshold.
+    threshold = _bisect_keys(lo, jnp.max(keys, -1),
+                             lambda t: jnp.sum(jnp.where(keys > t[:, None], weights, 0.0), -1) < budget)
+    logits = jnp.where(keys < threshold[:, None], -jnp.inf, logits)
+  return logits
+
+
+def _block_size(v: int) -> int:
+  c = 128
+  while c * c < v:
+    c *= 2
+  return c
+
+
+def sample_inverse_cdf(rng: Array, logits: Array) -> Array:
+  """One categorical draw per row of softmax(logits) [B, V] (-inf = excluded), by inverse CDF: [B] int32.
+
+  Two levels of blocks of C ~ sqrt(V) tokens: a uniform picks a block from the cumulative block masses, a
+  second uniform picks a token inside that block from its cumulative masses (float32 cumsums of <= ~sqrt(V)
+  terms, so small probabilities keep their resolution). Two uniforms per row instead of one Gumbel per
+  vocabulary entry. Both picks are clamped to the last entry with positive mass, so a removed token is never
+  returned (rounding can only make the target reach the total mass, never pass a positive entry).
+  """
+  b, v = logits.shape
+  c = _block_size(v)
+  nb = -(-v // c)
+  w = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
+  w = jnp.pad(w, ((0, 0), (0, nb * c - v))).reshape(b, nb, c)
+  u = jax.random.uniform(rng, (b, 2), jnp.float32)
+
+  def pick(weights, u):  # [B, n] weights >= 0 (some > 0), [B] uniform in [0, 1) -> [B] index
+    cdf = jnp.cumsum(weights, axis=-1)
+    target = u[:, None] * cdf[:, -1:]
+    idx = jnp.sum(cdf <= target, axis=-1)
+    n = weights.shape[-1]
+    last = n - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(idx, last)
+
+  block = pick(jnp.sum(w, -1), u[:, 0])
+  inner = jnp.take_along_axis(w, block[:, None, None], axis=1)[:, 0]
+  token = block * c + pick(inner, u[:, 1])
+  return token.astype(jnp.int32)
+
+
+def _select_reference(logits: Array, rng: Array, config: "SamplingConfig") -> tuple[Array, Array]:
+  """The previous `_select`: sorted top-p, one Gumbel per vocabulary entry."""
   logits = logits.astype(jnp.float32)
   scaled = logits / config.temperature
   if config.greedy:
     token = jnp.argmax(logits, axis=-1)
   else:
-    processed = process_logits(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    processed = process_logits_reference(logits, temperature=config.temperature, top_k=config.top_k,
+                                          top_p=config.top_p)
     token = jax.random.categorical(rng, processed, axis=-1)
   logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
   return token.astype(jnp.int32), logp
+
+
+def _select(logits: Array, rng: Array, config: "SamplingConfig") -> tuple[Array, Array]:
+  """Next tokens [B] int32 and their float32 log-probs under log_softmax(logits / temperature)."""
+  if config.sampler == "reference":
+    return _select_reference(logits, rng, config)
+  logits = logits.astype(jnp.float32)
+  scaled = logits / config.temperature
+  if config.greedy:  # argmax (first index of the maximum) as two plain reductions, cheaper than a variadic one
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    token = jnp.min(jnp.where(logits == top, iota, logits.shape[-1]), axis=-1)
+    token = jnp.minimum(token, logits.shape[-1] - 1)  # all-NaN rows: index V-1 instead of out of range
+  else:
+    processed = process_logits(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    token = sample_inverse_cdf(rng, processed)
+  # log_softmax(scaled)[token] without materializing the [B, V] log-softmax.
+  logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
+  return token, logp
 
 
 def _last_logits(model: CausalLM, hidden: Array) -> Array:
@@ -144,6 +277,49 @@ def _last_logits(model: CausalLM, hidden: Array) -> Array:
                     preferred_element_type=jnp.float32)
 
 
+def repeat_cache_rows(cache: KVCache, g: int) -> KVCache:
+  """Each row of a KV cache repeated g times (rows [0]*g + [1]*g + ...), for any cache layout.
+
+  The batch axis of each leaf is found from its rank: scalars (the write index) are shared, [B] / [B, S] leaves
+  (next positions, slot mask) repeat axis 0, key/value leaves repeat axis ndim - 4 ([B, S, K, hd] per-layer
+  arrays: 0; stacked [L, B, S, K, hd]: 1).
+  """
+  if g == 1:
+    return cache
+  b = cache.mask.shape[0]
+
+  def rep(x):
+    if x.ndim == 0:
+      return x
+    axis = x.ndim - 4 if x.ndim >= 4 else 0
+    if x.shape[axis] != b:
+      raise ValueError(f"cache leaf of shape {x.shape} has no batch axis of size {b} at axis {axis}")
+    return jnp.repeat(x, g, axis=axis)
+
+  return jax.tree.map(rep, cache)
+
+
+def _prefill(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, max_length: int,
+             config: SamplingConfig) -> tuple[Array, KVCache]:
+  """float32 logits [B, V] of the next token after each prompt, and the filled cache of B rows."""
+  b = prompt_tokens.shape[0]
+  g = config.prompt_group_size
+  if b % g:
+    raise ValueError(f"batch size {b} is not a multiple of prompt_group_size={g}")
+  if g > 1:  # one row per group: the prompts of a group are equal
+    prompt_tokens = prompt_tokens.reshape(b // g, g, -1)[:, 0]
+    prompt_mask = prompt_mask.reshape(b // g, g, -1)[:, 0]
+  cache = model.init_cache(b // g, max_length, config.cache_dtype)
+  # Left padding puts every row's last prompt token in the last column.
+  hidden, cache = model.hidden_states(prompt_tokens, positions=positions_from_mask(prompt_mask),
+                                      attention_mask=prompt_mask, cache=cache)
+  logits = _last_logits(model, hidden[:, -1])
+  if g > 1:
+    logits = jnp.repeat(logits, g, axis=0)
+    cache = repeat_cache_rows(cache, g)
+  return logits, cache
+
+
 def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Array,
               config: SamplingConfig) -> GenerationOutput:
   b, p = prompt_tokens.shape
@@ -151,12 +327,9 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
   prompt_tokens = prompt_tokens.astype(jnp.int32)
   prompt_mask = prompt_mask.astype(bool)
   eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
-  cache = model.init_cache(b, p + n, config.cache_dtype)
-  # Prefill: left padding puts every row's last prompt token in the last column.
-  hidden, cache = model.hidden_states(prompt_tokens, positions=positions_from_mask(prompt_mask),
-                                      attention_mask=prompt_mask, cache=cache)
+  logits, cache = _prefill(model, prompt_tokens, prompt_mask, p + n, config)
   rng, step_rng = jax.random.split(rng)
-  token, logp = _select(_last_logits(model, hidden[:, -1]), step_rng, config)
+  token, logp = _select(logits, step_rng, config)
   done = jnp.isin(token, eos)
   completions = jnp.full((b, n), config.pad_token_id, jnp.int32).at[:, 0].set(token)
   logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
@@ -231,10 +404,23 @@ def _check_prompts(prompt_tokens, prompt_mask):
     raise ValueError("prompt_mask must be left-padded: padding (False) only before the first real token")
 
 
+def _check_groups(prompt_tokens, prompt_mask, g: int):
+  b = prompt_tokens.shape[0]
+  if b % g:
+    raise ValueError(f"batch size {b} is not a multiple of prompt_group_size={g}")
+  if g == 1 or isinstance(prompt_tokens, jax.core.Tracer) or isinstance(prompt_mask, jax.core.Tracer):
+    return
+  t = np.asarray(prompt_tokens).reshape(b // g, g, -1)
+  m = np.asarray(prompt_mask).reshape(b // g, g, -1)
+  bad = np.nonzero(((t != t[:, :1]) & m).any((1, 2)) | (m != m[:, :1]).any((1, 2)))[0]
+  if len(bad):
+    raise ValueError(f"prompt_group_size={g}: the rows of groups {bad.tolist()} do not hold the same prompt")
+
+
 def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = None, *, rng: Array | None = None,
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              greedy: bool = False, eos_token_ids: Any = (), pad_token_id: int = 0,
-             cache_dtype: Any = None) -> GenerationOutput:
+             cache_dtype: Any = None, prompt_group_size: int = 1, sampler: str = "fast") -> GenerationOutput:
   """Samples up to `max_new_tokens` tokens after each left-padded prompt (jitted, KV-cached).
 
   Args:
@@ -242,8 +428,9 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
     prompt_tokens: [B, P] int, left-padded prompts.
     prompt_mask: [B, P] bool, False on left padding (default: no padding).
     rng: PRNG key (required unless greedy).
-    max_new_tokens, temperature, top_k, top_p, greedy, eos_token_ids, pad_token_id, cache_dtype: see
-      `SamplingConfig`.
+    max_new_tokens, temperature, top_k, top_p, greedy, eos_token_ids, pad_token_id, cache_dtype,
+      prompt_group_size, sampler: see `SamplingConfig` (with prompt_group_size > 1 the rows of each group must
+      be equal; checked here).
   Returns:
     `GenerationOutput`. Compiled once per (model structure, options, B, P): later calls reuse it.
 
@@ -267,6 +454,7 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
     rng = jax.random.key(0)
   config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                          cache_dtype=cache_dtype)
+                          cache_dtype=cache_dtype, prompt_group_size=prompt_group_size, sampler=sampler)
+  _check_groups(prompt_tokens, prompt_mask, config.prompt_group_size)
   graphdef, state = nnx.split(model)
   return _jitted_generate(graphdef, config)(state, prompt_tokens, prompt_mask, rng)
