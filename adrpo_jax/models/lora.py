@@ -88,6 +88,7 @@ __all__ = [
     "effective_kernel",
     "has_lora",
     "lora_disabled",
+    "lora_dropout_fold_in",
     "lora_dropout_rng",
     "lora_param_count",
     "lora_sites",
@@ -310,6 +311,21 @@ def lora_dropout_rng(key: Array | None) -> Iterator[None]:
         _DROPOUT_KEY.reset(token)
 
 
+@contextlib.contextmanager
+def lora_dropout_fold_in(data: Any) -> Iterator[None]:
+    """Inside the block, the active LoRA dropout key (if any) is ``fold_in(key, data)``: the decoder's layer scan
+    enters it with the layer index, so the adapters of a stacked site draw a different mask in every layer."""
+    key = _DROPOUT_KEY.get()
+    if key is None:
+        yield
+        return
+    token = _DROPOUT_KEY.set(jax.random.fold_in(key, data))
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The adapter
 # ----------------------------------------------------------------------------------------------------------
@@ -321,24 +337,27 @@ class LoRAAdapter(nnx.Module):
     Attributes:
       lora_a: ``nnx.LoRAParam [*in_dims, r]``; lora_b: ``nnx.LoRAParam [r, *out_dims]`` (zeros at init).
       scale: ``s`` (static); rank: ``r``; dropout: input dropout probability; enabled: static on/off switch;
-      equation: the base projection's einsum; index: the adapter's ordinal (dropout key fold-in).
+      equation: the base projection's einsum; index: the adapter's ordinal (dropout key fold-in);
+      layers: L for the adapter of a stacked site (a kernel with a leading 'layers' axis: ``A [L, *in_dims, r]``,
+      ``B [L, r, *out_dims]``, one independent adapter per layer; ``kernel_shape`` is one layer's), else None.
     """
 
     def __init__(self, equation: str, kernel_shape: Sequence[int], kernel_names: Sequence[str | None] | None, *,
                  rank: int, scale: float, dropout: float = 0.0, init: str = "kaiming_uniform",
-                 param_dtype: Any = jnp.float32, key: Array, index: int = 0):
+                 param_dtype: Any = jnp.float32, key: Array, index: int = 0, layers: int | None = None):
         kernel_shape = tuple(int(s) for s in kernel_shape)
+        lead, lead_names = ((), ()) if layers is None else ((int(layers),), ("layers",))
         split = _split_equation(equation, len(kernel_shape))
         names = tuple(kernel_names) if kernel_names is not None else (None,) * len(kernel_shape)
         in_shape = tuple(kernel_shape[i] for i in split.in_axes)
         out_shape = tuple(kernel_shape[i] for i in split.out_axes)
         param_dtype = jnp.dtype(param_dtype)
-        a = _init_a(key, shape=in_shape + (rank,), dtype=param_dtype, init=init, fan_in=int(np.prod(in_shape)),
-                    rank=rank)
+        a = _init_a(key, shape=lead + in_shape + (rank,), dtype=param_dtype, init=init,
+                    fan_in=int(np.prod(in_shape)), rank=rank)
         with nnx.use_eager_sharding(False):  # logical names are metadata; no mesh needed
-            self.lora_a = nnx.LoRAParam(a, out_sharding=tuple(names[i] for i in split.in_axes) + (None,))
-            self.lora_b = nnx.LoRAParam(jnp.zeros((rank,) + out_shape, param_dtype),
-                                        out_sharding=(None,) + tuple(names[i] for i in split.out_axes))
+            self.lora_a = nnx.LoRAParam(a, out_sharding=lead_names + tuple(names[i] for i in split.in_axes) + (None,))
+            self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (rank,) + out_shape, param_dtype),
+                                        out_sharding=lead_names + (None,) + tuple(names[i] for i in split.out_axes))
         self.equation = equation
         self.kernel_shape = kernel_shape
         self.rank = int(rank)
@@ -346,6 +365,7 @@ class LoRAAdapter(nnx.Module):
         self.dropout = float(dropout)
         self.enabled = True
         self.index = int(index)
+        self.layers = None if layers is None else int(layers)
 
     def _dropout(self, x: Array) -> Array:
         key = _DROPOUT_KEY.get()
@@ -370,9 +390,24 @@ class LoRAAdapter(nnx.Module):
         return jnp.einsum(split.eq_b, h, self.lora_b[...].astype(dtype))
 
     def delta_kernel(self) -> Array:
-        """``s * A B`` in the kernel's layout, float32."""
-        split = _split_equation(self.equation, len(self.kernel_shape))
-        return _merged_delta(self.lora_a[...], self.lora_b[...], eq=split.eq_merge, scale=self.scale)
+        """``s * A B`` in the kernel's layout (with the leading [L] axis of a stacked adapter), float32."""
+        a = self.lora_a[...]
+        return _merged_delta(a, self.lora_b[...], eq=_merge_equation(self, a.ndim), scale=self.scale)
+
+
+def _merge_equation(adapter: "LoRAAdapter", a_ndim: int) -> str:
+    """``A, B -> kernel`` einsum of ``adapter``; with one extra leading axis on ``A`` (a stacked adapter, outside
+    the layer scan) every operand gets a leading batch letter."""
+    split = _split_equation(adapter.equation, len(adapter.kernel_shape))
+    if a_ndim == len(split.in_axes) + 1:
+        return split.eq_merge
+    if a_ndim != len(split.in_axes) + 2:
+        raise ValueError(f"LoRA A of rank {a_ndim} does not fit the kernel {adapter.kernel_shape} of "
+                         f"{adapter.equation!r}")
+    lhs, out = split.eq_merge.split("->")
+    ops = lhs.split(",")
+    c = next(c for c in string.ascii_letters if c not in split.eq_merge)
+    return f"{c}{ops[0]},{c}{ops[1]}->{c}{out}"
 
 
 @functools.partial(jax.jit, static_argnames=("eq", "scale"))
@@ -407,8 +442,8 @@ def effective_kernel(module: nnx.Module, kernel_name: str = "kernel") -> Array:
     adapter = getattr(module, _adapter_attr(kernel_name), None)
     if adapter is None or not adapter.enabled:
         return w
-    split = _split_equation(adapter.equation, w.ndim)
-    return _merge_kernel(w, adapter.lora_a[...], adapter.lora_b[...], eq=split.eq_merge, scale=adapter.scale)
+    a = adapter.lora_a[...]
+    return _merge_kernel(w, a, adapter.lora_b[...], eq=_merge_equation(adapter, a.ndim), scale=adapter.scale)
 
 
 class LoRALinear(nnx.Linear):
@@ -431,12 +466,27 @@ class LoRALinear(nnx.Linear):
 @dataclasses.dataclass(frozen=True)
 class LoRASite:
     """One projection that can carry an adapter: ``path`` (what ``target_modules`` matches), the owning
-    ``module``, the kernel attribute ``kernel_name``, the einsum ``equation`` and whether it is ``adapted``."""
+    ``module``, the kernel attribute ``kernel_name``, the einsum ``equation`` and whether it is ``adapted``.
+
+    A *stacked* site (a projection inside a layer stack such as the decoder's ``StackedDecoderLayers``: its
+    kernel has a leading ``'layers'`` axis) has ``layers = L`` and stands for the L per-layer projections
+    ``layer_paths`` (``'layers.{i}.self_attn.q_proj'``, the names of the list layout); ``path`` is the module
+    path (``'layers.self_attn.q_proj'``). It is adapted in every layer or in none."""
 
     path: str
     module: nnx.Module
     kernel_name: str
     equation: str
+    layers: int | None = None
+    stack_path: str | None = None  # path of the layer stack that contains a stacked site
+
+    @property
+    def layer_paths(self) -> list[str]:
+        """The per-layer site paths of a stacked site (``[path]`` otherwise)."""
+        if self.layers is None:
+            return [self.path]
+        rest = self.path[len(self.stack_path):]
+        return [f"{self.stack_path}.{i}{rest}" for i in range(self.layers)]
 
     @property
     def adapter(self) -> LoRAAdapter | None:
@@ -465,16 +515,39 @@ def _path_str(path: Sequence[Any]) -> str:
 
 def lora_sites(model: nnx.Module) -> list[LoRASite]:
     """Every projection of ``model`` that can carry an adapter, in ``nnx.iter_modules`` order (deterministic)."""
+    modules = list(nnx.iter_modules(model))
+    stacks = [tuple(p) for p, m in modules if getattr(type(m), "lora_layer_stack", False)]
     sites = []
-    for path, module in nnx.iter_modules(model):
+    for path, module in modules:
         kernels = _module_kernels(module)
         if not kernels:
             continue
         base = _path_str(path)
+        stack = next((s for s in stacks if tuple(path[:len(s)]) == s and len(path) > len(s)), None)
         for name, equation in kernels.items():
             site_path = base if name == "kernel" else (f"{base}.{name}" if base else name)
-            sites.append(LoRASite(site_path, module, name, equation))
+            layers = None
+            if stack is not None:
+                names = getattr(module, name).get_metadata().get("out_sharding") or ()
+                if names and names[0] == "layers":
+                    layers = int(getattr(module, name).shape[0])
+            sites.append(LoRASite(site_path, module, name, equation, layers,
+                                  _path_str(stack) if layers is not None else None))
     return sites
+
+
+def _site_matches(config: LoRAConfig, site: LoRASite) -> bool:
+    """Whether ``config`` targets ``site``; a stacked site must be targeted in all of its layers or none."""
+    if site.layers is None or config.matches(site.path):
+        return config.matches(site.path)
+    per_layer = [config.matches(p) for p in site.layer_paths]
+    if any(per_layer) and not all(per_layer):
+        picked = [i for i, m in enumerate(per_layer) if m]
+        raise ValueError(f"LoRAConfig.target_modules={config.target_modules!r} selects layers {picked} of the "
+                         f"stacked site {site.path!r} ({site.layers} layers) but not all: with stacked layers "
+                         "(DecoderConfig.scan_layers=True) a projection gets an adapter in every layer or none; "
+                         "target all layers or build the model with scan_layers=False")
+    return all(per_layer)
 
 
 def has_lora(model: nnx.Module) -> bool:
@@ -510,7 +583,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | int | 
     if not isinstance(rngs, nnx.Rngs):
         rngs = nnx.Rngs(params=rngs)
     sites = lora_sites(model)
-    chosen = [s for s in sites if config.matches(s.path)]
+    chosen = [s for s in sites if _site_matches(config, s)]
     if not chosen:
         site_paths = sorted({s.path for s in sites})
         module_paths = [_path_str(p) for p, _ in nnx.iter_modules(model) if p]
@@ -522,7 +595,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | int | 
         raise ValueError(f"LoRAConfig.target_modules={config.target_modules!r} matched no projection of this "
                          f"{type(model).__name__}. Available sites: {_short_list(site_paths)}")
     if not isinstance(config.target_modules, str):
-        unmatched = [t for t in config.target_modules if not any(_entry_matches(t, s.path) for s in chosen)]
+        unmatched = [t for t in config.target_modules
+                     if not any(_entry_matches(t, p) for s in chosen for p in {s.path, *s.layer_paths})]
         if unmatched:
             raise ValueError(f"LoRAConfig.target_modules entries {unmatched} match no projection of this "
                              f"{type(model).__name__} (a typo?). Available sites: "
@@ -536,9 +610,12 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | int | 
         kernel = site.kernel
         value = kernel.get_value() if hasattr(kernel, "get_value") else kernel.value
         names = kernel.get_metadata().get("out_sharding")
-        adapter = LoRAAdapter(site.equation, value.shape, names, rank=config.rank, scale=config.scale,
+        shape = tuple(value.shape)
+        if site.layers is not None:  # one adapter per layer, stacked like the kernel
+            shape, names = shape[1:], (tuple(names[1:]) if names else None)
+        adapter = LoRAAdapter(site.equation, shape, names, rank=config.rank, scale=config.scale,
                               dropout=config.dropout, init=config.init, param_dtype=param_dtype,
-                              key=rngs.params(), index=index)
+                              key=rngs.params(), index=index, layers=site.layers)
         if type(site.module) is nnx.Linear:
             object.__setattr__(site.module, "__class__", LoRALinear)
         setattr(site.module, _adapter_attr(site.kernel_name), adapter)
@@ -618,8 +695,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             continue
         kernel = site.kernel
         w = kernel[...]
-        split = _split_equation(adapter.equation, w.ndim)
-        new = _merge_kernel(w, adapter.lora_a[...], adapter.lora_b[...], eq=split.eq_merge, scale=adapter.scale)
+        a = adapter.lora_a[...]
+        new = _merge_kernel(w, a, adapter.lora_b[...], eq=_merge_equation(adapter, a.ndim), scale=adapter.scale)
         sharding = getattr(w, "sharding", None)
         if sharding is not None and getattr(new, "sharding", None) != sharding:
             new = jax.device_put(new, sharding)
@@ -632,12 +709,21 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 
 def lora_state_dict(model: nnx.Module) -> dict[str, Array]:
     """The adapters as a flat ``{'<site>.lora_a' / '<site>.lora_b': array}`` dict (site paths as in
-    :func:`lora_sites`), e.g. for saving with safetensors; :func:`load_lora_state_dict` reads it back."""
+    :func:`lora_sites`), e.g. for saving with safetensors; :func:`load_lora_state_dict` reads it back.
+
+    Stacked sites are written per layer under their ``layer_paths`` (``'layers.3.self_attn.q_proj.lora_a'``), so
+    the dict is the same for the stacked and the list layout of a decoder and loads into either."""
     out = {}
     for site in lora_sites(model):
-        if site.adapted:
-            out[f"{site.path}.lora_a"] = site.adapter.lora_a[...]
-            out[f"{site.path}.lora_b"] = site.adapter.lora_b[...]
+        if not site.adapted:
+            continue
+        for name in ("lora_a", "lora_b"):
+            value = getattr(site.adapter, name)[...]
+            if site.layers is None:
+                out[f"{site.path}.{name}"] = value
+            else:
+                for i, p in enumerate(site.layer_paths):
+                    out[f"{p}.{name}"] = value[i]
     return out
 
 
@@ -662,7 +748,10 @@ def load_lora_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> nn
         for name in ("lora_a", "lora_b"):
             var = getattr(site.adapter, name)
             old = var[...]
-            new = jnp.asarray(state_dict[f"{site.path}.{name}"], old.dtype)
+            if site.layers is None:
+                new = jnp.asarray(state_dict[f"{site.path}.{name}"], old.dtype)
+            else:
+                new = jnp.stack([jnp.asarray(state_dict[f"{p}.{name}"], old.dtype) for p in site.layer_paths])
             sharding = getattr(old, "sharding", None)
             var[...] = jax.device_put(new, sharding) if sharding is not None else new
     return model

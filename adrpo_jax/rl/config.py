@@ -27,6 +27,8 @@ key                                    meaning
 ``model.tokenizer_path``               tokenizer directory ('' = ``model.path``)
 ``model.dtype`` / ``model.param_dtype``  compute / parameter dtype: float32 | bfloat16 | float16
 ``model.remat``, ``model.remat_policy``  per-layer gradient checkpointing ('' = save nothing)
+``model.scan_layers``                  stacked decoder layers run by one ``lax.scan`` (True; False: a Python list
+                                       of layers, e.g. to resume a checkpoint written before layer stacking)
 ``model.logprob_chunk_size``           token positions per chunk of the log-softmax (memory ~ chunk * vocab)
 ``model.save_final``                   write the trained policy as a Hugging Face directory (with the
                                        tokenizer) to ``workdir/final_model`` when the run completes
@@ -166,6 +168,7 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "param_dtype": "float32",
             "remat": False,
             "remat_policy": "",
+            "scan_layers": True,
             "logprob_chunk_size": 512,
             "save_final": False,
         },
@@ -273,6 +276,7 @@ def _validate_model(config) -> None:
     require_choice(config, "model.dtype", DTYPES)
     require_choice(config, "model.param_dtype", DTYPES)
     require_type(config, "model.remat", bool)
+    require_type(config, "model.scan_layers", bool)
     policy = require_type(config, "model.remat_policy", str)
     if policy:
         import jax  # pylint: disable=import-outside-toplevel

@@ -164,7 +164,7 @@ class RLTrainer:
         m = config.model
         self.model_config = DecoderConfig.from_hf_config(
             self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
-            remat_policy=m.remat_policy or None)
+            remat_policy=m.remat_policy or None, scan_layers=m.scan_layers)
         if config.sampling.top_k > self.model_config.vocab_size:
             raise train.ConfigError(f"`sampling.top_k`={config.sampling.top_k} exceeds the vocabulary size "
                                     f"{self.model_config.vocab_size}.", key="sampling.top_k")
@@ -243,6 +243,7 @@ class RLTrainer:
             m = self.config.model
             self._pretrained = load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
                                                remat=m.remat, remat_policy=m.remat_policy or None,
+                                               config_overrides={"scan_layers": m.scan_layers},
                                                shardings=_param_sharding_fn(self.mesh))
         return self._pretrained
 

@@ -49,7 +49,6 @@ __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
     "CheckpointRestoreError",
-    "CheckpointSaveError",
     "rng_to_meta",
     "rng_from_meta",
     "check_tree_matches",
@@ -65,10 +64,6 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointRestoreError(RuntimeError):
     """No checkpoint step in the directory could be restored."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoints are left intact."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,38 +269,16 @@ class Checkpointer:
         _check_savable(state)
         meta = dict(meta or {})
         meta["step"] = step
-        try:
-            saved = self._manager.save(
-                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                force=True)
-        except Exception as err:  # pylint: disable=broad-except  # OSError, or orbax wrapping one
-            raise self._save_error(step, err) from err
+        saved = self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True)
         if saved:
             log.info("Checkpoint %s at step %d%s.", self.directory, step, " (async)" if self._async else "")
         return bool(saved)
 
     def wait(self) -> None:
-        """Blocks until pending async saves are committed; raises :class:`CheckpointSaveError` if one failed."""
-        try:
-            self._manager.wait_until_finished()
-        except Exception as err:  # pylint: disable=broad-except
-            raise self._save_error(None, err) from err
-
-    def _save_error(self, step: int | None, err: BaseException) -> CheckpointSaveError:
-        """The clear message of a failed save: what failed, the intact previous step, how to go on."""
-        try:
-            previous = [s for s in self.all_steps() if step is None or s < step]
-        except Exception:  # pylint: disable=broad-except
-            previous = []
-        what = f"step {step}" if step is not None else "an asynchronous save"
-        kept = (f"the previous checkpoint (step {previous[-1]}) is intact" if previous else
-                "there is no previous checkpoint")
-        reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
-        message = (f"Saving checkpoint {what} in {self.directory} failed ({reason}); {kept}. Stopping: free disk "
-                   "space or fix the directory's permissions, then re-run the same command to resume"
-                   + (f" from step {previous[-1]}." if previous else "."))
-        log.error("%s", message)
-        return CheckpointSaveError(message)
+        """Blocks until pending async saves are committed."""
+        self._manager.wait_until_finished()
 
     # -- restore ---------------------------------------------------------------------------------------------
 
@@ -395,15 +368,9 @@ class Checkpointer:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax resources (raises :class:`CheckpointSaveError` after
-        releasing them if a pending save failed)."""
-        try:
-            self.wait()
-        finally:
-            try:
-                self._manager.close()
-            except Exception as err:  # pylint: disable=broad-except  # a failed save may resurface here
-                log.warning("Closing the checkpoint manager: %s: %s", type(err).__name__, err)
+        """Waits for pending saves and releases orbax resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self

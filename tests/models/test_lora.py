@@ -20,6 +20,7 @@ from adrpo_jax.models.llm import CausalLM, DecoderConfig, save_pretrained, token
 
 CFG = DecoderConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LIST_CFG = dataclasses.replace(CFG, scan_layers=False)  # per-layer sites (stacked: tests/models/llm/test_scan_layers)
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
@@ -76,13 +77,13 @@ MASK = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7], bool)
 
 
 def test_sites_and_target_matching():
-    base = _numpy_model()
+    base = _numpy_model(LIST_CFG)
     paths = [s.path for s in lora.lora_sites(base)]
     assert {"layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "lm_head"} <= set(paths)
     assert len(paths) == len(set(paths)) == 2 * 7 + 1
 
     def adapted(targets):
-        m = lora.apply_lora(_numpy_model(), lora.LoRAConfig(2, 2.0, target_modules=targets), rngs=nnx.Rngs(0))
+        m = lora.apply_lora(_numpy_model(LIST_CFG), lora.LoRAConfig(2, 2.0, target_modules=targets), rngs=nnx.Rngs(0))
         return sorted(s.path for s in lora.lora_sites(m) if s.adapted)
 
     assert adapted(("q_proj", "v_proj")) == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
@@ -280,7 +281,8 @@ def test_dropout_is_keyed_and_functional():
 
 def test_adapters_are_sharded_like_their_base_kernels():
     mesh = train.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    model = _adapted()
+    model = lora.apply_lora(_numpy_model(LIST_CFG), lora.LoRAConfig(3, 6.0, target_modules=ALL_TARGETS),
+                            rngs=nnx.Rngs(7))
     shardings = train.logical_to_named_sharding(nnx.state(model), mesh)
     flat = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(shardings)}
     checked = 0

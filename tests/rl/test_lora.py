@@ -167,7 +167,10 @@ def test_trainer_lora_wiring_and_merged_export(tiny_model_dir, tmp_path):
         if keys[-1] == "kernel" and "lora" in node:
             a, b = (np.asarray(node["lora"][n], np.float64) for n in ("lora_a", "lora_b"))
             n_in = a.ndim - 1
-            delta = 2.0 * np.tensordot(a, b, axes=([n_in], [0]))
+            if np.ndim(w) == a.ndim + b.ndim - 3:  # stacked layers (scan_layers): one A, B per layer
+                delta = 2.0 * np.stack([np.tensordot(ai, bi, axes=([n_in - 1], [0])) for ai, bi in zip(a, b)])
+            else:
+                delta = 2.0 * np.tensordot(a, b, axes=([n_in], [0]))
             np.testing.assert_allclose(np.asarray(w), np.asarray(w0, np.float64) + delta, rtol=1e-6, atol=1e-6,
                                        err_msg=str(keys))
         else:

@@ -277,7 +277,8 @@ def test_minibatches_and_iterations_are_sequential_minibatch_updates(model):
             p, o, mm = update(p, o, None, jax.tree.map(lambda x: x[np.asarray(rows)], full))
             ratios.append(float(mm["ratio_mean"]))
     for a, c in zip(jax.tree.leaves(p), jax.tree.leaves(new_params)):
-        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+        # two different programs, 4 SGD steps at lr 0.5: float32 noise (measured up to 1.7e-6 with the layer scan)
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=5e-6)
     assert ratios[0] == pytest.approx(1.0) and abs(ratios[-1] - 1.0) > 1e-4  # off-policy after the first update
     assert m["ratio_max"] == pytest.approx(max(float(x) for x in [m["ratio_max"]]))
 

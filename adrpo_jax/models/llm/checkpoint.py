@@ -63,7 +63,9 @@ class CheckpointError(ValueError):
 class TensorMapping:
   """How one of our parameters is stored in an HF checkpoint.
 
-  `to_ours(hf_array)` and `to_hf(our_array)` convert layouts (numpy, lazy views where possible).
+  `to_ours(hf_array)` and `to_hf(our_array)` convert layouts (numpy, lazy views where possible). With stacked
+  layers (`DecoderConfig.scan_layers`) the L per-layer tensors of one parameter share `ours` (e.g.
+  `('layers', 'mlp', 'up_proj', 'kernel')`) and `layer` is the index along its leading axis (None otherwise).
   """
 
   ours: tuple[Any, ...]
@@ -71,6 +73,7 @@ class TensorMapping:
   hf_shape: tuple[int, ...]
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
+  layer: int | None = None
 
 
 def _identity(x):
@@ -82,9 +85,10 @@ def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
   h, k, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
   out: list[TensorMapping] = []
+  layer: int | None = None  # set while adding the tensors of a stacked layer
 
   def add(ours, hf_name, hf_shape, to_ours=_identity, to_hf=_identity):
-    out.append(TensorMapping(tuple(ours), hf_name, tuple(hf_shape), to_ours, to_hf))
+    out.append(TensorMapping(tuple(ours), hf_name, tuple(hf_shape), to_ours, to_hf, layer))
 
   def linear(ours, hf_name, n_in, n_out):  # HF Linear weight [out, in]; ours [in, out]
     add(ours, hf_name, (n_out, n_in), lambda w: w.T, lambda w: w.T)
@@ -99,6 +103,8 @@ def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
   add(("embed_tokens", "embedding"), "model.embed_tokens.weight", (v, d))
   for i in range(config.num_hidden_layers):
     p, q = ("layers", i), f"model.layers.{i}"
+    if config.scan_layers:  # one stacked parameter per tensor kind; this layer is index i of its leading axis
+      p, layer = ("layers",), i
     attn, aq = p + ("self_attn",), f"{q}.self_attn"
     heads_in(attn + ("q_proj", "kernel"), f"{aq}.q_proj.weight", h)
     if config.attention_bias:
@@ -123,6 +129,7 @@ def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
         add(mlp + (name, "bias"), f"{mq}.{name}.bias", (n_out,))
     add(p + ("input_layernorm", "weight"), f"{q}.input_layernorm.weight", (d,))
     add(p + ("post_attention_layernorm", "weight"), f"{q}.post_attention_layernorm.weight", (d,))
+  layer = None
   add(("norm", "weight"), "model.norm.weight", (d,))
   if not config.tie_word_embeddings:
     linear(("lm_head", "kernel"), "lm_head.weight", d, v)
@@ -319,24 +326,35 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
   abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   flat = _flat_params(abstract_state)
-  mappings = {m.ours: m for m in param_mappings(config)}
+  mappings: dict[tuple, list[TensorMapping]] = {}
+  for m in param_mappings(config):
+    mappings.setdefault(m.ours, []).append(m)
   if set(mappings) != set(flat):  # internal consistency, not a user error
     raise AssertionError(f"mapping/model mismatch: {sorted(set(mappings) ^ set(flat), key=str)[:5]}")
   target_dtype = np.dtype(config.param_dtype)
   pure: dict[tuple, Any] = {}
   used = set()
-  for ours, var in flat.items():
-    m = mappings[ours]
+
+  def read(m: TensorMapping) -> np.ndarray:
     if m.hf_name not in reader:
-      raise CheckpointError(f"tensor {m.hf_name!r} (for parameter {'.'.join(map(str, ours))}) not found in "
-                            f"{reader.source}")
+      raise CheckpointError(f"tensor {m.hf_name!r} (for parameter {'.'.join(map(str, m.ours))}"
+                            f"{'' if m.layer is None else f' layer {m.layer}'}) not found in {reader.source}")
     hf = reader.get(m.hf_name)
     if tuple(hf.shape) != m.hf_shape:
       raise CheckpointError(f"tensor {m.hf_name!r} in {reader.location(m.hf_name)} has shape {tuple(hf.shape)}, "
                             f"expected {m.hf_shape} for this config")
     used.add(m.hf_name)
-    host = m.to_ours(hf)  # a (lazy) view of the memory map
+    return m.to_ours(hf)  # a (lazy) view of the memory map
+
+  for ours, var in flat.items():
     shape = tuple(var.get_value().shape)
+    group = mappings[ours]
+    if group[0].layer is None:
+      host = read(group[0])
+    else:  # stacked layers: fill one preallocated [L, ...] host array (only this parameter is ever copied)
+      host = np.empty(shape, target_dtype)
+      for m in group:
+        host[m.layer] = read(m)
     if shardings is None:
       value = jax.device_put(np.ascontiguousarray(host, dtype=target_dtype))
     else:
@@ -411,7 +429,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
   entries = []
   for m in mappings:
     arr = flat[m.ours].get_value()
-    entries.append((m.hf_name, m.hf_shape, save_dtype or np.dtype(arr.dtype), m))
+    entries.append((m.hf_name, m.hf_shape, save_dtype or np.dtype(arr.dtype), m))  # (stacked: one layer of arr)
   limit = _parse_size(max_shard_size)
   shards: list[list] = [[]]
   size = 0
@@ -433,7 +451,10 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
 
   def fetch(name):
     _, _, dt, m = by_name[name]
-    return m.to_hf(_to_host(flat[m.ours].get_value())).astype(dt)
+    value = flat[m.ours].get_value()
+    if m.layer is not None:  # one layer of a stacked parameter (sliced on device: one layer on the host)
+      value = value[m.layer]
+    return m.to_hf(_to_host(value)).astype(dt)
 
   weight_map, total = {}, 0
   for i, shard in enumerate(shards):

@@ -83,7 +83,11 @@ class DecoderConfig:
     bos_token_id, eos_token_id (tuple), pad_token_id: special ids from the checkpoint (informational).
     dtype: computation dtype (activations, matmul inputs). param_dtype: storage dtype of parameters.
     remat: wrap every decoder layer in `nnx.remat` (gradient checkpointing) when not decoding with a cache.
-    remat_policy: None (save nothing) or the name of a `jax.checkpoint_policies` attribute.
+    remat_policy: None (save nothing) or the name of a `jax.checkpoint_policies` attribute
+      ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable', ...).
+    scan_layers: stack the decoder layers along a leading 'layers' axis and run them with one
+      `jax.lax.scan` (compile time independent of depth; KV cache [L, B, S, K, hd]). False: a Python list
+      of layers (`model.layers[i]` is the live layer). HF checkpoints are the same either way.
 
   >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
   ...                     num_attention_heads=4, num_key_value_heads=2)
@@ -120,6 +124,7 @@ class DecoderConfig:
   param_dtype: Any = jnp.float32
   remat: bool = False
   remat_policy: str | None = None
+  scan_layers: bool = True
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -194,8 +199,13 @@ class DecoderConfig:
       raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
     if self.remat_policy is not None:
       import jax  # local: only to validate the name
-      if not hasattr(jax.checkpoint_policies, self.remat_policy):
-        raise ValueError(f"remat_policy={self.remat_policy!r} is not an attribute of jax.checkpoint_policies")
+      policy = getattr(jax.checkpoint_policies, str(self.remat_policy), None)
+      if not isinstance(self.remat_policy, str) or self.remat_policy.startswith("_") or not callable(policy):
+        names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+        raise ValueError(f"remat_policy={self.remat_policy!r} is not a jax.checkpoint_policies policy; "
+                         f"use None (save nothing) or one of {names}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"scan_layers={self.scan_layers!r} must be a bool")
 
   # --------------------------------------------------------------------------------------------------
   @property

@@ -18,6 +18,14 @@ layers[i].mlp.down_proj         kernel [F, D]      ('mlp', 'embed')
 lm_head.kernel (untied only)    [D, V]             ('embed', 'vocab')
 ==============================  =================  ===================================
 
+Layer layout (`DecoderConfig.scan_layers`, default True): the L decoder layers are one
+`StackedDecoderLayers` module whose parameters have a leading [L] axis named 'layers' (left unsharded by
+the sharding rules), e.g. `layers.self_attn.q_proj.kernel [L, D, H, hd] ('layers', 'embed', 'heads',
+'head_dim')`, run by one `jax.lax.scan` (per-layer remat inside it), so compile time does not grow with depth;
+the KV cache is stacked the same way (keys/values [L, B, S, K, hd]). `model.layers[i]` is then a detached copy of
+layer i (for inspection). With `scan_layers=False` the layers are an `nnx.List` (paths `layers.{i}.…`).
+Both layouts draw identical weights from the same `rngs` and read/write the same HF checkpoints.
+
 LoRA (`adrpo_jax.models.lora.apply_lora`): every `Dense` is a site (`layers.{i}.self_attn.{q,k,v,o}_proj`,
 `layers.{i}.mlp.{gate,up,down}_proj`, `lm_head` when untied); its adapter lives at `<site>.lora` and the
 3-D attention kernels get `A [in dims..., r]`, `B [r, out dims...]`.
@@ -77,14 +85,15 @@ class KVCache:
   """Key/value cache of all layers.
 
   Attributes:
-    keys, values: per layer, [B, S, K, hd] (rotary already applied to keys).
+    keys, values: [L, B, S, K, hd] arrays for a `scan_layers=True` model (the batch axis is 1), or tuples of L
+      per-layer [B, S, K, hd] arrays for the list layout (rotary already applied to keys).
     mask: [B, S] bool, True where a slot holds a real (non-padding) token.
     index: [] int32, number of slots written so far (the next call writes at `index`).
     next_position: [B] int32, rotary position of the next real token of each row.
   """
 
-  keys: tuple[Array, ...]
-  values: tuple[Array, ...]
+  keys: Array | tuple[Array, ...]
+  values: Array | tuple[Array, ...]
   mask: Array
   index: Array
   next_position: Array
@@ -96,14 +105,24 @@ class KVCache:
       raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-    return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+    if config.scan_layers:
+      keys = jnp.zeros((config.num_hidden_layers,) + shape, dtype)
+      values = jnp.zeros((config.num_hidden_layers,) + shape, dtype)
+    else:
+      keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+      values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    return cls(keys=keys, values=values,
                mask=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32),
                next_position=jnp.zeros((batch_size,), jnp.int32))
 
   @property
   def max_length(self) -> int:
     return self.mask.shape[1]
+
+  @property
+  def stacked(self) -> bool:
+    """True for the stacked layout (keys/values [L, B, S, K, hd]), False for per-layer tuples."""
+    return not isinstance(self.keys, (tuple, list))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -285,6 +304,88 @@ def _remat_layer_call(layer: DecoderLayer, x, cos, sin, allowed):
   return layer(x, cos, sin, allowed)[0]
 
 
+def _remat_policy(config: DecoderConfig):
+  return getattr(jax.checkpoint_policies, config.remat_policy) if config.remat_policy else None
+
+
+class StackedDecoderLayers(DecoderLayer):
+  """All L decoder layers as one module: the attributes of a `DecoderLayer`, every parameter with a leading
+  [L] axis (logical name 'layers'); `scan` runs them with one `jax.lax.scan`.
+
+  Built by drawing L `DecoderLayer`s in order (the same random draws as the list layout) and stacking their
+  parameters. `len(stack)` is L; `stack[i]` is a detached copy of layer i as a `DecoderLayer` (for inspection:
+  writes to it do not reach the stack).
+  """
+
+  lora_layer_stack = True  # LoRA: the projections inside are stacked sites (`adrpo_jax.models.lora.LoRASite`)
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    others = [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers - 1)]
+    other_vars = [dict(_iter_variables(o)) for o in others]
+    for path, var in _iter_variables(self):
+      value = var.get_value()
+      var.set_value(jnp.stack([value] + [o[path].get_value() for o in other_vars]))
+      names = var.get_metadata().get("out_sharding")
+      var.set_metadata("out_sharding", ("layers",) + (tuple(names) if names else (None,) * value.ndim))
+
+  def __len__(self) -> int:
+    return int(self.input_layernorm.weight.shape[0])
+
+  def __getitem__(self, i: int) -> DecoderLayer:
+    n = len(self)
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+      raise TypeError(f"layer index must be an int, got {i!r}")
+    if not -n <= i < n:
+      raise IndexError(f"layer index {i} out of range for {n} layers")
+    graphdef, state = nnx.split(self)
+    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[int(i) % n], state))
+    object.__setattr__(layer, "__class__", DecoderLayer)
+    for _, var in _iter_variables(layer):
+      names = var.get_metadata().get("out_sharding")
+      if names and names[0] == "layers":
+        var.set_metadata("out_sharding", tuple(names[1:]))
+    return layer
+
+  def scan(self, x, cos, sin, allowed, *, windows, slot_distance, kv_cache=None, index=None,
+           remat: bool = False, policy=None):
+    """Runs the L layers over x [B, T, D] with one `jax.lax.scan`.
+
+    Args:
+      allowed: [B, T, S] bool mask without sliding windows (each layer's window is added inside the scan).
+      windows: per layer, the sliding window or None (static); slot_distance [T, S]: query slot - key slot.
+      kv_cache: None or (keys, values) [L, B, S, K, hd]; index: the cache slot of the first new token.
+      remat, policy: `jax.checkpoint` each layer (inside the scan) with this `jax.checkpoint_policies` policy.
+    Returns:
+      (x, updated (keys, values) or None).
+    """
+    from adrpo_jax.models.lora import lora_dropout_fold_in  # the per-layer dropout key of stacked adapters
+
+    graphdef, state = nnx.split(self)
+    n = len(self)
+    has_window = any(w is not None for w in windows)
+    window_arr = jnp.asarray([0 if w is None else int(w) for w in windows], jnp.int32)
+
+    def body(x, xs):
+      layer_state, window, layer_index, kv = xs
+      layer = nnx.merge(graphdef, layer_state)
+      mask = allowed
+      if has_window:  # window 0 = full attention in this layer
+        mask = allowed & ((window <= 0) | (slot_distance < window))[None]
+      with lora_dropout_fold_in(layer_index):
+        x, kv = DecoderLayer.__call__(layer, x, cos, sin, mask, kv, index)
+      return x, kv
+
+    if remat:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, x, (state, window_arr, jnp.arange(n, dtype=jnp.int32), kv_cache))
+
+
+def _iter_variables(module: nnx.Module):
+  """(path, Variable) of every variable of `module` (the live objects), in graph order."""
+  return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)]
+
+
 # ------------------------------------------------------------------------------------------------------
 # The causal LM
 # ------------------------------------------------------------------------------------------------------
@@ -316,7 +417,10 @@ class CausalLM(nnx.Module):
     with nnx.use_eager_sharding(False):  # logical names stay metadata: the model builds without a mesh
       common = dict(dtype=config.dtype, param_dtype=config.param_dtype, std=config.initializer_range, rngs=rngs)
       self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **common)
-      self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+      if config.scan_layers:
+        self.layers = StackedDecoderLayers(config, rngs=rngs)
+      else:
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
       self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.dtype,
                           param_dtype=config.param_dtype)
       if config.tie_word_embeddings:
@@ -357,6 +461,11 @@ class CausalLM(nnx.Module):
         raise ValueError(f"cache batch {cache.mask.shape[0]} != tokens batch {tokens.shape[0]}")
       if tokens.shape[1] > cache.max_length:
         raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {cache.max_length} slots")
+      if cache.stacked != self.config.scan_layers:
+        layout = lambda stacked: "stacked [L, B, S, K, hd]" if stacked else "per-layer list"  # noqa: E731
+        raise ValueError(f"the cache has the {layout(cache.stacked)} layout but the model has scan_layers="
+                         f"{self.config.scan_layers} ({layout(self.config.scan_layers)}): build it with "
+                         "model.init_cache")
       if len(cache.keys) != len(self.layers):
         raise ValueError(f"cache has {len(cache.keys)} layers, the model {len(self.layers)}")
 
@@ -394,8 +503,9 @@ class CausalLM(nnx.Module):
       q_slots = index + jnp.arange(t)
       k_slots = jnp.arange(cache.max_length)
     causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    stacked = isinstance(self.layers, StackedDecoderLayers)
     masks: dict[int | None, Array] = {}
-    for window in set(cfg.layer_sliding_windows):
+    for window in (set() if stacked else set(cfg.layer_sliding_windows)):
       allowed = causal if window is None else causal & (q_slots[:, None] - k_slots[None, :] < window)
       masks[window] = allowed[None, :, :] & key_valid[:, None, :]
     cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
@@ -403,10 +513,16 @@ class CausalLM(nnx.Module):
     x = self.embed_tokens(tokens)
     new_keys, new_values = [], []
     use_remat = cfg.remat and cache is None
-    if use_remat:
-      policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
-      layer_fn = nnx.remat(_remat_layer_call, policy=policy)
-    for i, layer in enumerate(self.layers):
+    if stacked:  # one lax.scan over the stacked layers (sliding windows applied per layer inside it)
+      kv = None if cache is None else (cache.keys, cache.values)
+      x, kv = self.layers.scan(x, cos, sin, causal[None, :, :] & key_valid[:, None, :],
+                               windows=cfg.layer_sliding_windows, slot_distance=q_slots[:, None] - k_slots[None, :],
+                               kv_cache=kv, index=index, remat=use_remat, policy=_remat_policy(cfg))
+      if cache is not None:
+        new_keys, new_values = kv
+    if use_remat and not stacked:
+      layer_fn = nnx.remat(_remat_layer_call, policy=_remat_policy(cfg))
+    for i, layer in enumerate([] if stacked else self.layers):
       allowed = masks[cfg.layer_sliding_windows[i]]
       if cache is not None:
         x, (k, v) = layer(x, cos, sin, allowed, (cache.keys[i], cache.values[i]), index)
@@ -419,7 +535,9 @@ class CausalLM(nnx.Module):
     x = self.norm(x)
     if cache is None:
       return x
-    new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), mask=key_valid, index=index + t,
+    if not stacked:
+      new_keys, new_values = tuple(new_keys), tuple(new_values)
+    new_cache = KVCache(keys=new_keys, values=new_values, mask=key_valid, index=index + t,
                         next_position=cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32))
     return x, new_cache
 

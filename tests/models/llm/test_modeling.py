@@ -15,7 +15,9 @@ ALLOWED = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm"}
 
 
 def test_parameters_carry_logical_axis_names():
-  model = nnx.eval_shape(lambda: CausalLM(CFG.replace(tie_word_embeddings=False), rngs=nnx.Rngs(0)))
+  # list layout (the stacked one: tests/models/llm/test_scan_layers.py)
+  model = nnx.eval_shape(lambda: CausalLM(CFG.replace(tie_word_embeddings=False, scan_layers=False),
+                                          rngs=nnx.Rngs(0)))
   specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
   flat = {".".join(map(str, p)): tuple(v.get_value()) for p, v in nnx.to_flat_state(specs)}
   assert flat["embed_tokens.embedding"] == ("vocab", "embed")
