@@ -49,6 +49,7 @@ __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
     "CheckpointRestoreError",
+    "CheckpointSaveError",
     "rng_to_meta",
     "rng_from_meta",
     "check_tree_matches",
@@ -64,6 +65,10 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointRestoreError(RuntimeError):
     """No checkpoint step in the directory could be restored."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoints are left intact."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,6 +159,29 @@ def _layers_layout_hint(saved_flat: dict, target_flat: dict) -> str:
     return ""
 
 
+def _layers_layout(paths) -> set[str]:
+    """'list' (``layers/<i>/...``) and/or 'stacked' (``layers/...``, a leading [L] axis) for a decoder's layers."""
+    out = set()
+    for p in paths:
+        if "layers" in p[:-1]:
+            i = p.index("layers")
+            out.add("list" if p[i + 1].isdigit() else "stacked")
+    return out
+
+
+def _layers_layout_hint(saved_flat: dict, target_flat: dict) -> str:
+    """A note naming both layer layouts when the checkpoint's differs from the current model's."""
+    saved, target = _layers_layout(saved_flat), _layers_layout(target_flat)
+    names = {"list": "the per-layer list layout (`layers/<i>/...`, DecoderConfig.scan_layers=False or a "
+                     "checkpoint written before layer stacking)",
+             "stacked": "the stacked layout (`layers/...` with a leading [L] axis, DecoderConfig.scan_layers=True)"}
+    if len(saved) == 1 and len(target) == 1 and saved != target:
+        (s,), (t,) = saved, target
+        return (f" (its decoder layers are in {names[s]}, the current model's in {names[t]}: resume with "
+                f"scan_layers={s == 'stacked'}, e.g. `model.scan_layers: {str(s == 'stacked').lower()}`)")
+    return ""
+
+
 def check_tree_matches(saved: PyTree, target: PyTree, *, what: str = "checkpoint") -> None:
     """Raises :class:`CheckpointMismatchError` at the first key/shape/dtype difference (target order).
 
@@ -161,6 +189,7 @@ def check_tree_matches(saved: PyTree, target: PyTree, *, what: str = "checkpoint
     """
     saved_flat = _flatten(saved)
     target_flat = _flatten(target)
+    what = what + _layers_layout_hint(saved_flat, target_flat)
     what = what + _layers_layout_hint(saved_flat, target_flat)
     # Report model parameters before optimizer-state entries (which mirror them).
     order = sorted(target_flat, key=lambda p: (bool(p) and p[0].startswith("opt"),))
@@ -269,16 +298,38 @@ class Checkpointer:
         _check_savable(state)
         meta = dict(meta or {})
         meta["step"] = step
-        saved = self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True)
+        try:
+            saved = self._manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True)
+        except Exception as err:  # pylint: disable=broad-except  # OSError, or orbax wrapping one
+            raise self._save_error(step, err) from err
         if saved:
             log.info("Checkpoint %s at step %d%s.", self.directory, step, " (async)" if self._async else "")
         return bool(saved)
 
     def wait(self) -> None:
-        """Blocks until pending async saves are committed."""
-        self._manager.wait_until_finished()
+        """Blocks until pending async saves are committed; raises :class:`CheckpointSaveError` if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # pylint: disable=broad-except
+            raise self._save_error(None, err) from err
+
+    def _save_error(self, step: int | None, err: BaseException) -> CheckpointSaveError:
+        """The clear message of a failed save: what failed, the intact previous step, how to go on."""
+        try:
+            previous = [s for s in self.all_steps() if step is None or s < step]
+        except Exception:  # pylint: disable=broad-except
+            previous = []
+        what = f"step {step}" if step is not None else "an asynchronous save"
+        kept = (f"the previous checkpoint (step {previous[-1]}) is intact" if previous else
+                "there is no previous checkpoint")
+        reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+        message = (f"Saving checkpoint {what} in {self.directory} failed ({reason}); {kept}. Stopping: free disk "
+                   "space or fix the directory's permissions, then re-run the same command to resume"
+                   + (f" from step {previous[-1]}." if previous else "."))
+        log.error("%s", message)
+        return CheckpointSaveError(message)
 
     # -- restore ---------------------------------------------------------------------------------------------
 
@@ -368,9 +419,15 @@ class Checkpointer:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases orbax resources (raises :class:`CheckpointSaveError` after
+        releasing them if a pending save failed)."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as err:  # pylint: disable=broad-except  # a failed save may resurface here
+                log.warning("Closing the checkpoint manager: %s: %s", type(err).__name__, err)
 
     def __enter__(self) -> "Checkpointer":
         return self
