@@ -35,7 +35,10 @@ key                                    meaning
 ``data.test_fraction``, ``split_seed``  the deterministic train/test split
 ``model.path``                         a DiT directory (``save_dit``) to fine-tune; '' = pre-train (cached)
 ``model.*``                            the :class:`~adrpo_jax.models.dit.DiTConfig` fields; ``image_size`` /
-                                       ``num_classes`` 0 = from ``data``; ``dtype`` is the compute dtype
+                                       ``num_classes`` 0 = from ``data``; ``dtype`` is the compute dtype.
+                                       With ``model.path`` the architecture is the saved model's, while
+                                       ``dtype``, ``param_dtype`` and ``remat`` are the config's (applied to
+                                       the loaded model; saved parameters are cast to ``param_dtype``)
 ``model.save_final``                   write the fine-tuned policy (``save_dit``) to ``workdir/final_model``
 ``pretrain.*``                         conditional flow-matching pre-training (``pretrain.py``), cached under
                                        ``$ADRPO_JAX_CACHE``: steps, batch_size, learning_rate, warmup_steps,
@@ -307,7 +310,13 @@ def _validate_rl(config) -> None:
     method = require_choice(config, "rl.method", METHODS)
     require_float(config, "rl.beta", min=0.0)
     clip = validate_advantage_clip(config, "rl")
-    require_type(config, "rl.clip_cfm_advantages", bool)
+    clip_cfm = require_type(config, "rl.clip_cfm_advantages", bool)
+    if clip_cfm and method == "none" and config.rl.adv_clip == "multiple":
+        raise ConfigError("`rl.clip_cfm_advantages`=True with rl.method='none' and rl.adv_clip='multiple': the "
+                          "clip bounds are +-adv_clip_multiple * beta_0 = +-0 (beta_0 is 0 for 'none'), so every "
+                          "CFM weight, the loss and the gradient would be exactly 0 on every step. Set "
+                          "rl.clip_cfm_advantages=False, or clip with rl.adv_clip='absolute'.",
+                          key="rl.clip_cfm_advantages", value=clip_cfm)
     require_type(config, "rl.scale_advantages_by_std", bool)
     require_float(config, "rl.advantage_eps", min=0.0)
     require_float(config, "rl.tau")

@@ -13,6 +13,8 @@ the null class with probability ``class_dropout_prob`` (classifier-free guidance
 Caching: finished runs are saved under ``$ADRPO_JAX_CACHE`` (default ``~/.cache/adrpo_jax``)
 ``/flow_digits/<kind>-<hash of the config sections>`` and re-loaded instead of re-trained, so demos and
 experiments pre-train once. Pass ``workdir`` to save elsewhere, ``use_cache=False`` to force training.
+Switches that change memory or speed but not the numbers (``model.remat``) are not part of the hash: one
+entry serves every value of them, and the loaded model takes the caller's value.
 
 Configuration (:func:`default_config`, an ``ml_collections.ConfigDict``; the functions read these sections):
 
@@ -127,6 +129,18 @@ def classifier_config_from(config: Any) -> ClassifierConfig:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# DiTConfig fields that change memory / speed but not what the model computes: a cache entry serves every value
+# of them. They enter the key with their default value, so that entries written before they were left out (with
+# the default) keep their hash.
+_NUMERICS_NEUTRAL_MODEL_KEYS = {"remat": False}
+
+
+def _model_cache_key(dit_cfg: DiTConfig) -> dict[str, Any]:
+    """The ``model`` part of the pre-training cache key: the DiT config, with the numerics-neutral switches
+    (``remat``) at their defaults."""
+    return {**dit_cfg.to_dict(), **_NUMERICS_NEUTRAL_MODEL_KEYS}
 
 
 def _run_dir(kind: str, key: dict[str, Any], workdir: str | os.PathLike | None, use_cache: bool) -> str | None:
@@ -276,8 +290,8 @@ def pretrain_flow_model(config: Any = None, workdir: str | os.PathLike | None = 
     dit_cfg = dit_config_from(config)
     data_cfg = _with_defaults(config, "data")
     pre = _with_defaults(config, "pretrain")
-    key_dict = {"data": data_cfg, "model": dit_cfg.to_dict(), "pretrain": {k: v for k, v in pre.items()
-                                                                            if k != "log_every"}}
+    key_dict = {"data": data_cfg, "model": _model_cache_key(dit_cfg),
+                "pretrain": {k: v for k, v in pre.items() if k != "log_every"}}
     key_hash = _hash({**key_dict, "version": _CACHE_VERSION})
     directory = _run_dir("dit", key_dict, workdir, use_cache)
     if use_cache:
@@ -285,7 +299,9 @@ def pretrain_flow_model(config: Any = None, workdir: str | os.PathLike | None = 
         if finished is not None:
             if log_fn:
                 log_fn(f"[pretrain] loading cached flow model from {directory}")
-            return load_dit(directory), {**finished, "cached": True, "directory": directory}
+            # The switches left out of the key are this config's, not those of the run that filled the cache.
+            model = load_dit(directory, **{k: getattr(dit_cfg, k) for k in _NUMERICS_NEUTRAL_MODEL_KEYS})
+            return model, {**finished, "cached": True, "directory": directory}
     if pre["steps"] < 1 or pre["batch_size"] < 1:
         raise ValueError(f"config.pretrain.steps and batch_size must be >= 1, got {pre['steps']}, "
                          f"{pre['batch_size']}.")

@@ -71,7 +71,7 @@ from adrpo_jax.models.dit import DiT, load_dit
 from adrpo_jax.models.lora import apply_lora, merge_lora, set_lora_enabled
 
 __all__ = ["train_and_evaluate", "FlowTrainer", "FlowEvaluator", "step_prompts", "build_reward_model",
-           "load_models"]
+           "load_models", "model_load_overrides"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,13 @@ def build_reward_model(config: Any, classifier: DigitClassifier | None) -> Calla
     return next(iter(parts.values()))
 
 
+def model_load_overrides(config: Any) -> dict[str, Any]:
+    """``model.dtype``, ``model.param_dtype``, ``model.remat``: the settings of the config that a loaded DiT
+    (``model.path`` or the pre-training cache) takes instead of its saved ones."""
+    return {"dtype": str(config.model.dtype), "param_dtype": str(config.model.param_dtype),
+            "remat": bool(config.model.remat)}
+
+
 def load_models(config: Any) -> tuple[DiT, DigitClassifier]:
     """The pre-trained DiT and the classifier of ``config`` (loaded from ``model.path`` / ``classifier.path``,
     or pre-trained / trained once and cached, see :mod:`adrpo_jax.flow.pretrain`)."""
@@ -124,8 +131,11 @@ def load_models(config: Any) -> tuple[DiT, DigitClassifier]:
     pre_cfg = config_lib.pretrain_config(config)
     log_fn = lambda msg: log.info("%s", msg)  # noqa: E731
     if config.model.path:
-        model = load_dit(os.path.expanduser(config.model.path))
-        log.info("Loaded the flow model from %s", config.model.path)
+        # The architecture is the saved model's; how it computes (dtype, remat) and stores (param_dtype) is the
+        # config's, as for a pre-trained model.
+        model = load_dit(os.path.expanduser(config.model.path), **model_load_overrides(config))
+        log.info("Loaded the flow model from %s (dtype %s, param_dtype %s, remat %s)", config.model.path,
+                 model.config.dtype, model.config.param_dtype, model.config.remat)
     else:
         model, info = pretrain.pretrain_flow_model(pre_cfg, log_fn=log_fn)
         log.info("Pre-trained flow model: %s (test CFM loss %.4f%s)", info.get("directory"),

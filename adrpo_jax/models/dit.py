@@ -672,9 +672,24 @@ def save_dit(model: DiT, directory: str | os.PathLike) -> str:
     return save_nnx_params(model, directory, model.config.to_dict(), kind="DiT")
 
 
-def load_dit(directory: str | os.PathLike) -> DiT:
-    """Load a :class:`DiT` saved by :func:`save_dit` (round-trips exactly for float32 params)."""
-    config = DiTConfig.from_dict(read_saved_config(directory, "DiT"))
+# DiTConfig fields a loaded model may take from the caller instead of the saved config: how it computes and
+# stores, never its architecture (the saved parameters are cast to ``param_dtype``).
+LOAD_OVERRIDES = ("dtype", "param_dtype", "remat")
+
+
+def load_dit(directory: str | os.PathLike, **overrides: Any) -> DiT:
+    """Load a :class:`DiT` saved by :func:`save_dit` (round-trips exactly for float32 params).
+
+    ``overrides``: any of ``dtype``, ``param_dtype``, ``remat`` (:data:`LOAD_OVERRIDES`) replace the saved
+    config's values (e.g. the run config's bfloat16 + remat for a model saved in float32 without remat); the
+    saved parameters are cast to the resulting ``param_dtype``. Other keys raise ``ValueError``.
+    """
+    bad = sorted(set(overrides) - set(LOAD_OVERRIDES))
+    if bad:
+        raise ValueError(f"load_dit: cannot override {bad} of a saved DiT (its architecture); only "
+                         f"{list(LOAD_OVERRIDES)} may be overridden.")
+    saved = read_saved_config(directory, "DiT")
+    config = DiTConfig.from_dict({**saved, **overrides})
     model = DiT(config, rngs=nnx.Rngs(0))
     return restore_nnx_params(model, directory)
 
