@@ -247,6 +247,12 @@ class RLTrainer:
                                                shardings=_param_sharding_fn(self.mesh))
         return self._pretrained
 
+    def _shared_prompt_group(self) -> int:
+        """G when each device's rows hold whole groups of G rows of one prompt (rows r // G of a prompt): the
+        sampler then prefills each prompt once for its G rows, shard-locally; else 1 (every row prefills)."""
+        g = int(self.opts.group_size)
+        return g if (self.layout["batch_size"] // train.data_parallel_size(self.mesh)) % g == 0 else 1
+
     def _build_functions(self) -> None:
         config, opts, mesh = self.config, self.opts, self.mesh
         bs = train.batch_sharding(mesh)
@@ -254,7 +260,8 @@ class RLTrainer:
         s = config.sampling
         self.sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
                                        top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
-                                       eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id)
+                                       eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id,
+                                       prompt_group_size=self._shared_prompt_group())
         gen = make_generate_fn(self.graphdef, self.sampling)
         self.generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
                                 out_shardings=bs)
