@@ -50,6 +50,12 @@ key                             meaning
 ``logging.wandb_project``       W&B project name
 ``logging.wandb_entity``        W&B entity ('' = your default entity)
 ``logging.progress_bar``        tqdm progress bar on stderr (plain log lines when not a TTY or ``CI=true``)
+``logging.console_keys``        the metrics of the per-record console line, comma-separated ('default' = reward,
+                                KL / W2, beta_eff, eval accuracy / reward / diversity, tokens/s or images/s,
+                                step time, the per-phase times; 'all' = every key); the files get every metric
+``logging.phase_timing``        block on the device at each phase boundary of a step, so that ``time/<phase>``
+                                is each phase's full wall time (costs the host/device overlap); off: phases
+                                are timed at the points where the host waits anyway (see the trainers)
 ``compilation_cache_dir``       persistent XLA compilation cache directory ('' = off)
 ``distributed.mode``            ``auto`` (initialize when the environment shows a multi-process launch) |
                                 ``on`` | ``off``; see ``distributed.py`` and docs/distributed.md
@@ -105,6 +111,8 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "DISTRIBUTED_MODES",
+    "DEFAULT_CONSOLE_KEYS",
+    "parse_console_keys",
 ]
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
@@ -123,6 +131,36 @@ RUNTIME_KEY_PREFIXES = (
     "distributed.",
     "mesh.",
 )
+
+
+# What a user watches first (``logging.console_keys``; keys a trainer does not log are skipped): the reward, the
+# KL (LLM) / W2 (flow) and the adaptive coefficient, the eval numbers, the speed, and where the step's time goes.
+DEFAULT_CONSOLE_KEYS = ("reward_mean", "kl_mean", "w2_mean", "beta_eff_mean", "eval/accuracy", "eval/reward_mean",
+                        "eval/diversity", "tokens_per_sec", "images_per_sec", "step_time_s", "time/rollout",
+                        "time/sample", "time/reward", "time/logprobs", "time/update", "time/eval",
+                        "time/checkpoint")
+
+_CONSOLE_KEY_RE = re.compile(r"^[A-Za-z0-9_./-]+$")
+
+
+def parse_console_keys(value: Any) -> tuple[str, ...] | None:
+    """``logging.console_keys`` as a tuple of record keys: a comma-separated string (or a sequence of strings);
+    ``'default'`` / None = :data:`DEFAULT_CONSOLE_KEYS`; ``'all'`` = None (every key of the record).
+
+    >>> parse_console_keys("reward_mean, step_time_s")
+    ('reward_mean', 'step_time_s')
+    """
+    if value is None or (isinstance(value, str) and value.strip() == "default"):
+        return DEFAULT_CONSOLE_KEYS
+    if isinstance(value, str) and value.strip() == "all":
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    keys = tuple(str(k).strip() for k in items if str(k).strip())
+    bad = [k for k in keys if not _CONSOLE_KEY_RE.match(k)]
+    if bad or not keys:
+        raise ValueError(f"`logging.console_keys`={value!r}: expected 'default', 'all' or comma-separated metric "
+                         f"names (letters, digits, _ . / -){'; bad: ' + str(bad) if bad else ''}.")
+    return keys
 
 
 class ConfigError(ValueError):
@@ -183,6 +221,8 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
             "wandb_project": "adrpo_jax",
             "wandb_entity": "",
             "progress_bar": True,
+            "console_keys": "default",
+            "phase_timing": False,
         },
         "compilation_cache_dir": "",
         "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1},
@@ -441,8 +481,13 @@ def validate_common_config(config: Any) -> None:
 
     _require_int_range(config, "numerics.max_consecutive_skips", min=1)
 
-    for key in ("jsonl", "tensorboard", "wandb", "progress_bar"):
+    for key in ("jsonl", "tensorboard", "wandb", "progress_bar", "phase_timing"):
         require_type(config, f"logging.{key}", bool)
+    console_keys = require_type(config, "logging.console_keys", str)
+    try:
+        parse_console_keys(console_keys)
+    except ValueError as err:
+        raise ConfigError(str(err), key="logging.console_keys", value=console_keys) from None
     for key in ("wandb_project", "wandb_entity"):
         require_type(config, f"logging.{key}", str)
     require_type(config, "compilation_cache_dir", str)

@@ -24,11 +24,23 @@ Contract:
   ``jax.random.fold_in``) so a resumed run is bit-identical to an uninterrupted one.
 * Logged records (one per logged step, JSONL/TensorBoard/W&B) hold the means of the numeric metrics over the
   steps since the previous record, plus ``step_time_s``, ``steps_per_sec``, ``<key>_per_sec`` for each
-  ``throughput_keys`` entry (sum over the interval / wall time), ``skipped_steps`` (in the interval),
+  ``throughput_keys`` entry (sum over the interval / train time), ``skipped_steps`` (in the interval),
   ``total_skipped_steps`` and ``learning_rate`` (if ``learning_rate_fn``); the evaluation's metrics (as
   returned by ``eval_step``, prefix them yourself, e.g. ``eval/``) are merged into the same record.
+* Timing: the "train time" of an interval is its wall time minus the time spent in evaluation and checkpoint
+  saves, so ``step_time_s``, ``steps_per_sec`` and ``<key>_per_sec`` describe the train steps alone. The
+  excluded times are logged on their own: ``time/eval`` (the evaluation of this record's step, on a record
+  with eval metrics) and ``time/checkpoint`` (the seconds spent in checkpoint saves since the previous
+  record; a save follows the record of its step, so it shows on the next record). To attribute the device
+  work exactly, the loop waits for the state (``jax.block_until_ready``) before an evaluation or a save,
+  where the host would wait for it anyway (both read the state).
+* One console line per record (process 0): the keys of ``logging.console_keys`` present in the record
+  (``train.metrics.format_console``); with the tqdm bar on, it is written above the bar (``tqdm.write``) and
+  the bar's postfix carries ``reward_mean`` (and ``kl_mean`` / ``w2_mean``, ``step_time_s``).
 * Checkpoints every ``checkpoint.every_steps`` and at the end; SIGTERM/SIGINT: finish the current step,
-  save, log, return normally with ``result.preempted = True`` (``launch.py`` exits 0).
+  save, log, return normally with ``result.preempted = True`` (``launch.py`` exits 0). The final checkpoint
+  is committed (``Checkpointer.wait``) while the preemption guard is still installed, so a signal during the
+  commit of an async save cannot kill the process half-way (no ``*.orbax-checkpoint-tmp`` left behind).
 * ``numerics.max_consecutive_skips`` consecutive skipped steps: save a checkpoint, write the record, raise
   :class:`NonFiniteUpdatesError`.
 """
@@ -47,13 +59,17 @@ import numpy as np
 
 from adrpo_jax.train.checkpoint import Checkpointer
 from adrpo_jax.train.config import config_fingerprint, get_by_path
-from adrpo_jax.train.metrics import MetricWriter, ProgressBar, to_python_scalar
+from adrpo_jax.train.metrics import (MetricWriter, ProgressBar, format_console, parse_console_keys,
+                                     to_python_scalar)
 from adrpo_jax.train.preemption import PreemptionGuard
 
 __all__ = ["run_training", "TrainingResult", "NonFiniteUpdatesError", "checkpointer_from_config"]
 
 log = logging.getLogger(__name__)
 PyTree = Any
+
+# Record keys the tqdm bar's postfix shows (those present).
+PROGRESS_KEYS = ("reward_mean", "kl_mean", "w2_mean", "step_time_s")
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -169,6 +185,7 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
         checkpointer = checkpointer_from_config(config, workdir)
     fingerprint = config_fingerprint(config)
     throughput_keys = tuple(throughput_keys)
+    console_keys = parse_console_keys(get_by_path(config, "logging.console_keys", None))
 
     consecutive_skips = 0
     total_skips = 0
@@ -210,16 +227,35 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
         interval_start = time.perf_counter()
         interval_steps = 0
         interval_skips = 0
+        interval_eval_s = None  # seconds of the evaluation of this interval (None: none ran)
+        interval_ckpt_s = None  # seconds of checkpoint saves since the previous record (None: none)
         last_record: dict[str, Any] = {}
         preempted = False
         done = start
 
+        def timed_save(step: int, force: bool) -> None:
+            """``checkpointer.save``, its time added to ``interval_ckpt_s`` (when it writes)."""
+            nonlocal interval_ckpt_s
+            if not checkpointer.should_save(step, force=force):
+                return
+            jax.block_until_ready(state)  # the save reads the state: the host waits for it anyway
+            t0 = time.perf_counter()
+            checkpointer.save(step, state, make_meta(), force=force)
+            interval_ckpt_s = (interval_ckpt_s or 0.0) + time.perf_counter() - t0
+
+        def timed_wait() -> None:
+            nonlocal interval_ckpt_s
+            t0 = time.perf_counter()
+            checkpointer.wait()
+            interval_ckpt_s = (interval_ckpt_s or 0.0) + time.perf_counter() - t0
+
         def flush_record(done: int, eval_metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-            nonlocal buffer, interval_start, interval_steps, interval_skips
+            nonlocal buffer, interval_start, interval_steps, interval_skips, interval_eval_s, interval_ckpt_s
             record: dict[str, Any] = {}
             if buffer:
                 host = jax.device_get(buffer)
-                elapsed = time.perf_counter() - interval_start
+                excluded = (interval_eval_s or 0.0) + (interval_ckpt_s or 0.0)
+                elapsed = max(time.perf_counter() - interval_start - excluded, 1e-9)
                 mean = _mean_records([{k: v for k, v in m.items() if k != "skipped"} for m in host])
                 record.update(mean)
                 record["step_time_s"] = elapsed / max(interval_steps, 1)
@@ -231,18 +267,26 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                 record["total_skipped_steps"] = total_skips
                 if learning_rate_fn is not None:
                     record["learning_rate"] = to_python_scalar(learning_rate_fn(done))
+                if interval_ckpt_s is not None:
+                    record["time/checkpoint"] = interval_ckpt_s
                 buffer = []
                 interval_start = time.perf_counter()
                 interval_steps = 0
                 interval_skips = 0
+                interval_ckpt_s = None
             if eval_metrics:
                 record.update({k: to_python_scalar(v) for k, v in jax.device_get(dict(eval_metrics)).items()})
+                if interval_eval_s is not None:
+                    record["time/eval"] = interval_eval_s
+            interval_eval_s = None
             if record:
                 writer.write(done, record)
                 if writer.is_primary:
-                    shown = ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in list(record.items())[:8])
-                    log.info("step %d/%d: %s", done, total_steps, shown)
+                    line = f"step {done}/{total_steps}: {format_console(record, console_keys)}"
+                    if progress.active:
+                        progress.write(line)  # above the bar: one line per record, the bar redrawn below
+                    else:
+                        log.info("%s", line)
             return record
 
         with PreemptionGuard() as guard:
@@ -263,8 +307,8 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                         consecutive_skips = 0
                     is_last = done == total_steps
                     if consecutive_skips >= max_skips:
-                        checkpointer.save(done, state, make_meta(), force=True)
-                        checkpointer.wait()
+                        timed_save(done, True)
+                        timed_wait()
                         last_record = flush_record(done, None)
                         raise NonFiniteUpdatesError(
                             f"{consecutive_skips} consecutive steps (steps {done - consecutive_skips + 1}-{done}) had "
@@ -273,22 +317,28 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                             f"{checkpointer.directory}. Check the data and lower optim.learning_rate.")
                     eval_metrics = None
                     if eval_step is not None and eval_every > 0 and (done % eval_every == 0 or is_last):
-                        eval_metrics = eval_step(done, state)
+                        jax.block_until_ready(state)  # the step's device work belongs to the train time
+                        t0 = time.perf_counter()
+                        eval_metrics = jax.block_until_ready(eval_step(done, state))
+                        interval_eval_s = time.perf_counter() - t0
                     if done % log_every == 0 or is_last or eval_metrics:
                         last_record = flush_record(done, eval_metrics) or last_record
-                    checkpointer.save(done, state, make_meta(), force=is_last)
-                    progress.update(done, {k: v for k, v in last_record.items() if k in ("loss", "reward")})
+                    timed_save(done, is_last)
+                    progress.update(done, {k: v for k, v in last_record.items() if k in PROGRESS_KEYS})
                     if not is_last and guard.should_stop(done):
                         if buffer:
                             last_record = flush_record(done, None) or last_record
-                        checkpointer.save(done, state, make_meta(), force=True)
-                        checkpointer.wait()
+                        timed_save(done, True)
+                        timed_wait()
                         preempted = True
                         log.warning("Preempted (%s) at step %d/%d: checkpoint saved in %s. Re-run the same command "
                                     "to resume.", guard.signal_name or "stop requested by another process", done,
                                     total_steps, checkpointer.directory)
                         break
                 else:
+                    # Commit the final (async) checkpoint while the guard still holds SIGTERM/SIGINT: a signal
+                    # now only sets a flag, so the commit finishes (no *.orbax-checkpoint-tmp, exit 0).
+                    checkpointer.wait()
                     log.info("Training finished at step %d.", total_steps)
             finally:
                 progress.close()

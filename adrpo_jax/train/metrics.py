@@ -35,7 +35,10 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["MetricWriter", "ProgressBar", "to_python_scalar", "read_jsonl"]
+from adrpo_jax.train.config import DEFAULT_CONSOLE_KEYS, parse_console_keys
+
+__all__ = ["MetricWriter", "ProgressBar", "to_python_scalar", "read_jsonl", "format_console", "parse_console_keys",
+           "DEFAULT_CONSOLE_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,27 @@ def to_python_scalar(value: Any) -> int | float | bool | str | None:
         return to_python_scalar(float(value))
     except (TypeError, ValueError):
         raise ValueError(f"Metric value {value!r} ({type(value).__name__}) is not a scalar.") from None
+
+
+def _format_value(key: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key.startswith("time/") or key.endswith("_time_s"):
+        return f"{value:.3g}s"
+    if key.endswith("_per_sec"):
+        return f"{value:.4g}"
+    return f"{value:.4g}"
+
+
+def format_console(record: Mapping[str, Any], keys: tuple[str, ...] | None = DEFAULT_CONSOLE_KEYS) -> str:
+    """The console line of a record: ``key=value`` for the ``keys`` present in it, in that order (None: every key);
+    times as seconds (``time/rollout=1.23s``).
+
+    >>> format_console({"loss": 1.0, "reward_mean": 0.25, "step_time_s": 1.234}, ("reward_mean", "step_time_s"))
+    'reward_mean=0.25 step_time_s=1.23s'
+    """
+    keys = tuple(record) if keys is None else keys
+    return " ".join(f"{k}={_format_value(k, record[k])}" for k in keys if k in record)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -310,6 +334,14 @@ class ProgressBar:
                 v = to_python_scalar(v)
                 shown[k] = f"{v:.4g}" if isinstance(v, float) else v
             self._bar.set_postfix(shown, refresh=False)
+
+    def write(self, line: str) -> None:
+        """Prints ``line`` above the bar (the bar is redrawn below it; ``tqdm.write``)."""
+        if self._bar is None:
+            sys.stderr.write(line + "\n")
+            return
+        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+        tqdm.write(line, file=sys.stderr)
 
     def close(self) -> None:
         if self._bar is not None:

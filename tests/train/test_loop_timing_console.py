@@ -1,0 +1,173 @@
+"""run_training: train-step timing without evaluation / checkpoint time (issue 18 item 8), the final async commit
+inside the preemption guard (item 9), the configurable console line and the progress bar's postfix (issue 16)."""
+
+import io
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from adrpo_jax.train.checkpoint import Checkpointer
+from adrpo_jax.train.config import ConfigError, common_config, validate_common_config
+from adrpo_jax.train.loop import run_training
+from adrpo_jax.train.metrics import format_console, read_jsonl
+
+SHARDING = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+ABSTRACT = {"w": jax.ShapeDtypeStruct((), jnp.float32, sharding=SHARDING)}
+
+
+def make_config(**overrides):
+    config = common_config()
+    config.trainer = "flow"
+    config.total_steps, config.log_every, config.eval_every = 4, 2, 2
+    config.checkpoint.every_steps, config.checkpoint.async_save = 1, False
+    config.logging.tensorboard = False
+    config.logging.progress_bar = False
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition("__")
+        (config[section] if section else config)[leaf] = value
+    return config
+
+
+def init():
+    return {"w": jax.device_put(jnp.float32(0.0), SHARDING)}
+
+
+def make_step(sleep=0.0):
+    def train_step(step, state):
+        time.sleep(sleep)
+        return {"w": state["w"] + 1.0}, {"adv_clip_fraction": 0.5, "loss": jnp.float32(step), "n": 2,
+                                         "reward_mean": 0.25, "kl_mean": 0.125}
+    return train_step
+
+
+class SlowCheckpointer(Checkpointer):
+    def save(self, step, state, meta=None, *, force=False):
+        time.sleep(0.2)
+        return super().save(step, state, meta, force=force)
+
+
+def test_step_time_and_throughput_exclude_eval_and_checkpoint_time(tmp_path):
+    """Steps of 0.05 s, an eval of 0.3 s every 2 steps and a 0.2 s save after every step: step_time_s is the
+    step's ~0.05 s (the pre-fix loop logged ~0.4 s), eval and save times are logged on their own."""
+    def eval_step(step, state):
+        time.sleep(0.3)
+        return {"eval/w": state["w"]}
+
+    config = make_config()
+    with SlowCheckpointer(tmp_path / "checkpoints", save_every=1) as ck:
+        run_training(config=config, workdir=tmp_path, init_state=init, abstract_state=ABSTRACT,
+                     train_step=make_step(0.05), eval_step=eval_step, throughput_keys=("n",), checkpointer=ck)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert 0.04 < r["step_time_s"] < 0.15, r  # the train step alone (+ scheduling noise on a busy machine)
+        assert r["steps_per_sec"] > 6.0 and r["n_per_sec"] > 12.0, r  # ~20 and ~40: 2 steps, 4 'n' in ~0.1 s
+        assert r["time/eval"] >= 0.3, r
+    assert 0.2 <= records[0]["time/checkpoint"] < 0.35  # the save after step 1 (that of step 2 follows the record)
+    assert 0.4 <= records[1]["time/checkpoint"] < 0.6  # the saves after steps 2 and 3
+
+
+def test_no_checkpoint_or_eval_time_key_without_a_save_or_an_eval(tmp_path):
+    config = make_config(eval_every=0, checkpoint__every_steps=100)
+    run_training(config=config, workdir=tmp_path, init_state=init, abstract_state=ABSTRACT, train_step=make_step())
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert "time/eval" not in records[0] and "time/checkpoint" not in records[0]
+
+
+class SignalOnFinalCommit(Checkpointer):
+    """Sends SIGTERM to this process when the commit of the final (async) checkpoint starts."""
+
+    def __init__(self, *args, final_step, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.final_step, self.sent, self.saved_steps = final_step, False, []
+
+    def save(self, step, state, meta=None, *, force=False):
+        saved = super().save(step, state, meta, force=force)
+        if saved:
+            self.saved_steps.append(step)
+        return saved
+
+    def wait(self):
+        if not self.sent and self.final_step in self.saved_steps:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().wait()
+
+
+def test_sigterm_during_the_final_async_commit_is_held_by_the_guard(tmp_path):
+    """A SIGTERM while the last async checkpoint is committed: the pre-fix loop waited after the guard was gone,
+    so the signal reached the default action (exit 143, N.orbax-checkpoint-tmp left). Here a stand-in handler
+    raises if the signal gets past the guard."""
+    def outside_guard(signum, frame):
+        raise RuntimeError("SIGTERM reached the handler outside the preemption guard")
+
+    previous = signal.signal(signal.SIGTERM, outside_guard)
+    try:
+        config = make_config(eval_every=0, checkpoint__every_steps=2, checkpoint__async_save=True)
+        ck = SignalOnFinalCommit(tmp_path / "checkpoints", save_every=2, async_save=True, final_step=4)
+        with ck:
+            result = run_training(config=config, workdir=tmp_path, init_state=init, abstract_state=ABSTRACT,
+                                  train_step=make_step(), checkpointer=ck)
+        assert ck.sent and result.step == 4 and not result.preempted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert not [n for n in names if "tmp" in n], names
+    with Checkpointer(tmp_path / "checkpoints") as ck2:
+        assert ck2.latest_step() == 4
+
+
+# -- console ---------------------------------------------------------------------------------------------------
+
+
+def test_console_line_shows_the_watched_metrics_and_the_files_get_all(tmp_path, caplog):
+    """The default console line starts with reward_mean, kl_mean (not the alphabetically first keys such as
+    adv_clip_fraction); logging.console_keys picks others; metrics.jsonl keeps every key."""
+    caplog.set_level(logging.INFO, logger="adrpo_jax.train.loop")
+    run_training(config=make_config(eval_every=0), workdir=tmp_path / "a", init_state=init, abstract_state=ABSTRACT,
+                 train_step=make_step(), throughput_keys=("n",))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 2, lines  # one line per record
+    assert lines[0].startswith("step 2/4: reward_mean=0.25 kl_mean=0.125 step_time_s="), lines[0]
+    assert "adv_clip_fraction" not in lines[0] and "loss" not in lines[0]
+    record = read_jsonl(tmp_path / "a" / "metrics.jsonl")[0]
+    assert record["adv_clip_fraction"] == 0.5 and record["loss"] == 0.5 and record["n_per_sec"] > 0
+
+    caplog.clear()
+    run_training(config=make_config(eval_every=0, logging__console_keys="loss, n_per_sec"), workdir=tmp_path / "b",
+                 init_state=init, abstract_state=ABSTRACT, train_step=make_step(), throughput_keys=("n",))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert lines[0].startswith("step 2/4: loss=0.5 n_per_sec=") and "reward_mean" not in lines[0], lines[0]
+
+
+def test_console_keys_are_validated():
+    config = make_config(logging__console_keys="reward_mean;kl mean")
+    with pytest.raises(ConfigError, match="console_keys") as err:
+        validate_common_config(config)
+    assert err.value.key == "logging.console_keys"
+    assert format_console({"time/reward": 0.01234, "reward_mean": 1.0}, None) == "time/reward=0.0123s reward_mean=1"
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_carries_the_reward_and_the_line_goes_above_it(tmp_path, monkeypatch, caplog):
+    """With the tqdm bar on, the record's line is written above the bar (not as a log line next to it) and the
+    bar's postfix carries reward_mean."""
+    monkeypatch.delenv("CI", raising=False)
+    fake = _TTY()
+    monkeypatch.setattr(sys, "stderr", fake)
+    caplog.set_level(logging.INFO, logger="adrpo_jax.train.loop")
+    run_training(config=make_config(eval_every=0, logging__progress_bar=True), workdir=tmp_path,
+                 init_state=init, abstract_state=ABSTRACT, train_step=make_step())
+    out = fake.getvalue()
+    assert "step 2/4: reward_mean=0.25" in out and "reward_mean=0.25" in out.split("step 4/4")[-1]
+    assert not [r for r in caplog.records if r.getMessage().startswith("step ")]  # one line per record, not two
