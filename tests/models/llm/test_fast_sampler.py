@@ -181,7 +181,7 @@ def test_repeat_cache_rows_on_both_layouts(scan_layers):
     assert k.shape[axis] == 6
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_shared_prefill_equals_unshared(scan_layers):
   """Greedy: the same completions; sampled with the same key: the same draws (same per-row logits up to float
   rounding, and the same RNG stream), log-probs to float32 tolerance (a [2]-row and a [6]-row prefill are
@@ -224,3 +224,22 @@ def test_group_errors():
     SamplingConfig(max_new_tokens=1, prompt_group_size=0)
   with pytest.raises(ValueError, match="sampler='sorted'"):
     SamplingConfig(max_new_tokens=1, sampler="sorted")
+
+
+def test_shared_prefill_on_a_data_mesh():
+  """The trainer's setting: rows sharded over 8 devices, 2 rows (one group) per device; equals unshared."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from adrpo_jax.models.llm.sampler import make_generate_fn
+  model = _tiny(True)
+  tokens, mask = _grouped_prompts(2)
+  tokens, mask = np.concatenate([tokens] * 4), np.concatenate([mask] * 4)  # 16 rows, 8 groups of 2
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = NamedSharding(mesh, P("data"))
+  graphdef, state = nnx.split(model)
+  outs = []
+  for g in (1, 2):
+    fn = jax.jit(make_generate_fn(graphdef, SamplingConfig(max_new_tokens=4, prompt_group_size=g)),
+                 out_shardings=rows)
+    outs.append(fn(state, jax.device_put(tokens, rows), jax.device_put(mask, rows), jax.random.key(1)))
+  np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+  np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-5)
