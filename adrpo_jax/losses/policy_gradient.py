@@ -8,12 +8,15 @@ Loss aggregation modes (how the per-token loss ``l_{i,t}`` becomes a scalar; TRL
 ``loss_agg_mode`` in brackets):
 
 * ``"token_mean"``: ``sum_{i,t} m l / sum_{i,t} m`` over the (global) batch [TRL bnpo/dapo, verl token-mean];
-* ``"sequence_mean"``: mean over sequences of each sequence's token mean; sequences without any valid token
-  are excluded from the count [TRL grpo, verl seq-mean-token-mean];
+* ``"sequence_mean"``: ``sum_i (sum_t m l / sum_t m) / B_global``: each sequence's token mean, averaged over
+  *all* ``B`` rows; a row without any valid token adds 0 but still counts [TRL grpo];
+* ``"nonempty_sequence_mean"``: the same per-sequence token means averaged over the rows that have at least
+  one valid token only (differs from ``"sequence_mean"`` when whole rows are masked, e.g. truncated
+  completions with ``mask_truncated_completions``);
 * ``"constant_normalizer"``: ``sum_{i,t} m l / (B_global * max_tokens)`` (Dr. GRPO) [TRL dr_grpo,
   verl seq-mean-token-sum-norm].
 
-``normalizer=`` replaces the denominator (token count, sequence count or ``B * max_tokens`` respectively) by a
+``normalizer=`` replaces the denominator (token count, row count, non-empty row count or ``B * max_tokens``) by a
 given global value, e.g. the whole batch's when accumulating gradients over micro-batches.
 """
 
@@ -39,7 +42,7 @@ __all__ = [
     "grpo_loss",
 ]
 
-LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "constant_normalizer")
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "nonempty_sequence_mean", "constant_normalizer")
 RATIO_LEVELS = ("token", "sequence")
 Metrics = dict[str, jax.Array]
 
@@ -170,11 +173,16 @@ def _aggregate(per_token, mask, loss_aggregation, max_tokens, normalizer, axis_n
     """Returns (this device's share, the global denominator)."""
     b, t = per_token.shape
     dtype = per_token.dtype
-    if loss_aggregation == "sequence_mean":
+    if loss_aggregation in ("sequence_mean", "nonempty_sequence_mean"):
         n_tok = _stats.masked_count(mask, per_token.shape, dtype, axis=-1)
         seq_mean = _stats.safe_div(_stats.masked_sum(per_token, mask, axis=-1), n_tok)
         local_sum = jnp.sum(seq_mean)  # sequences without tokens contribute 0
-        den = _stats.psum(jnp.sum(n_tok > 0, dtype=dtype), axis_name) if normalizer is None else normalizer
+        if normalizer is not None:
+            den = normalizer
+        elif loss_aggregation == "sequence_mean":  # every row counts (TRL grpo)
+            den = _stats.psum(jnp.asarray(b, dtype), axis_name)
+        else:
+            den = _stats.psum(jnp.sum(n_tok > 0, dtype=dtype), axis_name)
     else:
         local_sum = _stats.masked_sum(per_token, mask)
         if normalizer is not None:
@@ -195,7 +203,8 @@ def aggregate_loss(per_token_loss: jax.Array, mask: jax.Array | None = None, *,
     Args:
       per_token_loss: ``[B, T]``.
       mask: optional ``[B, T]``; invalid tokens are ignored (replaced by 0, so padding may hold inf/NaN).
-      loss_aggregation: ``"token_mean"``, ``"sequence_mean"`` or ``"constant_normalizer"``.
+      loss_aggregation: ``"token_mean"``, ``"sequence_mean"``, ``"nonempty_sequence_mean"`` or
+        ``"constant_normalizer"``.
       max_tokens: the constant of ``"constant_normalizer"`` (default ``T``); only valid with that mode.
       normalizer: optional global denominator override.
       axis_name: mesh/pmap axis name(s); then the result is this device's share of the global loss
@@ -209,6 +218,10 @@ def aggregate_loss(per_token_loss: jax.Array, mask: jax.Array | None = None, *,
       >>> l = jnp.array([[1.0, 3.0, 9.0], [4.0, 9.0, 9.0]]); m = jnp.array([[1, 1, 0], [1, 0, 0]])
       >>> aggregate_loss(l, m), aggregate_loss(l, m, loss_aggregation="sequence_mean")
       (Array(2.6666667, dtype=float32), Array(3., dtype=float32))
+      >>> m0 = jnp.array([[1, 1, 0], [0, 0, 0]])  # row 1 fully masked: counts in sequence_mean only
+      >>> aggregate_loss(l, m0, loss_aggregation="sequence_mean"), aggregate_loss(
+      ...     l, m0, loss_aggregation="nonempty_sequence_mean")
+      (Array(1., dtype=float32), Array(2., dtype=float32))
       >>> aggregate_loss(l, m, loss_aggregation="constant_normalizer", max_tokens=4)
       Array(1., dtype=float32)
     """
@@ -234,7 +247,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
 
         l_{i,t} = max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps_low, 1 + eps_high))
                   + beta_i * KL_{i,t},          beta_i = beta_0 - clip(A_i)   (stop-gradient)
-        loss    = aggregate(l, mask)            (token_mean | sequence_mean | constant_normalizer)
+        loss    = aggregate(l, mask)            (token_mean | sequence_mean | ... ; see aggregate_loss)
 
     with ``rho = exp(logp - old_logp)`` per token (or GSPO's sequence ratio, ``ratio_level="sequence"``), the
     per-token KL estimate ``KL_{i,t}`` (k3 by default) against the reference policy, and the KL entering per

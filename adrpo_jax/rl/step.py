@@ -333,12 +333,14 @@ def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedR
 
 def loss_normalizer(loss_mask: jax.Array, loss_aggregation: str, max_new_tokens: int) -> jax.Array:
     """The global denominator of one minibatch's loss (>= 1), computed once and passed to every micro-batch:
-    token count (``token_mean``), sequences with a loss token (``sequence_mean``), ``B_mb * N``
-    (``constant_normalizer``)."""
+    token count (``token_mean``), all ``B_mb`` rows, a row without loss tokens included (``sequence_mean``, as
+    TRL's ``grpo``), rows with a loss token (``nonempty_sequence_mean``), ``B_mb * N`` (``constant_normalizer``)."""
     mask = loss_mask.astype(bool)
     if loss_aggregation == "token_mean":
         n = jnp.sum(mask, dtype=jnp.float32)
     elif loss_aggregation == "sequence_mean":
+        n = jnp.asarray(mask.shape[0], jnp.float32)
+    elif loss_aggregation == "nonempty_sequence_mean":
         n = jnp.sum(jnp.any(mask, axis=-1), dtype=jnp.float32)
     elif loss_aggregation == "constant_normalizer":
         n = jnp.asarray(mask.shape[0] * max_new_tokens, jnp.float32)
@@ -441,24 +443,32 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
     return loss_fn
 
 
-def _reduce_micro(stacked: Metrics) -> Metrics:
-    """Per-micro-batch metric vectors [k] -> minibatch metrics (sum / min / max / token-weighted mean)."""
-    weights = stacked.get("num_tokens")
-    out = {}
-    for key, v in stacked.items():
-        if key in _SUM_KEYS:
-            out[key] = jnp.sum(v)
-        elif key.endswith("_min"):
-            out[key] = jnp.min(v)
-        elif key.endswith("_max"):
-            out[key] = jnp.max(v)
-        elif weights is not None:
-            wsum = jnp.sum(weights)
-            out[key] = jnp.where(wsum > 0, jnp.sum(v * weights) / jnp.maximum(wsum, 1.0), jnp.mean(v))
-        else:
-            out[key] = jnp.mean(v)
-    return out
+# Per-part metrics that are means / extremes over the loss tokens (ratio and clip statistics: over the sequences
+# with ratio_level='sequence'); reduced over micro-batches and updates weighted by that count, and an empty part
+# (no loss token) is left out of the min / max.
+_TOKEN_STAT_KEYS = ("kl_mean", "entropy_mean")
+_RATIO_STAT_KEYS = ("ratio_mean", "ratio_min", "ratio_max", "clip_fraction", "clip_fraction_low",
+                    "clip_fraction_high", "dual_clip_fraction")
 
+
+def _metric_weights(stacked: Metrics, ratio_level: str) -> dict[str, jax.Array]:
+    if "num_tokens" not in stacked:
+        return {}
+    ratio_count = stacked["num_sequences" if ratio_level == "sequence" else "num_tokens"]
+    weights = {key: stacked["num_tokens"] for key in _TOKEN_STAT_KEYS if key in stacked}
+    weights.update({key: ratio_count for key in _RATIO_STAT_KEYS if key in stacked})
+    return weights
+
+
+def _reduce_micro(stacked: Metrics, ratio_level: str = "token") -> Metrics:
+    """Per-micro-batch metric vectors [k] -> minibatch metrics: shares and counts summed, statistics weighted
+    by their token (sequence) count, empty micro-batches left out of min / max."""
+    return reduce_update_metrics(stacked, weights=_metric_weights(stacked, ratio_level), sum_keys=_SUM_KEYS)
+
+
+def _reduce_updates(stacked: Metrics, ratio_level: str) -> Metrics:
+    """Per-update metric vectors [U] -> the step's metrics (statistics weighted by their count, as above)."""
+    return reduce_update_metrics(stacked, weights=_metric_weights(stacked, ratio_level))
 
 
 def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions,
@@ -487,7 +497,7 @@ def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
         micro = split_micro_batches(minibatch, k)
         micro["_micro_index"] = jnp.arange(k)
         (loss, stacked), grads = accumulate_gradients(grad_fn, params, micro)
-        metrics = _reduce_micro(stacked)
+        metrics = _reduce_micro(stacked, opts.ratio_level)
         new_params, new_opt_state, info = apply_updates_if_finite(tx, grads, opt_state, params, loss=loss)
         metrics.update(info)
         if return_grads:
@@ -549,7 +559,7 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
         grads = None
         if opts.num_updates == 1:
             params, opt_state, m, *grads = minibatch_update(params, opt_state, frozen, train_batch)
-            step_metrics = reduce_update_metrics(jax.tree.map(lambda x: x[None], m))
+            step_metrics = _reduce_updates(jax.tree.map(lambda x: x[None], m), opts.ratio_level)
         else:
             indices = minibatch_indices(opts, b, key)
 
@@ -560,7 +570,7 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
                 return (p, o), m
 
             (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state), indices)
-            step_metrics = reduce_update_metrics(stacked)
+            step_metrics = _reduce_updates(stacked, opts.ratio_level)
         metrics = dict(prep.metrics)
         for key_, value in step_metrics.items():
             if key_ == "kl_mean" and opts.kl_placement == "reward":

@@ -178,27 +178,53 @@ def masked_min_max(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]
     return lo, hi
 
 
-def reduce_update_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Metrics of several optimizer updates stacked on axis 0 (``[U]`` each) -> one step's metrics.
+def reduce_update_metrics(stacked: dict[str, jax.Array], *, weights: dict[str, jax.Array] | None = None,
+                          sum_keys: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    """Metrics of several optimizer updates (or micro-batches) stacked on axis 0 (``[U]`` each) -> one metric each.
 
     ``skipped`` (from :func:`apply_updates_if_finite`) becomes "any update skipped" plus the count
-    ``skipped_updates``; keys ending in ``_min`` / ``_max`` take the min / max over updates; everything else the
-    mean (float32).
+    ``skipped_updates``; ``sum_keys`` are summed; keys ending in ``_min`` / ``_max`` take the min / max over
+    updates; everything else the mean (float32).
+
+    ``weights`` maps a key to ``[U]`` non-negative weights, the number of items (tokens, sequences) its
+    per-update value was computed over: that key's mean becomes ``sum(w v) / sum(w)``, and a ``_min`` / ``_max``
+    key leaves out the updates with weight 0 (an update without any item reports 0 there, which is no minimum).
+    When every weight is 0 the result is 0.
 
     >>> m = reduce_update_metrics({"skipped": jnp.array([False, True]), "loss": jnp.array([1.0, 3.0]),
     ...                            "ratio_max": jnp.array([1.5, 1.2])})
     >>> bool(m["skipped"]), float(m["skipped_updates"]), float(m["loss"]), float(m["ratio_max"])
     (True, 1.0, 2.0, 1.5)
+    >>> n = jnp.array([0.0, 30.0])  # the first update had no loss token
+    >>> m = reduce_update_metrics({"ratio_mean": jnp.array([0.0, 1.05]), "ratio_min": jnp.array([0.0, 0.9])},
+    ...                           weights={"ratio_mean": n, "ratio_min": n})
+    >>> round(float(m["ratio_mean"]), 4), round(float(m["ratio_min"]), 4)
+    (1.05, 0.9)
     """
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(stacked))
+    if unknown:
+        raise ValueError(f"`weights` names keys that are not metrics: {unknown}")
     out = {}
     for key, v in stacked.items():
+        w = weights.get(key)
+        if w is not None:
+            w = jnp.asarray(w, jnp.float32)
         if key == "skipped":
             out[key] = jnp.any(v)
             out["skipped_updates"] = jnp.sum(v.astype(jnp.float32))
-        elif key.endswith("_min"):
-            out[key] = jnp.min(v)
-        elif key.endswith("_max"):
-            out[key] = jnp.max(v)
+        elif key in sum_keys:
+            out[key] = jnp.sum(v.astype(jnp.float32))
+        elif key.endswith("_min") or key.endswith("_max"):
+            v = v.astype(jnp.float32)
+            if w is None:
+                out[key] = jnp.min(v) if key.endswith("_min") else jnp.max(v)
+            else:
+                lo, hi = masked_min_max(v, w > 0)
+                out[key] = lo if key.endswith("_min") else hi
+        elif w is not None:
+            wsum = jnp.sum(w)
+            out[key] = jnp.where(wsum > 0, jnp.sum(w * v.astype(jnp.float32)) / jnp.maximum(wsum, 1e-30), 0.0)
         else:
             out[key] = jnp.mean(v.astype(jnp.float32))
     return out

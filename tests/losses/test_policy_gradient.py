@@ -41,7 +41,7 @@ def np_grpo(logp, old, ref, adv, mask, *, beta=0.04, adaptive=True, lo=None, hi=
             return x.sum() / mask.sum()
         if agg == "sequence_mean":
             rows = [x[i].sum() / mask[i].sum() for i in range(b) if mask[i].sum() > 0]
-            return sum(rows) / len(rows)
+            return sum(rows) / b  # every row counts, an empty one adds 0 (TRL grpo)
         return x.sum() / (b * (t if max_tokens is None else max_tokens))
 
     return aggregate(pg + klw), aggregate(pg), aggregate(klw)
@@ -206,14 +206,14 @@ def test_degenerate_inputs_finite():
         assert all(np.all(np.isfinite(v)) for v in m.values()), kw
     # fully masked batch: loss 0, zero grads
     assert loss0 == 0 and np.all(np.asarray(g0) == 0) and m0["num_tokens"] == 0
-    # a fully masked row does not change the loss (excluded from every count)
+    # a fully masked row does not change the loss (excluded from every count; sequence_mean counts it, as TRL)
     logp2, old2, ref2, adv2, mask2 = make_inputs(6, full_row_masked=False)
     pad = lambda x, fill: np.concatenate([x, np.full_like(x[:1], fill)])
 
     @jax.jit
     def padded_vs_plain(args, padded):
         return [(losses.grpo_loss(*padded, loss_aggregation=agg)[0], losses.grpo_loss(*args, loss_aggregation=agg)[0])
-                for agg in ("token_mean", "sequence_mean")]
+                for agg in ("token_mean", "nonempty_sequence_mean")]
 
     args = (logp2, old2, ref2, adv2, mask2)
     padded = (pad(logp2, -1.0), pad(old2, -1.0), pad(ref2, -1.0), pad(adv2, 1.0), pad(mask2, False))
@@ -252,7 +252,7 @@ def test_gradient_accumulation_with_normalizer_equals_full_batch():
                 for agg, nz in zip(aggs, normalizers)]
 
     full = all_aggs(logp, old, ref, adv, mask, (None, None, None))
-    dens = (float(mask.sum()), float(mask.any(1).sum()), 6.0 * 6)  # whole-batch denominators
+    dens = (float(mask.sum()), 6.0, 6.0 * 6)  # whole-batch denominators (sequence_mean: all 6 rows, as TRL)
     micro = [all_aggs(logp[s], old[s], ref[s], adv[s], mask[s], dens) for s in (slice(0, 3), slice(3, 6))]
     for k, agg in enumerate(aggs):
         l_full, g_full = full[k]
@@ -303,7 +303,7 @@ def test_aggregate_loss_and_surrogate_helpers():
     agg = jax.jit(losses.aggregate_loss, static_argnames="loss_aggregation")
     np.testing.assert_allclose(agg(per, mask), per[mask].mean(), rtol=1e-6)
     np.testing.assert_allclose(agg(per, mask, loss_aggregation="sequence_mean"),
-                               (per[0, :2].mean() + per[2].mean()) / 2, rtol=1e-6)
+                               (per[0, :2].mean() + per[2].mean()) / 3, rtol=1e-6)
     np.testing.assert_allclose(agg(per, mask, loss_aggregation="constant_normalizer"), per[mask].sum() / 12,
                                rtol=1e-6)
     ratio = np.array([0.5, 0.9, 1.1, 1.5, 0.5, 1.5, 4.0], np.float32)
