@@ -42,6 +42,9 @@ __all__ = [
     "EVAL_ARITHMETIC_SEED",
 ]
 
+# Keyword arguments the trainer itself passes to reward functions; a data column of that name cannot be passed.
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
+
 # The held-out arithmetic problems come from a fixed seed, independent of the run's seed, so evaluations of
 # different seeds / methods are on the same problems.
 EVAL_ARITHMETIC_SEED = 999_983
@@ -79,8 +82,10 @@ class JsonlPromptSource:
       answer_key: field holding the reference answer (or solution text).
       answer_format: ``'gsm8k'`` (answer after ``####``) or ``'raw'`` (the field as a string).
 
-    Items are ``{"prompt", "answer", "index", **other scalar fields}``. Raises ``ValueError`` naming the line
-    for invalid JSON, a missing field or an unparsable answer.
+    Items are ``{"prompt", "answer", "index", "solution", **other scalar fields}``: ``solution`` is the raw
+    ``answer_key`` field unless the file has a ``solution`` field of its own (kept as it is). Raises
+    ``ValueError`` naming the line for invalid JSON, a missing field, an unparsable answer or a field named
+    like an argument the trainer passes to reward functions (:data:`RESERVED_COLUMNS`).
     """
 
     def __init__(self, path: str | os.PathLike, *, prompt_key: str = "question", answer_key: str = "answer",
@@ -102,6 +107,10 @@ class JsonlPromptSource:
                 for key in (prompt_key, answer_key):
                     if key not in obj:
                         raise ValueError(f"{self.path}:{line_no}: missing field {key!r} (fields: {sorted(obj)})")
+                reserved = sorted(k for k in obj if k in RESERVED_COLUMNS and k not in (prompt_key, answer_key))
+                if reserved:
+                    raise ValueError(f"{self.path}:{line_no}: field(s) {reserved} are reserved: reward functions "
+                                     f"receive {list(RESERVED_COLUMNS)} from the trainer; rename the field(s)")
                 raw_answer = obj[answer_key]
                 try:
                     answer = parse_gsm8k_answer(str(raw_answer)) if answer_format == "gsm8k" else str(raw_answer)
@@ -109,8 +118,10 @@ class JsonlPromptSource:
                     raise ValueError(f"{self.path}:{line_no}: {err} (data.answer_format='gsm8k')") from None
                 extra = {k: v for k, v in obj.items() if k not in (prompt_key, answer_key)
                          and isinstance(v, (str, int, float, bool)) and k not in ("prompt", "answer", "index")}
-                self.examples.append({**extra, "prompt": str(obj[prompt_key]), "answer": answer,
-                                      "solution": str(raw_answer), "index": len(self.examples)})
+                item = {**extra, "prompt": str(obj[prompt_key]), "answer": answer, "index": len(self.examples)}
+                if "solution" not in obj or answer_key == "solution":  # never replace the file's own `solution`
+                    item["solution"] = str(raw_answer)
+                self.examples.append(item)
         if not self.examples:
             raise ValueError(f"{self.path} holds no examples")
 
@@ -221,5 +232,9 @@ def columns_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows -> TRL-style columns ``{key: [value per row]}`` of the keys every row has, except ``prompt``."""
     if not rows:
         return {}
+    reserved = sorted(k for k in rows[0] if k in RESERVED_COLUMNS)
+    if reserved:
+        raise ValueError(f"prompt source column(s) {reserved} are reserved: reward functions receive "
+                         f"{list(RESERVED_COLUMNS)} from the trainer; rename the column(s)")
     keys = [k for k in rows[0] if k != "prompt" and all(k in r for r in rows)]
     return {k: [r[k] for r in rows] for k in keys}

@@ -334,7 +334,11 @@ class RLTrainer:
                                                  host["key"])
         new_state = dict(state, params=params, opt_state=opt_state)
         metrics = dict(metrics)
-        metrics["reward_errors"] = float(host["num_errors"])
+        errors = np.asarray([host["num_errors"]], np.float32)  # this process's rows; sum over processes, as
+        if jax.process_count() > 1:  # num_missing_rewards (computed from the global batch) is
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            errors = multihost_utils.process_allgather(errors, tiled=True)
+        metrics["reward_errors"] = float(np.sum(errors))
         sync = int(self.config.rl.ref_sync_steps)
         if self.ref_in_state:
             synced = (step + 1) % sync == 0

@@ -75,7 +75,7 @@ def np_grpo(logp, ref, adv, mask, *, beta=BETA, adaptive=True, aggregation="toke
         if aggregation == "sequence_mean":
             n = m.sum(1)
             ok = n > 0
-            return ((x * m).sum(1)[ok] / n[ok]).sum() / ok.sum()
+            return ((x * m).sum(1)[ok] / n[ok]).sum() / x.shape[0]  # every row counts (TRL grpo)
         return (x * m).sum() / (x.shape[0] * N)
 
     out = {"pg_loss": agg(pg), "kl_term": agg(coef[:, None] * kl)}
