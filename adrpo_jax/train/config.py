@@ -62,6 +62,9 @@ key                             meaning
 ``distributed.coordinator_address``  ``host:port`` of process 0 ('' = from the environment / auto-detect)
 ``distributed.num_processes``   number of processes (-1 = from the environment / auto-detect)
 ``distributed.process_id``      this process's index (-1 = from the environment / auto-detect)
+``distributed.heartbeat_timeout_s``  a lost process (killed, host down) is reported within about this many
+                                seconds: one line naming it, the last checkpoint step and the command to
+                                resume, exit code 75 (``distributed.PeerWatchdog``)
 ==============================  ===============================================================================
 
 >>> config = common_config()
@@ -225,7 +228,8 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
             "phase_timing": False,
         },
         "compilation_cache_dir": "",
-        "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1},
+        "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1,
+                        "heartbeat_timeout_s": 60},
     }
     merge_defaults(config, defaults)
     return config
@@ -502,6 +506,7 @@ def validate_common_config(config: Any) -> None:
     if nproc != -1 and pid != -1 and pid >= nproc:
         raise ConfigError(f"`distributed.process_id`={pid} must be < `distributed.num_processes`={nproc}.",
                           key="distributed.process_id", value=pid)
+    _require_int_range(config, "distributed.heartbeat_timeout_s", min=2)
 
 
 def finalize_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
