@@ -88,6 +88,11 @@ class DecoderConfig:
     scan_layers: stack the decoder layers along a leading 'layers' axis and run them with one
       `jax.lax.scan` (compile time independent of depth; KV cache [L, B, S, K, hd]). False: a Python list
       of layers (`model.layers[i]` is the live layer). HF checkpoints are the same either way.
+    attention_impl: 'auto' (default), 'xla', 'chunked', 'cudnn' or 'splash' (see
+      `adrpo_jax.models.llm.attention`; 'auto' = splash on TPU, cudnn on GPU where the shapes allow, chunked
+      when T * S >= attention_auto_min_len**2, xla below). Not written to config.json.
+    attention_chunk_size: key slots per block of the 'chunked' implementation.
+    attention_auto_min_len: 'auto' switches from xla to chunked at T * S >= this**2.
 
   >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
   ...                     num_attention_heads=4, num_key_value_heads=2)
@@ -125,6 +130,9 @@ class DecoderConfig:
   remat: bool = False
   remat_policy: str | None = None
   scan_layers: bool = True
+  attention_impl: str = "auto"
+  attention_chunk_size: int = 512
+  attention_auto_min_len: int = 1024
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -206,6 +214,13 @@ class DecoderConfig:
                          f"use None (save nothing) or one of {names}")
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"scan_layers={self.scan_layers!r} must be a bool")
+    from adrpo_jax.models.llm.attention import IMPLEMENTATIONS  # local: attention imports nothing from here
+    if self.attention_impl not in IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is not supported; use one of {IMPLEMENTATIONS}")
+    for name in ("attention_chunk_size", "attention_auto_min_len"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
 
   # --------------------------------------------------------------------------------------------------
   @property

@@ -30,15 +30,17 @@ LoRA (`adrpo_jax.models.lora.apply_lora`): every `Dense` is a site (`layers.{i}.
 `layers.{i}.mlp.{gate,up,down}_proj`, `lm_head` when untied); its adapter lives at `<site>.lora` and the
 3-D attention kernels get `A [in dims..., r]`, `B [r, out dims...]`.
 
-Attention masks are boolean. Causality is over *slots* (token index in the sequence / cache), padding is
-a per-key mask, and rotary positions are separate per-row integers (HF convention for left padding:
-`positions_from_mask`). Padded query rows produce finite garbage (never NaN) that callers mask out.
+Attention masks are structured (`adrpo_jax.models.llm.attention.AttentionMask`: per-key validity, the slot
+of the first query, causal, window), never a dense [B, T, S] tensor unless the chosen implementation needs
+one. Causality is over *slots* (token index in the sequence / cache), padding is a per-key mask, and
+rotary positions are separate per-row integers (HF convention for left padding: `positions_from_mask`).
+Padded query rows produce finite garbage (never NaN) that callers mask out.
 
 Numerics: float32 logits match transformers to ~1e-6 on CPU. On GPU, XLA's default precision for float32
 matmuls is reduced (TF32-like): measured on an H100, max |diff| 2e-2 on the tiny test models; with
 `jax.config.update("jax_default_matmul_precision", "highest")` the 1e-4 parity tests pass there too.
-Attention materializes [B, heads, T, S] float32 scores (no flash kernel): use `remat=True` for long
-sequences in training.
+Attention runs the implementation `config.attention_impl` picks (`adrpo_jax.models.llm.attention`; 'auto'
+by default: memory linear in T from `chunked` on CPU for long sequences, cuDNN / splash kernels on GPU / TPU).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adrpo_jax.models.llm.attention import AttentionMask, attend, attention  # noqa: F401  (attend: re-export)
 from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq
 from adrpo_jax.models.lora import add_lora, effective_kernel
 
@@ -210,25 +213,6 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
   return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
 
 
-def attend(q: Array, k: Array, v: Array, allowed: Array, *, scale: float) -> Array:
-  """Grouped-query attention with a boolean mask; scores and softmax in float32.
-
-  Args:
-    q: [B, T, H, hd]; k, v: [B, S, K, hd] with K dividing H (query head h uses kv head h // G).
-    allowed: [B, T, S] bool.
-  Returns:
-    [B, T, H, hd] in v's dtype.
-  """
-  b, t, h, hd = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, h // kv, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, hd)
-
-
 class Attention(nnx.Module):
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     d, h, k, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -248,10 +232,13 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
     self.scale = hd ** -0.5
+    self.attention_impl = config.attention_impl
+    self.attention_chunk_size = config.attention_chunk_size
+    self.attention_auto_min_len = config.attention_auto_min_len
 
   def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
-    """x [B, T, D] -> [B, T, D]; with `kv_cache=(k [B,S,K,hd], v)` the new keys/values are written at
-    slot `index` and the updated pair is returned as well."""
+    """x [B, T, D] -> [B, T, D] under the `AttentionMask` `allowed`; with `kv_cache=(k [B,S,K,hd], v)` the
+    new keys/values are written at slot `index` and the updated pair is returned as well."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -262,7 +249,8 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
       kv_cache = (k, v)
-    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed, scale=self.scale)
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), allowed, scale=self.scale, impl=self.attention_impl,
+                    chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len)
     return self.o_proj(out), kv_cache
 
 
@@ -352,7 +340,7 @@ class StackedDecoderLayers(DecoderLayer):
     """Runs the L layers over x [B, T, D] with one `jax.lax.scan`.
 
     Args:
-      allowed: [B, T, S] bool mask without sliding windows (each layer's window is added inside the scan).
+      allowed: the `AttentionMask` without sliding windows (each layer's window is added inside the scan).
       windows: per layer, the sliding window or None (static); slot_distance [T, S]: query slot - key slot.
       kv_cache: None or (keys, values) [L, B, S, K, hd]; index: the cache slot of the first new token.
       remat, policy: `jax.checkpoint` each layer (inside the scan) with this `jax.checkpoint_policies` policy.
@@ -371,7 +359,7 @@ class StackedDecoderLayers(DecoderLayer):
       layer = nnx.merge(graphdef, layer_state)
       mask = allowed
       if has_window:  # window 0 = full attention in this layer
-        mask = allowed & ((window <= 0) | (slot_distance < window))[None]
+        mask = allowed.with_window_array(window)
       with lora_dropout_fold_in(layer_index):
         x, kv = DecoderLayer.__call__(layer, x, cos, sin, mask, kv, index)
       return x, kv
@@ -502,12 +490,9 @@ class CausalLM(nnx.Module):
       key_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, index))
       q_slots = index + jnp.arange(t)
       k_slots = jnp.arange(cache.max_length)
-    causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
     stacked = isinstance(self.layers, StackedDecoderLayers)
-    masks: dict[int | None, Array] = {}
-    for window in (set() if stacked else set(cfg.layer_sliding_windows)):
-      allowed = causal if window is None else causal & (q_slots[:, None] - k_slots[None, :] < window)
-      masks[window] = allowed[None, :, :] & key_valid[:, None, :]
+    attn_mask = AttentionMask(key_valid=key_valid, q_offset=index)  # structured: no [B, T, S] tensor here
+    masks = {w: attn_mask.replace(window=w) for w in (set() if stacked else set(cfg.layer_sliding_windows))}
     cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
 
     x = self.embed_tokens(tokens)
@@ -515,7 +500,7 @@ class CausalLM(nnx.Module):
     use_remat = cfg.remat and cache is None
     if stacked:  # one lax.scan over the stacked layers (sliding windows applied per layer inside it)
       kv = None if cache is None else (cache.keys, cache.values)
-      x, kv = self.layers.scan(x, cos, sin, causal[None, :, :] & key_valid[:, None, :],
+      x, kv = self.layers.scan(x, cos, sin, attn_mask,
                                windows=cfg.layer_sliding_windows, slot_distance=q_slots[:, None] - k_slots[None, :],
                                kv_cache=kv, index=index, remat=use_remat, policy=_remat_policy(cfg))
       if cache is not None:
