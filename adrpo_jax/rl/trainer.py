@@ -36,6 +36,15 @@ Metrics (one JSONL line / TensorBoard point per ``log_every`` steps, means over 
 ``num_missing_rewards``, ``pg_loss``, ``kl_term``, ``entropy_term``, ``loss``, ``grad_norm``,
 ``skipped_updates``, ``tokens_per_sec``, ``step_time_s``, ``learning_rate``, ``ref_synced``, ``eval/accuracy``.
 A few decoded samples per logged step go to ``workdir/samples.jsonl``.
+
+Where a step's time goes (seconds, means over the interval; also on the console line): ``time/rollout``
+(prompts, then the sampler until the completions reach the host, where the host waits anyway),
+``time/reward`` (decoding and the reward functions, host), ``time/logprobs`` and ``time/update`` (the update
+dispatched until its metrics are ready; the loop reads them every step anyway). The old-policy / reference
+log-prob passes overlap the reward functions (step 3), so by default ``time/logprobs`` is only their part not
+hidden behind the rewards (the wait after scoring); with ``logging.phase_timing=True`` the host waits for them
+before scoring and ``time/logprobs`` is their full time (the overlap is lost: a slower step, exact phases).
+``time/eval`` and ``time/checkpoint`` come from :func:`adrpo_jax.train.run_training`.
 """
 
 from __future__ import annotations
@@ -299,8 +308,11 @@ class RLTrainer:
     # ------------------------------------------------------------------------------------------------------
 
     def rollout_batch(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Generates, scores and assembles the rollout batch of ``step`` (global arrays) and host info."""
+        """Generates, scores and assembles the rollout batch of ``step`` (global arrays) and host info
+        (``host["times"]``: the phase times of the module docstring, seconds)."""
         mesh, opts = self.mesh, self.opts
+        blocking = bool(self.config.logging.phase_timing)
+        t_start = time.perf_counter()
         rows = self.iterator.next_rows()
         prompts = [r["prompt"] for r in rows]
         tokens, pmask, ptrunc = self.encoder.encode(prompts)
@@ -318,22 +330,37 @@ class RLTrainer:
             batch["ref_logp"], _ = self.ref_logprobs(self.reference_params(state), self.frozen, out.tokens,
                                                      out.attention_mask)
         local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths})
+        t_generated = time.perf_counter()  # the host waited for the sampler here anyway
+        logprob_outputs = [batch[k] for k in ("old_logp", "ref_logp") if k in batch]
+        if blocking:  # logging.phase_timing: the log-prob passes alone (no overlap with the reward functions)
+            jax.block_until_ready(logprob_outputs)
+        t_reward = time.perf_counter()
         texts = self.encoder.decode(local["completions"], local["lengths"])
         columns = data_lib.columns_of(rows)
         columns["completion_ids"] = [row[:n].tolist() for row, n in zip(local["completions"], local["lengths"])]
         scored = self.rewards(prompts, texts, **columns)
+        t_scored = time.perf_counter()
+        if not blocking:  # the part of the log-prob passes not hidden behind the reward functions; the update
+            jax.block_until_ready(logprob_outputs)  # waits for them on the device anyway
+        t_logprobs = time.perf_counter()
         batch.update(train.host_local_to_global({"rewards": scored.rewards, "reward_valid": scored.valid,
                                                  "reward_components": scored.per_function}, mesh))
+        times = {"time/rollout": t_generated - t_start, "time/reward": t_scored - t_reward,
+                 "time/logprobs": (t_reward - t_generated) if blocking else (t_logprobs - t_scored)}
         host = {"prompts": prompts, "completions": texts, "rewards": scored.rewards, "key": update_key,
-                "num_errors": scored.num_errors}
+                "num_errors": scored.num_errors, "times": times}
         return batch, host
 
     def train_step(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
         batch, host = self.rollout_batch(step, state)
+        t_update = time.perf_counter()
         params, opt_state, metrics = self.update(state["params"], state["opt_state"], self.frozen, batch,
                                                  host["key"])
+        # The loop reads the update's `skipped` flag after every step: the host waits for the update anyway.
+        metrics = jax.block_until_ready(metrics)
         new_state = dict(state, params=params, opt_state=opt_state)
         metrics = dict(metrics)
+        metrics.update(host["times"], **{"time/update": time.perf_counter() - t_update})
         errors = np.asarray([host["num_errors"]], np.float32)  # this process's rows; sum over processes, as
         if jax.process_count() > 1:  # num_missing_rewards (computed from the global batch) is
             from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel

@@ -171,3 +171,38 @@ def test_progress_bar_carries_the_reward_and_the_line_goes_above_it(tmp_path, mo
     out = fake.getvalue()
     assert "step 2/4: reward_mean=0.25" in out and "reward_mean=0.25" in out.split("step 4/4")[-1]
     assert not [r for r in caplog.records if r.getMessage().startswith("step ")]  # one line per record, not two
+
+
+# -- per-phase times of the LLM trainer ------------------------------------------------------------------------
+
+from tests.rl.conftest import tiny_model_dir  # noqa: E402,F401  # pylint: disable=unused-import,wrong-import-position
+
+
+def slow_reward(prompts, completions, **columns):
+    """A reward function that takes 0.3 s (a stand-in for a verifier)."""
+    time.sleep(0.3)
+    return [float(len(c) % 2) for c in completions]
+
+
+@pytest.mark.slow  # two tiny RL runs: ~1 min of compilation on 2 cores
+@pytest.mark.parametrize("phase_timing", [False, True])
+def test_llm_trainer_logs_where_the_step_time_goes(tiny_model_dir, tmp_path, caplog, phase_timing):
+    from adrpo_jax.rl.trainer import RLTrainer
+    from tests.rl.test_trainer import tiny_config
+
+    caplog.set_level(logging.INFO, logger="adrpo_jax.train.loop")
+    config = tiny_config(tiny_model_dir, eval_every=0, **{
+        "rl.ref_sync_steps": 0, "rewards.functions": ("tests.train.test_loop_timing_console:slow_reward",),
+        "rewards.weights": (1.0,), "logging.phase_timing": phase_timing})
+    RLTrainer(config, tmp_path).run()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    phases = ("time/rollout", "time/reward", "time/logprobs", "time/update")
+    for r in records:
+        assert all(r[k] >= 0 for k in phases), r
+        assert r["time/reward"] >= 0.3  # the slow reward function, timed on the host
+        assert r["time/rollout"] > 0 and r["time/update"] > 0
+        assert sum(r[k] for k in phases) <= r["step_time_s"] + 1e-3, r  # parts of the step, not more
+    if phase_timing:
+        assert all(r["time/logprobs"] > 0 for r in records)  # the passes' full time
+    lines = [m.getMessage() for m in caplog.records if m.getMessage().startswith("step ")]
+    assert len(lines) == len(records) and all("time/reward=" in line and "reward_mean=" in line for line in lines)
