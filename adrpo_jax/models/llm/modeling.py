@@ -335,13 +335,13 @@ class StackedDecoderLayers(DecoderLayer):
         var.set_metadata("out_sharding", tuple(names[1:]))
     return layer
 
-  def scan(self, x, cos, sin, allowed, *, windows, slot_distance, kv_cache=None, index=None,
-           remat: bool = False, policy=None):
+  def scan(self, x, cos, sin, allowed, *, windows, kv_cache=None, index=None, remat: bool = False, policy=None):
     """Runs the L layers over x [B, T, D] with one `jax.lax.scan`.
 
     Args:
       allowed: the `AttentionMask` without sliding windows (each layer's window is added inside the scan).
-      windows: per layer, the sliding window or None (static); slot_distance [T, S]: query slot - key slot.
+      windows: per layer, the sliding window or None (static); one window shared by every layer stays static
+        (any attention implementation), different ones become a traced per-layer `window_array`.
       kv_cache: None or (keys, values) [L, B, S, K, hd]; index: the cache slot of the first new token.
       remat, policy: `jax.checkpoint` each layer (inside the scan) with this `jax.checkpoint_policies` policy.
     Returns:
@@ -351,7 +351,9 @@ class StackedDecoderLayers(DecoderLayer):
 
     graphdef, state = nnx.split(self)
     n = len(self)
-    has_window = any(w is not None for w in windows)
+    has_window = len(set(windows)) > 1  # else one static window (or none) for all layers
+    if not has_window and windows[0] is not None:
+      allowed = allowed.replace(window=int(windows[0]))
     window_arr = jnp.asarray([0 if w is None else int(w) for w in windows], jnp.int32)
 
     def body(x, xs):
@@ -481,15 +483,12 @@ class CausalLM(nnx.Module):
       if positions is None:
         positions = (positions_from_mask(valid) if attention_mask is not None
                      else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-      key_valid, q_slots, index = valid, jnp.arange(t), None
-      k_slots = jnp.arange(t)
+      key_valid, index = valid, None
     else:
       if positions is None:
         positions = cache.next_position[:, None] + positions_from_mask(valid)
       index = cache.index
       key_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, index))
-      q_slots = index + jnp.arange(t)
-      k_slots = jnp.arange(cache.max_length)
     stacked = isinstance(self.layers, StackedDecoderLayers)
     attn_mask = AttentionMask(key_valid=key_valid, q_offset=index)  # structured: no [B, T, S] tensor here
     masks = {w: attn_mask.replace(window=w) for w in (set() if stacked else set(cfg.layer_sliding_windows))}
@@ -500,9 +499,8 @@ class CausalLM(nnx.Module):
     use_remat = cfg.remat and cache is None
     if stacked:  # one lax.scan over the stacked layers (sliding windows applied per layer inside it)
       kv = None if cache is None else (cache.keys, cache.values)
-      x, kv = self.layers.scan(x, cos, sin, attn_mask,
-                               windows=cfg.layer_sliding_windows, slot_distance=q_slots[:, None] - k_slots[None, :],
-                               kv_cache=kv, index=index, remat=use_remat, policy=_remat_policy(cfg))
+      x, kv = self.layers.scan(x, cos, sin, attn_mask, windows=cfg.layer_sliding_windows, kv_cache=kv, index=index,
+                               remat=use_remat, policy=_remat_policy(cfg))
       if cache is not None:
         new_keys, new_values = kv
     if use_remat and not stacked:

@@ -200,12 +200,6 @@ def test_lora_dropout_differs_per_layer_of_a_stack():
   model = lora.apply_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), lora.LoRAConfig(2, 4.0, dropout=0.5,
                                                                            target_modules=("q_proj",)),
                           rngs=nnx.Rngs(1))
-  seen = []
-
-  def record(self, x):
-    seen.append(x)
-    return x
-
   # the key each layer's adapters see inside the scan: fold_in(key, layer index)
   @jax.jit
   def keys(key):
@@ -257,3 +251,15 @@ def test_train_checkpoint_of_the_other_layout_fails_naming_both_layouts():
   with pytest.raises(CheckpointMismatchError, match=r"in the stacked layout .*resume with scan_layers=True"):
     check_tree_matches({"params": stacked}, {"params": listed})
   check_tree_matches({"params": stacked}, {"params": stacked})
+
+
+def test_one_window_shared_by_all_layers_stays_static():
+  cfg = dataclasses.replace(CFG, layer_types=("sliding_attention",) * 3)
+  scan, lst = _models(cfg)
+  forward = jax.jit(lambda m: m(TOKENS, attention_mask=MASK))
+  np.testing.assert_allclose(np.asarray(forward(scan)), np.asarray(forward(lst)), **TOL)
+  jaxpr = str(jax.make_jaxpr(lambda m: m(TOKENS, attention_mask=MASK))(scan))
+  assert jaxpr.count("scan[") == 1
+  # the window differs from full attention (the test would not see a dropped window otherwise)
+  full = CausalLM(dataclasses.replace(cfg, layer_types=None), rngs=nnx.Rngs(0))
+  assert np.abs(np.asarray(forward(full)) - np.asarray(forward(scan))).max() > 1e-3
