@@ -39,6 +39,12 @@ pre-trained model on the policy's eval samples). Images: ``workdir/samples_befor
 ``workdir/samples_before_after.png`` (pre-trained vs fine-tuned, one row per prompt) at the end; with
 ``model.save_final`` the fine-tuned DiT goes to ``workdir/final_model`` (``load_dit``).
 
+Where a step's time goes: the step is one fused XLA program (sampling, reward and update overlap nothing on
+the host), so by default only ``step_time_s`` / ``images_per_sec`` (and ``time/eval``, ``time/checkpoint``)
+are logged. ``logging.phase_timing=True`` runs it as three jitted programs with the same keys, the host
+waiting for each: ``time/sample``, ``time/reward``, ``time/update`` (the same math, another compilation:
+equal to the fused step up to float32 rounding).
+
 LoRA (``lora.enabled``, :mod:`adrpo_jax.models.lora`): adapters on the DiT sites of ``lora.target_modules``; the
 state (optimizer state and checkpoints included) holds the adapters only, the pre-trained weights are the
 frozen part (``frozen``, reloaded at start, never checkpointed), the reference of the W2 term is the same model
@@ -51,6 +57,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -341,6 +348,9 @@ class FlowTrainer:
         self.step_fn = jax.jit(make_train_step(self.graphdef, self.tx, self.reward_model, self.opts, self.mesh,
                                                ref_graphdef=self.ref_graphdef, lora_dropout=lora_dropout),
                                out_shardings=(self.state_shardings, repl), donate_argnums=0)
+        self.phase_fns = None
+        if bool(config.logging.phase_timing):
+            self.phase_fns = self._make_phase_fns(lora_dropout)
         self.evaluator = None
         if int(config.eval_every) > 0 or bool(config.eval.write_images):
             self.evaluator = FlowEvaluator(self)
@@ -378,6 +388,55 @@ class FlowTrainer:
         return step_prompts(int(self.config.seed), step, int(rl.prompts_per_step), int(rl.samples_per_prompt),
                             self.num_conditions)
 
+    def _make_phase_fns(self, lora_dropout: bool) -> dict[str, Callable]:
+        """``logging.phase_timing``: the step of ``make_train_step`` as three jitted programs (sample, reward,
+        update + refreshes) with the same keys, so that each phase can be timed; the same math as the fused
+        step (another compilation: equal up to float32 rounding, not bit-identical)."""
+        from adrpo_jax.flow.step import (_select_tree, make_flow_update, make_rollout_fn, mix_params,
+                                         reward_components)  # pylint: disable=import-outside-toplevel
+        from adrpo_jax.flow.metrics import pairwise_diversity  # pylint: disable=import-outside-toplevel
+
+        opts, mesh, reward_model = self.opts, self.mesh, self.reward_model
+        repl = train.replicated_sharding(mesh)
+        bs = train.batch_sharding(mesh)
+        no_reward = lambda x, c: jnp.zeros(x.shape[:1], jnp.float32)  # noqa: E731  # the sampler alone
+        rollout = make_rollout_fn(self.graphdef, no_reward, opts, mesh)
+        update = make_flow_update(self.graphdef, self.tx, opts, mesh, ref_graphdef=self.ref_graphdef,
+                                  lora_dropout=lora_dropout)
+
+        def sample_fn(state, frozen, cond, key):
+            k_roll, _ = jax.random.split(key)
+            sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
+            return rollout(sampler, frozen, cond, k_roll)[0]
+
+        def update_fn(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler):
+            _, k_update = jax.random.split(key)
+            reference = state["ref_params"] if "ref_params" in state else ref_params
+            if reference is None:
+                reference = state["params"]
+            batch = {"x1": x1, "cond": cond, "rewards": comps["reward"],
+                     "components": {k: v for k, v in comps.items() if k != "reward"}}
+            params, opt_state, metrics = update(state["params"], state["opt_state"], reference, frozen, batch,
+                                                k_update)
+            new_state = dict(state, params=params, opt_state=opt_state)
+            refresh_ref = jnp.asarray(refresh_ref, bool)
+            refresh_sampler = jnp.asarray(refresh_sampler, bool)
+            if "ref_params" in state:
+                new_state["ref_params"] = _select_tree(refresh_ref, mix_params(reference, params,
+                                                                               opts.ref_refresh_alpha), reference)
+            if "sampler_params" in state:
+                sampler = state["sampler_params"]
+                new_state["sampler_params"] = _select_tree(refresh_sampler, params, sampler)
+            metrics = dict(metrics)
+            metrics["sample_diversity"] = pairwise_diversity(x1, cond, opts.num_conditions)[1]
+            metrics["ref_refreshed"] = (refresh_ref & ("ref_params" in state)).astype(jnp.float32)
+            metrics["sampler_refreshed"] = (refresh_sampler & ("sampler_params" in state)).astype(jnp.float32)
+            return new_state, metrics
+
+        return {"sample": jax.jit(sample_fn, out_shardings=bs),
+                "reward": jax.jit(lambda x1, cond: reward_components(reward_model, x1, cond)),
+                "update": jax.jit(update_fn, out_shardings=(self.state_shardings, repl), donate_argnums=0)}
+
     def train_step(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
         rl = self.config.rl
         cond = train.host_local_to_global(self.prompts(step)[self.rows], self.mesh)
@@ -386,13 +445,26 @@ class FlowTrainer:
         refresh_sampler = self.sampler_in_state and (step + 1) % int(rl.sampler_refresh_steps) == 0
         # A LoRA reference (adapters off) takes the policy's own adapters (ignored): ref_params None.
         ref = None if self.ref_in_state or self.lora_config is not None else self.ref_params
-        state, metrics = self.step_fn(state, ref, self.frozen, cond, key, np.bool_(refresh_ref),
-                                      np.bool_(refresh_sampler))
+        if self.phase_fns is None:
+            state, metrics = self.step_fn(state, ref, self.frozen, cond, key, np.bool_(refresh_ref),
+                                          np.bool_(refresh_sampler))
+        else:  # logging.phase_timing: three programs, the host waiting for each
+            fns = self.phase_fns
+            t0 = time.perf_counter()
+            x1 = jax.block_until_ready(fns["sample"](state, self.frozen, cond, key))
+            t1 = time.perf_counter()
+            comps = jax.block_until_ready(fns["reward"](x1, cond))
+            t2 = time.perf_counter()
+            state, metrics = jax.block_until_ready(fns["update"](state, ref, self.frozen, cond, key, x1, comps,
+                                                                 np.bool_(refresh_ref), np.bool_(refresh_sampler)))
+            metrics = dict(metrics, **{"time/sample": t1 - t0, "time/reward": t2 - t1,
+                                       "time/update": time.perf_counter() - t2})
+        # Logged as ref_refreshed / sampler_refreshed; at DEBUG so that a logged step prints one console line.
         if refresh_ref:
-            log.info("step %d: reference refreshed (ref = %g * policy + %g * ref)", step + 1,
-                     float(rl.ref_refresh_alpha), 1.0 - float(rl.ref_refresh_alpha))
+            log.debug("step %d: reference refreshed (ref = %g * policy + %g * ref)", step + 1,
+                      float(rl.ref_refresh_alpha), 1.0 - float(rl.ref_refresh_alpha))
         if refresh_sampler:
-            log.info("step %d: sampling copy refreshed", step + 1)
+            log.debug("step %d: sampling copy refreshed", step + 1)
         return state, metrics
 
     def eval_step(self, step: int, state) -> dict[str, Any]:

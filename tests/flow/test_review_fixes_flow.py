@@ -108,3 +108,38 @@ def test_remat_is_not_part_of_the_pretraining_cache_key(tmp_path, monkeypatch):
     assert pretrain._hash({**old_key, "version": 1}) not in pretrain._run_dir(
             "dit", {"data": old_key["data"], "model": pretrain._model_cache_key(pretrain.dit_config_from(config)),
                             "pretrain": old_key["pretrain"]}, None, True)
+
+
+# -- issue 16: the flow step's phases --------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two tiny flow runs (~1 min of compilation on 2 cores)
+def test_phase_timing_splits_the_step_into_timed_phases_with_the_same_numbers(tmp_path, caplog):
+    """logging.phase_timing=True: time/sample, time/reward, time/update (within step_time_s), one console line per
+    record, and the metrics of the fused step up to float32 rounding (two different compiled programs)."""
+    import logging
+
+    from adrpo_jax.flow.trainer import FlowTrainer
+    from adrpo_jax.train.metrics import read_jsonl
+    from tests.flow.test_trainer import _tiny_models, tiny_trainer_config
+
+    caplog.set_level(logging.INFO)
+    runs = {}
+    for phase_timing in (False, True):
+        config = tiny_trainer_config(total_steps=2)
+        config.log_every, config.eval_every, config.eval.write_images = 1, 0, False
+        config.model.save_final = False
+        config.logging.phase_timing = phase_timing
+        FlowTrainer(config, tmp_path / str(phase_timing), models=_tiny_models()).run()
+        runs[phase_timing] = read_jsonl(tmp_path / str(phase_timing) / "metrics.jsonl")
+    fused, split = runs[False], runs[True]
+    assert [r["step"] for r in split] == [1, 2]
+    for a, b in zip(fused, split):
+        assert "time/sample" not in a
+        phases = [b[k] for k in ("time/sample", "time/reward", "time/update")]
+        assert all(p > 0 for p in phases) and sum(phases) <= b["step_time_s"] + 1e-3, b
+        for key in ("reward_mean", "loss", "w2_mean", "sample_diversity", "grad_norm", "ref_refreshed"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)  # float32 rounding
+    lines = [m.getMessage() for m in caplog.records if m.getMessage().startswith("step ")]
+    assert len(lines) == 4, lines  # one line per logged step (no "refreshed" line beside it)
+    assert all("reward_mean=" in line for line in lines) and "time/update=" in lines[-1]
