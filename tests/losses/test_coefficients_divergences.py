@@ -76,8 +76,8 @@ def test_coefficient_metrics_mask_and_shard_map():
     f = jax.jit(jax.shard_map(lambda x, mm: losses.coefficient_metrics(x, 0.04, mask=mm, axis_name="data"),
                               mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))
     ms = f(a, mask)
-    for k in m:
-        np.testing.assert_allclose(ms[k], m[k], rtol=1e-6, atol=1e-7)
+    for k in m:  # psum of per-device partial sums: another float32 summation order than the single-device mean
+        np.testing.assert_allclose(ms[k], m[k], rtol=1e-5, atol=1e-6)
 
 
 def np_kl(logp, ref, est):

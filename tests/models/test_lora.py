@@ -132,7 +132,9 @@ def test_init_is_exactly_the_base_model_and_adapter_shapes():
     base = _numpy_model()
     y0 = np.asarray(_logits(base, TOKENS, MASK))
     model = _adapted()
-    np.testing.assert_array_equal(np.asarray(_logits(model, TOKENS, MASK)), y0)
+    # B = 0 adds exact zeros, but the adapted forward is a different program from the base model's (other fusion
+    # and summation order on another CPU/ISA): a few float32 ulps, far below any real adapter effect (> 1e-2)
+    np.testing.assert_allclose(np.asarray(_logits(model, TOKENS, MASK)), y0, rtol=1e-5, atol=1e-6)
     q = model.layers[0].self_attn.q_proj.lora
     assert q.lora_a.shape == (16, 3) and q.lora_b.shape == (3, 4, 4)
     o = model.layers[0].self_attn.o_proj.lora
@@ -187,7 +189,8 @@ def test_adapters_off_is_exactly_the_base_model():
     y_base = np.asarray(_logits(base, TOKENS, MASK))
     assert np.abs(np.asarray(_logits(model, TOKENS, MASK)) - y_base).max() > 1e-2
     with lora.lora_disabled(model):
-        np.testing.assert_array_equal(np.asarray(_logits(model, TOKENS, MASK)), y_base)
+        # adapters off vs the plain base model: two different programs, float32 ulps apart (effect checked > 1e-2)
+        np.testing.assert_allclose(np.asarray(_logits(model, TOKENS, MASK)), y_base, rtol=1e-5, atol=1e-6)
     assert all(s.adapter.enabled for s in lora.lora_sites(model) if s.adapted)  # restored
     # functional: a second GraphDef with the adapters off, the same state (the trainer's reference pass)
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
@@ -196,7 +199,8 @@ def test_adapters_off_is_exactly_the_base_model():
     logp = jax.jit(lambda g, p, f: token_logprobs(nnx.merge(g, p, f), TOKENS, MASK), static_argnums=0)
     base_g, base_p = nnx.split(base)
     want = np.asarray(jax.jit(lambda p: token_logprobs(nnx.merge(base_g, p), TOKENS, MASK))(base_p))
-    np.testing.assert_array_equal(np.asarray(logp(ref_graphdef, params, frozen)), want)
+    # two different jitted programs (measured 4.8e-7 apart on an Intel CPU): few-ulp tolerance, effect is > 1e-3
+    np.testing.assert_allclose(np.asarray(logp(ref_graphdef, params, frozen)), want, rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(logp(graphdef, params, frozen)) - want).max() > 1e-3
 
 

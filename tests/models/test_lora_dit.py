@@ -61,7 +61,9 @@ def test_sites_and_init_equals_base(base_and_adapted, inputs):
     assert type(blk.fc1) is lora.LoRALinear and type(blk.modulation) is nnx.Linear
     assert blk.attn.wq_lora.lora_a.shape == (32, 4) and blk.attn.wq_lora.lora_b.shape == (4, 2, 16)
     assert blk.attn.wo_lora.lora_a.shape == (2, 16, 4) and blk.attn.wo_lora.lora_b.shape == (4, 32)
-    np.testing.assert_array_equal(np.asarray(_velocity(adapted, *inputs)), np.asarray(_velocity(base, *inputs)))
+    # B = 0 at init, but a different program from the base model's (other fusion/summation order): float32 ulps
+    np.testing.assert_allclose(np.asarray(_velocity(adapted, *inputs)), np.asarray(_velocity(base, *inputs)),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_attention_update_matches_numpy(base_and_adapted):
@@ -109,11 +111,12 @@ def test_gradients_only_on_adapters_and_off_equals_base(base_and_adapted, inputs
     v_base = np.asarray(_velocity(base, *inputs))
     assert np.abs(np.asarray(_velocity(moved, *inputs)) - v_base).max() > 1e-3
     with lora.lora_disabled(moved):
-        np.testing.assert_array_equal(np.asarray(_velocity(moved, *inputs)), v_base)
+        # adapters off vs the base model: different programs, float32 ulps apart (the adapters' effect is > 1e-3)
+        np.testing.assert_allclose(np.asarray(_velocity(moved, *inputs)), v_base, rtol=1e-5, atol=1e-6)
     # the flow trainer's functional form: the reference velocity from the same states, adapters off
     graphdef, ref_graphdef, adapters, base_state = lora.split_lora(moved)
     v_ref = jax.jit(lambda a, b: nnx.merge(ref_graphdef, a, b)(x, t, cond))(adapters, base_state)
-    np.testing.assert_array_equal(np.asarray(v_ref), v_base)
+    np.testing.assert_allclose(np.asarray(v_ref), v_base, rtol=1e-5, atol=1e-6)  # jitted vs eager: float32 ulps
 
 
 def test_merge_equals_and_saves_as_plain_dit(base_and_adapted, inputs, tmp_path):

@@ -44,11 +44,13 @@ def test_sharded_loss_matches_single_device(mesh_shape):
     vg = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
     (l1, m1), g1 = vg(single)(theta, batch["logp"])
     (l2, m2), g2 = vg(sharded)(theta, batch["logp"])
-    np.testing.assert_allclose(l2, l1, rtol=1e-6, atol=1e-7)
+    # psum of 8 per-device partial sums vs one sum: a different float32 summation order (ulp-level differences that
+    # depend on the CPU/ISA), so float32-accumulation tolerances rather than 1e-7
+    np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-6)
     for k in m1:
-        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    np.testing.assert_allclose(g2[0], g1[0], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(g2[1], g1[1], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(g2[0], g1[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g2[1], g1[1], rtol=1e-5, atol=1e-6)
 
 
 def test_indivisible_batch_names_the_leaf():
