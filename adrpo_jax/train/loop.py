@@ -324,7 +324,7 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                     if done % log_every == 0 or is_last or eval_metrics:
                         last_record = flush_record(done, eval_metrics) or last_record
                     timed_save(done, is_last)
-                    progress.update(done, {k: v for k, v in last_record.items() if k in PROGRESS_KEYS})
+                    progress.update(done, {k: last_record[k] for k in PROGRESS_KEYS if k in last_record})
                     if not is_last and guard.should_stop(done):
                         if buffer:
                             last_record = flush_record(done, None) or last_record

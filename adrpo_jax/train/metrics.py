@@ -314,10 +314,35 @@ class ProgressBar:
         primary = (jax.process_index() == 0) if is_primary is None else is_primary
         ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
         self._bar = None
+        self._redirected: list[tuple[logging.StreamHandler, Any]] = []
         if enabled and primary and not ci and sys.stderr.isatty():
             from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
             self._bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
                              unit="step")
+            self._redirect_logging()
+
+    def _redirect_logging(self) -> None:
+        """While the bar is shown, log records written to the terminal (the root logger's stream handlers, absl's
+        included) go through ``tqdm.write``: above the bar, not glued to it."""
+        handlers = []
+        for handler in logging.getLogger().handlers:
+            handlers.append(getattr(handler, "python_handler", handler))  # absl's ABSLHandler wraps a StreamHandler
+        for handler in handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+                try:
+                    previous = handler.setStream(_TqdmStream(handler.stream))
+                except Exception:  # pylint: disable=broad-except  # a handler that does not allow it: leave it
+                    continue
+                self._redirected.append((handler, previous))
+
+    def _restore_logging(self) -> None:
+        for handler, previous in reversed(self._redirected):
+            try:
+                handler.setStream(previous)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        self._redirected = []
 
     @property
     def active(self) -> bool:
@@ -345,5 +370,32 @@ class ProgressBar:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._restore_logging()
             self._bar.close()
             self._bar = None
+
+
+class _TqdmStream:
+    """A text stream that writes whole lines with ``tqdm.write`` (the bar is cleared and redrawn around them)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            tqdm.write(line, file=self._stream)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+            tqdm.write(self._pending, file=self._stream)
+            self._pending = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()

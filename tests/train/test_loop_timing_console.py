@@ -66,11 +66,11 @@ def test_step_time_and_throughput_exclude_eval_and_checkpoint_time(tmp_path):
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
-        assert 0.04 < r["step_time_s"] < 0.15, r  # the train step alone (+ scheduling noise on a busy machine)
+        assert 0.04 < r["step_time_s"] < 0.25, r  # the train step alone (pre-fix ~0.4; slack for a busy machine)
         assert r["steps_per_sec"] > 6.0 and r["n_per_sec"] > 12.0, r  # ~20 and ~40: 2 steps, 4 'n' in ~0.1 s
         assert r["time/eval"] >= 0.3, r
-    assert 0.2 <= records[0]["time/checkpoint"] < 0.35  # the save after step 1 (that of step 2 follows the record)
-    assert 0.4 <= records[1]["time/checkpoint"] < 0.6  # the saves after steps 2 and 3
+    assert 0.2 <= records[0]["time/checkpoint"] < 0.4  # the save after step 1 (that of step 2 follows the record)
+    assert 0.4 <= records[1]["time/checkpoint"] < 0.8  # the saves after steps 2 and 3 (slack: a busy machine)
 
 
 def test_no_checkpoint_or_eval_time_key_without_a_save_or_an_eval(tmp_path):
@@ -206,3 +206,29 @@ def test_llm_trainer_logs_where_the_step_time_goes(tiny_model_dir, tmp_path, cap
         assert all(r["time/logprobs"] > 0 for r in records)  # the passes' full time
     lines = [m.getMessage() for m in caplog.records if m.getMessage().startswith("step ")]
     assert len(lines) == len(records) and all("time/reward=" in line and "reward_mean=" in line for line in lines)
+
+
+def test_log_records_go_above_the_bar_while_it_is_shown(tmp_path, monkeypatch):
+    """A terminal log handler (absl's in launch.py) writes through tqdm.write while the bar is shown (its lines are
+    not glued to the bar), and gets its stream back afterwards."""
+    monkeypatch.delenv("CI", raising=False)
+    fake = _TTY()
+    monkeypatch.setattr(sys, "stderr", fake)
+    handler = logging.StreamHandler(fake)
+    logging.getLogger().addHandler(handler)
+    seen = []
+    step = make_step()
+
+    def train_step(i, state):
+        seen.append(type(handler.stream).__name__)
+        logging.getLogger("some.module").warning("a log line at step %d", i)
+        return step(i, state)
+
+    try:
+        run_training(config=make_config(eval_every=0, logging__progress_bar=True), workdir=tmp_path,
+                     init_state=init, abstract_state=ABSTRACT, train_step=train_step)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert seen == ["_TqdmStream"] * 4 and handler.stream is fake
+    out = fake.getvalue()
+    assert "\ra log line at step 1\n" in out  # tqdm.write: the bar's line cleared (\r), then the log line
