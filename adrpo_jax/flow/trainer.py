@@ -349,7 +349,7 @@ class FlowTrainer:
                                                ref_graphdef=self.ref_graphdef, lora_dropout=lora_dropout),
                                out_shardings=(self.state_shardings, repl), donate_argnums=0)
         self.phase_fns = None
-        if bool(config.logging.phase_timing):
+        if bool(train.get_by_path(config, "logging.phase_timing", False)):
             self.phase_fns = self._make_phase_fns(lora_dropout)
         self.evaluator = None
         if int(config.eval_every) > 0 or bool(config.eval.write_images):

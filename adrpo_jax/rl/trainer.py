@@ -311,7 +311,7 @@ class RLTrainer:
         """Generates, scores and assembles the rollout batch of ``step`` (global arrays) and host info
         (``host["times"]``: the phase times of the module docstring, seconds)."""
         mesh, opts = self.mesh, self.opts
-        blocking = bool(self.config.logging.phase_timing)
+        blocking = bool(train.get_by_path(self.config, "logging.phase_timing", False))
         t_start = time.perf_counter()
         rows = self.iterator.next_rows()
         prompts = [r["prompt"] for r in rows]
