@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_decoder.py                  # CPU preset (small model, vocab 151936)
     python benchmarks/bench_decoder.py --preset gpu               # Qwen3-0.6B-shaped model in bfloat16
+    .venv/bin/python benchmarks/bench_decoder.py --vs-transformers  # ours vs transformers `generate`, same process
 
 Measures, on a randomly initialised model (weights do not matter for speed or memory):
   * sampler: tokens/s of `generate` (prefill + lax.while_loop decode, no EOS so every row makes
@@ -10,6 +11,14 @@ Measures, on a randomly initialised model (weights do not matter for speed or me
     naive (full [B, T, V] float32 logits + log_softmax), from XLA's compiled memory analysis; on GPU also
     the measured peak device memory of each and its step time.
 Prints a Markdown table with the machine description (and optionally writes JSON).
+
+`--vs-transformers` instead runs our sampler and transformers `generate` in one process on one random Llama
+saved by transformers (4 layers, hidden 256, vocab 8192; batch 16, 32-token prompts, 96 new tokens, no EOS),
+per mode (greedy, temperature 1, top-p 0.95; transformers with top_k=0 so both sample the same distribution),
+for our fast sampler and the previous sorted/Gumbel one (`sampler="reference"`); the prefill work with shared
+prompts (G = 8 rows per prompt: one prefill row per prompt); and a roofline of one decode step: XLA's
+cost analysis (FLOPs, bytes) against the FLOP/s of a plain matmul and the bandwidth of a large copy measured
+on this machine.
 """
 from __future__ import annotations
 
@@ -131,6 +140,188 @@ def bench_logprobs(model, batch, length, chunk, measure_runtime: bool, remat: bo
   return results
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Ours vs transformers `generate`
+# ---------------------------------------------------------------------------------------------------------
+HF_MODES = (("greedy", dict(greedy=True), dict(do_sample=False)),
+            ("temperature 1", dict(temperature=1.0), dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)),
+            ("top-p 0.95", dict(temperature=1.0, top_p=0.95), dict(do_sample=True, temperature=1.0, top_k=0,
+                                                                      top_p=0.95)))
+
+
+def _median_time(fn, repeats):
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), times
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return dict(flops=float(cost.get("flops", 0.0)), bytes=float(cost.get("bytes accessed", 0.0)))
+
+
+def machine_peaks(repeats: int = 5) -> dict:
+  """FLOP/s of a plain float32 matmul and bytes/s of a large copy (read + write) as XLA runs them here."""
+  n = 1024
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+  mm = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(mm(a, a))
+  t_mm = min(_median_time(lambda i: jax.block_until_ready(mm(a, a)), repeats)[1])
+  big = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
+  cp = jax.jit(lambda x: x * 2.0)
+  jax.block_until_ready(cp(big))
+  t_cp = min(_median_time(lambda i: jax.block_until_ready(cp(big)), repeats)[1])
+  return dict(flops_per_s=2 * n**3 / t_mm, bytes_per_s=2 * big.nbytes / t_cp)
+
+
+def bench_vs_transformers(args) -> dict:
+  import tempfile
+  import torch
+  import transformers
+  from adrpo_jax.models.llm import load_pretrained
+  from adrpo_jax.models.llm.sampler import _last_logits, _prefill, _select
+
+  b, p, n, v = args.batch or 16, args.prompt_len or 32, args.new_tokens or 96, 8192
+  hf_cfg = transformers.LlamaConfig(vocab_size=v, hidden_size=256, intermediate_size=1024,
+                                    num_hidden_layers=args.layers or 4, num_attention_heads=4,
+                                    num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=0)
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  tmp = tempfile.mkdtemp(prefix="bench_decoder_")
+  hf.save_pretrained(tmp)
+  model = load_pretrained(tmp)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(1, v, (b, p)).astype(np.int32)
+  mask = np.ones((b, p), bool)
+  tokens_j, mask_j = jnp.asarray(prompts), jnp.asarray(mask)
+  tokens_t, mask_t = torch.tensor(prompts, dtype=torch.long), torch.ones((b, p), dtype=torch.long)
+  print(f"# load average {os.getloadavg()[0]:.1f} at the start", flush=True)
+  print(f"# vs transformers {transformers.__version__} (torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads): Llama {hf_cfg.num_hidden_layers} layers, hidden 256, vocab {v}; batch {b}, prompt {p}, "
+        f"{n} new tokens, no EOS", flush=True)
+
+  results = {}
+  default_threads = torch.get_num_threads()
+  thread_counts = list(dict.fromkeys((default_threads, 1)))
+  for label, ours_kw, hf_kw in HF_MODES:
+    row = {}
+
+    def hf_runner(threads, hf_kw=hf_kw):
+      def run(i):
+        torch.set_num_threads(threads)
+        torch.manual_seed(i)
+        with torch.inference_mode():
+          out = hf.generate(input_ids=tokens_t, attention_mask=mask_t, max_new_tokens=n, min_new_tokens=n,
+                            eos_token_id=None, pad_token_id=0, **hf_kw)
+        torch.set_num_threads(default_threads)
+        assert out.shape == (b, p + n), out.shape
+      return run
+
+    # torch's default thread count and 1 thread (on a loaded machine OpenMP barriers can make the default
+    # several times slower); the ratio uses the faster of the two, the conservative choice.
+    runners = {f"transformers_{t}threads": hf_runner(t) for t in thread_counts}
+    for sampler in ("reference", "fast"):
+      fn = jax.jit(make_generate_fn(graphdef, SamplingConfig(max_new_tokens=n, sampler=sampler, **ours_kw)))
+      start = time.perf_counter()
+      out = jax.block_until_ready(fn(state, tokens_j, mask_j, jax.random.key(0)))
+      row[f"{sampler}_compile_s"] = time.perf_counter() - start
+      assert int(out.lengths.sum()) == b * n
+      runners[sampler] = (lambda i, fn=fn: jax.block_until_ready(
+          fn(state, tokens_j, mask_j, jax.random.key(i + 1)).tokens))
+    for name, run in runners.items():
+      if name.startswith("transformers"):
+        run(0)  # warm-up
+    # Interleaved repeats: on a shared machine every contender sees the same load over time.
+    times = {name: [] for name in runners}
+    for i in range(args.repeats):
+      for name, run in runners.items():
+        start = time.perf_counter()
+        run(i)
+        times[name].append(time.perf_counter() - start)
+    for name, ts in times.items():
+      row[f"{name}_s"] = float(np.median(ts))
+    row["transformers_s"] = min(row[f"transformers_{t}threads_s"] for t in thread_counts)
+    for sampler in ("reference", "fast"):
+      row[f"{sampler}_ratio"] = row["transformers_s"] / row[f"{sampler}_s"]
+    results[label] = row
+    print(f"# {label}: {row}", flush=True)
+
+  # Shared prompts: b rows = b / G prompts x G; one prefill row per prompt.
+  g = 8
+  shared_prompts = np.repeat(prompts[: b // g], g, axis=0)
+  sj = jnp.asarray(shared_prompts)
+  prefill = {}
+  for gg in (1, g):
+    cfg = SamplingConfig(max_new_tokens=n, temperature=1.0, prompt_group_size=gg)
+    pre = jax.jit(lambda st, t, m, c=cfg: _prefill(nnx.merge(graphdef, st), t, m, p + n, c)[0])
+    compiled = pre.lower(state, sj, mask_j).compile()
+    jax.block_until_ready(compiled(state, sj, mask_j))
+    sec = _median_time(lambda i: jax.block_until_ready(compiled(state, sj, mask_j)), args.repeats)[0]
+    fn = jax.jit(make_generate_fn(graphdef, cfg))
+    jax.block_until_ready(fn(state, sj, mask_j, jax.random.key(0)))
+    total = _median_time(lambda i: jax.block_until_ready(fn(state, sj, mask_j, jax.random.key(i)).tokens),
+                         args.repeats)[0]
+    prefill[gg] = dict(_cost(compiled), prefill_s=sec, generate_s=total)
+  results["shared_prompts"] = dict(group=g, unshared=prefill[1], shared=prefill[g],
+                                   flops_ratio=prefill[1]["flops"] / max(prefill[g]["flops"], 1.0))
+  print(f"# shared prompts G={g}: {results['shared_prompts']}", flush=True)
+
+  # Roofline of one decode step (the while-loop body: one token through the model, logits, selection).
+  _, cache = jax.jit(lambda st: _prefill(nnx.merge(graphdef, st), tokens_j, mask_j, p + n,
+                                         SamplingConfig(max_new_tokens=n)))(state)
+  peaks = machine_peaks()
+  roof = {}
+  for label, ours_kw, _ in HF_MODES:
+    cfg = SamplingConfig(max_new_tokens=n, **ours_kw)
+
+    def step(st, token, cache, key, cfg=cfg):
+      m = nnx.merge(graphdef, st)
+      hidden, cache = m.hidden_states(token[:, None], attention_mask=jnp.ones((b, 1), bool), cache=cache)
+      return _select(_last_logits(m, hidden[:, 0]), key, cfg), cache
+
+    compiled = jax.jit(step).lower(state, tokens_j[:, -1], cache, jax.random.key(0)).compile()
+    c = _cost(compiled)
+    bound = max(c["flops"] / peaks["flops_per_s"], c["bytes"] / peaks["bytes_per_s"])
+    per_step = results[label]["fast_s"] / n
+    roof[label] = dict(c, bound_s=bound, measured_step_s=per_step, distance=per_step / bound,
+                       hf_step_s=results[label]["transformers_s"] / n)
+  results["roofline"] = dict(peaks=peaks, steps=roof)
+  print(f"# roofline: {results['roofline']}", flush=True)
+
+  print(f"\n**Machine:** {machine()}; transformers {transformers.__version__}, torch {torch.__version__} "
+        f"(best of {torch.get_num_threads()} and 1 threads); load average {os.getloadavg()[0]:.1f} at the end  ")
+  print(f"**Model:** random Llama saved by transformers, {hf_cfg.num_hidden_layers} layers, hidden 256, "
+        f"intermediate 1024, vocab {v}, float32. Batch {b}, {p}-token prompts, {n} new tokens, no EOS.\n")
+  print("| mode | transformers (s) | ours before (s) | ours after (s) | before: x transformers | "
+        "after: x transformers |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for label, _, _ in HF_MODES:
+    r = results[label]
+    print(f"| {label} | {r['transformers_s']:.3f} | {r['reference_s']:.3f} | {r['fast_s']:.3f} | "
+          f"{r['reference_ratio']:.2f}x | {r['fast_ratio']:.2f}x |")
+  sp = results["shared_prompts"]
+  print(f"\nShared prompts ({b // g} prompts x G={g} rows): prefill {sp['unshared']['flops'] / 1e9:.3f} -> "
+        f"{sp['shared']['flops'] / 1e9:.3f} GFLOP ({sp['flops_ratio']:.1f}x less), prefill "
+        f"{sp['unshared']['prefill_s'] * 1e3:.1f} -> {sp['shared']['prefill_s'] * 1e3:.1f} ms, whole generate "
+        f"{sp['unshared']['generate_s']:.3f} -> {sp['shared']['generate_s']:.3f} s\n")
+  print(f"Roofline of one decode step (XLA cost analysis) vs this machine: matmul "
+        f"{peaks['flops_per_s'] / 1e9:.1f} GFLOP/s, copy {peaks['bytes_per_s'] / 1e9:.1f} GB/s\n")
+  print("| mode | MFLOP / step | MB / step | bound (ms) | ours (ms / step) | ours / bound | transformers "
+        "(ms / step) |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  for label, r in roof.items():
+    print(f"| {label} | {r['flops'] / 1e6:.1f} | {r['bytes'] / 1e6:.1f} | {r['bound_s'] * 1e3:.2f} | "
+          f"{r['measured_step_s'] * 1e3:.2f} | {r['distance']:.1f}x | {r['hf_step_s'] * 1e3:.2f} |")
+  return results
+
+
 def gib(x):
   return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
 
@@ -146,7 +337,16 @@ def main(argv=None):
   parser.add_argument("--skip-logprob-runtime", action="store_true",
                       help="only compile the log-prob functions (memory analysis), do not run them")
   parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+  parser.add_argument("--vs-transformers", action="store_true",
+                      help="only: ours (fast and reference sampler) vs transformers generate, shared prompts, "
+                           "decode-step roofline (batch/prompt-len/new-tokens/layers default to 16/32/96/4)")
   args = parser.parse_args(argv)
+  if args.vs_transformers:
+    results = bench_vs_transformers(args)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(dict(machine=machine(), vs_transformers=results), f, indent=2, default=str)
+    return
   preset = dict(PRESETS[args.preset])
   for key in ("batch", "prompt_len", "new_tokens", "lp_batch", "lp_len", "chunk", "dtype"):
     if getattr(args, key) is not None:
