@@ -1,6 +1,8 @@
-r"""The single entry point for training runs.
+r"""The single entry point for training runs, their evaluation and their comparison.
 
     python launch.py --config=configs/<experiment>.py[:variant] --workdir=DIR [--config.key=value ...]
+    python launch.py --config=... --workdir=DIR --mode=eval      # newest checkpoint -> DIR/eval.jsonl
+    python launch.py --mode=compare --workdir=OUT RUN_DIR [RUN_DIR ...]   # OUT/compare.png, OUT/compare.md
 
 Steps: parse and validate the config (unknown keys and bad values fail here, naming the key), initialize
 ``jax.distributed`` when ``config.distributed`` or the environment asks for it, enable the persistent
@@ -8,7 +10,10 @@ compilation cache, write ``DIR/config.json`` (process 0), then run ``config.trai
 ``train_and_evaluate(config, workdir)`` (see ``adrpo_jax/train/registry.py``). Re-running the same command
 resumes from the last checkpoint in ``DIR/checkpoints``. Exit code 0 on success and after a graceful
 preemption (SIGTERM/SIGINT); 1 with a one-line message for config, checkpoint-mismatch and non-finite errors.
-Multi-host commands: docs/distributed.md.
+Multi-host commands: docs/distributed.md. A lost process (killed, host down) of a multi-process run stops
+the others within ``distributed.heartbeat_timeout_s`` with one line naming it, the last checkpoint step and the
+command to resume, exit code 75 (``adrpo_jax/train/distributed.py``). ``--mode=eval``: ``adrpo_jax/eval.py``;
+``--mode=compare``: ``adrpo_jax/compare.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file: path/to/config.py[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config.json).")
-flags.mark_flags_as_required(["config", "workdir"])
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare"],
+                          "train | eval (the newest checkpoint -> WORKDIR/eval.jsonl) | compare (positional run "
+                          "directories -> WORKDIR/compare.png and WORKDIR/compare.md).")
+flags.mark_flags_as_required(["workdir"])
 
 log = logging.getLogger("launch")
 
@@ -103,14 +111,26 @@ def _write_config_json(config, workdir: str) -> None:
     os.replace(tmp, path)
 
 
+def _compare(run_dirs: list[str], out_dir: str) -> None:
+    from adrpo_jax import compare  # pylint: disable=import-outside-toplevel
+
+    if not run_dirs:
+        raise app.UsageError("--mode=compare needs run directories as positional arguments.")
+    sys.exit(compare.main([*run_dirs, "--out", os.path.join(out_dir, "compare")]))
+
+
 def main(argv: list[str]) -> None:
+    if _MODE.value == "compare":
+        _compare(argv[1:], os.path.abspath(os.path.expanduser(_WORKDIR.value)))
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (except with --mode=compare).")
     # Heavy imports after flag parsing (fast failure for bad flags); jax is imported but not yet initialized.
     from adrpo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
     from adrpo_jax.train import distributed, registry  # pylint: disable=import-outside-toplevel
     from adrpo_jax.train.checkpoint import (  # pylint: disable=import-outside-toplevel
-        CheckpointMismatchError, CheckpointRestoreError)
+        CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError)
     from adrpo_jax.train.loop import NonFiniteUpdatesError  # pylint: disable=import-outside-toplevel
 
     if not flags.FLAGS["verbosity"].present:
@@ -122,19 +142,27 @@ def main(argv: list[str]) -> None:
         config_lib.validate_common_config(config)
         if not config.is_locked:
             config.lock()
-        distributed.initialize_from_config(config.distributed)  # before any device use
+        if distributed.initialize_from_config(config.distributed):  # before any device use
+            distributed.PeerWatchdog(config.distributed.heartbeat_timeout_s,
+                                     checkpoint_dir=os.path.join(workdir, "checkpoints")).start()
         distributed.setup_compilation_cache(config.compilation_cache_dir)
 
         import jax  # pylint: disable=import-outside-toplevel
         from adrpo_jax.train.sharding import make_mesh  # pylint: disable=import-outside-toplevel
         log.info("adrpo_jax launch: %s; workdir %s", distributed.describe_processes(), workdir)
         make_mesh(config.mesh)  # fail now (naming mesh.*) if the mesh does not fit the devices
+        if _MODE.value == "eval":
+            from adrpo_jax.eval import evaluate_run  # pylint: disable=import-outside-toplevel
+            record = evaluate_run(config, workdir)
+            log.info("Wrote %s: %s", os.path.join(workdir, "eval.jsonl"), record)
+            return
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
             _write_config_json(config, workdir)
         train_and_evaluate = registry.resolve_trainer(config.trainer)
         result = train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, CheckpointMismatchError, CheckpointRestoreError, NonFiniteUpdatesError) as err:
+    except (config_lib.ConfigError, CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError,
+            NonFiniteUpdatesError, FileNotFoundError) as err:
         sys.stderr.write(f"ERROR {type(err).__name__}: {err}\n")
         sys.stderr.flush()
         sys.exit(1)
