@@ -34,6 +34,7 @@ contiguous) with ``N`` completion slots::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -362,19 +363,30 @@ def merge_model(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree | None = 
 def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array, opts: StepOptions
                         ) -> tuple[jax.Array, jax.Array]:
     """``(logp [B, N], entropy [B, N])`` of the completion tokens ``tokens[:, P:]`` at the sampling temperature
-    (float32; 0 on padding), from one chunked forward pass (never a [B, T, V] float32 logits array)."""
-    logp, ent = token_logprobs(model, tokens, attention_mask, chunk_size=opts.logprob_chunk_size,
-                               return_entropy=True, temperature=opts.temperature)
-    p = opts.prompt_length
-    return logp[:, p:], ent[:, p:]
+    (float32; 0 on padding), from one chunked forward pass (never a [B, T, V] float32 logits array); only the
+    N completion positions are projected onto the vocabulary (``logits_to_keep``), the prompt's are not."""
+    if tokens.shape[1] != opts.prompt_length + opts.max_new_tokens:
+        raise ValueError(f"tokens of length {tokens.shape[1]} != prompt_length {opts.prompt_length} + "
+                         f"max_new_tokens {opts.max_new_tokens}")
+    return token_logprobs(model, tokens, attention_mask, chunk_size=opts.logprob_chunk_size, return_entropy=True,
+                          temperature=opts.temperature, logits_to_keep=opts.max_new_tokens)
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Pure ``fn(params, frozen, tokens, attention_mask) -> (logp [B, N], entropy [B, N])`` (not jitted)."""
+def _mesh_context(mesh: Mesh | None):
+    """While tracing: the mesh as the abstract mesh, so the model pins its activations to the batch sharding
+    (:mod:`adrpo_jax.models.llm.activation_sharding`); nothing without a mesh."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None = None
+                    ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """Pure ``fn(params, frozen, tokens, attention_mask) -> (logp [B, N], entropy [B, N])`` (not jitted). With
+    a ``mesh`` the activations are kept batch-sharded (see :func:`_mesh_context`)."""
 
     def fn(params, frozen, tokens, attention_mask):
-        model = merge_model(graphdef, params, frozen)
-        logp, ent = completion_logprobs(model, tokens, attention_mask, opts)
+        with _mesh_context(mesh):
+            model = merge_model(graphdef, params, frozen)
+            logp, ent = completion_logprobs(model, tokens, attention_mask, opts)
         return jax.lax.stop_gradient(logp), jax.lax.stop_gradient(ent)
 
     return fn
@@ -410,8 +422,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
     use_ref_in_loss = opts.use_reference and opts.kl_placement == "loss"
 
     def loss_fn(params, frozen, minibatch, normalizer):
-        model = merge_model(graphdef, params, frozen)
-        logp, entropy = completion_logprobs(model, minibatch["tokens"], minibatch["attention_mask"], opts)
+        with _mesh_context(mesh):
+            model = merge_model(graphdef, params, frozen)
+            logp, entropy = completion_logprobs(model, minibatch["tokens"], minibatch["attention_mask"], opts)
         shard_batch = {"logp": logp, "entropy": entropy, "loss_mask": minibatch["loss_mask"],
                        "advantages": minibatch["advantages"]}
         if opts.ratio_uses_old_logprobs:

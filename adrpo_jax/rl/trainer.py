@@ -274,8 +274,8 @@ class RLTrainer:
         gen = make_generate_fn(self.graphdef, self.sampling)
         self.generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
                                 out_shardings=bs)
-        self.logprobs = jax.jit(make_logprob_fn(self.graphdef, opts), out_shardings=(bs, bs))
-        self.ref_logprobs = (jax.jit(make_logprob_fn(self.ref_graphdef, opts), out_shardings=(bs, bs))
+        self.logprobs = jax.jit(make_logprob_fn(self.graphdef, opts, mesh), out_shardings=(bs, bs))
+        self.ref_logprobs = (jax.jit(make_logprob_fn(self.ref_graphdef, opts, mesh), out_shardings=(bs, bs))
                              if self.lora_reference else self.logprobs)
         sh = self.state_shardings
         self.update = jax.jit(make_rl_update(self.graphdef, self.tx, opts, mesh),

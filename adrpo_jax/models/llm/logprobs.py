@@ -1,13 +1,20 @@
 """Chunked per-token log-probs (and entropies) without materializing [B, T, V] float32 logits.
 
 The hidden states [B, T, D] come from one forward pass; the output projection, the float32 log-softmax
-and the gather of the chosen token run over chunks of `chunk_size` token positions (flattened over batch
-and time) with `jax.lax.map`, each chunk under `jax.checkpoint`, so neither the forward nor the backward
-pass holds more than one [chunk_size, V] float32 block of logits (plus its softmax) at a time.
+and the gather of the chosen token run over chunks of time steps *within every row* (each chunk is
+[B, c] positions, `c = max(1, chunk_size // B)`) with `jax.lax.map`, each chunk under `jax.checkpoint`, so
+neither the forward nor the backward pass holds more than one [B, c, V] float32 block of logits (plus its
+softmax) at a time. Chunking over time keeps a batch-sharded [B, T, D] batch-sharded: each device projects
+its own rows only (flattening [B, T] into chunks would cross the batch shards and make every device
+all-gather and project the whole global batch).
 
-Alignment (convenient for RL where completions follow prompts): the result has the shape of `tokens`,
+`logits_to_keep=K` (TRL's name) projects only the last K positions onto the vocabulary (the completion of
+a prompt + completion batch): the prompt's hidden states are still computed, its logits are not.
+
+Alignment (convenient for RL where completions follow prompts): the full result has the shape of `tokens`,
 `logp[:, t] = log p(tokens[:, t] | tokens[:, :t])` for t >= 1, and 0 at t = 0 and wherever `mask[:, t]` is
-False. The log-probs of completion tokens of a prompt+completion batch are `logp[:, P:]`.
+False. The log-probs of completion tokens of a prompt+completion batch are `logp[:, P:]`, or directly
+`logits_to_keep=N` (result [B, N], the same values).
 """
 from __future__ import annotations
 
@@ -17,12 +24,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adrpo_jax.models.llm.activation_sharding import constrain_batch
+
 Array = jax.Array
 
 
+def _check_logits_to_keep(logits_to_keep, t):
+  if logits_to_keep is None:
+    return t
+  if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or not 1 <= logits_to_keep <= t:
+    raise ValueError(f"logits_to_keep={logits_to_keep!r} must be an int in [1, T={t}] (or None for all positions)")
+  return logits_to_keep
+
+
 def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Array | None = None, *,
-                         chunk_size: int = 512, temperature: float = 1.0, return_entropy: bool = False):
-  """Per-token log-probs from final hidden states, chunked over token positions.
+                         chunk_size: int = 512, temperature: float = 1.0, return_entropy: bool = False,
+                         logits_to_keep: int | None = None):
+  """Per-token log-probs from final hidden states, chunked over time within rows (see module doc).
 
   Args:
     hidden: [B, T, D] final-norm hidden states (any float dtype).
@@ -30,15 +48,20 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
     lm_head: [D, V] output projection (`model.lm_head_matrix()`); logits = hidden @ lm_head with float32
       accumulation, divided by `temperature`.
     mask: [B, T] bool/0-1, True on real tokens (default all True). Output is 0 where False.
-    chunk_size: token positions (over B * (T - 1)) per chunk; memory ~ 2 * chunk_size * V * 4 bytes.
+    chunk_size: token positions per chunk, as [B, max(1, chunk_size // B)] (every row, a few time steps);
+      memory ~ 2 * max(chunk_size, B) * V * 4 bytes (per device: its rows' share).
     temperature: > 0, log-probs of softmax(logits / temperature) (must match the sampling temperature).
-    return_entropy: also return the entropy [B, T] (float32) of each predictive distribution.
+    return_entropy: also return the entropy (float32) of each predictive distribution.
+    logits_to_keep: None (all T positions) or K in [1, T]: only the last K positions are projected onto
+      the vocabulary and returned (TRL's `logits_to_keep`); equal to the full result's `[:, T - K:]`.
   Returns:
-    logp [B, T] float32 (see module doc for the alignment), or (logp, entropy).
+    logp [B, T] (or [B, K]) float32 (see module doc for the alignment), or (logp, entropy).
 
   >>> h = jnp.zeros((1, 3, 2)); w = jnp.zeros((2, 4))  # uniform over 4 tokens
   >>> logprobs_from_hidden(h, jnp.array([[1, 2, 3]]), w).round(4).tolist()
   [[0.0, -1.3863, -1.3863]]
+  >>> logprobs_from_hidden(h, jnp.array([[1, 2, 3]]), w, logits_to_keep=1).round(4).tolist()
+  [[-1.3863]]
   """
   if hidden.ndim != 3:
     raise ValueError(f"hidden must be [batch, time, dim], got shape {hidden.shape}")
@@ -53,43 +76,50 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
   if isinstance(temperature, (int, float)) and not temperature > 0:
     raise ValueError(f"temperature={temperature} must be > 0")
-  zeros = jnp.zeros((b, t), jnp.float32)
-  if t < 2:
+  k = _check_logits_to_keep(logits_to_keep, t)
+  start = max(t - k, 1)  # first output column with a prediction (column 0 has none)
+  n_t = t - start  # predicted columns
+  if n_t == 0:
+    zeros = jnp.zeros((b, k), jnp.float32)
     return (zeros, zeros) if return_entropy else zeros
 
-  n = b * (t - 1)
-  flat_h = hidden[:, :-1].reshape(n, d)
-  flat_y = tokens[:, 1:].reshape(n).astype(jnp.int32)
-  c = min(chunk_size, n)
-  n_chunks = -(-n // c)
-  pad = n_chunks * c - n
+  h = constrain_batch(hidden[:, start - 1:t - 1])  # [B, n_t, D]: only the positions that are kept
+  y = tokens[:, start:t].astype(jnp.int32)
+  c = max(1, min(n_t, chunk_size // b))
+  n_chunks = -(-n_t // c)
+  pad = n_chunks * c - n_t
   if pad:
-    flat_h = jnp.pad(flat_h, ((0, pad), (0, 0)))
-    flat_y = jnp.pad(flat_y, (0, pad))
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(y, ((0, 0), (0, pad)))
   inv_temperature = 1.0 / temperature
 
   @jax.checkpoint
-  def chunk(h_c, y_c, w):
-    logits = jnp.einsum("cd,dv->cv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
+  def chunk(h_c, y_c, w):  # [B, c, D], [B, c]
+    h_c = constrain_batch(h_c)
+    logits = jnp.einsum("bcd,dv->bcv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
     logits = logits * inv_temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
     logp = chosen - lse
     if not return_entropy:
       return logp, None
-    probs = jnp.exp(logits - lse[:, None])
+    probs = jnp.exp(logits - lse[..., None])
     return logp, lse - jnp.sum(probs * logits, axis=-1)
 
   if n_chunks == 1:
-    logp, ent = chunk(flat_h, flat_y, lm_head)
-  else:
-    logp, ent = jax.lax.map(lambda xs: chunk(xs[0], xs[1], lm_head),
-                            (flat_h.reshape(n_chunks, c, d), flat_y.reshape(n_chunks, c)))
+    logp, ent = chunk(h, y, lm_head)
+  else:  # [n_chunks, B, c, ...]: the batch axis stays an axis of its own (and keeps its sharding)
+    hs = jnp.swapaxes(h.reshape(b, n_chunks, c, d), 0, 1)
+    ys = jnp.swapaxes(y.reshape(b, n_chunks, c), 0, 1)
+    logp, ent = jax.lax.map(lambda xs: chunk(xs[0], xs[1], lm_head), (hs, ys))
+    logp = jnp.swapaxes(logp, 0, 1).reshape(b, n_chunks * c)
+    ent = None if ent is None else jnp.swapaxes(ent, 0, 1).reshape(b, n_chunks * c)
 
   def finish(x):
-    x = x.reshape(-1)[:n].reshape(b, t - 1)
-    x = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), x], axis=1)
-    return x if mask is None else jnp.where(mask.astype(bool), x, 0.0)
+    x = x[:, :n_t]
+    if k > n_t:  # column 0 (no prediction) is kept: 0
+      x = jnp.concatenate([jnp.zeros((b, k - n_t), jnp.float32), x], axis=1)
+    return x if mask is None else jnp.where(mask[:, t - k:].astype(bool), x, 0.0)
 
   if return_entropy:
     return finish(logp), finish(ent)
@@ -97,7 +127,8 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
 
 
 def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, positions: Array | None = None,
-                   chunk_size: int = 512, return_entropy: bool = False, temperature: float = 1.0):
+                   chunk_size: int = 512, return_entropy: bool = False, temperature: float = 1.0,
+                   logits_to_keep: int | None = None):
   """log p(tokens[:, t] | tokens[:, :t]) for every position, float32 [B, T], chunked (see module doc).
 
   Args:
@@ -106,9 +137,10 @@ def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, posi
     mask: [B, T] bool attention mask (False on padding), e.g. `GenerationOutput.attention_mask`. Padding
       is never attended to and gets log-prob 0.
     positions: [B, T] rotary positions (default `positions_from_mask(mask)`).
-    chunk_size, temperature, return_entropy: see `logprobs_from_hidden`.
+    chunk_size, temperature, return_entropy, logits_to_keep: see `logprobs_from_hidden`
+      (`logits_to_keep=N`: the last N positions only, e.g. the completion; the prompt is not projected).
   Returns:
-    logp [B, T] float32 (0 at t = 0 and on padding), or (logp, entropy) with `return_entropy`.
+    logp [B, T] (or [B, N]) float32 (0 at t = 0 and on padding), or (logp, entropy) with `return_entropy`.
   Differentiable w.r.t. the model parameters.
   """
   if isinstance(model, tuple):
@@ -119,4 +151,5 @@ def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, posi
   mask = None if mask is None else jnp.asarray(mask, bool)
   hidden = model.hidden_states(tokens, positions=positions, attention_mask=mask)
   return logprobs_from_hidden(hidden, tokens, model.lm_head_matrix(), mask, chunk_size=chunk_size,
-                              temperature=temperature, return_entropy=return_entropy)
+                              temperature=temperature, return_entropy=return_entropy,
+                              logits_to_keep=logits_to_keep)

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adrpo_jax.models.llm.activation_sharding import constrain_batch
 from adrpo_jax.models.llm.attention import AttentionMask, attend, attention  # noqa: F401  (attend: re-export)
 from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq
 from adrpo_jax.models.lora import add_lora, effective_kernel
@@ -494,7 +495,7 @@ class CausalLM(nnx.Module):
     masks = {w: attn_mask.replace(window=w) for w in (set() if stacked else set(cfg.layer_sliding_windows))}
     cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
 
-    x = self.embed_tokens(tokens)
+    x = constrain_batch(self.embed_tokens(tokens))  # batch-sharded activations under a mesh (activation_sharding)
     new_keys, new_values = [], []
     use_remat = cfg.remat and cache is None
     if stacked:  # one lax.scan over the stacked layers (sliding windows applied per layer inside it)
