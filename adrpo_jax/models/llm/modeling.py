@@ -28,7 +28,10 @@ Both layouts draw identical weights from the same `rngs` and read/write the same
 
 LoRA (`adrpo_jax.models.lora.apply_lora`): every `Dense` is a site (`layers.{i}.self_attn.{q,k,v,o}_proj`,
 `layers.{i}.mlp.{gate,up,down}_proj`, `lm_head` when untied); its adapter lives at `<site>.lora` and the
-3-D attention kernels get `A [in dims..., r]`, `B [r, out dims...]`.
+3-D attention kernels get `A [in dims..., r]`, `B [r, out dims...]`. With stacked layers a site such as
+`layers.self_attn.q_proj` stands for its L per-layer paths (`LoRASite.layer_paths`, what `target_modules`
+matches, all layers or none) and its adapter is stacked too (`A [L, in dims..., r]`, `B [L, r, out dims...]`);
+`lora_state_dict` writes per-layer names, so adapters move between the layouts.
 
 Attention masks are structured (`adrpo_jax.models.llm.attention.AttentionMask`: per-key validity, the slot
 of the first query, causal, window), never a dense [B, T, S] tensor unless the chosen implementation needs
