@@ -5,7 +5,8 @@
   tensor at a time from a memory map, placing every array directly with its sharding when a mesh or a
   sharding function is given (so a checkpoint never exists twice in host memory).
 * `save_pretrained(model, path)` writes `config.json`, `generation_config.json` and safetensors in HF
-  names/layout (sharded with an index above `max_shard_size`) that `transformers` loads back.
+  names/layout (sharded with an index above `max_shard_size`) that `transformers` loads back (a model with
+  unmerged LoRA adapters is refused: save `merge_lora(model)`).
 * `load_tokenizer(path)`: `transformers.AutoTokenizer` from the same local directory (never the hub).
 
 The safetensors format is parsed here (8-byte little-endian header length, JSON header, raw data), which
@@ -30,6 +31,7 @@ from flax import nnx
 
 from adrpo_jax.models.llm.config import DecoderConfig
 from adrpo_jax.models.llm.modeling import CausalLM
+from adrpo_jax.models.lora import lora_sites
 from adrpo_jax.train.sharding import DEFAULT_LOGICAL_RULES, logical_to_partition_spec
 
 log = logging.getLogger(__name__)
@@ -215,14 +217,24 @@ def write_safetensors(path: str | os.PathLike, tensors: Sequence[tuple[str, tupl
 
 
 class CheckpointReader:
-  """All tensors of an HF directory: `model.safetensors.index.json` if present, else every `*.safetensors`."""
+  """All tensors of an HF directory, chosen as transformers does: `model.safetensors` if present (a stale
+  `model.safetensors.index.json` next to it is ignored, with a warning), else the index, else every
+  `*.safetensors`."""
 
   def __init__(self, directory: str | os.PathLike):
     self.directory = Path(directory)
     index_path = self.directory / SAFE_WEIGHTS_INDEX_NAME
+    single_path = self.directory / SAFE_WEIGHTS_NAME
     self._files: dict[str, SafetensorsFile] = {}
     self._where: dict[str, str] = {}
-    if index_path.exists():
+    if single_path.exists():
+      if index_path.exists():
+        log.warning("%s and %s both exist: loading %s (as transformers does) and ignoring the index (stale, e.g. "
+                    "left by an earlier sharded save)", single_path, index_path.name, single_path.name)
+      self.source = str(single_path)
+      for name in self._file(SAFE_WEIGHTS_NAME).names():
+        self._where[name] = SAFE_WEIGHTS_NAME
+    elif index_path.exists():
       with open(index_path) as f:
         weight_map = json.load(f).get("weight_map")
       if not isinstance(weight_map, dict):
@@ -307,7 +319,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     shardings: alternatively, a function (logical_names, shape) -> jax.sharding.Sharding.
     config_overrides: extra `DecoderConfig` fields to replace.
   Returns:
-    the model; without mesh/shardings the parameters live on the default device.
+    the model; without mesh/shardings the parameters live on the default device. As in transformers, a
+    config with `tie_word_embeddings=True` whose checkpoint holds an `lm_head.weight` different from the
+    embedding loads untied, with that head (a warning says so; `config_overrides` naming
+    tie_word_embeddings are followed as given).
   Raises:
     ValueError: unsupported model_type (lists the supported ones); `CheckpointError` (a ValueError) for a
       missing tensor (names the tensor and file) or a wrong shape (names the tensor, expected and found).
@@ -323,6 +338,15 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     rule_list = tuple(rules) if rules is not None else DEFAULT_LOGICAL_RULES
     shardings = lambda names, shape: logical_to_sharding(mesh, names, shape, rule_list)  # noqa: E731
   reader = CheckpointReader(path)
+  if config.tie_word_embeddings and "tie_word_embeddings" not in overrides and "lm_head.weight" in reader \
+      and "model.embed_tokens.weight" in reader:
+    head, embed = reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")
+    if head.shape != embed.shape or not np.array_equal(head, embed):  # as transformers 5.23: untie, use the file's
+      log.warning("%s says tie_word_embeddings=True but %s holds an lm_head.weight different from "
+                  "model.embed_tokens.weight: NOT tying them (as transformers does); the model gets its own "
+                  "lm_head. Set tie_word_embeddings=False in config.json to silence this.", path / "config.json",
+                  reader.location("lm_head.weight"))
+      config = config.replace(tie_word_embeddings=False)
   abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   flat = _flat_params(abstract_state)
@@ -368,7 +392,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
       continue
     if any(p.match(name) for p in _IGNORED_TENSORS):
       log.debug("ignoring derived tensor %s", name)
-    elif name == "lm_head.weight" and config.tie_word_embeddings:
+    elif name == "lm_head.weight" and config.tie_word_embeddings:  # equal to the embedding (checked above)
       log.debug("ignoring lm_head.weight: tie_word_embeddings=True uses model.embed_tokens.weight")
     else:
       log.warning("unexpected tensor %r in %s was not loaded", name, reader.location(name))
@@ -418,9 +442,17 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
     generation_config: extra fields for generation_config.json (bos/eos/pad come from the config).
   Returns:
     the directory.
+  Raises:
+    ValueError: `model` has LoRA adapters (an HF directory has no place for them and writing the base weights
+      would silently drop them): save `adrpo_jax.models.lora.merge_lora(model)` (W + s A B) instead.
   """
   if not isinstance(model, CausalLM):
     raise ValueError(f"model must be a CausalLM, got {type(model).__name__}")
+  adapted = [site.path for site in lora_sites(model) if site.adapted]
+  if adapted:
+    raise ValueError(f"model has unmerged LoRA adapters on {adapted[:6]}{' ...' if len(adapted) > 6 else ''}: "
+                     "save_pretrained writes the base weights only; save merge_lora(model) instead "
+                     "(adrpo_jax.models.lora.merge_lora folds W + s A B into plain weights)")
   path = Path(path)
   config = model.config
   flat = _flat_params(nnx.state(model, nnx.Param))

@@ -31,6 +31,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+QWEN_DEFAULT_SLIDING_WINDOW = 4096  # transformers 5.23 Qwen2Config / Qwen3Config `sliding_window` default
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -286,10 +287,11 @@ class DecoderConfig:
     head_dim = raw.get("head_dim")
     if head_dim is None:
       head_dim = 128 if model_type == "qwen3" else hidden // heads
-    # rope: transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`.
-    rope = dict(raw.get("rope_parameters") or {})
-    if raw.get("rope_scaling"):
-      rope = {**dict(raw["rope_scaling"]), **rope}
+    # rope: transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`. As transformers 5.23
+    # (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`): a non-empty `rope_scaling` replaces
+    # `rope_parameters` whole (no merge; e.g. YaRN added to a saved config as the Qwen model cards say), and
+    # rope_theta comes from the chosen dict, else the top-level `rope_theta`, else 10000.
+    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
     if rope and any(isinstance(v, Mapping) for v in rope.values()):
       raise ValueError(f"per-layer-type rope_parameters in {source} are not supported")
     rope_theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
@@ -314,6 +316,8 @@ class DecoderConfig:
     else:
       if not raw.get("use_sliding_window", False):
         sliding_window = None
+      elif "sliding_window" not in raw:  # transformers' Qwen2Config / Qwen3Config default
+        sliding_window = QWEN_DEFAULT_SLIDING_WINDOW
       if layer_types is None and sliding_window is not None:
         mwl = 28 if max_window_layers is None else max_window_layers
         layer_types = ["sliding_attention" if i >= mwl else "full_attention"
@@ -353,7 +357,13 @@ class DecoderConfig:
     return cls(**kwargs)
 
   def to_hf_config(self) -> dict[str, Any]:
-    """The `config.json` dict that transformers (5.x; 4.x reads `rope_theta`/`rope_scaling`) loads back."""
+    """The `config.json` dict that transformers (5.x; 4.x reads `rope_theta`/`rope_scaling`) loads back.
+
+    Raises:
+      ValueError: a field the target family cannot express (llama: sliding-window layers, q/k norm, different
+        q/k/v and o_proj biases; qwen2: q/k norm, MLP bias, other than q/k/v-only bias; qwen3: no q/k norm,
+        MLP bias), named in the message (transformers would otherwise compute other logits).
+    """
     rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_scaling is not None:
       rope_parameters.update(self.rope_scaling_dict)
@@ -385,6 +395,11 @@ class DecoderConfig:
     if self.rope_scaling is not None:
       out["rope_scaling"] = dict(rope_parameters)
     if self.model_type == "llama":
+      if any(w is not None for w in self.layer_sliding_windows):
+        raise ValueError(f"llama has no sliding-window attention; sliding_window={self.sliding_window} with "
+                         f"sliding layers in layer_types cannot be saved as a llama config (use qwen2 / qwen3)")
+      if self.qk_norm:
+        raise ValueError("llama has no q/k norm; qk_norm=True cannot be saved as a llama config (use qwen3)")
       if self.attention_bias != self.attention_out_bias:
         raise ValueError("llama configs have one attention_bias for q/k/v/o; "
                          f"got attention_bias={self.attention_bias}, attention_out_bias={self.attention_out_bias}")
@@ -393,7 +408,10 @@ class DecoderConfig:
       if self.mlp_bias:
         raise ValueError(f"{self.model_type} has no MLP bias; mlp_bias=True cannot be saved")
       if self.model_type == "qwen2" and not (self.attention_bias and not self.attention_out_bias):
-        raise ValueError("qwen2 always has q/k/v bias and no o_proj bias")
+        raise ValueError("qwen2 always has q/k/v bias and no o_proj bias; got attention_bias="
+                         f"{self.attention_bias}, attention_out_bias={self.attention_out_bias}")
+      if self.model_type == "qwen2" and self.qk_norm:
+        raise ValueError("qwen2 has no q/k norm; qk_norm=True cannot be saved as a qwen2 config (use qwen3)")
       if self.model_type == "qwen3":
         if self.attention_bias != self.attention_out_bias or not self.qk_norm:
           raise ValueError("qwen3 has one attention_bias for q/k/v/o and always q/k norm")
@@ -405,8 +423,6 @@ class DecoderConfig:
                              else self.num_hidden_layers),
           layer_types=list(self.layer_types or ("full_attention",) * self.num_hidden_layers),
       )
-    if self.model_type == "llama" and self.qk_norm:
-      raise ValueError("llama has no q/k norm; qk_norm=True cannot be saved as a llama config")
     return out
 
 
