@@ -12,10 +12,11 @@ Implementations (`DecoderConfig.attention_impl`):
 
 =========  ==============================================================================================
 `xla`      the reference: [B, K, G, T, S] float32 scores, softmax, weighted sum (quadratic memory).
-`chunked`  flash-style online softmax over key blocks of `chunk_size` slots (`lax.scan`), float32
-           accumulators, and a custom VJP that recomputes each block's probabilities from the saved
-           log-sum-exp (FlashAttention-2 backward), so forward *and* backward memory are linear in T.
-           Pure JAX: runs everywhere. Every block is computed (no skipping of causally masked blocks).
+`chunked`  flash-style online softmax over blocks of `chunk_size` queries x keys (`lax.map` over query
+           blocks, `lax.scan` over key blocks), float32 accumulators, and a custom VJP that recomputes each
+           block's probabilities from the saved log-sum-exp (FlashAttention-2 backward), so forward *and*
+           backward memory are linear in T. Block pairs the mask rules out entirely (above the causal
+           diagonal, outside the window, all keys invalid) are skipped with `lax.cond`. Pure JAX.
 `cudnn`    `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; float16/bfloat16; GQA native;
            left padding as a boolean mask). Used for the calls it supports (a prefill without a cache);
            cached calls (decode) take the `auto` choice among xla / chunked.
@@ -149,37 +150,70 @@ def _block_allowed(valid_j, j, c, q_slots, causal, window, window_array):
   return allowed[:, None, None, :, :]
 
 
+def _block_needed(q_lo, q_hi, k_lo, k_hi, valid_j, causal, window, window_array):
+  """Scalar bool: may any query slot in [q_lo, q_hi] attend any valid key of the block [k_lo, k_hi]?"""
+  needed = jnp.any(valid_j)
+  if causal:
+    needed = needed & (k_lo <= q_hi)
+  if window is not None:
+    needed = needed & (q_lo - k_hi < window)
+  if window_array is not None:
+    needed = needed & ((window_array <= 0) | (q_lo - k_hi < window_array))
+  return needed
+
+
+def _query_blocks(x, t, cq):
+  """[B, T, ...] -> [nq, B, cq, ...] (T padded to nq * cq with zeros)."""
+  nq = -(-t // cq)
+  if nq * cq != t:
+    x = jnp.pad(x, ((0, 0), (0, nq * cq - t)) + ((0, 0),) * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(x.shape[0], nq, cq, *x.shape[2:]), 1, 0)
+
+
 def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size):
+  """Output [B, T, H, hd] and log-sum-exp [nq, B, K, G, cq] (float32), blocks of `chunk_size` queries and
+  keys; (query block, key block) pairs that the mask rules out entirely are skipped (`lax.cond`)."""
   b, t, h, hd = q.shape
   kh = k.shape[2]
   g = h // kh
-  c = min(chunk_size, k.shape[1])
-  qg = q.reshape(b, t, kh, g, hd)
+  c, cq = min(chunk_size, k.shape[1]), min(chunk_size, t)
+  qb = _query_blocks(q.reshape(b, t, kh, g, hd), t, cq)  # [nq, B, cq, K, G, hd]
   kb, vb, validb, n = _key_blocks(k, v, key_valid, c)
-  q_slots = jnp.arange(t) + q_offset
 
-  def body(carry, xs):
-    m, l, acc = carry
-    # The barrier ties the block's mask to this block's keys: without it XLA hoists the (layer-invariant)
-    # masks of all blocks out of an enclosing scan over layers, a [blocks, B, K, G, T, c] = O(T * S) tensor.
-    kj, vj, valid_j, j = jax.lax.optimization_barrier(xs)
-    s = jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale
-    allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array)
-    s = jnp.where(allowed, s, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
-    corr = jnp.exp(m - m_new)
-    l = l * corr + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-    return (m_new, l, acc * corr[..., None] + pv), None
+  def q_block(args):
+    q_i, i = args
+    q_lo = q_offset + i * cq
+    q_slots = q_lo + jnp.arange(cq)
 
-  init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
-          jnp.zeros((b, kh, g, t, hd), jnp.float32))
-  (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, jnp.arange(n)))
-  has = l > 0
-  out = acc / jnp.where(has, l, 1.0)[..., None]  # fully masked rows: 0
-  lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), 0.0)
-  out = jnp.moveaxis(out, 3, 1).reshape(b, t, h, hd).astype(v.dtype)  # [B,K,G,T,hd] -> [B,T,H,hd]
+    def body(carry, xs):
+      # The barrier ties the block's mask to this block's keys: without it XLA hoists the (layer-invariant)
+      # masks of all blocks out of an enclosing scan over layers, a [blocks, B, K, G, T, c] = O(T * S) tensor.
+      kj, vj, valid_j, j = jax.lax.optimization_barrier(xs)
+
+      def compute(carry):
+        m, l, acc = carry
+        s = jnp.einsum("bqkgd,bckd->bkgqc", q_i, kj, preferred_element_type=jnp.float32) * scale
+        allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array)
+        s = jnp.where(allowed, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgqc,bckd->bkgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+        return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+      needed = _block_needed(q_lo, q_lo + cq - 1, j * c, j * c + c - 1, valid_j, causal, window, window_array)
+      return jax.lax.cond(needed, compute, lambda carry: carry, carry), None
+
+    init = (jnp.full((b, kh, g, cq), _NEG, jnp.float32), jnp.zeros((b, kh, g, cq), jnp.float32),
+            jnp.zeros((b, kh, g, cq, hd), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, jnp.arange(n)))
+    has = l > 0
+    out = acc / jnp.where(has, l, 1.0)[..., None]  # fully masked rows: 0
+    return out, jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), 0.0)
+
+  nq = qb.shape[0]
+  out, lse = jax.lax.map(q_block, (qb, jnp.arange(nq)))  # [nq, B, K, G, cq, hd], [nq, B, K, G, cq]
+  out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, nq * cq, h, hd)[:, :t].astype(v.dtype)
   return out, lse
 
 
@@ -194,37 +228,52 @@ def _chunked_fwd(q, k, v, key_valid, q_offset, window_array, scale, causal, wind
 
 
 def _chunked_bwd(scale, causal, window, chunk_size, res, d_out):
+  """FlashAttention-2 backward: per key block (outer scan) and query block (inner scan), the probabilities
+  are recomputed from the saved log-sum-exp; dK, dV accumulate in the inner carry, dQ over key blocks."""
   q, k, v, key_valid, q_offset, window_array, out, lse = res
   b, t, h, hd = q.shape
   s_len, kh = k.shape[1], k.shape[2]
   g = h // kh
-  c = min(chunk_size, s_len)
-  qg = q.reshape(b, t, kh, g, hd)
-  to_bkgt = lambda x: jnp.moveaxis(x.reshape(b, t, kh, g, hd), 1, 3)  # noqa: E731  [B,K,G,T,hd]
-  dog = to_bkgt(d_out).astype(jnp.float32)
-  delta = jnp.sum(dog * to_bkgt(out).astype(jnp.float32), axis=-1)  # [B,K,G,T]
-  kb, vb, validb, n = _key_blocks(k, v, key_valid, c)
-  q_slots = jnp.arange(t) + q_offset
+  c, cq = min(chunk_size, s_len), min(chunk_size, t)
   cdt = v.dtype
+  blocks = lambda x: _query_blocks(x.reshape(b, t, kh, g, hd), t, cq)  # noqa: E731  [nq, B, cq, K, G, hd]
+  qb, dob = blocks(q), blocks(d_out.astype(jnp.float32))
+  delta = jnp.einsum("nbqkgd,nbqkgd->nbkgq", dob, blocks(out).astype(jnp.float32))  # [nq, B, K, G, cq]
+  dob = dob.astype(cdt)
+  kb, vb, validb, n = _key_blocks(k, v, key_valid, c)
+  nq = qb.shape[0]
 
-  def body(dq, xs):
-    # The barrier ties the block's mask to this block's keys: without it XLA hoists the (layer-invariant)
-    # masks of all blocks out of an enclosing scan over layers, a [blocks, B, K, G, T, c] = O(T * S) tensor.
-    kj, vj, valid_j, j = jax.lax.optimization_barrier(xs)
-    s = jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale
-    allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array)
-    p = jnp.where(allowed, jnp.exp(jnp.where(allowed, s, _NEG) - lse[..., None]), 0.0)
-    dv_j = jnp.einsum("bkgtc,bkgtd->bckd", p.astype(cdt), dog.astype(cdt), preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bkgtd,bckd->bkgtc", dog.astype(cdt), vj, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[..., None]) * scale
-    dq = dq + jnp.einsum("bkgtc,bckd->bkgtd", ds.astype(cdt), kj, preferred_element_type=jnp.float32)
-    dk_j = jnp.einsum("bkgtc,btkgd->bckd", ds.astype(cdt), qg, preferred_element_type=jnp.float32)
-    return dq, (dk_j, dv_j)
+  def k_block(dq_all, kxs):
+    def body(dkv, xs):
+      # barrier: see _chunked_fwd_core (keeps the masks per block, inside the loops)
+      (kj, vj, valid_j, j), (q_i, do_i, lse_i, delta_i, i) = jax.lax.optimization_barrier((kxs, xs))
+      q_lo = q_offset + i * cq
 
-  dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((b, kh, g, t, hd), jnp.float32),
-                              (kb, vb, validb, jnp.arange(n)))
+      def compute(dkv):
+        dk_j, dv_j = dkv
+        s = jnp.einsum("bqkgd,bckd->bkgqc", q_i, kj, preferred_element_type=jnp.float32) * scale
+        allowed = _block_allowed(valid_j, j, c, q_lo + jnp.arange(cq), causal, window, window_array)
+        p = jnp.where(allowed, jnp.exp(jnp.where(allowed, s, _NEG) - lse_i[..., None]), 0.0)
+        dv_j = dv_j + jnp.einsum("bkgqc,bqkgd->bckd", p.astype(cdt), do_i, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bqkgd,bckd->bkgqc", do_i, vj, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta_i[..., None]) * scale).astype(cdt)
+        dk_j = dk_j + jnp.einsum("bkgqc,bqkgd->bckd", ds, q_i, preferred_element_type=jnp.float32)
+        dq_i = jnp.einsum("bkgqc,bckd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
+        return (dk_j, dv_j), dq_i
+
+      def skip(dkv):
+        return dkv, jnp.zeros((b, cq, kh, g, hd), jnp.float32)
+
+      needed = _block_needed(q_lo, q_lo + cq - 1, j * c, j * c + c - 1, valid_j, causal, window, window_array)
+      return jax.lax.cond(needed, compute, skip, dkv)
+
+    zeros = jnp.zeros((b, c, kh, hd), jnp.float32)
+    (dk_j, dv_j), dq_parts = jax.lax.scan(body, (zeros, zeros), (qb, dob, lse, delta, jnp.arange(nq)))
+    return dq_all + dq_parts, (dk_j, dv_j)
+
+  dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, validb, jnp.arange(n)))
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * c, kh, hd)[:, :s_len]  # noqa: E731
-  dq = jnp.moveaxis(dq, 3, 1).reshape(b, t, h, hd).astype(q.dtype)
+  dq = jnp.moveaxis(dq, 0, 1).reshape(b, nq * cq, h, hd)[:, :t].astype(q.dtype)
   return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None, None
 
 
