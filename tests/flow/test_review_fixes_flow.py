@@ -90,6 +90,7 @@ def test_remat_is_not_part_of_the_pretraining_cache_key(tmp_path, monkeypatch):
     config = pretrain.default_config()
     config.model.update(patch_size=4, hidden=16, depth=1, heads=2, frequency_dim=16, mlp_ratio=2.0)
     config.pretrain.update(steps=2, batch_size=8, warmup_steps=0, log_every=1)
+    config.data.test_fraction = 0.05  # a small test split: the CFM eval loss runs over it twice
     model, info = pretrain.pretrain_flow_model(config, log_fn=None)
     assert not info["cached"] and model.config.remat is False
     # The pre-fix key (the whole DiT config, remat included) names the same directory.
