@@ -85,6 +85,7 @@ __all__ = [
     "ALL_LINEAR",
     "add_lora",
     "apply_lora",
+    "add_lora_matrix",
     "effective_kernel",
     "has_lora",
     "lora_disabled",
@@ -337,7 +338,8 @@ class LoRAAdapter(nnx.Module):
     Attributes:
       lora_a: ``nnx.LoRAParam [*in_dims, r]``; lora_b: ``nnx.LoRAParam [r, *out_dims]`` (zeros at init).
       scale: ``s`` (static); rank: ``r``; dropout: input dropout probability; enabled: static on/off switch;
-      equation: the base projection's einsum; index: the adapter's ordinal (dropout key fold-in);
+      equation: the base projection's einsum; index: the adapter's ordinal in its model, unique across
+      :func:`apply_lora` calls (dropout key fold-in);
       layers: L for the adapter of a stacked site (a kernel with a leading 'layers' axis: ``A [L, *in_dims, r]``,
       ``B [L, r, *out_dims]``, one independent adapter per layer; ``kernel_shape`` is one layer's), else None.
     """
@@ -433,6 +435,22 @@ def add_lora(module: nnx.Module, kernel_name: str, x: Array, y: Array) -> Array:
     if adapter is None or not adapter.enabled:
         return y
     return y + adapter(x, y.dtype).astype(y.dtype)
+
+
+def add_lora_matrix(module: nnx.Module, x: Array, y: Array, kernel_name: str = "kernel") -> Array:
+    """``y + s * (dropout(x) A) B`` (PEFT's definition, in ``y``'s dtype) for a ``[D, V]`` kernel that a caller uses
+    as a matrix, ``y = x @ W`` with ``x [..., D]`` of any leading shape (the decoder's ``lm_head`` in logits,
+    log-probs and sampling); ``y`` unchanged without an enabled adapter. The adapter is never folded into ``W``
+    (a bf16 ``W + s A B`` would round the update away)."""
+    adapter = getattr(module, _adapter_attr(kernel_name), None)
+    if adapter is None or not adapter.enabled:
+        return y
+    a, b = adapter.lora_a[...], adapter.lora_b[...]
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"add_lora_matrix needs a [D, V] kernel's adapter; got A {a.shape}, B {b.shape}")
+    dtype = y.dtype
+    h = jnp.einsum("...d,dr->...r", adapter._dropout(x.astype(dtype)), a.astype(dtype))  # pylint: disable=protected-access
+    return y + jnp.einsum("...r,rv->...v", h * jnp.asarray(adapter.scale, dtype), b.astype(dtype))
 
 
 def effective_kernel(module: nnx.Module, kernel_name: str = "kernel") -> Array:
@@ -606,7 +624,10 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | int | 
         raise ValueError(f"sites {already[:6]} already have LoRA adapters (merge_lora first, or choose other "
                          "target_modules)")
     param_dtype = _DTYPES[config.param_dtype]
-    for index, site in enumerate(chosen):
+    # Dropout fold-in indices continue after the adapters already in the model (an earlier apply_lora call), so
+    # no two adapters of one model draw the same mask.
+    first_index = 1 + max((s.adapter.index for s in sites if s.adapted), default=-1)
+    for index, site in enumerate(chosen, start=first_index):
         kernel = site.kernel
         value = kernel.get_value() if hasattr(kernel, "get_value") else kernel.value
         names = kernel.get_metadata().get("out_sharding")

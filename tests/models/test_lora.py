@@ -160,10 +160,11 @@ def test_adapter_update_matches_numpy_for_3d_kernels():
     w, a, b = (np.asarray(v[...], np.float64) for v in (o.kernel, o.lora.lora_a, o.lora.lora_b))
     want = np.einsum("bthk,hkd->btd", xo, w) + 2.0 * np.einsum("bthk,hkr,rd->btd", xo, a, b)
     np.testing.assert_allclose(np.asarray(jax.jit(lambda m, x: m(x))(o, xo)), want, rtol=1e-5, atol=1e-5)
-    # lm_head: the matrix used by logits / log-probs includes the adapter
+    # lm_head: logits = x W + s (x A) B (the adapter added to the output, not folded into lm_head_matrix)
     h = model.lm_head
     w, a, b = (np.asarray(v[...], np.float64) for v in (h.kernel, h.lora.lora_a, h.lora.lora_b))
-    np.testing.assert_allclose(np.asarray(model.lm_head_matrix()), w + 2.0 * a @ b, rtol=1e-5, atol=1e-6)
+    want = x @ w + 2.0 * (x @ a) @ b
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda m, x: m.logits(x))(model, x)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_match_numpy_and_only_adapters_get_them():

@@ -39,7 +39,7 @@ def _check_logits_to_keep(logits_to_keep, t):
 
 def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Array | None = None, *,
                          chunk_size: int = 512, temperature: float = 1.0, return_entropy: bool = False,
-                         logits_to_keep: int | None = None):
+                         logits_to_keep: int | None = None, logits_lora: Any = None):
   """Per-token log-probs from final hidden states, chunked over time within rows (see module doc).
 
   Args:
@@ -54,6 +54,9 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
     return_entropy: also return the entropy (float32) of each predictive distribution.
     logits_to_keep: None (all T positions) or K in [1, T]: only the last K positions are projected onto
       the vocabulary and returned (TRL's `logits_to_keep`); equal to the full result's `[:, T - K:]`.
+    logits_lora: None or `f(h [B, c, D], logits [B, c, V] float32) -> logits` applied to each chunk before the
+      temperature (`CausalLM.lm_head_lora`: a LoRA adapter on lm_head adds s (dropout(h) A) B; its dropout
+      key is folded with the chunk index, so chunks draw different masks).
   Returns:
     logp [B, T] (or [B, K]) float32 (see module doc for the alignment), or (logp, entropy).
 
@@ -94,9 +97,13 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
   inv_temperature = 1.0 / temperature
 
   @jax.checkpoint
-  def chunk(h_c, y_c, w):  # [B, c, D], [B, c]
+  def chunk(h_c, y_c, w, i):  # [B, c, D], [B, c], [D, V], chunk index
     h_c = constrain_batch(h_c)
     logits = jnp.einsum("bcd,dv->bcv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
+    if logits_lora is not None:
+      from adrpo_jax.models.lora import lora_dropout_fold_in  # pylint: disable=import-outside-toplevel
+      with lora_dropout_fold_in(i):
+        logits = logits_lora(h_c, logits)
     logits = logits * inv_temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
@@ -107,11 +114,12 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
     return logp, lse - jnp.sum(probs * logits, axis=-1)
 
   if n_chunks == 1:
-    logp, ent = chunk(h, y, lm_head)
+    logp, ent = chunk(h, y, lm_head, jnp.int32(0))
   else:  # [n_chunks, B, c, ...]: the batch axis stays an axis of its own (and keeps its sharding)
     hs = jnp.swapaxes(h.reshape(b, n_chunks, c, d), 0, 1)
     ys = jnp.swapaxes(y.reshape(b, n_chunks, c), 0, 1)
-    logp, ent = jax.lax.map(lambda xs: chunk(xs[0], xs[1], lm_head), (hs, ys))
+    logp, ent = jax.lax.map(lambda xs: chunk(xs[0], xs[1], lm_head, xs[2]),
+                            (hs, ys, jnp.arange(n_chunks, dtype=jnp.int32)))
     logp = jnp.swapaxes(logp, 0, 1).reshape(b, n_chunks * c)
     ent = None if ent is None else jnp.swapaxes(ent, 0, 1).reshape(b, n_chunks * c)
 
@@ -152,4 +160,4 @@ def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, posi
   hidden = model.hidden_states(tokens, positions=positions, attention_mask=mask)
   return logprobs_from_hidden(hidden, tokens, model.lm_head_matrix(), mask, chunk_size=chunk_size,
                               temperature=temperature, return_entropy=return_entropy,
-                              logits_to_keep=logits_to_keep)
+                              logits_to_keep=logits_to_keep, logits_lora=getattr(model, "lm_head_lora", None))

@@ -59,7 +59,7 @@ from flax import nnx
 from adrpo_jax.models.llm.activation_sharding import constrain_batch
 from adrpo_jax.models.llm.attention import AttentionMask, attend, attention  # noqa: F401  (attend: re-export)
 from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq
-from adrpo_jax.models.lora import add_lora, effective_kernel
+from adrpo_jax.models.lora import add_lora, add_lora_matrix
 
 Array = jax.Array
 
@@ -432,15 +432,24 @@ class CausalLM(nnx.Module):
     return KVCache.create(self.config, batch_size, max_length, dtype)
 
   def lm_head_matrix(self) -> Array:
-    """[D, V] output projection in the parameter dtype (the transposed embedding when tied)."""
+    """[D, V] output projection in the parameter dtype (the transposed embedding when tied). A LoRA adapter on
+    lm_head is not in it: logits are `lm_head_lora(h, h @ W)`."""
     if self.lm_head is None:
       return self.embed_tokens.embedding[...].T
-    return effective_kernel(self.lm_head)  # the kernel, plus s * A B when lm_head has an enabled LoRA adapter
+    return self.lm_head.kernel[...]
+
+  def lm_head_lora(self, hidden: Array, logits: Array) -> Array:
+    """`logits + s * (dropout(hidden) A) B` when lm_head has an enabled LoRA adapter (PEFT's definition, in
+    the logits' dtype, as at every other site), else `logits`; hidden [..., D], logits [..., V]."""
+    if self.lm_head is None:
+      return logits
+    return add_lora_matrix(self.lm_head, hidden, logits)
 
   def logits(self, hidden: Array) -> Array:
     """[..., D] hidden states -> [..., V] logits in the compute dtype."""
     w = self.lm_head_matrix().astype(self.config.dtype)
-    return jnp.einsum("...d,dv->...v", hidden.astype(self.config.dtype), w)
+    hidden = hidden.astype(self.config.dtype)
+    return self.lm_head_lora(hidden, jnp.einsum("...d,dv->...v", hidden, w))
 
   def _check_inputs(self, tokens, positions, attention_mask, cache):
     if tokens.ndim != 2:

@@ -271,8 +271,9 @@ def _select(logits: Array, rng: Array, config: "SamplingConfig") -> tuple[Array,
 def _last_logits(model: CausalLM, hidden: Array) -> Array:
   """float32 logits [B, V] of hidden [B, D] (the output matmul accumulates in float32)."""
   w = model.lm_head_matrix()
-  return jnp.einsum("bd,dv->bv", hidden.astype(model.config.dtype), w.astype(model.config.dtype),
-                    preferred_element_type=jnp.float32)
+  hidden = hidden.astype(model.config.dtype)
+  return model.lm_head_lora(hidden, jnp.einsum("bd,dv->bv", hidden, w.astype(model.config.dtype),
+                                               preferred_element_type=jnp.float32))
 
 
 def repeat_cache_rows(cache: KVCache, g: int) -> KVCache:
