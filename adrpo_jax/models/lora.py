@@ -455,7 +455,8 @@ def add_lora_matrix(module: nnx.Module, x: Array, y: Array, kernel_name: str = "
 
 def effective_kernel(module: nnx.Module, kernel_name: str = "kernel") -> Array:
     """The kernel with its enabled adapter folded in (``W + s A B``, float32 math, cast to ``W``'s dtype), or
-    the kernel itself. For code that uses a projection as a matrix (the decoder's ``lm_head_matrix``)."""
+    the kernel itself: a weight-space view (forward passes add the update to the output instead, see
+    :func:`add_lora_matrix`; folding into a bf16 kernel rounds small updates away)."""
     w = getattr(module, kernel_name)[...]
     adapter = getattr(module, _adapter_attr(kernel_name), None)
     if adapter is None or not adapter.enabled:
