@@ -8,12 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
-.venv/bin/python -m pytest -q "$@"
+if [ $# -eq 0 ]; then
+  # the slowest tests are listed so the suite's cost stays visible (default suite budget: 10 min on 2 cores)
+  .venv/bin/python -m pytest -q --durations=15
+else
+  .venv/bin/python -m pytest -q "$@"
+fi
 if [ $# -eq 0 ]; then
   if [ "${CI:-}" = true ] || [ "${ADRPO_TEST_SECOND_SETTING:-0}" = 1 ]; then
     # conftest.py only sets XLA_FLAGS when it is unset: the 8 host devices must be repeated here.
     XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2 --xla_cpu_multi_thread_eigen=false" \
       .venv/bin/python -m pytest -q -m 'not slow' tests  # the doctests print values at their written precision
   fi
-  .venv/bin/python -m pytest -q -m slow
+  .venv/bin/python -m pytest -q -m slow --durations=15
 fi
