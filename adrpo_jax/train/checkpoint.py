@@ -159,29 +159,6 @@ def _layers_layout_hint(saved_flat: dict, target_flat: dict) -> str:
     return ""
 
 
-def _layers_layout(paths) -> set[str]:
-    """'list' (``layers/<i>/...``) and/or 'stacked' (``layers/...``, a leading [L] axis) for a decoder's layers."""
-    out = set()
-    for p in paths:
-        if "layers" in p[:-1]:
-            i = p.index("layers")
-            out.add("list" if p[i + 1].isdigit() else "stacked")
-    return out
-
-
-def _layers_layout_hint(saved_flat: dict, target_flat: dict) -> str:
-    """A note naming both layer layouts when the checkpoint's differs from the current model's."""
-    saved, target = _layers_layout(saved_flat), _layers_layout(target_flat)
-    names = {"list": "the per-layer list layout (`layers/<i>/...`, DecoderConfig.scan_layers=False or a "
-                     "checkpoint written before layer stacking)",
-             "stacked": "the stacked layout (`layers/...` with a leading [L] axis, DecoderConfig.scan_layers=True)"}
-    if len(saved) == 1 and len(target) == 1 and saved != target:
-        (s,), (t,) = saved, target
-        return (f" (its decoder layers are in {names[s]}, the current model's in {names[t]}: resume with "
-                f"scan_layers={s == 'stacked'}, e.g. `model.scan_layers: {str(s == 'stacked').lower()}`)")
-    return ""
-
-
 def check_tree_matches(saved: PyTree, target: PyTree, *, what: str = "checkpoint") -> None:
     """Raises :class:`CheckpointMismatchError` at the first key/shape/dtype difference (target order).
 
@@ -189,7 +166,6 @@ def check_tree_matches(saved: PyTree, target: PyTree, *, what: str = "checkpoint
     """
     saved_flat = _flatten(saved)
     target_flat = _flatten(target)
-    what = what + _layers_layout_hint(saved_flat, target_flat)
     what = what + _layers_layout_hint(saved_flat, target_flat)
     # Report model parameters before optimizer-state entries (which mirror them).
     order = sorted(target_flat, key=lambda p: (bool(p) and p[0].startswith("opt"),))
