@@ -29,6 +29,12 @@ key                                    meaning
 ``model.remat``, ``model.remat_policy``  per-layer gradient checkpointing ('' = save nothing)
 ``model.scan_layers``                  stacked decoder layers run by one ``lax.scan`` (True; False: a Python list
                                        of layers, e.g. to resume a checkpoint written before layer stacking)
+``model.attention_impl``               ``auto`` (splash on TPU, cudnn on GPU where the shapes allow, chunked on CPU
+                                       from ``attention_auto_min_len``, xla below) | ``xla`` (the quadratic
+                                       reference) | ``chunked`` (flash-style, memory linear in T) | ``cudnn`` |
+                                       ``splash``
+``model.attention_chunk_size``         key slots per block of the ``chunked`` implementation
+``model.attention_auto_min_len``       ``auto`` uses chunked attention on CPU when T * S >= this**2
 ``model.logprob_chunk_size``           token positions per chunk of the log-softmax (memory ~ chunk * vocab)
 ``model.save_final``                   write the trained policy as a Hugging Face directory (with the
                                        tokenizer) to ``workdir/final_model`` when the run completes
@@ -59,7 +65,8 @@ key                                    meaning
 ``rl.eps_low`` / ``rl.eps_high``       surrogate clip [1 - eps_low, 1 + eps_high] (DAPO clip-higher: 0.28)
 ``rl.dual_clip``                       dual-clip constant c > 1 for A < 0 (0 = off)
 ``rl.ratio_level``                     ``token`` (GRPO) | ``sequence`` (GSPO)
-``rl.loss_aggregation``                ``token_mean`` | ``sequence_mean`` | ``constant_normalizer`` (Dr. GRPO)
+``rl.loss_aggregation``                ``token_mean`` | ``sequence_mean`` | ``nonempty_sequence_mean`` (the mean
+                                       over rows with a valid token) | ``constant_normalizer`` (Dr. GRPO)
 ``rl.kl_estimator``                    ``k1`` | ``k2`` | ``k3``
 ``rl.kl_placement``                    ``loss`` (per-token term, the paper) | ``reward`` (r - beta * sum_t KL)
 ``rl.max_log_ratio``                   clamp of log-ratios inside exp
@@ -145,7 +152,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "batch_normalized")
 SCALE_REWARDS = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
-LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "constant_normalizer")
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "nonempty_sequence_mean", "constant_normalizer")
+# = adrpo_jax.models.llm.attention.IMPLEMENTATIONS (kept here so that validation imports no jax; a test checks it)
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
 DATA_SOURCES = ("arithmetic", "jsonl")
@@ -169,6 +178,9 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "remat": False,
             "remat_policy": "",
             "scan_layers": True,
+            "attention_impl": "auto",
+            "attention_chunk_size": 512,
+            "attention_auto_min_len": 1024,
             "logprob_chunk_size": 512,
             "save_final": False,
         },
@@ -277,6 +289,9 @@ def _validate_model(config) -> None:
     require_choice(config, "model.param_dtype", DTYPES)
     require_type(config, "model.remat", bool)
     require_type(config, "model.scan_layers", bool)
+    require_choice(config, "model.attention_impl", ATTENTION_IMPLS)
+    require_int(config, "model.attention_chunk_size", min=1)
+    require_int(config, "model.attention_auto_min_len", min=1)
     policy = require_type(config, "model.remat_policy", str)
     if policy:
         import jax  # pylint: disable=import-outside-toplevel

@@ -95,6 +95,12 @@ def resolve_model_path(model_config: Any) -> tuple[Path, Path]:
     return model_dir, tok
 
 
+def _engine_overrides(m: Any) -> dict[str, Any]:
+    """`DecoderConfig` fields set from the `model` config section: layer layout and attention implementation."""
+    return {"scan_layers": m.scan_layers, "attention_impl": m.attention_impl,
+            "attention_chunk_size": m.attention_chunk_size, "attention_auto_min_len": m.attention_auto_min_len}
+
+
 def _param_sharding_fn(mesh: Mesh):
     def fn(names, shape):
         return NamedSharding(mesh, train.logical_to_partition_spec(names, shape, mesh))
@@ -173,7 +179,7 @@ class RLTrainer:
         m = config.model
         self.model_config = DecoderConfig.from_hf_config(
             self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
-            remat_policy=m.remat_policy or None, scan_layers=m.scan_layers)
+            remat_policy=m.remat_policy or None, **_engine_overrides(m))
         if config.sampling.top_k > self.model_config.vocab_size:
             raise train.ConfigError(f"`sampling.top_k`={config.sampling.top_k} exceeds the vocabulary size "
                                     f"{self.model_config.vocab_size}.", key="sampling.top_k")
@@ -252,7 +258,7 @@ class RLTrainer:
             m = self.config.model
             self._pretrained = load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
                                                remat=m.remat, remat_policy=m.remat_policy or None,
-                                               config_overrides={"scan_layers": m.scan_layers},
+                                               config_overrides=_engine_overrides(m),
                                                shardings=_param_sharding_fn(self.mesh))
         return self._pretrained
 
