@@ -151,7 +151,7 @@ def test_reward_errors_are_summed_over_processes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
     fake = types.SimpleNamespace(
-        rollout_batch=lambda step, state: ({}, {"key": None, "num_errors": 2}),
+        rollout_batch=lambda step, state: ({}, {"key": None, "num_errors": 2, "times": {}}),
         update=lambda params, opt_state, frozen, batch, key: (params, opt_state, {"loss": 0.0}),
         frozen=None, ref_in_state=False,
         config=types.SimpleNamespace(rl=types.SimpleNamespace(ref_sync_steps=1), log_every=10**9))
