@@ -135,12 +135,18 @@ def _hash(obj: Any) -> str:
 # of them. They enter the key with their default value, so that entries written before they were left out (with
 # the default) keep their hash.
 _NUMERICS_NEUTRAL_MODEL_KEYS = {"remat": False}
+# Numerics-neutral switches added after entries were written: left out of the key (so those entries keep their
+# hash), restored from this config on load. ``scan_layers``: the saved file holds the list layout either way.
+_UNKEYED_MODEL_KEYS = ("scan_layers",)
 
 
 def _model_cache_key(dit_cfg: DiTConfig) -> dict[str, Any]:
     """The ``model`` part of the pre-training cache key: the DiT config, with the numerics-neutral switches
-    (``remat``) at their defaults."""
-    return {**dit_cfg.to_dict(), **_NUMERICS_NEUTRAL_MODEL_KEYS}
+    (``remat``) at their defaults and without ``scan_layers``."""
+    key = {**dit_cfg.to_dict(), **_NUMERICS_NEUTRAL_MODEL_KEYS}
+    for name in _UNKEYED_MODEL_KEYS:
+        key.pop(name)
+    return key
 
 
 def _run_dir(kind: str, key: dict[str, Any], workdir: str | os.PathLike | None, use_cache: bool) -> str | None:
@@ -300,7 +306,8 @@ def pretrain_flow_model(config: Any = None, workdir: str | os.PathLike | None = 
             if log_fn:
                 log_fn(f"[pretrain] loading cached flow model from {directory}")
             # The switches left out of the key are this config's, not those of the run that filled the cache.
-            model = load_dit(directory, **{k: getattr(dit_cfg, k) for k in _NUMERICS_NEUTRAL_MODEL_KEYS})
+            model = load_dit(directory, **{k: getattr(dit_cfg, k)
+                                           for k in (*_NUMERICS_NEUTRAL_MODEL_KEYS, *_UNKEYED_MODEL_KEYS)})
             return model, {**finished, "cached": True, "directory": directory}
     if pre["steps"] < 1 or pre["batch_size"] < 1:
         raise ValueError(f"config.pretrain.steps and batch_size must be >= 1, got {pre['steps']}, "

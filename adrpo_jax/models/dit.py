@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adrpo_jax.models.lora import add_lora
+from adrpo_jax.models.lora import add_lora, lora_dropout_fold_in
 
 __all__ = [
     "DiTConfig",
@@ -103,6 +103,11 @@ class DiTConfig:
         output are float32.
       param_dtype: storage dtype of the parameters.
       remat: rematerialise each block in the backward pass (saves activation memory).
+      scan_layers: stack the blocks' parameters along a leading ``'layers'`` axis (:class:`StackedDiTBlocks`,
+        ``model.blocks``) and run them with one ``jax.lax.scan`` (compile time independent of ``depth``; with
+        ``remat`` each block is rematerialised inside the scan). Same numbers as the list layout (``False``):
+        the same random draws build the same weights, and :func:`save_dit` / :func:`load_dit` read and write
+        the per-block list layout (``blocks/<i>/...``) either way.
     """
 
     image_size: int = 8
@@ -121,6 +126,7 @@ class DiTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("image_size", "channels", "patch_size", "hidden", "depth", "heads", "num_classes",
@@ -144,6 +150,9 @@ class DiTConfig:
             raise ValueError(f"`pos_embed` must be 'sincos' or 'learned', got {self.pos_embed!r}.")
         _dtype(self.dtype, "dtype")
         _dtype(self.param_dtype, "param_dtype")
+        for name in ("remat", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
 
     @property
     def num_patches(self) -> int:
@@ -428,6 +437,79 @@ class DiTBlock(nnx.Module):
         return x + gate2[:, None, :] * h.astype(jnp.float32)
 
 
+def _iter_variables(module: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+    """(path, Variable) of every variable of ``module`` (the live objects), in graph order."""
+    return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)]
+
+
+class StackedDiTBlocks(DiTBlock):
+    """All ``depth`` DiT blocks as one module: the attributes of a :class:`DiTBlock`, every parameter with a
+    leading ``[depth]`` axis (logical name ``'layers'``, left unsharded by the sharding rules); :meth:`scan` runs
+    them with one ``jax.lax.scan``.
+
+    Built by drawing ``depth`` :class:`DiTBlock` s in order (the same random draws as the list layout) and
+    stacking their parameters. ``len(stack)`` is the depth; ``stack[i]`` is a detached copy of block ``i`` as a
+    :class:`DiTBlock` (for inspection: writes to it do not reach the stack). LoRA
+    (:mod:`adrpo_jax.models.lora`): the projections inside are stacked sites (``blocks.attn.wq`` stands for
+    ``blocks.{i}.attn.wq`` of every block; an adapter goes to every block or none).
+    """
+
+    lora_layer_stack = True
+
+    def __init__(self, depth: int, hidden: int, heads: int, mlp_ratio: float, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        super().__init__(hidden, heads, mlp_ratio, **kw)
+        others = [dict(_iter_variables(DiTBlock(hidden, heads, mlp_ratio, **kw))) for _ in range(depth - 1)]
+        for path, var in _iter_variables(self):
+            value = var.get_value()
+            var.set_value(jnp.stack([value] + [o[path].get_value() for o in others]))
+            names = var.get_metadata().get("out_sharding")
+            var.set_metadata("out_sharding", ("layers",) + (tuple(names) if names else (None,) * value.ndim))
+
+    def __len__(self) -> int:
+        return int(self.fc1.kernel.shape[0])
+
+    def __getitem__(self, i: int) -> DiTBlock:
+        n = len(self)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"block index must be an int, got {i!r}")
+        if not -n <= i < n:
+            raise IndexError(f"block index {i} out of range for {n} blocks")
+        graphdef, state = nnx.split(self)
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[int(i) % n], state))
+        object.__setattr__(block, "__class__", DiTBlock)
+        for _, var in _iter_variables(block):
+            names = var.get_metadata().get("out_sharding")
+            if names and names[0] == "layers":
+                var.set_metadata("out_sharding", tuple(names[1:]))
+        return block
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def scan(self, x: jax.Array, c: jax.Array, *, remat: bool = False) -> jax.Array:
+        """The blocks applied in order to ``x [B, L, hidden]`` (float32) with condition ``c [B, hidden]``, as one
+        ``jax.lax.scan``; ``remat``: ``jax.checkpoint`` each block inside the scan. The LoRA dropout key (if any)
+        is folded with the block index, so stacked adapters draw a different mask in every block."""
+        graphdef, state = nnx.split(self)
+
+        def body(h, xs):
+            block_state, index = xs
+            block = nnx.merge(graphdef, block_state)
+            with lora_dropout_fold_in(index):
+                h = DiTBlock.__call__(block, h, c)
+            return h, None
+
+        if remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, (state, jnp.arange(len(self), dtype=jnp.int32)))
+        return x
+
+
+__all__.append("StackedDiTBlocks")
+
+
 class DiT(nnx.Module):
     """Conditional velocity network ``v_theta(x, t, cond)`` (see the module docstring).
 
@@ -467,8 +549,11 @@ class DiT(nnx.Module):
                 self.cond_fc2 = _dense(h, h, ("mlp", "embed"), kernel_init=normal, **kw)
                 self.null_cond = nnx.Param(normal(rngs.params(), (config.cond_dim,), param_dtype),
                                            out_sharding=(None,))
-            self.blocks = nnx.List([DiTBlock(h, config.heads, config.mlp_ratio, **kw)
-                                    for _ in range(config.depth)])
+            if config.scan_layers:
+                self.blocks = StackedDiTBlocks(config.depth, h, config.heads, config.mlp_ratio, **kw)
+            else:
+                self.blocks = nnx.List([DiTBlock(h, config.heads, config.mlp_ratio, **kw)
+                                        for _ in range(config.depth)])
             self.final_modulation = _dense(h, 2 * h, ("embed", "mlp"), kernel_init=_zeros, **kw)
             self.final_linear = _dense(h, patch_dim, ("embed", None), kernel_init=_zeros, **kw)
 
@@ -557,7 +642,9 @@ class DiT(nnx.Module):
             pos = self.pos_embed[...].astype(jnp.float32)
         h = tokens + pos[None]
         c = self.embed_time(t) + self.embed_condition(cond, drop_mask)
-        for block in self.blocks:
+        if cfg.scan_layers:
+            h = self.blocks.scan(h, c, remat=cfg.remat)
+        for block in (() if cfg.scan_layers else self.blocks):
             if cfg.remat:
                 h = nnx.remat(lambda blk, h_, c_: blk(h_, c_))(block, h, c)
             else:
@@ -592,11 +679,38 @@ _PARAMS_FILE = "params.safetensors"
 _CONFIG_FILE = "config.json"
 
 
+def _key_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _stacked_prefixes(module: nnx.Module) -> list[str]:
+    """The flat-name prefixes (``'blocks/'``) of the layer stacks (:class:`StackedDiTBlocks`) in ``module``."""
+    return [_key_str(path) + "/" for path, m in nnx.iter_modules(module) if isinstance(m, StackedDiTBlocks)]
+
+
+def _saved_names(name: str, shape: tuple[int, ...], prefixes: list[str]) -> list[str] | None:
+    """The per-block names ``'blocks/<i>/...'`` under which the stacked parameter ``name`` (``'blocks/...'``) is
+    saved, or None for an unstacked one."""
+    prefix = next((p for p in prefixes if name.startswith(p)), None)
+    if prefix is None:
+        return None
+    return [f"{prefix}{i}/{name[len(prefix):]}" for i in range(shape[0])]
+
+
 def _flat_params(module: nnx.Module) -> dict[str, Any]:
+    """``{name: value}`` of the module's ``nnx.Param`` s in the saved (list) layout: a stacked block parameter
+    ``blocks/attn/wq [L, ...]`` becomes ``blocks/<i>/attn/wq`` (NumPy slices) for each block."""
     pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    prefixes = _stacked_prefixes(module)
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-        flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
+        name = _key_str(path)
+        names = _saved_names(name, tuple(leaf.shape), prefixes)
+        if names is None:
+            flat[name] = leaf
+        else:
+            a = np.asarray(jax.device_get(leaf))
+            flat.update({n: a[i] for i, n in enumerate(names)})
     return flat
 
 
@@ -638,7 +752,8 @@ def restore_nnx_params(module: nnx.Module, directory: str | os.PathLike) -> nnx.
     """Load ``params.safetensors`` of ``directory`` into ``module`` (in place; also returned).
 
     Names and shapes must match the module's exactly (``ValueError`` listing the differences otherwise);
-    values are cast to each parameter's dtype.
+    values are cast to each parameter's dtype. Files hold the per-block list layout (``blocks/<i>/...``); a module
+    with stacked blocks (``DiTConfig.scan_layers``) stacks them on load.
     """
     from safetensors.numpy import load_file
 
@@ -646,22 +761,34 @@ def restore_nnx_params(module: nnx.Module, directory: str | os.PathLike) -> nnx.
     if not os.path.exists(path):
         raise ValueError(f"`directory` {os.fspath(directory)!r} has no {_PARAMS_FILE}.")
     loaded = load_file(path)
-    template = _flat_params(module)
+    state = nnx.state(module, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    prefixes = _stacked_prefixes(module)
+    template = {}  # saved name -> (shape, index of the module leaf, block index or None)
+    for j, (p, leaf) in enumerate(paths_leaves):
+        name, shape = _key_str(p), tuple(leaf.shape)
+        names = _saved_names(name, shape, prefixes)
+        if names is None:
+            template[name] = (shape, j, None)
+        else:
+            template.update({n: (shape[1:], j, i) for i, n in enumerate(names)})
     missing, unexpected = sorted(set(template) - set(loaded)), sorted(set(loaded) - set(template))
     if missing or unexpected:
         raise ValueError(f"Saved params in {os.fspath(directory)!r} do not match the module: missing {missing}, "
                          f"unexpected {unexpected}.")
-    bad = [f"{k}: saved {loaded[k].shape} vs module {template[k].shape}" for k in template
-           if tuple(loaded[k].shape) != tuple(template[k].shape)]
+    bad = [f"{k}: saved {loaded[k].shape} vs module {shape}" for k, (shape, _, _) in template.items()
+           if tuple(loaded[k].shape) != shape]
     if bad:
         raise ValueError(f"Saved params in {os.fspath(directory)!r} have wrong shapes: {bad}.")
-    state = nnx.state(module, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    parts: dict[int, dict] = {}  # module leaf -> {block index (None: unstacked): saved array}
+    for name, (_, j, i) in template.items():
+        parts.setdefault(j, {})[i] = loaded[name]
     new_leaves = []
-    for p, leaf in paths_leaves:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
-        new_leaves.append(jnp.asarray(loaded[name], dtype=leaf.dtype))
+    for j, (_, leaf) in enumerate(paths_leaves):
+        part = parts[j]
+        value = part[None] if None in part else np.stack([part[i] for i in range(len(part))])
+        new_leaves.append(jnp.asarray(value, dtype=leaf.dtype))
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new_leaves))
     nnx.update(module, state)
     return module
@@ -674,13 +801,13 @@ def save_dit(model: DiT, directory: str | os.PathLike) -> str:
 
 # DiTConfig fields a loaded model may take from the caller instead of the saved config: how it computes and
 # stores, never its architecture (the saved parameters are cast to ``param_dtype``).
-LOAD_OVERRIDES = ("dtype", "param_dtype", "remat")
+LOAD_OVERRIDES = ("dtype", "param_dtype", "remat", "scan_layers")
 
 
 def load_dit(directory: str | os.PathLike, **overrides: Any) -> DiT:
     """Load a :class:`DiT` saved by :func:`save_dit` (round-trips exactly for float32 params).
 
-    ``overrides``: any of ``dtype``, ``param_dtype``, ``remat`` (:data:`LOAD_OVERRIDES`) replace the saved
+    ``overrides``: any of ``dtype``, ``param_dtype``, ``remat``, ``scan_layers`` (:data:`LOAD_OVERRIDES`) replace the saved
     config's values (e.g. the run config's bfloat16 + remat for a model saved in float32 without remat); the
     saved parameters are cast to the resulting ``param_dtype``. Other keys raise ``ValueError``.
     """
