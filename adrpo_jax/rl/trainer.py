@@ -130,7 +130,7 @@ class Evaluator:
         self.n = n
         tokens, mask, _ = encoder.encode([r["prompt"] for r in self.rows])
         self.batch = train.host_local_to_global({"tokens": tokens, "mask": mask}, mesh)
-        gen = make_generate_fn(graphdef, sampling)
+        gen = make_generate_fn(graphdef, sampling, mesh)  # mesh: rows stay batch-sharded in the model
         bs = train.batch_sharding(mesh)
         self._generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
                                  out_shardings=bs)
@@ -277,7 +277,7 @@ class RLTrainer:
                                        top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
                                        eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id,
                                        prompt_group_size=self._shared_prompt_group())
-        gen = make_generate_fn(self.graphdef, self.sampling)
+        gen = make_generate_fn(self.graphdef, self.sampling, mesh)  # mesh: rows stay batch-sharded
         self.generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
                                 out_shardings=bs)
         self.logprobs = jax.jit(make_logprob_fn(self.graphdef, opts, mesh), out_shardings=(bs, bs))

@@ -5,8 +5,10 @@ with the embedding table sharded ``('vocab', 'embed') -> ('tensor', 'fsdp')`` an
 ``('data', 'fsdp')``, it all-gathers the token ids to the global batch and runs every layer on every row on
 every device. :func:`constrain_batch` pins the leading (batch) axis of an activation to the mesh's batch axes;
 it does nothing when no mesh is set (the callers set one with ``jax.sharding.use_abstract_mesh`` while
-tracing: :mod:`adrpo_jax.rl.step`), when the mesh has no batch axis of size > 1, when the batch does not
-divide, or for axes that are not ``Auto`` (inside ``shard_map`` or with explicit sharding).
+tracing: :mod:`adrpo_jax.rl.step`, :func:`adrpo_jax.models.llm.sampler.make_generate_fn` with a ``mesh``),
+when the mesh has no batch axis of size > 1, when the batch does not divide, or for axes that are not ``Auto``
+(inside ``shard_map`` or with explicit sharding). The model applies it after the embedding and at every layer
+boundary (the layer scan's carry, or between the layers of the list layout).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def batch_axes(batch_size: int) -> tuple[str, ...]:
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
-  """``x`` with its leading axis sharded over the mesh's batch axes (other axes left to GSPMD); see module doc."""
+  """``x`` with its leading axis sharded over the mesh's batch axes (other axes left to GSPMD); see module doc.
+  Costs nothing without a mesh (returns ``x`` itself)."""
   axes = batch_axes(x.shape[0]) if x.ndim else ()
   if not axes:
     return x

@@ -362,6 +362,7 @@ class StackedDecoderLayers(DecoderLayer):
 
     def body(x, xs):
       layer_state, window, layer_index, kv = xs
+      x = constrain_batch(x)  # layer boundary: the carry stays batch-sharded under a mesh (no-op without)
       layer = nnx.merge(graphdef, layer_state)
       mask = allowed
       if has_window:  # window 0 = full attention in this layer
@@ -520,6 +521,7 @@ class CausalLM(nnx.Module):
       layer_fn = nnx.remat(_remat_layer_call, policy=_remat_policy(cfg))
     for i, layer in enumerate([] if stacked else self.layers):
       allowed = masks[cfg.layer_sliding_windows[i]]
+      x = constrain_batch(x) if i else x  # layer boundary (after the embedding's constraint): batch-sharded
       if cache is not None:
         x, (k, v) = layer(x, cos, sin, allowed, (cache.keys[i], cache.values[i]), index)
         new_keys.append(k)

@@ -24,6 +24,7 @@ Two entry points:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AbstractMesh, Mesh
 
 from adrpo_jax.models.llm.modeling import CausalLM, KVCache, positions_from_mask
 
@@ -367,16 +369,23 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
   )
 
 
-def make_generate_fn(graphdef: nnx.GraphDef, config: SamplingConfig):
+def make_generate_fn(graphdef: nnx.GraphDef, config: SamplingConfig, mesh: Mesh | None = None):
   """Pure `fn(state, prompt_tokens [B,P], prompt_mask [B,P], rng) -> GenerationOutput` (not jitted).
 
-  `graphdef, state = nnx.split(model)`; jit it yourself, e.g. `jax.jit(fn, in_shardings=...)`.
+  `graphdef, state = nnx.split(model)`; jit it yourself, e.g. `jax.jit(fn, in_shardings=...)`. With a `mesh`
+  the function traces under it as the abstract mesh, so the activations stay sharded over the mesh's batch
+  axes (`activation_sharding`; the KV cache follows them): without it, on an `fsdp` mesh GSPMD follows the
+  embedding table's sharding and runs every row on every device.
   """
   if not isinstance(config, SamplingConfig):
     raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
+  if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+  abstract = None if mesh is None else (mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh)
 
   def generate_fn(state, prompt_tokens, prompt_mask, rng):
-    return _generate(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, rng, config)
+    with contextlib.nullcontext() if abstract is None else jax.sharding.use_abstract_mesh(abstract):
+      return _generate(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, rng, config)
 
   return generate_fn
 
