@@ -329,7 +329,9 @@ def test_nnx_optimizer_trains_only_adapters():
     n_adapter = len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     adapter_shapes = sorted(x.shape for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     moment_shapes = sorted(x.shape for x in jax.tree.leaves(opt.opt_state) if getattr(x, "ndim", 0) > 0)
-    assert moment_shapes == sorted(adapter_shapes * 2) and n_adapter == 12  # mu and nu over adapters only
+    # 3 sites x (A, B): one stacked [L, ...] pair per site with scan_layers, one pair per layer and site without
+    expected = 3 * 2 * (1 if CFG.scan_layers else CFG.num_hidden_layers)
+    assert moment_shapes == sorted(adapter_shapes * 2) and n_adapter == expected  # mu and nu over adapters only
 
     @nnx.jit
     def step(model, opt):
