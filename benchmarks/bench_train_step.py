@@ -15,11 +15,22 @@ reference log-probs), single device, float32.
     warm-up, the repetitions alternate A B B A A B ... (so slow drift of a shared machine hits both equally);
     reported: median step time of each, the ratio of medians, and the median and interquartile range of the
     per-round ratios. For scale, also the loss alone (``grpo_loss`` value-and-grad on [B, N] log-probs).
-(c) Update memory as the sequence grows (prompt P fixed, completion T - P): XLA's compiled memory analysis
-    (arguments + temporaries + outputs - donated aliases; works on CPU) for the default chunked log-probs
-    (chunk 512 token positions), chunked + per-layer remat, and one chunk (= the full [B*T, V] float32 logits,
-    what an unchunked implementation holds). With ``--measure-up-to L`` the step also runs for T <= L and the
-    measured growth of the process's peak RSS during the step is reported (Linux; temporaries + outputs).
+(c) Update memory as the sequence grows (prompt P fixed, completion T - P; or ``--completion-lengths``: the
+    completion N given, T = P + N): XLA's compiled memory analysis (arguments + temporaries + outputs - donated
+    aliases; works on CPU, needs no run) for the variants of ``--variants``:
+      default   the default settings: stacked layers run by ``lax.scan``, ``attention_impl='auto'`` (on CPU:
+                chunked flash-style attention from T*S >= 1024**2, xla below), chunked log-probs of the
+                completion positions only (chunk 512 token positions)
+      remat     default + per-layer remat (``DecoderConfig(remat=True)``, nothing saved)
+      xla       default with ``attention_impl='xla'``: the quadratic reference (materialized [B, H, T, S] scores)
+      onechunk  default with one log-prob chunk (= the full [B*N, V] float32 completion logits)
+    With ``--measure-up-to L`` the step also runs for T <= L and the measured growth of the process's peak RSS
+    during the step and its wall time are reported (Linux; temporaries + outputs).
+    Issue 13 item 6 (the update at completion lengths 1,024 and 4,096 on the default settings)::
+
+      .venv/bin/python benchmarks/bench_train_step.py --skip-time --completion-lengths 1024,4096 --measure-up-to 0
+
+``--dry-run`` parses the arguments, builds the model config and prints the plan (no compilation).
 """
 from __future__ import annotations
 
@@ -145,29 +156,59 @@ def bench_loss_only(b: int, n: int, reps: int) -> dict:
 # (c) memory vs sequence length
 # ----------------------------------------------------------------------------------------------------------
 
+VARIANTS = ("default", "remat", "xla", "onechunk")
+
+
+def variant_plan(cfg: DecoderConfig, args) -> list[tuple[str, DecoderConfig, int | None]]:
+    """(label, model config, log-prob chunk or None = one chunk) per ``--variants`` entry."""
+    plan = []
+    for name in args.variants.split(","):
+        if name == "default":
+            plan.append((f"default (attention {cfg.attention_impl}, scan, chunk {args.chunk})", cfg, args.chunk))
+        elif name == "remat":
+            plan.append(("default + per-layer remat", cfg.replace(remat=True), args.chunk))
+        elif name == "xla":
+            plan.append(("xla attention (quadratic reference)", cfg.replace(attention_impl="xla"), args.chunk))
+        elif name == "onechunk":
+            plan.append(("one log-prob chunk (full logits)", cfg, None))
+        else:
+            raise ValueError(f"--variants entry {name!r} is not one of {VARIANTS}")
+    return plan
+
+
+def memory_lengths(args) -> list[tuple[int, int]]:
+    """(total length T, completion N) per measured length."""
+    p = args.prompt_len
+    if args.completion_lengths:
+        out = [(p + int(n), int(n)) for n in args.completion_lengths.split(",")]
+    else:
+        out = [(int(t), int(t) - p) for t in args.lengths.split(",")]
+    for t, n in out:
+        if n < 2:
+            raise ValueError(f"length {t} must exceed --prompt-len={p} by at least 2")
+    return out
+
+
 def bench_memory(cfg: DecoderConfig, args) -> list[dict]:
-    lengths = [int(x) for x in args.lengths.split(",")]
     b, p = args.mem_rows, args.prompt_len
+    lengths = memory_lengths(args)
+    plan = variant_plan(cfg, args)
     model = build_model(cfg)
-    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    remat_graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg.replace(remat=True), rngs=nnx.Rngs(0))),
-                               nnx.Param, ...)[0]
+    _, params, frozen = nnx.split(model, nnx.Param, ...)
+    graphdefs = [nnx.split(nnx.eval_shape(lambda c=c: CausalLM(c, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+                 for _, c, _ in plan]
     tx = make_tx()
     rows = []
-    for t in lengths:
-        n = t - p
-        if n < 2:
-            raise ValueError(f"--lengths entry {t} must exceed --prompt-len={p} by at least 2")
+    for t, n in lengths:
         batch = make_batch(b, p, n, cfg.vocab_size)
-        for variant, gd, chunk in ((f"chunked ({args.chunk})", graphdef, args.chunk),
-                                   (f"chunked ({args.chunk}) + remat", remat_graphdef, args.chunk),
-                                   ("one chunk (full logits)", graphdef, b * t)):
+        for (variant, _, chunk), gd in zip(plan, graphdefs):
+            chunk = chunk or b * t
             opts = StepOptions(group_size=args.group, prompt_length=p, max_new_tokens=n, beta=0.04, adaptive=True,
                                logprob_chunk_size=chunk)
             opt_state = tx.init(params)
             compiled, compile_s = compile_update(gd, opts, params, opt_state, frozen, batch)
-            row = dict(length=t, rows=b, variant=variant, compile_s=compile_s, **memory_row(compiled),
-                       logits_bytes=b * (t - 1) * cfg.vocab_size * 4)
+            row = dict(length=t, completion=n, rows=b, variant=variant, compile_s=compile_s, **memory_row(compiled),
+                       logits_bytes=b * n * cfg.vocab_size * 4)
             if t <= args.measure_up_to:
                 run = lambda: compiled(copy_tree(params), copy_tree(opt_state), frozen, batch,  # noqa: E731
                                        jax.random.key(0))
@@ -177,7 +218,7 @@ def bench_memory(cfg: DecoderConfig, args) -> list[dict]:
                     compiled, p1, o1, frozen, batch, jax.random.key(0))
                 del p1, o1
             rows.append(row)
-            print(f"# memory T={t} {variant}: {row}", file=sys.stderr, flush=True)
+            print(f"# memory T={t} (N={n}) {variant}: {row}", file=sys.stderr, flush=True)
             del compiled
     return rows
 
@@ -195,18 +236,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=40, help="(a) timed steps per variant")
     parser.add_argument("--lengths", default="256,512,1024,2048", help="(c) total sequence lengths P + N")
+    parser.add_argument("--completion-lengths", default="",
+                        help="(c) completion lengths N instead of --lengths (T = --prompt-len + N), e.g. 1024,4096")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"(c) comma-separated subset of {VARIANTS}")
+    parser.add_argument("--attention-impl", default="auto", help="attention_impl of the default model config")
     parser.add_argument("--mem-rows", type=int, default=4, help="(c) rollout rows")
     parser.add_argument("--measure-up-to", type=int, default=1024,
                         help="(c) also run the step and measure peak RSS growth for lengths <= this (0: never)")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--dry-run", action="store_true", help="parse, build the config, print the plan; no compile")
     args = parser.parse_args(argv)
 
     hidden = args.hidden
     cfg = DecoderConfig(**dict(MODEL, num_hidden_layers=args.layers, hidden_size=hidden, vocab_size=args.vocab,
                                intermediate_size=3 * hidden, num_attention_heads=max(hidden // 64, 1),
-                               num_key_value_heads=max(hidden // 128, 1)))
+                               num_key_value_heads=max(hidden // 128, 1), attention_impl=args.attention_impl))
+    if args.dry_run:
+        plan = dict(params=cfg.num_params(), time=not args.skip_time,
+                    memory=None if args.skip_memory else dict(
+                        lengths=memory_lengths(args), variants=[v for v, _, _ in variant_plan(cfg, args)]))
+        print(json.dumps(plan))
+        return plan
     print(f"# bench_train_step: {cfg.num_params() / 1e6:.2f}M params; machine: {machine()}", file=sys.stderr,
           flush=True)
     result: dict = dict(machine=machine(), args=vars(args), params=cfg.num_params())
@@ -241,14 +293,16 @@ def main(argv=None) -> dict:
         rows = bench_memory(cfg, args)
         result["memory"] = rows
         print(f"(c) Update memory vs sequence length: {args.mem_rows} rows, prompt {args.prompt_len}, completion "
-              f"T - {args.prompt_len}; XLA estimate = args + temp + out - donated aliases (MiB); measured = growth "
+              f"N = T - {args.prompt_len}; XLA estimate = args + temp + out - donated aliases (MiB); measured = growth "
               f"of peak RSS during one step (MiB)\n")
-        print("| T | variant | XLA temp | XLA peak estimate | measured | step (s) | [B,T,V] f32 logits |")
-        print("|---:|---|---:|---:|---:|---:|---:|")
+        print("| T | N | variant | compile (s) | XLA temp | XLA peak estimate | measured | step (s) | "
+              "[B,N,V] f32 logits |")
+        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             step_s = f"{r['step_s']:.2f}" if "step_s" in r else "n/a"
-            print(f"| {r['length']} | {r['variant']} | {mib(r['temp_bytes'])} | {mib(r['peak_bytes'])} | "
-                  f"{mib(r.get('measured_bytes'))} | {step_s} | {mib(r['logits_bytes'])} |")
+            print(f"| {r['length']} | {r['completion']} | {r['variant']} | {r['compile_s']:.1f} | "
+                  f"{mib(r['temp_bytes'])} | {mib(r['peak_bytes'])} | {mib(r.get('measured_bytes'))} | {step_s} | "
+                  f"{mib(r['logits_bytes'])} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
