@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from adrpo_jax.models.lora import add_lora, lora_dropout_fold_in
+from adrpo_jax.models.stacking import stack_variables, unstacked_copy
 
 __all__ = [
     "DiTConfig",
@@ -437,11 +438,6 @@ class DiTBlock(nnx.Module):
         return x + gate2[:, None, :] * h.astype(jnp.float32)
 
 
-def _iter_variables(module: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
-    """(path, Variable) of every variable of ``module`` (the live objects), in graph order."""
-    return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)]
-
-
 class StackedDiTBlocks(DiTBlock):
     """All ``depth`` DiT blocks as one module: the attributes of a :class:`DiTBlock`, every parameter with a
     leading ``[depth]`` axis (logical name ``'layers'``, left unsharded by the sharding rules); :meth:`scan` runs
@@ -460,30 +456,13 @@ class StackedDiTBlocks(DiTBlock):
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         super().__init__(hidden, heads, mlp_ratio, **kw)
-        others = [dict(_iter_variables(DiTBlock(hidden, heads, mlp_ratio, **kw))) for _ in range(depth - 1)]
-        for path, var in _iter_variables(self):
-            value = var.get_value()
-            var.set_value(jnp.stack([value] + [o[path].get_value() for o in others]))
-            names = var.get_metadata().get("out_sharding")
-            var.set_metadata("out_sharding", ("layers",) + (tuple(names) if names else (None,) * value.ndim))
+        stack_variables(self, [DiTBlock(hidden, heads, mlp_ratio, **kw) for _ in range(depth - 1)])
 
     def __len__(self) -> int:
         return int(self.fc1.kernel.shape[0])
 
     def __getitem__(self, i: int) -> DiTBlock:
-        n = len(self)
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"block index must be an int, got {i!r}")
-        if not -n <= i < n:
-            raise IndexError(f"block index {i} out of range for {n} blocks")
-        graphdef, state = nnx.split(self)
-        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[int(i) % n], state))
-        object.__setattr__(block, "__class__", DiTBlock)
-        for _, var in _iter_variables(block):
-            names = var.get_metadata().get("out_sharding")
-            if names and names[0] == "layers":
-                var.set_metadata("out_sharding", tuple(names[1:]))
-        return block
+        return unstacked_copy(self, i, len(self), DiTBlock, "block")
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

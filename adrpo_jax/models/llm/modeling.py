@@ -60,6 +60,7 @@ from adrpo_jax.models.llm.activation_sharding import constrain_batch
 from adrpo_jax.models.llm.attention import AttentionMask, attend, attention  # noqa: F401  (attend: re-export)
 from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq
 from adrpo_jax.models.lora import add_lora, add_lora_matrix
+from adrpo_jax.models.stacking import stack_variables, unstacked_copy
 
 Array = jax.Array
 
@@ -313,31 +314,13 @@ class StackedDecoderLayers(DecoderLayer):
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
-    others = [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers - 1)]
-    other_vars = [dict(_iter_variables(o)) for o in others]
-    for path, var in _iter_variables(self):
-      value = var.get_value()
-      var.set_value(jnp.stack([value] + [o[path].get_value() for o in other_vars]))
-      names = var.get_metadata().get("out_sharding")
-      var.set_metadata("out_sharding", ("layers",) + (tuple(names) if names else (None,) * value.ndim))
+    stack_variables(self, [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers - 1)])
 
   def __len__(self) -> int:
     return int(self.input_layernorm.weight.shape[0])
 
   def __getitem__(self, i: int) -> DecoderLayer:
-    n = len(self)
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-      raise TypeError(f"layer index must be an int, got {i!r}")
-    if not -n <= i < n:
-      raise IndexError(f"layer index {i} out of range for {n} layers")
-    graphdef, state = nnx.split(self)
-    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[int(i) % n], state))
-    object.__setattr__(layer, "__class__", DecoderLayer)
-    for _, var in _iter_variables(layer):
-      names = var.get_metadata().get("out_sharding")
-      if names and names[0] == "layers":
-        var.set_metadata("out_sharding", tuple(names[1:]))
-    return layer
+    return unstacked_copy(self, i, len(self), DecoderLayer, "layer")
 
   def scan(self, x, cos, sin, allowed, *, windows, kv_cache=None, index=None, remat: bool = False, policy=None):
     """Runs the L layers over x [B, T, D] with one `jax.lax.scan`.
@@ -374,11 +357,6 @@ class StackedDecoderLayers(DecoderLayer):
     if remat:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     return jax.lax.scan(body, x, (state, window_arr, jnp.arange(n, dtype=jnp.int32), kv_cache))
-
-
-def _iter_variables(module: nnx.Module):
-  """(path, Variable) of every variable of `module` (the live objects), in graph order."""
-  return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)]
 
 
 # ------------------------------------------------------------------------------------------------------
