@@ -37,8 +37,10 @@ key                                    meaning
 ``model.*``                            the :class:`~adrpo_jax.models.dit.DiTConfig` fields; ``image_size`` /
                                        ``num_classes`` 0 = from ``data``; ``dtype`` is the compute dtype.
                                        With ``model.path`` the architecture is the saved model's, while
-                                       ``dtype``, ``param_dtype`` and ``remat`` are the config's (applied to
-                                       the loaded model; saved parameters are cast to ``param_dtype``)
+                                       ``dtype``, ``param_dtype``, ``remat`` and ``scan_layers`` are the
+                                       config's (applied to the loaded model; saved parameters are cast to
+                                       ``param_dtype``). ``scan_layers``: the DiT blocks stacked and run by
+                                       one ``lax.scan`` (default False; not part of the pre-training cache key)
 ``model.save_final``                   write the fine-tuned policy (``save_dit``) to ``workdir/final_model``
 ``pretrain.*``                         conditional flow-matching pre-training (``pretrain.py``), cached under
                                        ``$ADRPO_JAX_CACHE``: steps, batch_size, learning_rate, warmup_steps,
@@ -145,7 +147,8 @@ LORA_DEFAULT_TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "fc1", "fc2"
 
 # Keys of the pre-training sections that pretrain.py reads (everything else is the trainer's).
 _MODEL_KEYS = ("image_size", "channels", "patch_size", "hidden", "depth", "heads", "mlp_ratio", "num_classes",
-               "class_dropout_prob", "frequency_dim", "time_scale", "pos_embed", "dtype", "param_dtype", "remat")
+               "class_dropout_prob", "frequency_dim", "time_scale", "pos_embed", "dtype", "param_dtype", "remat",
+               "scan_layers")
 _PRETRAIN_KEYS = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip",
                   "ema_decay", "time_sampling", "seed", "log_every")
 _CLASSIFIER_KEYS = ("channels", "features", "steps", "batch_size", "learning_rate", "weight_decay", "noise_std",
@@ -165,7 +168,7 @@ def add_flow_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             "image_size": 0, "channels": 1, "patch_size": 2, "hidden": 64, "depth": 4, "heads": 4,
             "mlp_ratio": 4.0, "num_classes": 0, "class_dropout_prob": 0.1, "frequency_dim": 256,
             "time_scale": 1000.0, "pos_embed": "sincos", "dtype": "float32", "param_dtype": "float32",
-            "remat": False,
+            "remat": False, "scan_layers": False,
             "save_final": False,
         },
         "pretrain": {
@@ -264,6 +267,7 @@ def _validate_data_model(config) -> None:
     require_choice(config, "model.dtype", DTYPES)
     require_choice(config, "model.param_dtype", DTYPES)
     require_type(config, "model.remat", bool)
+    require_type(config, "model.scan_layers", bool)
     require_type(config, "model.save_final", bool)
 
     for key in ("steps", "batch_size", "log_every"):

@@ -124,10 +124,10 @@ def build_reward_model(config: Any, classifier: DigitClassifier | None) -> Calla
 
 
 def model_load_overrides(config: Any) -> dict[str, Any]:
-    """``model.dtype``, ``model.param_dtype``, ``model.remat``: the settings of the config that a loaded DiT
-    (``model.path`` or the pre-training cache) takes instead of its saved ones."""
+    """``model.dtype``, ``model.param_dtype``, ``model.remat``, ``model.scan_layers``: the settings of the config
+    that a loaded DiT (``model.path`` or the pre-training cache) takes instead of its saved ones."""
     return {"dtype": str(config.model.dtype), "param_dtype": str(config.model.param_dtype),
-            "remat": bool(config.model.remat)}
+            "remat": bool(config.model.remat), "scan_layers": bool(config.model.scan_layers)}
 
 
 def load_models(config: Any) -> tuple[DiT, DigitClassifier]:

@@ -182,3 +182,57 @@ def test_lora_on_stacked_blocks(list_and_scan, inputs):
   with pytest.raises(ValueError, match="but not all"):
     lora.apply_lora(nnx.clone(scan_model), lora.LoRAConfig(4, 8.0, target_modules=(r"blocks\.0\.fc1",)),
                     rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow  # ~12-22 s: two compilations of the whole flow step
+def test_flow_train_step_with_stacked_blocks_on_a_mesh_equals_the_list_layout(tmp_path):
+  """`model.scan_layers` of the flow trainer: the whole jitted flow step (sample -> reward -> ADRPO-W2 update,
+  reference / sampling-copy refresh) with stacked blocks on a (data=2, fsdp=2, tensor=2) mesh computes the
+  metrics of the list-layout step on one device (to TOL: two different compiled computations); the stacked
+  parameters are planned with the 'layers' axis unsharded; the config key reaches the loaded model."""
+  import optax
+
+  from adrpo_jax import train
+  from adrpo_jax.flow.config import add_flow_config, validate_flow_config
+  from adrpo_jax.flow.rewards import ImageStatReward
+  from adrpo_jax.flow.step import FlowStepOptions, make_train_step
+  from adrpo_jax.flow.trainer import model_load_overrides
+  from adrpo_jax.train.config import common_config
+
+  tiny = DiTConfig(image_size=8, patch_size=4, hidden=16, depth=2, heads=2, num_classes=4, frequency_dim=16,
+                   mlp_ratio=2.0)
+  save_dit(_perturbed(DiT(tiny, rngs=nnx.Rngs(0)), seed=3, scale=0.3), tmp_path / "dit")
+  config = add_flow_config(common_config())
+  config.model.scan_layers = True
+  validate_flow_config(config)
+  stacked = load_dit(tmp_path / "dit", **model_load_overrides(config))
+  listed = load_dit(tmp_path / "dit")
+  assert isinstance(stacked.blocks, StackedDiTBlocks) and not isinstance(listed.blocks, StackedDiTBlocks)
+
+  opts = FlowStepOptions(num_conditions=4, null_class=4, image_shape=(8, 8, 1), sampling_method="euler",
+                         sampling_steps=2, beta=0.5, grad_accum_steps=2, cond_dropout_prob=0.25)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5))
+  reward = ImageStatReward("mean_ink")
+  cond = np.repeat(np.arange(4, dtype=np.int32), 8)
+
+  def run(model, mesh):
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = {"params": params, "opt_state": tx.init(params), "ref_params": params, "sampler_params": params}
+    step = make_train_step(graphdef, tx, reward, opts, mesh)
+    if mesh is None:
+      return jax.device_get(jax.jit(step)(state, None, None, jnp.asarray(cond), jax.random.key(7), True, True)[1])
+    shardings = train.shardings_of(train.plan_sharded(lambda: state, mesh))
+    specs = {jax.tree_util.keystr(p): x.spec for p, x in jax.tree_util.tree_leaves_with_path(shardings["params"])}
+    blocks = {p: s for p, s in specs.items() if "'blocks'" in p}
+    assert blocks and all(len(s) == 0 or s[0] is None for s in blocks.values())  # 'layers' is never split
+    assert any("fsdp" in str(s) for s in blocks.values())  # the rest of a stacked kernel still is
+    out = jax.jit(step, out_shardings=(shardings, train.replicated_sharding(mesh)))(
+        jax.device_put(state, shardings), None, None, train.host_local_to_global(cond, mesh), jax.random.key(7),
+        True, True)
+    return jax.device_get(out[1])
+
+  m_list = run(listed, None)
+  m_scan = run(stacked, train.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  assert sorted(m_list) == sorted(m_scan) and m_list["w2_mean"] == 0.0 and m_list["loss"] != 0.0
+  for key in m_list:
+    np.testing.assert_allclose(m_scan[key], m_list[key], rtol=TOL, atol=1e-6, err_msg=key)
