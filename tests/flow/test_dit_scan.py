@@ -85,7 +85,7 @@ def test_same_init_and_layout():
     DiTConfig(scan_layers="yes")
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~8-12 s each
 def test_scan_equals_list_outputs_and_grads(list_and_scan, inputs, remat):
   list_model, scan_model, _ = list_and_scan
   if remat:
@@ -146,6 +146,7 @@ def test_pretrain_cache_key_ignores_scan_layers():
   assert "scan_layers" not in key and key == _model_cache_key(CFG)
 
 
+@pytest.mark.slow  # ~15 s (the DiT scan is an option, off by default: keep the default suite lean)
 def test_lora_on_stacked_blocks(list_and_scan, inputs):
   list_model, scan_model, _ = list_and_scan
   config = lora.LoRAConfig(4, 8.0, target_modules=TARGETS)
