@@ -13,25 +13,18 @@ import jax.numpy as jnp
 import pytest
 
 from adrpo_jax.train.checkpoint import Checkpointer
-from adrpo_jax.train.config import ConfigError, common_config, validate_common_config
+from adrpo_jax.train.config import ConfigError, validate_common_config
 from adrpo_jax.train.loop import run_training
 from adrpo_jax.train.metrics import format_console, read_jsonl
 
-SHARDING = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-ABSTRACT = {"w": jax.ShapeDtypeStruct((), jnp.float32, sharding=SHARDING)}
+from tests.train.test_loop import ABSTRACT, SHARDING
+from tests.train.test_loop import make_config as _loop_config
 
 
 def make_config(**overrides):
-    config = common_config()
-    config.trainer = "flow"
-    config.total_steps, config.log_every, config.eval_every = 4, 2, 2
-    config.checkpoint.every_steps, config.checkpoint.async_save = 1, False
-    config.logging.tensorboard = False
-    config.logging.progress_bar = False
-    for key, value in overrides.items():
-        section, _, leaf = key.rpartition("__")
-        (config[section] if section else config)[leaf] = value
-    return config
+    """test_loop's toy config, shorter: 4 steps, a record and an eval every 2, a checkpoint every step."""
+    return _loop_config(**{"total_steps": 4, "log_every": 2, "eval_every": 2, "checkpoint__every_steps": 1,
+                           **overrides})
 
 
 def init():
