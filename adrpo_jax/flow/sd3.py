@@ -1,0 +1,215 @@
+r"""SD3's flow convention mapped onto ours, in one place, and the MMDiT as a velocity field of our trainer.
+
+**Conventions.** Ours (ADRPO.md, "Flow matching"; :mod:`adrpo_jax.losses.flow_matching`,
+:mod:`adrpo_jax.flow.sampling`): ``t = 0`` is noise ``x0``, ``t = 1`` data ``x1``, ``x_t = (1 - t) x0 + t x1``,
+target ``u = x1 - x0``; samplers integrate ``dx/dt = v`` from ``t = 0`` up to ``t = 1``.
+diffusers / SD3 (``FlowMatchEulerDiscreteScheduler``): ``sigma = 1`` is noise, ``sigma = 0`` data,
+``x = (1 - sigma) x_data + sigma noise``, the model predicts ``noise - x_data`` at ``timestep = 1000 sigma``,
+and a step is ``x <- x + (sigma_next - sigma) * model_output``. Hence, on the same point::
+
+    sigma = 1 - t        timestep = 1000 (1 - t)        v_ours(x, t) = -model_output(x, 1000 (1 - t))
+
+(the same path: ``x_t = (1 - t) x0 + t x1 = (1 - sigma) x1 + sigma x0``; the same Euler step:
+``(t_next - t) v_ours = (sigma_next - sigma) model_output``). The inference schedule is diffusers'
+``set_timesteps``: ``sigmas = shift s / (1 + (shift - 1) s)`` on ``s = linspace(1, sigma_min, N)`` with
+``sigma_min`` the (already shifted) smallest training sigma ``shift(1 / 1000)``, then a final ``0``; SD3 uses
+``shift = 3.0``. :func:`sd3_time_grid` is that schedule as our increasing time grid ``1 - sigmas``, for
+:func:`adrpo_jax.flow.sampling.sample` (``timesteps=``); the Euler sampler on it reproduces diffusers'
+scheduler step by step (``tests/flow/test_sd3_convention.py``). The marginal-preserving SDE and CFG of
+:mod:`adrpo_jax.flow.sampling` apply unchanged (they only need our path convention).
+
+**The velocity module.** :class:`MMDiTVelocity` wraps an SD3 transformer (:mod:`adrpo_jax.models.mmdit`) and a
+table of prompt embeddings (``[N, L, D]`` text states + ``[N, P]`` pooled, computed once on the host by
+:mod:`adrpo_jax.flow.text_embeddings`) into ``module(x [B, h, w, c], t [B], cond [B] int, drop_mask=None) ->
+v [B, h, w, c]`` in our convention: the call signature of :class:`~adrpo_jax.models.dit.DiT`, so the flow
+trainer's steps (:mod:`adrpo_jax.flow.step`: rollout, CFG with a null condition id, per-prompt advantages,
+CFG dropout via ``drop_mask``, LoRA with adapters off as the reference) run on it unchanged. The null
+condition is the row of the empty prompt (``null_id``). The table is a non-trainable variable
+(:class:`PromptTable`), so it sits in the ``frozen`` part of the split model and is never trained or
+checkpointed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "SD3_SHIFT",
+    "NUM_TRAIN_TIMESTEPS",
+    "shift_sigmas",
+    "sd3_sigmas",
+    "sd3_time_grid",
+    "t_to_sigma",
+    "sigma_to_t",
+    "t_to_timestep",
+    "velocity_from_diffusers",
+    "velocity_to_diffusers",
+    "diffusers_noisy_sample",
+    "diffusers_euler_step",
+    "PromptTable",
+    "MMDiTVelocity",
+    "make_latent_reward",
+]
+
+SD3_SHIFT = 3.0
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas: Any, shift: float) -> Any:
+    """SD3's timestep shift ``shift s / (1 + (shift - 1) s)`` (numpy or jax; 1 = identity).
+
+    >>> float(shift_sigmas(0.5, 3.0))
+    0.75
+    """
+    if not shift > 0:
+        raise ValueError(f"`shift` must be > 0, got {shift!r}.")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sd3_sigmas(num_steps: int, shift: float = SD3_SHIFT,
+               num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps).sigmas``:
+    ``[num_steps + 1]`` float32, decreasing from 1 to 0 (static dynamic-shift off, no Karras/terminal options).
+
+    >>> sd3_sigmas(2, shift=1.0).round(4).tolist()
+    [1.0, 0.0010000000474974513, 0.0]
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be a positive int, got {num_steps!r}.")
+    # __init__: training sigmas = shift(linspace(1, N, N)[::-1] / N); sigma_max / sigma_min are its ends.
+    n = int(num_train_timesteps)
+    train_sigmas = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
+    train_sigmas = shift_sigmas(train_sigmas, np.float32(shift)).astype(np.float32)
+    sigma_max, sigma_min = float(train_sigmas[0]), float(train_sigmas[-1])
+    # set_timesteps: timesteps = linspace(sigma_max * N, sigma_min * N, steps); sigmas = shift(timesteps / N).
+    timesteps = np.linspace(sigma_max * n, sigma_min * n, num_steps)
+    sigmas = timesteps / n
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return np.concatenate([sigmas.astype(np.float32), np.zeros((1,), np.float32)])
+
+
+def sd3_time_grid(num_steps: int, shift: float = SD3_SHIFT) -> jax.Array:
+    """Our increasing time grid ``[num_steps + 1]`` (``t = 1 - sigma``, 0 -> 1) of :func:`sd3_sigmas`, for
+    ``sample(..., timesteps=sd3_time_grid(n, shift))``."""
+    return jnp.asarray(1.0 - sd3_sigmas(num_steps, shift), jnp.float32)
+
+
+def t_to_sigma(t: Any) -> Any:
+    """``sigma = 1 - t`` (our time -> diffusers' noise level)."""
+    return 1.0 - t
+
+
+def sigma_to_t(sigma: Any) -> Any:
+    """``t = 1 - sigma``."""
+    return 1.0 - sigma
+
+
+def t_to_timestep(t: Any, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Any:
+    """The transformer's ``timestep`` input at our time ``t``: ``num_train_timesteps * (1 - t)``."""
+    return num_train_timesteps * (1.0 - t)
+
+
+def velocity_from_diffusers(model_output: Any) -> Any:
+    """Our velocity ``v = dx/dt`` from SD3's prediction ``noise - x_data``: ``-model_output``."""
+    return -model_output
+
+
+def velocity_to_diffusers(v: Any) -> Any:
+    """SD3's ``noise - x_data`` target from our velocity: ``-v``."""
+    return -v
+
+
+def diffusers_noisy_sample(x_data: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+    """diffusers' ``scale_noise``: ``(1 - sigma) x_data + sigma noise``, ``sigma [B]`` broadcast over the rest."""
+    s = jnp.reshape(sigma, jnp.shape(sigma) + (1,) * (x_data.ndim - jnp.ndim(sigma)))
+    return (1.0 - s) * x_data + s * noise
+
+
+def diffusers_euler_step(sample: jax.Array, model_output: jax.Array, sigma: Any, sigma_next: Any) -> jax.Array:
+    """diffusers' deterministic ``FlowMatchEulerDiscreteScheduler.step``: ``x + (sigma_next - sigma) out``."""
+    return sample + (sigma_next - sigma) * model_output
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The MMDiT as our velocity field over prompt ids
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PromptTable(nnx.Variable):
+    """Non-trainable prompt-embedding arrays (never in the ``nnx.Param`` / ``nnx.LoRAParam`` filters)."""
+
+
+class MMDiTVelocity(nnx.Module):
+    """``v(x, t, cond, drop_mask=None)`` of an SD3 transformer in our convention, over integer prompt ids.
+
+    Args:
+      transformer: an :mod:`adrpo_jax.models.mmdit` model (``transformer(latents NHWC, timestep [B] on the
+        0..1000 scale, encoder_hidden_states [B, L, D], pooled_projections [B, P])`` -> diffusers' ``.sample``).
+      embeddings: ``[N, L, D]`` text states of the prompt set (the null / empty prompt among the rows).
+      pooled: ``[N, P]`` pooled text embeddings.
+      null_id: the row of the empty prompt (CFG's unconditional branch and ``drop_mask`` rows).
+      num_train_timesteps: the timestep scale (1000 for SD3).
+
+    ``embeddings`` / ``pooled`` are stored as :class:`PromptTable` variables (in the ``dtype`` given; the
+    transformer casts to its compute dtype). Attribute ``null_class`` (= ``null_id``) mirrors the DiT's.
+    """
+
+    def __init__(self, transformer: nnx.Module, embeddings: Any, pooled: Any, *, null_id: int,
+                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+        embeddings, pooled = jnp.asarray(embeddings), jnp.asarray(pooled)
+        if embeddings.ndim != 3:
+            raise ValueError(f"`embeddings` must be [N, L, D], got shape {embeddings.shape}.")
+        if pooled.ndim != 2 or pooled.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"`pooled` must be [N, P] with N = {embeddings.shape[0]} (the rows of `embeddings`), "
+                             f"got shape {pooled.shape}.")
+        n = int(embeddings.shape[0])
+        if not 0 <= int(null_id) < n:
+            raise ValueError(f"`null_id`={null_id} must be a row of the prompt table (0..{n - 1}).")
+        self.transformer = transformer
+        self.embeddings = PromptTable(embeddings)
+        self.pooled = PromptTable(pooled)
+        self.null_id = int(null_id)
+        self.num_prompts = n
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    @property
+    def null_class(self) -> int:
+        return self.null_id
+
+    def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array, *,
+                 drop_mask: jax.Array | None = None) -> jax.Array:
+        """Velocity ``[B, h, w, c]`` float32 at latents ``x [B, h, w, c]``, our time ``t [B]`` (or scalar),
+        prompt ids ``cond [B]`` int; ``drop_mask [B]`` bool rows use the empty prompt."""
+        if x.ndim != 4:
+            raise ValueError(f"`x` must be latents [B, h, w, c], got shape {x.shape}.")
+        b = x.shape[0]
+        cond = jnp.asarray(cond)
+        if cond.shape != (b,) or not jnp.issubdtype(cond.dtype, jnp.integer):
+            raise ValueError(f"`cond` must be [{b}] int prompt ids, got shape {cond.shape} dtype {cond.dtype}.")
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        if drop_mask is not None:
+            drop_mask = jnp.asarray(drop_mask)
+            if drop_mask.shape != (b,):
+                raise ValueError(f"`drop_mask` must have shape ({b},), got {drop_mask.shape}.")
+            cond = jnp.where(drop_mask.astype(bool), jnp.asarray(self.null_id, cond.dtype), cond)
+        states = jnp.take(self.embeddings[...], cond, axis=0)
+        pooled = jnp.take(self.pooled[...], cond, axis=0)
+        out = self.transformer(x, t_to_timestep(t, self.num_train_timesteps), states, pooled)
+        return velocity_from_diffusers(out.astype(jnp.float32))
+
+
+def make_latent_reward(decode: Callable[[jax.Array], jax.Array], image_reward: Callable[..., jax.Array]
+                       ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``reward(latents [B, h, w, c], cond [B]) -> [B]``: ``image_reward(decode(latents), cond)``.
+
+    ``decode`` maps the sampler's (scaled) latents to images ``[B, H, W, 3]`` in ``[-1, 1]`` (e.g. VAE
+    unscale + decode); the composition is pure, so the flow step decodes inside its jitted rollout."""
+    def reward(latents, cond):
+        return image_reward(decode(latents), cond)
+
+    return reward
