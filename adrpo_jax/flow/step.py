@@ -105,6 +105,7 @@ class FlowStepOptions:
     cfg_scale: float = 1.0
     sde_noise: float = 0.0
     ref_refresh_alpha: float = 1.0
+    time_shift: float = 1.0  # rollout time grid: 1 = uniform; else SD3's shifted schedule (adrpo_jax.flow.sd3)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -127,6 +128,8 @@ class FlowStepOptions:
             raise ValueError(f"`cond_dropout_prob`={self.cond_dropout_prob} must be in [0, 1).")
         if not 0.0 < self.ref_refresh_alpha <= 1.0:
             raise ValueError(f"`ref_refresh_alpha`={self.ref_refresh_alpha} must be in (0, 1].")
+        if not self.time_shift > 0:
+            raise ValueError(f"`time_shift`={self.time_shift} must be > 0.")
 
     @classmethod
     def from_config(cls, config: Any, *, num_conditions: int, null_class: int,
@@ -147,7 +150,8 @@ class FlowStepOptions:
             num_inner_updates=int(rl.num_inner_updates), grad_accum_steps=int(config.optim.grad_accum_steps),
             time_sampling=rl.time_sampling, cond_dropout_prob=float(rl.cond_dropout_prob),
             sampling_method=s.method, sampling_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
-            sde_noise=float(s.sde_noise), ref_refresh_alpha=float(rl.ref_refresh_alpha))
+            sde_noise=float(s.sde_noise), ref_refresh_alpha=float(rl.ref_refresh_alpha),
+            time_shift=float(s.get("time_shift", 1.0)))
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -159,6 +163,14 @@ class FlowStepOptions:
     def loss_beta(self) -> float:
         """beta_0 of :func:`~adrpo_jax.losses.adrpo_flow_loss` (0 for ``none``)."""
         return 0.0 if self.method == "none" else self.beta
+
+    def time_grid(self) -> jax.Array | None:
+        """The rollout's time grid ``[sampling_steps + 1]``: None (uniform) for ``time_shift`` 1, else diffusers'
+        shifted SD3 schedule as our time (:func:`adrpo_jax.flow.sd3.sd3_time_grid`)."""
+        if self.time_shift == 1.0:
+            return None
+        from adrpo_jax.flow.sd3 import sd3_time_grid  # pylint: disable=import-outside-toplevel
+        return sd3_time_grid(self.sampling_steps, self.time_shift)
 
     def coefficient_kwargs(self) -> dict[str, Any]:
         return dict(adaptive=self.adaptive, clip=self.adv_clip, clip_multiple=self.adv_clip_multiple,
@@ -480,7 +492,7 @@ def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowSt
         x1 = sample(lambda x, t, c: model(x, t, c), x0, cond, num_steps=opts.sampling_steps,
                     method=opts.sampling_method, cfg_scale=opts.cfg_scale,
                     null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
-                    key=k_sde if opts.sde_noise > 0 else None)
+                    key=k_sde if opts.sde_noise > 0 else None, timesteps=opts.time_grid())
         x1 = _constrain(jax.lax.stop_gradient(x1), mesh)
         return x1, reward_components(reward_model, x1, cond)
 
