@@ -133,14 +133,16 @@ def test_clip_skip_and_no_t5_match_diffusers(text_dir):
 
 
 def test_explicit_paths_equal_root_layout(text_dir):
-    a, pa = te.encode_prompts(["", "a cat"], text_dir, max_sequence_length=MAX_SEQ)
-    b, pb = te.encode_prompts(["", "a cat"], clip_l_path=text_dir / "text_encoder",
-                              clip_g_path=text_dir / "text_encoder_2", t5_path=text_dir / "text_encoder_3",
-                              tokenizer_l_path=text_dir / "tokenizer", tokenizer_g_path=text_dir / "tokenizer_2",
-                              tokenizer_t5_path=text_dir / "tokenizer_3", max_sequence_length=MAX_SEQ)
-    assert a.shape[0] == 2  # "" already present: not appended again
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(pa, pb)
+    explicit = te.resolve_text_paths(clip_l_path=text_dir / "text_encoder", clip_g_path=text_dir / "text_encoder_2",
+                                     t5_path=text_dir / "text_encoder_3", tokenizer_l_path=text_dir / "tokenizer",
+                                     tokenizer_g_path=text_dir / "tokenizer_2",
+                                     tokenizer_t5_path=text_dir / "tokenizer_3")
+    assert te.resolve_text_paths(text_dir) == explicit
+    no_t5 = te.resolve_text_paths(text_dir, use_t5=False)
+    assert no_t5.t5 is None and no_t5.tokenizer_t5 is None and no_t5.clip_l == explicit.clip_l
+    # tokenizers default to the encoder's own directory without a root
+    alone = te.resolve_text_paths(clip_l_path=text_dir / "text_encoder", clip_g_path=text_dir / "text_encoder_2")
+    assert alone.tokenizer_l == alone.clip_l and alone.t5 is None
 
 
 def test_cache_hit_and_invalidation(text_dir, reference, tmp_path, monkeypatch):
