@@ -97,6 +97,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config.data.prompts = ("a red cube", "a cat on a sofa", "a yellow bird", "a snowy mountain")
     config.text.max_sequence_length = 8
     config.reward.kind = "clip"
+    config.reward.clip_clamp = False  # a random CLIP's cosines are often negative: keep the signal
     config.sampling.num_steps = 4
     config.sampling.cfg_scale = 2.0
     config.rl.prompts_per_step = 2

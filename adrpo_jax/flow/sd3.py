@@ -203,13 +203,23 @@ class MMDiTVelocity(nnx.Module):
         return velocity_from_diffusers(out.astype(jnp.float32))
 
 
+class _LatentReward:
+    """``image_reward`` behind a decode (see :func:`make_latent_reward`); keeps ``components`` when it has them."""
+
+    def __init__(self, decode, image_reward):
+        self.decode, self.image_reward = decode, image_reward
+        if hasattr(image_reward, "components"):
+            self.components = lambda latents, cond: image_reward.components(decode(latents), cond)
+
+    def __call__(self, latents, cond):
+        return self.image_reward(self.decode(latents), cond)
+
+
 def make_latent_reward(decode: Callable[[jax.Array], jax.Array], image_reward: Callable[..., jax.Array]
                        ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``reward(latents [B, h, w, c], cond [B]) -> [B]``: ``image_reward(decode(latents), cond)``.
+    """``reward(latents [B, h, w, c], cond [B]) -> [B]``: ``image_reward(decode(latents), cond)`` (and
+    ``reward.components(latents, cond)`` when ``image_reward`` has ``components``).
 
     ``decode`` maps the sampler's (scaled) latents to images ``[B, H, W, 3]`` in ``[-1, 1]`` (e.g. VAE
     unscale + decode); the composition is pure, so the flow step decodes inside its jitted rollout."""
-    def reward(latents, cond):
-        return image_reward(decode(latents), cond)
-
-    return reward
+    return _LatentReward(decode, image_reward)

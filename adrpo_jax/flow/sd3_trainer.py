@@ -16,9 +16,9 @@ velocity field of our convention over integer prompt ids:
   ``drop_mask``) exactly as on digits;
 * the rollout integrates on SD3's shifted schedule (``sampling.time_shift``, 3.0), with CFG
   (``sampling.cfg_scale``) and optionally the marginal-preserving SDE (``sampling.sde_noise``), then decodes the
-  latents with the VAE and scores the images (``reward.kind``: ``clip`` = CLIP score against the prompt,
-  :mod:`adrpo_jax.flow.clip_reward`; ``image_mean`` = mean pixel value, a cheap stand-in) inside the same jitted
-  program;
+  latents with the VAE and scores the images inside the same jitted program (``reward.kind``: ``clip`` =
+  CLIP score against the prompt, ``reward.clip_scale`` * cos, clamped at 0 with ``reward.clip_clamp``,
+  :mod:`adrpo_jax.flow.clip_reward`; ``image_mean`` = mean pixel value, a cheap stand-in);
 * LoRA (``lora.enabled``, default on for SD3): the adapters are the whole train state; the W2 reference is the
   same MMDiT with adapters off (no second copy of the weights).
 
@@ -90,7 +90,7 @@ def add_sd3_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                   "scan_layers": False, "save_final": False},
         "vae": {"path": ""},
         "text": {"path": "", "cache_dir": "", "max_sequence_length": 256, "torch_dtype": "float32"},
-        "reward": {"kind": "clip", "clip_path": "", "scale": 1.0},
+        "reward": {"kind": "clip", "clip_path": "", "clip_scale": 100.0, "clip_clamp": True},
         "rl": flow.rl.to_dict(),
         "sampling": {"method": "euler", "num_steps": 28, "cfg_scale": 4.5, "sde_noise": 0.0, "time_shift": 3.0},
         "eval": {"samples_per_prompt": 2, "seed": 1234, "w2_time_samples": 1},
@@ -147,7 +147,8 @@ def validate_sd3_config(config: Any) -> None:
     kind = require_choice(config, "reward.kind", REWARD_KINDS)
     if kind == "clip":
         _check_dir(config, "reward.clip_path", tiny)
-    require_type(config, "reward.scale", float)
+    flow_config.require_float(config, "reward.clip_scale", min=0.0, min_inclusive=False)
+    require_type(config, "reward.clip_clamp", bool)
     for key in ("dtype", "param_dtype"):
         require_choice(config, f"model.{key}", flow_config.DTYPES)
     for key in ("remat", "scan_layers", "save_final"):
@@ -239,11 +240,13 @@ def load_components(config: Any) -> SD3Components:
         raise ValueError(f"the prompt table's rows {table.prompts} are not data.prompts followed by the empty prompt")
     if config.reward.kind == "clip":
         from adrpo_jax.flow.clip_reward import CLIPScoreReward  # pylint: disable=import-outside-toplevel
-        image_reward = CLIPScoreReward(paths["clip"], prompts)
+        image_reward = CLIPScoreReward.from_pretrained(paths["clip"], prompts, cache_dir=cache_dir,
+                                                       scale=float(config.reward.clip_scale),
+                                                       clamp=bool(config.reward.clip_clamp),
+                                                       dtype=jnp.dtype(config.model.dtype))
     else:
         image_reward = image_mean_reward
-    scale = float(config.reward.scale)
-    reward = image_reward if scale == 1.0 else (lambda im, c: scale * image_reward(im, c))
+    reward = image_reward
     vcfg = transformer.config
     latent = (int(vcfg.sample_size), int(vcfg.sample_size), int(vcfg.in_channels))
     decode = lambda z: vae.decode(vae.unscale_latents(z))  # noqa: E731
