@@ -303,11 +303,13 @@ class SD3Trainer:
         self.state_shardings = train.shardings_of(self.abstract_state)
         # The pre-trained (frozen) part: the base weights and the prompt table, sharded by their logical names.
         self.frozen = jax.device_put(frozen, train.logical_to_named_sharding(frozen, self.mesh))
-        self._host_params = params
         # Without LoRA the reference is a separate copy of the pre-trained weights; with LoRA it is the policy's
-        # own base weights with the adapters off (ref_graphdef), so nothing is kept.
-        self.ref_params = None if self.lora_config is not None else \
-            jax.device_put(params, self.state_shardings["params"])
+        # own base weights with the adapters off (ref_graphdef), so nothing is kept but the initial adapters (host).
+        if self.lora_config is not None:
+            self._initial_adapters, self.ref_params = jax.tree.map(np.asarray, params), None
+        else:
+            self._initial_adapters, self.ref_params = None, jax.device_put(params, self.state_shardings["params"])
+        del params
         self.rows = train.process_batch_slice(self.layout["batch_size"], self.mesh)
         self.base_key = jax.random.key(int(config.seed))
         repl = train.replicated_sharding(self.mesh)
@@ -323,8 +325,9 @@ class SD3Trainer:
     def init_state(self) -> dict[str, Any]:
         """Fresh state: the pre-trained weights (or fresh adapters, B = 0) and a new optimizer state, sharded."""
         sh = self.state_shardings
-        params = jax.device_put(self._host_params, sh["params"])
-        if self.ref_params is not None:
+        if self.ref_params is None:
+            params = jax.device_put(self._initial_adapters, sh["params"])
+        else:
             params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["params"])(self.ref_params)
         return {"params": params, "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params)}
 
