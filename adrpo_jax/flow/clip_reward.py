@@ -358,6 +358,14 @@ class CLIPScoreReward:
     Pure and jittable like :class:`adrpo_jax.flow.rewards.ClassifierReward`: arrays are held as attributes and a
     ``jax.jit``-ed function of ``(params, text, images, cond)`` is called (inlined when called under another
     jit). ``components`` returns ``reward`` and ``clip_cosine`` ``[B]`` float32.
+
+    **Large towers under an outer jit.** Calling the reward inside another ``jax.jit`` closes over its arrays,
+    and JAX embeds closed-over arrays in the program as constants (a ViT-L/14 tower is ~1.2 GB of float32: slow
+    compiles, a second copy in memory). Pass the arrays as an argument instead: ``reward.state`` is the pytree
+    (``{"params", "text"}``), ``reward.bind(state)`` the same reward over those (traced) arrays::
+
+        step = jax.jit(lambda state, x, c: reward.bind(state)(x, c))
+        step(reward.state, images, cond)
     """
 
     def __init__(self, spec: CLIPVisionSpec, params: dict[str, Any], text_features: Any, *,
@@ -399,6 +407,17 @@ class CLIPScoreReward:
     def num_prompts(self) -> int:
         return int(self.text.shape[0])
 
+    @property
+    def state(self) -> dict[str, Any]:
+        """The reward's arrays ``{"params": vision tower, "text": [N, E] unit text features}``, to pass through
+        jitted code as an argument (see :meth:`bind`)."""
+        return {"params": self.params, "text": self.text}
+
+    def bind(self, state: dict[str, Any]) -> "_BoundCLIPScoreReward":
+        """This reward over the arrays ``state`` (same structure as :attr:`state`; may be tracers): a callable
+        ``(images, cond) -> [B]`` with ``components``, that closes over nothing but ``state``."""
+        return _BoundCLIPScoreReward(self, state)
+
     def image_features(self, images: jax.Array) -> jax.Array:
         """Unnormalized CLIP image embeddings ``[B, E]`` of ``images`` (in ``input_range``)."""
         return clip_image_features(self.params, self.spec, clip_preprocess(images, self.spec, self.input_range),
@@ -414,6 +433,9 @@ class CLIPScoreReward:
 
     def components(self, images: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
         """``{"reward": [B], "clip_cosine": [B]}`` float32."""
+        return self._checked_components(self.state, images, cond)
+
+    def _checked_components(self, state, images, cond):
         images, cond = jnp.asarray(images), jnp.asarray(cond)
         if images.ndim != 4 or images.shape[-1] != 3 or not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"`images` must be floating [B, H, W, 3], got shape {images.shape} "
@@ -426,7 +448,26 @@ class CLIPScoreReward:
             lo, hi = int(values.min()), int(values.max())
             if lo < 0 or hi >= self.num_prompts:
                 raise ValueError(f"`cond` must be prompt ids in [0, {self.num_prompts}), got values in [{lo}, {hi}].")
-        return self._components(self.params, self.text, images, cond.astype(jnp.int32))
+        return self._components(state["params"], state["text"], images, cond.astype(jnp.int32))
+
+    def __call__(self, images: jax.Array, cond: jax.Array) -> jax.Array:
+        return self.components(images, cond)["reward"]
+
+
+class _BoundCLIPScoreReward:
+    """A :class:`CLIPScoreReward` over explicit arrays (:meth:`CLIPScoreReward.bind`)."""
+
+    def __init__(self, reward: CLIPScoreReward, state: dict[str, Any]):
+        if not isinstance(state, dict) or set(state) != {"params", "text"}:
+            raise ValueError(f"`state` must be CLIPScoreReward.state ({{'params', 'text'}}), got "
+                             f"{type(state).__name__} {sorted(state) if isinstance(state, dict) else ''}.")
+        text = state["text"]
+        if tuple(text.shape) != tuple(reward.text.shape):
+            raise ValueError(f"`state['text']` has shape {tuple(text.shape)}, expected {tuple(reward.text.shape)}.")
+        self.reward, self.state = reward, state
+
+    def components(self, images: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
+        return self.reward._checked_components(self.state, images, cond)  # pylint: disable=protected-access
 
     def __call__(self, images: jax.Array, cond: jax.Array) -> jax.Array:
         return self.components(images, cond)["reward"]

@@ -136,15 +136,30 @@ def test_reward_equals_torch_clip_score(clip, reward):
 
 
 def test_reward_jit_and_larger_images(reward):
-    """Inside another jit (as in the sampler), on 64x48 images (resized + cropped): same values as eager."""
+    """Inside another jit (as in the sampler: flow.step.reward_components), on 64x48 images (resized + cropped)."""
     images = jax.random.uniform(jax.random.key(0), (3, 64, 48, 3), minval=-1, maxval=1)
     cond = jnp.array([3, 1, 0])
-    eager = reward(images, cond)
-    assert eager.shape == (3,) and eager.dtype == jnp.float32 and bool(jnp.all(eager >= 0))
     from adrpo_jax.flow.step import reward_components
     comps = jax.jit(lambda x, c: reward_components(reward, x, c))(images, cond)
-    assert set(comps) == {"reward", "clip_cosine"}
-    np.testing.assert_allclose(np.asarray(comps["reward"]), np.asarray(eager), atol=1e-4)
+    assert set(comps) == {"reward", "clip_cosine"} and comps["reward"].shape == (3,)
+    cos = np.asarray(comps["clip_cosine"])
+    assert np.all(np.abs(cos) <= 1 + 1e-6) and np.all(np.isfinite(cos))
+    np.testing.assert_allclose(np.asarray(comps["reward"]), 100 * np.maximum(cos, 0), atol=1e-4)
+
+
+def test_bound_state_is_an_argument_not_a_constant(reward):
+    """reward.bind(state) under jit: same values, and the tower's weights are not baked into the program."""
+    images = jax.random.uniform(jax.random.key(1), (4, 30, 30, 3), minval=-1, maxval=1)
+    cond = jnp.array([0, 2, 1, 3], jnp.int32)  # the shapes of test_reward_equals_torch_clip_score: no recompile
+    bound = jax.jit(lambda s, x, c: reward.bind(s)(x, c))
+    np.testing.assert_allclose(np.asarray(bound(reward.state, images, cond)), np.asarray(reward(images, cond)),
+                               atol=1e-5)
+    closed = jax.jit(lambda x, c: reward(x, c))
+    n_bound = len(bound.lower(reward.state, images, cond).as_text())
+    n_closed = len(closed.lower(images, cond).as_text())
+    assert n_closed > n_bound + 50_000, (n_closed, n_bound)  # the closure embeds ~40k float constants
+    with pytest.raises(ValueError, match="state"):
+        reward.bind({"params": reward.params})
 
 
 def test_text_feature_cache_skips_torch(clip, reward, tmp_path, monkeypatch):
