@@ -1,0 +1,1030 @@
+"""The SD3 / SD3.5 MMDiT (diffusers' ``SD3Transformer2DModel``) in Flax NNX, with diffusers checkpoint I/O.
+
+Architecture (Esser et al., 2024, "Scaling Rectified Flow Transformers"; diffusers 0.42.1
+``transformer_sd3.py``), numerically the same as diffusers (tested to 1e-4 in float32):
+
+* latents ``[B, H, W, C]`` (NHWC) are cut into ``p x p`` patches and embedded (``pos_embed.proj``, a strided
+  conv in diffusers, a linear layer on ``(p, q, c)``-ordered patches here), plus the fixed 2-D sin-cos position
+  table of ``pos_embed_max_size**2`` entries, center-cropped to the ``(H/p) x (W/p)`` grid (SD3's cropping;
+  ``H != W`` works);
+* the conditioning vector ``temb = timestep_embedder(sincos_256(timestep)) + text_embedder(pooled)`` (timesteps
+  on diffusers' 0..1000 scale), the text states go through ``context_embedder`` (``joint_attention_dim`` ->
+  width);
+* ``num_layers`` joint blocks: adaLN-Zero modulation of both streams (``norm1`` / ``norm1_context``), one joint
+  attention over the concatenation ``[image tokens, text tokens]`` with separate projections per stream
+  (``to_q/k/v`` + ``to_out``; ``add_q/k/v_proj`` + ``to_add_out``), optional per-head RMS q/k-norm
+  (``qk_norm="rms_norm"``, SD3.5), a GELU(tanh) MLP per stream; SD3.5's dual-attention blocks
+  (``dual_attention_layers``) add a second, image-only self-attention ``attn2`` with its own modulation (9
+  chunks in ``norm1``). The last block is ``context_pre_only``: it updates only the image stream (its text
+  modulation is an ``AdaLayerNormContinuous``; it has no ``to_add_out`` / ``ff_context``);
+* ``norm_out`` (adaLN continuous: ``scale, shift``) and ``proj_out`` back to ``p * p * out_channels``, unpatchified
+  to ``[B, H, W, out_channels]``.
+
+Layout of the blocks (``MMDiTConfig.scan_layers``):
+
+* ``scan_layers=False``: ``model.transformer_blocks`` is an ``nnx.List`` of the ``num_layers`` blocks (paths as
+  in diffusers: ``transformer_blocks.3.attn.to_q``).
+* ``scan_layers=True`` (default): the first ``num_layers - 1`` blocks are split into maximal runs of the same
+  structure (dual attention or not; SD3.5-medium: blocks 0-12 dual, 13-22 plain) and each run is stacked
+  (``model.block_stacks[k]``, a :class:`StackedJointBlocks`: every parameter has a leading ``'layers'`` axis) and
+  run with one ``jax.lax.scan``; the last (``context_pre_only``) block, whose structure differs, is
+  ``model.last_block``. Same numbers as the list layout; checkpoints are always written in diffusers' per-block
+  names. With ``remat`` every block (inside the scans too) is rematerialised with ``remat_policy``
+  (a ``jax.checkpoint_policies`` name; None = save nothing).
+
+Parameters carry the project's logical axis names ('embed', 'mlp', 'heads', 'norm', 'layers'; None =
+replicated) for :mod:`adrpo_jax.train.sharding`. Every projection is an ``nnx.Linear`` (kernel ``[in, out]``), so
+:func:`adrpo_jax.models.lora.apply_lora` finds them: ``attn.to_q / to_k / to_v / to_out``, ``attn.add_q_proj /
+add_k_proj / add_v_proj / to_add_out``, ``attn2.*``, ``ff.fc1 / fc2``, ``ff_context.fc1 / fc2``, ``norm1.linear``,
+... (stacked sites inside the scans: an adapter goes to every block of a stack or to none).
+
+Checkpoints: :func:`load_pretrained` reads a local diffusers directory (``config.json`` and
+``diffusion_pytorch_model.safetensors`` or the sharded index) without torch, tensor by tensor from memory maps
+into an abstract model (never two copies of the weights in host memory); :func:`save_pretrained` writes one that
+``diffusers.SD3Transformer2DModel.from_pretrained`` loads.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> model = MMDiT(tiny_config(), rngs=nnx.Rngs(0))
+  >>> out = model(jnp.zeros((2, 8, 6, 4)), jnp.array([0.0, 500.0]), jnp.zeros((2, 5, 12)), jnp.zeros((2, 10)))
+  >>> out.shape
+  (2, 8, 6, 4)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adrpo_jax.models.dit import host_initializer, timestep_embedding
+from adrpo_jax.models.llm.activation_sharding import constrain_batch
+from adrpo_jax.models.llm.checkpoint import CheckpointError, SafetensorsFile, _parse_size, write_safetensors
+from adrpo_jax.models.lora import lora_dropout_fold_in, lora_sites
+from adrpo_jax.models.stacking import stack_variables, unstacked_copy
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MMDiTConfig",
+    "MMDiT",
+    "JointBlock",
+    "StackedJointBlocks",
+    "PositionTable",
+    "CheckpointError",
+    "tiny_config",
+    "sd3_pos_embed_table",
+    "load_pretrained",
+    "save_pretrained",
+    "velocity_fn_from_state",
+    "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+]
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_QK_NORMS = (None, "rms_norm")
+_TIME_CHANNELS = 256  # diffusers' Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
+_EPS = 1e-6
+
+
+def _dtype_name(value: Any, field: str) -> str:
+  """A dtype given as a string or a dtype-like, as one of the names of :data:`_DTYPES`."""
+  try:
+    name = jnp.dtype(value).name if not isinstance(value, str) else value
+  except TypeError:
+    name = None
+  if name not in _DTYPES:
+    raise ValueError(f"`{field}` must be one of {sorted(_DTYPES)} (or the matching dtype), got {value!r}.")
+  return name
+
+
+# ------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MMDiTConfig:
+  """Configuration of :class:`MMDiT`: diffusers' ``SD3Transformer2DModel`` config fields (same names, same
+  defaults) plus how the model computes and is laid out.
+
+  Attributes (diffusers):
+    sample_size: latent side the model was trained at (sets the position table's ``base_size``).
+    patch_size: patch side ``p``; latents must have ``H, W`` divisible by it.
+    in_channels: latent channels ``C`` in; out_channels: channels out (None = ``in_channels``).
+    num_layers: joint blocks (the last one is ``context_pre_only``).
+    attention_head_dim, num_attention_heads: width = ``heads * head_dim``.
+    joint_attention_dim: text-state width ``D`` in; caption_projection_dim: its projection (= the width).
+    pooled_projection_dim: pooled text width ``P``.
+    pos_embed_max_size: side of the sin-cos position table (latent grids up to it, center-cropped); None = a
+      table for exactly the ``(H/p) x (W/p)`` grid (diffusers' non-cropping path).
+    dual_attention_layers: blocks with SD3.5's second (image-only) attention ``attn2``.
+    qk_norm: None or ``"rms_norm"`` (per-head RMSNorm of q and k, SD3.5).
+  Attributes (ours):
+    dtype: compute dtype of the matmuls ("float32", "bfloat16", "float16"); norms, softmax, the modulation
+      and the residual streams are float32.
+    param_dtype: storage dtype of the parameters.
+    remat: rematerialise every block in the backward pass; remat_policy: a ``jax.checkpoint_policies`` name
+      (e.g. ``"dots_with_no_batch_dims_saveable"``) or None (save nothing).
+    scan_layers: stack homogeneous runs of blocks and run them with ``jax.lax.scan`` (see the module doc).
+  """
+
+  sample_size: int = 128
+  patch_size: int = 2
+  in_channels: int = 16
+  num_layers: int = 18
+  attention_head_dim: int = 64
+  num_attention_heads: int = 18
+  joint_attention_dim: int = 4096
+  caption_projection_dim: int = 1152
+  pooled_projection_dim: int = 2048
+  out_channels: int | None = 16
+  pos_embed_max_size: int | None = 96
+  dual_attention_layers: tuple[int, ...] = ()
+  qk_norm: str | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  remat_policy: str | None = None
+  scan_layers: bool = True
+
+  DIFFUSERS_FIELDS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
+                      "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
+                      "pooled_projection_dim", "out_channels", "pos_embed_max_size", "dual_attention_layers",
+                      "qk_norm")
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+    for name in ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
+                 "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"MMDiTConfig.{name} must be a positive int, got {value!r}.")
+      set_(name, int(value))
+    for name in ("out_channels", "pos_embed_max_size"):
+      value = getattr(self, name)
+      if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+          raise ValueError(f"MMDiTConfig.{name} must be None or a positive int, got {value!r}.")
+        set_(name, int(value))
+    if self.out_channels is None:
+      set_("out_channels", self.in_channels)
+    if self.caption_projection_dim != self.inner_dim:
+      raise ValueError(f"MMDiTConfig.caption_projection_dim ({self.caption_projection_dim}) must equal "
+                       f"num_attention_heads * attention_head_dim ({self.inner_dim}): the projected text states "
+                       "enter the joint blocks of that width.")
+    if self.inner_dim % 4:
+      raise ValueError(f"the width num_attention_heads * attention_head_dim = {self.inner_dim} must be divisible "
+                       "by 4 (2-D sin-cos position table).")
+    dual = self.dual_attention_layers
+    if isinstance(dual, (str, bytes)) or not isinstance(dual, Iterable):
+      raise ValueError(f"MMDiTConfig.dual_attention_layers must be a sequence of block indices, got {dual!r}.")
+    dual = tuple(dual)
+    bad = [i for i in dual if isinstance(i, bool) or not isinstance(i, (int, np.integer))
+           or not 0 <= i < self.num_layers]
+    if bad or len(set(dual)) != len(dual):
+      raise ValueError(f"MMDiTConfig.dual_attention_layers={dual!r} must be distinct block indices in "
+                       f"[0, {self.num_layers}) (num_layers={self.num_layers}).")
+    set_("dual_attention_layers", tuple(sorted(int(i) for i in dual)))
+    if self.qk_norm not in _QK_NORMS:
+      raise ValueError(f"MMDiTConfig.qk_norm must be one of {_QK_NORMS} (SD3: None, SD3.5: 'rms_norm'), "
+                       f"got {self.qk_norm!r}.")
+    set_("dtype", _dtype_name(self.dtype, "MMDiTConfig.dtype"))
+    set_("param_dtype", _dtype_name(self.param_dtype, "MMDiTConfig.param_dtype"))
+    for name in ("remat", "scan_layers"):
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"MMDiTConfig.{name} must be a bool, got {value!r}.")
+      set_(name, bool(value))
+    if self.remat_policy is not None:
+      policy = getattr(jax.checkpoint_policies, str(self.remat_policy), None)
+      if not isinstance(self.remat_policy, str) or self.remat_policy.startswith("_") or not callable(policy):
+        names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+        raise ValueError(f"MMDiTConfig.remat_policy={self.remat_policy!r} is not a jax.checkpoint_policies "
+                         f"policy; choose one of {names} or None.")
+
+  @property
+  def inner_dim(self) -> int:
+    """The width ``num_attention_heads * attention_head_dim``."""
+    return self.num_attention_heads * self.attention_head_dim
+
+  def block_kinds(self) -> list[tuple[bool, bool]]:
+    """Per block: ``(use_dual_attention, context_pre_only)``."""
+    return [(i in self.dual_attention_layers, i == self.num_layers - 1) for i in range(self.num_layers)]
+
+  def block_runs(self) -> list[tuple[int, int, bool]]:
+    """The stacked runs of the scan layout: ``(start, length, use_dual_attention)`` over blocks
+    ``0 .. num_layers - 2`` (maximal runs of the same structure); the last block stays separate."""
+    runs: list[list] = []
+    for i, (dual, _) in enumerate(self.block_kinds()[:-1]):
+      if runs and runs[-1][2] == dual:
+        runs[-1][1] += 1
+      else:
+        runs.append([i, 1, dual])
+    return [tuple(r) for r in runs]
+
+  def replace(self, **changes) -> "MMDiTConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_diffusers_config(cls, d: dict[str, Any], **overrides: Any) -> "MMDiTConfig":
+    """From a diffusers ``config.json`` dict (keys starting with ``_`` are metadata and skipped; other unknown
+    keys are ignored with a warning) plus ``overrides`` (any field, e.g. ``dtype="bfloat16"``)."""
+    if not isinstance(d, dict):
+      raise ValueError(f"a diffusers config must be a dict, got {type(d).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+      raise ValueError(f"unknown MMDiTConfig fields {bad}; valid fields are {sorted(names)}.")
+    kwargs = {}
+    for k, v in d.items():
+      if k.startswith("_"):
+        continue
+      if k not in cls.DIFFUSERS_FIELDS:
+        log.warning("ignoring config key %r (not an SD3Transformer2DModel field this module knows)", k)
+        continue
+      kwargs[k] = tuple(v) if k == "dual_attention_layers" and isinstance(v, list) else v
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_diffusers_config(self) -> dict[str, Any]:
+    """The diffusers ``config.json`` dict (``_class_name`` = SD3Transformer2DModel)."""
+    out = {"_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.42.1"}
+    for k in self.DIFFUSERS_FIELDS:
+      v = getattr(self, k)
+      out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["dual_attention_layers"] = list(self.dual_attention_layers)
+    return d
+
+
+def tiny_config(**kw: Any) -> MMDiTConfig:
+  """A tiny SD3-shaped config (2 heads of 8, width 16, 3 blocks, latents up to 12 x 12 x 4 with patch 2) for
+  tests and CPU configs; ``kw`` replaces any field (e.g. ``qk_norm="rms_norm", dual_attention_layers=(0, 1)``
+  for an SD3.5-shaped one)."""
+  base = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+              num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
+              out_channels=4, pos_embed_max_size=6)
+  base.update(kw)
+  return MMDiTConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pure helpers
+# ------------------------------------------------------------------------------------------------------
+def sd3_pos_embed_table(embed_dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
+  """diffusers' ``get_2d_sincos_pos_embed(embed_dim, (grid_h, grid_w), base_size=base_size)`` as a float32
+  ``[grid_h * grid_w, embed_dim]`` NumPy array (row-major grid; the first half of the channels encodes the column,
+  the second half the row; positions ``arange(n) / (n / base_size)``, frequencies in float64)."""
+  if embed_dim % 4:
+    raise ValueError(f"sin-cos position table needs embed_dim divisible by 4, got {embed_dim}.")
+  pos_h = (np.arange(grid_h, dtype=np.float32) / np.float32(grid_h / base_size)).astype(np.float32)
+  pos_w = (np.arange(grid_w, dtype=np.float32) / np.float32(grid_w / base_size)).astype(np.float32)
+  gw, gh = np.meshgrid(pos_w, pos_h, indexing="xy")  # [grid_h, grid_w] each
+
+  def one(dim, pos):
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([one(embed_dim // 2, gw), one(embed_dim // 2, gh)], axis=1).astype(np.float32)
+
+
+def _patchify(x: jax.Array, p: int) -> jax.Array:
+  """``[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]`` (row-major patches, each flattened ``(p, q, c)``)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def _unpatchify(tokens: jax.Array, p: int, h: int, w: int, c: int) -> jax.Array:
+  """``[B, (h)(w), p*p*c] -> [B, h*p, w*p, c]`` (inverse of :func:`_patchify`; diffusers' ``nhwpqc->nchpwq``)."""
+  b = tokens.shape[0]
+  x = tokens.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c)
+
+
+def _layer_norm(x: jax.Array) -> jax.Array:
+  """LayerNorm without affine parameters, eps 1e-6, in float32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centered = x - mean
+  return centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + _EPS)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------------
+_xavier = host_initializer("xavier_uniform")
+_zeros = host_initializer("zeros")
+
+
+def _ones(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def _linear(n_in: int, n_out: int, names: tuple[str | None, str | None], kw: dict) -> nnx.Linear:
+  return nnx.Linear(n_in, n_out, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+                    kernel_init=nnx.with_partitioning(_xavier, names),
+                    bias_init=nnx.with_partitioning(_zeros, (names[1],)), rngs=kw["rngs"])
+
+
+class PositionTable(nnx.Variable):
+  """The fixed sin-cos position table (diffusers' persistent buffer ``pos_embed.pos_embed``): not an
+  ``nnx.Param``, so never trained (it sits in the frozen part of a split model)."""
+
+
+class RMSNorm(nnx.Module):
+  """Per-head RMSNorm of q / k (``qk_norm="rms_norm"``): ``x * rsqrt(mean(x^2) + 1e-6) * weight`` in float32."""
+
+  def __init__(self, dim: int, *, param_dtype, **_):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _EPS)
+    return x * self.weight[...].astype(jnp.float32)
+
+
+class FeedForward(nnx.Module):
+  """diffusers' ``FeedForward(activation_fn="gelu-approximate")``: ``fc2(gelu_tanh(fc1(x)))``, 4x width."""
+
+  def __init__(self, dim: int, kw: dict):
+    self.fc1 = _linear(dim, 4 * dim, ("embed", "mlp"), kw)
+    self.fc2 = _linear(4 * dim, dim, ("mlp", "embed"), kw)
+    self.dtype = kw["dtype"]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.gelu(self.fc1(x.astype(self.dtype)), approximate=True)
+    return self.fc2(h).astype(jnp.float32)
+
+
+class JointAttention(nnx.Module):
+  """diffusers' ``Attention`` with ``JointAttnProcessor2_0``: image projections ``to_q/k/v`` + ``to_out``; with
+  ``joint`` also the text projections ``add_q/k/v_proj`` (+ ``to_add_out`` unless ``context_pre_only``);
+  ``qk_norm`` adds ``norm_q / norm_k`` (+ ``norm_added_q / norm_added_k``)."""
+
+  def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool, context_pre_only: bool,
+               qk_norm: str | None, kw: dict):
+    inner = heads * head_dim
+    self.heads, self.head_dim, self.dtype = heads, head_dim, kw["dtype"]
+    self.joint, self.context_pre_only = joint, context_pre_only
+    self.to_q = _linear(dim, inner, ("embed", "heads"), kw)
+    self.to_k = _linear(dim, inner, ("embed", "heads"), kw)
+    self.to_v = _linear(dim, inner, ("embed", "heads"), kw)
+    self.to_out = _linear(inner, dim, ("heads", "embed"), kw)
+    norm = (lambda: RMSNorm(head_dim, **kw)) if qk_norm == "rms_norm" else (lambda: None)
+    self.norm_q, self.norm_k = norm(), norm()
+    if joint:
+      self.add_q_proj = _linear(dim, inner, ("embed", "heads"), kw)
+      self.add_k_proj = _linear(dim, inner, ("embed", "heads"), kw)
+      self.add_v_proj = _linear(dim, inner, ("embed", "heads"), kw)
+      self.to_add_out = None if context_pre_only else _linear(inner, dim, ("heads", "embed"), kw)
+      self.norm_added_q, self.norm_added_k = norm(), norm()
+
+  def _heads(self, proj: nnx.Linear, norm: RMSNorm | None, x: jax.Array) -> jax.Array:
+    y = proj(x)
+    y = y.reshape(*y.shape[:-1], self.heads, self.head_dim)
+    return y if norm is None else norm(y).astype(self.dtype)
+
+  def __call__(self, x: jax.Array, ctx: jax.Array | None = None):
+    """``x [B, N, dim]`` image tokens, ``ctx [B, M, dim]`` text tokens (joint only). Returns ``out [B, N, dim]``
+    (float32) and, for a joint attention, ``ctx_out [B, M, dim]`` (None when ``context_pre_only``)."""
+    dt = self.dtype
+    x = x.astype(dt)
+    q = self._heads(self.to_q, self.norm_q, x)
+    k = self._heads(self.to_k, self.norm_k, x)
+    v = self._heads(self.to_v, None, x)
+    n = x.shape[1]
+    if self.joint:
+      ctx = ctx.astype(dt)
+      ck = self._heads(self.add_k_proj, self.norm_added_k, ctx)
+      cv = self._heads(self.add_v_proj, None, ctx)
+      k = jnp.concatenate([k, ck], axis=1)
+      v = jnp.concatenate([v, cv], axis=1)
+      if not self.context_pre_only:  # the text queries only feed the (discarded) text output otherwise
+        q = jnp.concatenate([q, self._heads(self.add_q_proj, self.norm_added_q, ctx)], axis=1)
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim))
+    out = out.reshape(*out.shape[:2], self.heads * self.head_dim).astype(dt)
+    img = self.to_out(out[:, :n]).astype(jnp.float32)
+    if not self.joint:
+      return img
+    ctx_out = None if self.context_pre_only else self.to_add_out(out[:, n:]).astype(jnp.float32)
+    return img, ctx_out
+
+
+class AdaNorm(nnx.Module):
+  """The modulation of an adaLN layer: ``linear(silu(temb))`` split into ``chunks`` (float32)."""
+
+  def __init__(self, dim: int, chunks: int, kw: dict):
+    self.linear = _linear(dim, chunks * dim, ("embed", "mlp"), kw)
+    self.chunks = chunks
+    self.dtype = kw["dtype"]
+
+  def __call__(self, temb: jax.Array) -> list[jax.Array]:
+    mod = self.linear(jax.nn.silu(temb).astype(self.dtype)).astype(jnp.float32)
+    return jnp.split(mod, self.chunks, axis=-1)
+
+
+class JointBlock(nnx.Module):
+  """diffusers' ``JointTransformerBlock`` (see the module doc). ``__call__((x, ctx), temb) -> (x, ctx)`` with
+  ``x [B, N, dim]``, ``ctx [B, M, dim]`` float32 streams, ``temb [B, dim]``; a ``context_pre_only`` block returns
+  ``ctx`` unchanged (diffusers returns None; the model drops it)."""
+
+  def __init__(self, dim: int, heads: int, head_dim: int, *, use_dual_attention: bool, context_pre_only: bool,
+               qk_norm: str | None, kw: dict):
+    self.use_dual_attention, self.context_pre_only = use_dual_attention, context_pre_only
+    self.norm1 = AdaNorm(dim, 9 if use_dual_attention else 6, kw)
+    self.norm1_context = AdaNorm(dim, 2 if context_pre_only else 6, kw)
+    self.attn = JointAttention(dim, heads, head_dim, joint=True, context_pre_only=context_pre_only,
+                               qk_norm=qk_norm, kw=kw)
+    self.attn2 = JointAttention(dim, heads, head_dim, joint=False, context_pre_only=False, qk_norm=qk_norm,
+                                kw=kw) if use_dual_attention else None
+    self.ff = FeedForward(dim, kw)
+    self.ff_context = None if context_pre_only else FeedForward(dim, kw)
+
+  def __call__(self, streams: tuple[jax.Array, jax.Array], temb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, ctx = streams
+    mods = self.norm1(temb)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+    nx = _layer_norm(x)
+    h = _modulate(nx, shift_msa, scale_msa)
+    nctx = _layer_norm(ctx)
+    if self.context_pre_only:
+      c_scale, c_shift = self.norm1_context(temb)  # AdaLayerNormContinuous: scale first
+      hctx = _modulate(nctx, c_shift, c_scale)
+    else:
+      c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+      hctx = _modulate(nctx, c_shift_msa, c_scale_msa)
+    attn_out, ctx_attn_out = self.attn(h, hctx)
+    x = x + gate_msa[:, None, :] * attn_out
+    if self.use_dual_attention:
+      shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+      x = x + gate_msa2[:, None, :] * self.attn2(_modulate(nx, shift_msa2, scale_msa2))
+    x = x + gate_mlp[:, None, :] * self.ff(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+    if not self.context_pre_only:
+      ctx = ctx + c_gate_msa[:, None, :] * ctx_attn_out
+      ctx = ctx + c_gate_mlp[:, None, :] * self.ff_context(_modulate(_layer_norm(ctx), c_shift_mlp, c_scale_mlp))
+    return x, ctx
+
+
+class StackedJointBlocks(JointBlock):
+  """A run of ``length`` :class:`JointBlock` s of one structure as one module: every parameter with a leading
+  ``[length]`` axis (logical name ``'layers'``); :meth:`scan` runs them with one ``jax.lax.scan``. ``len(stack)``
+  is the length; ``stack[i]`` a detached copy of block ``i`` of the run (for inspection). LoRA: the projections
+  inside are stacked sites (an adapter goes to every block of the run or to none)."""
+
+  lora_layer_stack = True
+
+  def __init__(self, length: int, first: int, dim: int, heads: int, head_dim: int, *, use_dual_attention: bool,
+               qk_norm: str | None, kw: dict):
+    args = dict(use_dual_attention=use_dual_attention, context_pre_only=False, qk_norm=qk_norm, kw=kw)
+    super().__init__(dim, heads, head_dim, **args)
+    stack_variables(self, [JointBlock(dim, heads, head_dim, **args) for _ in range(length - 1)])
+    self.first = int(first)  # index of the run's first block in the model
+
+  def __len__(self) -> int:
+    return int(self.ff.fc1.kernel.shape[0])
+
+  def __getitem__(self, i: int) -> JointBlock:
+    return unstacked_copy(self, i, len(self), JointBlock, "block")
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def scan(self, streams: tuple[jax.Array, jax.Array], temb: jax.Array, *, remat: bool = False,
+           policy: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+    """The run's blocks applied in order to ``(x, ctx)`` with one ``jax.lax.scan``; ``remat``: each block is
+    ``jax.checkpoint``-ed with ``policy``. The LoRA dropout key (if any) is folded with the model-wide block
+    index."""
+    graphdef, state = nnx.split(self)
+
+    def body(carry, xs):
+      block_state, index = xs
+      block = nnx.merge(graphdef, block_state)
+      carry = tuple(constrain_batch(c) for c in carry)
+      with lora_dropout_fold_in(index):
+        carry = JointBlock.__call__(block, carry, temb)
+      return carry, None
+
+    if remat:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    indices = self.first + jnp.arange(len(self), dtype=jnp.int32)
+    streams, _ = jax.lax.scan(body, tuple(streams), (state, indices))
+    return streams
+
+
+def _block_call(block: JointBlock, x, ctx, temb):
+  return block((x, ctx), temb)
+
+
+class MMDiT(nnx.Module):
+  """The SD3 / SD3.5 transformer (see the module doc). ``model(latents, timestep, encoder_hidden_states,
+  pooled_projections)`` = diffusers' ``SD3Transformer2DModel(...).sample`` in NHWC.
+
+  Args:
+    config: an :class:`MMDiTConfig`.
+    rngs: ``nnx.Rngs`` for a random initialisation (``params`` stream; no RNG state is kept).
+  """
+
+  def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, MMDiTConfig):
+      raise ValueError(f"`config` must be an MMDiTConfig, got {type(config).__name__}.")
+    self.config = config
+    self.dtype = _DTYPES[config.dtype]
+    param_dtype = _DTYPES[config.param_dtype]
+    kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+    c = config
+    d, p = c.inner_dim, c.patch_size
+    with nnx.use_eager_sharding(False):  # logical names are metadata; builds without a mesh
+      if c.pos_embed_max_size is not None:
+        table = sd3_pos_embed_table(d, c.pos_embed_max_size, c.pos_embed_max_size, c.sample_size // p)
+        self.pos_table = PositionTable(jnp.asarray(table), out_sharding=(None, "embed"))
+      else:
+        self.pos_table = None
+      self.patch_proj = _linear(p * p * c.in_channels, d, (None, "embed"), kw)
+      self.timestep_linear_1 = _linear(_TIME_CHANNELS, d, (None, "mlp"), kw)
+      self.timestep_linear_2 = _linear(d, d, ("mlp", "embed"), kw)
+      self.text_linear_1 = _linear(c.pooled_projection_dim, d, (None, "mlp"), kw)
+      self.text_linear_2 = _linear(d, d, ("mlp", "embed"), kw)
+      self.context_embedder = _linear(c.joint_attention_dim, d, (None, "embed"), kw)
+      block_args = dict(qk_norm=c.qk_norm, kw=kw)
+      if c.scan_layers:
+        self.block_stacks = nnx.List([
+            StackedJointBlocks(length, start, d, c.num_attention_heads, c.attention_head_dim,
+                               use_dual_attention=dual, **block_args) for start, length, dual in c.block_runs()])
+        dual_last, _ = c.block_kinds()[-1]
+        self.last_block = JointBlock(d, c.num_attention_heads, c.attention_head_dim, use_dual_attention=dual_last,
+                                     context_pre_only=True, **block_args)
+        self.transformer_blocks = None
+      else:
+        self.transformer_blocks = nnx.List([
+            JointBlock(d, c.num_attention_heads, c.attention_head_dim, use_dual_attention=dual,
+                       context_pre_only=pre_only, **block_args) for dual, pre_only in c.block_kinds()])
+        self.block_stacks = self.last_block = None
+      self.norm_out = AdaNorm(d, 2, kw)
+      self.proj_out = _linear(d, p * p * c.out_channels, ("embed", None), kw)
+
+  # -- pieces ------------------------------------------------------------------------------------------
+  def position_embedding(self, gh: int, gw: int) -> jax.Array:
+    """``[gh * gw, width]`` float32 position embedding of a ``gh x gw`` patch grid (center crop of the table)."""
+    c = self.config
+    if c.pos_embed_max_size is None:
+      return jnp.asarray(sd3_pos_embed_table(c.inner_dim, gh, gw, c.sample_size // c.patch_size))
+    m = c.pos_embed_max_size
+    top, left = (m - gh) // 2, (m - gw) // 2
+    table = self.pos_table[...].astype(jnp.float32).reshape(m, m, -1)
+    return table[top:top + gh, left:left + gw].reshape(gh * gw, -1)
+
+  def embed_conditioning(self, timestep: jax.Array, pooled: jax.Array) -> jax.Array:
+    """``temb [B, width]`` (float32) = timestep MLP(sincos_256(timestep)) + text MLP(pooled)."""
+    dt = self.dtype
+    feats = timestep_embedding(timestep.astype(jnp.float32), _TIME_CHANNELS)
+    t = self.timestep_linear_2(jax.nn.silu(self.timestep_linear_1(feats.astype(dt))))
+    s = self.text_linear_2(jax.nn.silu(self.text_linear_1(pooled.astype(dt))))
+    return t.astype(jnp.float32) + s.astype(jnp.float32)
+
+  def blocks(self) -> list[JointBlock]:
+    """The ``num_layers`` blocks as :class:`JointBlock` s in order (detached copies for the stacked ones)."""
+    if self.transformer_blocks is not None:
+      return list(self.transformer_blocks)
+    return [blk for stack in self.block_stacks for blk in stack] + [self.last_block]
+
+  def _check(self, latents, timestep, states, pooled):
+    c = self.config
+    if latents.ndim != 4 or latents.shape[-1] != c.in_channels:
+      raise ValueError(f"`latents` must be [B, H, W, {c.in_channels}] (NHWC), got shape {tuple(latents.shape)}.")
+    b, h, w, _ = latents.shape
+    if h % c.patch_size or w % c.patch_size:
+      raise ValueError(f"latent H, W ({h}, {w}) must be divisible by patch_size={c.patch_size}.")
+    m = c.pos_embed_max_size
+    if m is not None and (h // c.patch_size > m or w // c.patch_size > m):
+      raise ValueError(f"latent grid {h // c.patch_size} x {w // c.patch_size} (patches) exceeds "
+                       f"pos_embed_max_size={m}.")
+    timestep = jnp.asarray(timestep)
+    if timestep.ndim == 0:
+      timestep = jnp.broadcast_to(timestep, (b,))
+    if timestep.shape != (b,):
+      raise ValueError(f"`timestep` must have shape () or ({b},) (diffusers' 0..1000 scale), got "
+                       f"{timestep.shape}.")
+    if states.ndim != 3 or states.shape[0] != b or states.shape[-1] != c.joint_attention_dim:
+      raise ValueError(f"`encoder_hidden_states` must be [{b}, L, {c.joint_attention_dim}], got shape "
+                       f"{tuple(states.shape)}.")
+    if pooled.shape != (b, c.pooled_projection_dim):
+      raise ValueError(f"`pooled_projections` must be [{b}, {c.pooled_projection_dim}], got shape "
+                       f"{tuple(pooled.shape)}.")
+    return timestep
+
+  # -- forward -----------------------------------------------------------------------------------------
+  def __call__(self, latents: jax.Array, timestep: jax.Array, encoder_hidden_states: jax.Array,
+               pooled_projections: jax.Array) -> jax.Array:
+    """diffusers' ``.sample`` in NHWC.
+
+    Args:
+      latents: ``[B, H, W, in_channels]`` (NHWC; ``H, W`` divisible by ``patch_size``, may differ).
+      timestep: ``[B]`` (or scalar) on diffusers' scale (``1000 * sigma``).
+      encoder_hidden_states: ``[B, L, joint_attention_dim]`` text states.
+      pooled_projections: ``[B, pooled_projection_dim]`` pooled text embeddings.
+    Returns:
+      ``[B, H, W, out_channels]`` float32 (the model output, e.g. the flow velocity ``noise - x0`` for SD3).
+    """
+    c = self.config
+    latents = jnp.asarray(latents)
+    encoder_hidden_states, pooled_projections = jnp.asarray(encoder_hidden_states), jnp.asarray(pooled_projections)
+    timestep = self._check(latents, timestep, encoder_hidden_states, pooled_projections)
+    b, h, w, _ = latents.shape
+    p, dt = c.patch_size, self.dtype
+    gh, gw = h // p, w // p
+    x = self.patch_proj(_patchify(latents, p).astype(dt)).astype(jnp.float32)
+    x = constrain_batch(x + self.position_embedding(gh, gw)[None])
+    temb = self.embed_conditioning(timestep, pooled_projections)
+    ctx = constrain_batch(self.context_embedder(encoder_hidden_states.astype(dt)).astype(jnp.float32))
+    policy = getattr(jax.checkpoint_policies, c.remat_policy) if c.remat_policy else None
+    call = nnx.remat(_block_call, policy=policy) if c.remat else _block_call
+    if c.scan_layers:
+      for stack in self.block_stacks:
+        x, ctx = stack.scan((x, ctx), temb, remat=c.remat, policy=policy)
+      x, ctx = constrain_batch(x), constrain_batch(ctx)
+      with lora_dropout_fold_in(c.num_layers - 1):
+        x, _ = call(self.last_block, x, ctx, temb)
+    else:
+      for i, block in enumerate(self.transformer_blocks):
+        x, ctx = constrain_batch(x), constrain_batch(ctx)
+        x, ctx = call(block, x, ctx, temb)
+    scale, shift = self.norm_out(temb)
+    x = _modulate(_layer_norm(x), shift, scale)
+    out = self.proj_out(x.astype(dt)).astype(jnp.float32)
+    return _unpatchify(out, p, gh, gw, c.out_channels)
+
+
+def velocity_fn_from_state(graphdef: nnx.GraphDef, *state: nnx.State) -> Callable[..., jax.Array]:
+  """A pure ``fn(latents, timestep, encoder_hidden_states, pooled_projections)`` of a split model (``state`` may
+  be traced, e.g. the params of a jitted function; pass several states for ``nnx.split(model, f1, ...)``)."""
+  model = nnx.merge(graphdef, *state)
+
+  def fn(latents, timestep, encoder_hidden_states, pooled_projections):
+    return model(latents, timestep, encoder_hidden_states, pooled_projections)
+
+  return fn
+
+
+# ------------------------------------------------------------------------------------------------------
+# diffusers names
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Mapping:
+  """One diffusers tensor: our variable path ``ours`` (+ ``layer`` index along a stacked leading axis), its
+  diffusers ``name`` and ``shape``, and the layout conversions ``kind`` ('linear_w', 'same', 'conv', 'pos')."""
+
+  ours: tuple
+  name: str
+  shape: tuple[int, ...]
+  kind: str
+  layer: int | None = None
+
+
+def _to_ours(m: _Mapping, a: np.ndarray, config: MMDiTConfig) -> np.ndarray:
+  if m.kind == "linear_w":  # torch [out, in] -> ours [in, out]
+    return a.T
+  if m.kind == "conv":  # [D, C, p, q] -> [(p, q, C), D]
+    d = a.shape[0]
+    return a.transpose(2, 3, 1, 0).reshape(-1, d)
+  if m.kind == "pos":  # [1, M*M, D] -> [M*M, D]
+    return a[0]
+  return a
+
+
+def _to_diffusers(m: _Mapping, a: np.ndarray, config: MMDiTConfig) -> np.ndarray:
+  if m.kind == "linear_w":
+    return a.T
+  if m.kind == "conv":
+    p, cin = config.patch_size, config.in_channels
+    return a.reshape(p, p, cin, -1).transpose(3, 2, 0, 1)
+  if m.kind == "pos":
+    return a[None]
+  return a
+
+
+def _block_mappings(prefix: str, ours: tuple, config: MMDiTConfig, dual: bool, pre_only: bool,
+                    layer: int | None) -> list[_Mapping]:
+  d, hd = config.inner_dim, config.attention_head_dim
+  out: list[_Mapping] = []
+
+  def linear(our_path: tuple, name: str, n_in: int, n_out: int):
+    out.append(_Mapping(ours + our_path + ("kernel",), f"{prefix}.{name}.weight", (n_out, n_in), "linear_w", layer))
+    out.append(_Mapping(ours + our_path + ("bias",), f"{prefix}.{name}.bias", (n_out,), "same", layer))
+
+  def norm(our_path: tuple, name: str):
+    out.append(_Mapping(ours + our_path + ("weight",), f"{prefix}.{name}.weight", (hd,), "same", layer))
+
+  linear(("norm1", "linear"), "norm1.linear", d, (9 if dual else 6) * d)
+  linear(("norm1_context", "linear"), "norm1_context.linear", d, (2 if pre_only else 6) * d)
+  for attn, joint in (("attn", True),) + ((("attn2", False),) if dual else ()):
+    for proj in ("to_q", "to_k", "to_v"):
+      linear((attn, proj), f"{attn}.{proj}", d, d)
+    linear((attn, "to_out"), f"{attn}.to_out.0", d, d)
+    if config.qk_norm is not None:
+      norm((attn, "norm_q"), f"{attn}.norm_q")
+      norm((attn, "norm_k"), f"{attn}.norm_k")
+    if joint:
+      for proj in ("add_q_proj", "add_k_proj", "add_v_proj"):
+        linear((attn, proj), f"{attn}.{proj}", d, d)
+      if not pre_only:
+        linear((attn, "to_add_out"), f"{attn}.to_add_out", d, d)
+      if config.qk_norm is not None:
+        norm((attn, "norm_added_q"), f"{attn}.norm_added_q")
+        norm((attn, "norm_added_k"), f"{attn}.norm_added_k")
+  for ff in ("ff",) + (() if pre_only else ("ff_context",)):
+    linear((ff, "fc1"), f"{ff}.net.0.proj", d, 4 * d)
+    linear((ff, "fc2"), f"{ff}.net.2", 4 * d, d)
+  return out
+
+
+def param_mappings(config: MMDiTConfig) -> list[_Mapping]:
+  """Every diffusers tensor of ``config``'s ``SD3Transformer2DModel`` with our path (in diffusers' order)."""
+  c = config
+  d, p = c.inner_dim, c.patch_size
+  out: list[_Mapping] = []
+
+  def linear(ours: str, name: str, n_in: int, n_out: int):
+    out.append(_Mapping((ours, "kernel"), f"{name}.weight", (n_out, n_in), "linear_w"))
+    out.append(_Mapping((ours, "bias"), f"{name}.bias", (n_out,), "same"))
+
+  if c.pos_embed_max_size is not None:
+    out.append(_Mapping(("pos_table",), "pos_embed.pos_embed", (1, c.pos_embed_max_size ** 2, d), "pos"))
+  out.append(_Mapping(("patch_proj", "kernel"), "pos_embed.proj.weight", (d, c.in_channels, p, p), "conv"))
+  out.append(_Mapping(("patch_proj", "bias"), "pos_embed.proj.bias", (d,), "same"))
+  linear("timestep_linear_1", "time_text_embed.timestep_embedder.linear_1", _TIME_CHANNELS, d)
+  linear("timestep_linear_2", "time_text_embed.timestep_embedder.linear_2", d, d)
+  linear("text_linear_1", "time_text_embed.text_embedder.linear_1", c.pooled_projection_dim, d)
+  linear("text_linear_2", "time_text_embed.text_embedder.linear_2", d, d)
+  linear("context_embedder", "context_embedder", c.joint_attention_dim, d)
+  kinds = c.block_kinds()
+  if c.scan_layers:
+    for k, (start, length, dual) in enumerate(c.block_runs()):
+      for j in range(length):
+        out += _block_mappings(f"transformer_blocks.{start + j}", ("block_stacks", k), c, dual, False, j)
+    out += _block_mappings(f"transformer_blocks.{c.num_layers - 1}", ("last_block",), c, kinds[-1][0], True, None)
+  else:
+    for i, (dual, pre_only) in enumerate(kinds):
+      out += _block_mappings(f"transformer_blocks.{i}", ("transformer_blocks", i), c, dual, pre_only, None)
+  linear("norm_out", "norm_out.linear", d, 2 * d)
+  out[-2] = dataclasses.replace(out[-2], ours=("norm_out", "linear", "kernel"))
+  out[-1] = dataclasses.replace(out[-1], ours=("norm_out", "linear", "bias"))
+  linear("proj_out", "proj_out", d, p * p * c.out_channels)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# load / save
+# ------------------------------------------------------------------------------------------------------
+class _Reader:
+  """The tensors of a diffusers model directory, chosen as diffusers does: ``diffusion_pytorch_model.safetensors``
+  if present, else its sharded index, else a single ``diffusion_pytorch_model*.safetensors`` (e.g. a variant)."""
+
+  def __init__(self, directory: Path):
+    self.directory = directory
+    self._files: dict[str, SafetensorsFile] = {}
+    single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
+    if single.exists():
+      self.source = str(single)
+      self._where = {n: WEIGHTS_NAME for n in self._file(WEIGHTS_NAME).names()}
+    elif index.exists():
+      with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no 'weight_map'")
+      self.source, self._where = str(index), dict(weight_map)
+    else:
+      files = sorted(p.name for p in directory.glob("diffusion_pytorch_model*.safetensors"))
+      if len(files) != 1:
+        others = sorted(p.name for p in directory.glob("*.safetensors")) + sorted(p.name for p in directory.glob("*.bin"))
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME}) in {directory}; found {others}")
+      self.source = str(directory / files[0])
+      self._where = {n: files[0] for n in self._file(files[0]).names()}
+
+  def _file(self, filename: str) -> SafetensorsFile:
+    if filename not in self._files:
+      path = self.directory / filename
+      if not path.exists():
+        raise CheckpointError(f"{self.source} refers to missing file {path}")
+      self._files[filename] = SafetensorsFile(path)
+    return self._files[filename]
+
+  def names(self) -> list[str]:
+    return list(self._where)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def get(self, name: str) -> np.ndarray:
+    file = self._file(self._where[name])
+    if name not in file.names():
+      raise CheckpointError(f"tensor {name!r} listed for {file.path} by {self.source} but absent from that file")
+    return file.get(name)
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> MMDiTConfig:
+  """The :class:`MMDiTConfig` of a diffusers ``SD3Transformer2DModel`` directory (``overrides`` replace fields)."""
+  cfg_path = Path(path) / CONFIG_NAME
+  if not cfg_path.exists():
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path)!r}: not a diffusers model directory")
+  with open(cfg_path) as f:
+    raw = json.load(f)
+  cls = raw.get("_class_name")
+  if cls is not None and cls != "SD3Transformer2DModel":
+    raise ValueError(f"{cfg_path} describes a {cls!r}, not an SD3Transformer2DModel.")
+  return MMDiTConfig.from_diffusers_config(raw, **overrides)
+
+
+def _flat(state) -> dict[tuple, nnx.Variable]:
+  return {tuple(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
+                    rules: Iterable[tuple[str, Any]] | None = None,
+                    shardings: Callable[[tuple, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+                    **overrides: Any) -> MMDiT:
+  """Loads a local diffusers ``SD3Transformer2DModel`` directory (SD3 / SD3.5) into an :class:`MMDiT`.
+
+  Reads ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or the sharded
+  ``diffusion_pytorch_model.safetensors.index.json`` + shards) with no torch: each tensor is read from a memory
+  map, converted to our layout and placed straight into the abstract (``nnx.eval_shape``) model, so the weights
+  never exist twice in host memory (a stacked parameter is assembled in one preallocated host array).
+
+  Args:
+    path: the directory (e.g. ``<sd3 snapshot>/transformer``).
+    mesh: place every parameter sharded by its logical names (``adrpo_jax.train.sharding`` rules, or ``rules``);
+      shardings: alternatively a function ``(logical_names, shape) -> Sharding``. Default: the default device.
+    overrides: :class:`MMDiTConfig` fields, typically ``dtype``, ``param_dtype``, ``remat``, ``remat_policy``,
+      ``scan_layers`` (the checkpoint is cast to ``param_dtype``).
+  Raises:
+    FileNotFoundError: no config.json / no weights file. ValueError: a bad config or override;
+    ``CheckpointError`` (a ValueError) for a missing tensor or a wrong shape (names the tensor, file and shapes).
+  """
+  path = Path(path)
+  config = read_config(path, **overrides)
+  if mesh is not None and shardings is not None:
+    raise ValueError("pass either mesh (with rules) or shardings, not both")
+  if mesh is not None:
+    from adrpo_jax.train.sharding import DEFAULT_LOGICAL_RULES, logical_to_partition_spec  # pylint: disable=import-outside-toplevel
+    rule_list = tuple(rules) if rules is not None else DEFAULT_LOGICAL_RULES
+    shardings = lambda names, shape: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, logical_to_partition_spec(names, shape, mesh, rule_list))
+  reader = _Reader(path)
+  abstract = nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = _flat(abstract_state)
+  groups: dict[tuple, list[_Mapping]] = {}
+  for m in param_mappings(config):
+    groups.setdefault(m.ours, []).append(m)
+  if set(groups) != set(flat):  # internal consistency, not a user error
+    raise AssertionError(f"mapping/model mismatch: {sorted(set(groups) ^ set(flat), key=str)[:6]}")
+  used: set[str] = set()
+
+  def read(m: _Mapping) -> np.ndarray:
+    if m.name not in reader:
+      raise CheckpointError(f"tensor {m.name!r} (for {'.'.join(map(str, m.ours))}) not found in {reader.source}")
+    a = reader.get(m.name)
+    if tuple(a.shape) != m.shape:
+      raise CheckpointError(f"tensor {m.name!r} in {reader.source} has shape {tuple(a.shape)}, expected {m.shape} "
+                            "for this config")
+    used.add(m.name)
+    return _to_ours(m, a, config)
+
+  pure: dict[tuple, Any] = {}
+  for ours, var in flat.items():
+    shape, dtype = tuple(var.get_value().shape), np.dtype(var.get_value().dtype)
+    group = groups[ours]
+    if group[0].name == "pos_embed.pos_embed" and group[0].name not in reader:
+      host = sd3_pos_embed_table(config.inner_dim, config.pos_embed_max_size, config.pos_embed_max_size,
+                                 config.sample_size // config.patch_size)
+    elif group[0].layer is None:
+      host = read(group[0])
+    else:
+      host = np.empty(shape, dtype)
+      for m in group:
+        host[m.layer] = read(m)
+    if tuple(host.shape) != shape:  # internal consistency
+      raise AssertionError(f"{ours}: converted {host.shape} != model {shape}")
+    if shardings is None:
+      value = jax.device_put(np.ascontiguousarray(host, dtype=dtype))
+    else:
+      names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
+      value = jax.make_array_from_callback(shape, shardings(names, shape),
+                                           lambda idx, host=host: np.ascontiguousarray(host[idx], dtype=dtype))
+    pure[ours] = value
+    del host
+  for name in reader.names():
+    if name not in used and name != "pos_embed.pos_embed":
+      log.warning("unexpected tensor %r in %s was not loaded", name, reader.source)
+  nested: dict = {}
+  for ours, value in pure.items():
+    node = nested
+    for key in ours[:-1]:
+      node = node.setdefault(key, {})
+    node[ours[-1]] = value
+  nnx.replace_by_pure_dict(abstract_state, nested)
+  return nnx.merge(graphdef, abstract_state)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model: MMDiT, path: str | os.PathLike, *, max_shard_size: int | str = "10GB",
+                    dtype: Any = None) -> Path:
+  """Writes ``model`` as a diffusers ``SD3Transformer2DModel`` directory (``config.json`` +
+  ``diffusion_pytorch_model.safetensors``, or shards + index above ``max_shard_size``) that
+  ``SD3Transformer2DModel.from_pretrained`` loads. One tensor at a time is on the host; with several processes
+  only process 0 writes (all take part in gathering sharded arrays).
+
+  Args:
+    model: an :class:`MMDiT` without unmerged LoRA adapters (save ``adrpo_jax.models.lora.merge_lora(model)``).
+    max_shard_size: bytes (int) or '5GB' / '500MB' / '2GiB'.
+    dtype: storage dtype (default: each parameter's dtype).
+  """
+  if not isinstance(model, MMDiT):
+    raise ValueError(f"model must be an MMDiT, got {type(model).__name__}")
+  adapted = [s.path for s in lora_sites(model) if s.adapted]
+  if adapted:
+    raise ValueError(f"model has unmerged LoRA adapters on {adapted[:6]}{' ...' if len(adapted) > 6 else ''}: "
+                     "save merge_lora(model) instead (adrpo_jax.models.lora.merge_lora folds W + s A B)")
+  path = Path(path)
+  config = model.config
+  flat = _flat(nnx.state(model))
+  save_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
+  entries = []
+  for m in param_mappings(config):
+    arr = flat[m.ours].get_value()
+    dt = np.dtype(jnp.float32) if m.kind == "pos" else (save_dtype or np.dtype(arr.dtype))
+    entries.append((m.name, m.shape, dt, m))
+  limit = _parse_size(max_shard_size)
+  shards: list[list] = [[]]
+  size = 0
+  for e in entries:
+    nbytes = int(np.prod(e[1], dtype=np.int64)) * e[2].itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes
+  writer = jax.process_index() == 0
+  if writer:
+    path.mkdir(parents=True, exist_ok=True)
+    for old in list(path.glob("diffusion_pytorch_model*.safetensors")) + [path / WEIGHTS_INDEX_NAME]:
+      if old.exists():
+        old.unlink()
+  by_name = {e[0]: e for e in entries}
+
+  def fetch(name):
+    _, _, dt, m = by_name[name]
+    value = flat[m.ours].get_value()
+    if m.layer is not None:
+      value = value[m.layer]
+    return _to_diffusers(m, _to_host(value), config).astype(dt)
+
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    filename = WEIGHTS_NAME if len(shards) == 1 else \
+        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    tensors = [(name, shape, dt) for name, shape, dt, _ in shard]
+    if writer:
+      write_safetensors(path / filename, tensors, fetch, metadata={"format": "pt"})
+    else:
+      for name, *_ in tensors:
+        fetch(name)
+    for name, shape, dt, _ in shard:
+      weight_map[name] = filename
+      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+  if not writer:
+    return path
+  if len(shards) > 1:
+    with open(path / WEIGHTS_INDEX_NAME, "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(path / CONFIG_NAME, "w") as f:
+    json.dump(config.to_diffusers_config(), f, indent=2, sort_keys=True)
+  return path
