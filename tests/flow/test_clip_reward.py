@@ -81,6 +81,7 @@ def test_image_features_match_transformers(clip):
     np.testing.assert_allclose(np.asarray(ours), _torch_image_features(model, pixels), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_gelu_variant_matches_transformers(tmp_path):
     model = _build_clip(tmp_path, hidden_act="gelu", seed=1)
     spec, params = cr.load_clip_vision(tmp_path)
@@ -105,6 +106,23 @@ def test_preprocess():
     np.testing.assert_allclose(res, np.broadcast_to((0.5 - mean) / std, res.shape), atol=1e-5)
     with pytest.raises(ValueError, match="input_range"):
         cr.clip_preprocess(jnp.asarray(x), spec, "0_255")
+
+
+def test_preprocess_close_to_clip_image_processor():
+    """Our resize + crop + normalize vs transformers' CLIPImageProcessor (PIL bicubic on 8-bit pixels) at 224 on a
+    smooth 512x384 image: equal up to the 8-bit rounding and the bicubic kernels (normalized units)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    yy, xx = np.meshgrid(np.linspace(0, 1, 512), np.linspace(0, 1, 384), indexing="ij")
+    img = np.stack([0.5 + 0.4 * np.sin(6 * xx + 2 * yy), 0.5 + 0.4 * np.cos(5 * yy), xx * yy], -1)
+    u8 = np.round(img * 255).astype(np.uint8)
+    ref = CLIPImageProcessorPil()(images=[u8], return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    spec = cr.CLIPVisionSpec(hidden_size=8, num_layers=1, num_heads=2, patch_size=14, image_size=224,
+                             projection_dim=4)
+    ours = np.asarray(cr.clip_preprocess(jnp.asarray(u8[None] / 127.5 - 1.0, jnp.float32), spec))[0]
+    assert ours.shape == ref.shape == (224, 224, 3)
+    diff = np.abs(ours - ref)
+    assert diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
 @pytest.fixture(scope="module")
