@@ -360,16 +360,24 @@ def merge_model(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree | None = 
     return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
 
 
-def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array, opts: StepOptions
-                        ) -> tuple[jax.Array, jax.Array]:
+def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array, opts: StepOptions,
+                        model_inputs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """``(logp [B, N], entropy [B, N])`` of the completion tokens ``tokens[:, P:]`` at the sampling temperature
     (float32; 0 on padding), from one chunked forward pass (never a [B, T, V] float32 logits array); only the
-    N completion positions are projected onto the vocabulary (``logits_to_keep``), the prompt's are not."""
+    N completion positions are projected onto the vocabulary (``logits_to_keep``), the prompt's are not.
+
+    ``model_inputs`` (multimodal models, e.g. ``{"audio_embeds": [B, A, D], "audio_valid": [B, A]}`` of an
+    audio LM): the model's input embeddings are ``model.embed_inputs(tokens, **model_inputs)`` and the log-probs
+    come from ``model.lm`` on them. None (text): exactly the text path."""
     if tokens.shape[1] != opts.prompt_length + opts.max_new_tokens:
         raise ValueError(f"tokens of length {tokens.shape[1]} != prompt_length {opts.prompt_length} + "
                          f"max_new_tokens {opts.max_new_tokens}")
-    return token_logprobs(model, tokens, attention_mask, chunk_size=opts.logprob_chunk_size, return_entropy=True,
-                          temperature=opts.temperature, logits_to_keep=opts.max_new_tokens)
+    kw = dict(chunk_size=opts.logprob_chunk_size, return_entropy=True, temperature=opts.temperature,
+              logits_to_keep=opts.max_new_tokens)
+    if model_inputs is not None:
+        embeds = model.embed_inputs(tokens, **model_inputs)
+        return token_logprobs(model.lm, tokens, attention_mask, embeds=embeds, **kw)
+    return token_logprobs(model, tokens, attention_mask, **kw)
 
 
 def _mesh_context(mesh: Mesh | None):
@@ -380,13 +388,14 @@ def _mesh_context(mesh: Mesh | None):
 
 def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None = None
                     ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Pure ``fn(params, frozen, tokens, attention_mask) -> (logp [B, N], entropy [B, N])`` (not jitted). With
-    a ``mesh`` the activations are kept batch-sharded (see :func:`_mesh_context`)."""
+    """Pure ``fn(params, frozen, tokens, attention_mask, model_inputs=None) -> (logp [B, N], entropy [B, N])``
+    (not jitted; ``model_inputs``: see :func:`completion_logprobs`). With a ``mesh`` the activations are kept
+    batch-sharded (see :func:`_mesh_context`)."""
 
-    def fn(params, frozen, tokens, attention_mask):
+    def fn(params, frozen, tokens, attention_mask, model_inputs=None):
         with _mesh_context(mesh):
             model = merge_model(graphdef, params, frozen)
-            logp, ent = completion_logprobs(model, tokens, attention_mask, opts)
+            logp, ent = completion_logprobs(model, tokens, attention_mask, opts, model_inputs)
         return jax.lax.stop_gradient(logp), jax.lax.stop_gradient(ent)
 
     return fn
@@ -424,7 +433,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
     def loss_fn(params, frozen, minibatch, normalizer):
         with _mesh_context(mesh):
             model = merge_model(graphdef, params, frozen)
-            logp, entropy = completion_logprobs(model, minibatch["tokens"], minibatch["attention_mask"], opts)
+            logp, entropy = completion_logprobs(model, minibatch["tokens"], minibatch["attention_mask"], opts,
+                                                minibatch.get("model_inputs"))
         shard_batch = {"logp": logp, "entropy": entropy, "loss_mask": minibatch["loss_mask"],
                        "advantages": minibatch["advantages"]}
         if opts.ratio_uses_old_logprobs:
@@ -552,7 +562,7 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
     updates on a rollout batch (see the module docstring); jit it with ``donate_argnums=(0, 1)``.
 
     ``batch``: the keys of :func:`prepare_rollout` plus ``tokens [B, P+N]`` and ``attention_mask [B, P+N]``
-    (``old_logp`` / ``ref_logp [B, N]`` when :attr:`StepOptions.use_old_logprobs` /
+    (optional ``model_inputs``: a dict of ``[B, ...]`` arrays, see :func:`completion_logprobs`; ``old_logp`` / ``ref_logp [B, N]`` when :attr:`StepOptions.use_old_logprobs` /
     :attr:`StepOptions.use_reference`). ``key`` drives the minibatch permutation. ``return_grads`` (tests,
     one update per step only) appends the update's gradients to the outputs.
     """
@@ -568,6 +578,8 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
             train_batch["old_logp"] = batch["old_logp"]
         if opts.use_reference and opts.kl_placement == "loss":
             train_batch["ref_logp"] = batch["ref_logp"]
+        if "model_inputs" in batch:  # multimodal rows (e.g. audio embeddings): sliced with the rows
+            train_batch["model_inputs"] = batch["model_inputs"]
         b = prep.advantages.shape[0]
         grads = None
         if opts.num_updates == 1:
