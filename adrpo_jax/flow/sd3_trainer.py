@@ -76,8 +76,10 @@ DEFAULT_PROMPTS = (
     "two wine glasses and a candle on a wooden table",
     "a snowy mountain reflected in a clear lake",
 )
-# MMDiT sites of the adapters: joint attention projections (image and text streams) and the MLPs.
-LORA_DEFAULT_TARGETS = ("all-linear",)
+# MMDiT sites of the adapters: the joint attention's projections (image and text streams) and both MLPs (SD3.5's
+# image-only attn2: add "attn2.to_q", ... to lora.target_modules).
+LORA_DEFAULT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.add_q_proj", "attn.add_k_proj",
+                        "attn.add_v_proj", "attn.to_add_out", "ff.fc1", "ff.fc2", "ff_context.fc1", "ff_context.fc2")
 
 
 def add_sd3_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -196,16 +198,19 @@ def validate_batch_layout(config: Any, data_parallel_size: int, process_count: i
 class SD3Components:
     """What a run is built from (all loaded on the host once).
 
-    ``transformer``: the MMDiT (:mod:`adrpo_jax.models.mmdit`); ``decode(latents [B, h, w, c]) -> images [B, H,
-    W, 3]`` in ``[-1, 1]`` from the sampler's (scaled) latents (pure, jittable); ``embeddings [N + 1, L, D]``,
-    ``pooled [N + 1, P]``: the prompts' rows then the empty prompt's (row ``N`` = null); ``image_reward(images,
-    cond) -> [B]`` pure, jittable (cond = prompt ids); ``latent_shape`` ``(h, w, c)``.
+    ``transformer``: the MMDiT (:mod:`adrpo_jax.models.mmdit`); ``embeddings [N + 1, L, D]``, ``pooled [N + 1,
+    P]``: the prompts' rows then the empty prompt's (row ``N`` = null); ``latent_shape`` ``(h, w, c)``;
+    ``reward_state``: the arrays of the reward path (VAE decoder, CLIP vision tower; any pytree, passed to the
+    jitted step as an argument, so large towers are not baked into the program as constants);
+    ``make_reward(reward_state) -> reward(latents [B, h, w, c], cond [B]) -> [B]``: VAE decode of the sampler's
+    (scaled) latents then the image reward (pure, jittable; optionally with ``components``).
     """
 
-    def __init__(self, transformer, decode, embeddings, pooled, image_reward, latent_shape):
-        self.transformer, self.decode, self.image_reward = transformer, decode, image_reward
+    def __init__(self, transformer, embeddings, pooled, latent_shape, reward_state, make_reward):
+        self.transformer = transformer
         self.embeddings, self.pooled = np.asarray(embeddings), np.asarray(pooled)
         self.latent_shape = tuple(int(d) for d in latent_shape)
+        self.reward_state, self.make_reward = reward_state, make_reward
 
 
 def image_mean_reward(images: jax.Array, cond: jax.Array) -> jax.Array:
@@ -214,9 +219,9 @@ def image_mean_reward(images: jax.Array, cond: jax.Array) -> jax.Array:
     return jnp.mean(images.astype(jnp.float32), axis=(1, 2, 3))
 
 
-def load_components(config: Any) -> SD3Components:
-    """Loads the MMDiT, the VAE, the prompt table and the reward of ``config`` (tiny random models, built once
-    and cached, for empty paths when ``model.tiny``)."""
+def load_components(config: Any, mesh: jax.sharding.Mesh | None = None) -> SD3Components:
+    """Loads the MMDiT (placed sharded on ``mesh`` by its logical axis names), the VAE, the prompt table and the
+    reward of ``config`` (tiny random models, built once and cached, for empty paths when ``model.tiny``)."""
     from adrpo_jax.flow import text_embeddings  # pylint: disable=import-outside-toplevel
     from adrpo_jax.models import mmdit, vae as vae_lib  # pylint: disable=import-outside-toplevel
 
@@ -227,7 +232,7 @@ def load_components(config: Any) -> SD3Components:
         built = build_tiny_sd3()
         paths = {k: (os.path.expanduser(v) if v else built[k]) for k, v in paths.items()}
     paths = {k: os.path.expanduser(v) for k, v in paths.items()}
-    transformer = mmdit.load_pretrained(paths["model"], dtype=config.model.dtype,
+    transformer = mmdit.load_pretrained(paths["model"], mesh=mesh, dtype=config.model.dtype,
                                         param_dtype=config.model.param_dtype, remat=bool(config.model.remat),
                                         scan_layers=bool(config.model.scan_layers))
     vae = vae_lib.load_pretrained(paths["vae"])
@@ -238,19 +243,26 @@ def load_components(config: Any) -> SD3Components:
         joint_attention_dim=int(transformer.config.joint_attention_dim), torch_dtype=config.text.torch_dtype)
     if table.null_id != len(prompts) or tuple(table.prompts[:len(prompts)]) != tuple(prompts):
         raise ValueError(f"the prompt table's rows {table.prompts} are not data.prompts followed by the empty prompt")
+    clip = None
     if config.reward.kind == "clip":
         from adrpo_jax.flow.clip_reward import CLIPScoreReward  # pylint: disable=import-outside-toplevel
-        image_reward = CLIPScoreReward.from_pretrained(paths["clip"], prompts, cache_dir=cache_dir,
-                                                       scale=float(config.reward.clip_scale),
-                                                       clamp=bool(config.reward.clip_clamp),
-                                                       dtype=jnp.dtype(config.model.dtype))
-    else:
-        image_reward = image_mean_reward
-    reward = image_reward
+        clip = CLIPScoreReward.from_pretrained(paths["clip"], prompts, cache_dir=cache_dir,
+                                               scale=float(config.reward.clip_scale),
+                                               clamp=bool(config.reward.clip_clamp),
+                                               dtype=jnp.dtype(config.model.dtype))
+    vae_graphdef, vae_state = nnx.split(vae)
+    reward_state = {"vae": vae_state, "clip": clip.state if clip is not None else {}}
+
+    def make_reward(state):
+        def decode(z):
+            v = nnx.merge(vae_graphdef, state["vae"])
+            return v.decode(v.unscale_latents(z))
+
+        return make_latent_reward(decode, clip.bind(state["clip"]) if clip is not None else image_mean_reward)
+
     vcfg = transformer.config
     latent = (int(vcfg.sample_size), int(vcfg.sample_size), int(vcfg.in_channels))
-    decode = lambda z: vae.decode(vae.unscale_latents(z))  # noqa: E731
-    return SD3Components(transformer, decode, table.embeddings, table.pooled, reward, latent)
+    return SD3Components(transformer, table.embeddings, table.pooled, latent, reward_state, make_reward)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,13 +284,13 @@ class SD3Trainer:
         self.mesh = train.make_mesh(config.mesh)
         self.layout = validate_batch_layout(config, train.data_parallel_size(self.mesh), jax.process_count())
         self.num_prompts = len(config.data.prompts)
-        comp = components if components is not None else load_components(config)
+        comp = components if components is not None else load_components(config, self.mesh)
         self.components = comp
         if comp.embeddings.shape[0] != self.num_prompts + 1:
             raise ValueError(f"the prompt table has {comp.embeddings.shape[0]} rows; expected {self.num_prompts} "
                              "prompts + the empty prompt")
         model = MMDiTVelocity(comp.transformer, comp.embeddings, comp.pooled, null_id=self.num_prompts)
-        self.reward_model = make_latent_reward(comp.decode, comp.image_reward)
+        self.reward_state = jax.device_put(comp.reward_state, train.replicated_sharding(self.mesh))
         self.opts = FlowStepOptions.from_config(config, num_conditions=self.num_prompts, null_class=self.num_prompts,
                                                 image_shape=comp.latent_shape)
         self.updates_per_step = int(config.rl.num_inner_updates)
@@ -314,10 +326,17 @@ class SD3Trainer:
         self.base_key = jax.random.key(int(config.seed))
         repl = train.replicated_sharding(self.mesh)
         lora_dropout = self.lora_config is not None and self.lora_config.dropout > 0
-        self.step_fn = jax.jit(make_train_step(self.graphdef, self.tx, self.reward_model, self.opts, self.mesh,
-                                               ref_graphdef=self.ref_graphdef if self.lora_config else None,
-                                               lora_dropout=lora_dropout),
-                               out_shardings=(self.state_shardings, repl), donate_argnums=0)
+        graphdef, ref_graphdef, opts, mesh = self.graphdef, self.ref_graphdef if self.lora_config else None, \
+            self.opts, self.mesh
+        make_reward = comp.make_reward
+
+        def step(state, ref_params, frozen, reward_state, cond, key, refresh_ref, refresh_sampler):
+            # the reward's arrays (VAE, CLIP) are an argument of the program, not constants baked into it
+            inner = make_train_step(graphdef, tx, make_reward(reward_state), opts, mesh, ref_graphdef=ref_graphdef,
+                                    lora_dropout=lora_dropout)
+            return inner(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler)
+
+        self.step_fn = jax.jit(step, out_shardings=(self.state_shardings, repl), donate_argnums=0)
         self._build_eval()
 
     # ------------------------------------------------------------------------------------------------------
@@ -339,7 +358,8 @@ class SD3Trainer:
     def train_step(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
         cond = train.host_local_to_global(self.prompts(step)[self.rows], self.mesh)
         key = jax.random.fold_in(self.base_key, step)
-        return self.step_fn(state, self.ref_params, self.frozen, cond, key, np.bool_(False), np.bool_(False))
+        return self.step_fn(state, self.ref_params, self.frozen, self.reward_state, cond, key, np.bool_(False),
+                            np.bool_(False))
 
     def _build_eval(self) -> None:
         config, opts, mesh = self.config, self.opts, self.mesh
@@ -352,21 +372,21 @@ class SD3Trainer:
         self._eval_x0 = train.host_local_to_global(x0[rows], mesh)
         self._eval_cond = train.host_local_to_global(cond[rows], mesh)
         repl = train.replicated_sharding(mesh)
-        graphdef, base_graphdef, reward_model = self.graphdef, self.base_graphdef, self.reward_model
+        graphdef, base_graphdef, make_reward = self.graphdef, self.base_graphdef, self.components.make_reward
         n_time = int(config.eval.w2_time_samples)
         num_prompts = self.num_prompts
 
         def merge(params, frozen, g=graphdef):
             return nnx.merge(g, params, frozen)
 
-        def eval_fn(params, ref_params, frozen, x0, cond, sde_key, w2_key):
+        def eval_fn(params, ref_params, frozen, reward_state, x0, cond, sde_key, w2_key):
             policy = merge(params, frozen)
             ref = merge(params if ref_params is None else ref_params, frozen, base_graphdef)
             x1 = sample(lambda x, t, c: policy(x, t, c), x0, cond, num_steps=opts.sampling_steps,
                         method=opts.sampling_method, cfg_scale=opts.cfg_scale,
                         null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
                         key=sde_key if opts.sde_noise > 0 else None, timesteps=opts.time_grid())
-            r = reward_model(x1, cond)
+            r = make_reward(reward_state)(x1, cond)
             w2 = velocity_w2_bound(lambda x, t, c: policy(x, t, c), lambda x, t, c: ref(x, t, c), x1, cond, w2_key,
                                    num_time_samples=n_time)
             return {"reward_mean": jnp.mean(r), "reward_std": jnp.std(r),
@@ -376,8 +396,8 @@ class SD3Trainer:
 
     def eval_step(self, step: int, state) -> dict[str, Any]:
         del step
-        out = self._eval(state["params"], self.ref_params, self.frozen, self._eval_x0, self._eval_cond,
-                         self._sde_key, self._w2_key)
+        out = self._eval(state["params"], self.ref_params, self.frozen, self.reward_state, self._eval_x0,
+                         self._eval_cond, self._sde_key, self._w2_key)
         return {f"eval/{k}": float(v) for k, v in jax.device_get(out).items()}
 
     def run(self) -> dict[str, Any]:
