@@ -82,13 +82,24 @@ def test_image_features_match_transformers(clip):
 
 
 @pytest.mark.slow
-def test_gelu_variant_matches_transformers(tmp_path):
-    model = _build_clip(tmp_path, hidden_act="gelu", seed=1)
-    spec, params = cr.load_clip_vision(tmp_path)
+def test_gelu_variant_sharded_weights_and_bf16(tmp_path):
+    """An OpenCLIP-style tower (gelu) saved as sharded safetensors (an index) == transformers; the bf16-matmul
+    reward (the accelerator configs' dtype) stays close to the float32 one."""
+    model = _build_clip(tmp_path / "a", hidden_act="gelu", seed=1)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    spec, params = cr.load_clip_vision(tmp_path / "sharded")
     assert spec.hidden_act == "gelu"
     pixels = np.random.default_rng(1).normal(size=(2, 30, 30, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(cr.clip_image_features(params, spec, jnp.asarray(pixels))),
                                _torch_image_features(model, pixels), atol=1e-4, rtol=0)
+    text = np.random.default_rng(2).normal(size=(3, spec.projection_dim))
+    images = jax.random.uniform(jax.random.key(3), (4, 30, 30, 3), minval=-1, maxval=1)
+    cond = jnp.array([0, 1, 2, 1])
+    f32 = cr.CLIPScoreReward(spec, params, text, clamp=False).components(images, cond)["clip_cosine"]
+    bf16 = cr.CLIPScoreReward(spec, params, text, clamp=False, dtype=jnp.bfloat16).components(images, cond)
+    diff = np.abs(np.asarray(bf16["clip_cosine"]) - np.asarray(f32)).max()
+    assert 0 < diff < 1e-2, diff  # bf16 matmuls are in effect, and close
 
 
 def test_preprocess():
