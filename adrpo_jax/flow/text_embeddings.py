@@ -242,6 +242,25 @@ def _encode_t5(model_dir: str, tokenizer, rows: list[str], *, max_length: int, b
     return np.concatenate(states, 0)
 
 
+def _config_value(directory: str, key: str) -> int | None:
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get(key, cfg.get("text_config", {}).get(key))
+    return int(value) if isinstance(value, int) else None
+
+
+def _check_widths(paths: TextEncoderPaths, joint_attention_dim: int) -> None:
+    """Fail before loading anything when the CLIP states cannot be zero-padded to the T5 width (from the
+    config.json files; skipped when a value is not there)."""
+    widths = [_config_value(paths.clip_l, "hidden_size"), _config_value(paths.clip_g, "hidden_size")]
+    t5_width = joint_attention_dim if paths.t5 is None else _config_value(paths.t5, "d_model")
+    if None not in widths and t5_width is not None and sum(widths) > t5_width:
+        raise ValueError(f"the CLIP states are {widths[0]} + {widths[1]} wide (CLIP-L + CLIP-G hidden sizes), more "
+                         f"than the T5 width {t5_width} (T5 d_model or `joint_attention_dim`): cannot zero-pad.")
+
+
 def encode_prompt_rows(rows: Sequence[str], paths: TextEncoderPaths, *, null_id: int | None = None,
                        max_sequence_length: int = 256, clip_skip: int | None = None,
                        joint_attention_dim: int = 4096, batch_size: int = 8,
@@ -256,6 +275,7 @@ def encode_prompt_rows(rows: Sequence[str], paths: TextEncoderPaths, *, null_id:
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
+    _check_widths(paths, joint_attention_dim)
     dtype = getattr(torch, torch_dtype)
     tok_l = AutoTokenizer.from_pretrained(paths.tokenizer_l)
     tok_g = AutoTokenizer.from_pretrained(paths.tokenizer_g)

@@ -169,9 +169,14 @@ def test_cache_hit_and_invalidation(text_dir, reference, tmp_path, monkeypatch):
     assert len(calls) == 1 and t3.key != t1.key and t3.num_prompts == 3
     np.testing.assert_allclose(t3.embeddings[:2], t1.embeddings[:2], atol=1e-5, rtol=0)
     np.testing.assert_allclose(t3.embeddings[2], t1.embeddings[t1.null_id], atol=1e-5, rtol=0)
-    t4 = te.cached_prompt_embeddings(PROMPTS[:2], text_dir, tmp_path / "cache", max_sequence_length=MAX_SEQ - 2)
-    assert len(calls) == 2 and t4.embeddings.shape[1] == CLIP_LEN + MAX_SEQ - 2
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    # every option is in the key
+    kw = dict(max_sequence_length=MAX_SEQ, clip_skip=None, joint_attention_dim=4096, torch_dtype="float32",
+              null_id=len(PROMPTS))
+    rows = list(t1.prompts)
+    assert te.embedding_cache_key(rows, paths, **kw) == t1.key
+    for change in [dict(max_sequence_length=MAX_SEQ - 2), dict(clip_skip=1), dict(torch_dtype="bfloat16")]:
+        assert te.embedding_cache_key(rows, paths, **{**kw, **change}) != t1.key, change
 
 
 def test_cache_hit_does_not_import_torch(text_dir, tmp_path):
