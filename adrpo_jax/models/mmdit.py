@@ -44,12 +44,14 @@ into an abstract model (never two copies of the weights in host memory); :func:`
 ``diffusers.SD3Transformer2DModel.from_pretrained`` loads.
 
 Example:
-  >>> import jax.numpy as jnp
+  >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
-  >>> model = MMDiT(tiny_config(), rngs=nnx.Rngs(0))
-  >>> out = model(jnp.zeros((2, 8, 6, 4)), jnp.array([0.0, 500.0]), jnp.zeros((2, 5, 12)), jnp.zeros((2, 10)))
-  >>> out.shape
-  (2, 8, 6, 4)
+  >>> # MMDiT(tiny_config(), rngs=nnx.Rngs(0)) for random weights, load_pretrained("<sd3>/transformer") for real
+  >>> model = nnx.eval_shape(lambda: MMDiT(tiny_config(), rngs=nnx.Rngs(0)))  # abstract: shapes only
+  >>> latents, t = jnp.zeros((2, 8, 6, 4)), jnp.array([0.0, 500.0])  # NHWC (H != W is fine), diffusers' timesteps
+  >>> text, pooled = jnp.zeros((2, 5, 12)), jnp.zeros((2, 10))
+  >>> jax.eval_shape(lambda m: m(latents, t, text, pooled), model)  # jax.jit(...) to run a concrete model
+  ShapeDtypeStruct(shape=(2, 8, 6, 4), dtype=float32)
 """
 from __future__ import annotations
 
