@@ -405,7 +405,9 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
     ref_graphdef = graphdef if ref_graphdef is None else ref_graphdef
 
     def merge(p, frozen, g=graphdef):
-        return nnx.merge(g, p) if frozen is None else nnx.merge(g, p, frozen)
+        # fresh Variable objects for the frozen part: merged inside value_and_grad, the module must not reuse the
+        # Variables of the outer trace (an nnx.remat inside the model would try to update them: TraceContextError)
+        return nnx.merge(g, p) if frozen is None else nnx.merge(g, p, jax.tree.map(lambda x: x, frozen))
 
     def one_update(params, opt_state, ref_params, frozen, prep: PreparedBatch, key):
         t, x0, drop = draw_path_inputs(opts, key, prep.x1, mesh)
