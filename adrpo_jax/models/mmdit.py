@@ -140,6 +140,9 @@ class MMDiTConfig:
     remat: rematerialise every block in the backward pass; remat_policy: a ``jax.checkpoint_policies`` name
       (e.g. ``"dots_with_no_batch_dims_saveable"``) or None (save nothing).
     scan_layers: stack homogeneous runs of blocks and run them with ``jax.lax.scan`` (see the module doc).
+    attention_impl: ``implementation`` of ``jax.nn.dot_product_attention``: None / ``"xla"`` (materialises the
+      ``[B, heads, T, T]`` scores, ``T`` = image + text tokens) or ``"cudnn"`` (fused flash attention on NVIDIA
+      GPUs; needs ``dtype`` bfloat16 / float16).
   """
 
   sample_size: int = 128
@@ -160,6 +163,7 @@ class MMDiTConfig:
   remat: bool = False
   remat_policy: str | None = None
   scan_layers: bool = True
+  attention_impl: str | None = None
 
   DIFFUSERS_FIELDS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
                       "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
@@ -209,6 +213,11 @@ class MMDiTConfig:
       if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"MMDiTConfig.{name} must be a bool, got {value!r}.")
       set_(name, bool(value))
+    if self.attention_impl not in (None, "xla", "cudnn"):
+      raise ValueError(f"MMDiTConfig.attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}.")
+    if self.attention_impl == "cudnn" and self.dtype == "float32":
+      raise ValueError("MMDiTConfig.attention_impl='cudnn' needs dtype 'bfloat16' or 'float16' (cuDNN's fused "
+                       "attention has no float32 path); use None / 'xla' for float32.")
     if self.remat_policy is not None:
       policy = getattr(jax.checkpoint_policies, str(self.remat_policy), None)
       if not isinstance(self.remat_policy, str) or self.remat_policy.startswith("_") or not callable(policy):
@@ -387,9 +396,10 @@ class JointAttention(nnx.Module):
   ``qk_norm`` adds ``norm_q / norm_k`` (+ ``norm_added_q / norm_added_k``)."""
 
   def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool, context_pre_only: bool,
-               qk_norm: str | None, kw: dict):
+               qk_norm: str | None, kw: dict, attention_impl: str | None = None):
     inner = heads * head_dim
     self.heads, self.head_dim, self.dtype = heads, head_dim, kw["dtype"]
+    self.attention_impl = attention_impl
     self.joint, self.context_pre_only = joint, context_pre_only
     self.to_q = _linear(dim, inner, ("embed", "heads"), kw)
     self.to_k = _linear(dim, inner, ("embed", "heads"), kw)
@@ -426,7 +436,8 @@ class JointAttention(nnx.Module):
       v = jnp.concatenate([v, cv], axis=1)
       if not self.context_pre_only:  # the text queries only feed the (discarded) text output otherwise
         q = jnp.concatenate([q, self._heads(self.add_q_proj, self.norm_added_q, ctx)], axis=1)
-    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim))
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim),
+                                       implementation=self.attention_impl)
     out = out.reshape(*out.shape[:2], self.heads * self.head_dim).astype(dt)
     img = self.to_out(out[:, :n]).astype(jnp.float32)
     if not self.joint:
@@ -454,14 +465,14 @@ class JointBlock(nnx.Module):
   ``ctx`` unchanged (diffusers returns None; the model drops it)."""
 
   def __init__(self, dim: int, heads: int, head_dim: int, *, use_dual_attention: bool, context_pre_only: bool,
-               qk_norm: str | None, kw: dict):
+               qk_norm: str | None, kw: dict, attention_impl: str | None = None):
     self.use_dual_attention, self.context_pre_only = use_dual_attention, context_pre_only
     self.norm1 = AdaNorm(dim, 9 if use_dual_attention else 6, kw)
     self.norm1_context = AdaNorm(dim, 2 if context_pre_only else 6, kw)
     self.attn = JointAttention(dim, heads, head_dim, joint=True, context_pre_only=context_pre_only,
-                               qk_norm=qk_norm, kw=kw)
+                               qk_norm=qk_norm, kw=kw, attention_impl=attention_impl)
     self.attn2 = JointAttention(dim, heads, head_dim, joint=False, context_pre_only=False, qk_norm=qk_norm,
-                                kw=kw) if use_dual_attention else None
+                                kw=kw, attention_impl=attention_impl) if use_dual_attention else None
     self.ff = FeedForward(dim, kw)
     self.ff_context = None if context_pre_only else FeedForward(dim, kw)
 
@@ -499,8 +510,9 @@ class StackedJointBlocks(JointBlock):
   lora_layer_stack = True
 
   def __init__(self, length: int, first: int, dim: int, heads: int, head_dim: int, *, use_dual_attention: bool,
-               qk_norm: str | None, kw: dict):
-    args = dict(use_dual_attention=use_dual_attention, context_pre_only=False, qk_norm=qk_norm, kw=kw)
+               qk_norm: str | None, kw: dict, attention_impl: str | None = None):
+    args = dict(use_dual_attention=use_dual_attention, context_pre_only=False, qk_norm=qk_norm, kw=kw,
+                attention_impl=attention_impl)
     super().__init__(dim, heads, head_dim, **args)
     stack_variables(self, [JointBlock(dim, heads, head_dim, **args) for _ in range(length - 1)])
     self.first = int(first)  # index of the run's first block in the model
@@ -570,7 +582,7 @@ class MMDiT(nnx.Module):
       self.text_linear_1 = _linear(c.pooled_projection_dim, d, (None, "mlp"), kw)
       self.text_linear_2 = _linear(d, d, ("mlp", "embed"), kw)
       self.context_embedder = _linear(c.joint_attention_dim, d, (None, "embed"), kw)
-      block_args = dict(qk_norm=c.qk_norm, kw=kw)
+      block_args = dict(qk_norm=c.qk_norm, kw=kw, attention_impl=c.attention_impl)
       if c.scan_layers:
         self.block_stacks = nnx.List([
             StackedJointBlocks(length, start, d, c.num_attention_heads, c.attention_head_dim,

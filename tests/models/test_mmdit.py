@@ -99,6 +99,9 @@ def test_scan_layout_structure(loaded):
   assert model.block_stacks[0].ff.fc1.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
   assert model.block_stacks[0].attn.to_q.kernel.shape == (2, 16, 16)
   assert model.pos_table.get_metadata()["out_sharding"] == (None, "embed")
+  for layout in (model, nnx.eval_shape(lambda: mmdit.MMDiT(model.config.replace(scan_layers=False), rngs=nnx.Rngs(0)))):
+    for path, var in nnx.to_flat_state(nnx.state(layout)):  # every variable has one logical name per axis
+      assert len(var.get_metadata().get("out_sharding") or ()) == len(var.shape), path
 
 
 @pytest.mark.slow
@@ -198,6 +201,8 @@ def test_config_round_trip_and_validation():
     mmdit.tiny_config(remat_policy="no_such_policy")
   with pytest.raises(ValueError, match="dtype"):
     mmdit.tiny_config(dtype="int8")
+  with pytest.raises(ValueError, match="attention_impl"):
+    mmdit.tiny_config(attention_impl="cudnn")  # float32
   with pytest.raises(ValueError, match="num_layers"):
     mmdit.tiny_config(num_layers=0)
   with pytest.raises(ValueError, match="unknown MMDiTConfig fields"):
