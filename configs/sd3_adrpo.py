@@ -31,7 +31,7 @@ Every flow-trainer method runs on it: ``--config.rl.method=fixed_beta | orw_cfm_
 
 import ml_collections
 
-from adrpo_jax.flow.sd3_trainer import add_sd3_config
+from adrpo_jax.flow.sd3_trainer import TRAINER, add_sd3_config
 from adrpo_jax.train.config import add_common_config
 
 VARIANTS = ("cpu", "gpu", "tpu")
@@ -42,6 +42,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} of configs/sd3_adrpo.py; choose one of {VARIANTS}")
     config = add_sd3_config(add_common_config(ml_collections.ConfigDict()))
+    config.trainer = TRAINER  # adrpo_jax.flow.sd3_trainer:train_and_evaluate
     config.seed = 0
     config.optim.name = "adam"
     config.optim.schedule = "constant"  # independent of total_steps: extending a run resumes bit-identically
@@ -95,7 +96,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config.checkpoint.max_to_keep = 2
     config.optim.learning_rate = 1e-3
     config.data.prompts = ("a red cube", "a cat on a sofa", "a yellow bird", "a snowy mountain")
-    config.text.max_sequence_length = 8
+    config.text.max_sequence_length = 16
     config.reward.kind = "clip"
     config.reward.clip_clamp = False  # a random CLIP's cosines are often negative: keep the signal
     config.sampling.num_steps = 4
