@@ -2,13 +2,13 @@
 
 A tiny random ``Qwen2AudioForConditionalGeneration`` (transformers config + weights written offline, Whisper-like
 encoder over ``seconds`` of 80-bin log-mels, a 2-layer Qwen2 LM over the character vocabulary of
-:func:`~adrpo_jax.rl.tasks.build_char_tokenizer` plus ``'@'`` as the audio token) is loaded into JAX
-(:func:`adrpo_jax.models.audio_llm.load_pretrained`) and briefly supervised end to end (encoder, projector, LM)
+:func:`~adrpo_jax.rl.tasks.build_char_tokenizer` plus ``'@'`` as the audio token) is briefly supervised end to
+end (encoder, projector, LM; in torch, on the transformers model, so the trainer's JAX loader
+:func:`adrpo_jax.models.audio_llm.load_pretrained` reads a plain transformers directory)
 on the spoken task (:func:`adrpo_jax.rl.audio_data.make_audio_task`, ``'auto'``: spoken arithmetic with
 espeak-ng, else beep counting): next-token cross-entropy on ``answer<eos>`` after ``'@' * n + '='``. Training
 stops at the first evaluation whose *sampled* accuracy (temperature 1) reaches ``target_accuracy`` (weak, so RL
-has room) or at ``max_steps``. The directory (the transformers files, ``sft_params.npz`` with the supervised
-parameters, ``sft_metrics.json``) is cached under ``cache_root() / 'tiny_audio_arith-<hash>'``.
+has room) or at ``max_steps``. The directory (the transformers files and ``sft_metrics.json``) is cached under ``cache_root() / 'tiny_audio_arith-<hash>'``.
 """
 
 from __future__ import annotations
@@ -119,105 +119,101 @@ def _write_hf_model(cfg: TinyAudioSFTConfig, out: Path):
     return tok
 
 
+def _audio_token_counts(feature_mask: np.ndarray) -> np.ndarray:
+    """Qwen2-Audio's encoder outputs per clip: ``n = ((L - 1) // 2 + 1 - 2) // 2 + 1`` for ``L`` valid frames."""
+    lengths = np.asarray(feature_mask).sum(axis=1)
+    return ((lengths - 1) // 2 + 1 - 2) // 2 + 1
+
+
 def train_tiny_audio(cfg: TinyAudioSFTConfig, out: Path) -> dict[str, Any]:
-    """Writes the tiny model to ``out`` and supervises it (see the module docstring); returns the metrics."""
-    from adrpo_jax.models import audio_llm  # pylint: disable=import-outside-toplevel
-    from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn  # pylint: disable=import-outside-toplevel
+    """Writes the tiny model to ``out`` and supervises it (see the module docstring; the supervision runs in
+    torch on the transformers model, whose directory the JAX loader then reads); returns the metrics."""
+    import torch  # pylint: disable=import-outside-toplevel
+    from transformers import Qwen2AudioForConditionalGeneration  # pylint: disable=import-outside-toplevel
     t0 = time.time()
     tok = _write_hf_model(cfg, out)
-    model = audio_llm.load_pretrained(out)
-    task = audio_data.make_audio_task(cfg.task, seed=cfg.seed, min_value=cfg.min_value, max_value=cfg.max_value,
-                                      operations=tuple(cfg.operations), seconds=min(2.0, cfg.seconds))
-    eval_task = audio_data.make_audio_task(cfg.task, seed=cfg.seed + 7919, min_value=cfg.min_value,
-                                           max_value=cfg.max_value, operations=tuple(cfg.operations),
-                                           seconds=min(2.0, cfg.seconds))
+    torch.manual_seed(cfg.seed)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(out)
+    task_kw = dict(min_value=cfg.min_value, max_value=cfg.max_value, operations=tuple(cfg.operations),
+                   seconds=min(2.0, cfg.seconds))
+    task = audio_data.make_audio_task(cfg.task, seed=cfg.seed, **task_kw)
+    eval_task = audio_data.make_audio_task(cfg.task, seed=audio_data_eval_seed(), **task_kw)
     feats = audio_data.LogMelFeatures(n_mels=cfg.n_mels, seconds=cfg.seconds)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    lm_graphdef = nnx.graphdef(model.lm)
-    encode = jax.jit(lambda p, f, m: nnx.merge(graphdef, p, rest).encode_audio(f, m))
     eos, pad, eq = tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("=")
     audio_id = tok.convert_tokens_to_ids(AUDIO_CHAR)
     ans_len = len(str(max(cfg.max_value * cfg.max_value, 2 * cfg.max_value, 10))) + 1
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def examples(source, start, n):
-        rows = [source[i] for i in range(start, start + n)]
-        f, m = feats.from_paths([r["audio"] for r in rows])
-        _, valid = encode(params, f, m)
-        counts = np.asarray(valid).sum(1)
-        return rows, f, m, counts
+    def features(rows):
+        for r in rows:
+            if r["audio"] not in cache:
+                f, m = feats.from_paths([r["audio"]])
+                cache[r["audio"]] = (f[0], m[0])
+        return np.stack([cache[r["audio"]][0] for r in rows]), np.stack([cache[r["audio"]][1] for r in rows])
 
-    n_max = int(np.asarray(encode(params, *feats([np.zeros(int(cfg.seconds * 16000), np.float32)]))[1]).shape[1])
-    p_len = n_max + 1
-
-    def prompt_tokens(counts):
-        t = np.full((len(counts), p_len), pad, np.int32)
-        mask = np.zeros((len(counts), p_len), bool)
+    def prompts(counts, p_len):
+        t = np.full((len(counts), p_len), pad, np.int64)
+        mask = np.zeros((len(counts), p_len), np.int64)
         for i, c in enumerate(counts):
             ids = [audio_id] * int(c) + [eq]
-            t[i, p_len - len(ids):], mask[i, p_len - len(ids):] = ids, True
+            t[i, p_len - len(ids):], mask[i, p_len - len(ids):] = ids, 1
         return t, mask
 
-    def sft_batch(rows, counts):
-        t, mask = prompt_tokens(counts)
-        ans = np.full((len(rows), ans_len), pad, np.int32)
-        amask = np.zeros((len(rows), ans_len), bool)
-        for i, r in enumerate(rows):
-            ids = [tok.convert_tokens_to_ids(ch) for ch in r["answer"]] + [eos]
-            ans[i, : len(ids)], amask[i, : len(ids)] = ids, True
-        return np.concatenate([t, ans], 1), np.concatenate([mask, amask], 1), amask
+    p_len = int(_audio_token_counts(np.ones((1, int(round(cfg.seconds * 100))), np.int32))[0]) + 1
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    e_rows = [eval_task[i] for i in range(cfg.eval_examples)]
+    e_f, e_m = features(e_rows)
+    e_t, e_mask = prompts(_audio_token_counts(e_m), p_len)
 
-    tx = optax.adamw(cfg.learning_rate, weight_decay=0.0)
-    opt_state = tx.init(params)
-
-    def loss_fn(p, tokens, mask, amask, f, fm):
-        logits = nnx.merge(graphdef, p, rest)(tokens, mask, f, fm)  # [B, T, V] (tiny vocabulary)
-        logits = logits[:, p_len - 1:-1].astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, -1)
-        nll = -jnp.take_along_axis(logp, tokens[:, p_len:, None], -1)[..., 0]
-        return jnp.sum(nll * amask) / jnp.maximum(jnp.sum(amask), 1)
-
-    @jax.jit
-    def step(p, o, tokens, mask, amask, f, fm):
-        loss, g = jax.value_and_grad(loss_fn)(p, tokens, mask, amask, f, fm)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-    gen = make_generate_fn(lm_graphdef, SamplingConfig(max_new_tokens=ans_len, temperature=1.0, eos_token_ids=(eos,),
-                                                       pad_token_id=pad))
-
-    @jax.jit
-    def sample(p, t, m, f, fm, key):
-        mdl = nnx.merge(graphdef, p, rest)
-        emb, valid = mdl.encode_audio(f, fm)
-        return gen(nnx.state(mdl.lm), t, m, key, prompt_embeds=mdl.embed_inputs(t, emb, valid))
-
-    e_rows, e_f, e_m, e_counts = examples(eval_task, 0, cfg.eval_examples)
-    e_t, e_mask = prompt_tokens(e_counts)
-
-    def accuracy(p):
-        out = sample(p, e_t, e_mask, e_f, e_m, jax.random.key(123))
-        comp, lens = np.asarray(out.completions), np.asarray(out.lengths)
-        texts = tok.batch_decode([c[:n].tolist() for c, n in zip(comp, lens)], skip_special_tokens=True)
+    def accuracy() -> float:
+        model.eval()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            g = model.generate(input_ids=torch.tensor(e_t), attention_mask=torch.tensor(e_mask),
+                               input_features=torch.tensor(e_f), feature_attention_mask=torch.tensor(e_m),
+                               do_sample=True, temperature=1.0, top_k=0, max_new_tokens=ans_len, pad_token_id=pad,
+                               eos_token_id=eos)
+        texts = tok.batch_decode(g[:, p_len:].tolist(), skip_special_tokens=True)
+        model.train()
         return float(np.mean([t.strip() == r["answer"] for t, r in zip(texts, e_rows)]))
 
-    history, acc, loss = [], accuracy(params), float("nan")
+    history, acc, loss_value, s = [], accuracy(), float("nan"), 0
     history.append({"step": 0, "sampled_accuracy": acc})
-    s = 0
     while acc < cfg.target_accuracy and s < cfg.max_steps:
-        rows, f, m, counts = examples(task, s * cfg.batch_size, cfg.batch_size)
-        tokens, mask, amask = sft_batch(rows, counts)
-        params, opt_state, loss = step(params, opt_state, tokens, mask, amask, f, m)
-        s += 1
+        rows = [task[i] for i in range(s * cfg.batch_size, (s + 1) * cfg.batch_size)]
+        f, m = features(rows)
+        t, mask = prompts(_audio_token_counts(m), p_len)
+        ans = np.full((len(rows), ans_len), pad, np.int64)
+        amask = np.zeros((len(rows), ans_len), np.int64)
+        for i, r in enumerate(rows):
+            ids = [tok.convert_tokens_to_ids(ch) for ch in r["answer"]] + [eos]
+            ans[i, : len(ids)], amask[i, : len(ids)] = ids, 1
+        tokens = torch.tensor(np.concatenate([t, ans], 1))
+        attn = torch.tensor(np.concatenate([mask, amask], 1))
+        logits = model(input_ids=tokens, attention_mask=attn, input_features=torch.tensor(f),
+                       feature_attention_mask=torch.tensor(m)).logits[:, p_len - 1:-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, p_len:].reshape(-1),
+                                                reduction="none").reshape(len(rows), ans_len)
+        am = torch.tensor(amask, dtype=torch.float32)
+        loss = (nll * am).sum() / am.sum()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        loss_value, s = float(loss.detach()), s + 1
         if s % cfg.eval_every == 0:
-            acc = accuracy(params)
-            history.append({"step": s, "loss": float(loss), "sampled_accuracy": acc})
-            log.info("tiny audio SFT step %d: loss %.3f, sampled accuracy %.3f", s, float(loss), acc)
-    nnx.update(model, params)
-    save_params_npz(model, out / "sft_params.npz")
-    metrics = {"steps": s, "sampled_accuracy": acc, "loss": float(loss), "seconds": time.time() - t0,
+            acc = accuracy()
+            history.append({"step": s, "loss": loss_value, "sampled_accuracy": acc})
+            log.info("tiny audio SFT step %d: loss %.3f, sampled accuracy %.3f", s, loss_value, acc)
+    model.save_pretrained(out)
+    metrics = {"steps": s, "sampled_accuracy": acc, "loss": loss_value, "seconds": time.time() - t0,
                "history": history, "config": dataclasses.asdict(cfg), "task": type(task).__name__}
     (out / _MARKER).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def audio_data_eval_seed() -> int:
+    from adrpo_jax.rl.data import EVAL_ARITHMETIC_SEED  # pylint: disable=import-outside-toplevel
+    return EVAL_ARITHMETIC_SEED
 
 
 def tiny_audio_dir(cfg: TinyAudioSFTConfig = TinyAudioSFTConfig(), cache_dir: str | os.PathLike | None = None) -> Path:
