@@ -85,6 +85,10 @@ __all__ = [
     "PositionTable",
     "CheckpointError",
     "tiny_config",
+    "preset_config",
+    "PRESETS",
+    "param_mappings",
+    "read_config",
     "sd3_pos_embed_table",
     "load_pretrained",
     "save_pretrained",
@@ -283,6 +287,28 @@ class MMDiTConfig:
     return d
 
 
+_SD3_BASE = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, joint_attention_dim=4096,
+                 pooled_projection_dim=2048, out_channels=16)
+#: The diffusers ``transformer/config.json`` fields of the released SD3-family models (for shapes, memory plans
+#: and tests without the weights; a real directory's config.json is what :func:`load_pretrained` uses).
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd3-medium": dict(_SD3_BASE, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                       pos_embed_max_size=192),
+    "sd3.5-medium": dict(_SD3_BASE, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "sd3.5-large": dict(_SD3_BASE, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                        pos_embed_max_size=192, qk_norm="rms_norm"),
+}
+
+
+def preset_config(name: str, **kw: Any) -> MMDiTConfig:
+  """The :class:`MMDiTConfig` of a released model (:data:`PRESETS`: ``"sd3-medium"``, ``"sd3.5-medium"``,
+  ``"sd3.5-large"``); ``kw`` replaces fields (``dtype``, ``remat``, ...)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+  return MMDiTConfig(**{**PRESETS[name], **kw})
+
+
 def tiny_config(**kw: Any) -> MMDiTConfig:
   """A tiny SD3-shaped config (2 heads of 8, width 16, 3 blocks, latents up to 12 x 12 x 4 with patch 2) for
   tests and CPU configs; ``kw`` replaces any field (e.g. ``qk_norm="rms_norm", dual_attention_layers=(0, 1)``
@@ -300,20 +326,31 @@ def tiny_config(**kw: Any) -> MMDiTConfig:
 def sd3_pos_embed_table(embed_dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
   """diffusers' ``get_2d_sincos_pos_embed(embed_dim, (grid_h, grid_w), base_size=base_size)`` as a float32
   ``[grid_h * grid_w, embed_dim]`` NumPy array (row-major grid; the first half of the channels encodes the column,
-  the second half the row; positions ``arange(n) / (n / base_size)``, frequencies in float64)."""
+  the second half the row; positions ``arange(n) / (n / base_size)`` in float32, the sin / cos in float64 as in
+  diffusers, then rounded to float32). Built from the two 1-D tables: no float64 copy of the whole table."""
   if embed_dim % 4:
     raise ValueError(f"sin-cos position table needs embed_dim divisible by 4, got {embed_dim}.")
-  pos_h = (np.arange(grid_h, dtype=np.float32) / np.float32(grid_h / base_size)).astype(np.float32)
-  pos_w = (np.arange(grid_w, dtype=np.float32) / np.float32(grid_w / base_size)).astype(np.float32)
-  gw, gh = np.meshgrid(pos_w, pos_h, indexing="xy")  # [grid_h, grid_w] each
+  half = embed_dim // 2
 
-  def one(dim, pos):
-    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-    omega = 1.0 / 10000 ** omega
-    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  def one(n: int) -> np.ndarray:  # [n, half] float32
+    pos = (np.arange(n, dtype=np.float32) / np.float32(n / base_size)).astype(np.float32)
+    omega = 1.0 / 10000 ** (np.arange(half // 2, dtype=np.float64) / (half / 2.0))
+    out = np.outer(pos.astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
 
-  return np.concatenate([one(embed_dim // 2, gw), one(embed_dim // 2, gh)], axis=1).astype(np.float32)
+  table = np.empty((grid_h, grid_w, embed_dim), np.float32)
+  table[:, :, :half] = one(grid_w)[None, :, :]
+  table[:, :, half:] = one(grid_h)[:, None, :]
+  return table.reshape(grid_h * grid_w, embed_dim)
+
+
+def _pos_table_value(embed_dim: int, size: int, base_size: int) -> jax.Array:
+  """The ``[size**2, embed_dim]`` table; under a trace (``nnx.eval_shape`` in :func:`load_pretrained`) a host
+  callback that an abstract evaluation never runs, so building an abstract SD3.5 model costs no table."""
+  shape = jax.ShapeDtypeStruct((size * size, embed_dim), jnp.float32)
+  if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
+    return jax.pure_callback(lambda: sd3_pos_embed_table(embed_dim, size, size, base_size), shape)
+  return jnp.asarray(sd3_pos_embed_table(embed_dim, size, size, base_size))
 
 
 def _patchify(x: jax.Array, p: int) -> jax.Array:
@@ -345,8 +382,20 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------------
 # Layers
 # ------------------------------------------------------------------------------------------------------
-_xavier = host_initializer("xavier_uniform")
-_zeros = host_initializer("zeros")
+_host_xavier = host_initializer("xavier_uniform")
+
+
+def _xavier(key, shape, dtype=jnp.float32):
+  """Xavier-uniform kernels: drawn on the host for a concrete key (fast eager builds on CPU), with
+  ``jax.random`` under a trace (``jit`` / ``nnx.eval_shape``: no host callback, no tracer-to-NumPy attempt)."""
+  if isinstance(key, jax.core.Tracer):
+    return jax.nn.initializers.xavier_uniform()(key, shape, dtype)
+  return _host_xavier(key, shape, dtype)
+
+
+def _zeros(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype)
 
 
 def _ones(key, shape, dtype=jnp.float32):
@@ -358,6 +407,20 @@ def _linear(n_in: int, n_out: int, names: tuple[str | None, str | None], kw: dic
   return nnx.Linear(n_in, n_out, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
                     kernel_init=nnx.with_partitioning(_xavier, names),
                     bias_init=nnx.with_partitioning(_zeros, (names[1],)), rngs=kw["rngs"])
+
+
+class _Keys:
+  """A stand-in for ``nnx.Rngs`` in the layers' constructors: ``params()`` = ``fold_in(key, i)`` with a Python
+  counter. (``nnx.Rngs`` updates a counter variable on every draw, and under ``nnx.eval_shape`` each update
+  inspects the sharding of a tracer, which costs time proportional to the trace so far: building an abstract
+  SD3-medium took ~10 s, now well under one.)"""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.key, self.count = rngs.params(), 0
+
+  def params(self) -> jax.Array:
+    self.count += 1
+    return jax.random.fold_in(self.key, self.count)
 
 
 class PositionTable(nnx.Variable):
@@ -567,13 +630,13 @@ class MMDiT(nnx.Module):
     self.config = config
     self.dtype = _DTYPES[config.dtype]
     param_dtype = _DTYPES[config.param_dtype]
-    kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=_Keys(rngs))
     c = config
     d, p = c.inner_dim, c.patch_size
     with nnx.use_eager_sharding(False):  # logical names are metadata; builds without a mesh
       if c.pos_embed_max_size is not None:
-        table = sd3_pos_embed_table(d, c.pos_embed_max_size, c.pos_embed_max_size, c.sample_size // p)
-        self.pos_table = PositionTable(jnp.asarray(table), out_sharding=(None, "embed"))
+        table = _pos_table_value(d, c.pos_embed_max_size, c.sample_size // p)
+        self.pos_table = PositionTable(table, out_sharding=(None, "embed"))
       else:
         self.pos_table = None
       self.patch_proj = _linear(p * p * c.in_channels, d, (None, "embed"), kw)

@@ -297,3 +297,22 @@ def test_no_pos_embed_max_size_and_bf16(tmp_path):
   out = np.asarray(_apply(bf16, *_inputs()))
   assert out.dtype == np.float32
   assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("preset", [pytest.param("sd3-medium", marks=pytest.mark.slow), "sd3.5-medium",
+                                    pytest.param("sd3.5-large", marks=pytest.mark.slow)])
+def test_released_shapes_match_diffusers(preset):
+  """For SD3-medium / SD3.5-medium / SD3.5-large shapes (no weights: diffusers on the meta device, ours abstract),
+  the checkpoint names and shapes we read / write are exactly diffusers' state dict, and the parameter counts
+  agree (SD3-medium: 2.03B)."""
+  cfg = mmdit.preset_config(preset)
+  with torch.device("meta"):
+    ref = diffusers.SD3Transformer2DModel(**mmdit.PRESETS[preset])
+  ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  ours = {m.name: m.shape for m in mmdit.param_mappings(cfg)}
+  assert ours == ref_shapes
+  model = nnx.eval_shape(lambda: mmdit.MMDiT(cfg, rngs=nnx.Rngs(0)))
+  n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert n == sum(p.numel() for p in ref.parameters())
+  if preset == "sd3-medium":
+    assert round(n / 1e9, 2) == 2.03
