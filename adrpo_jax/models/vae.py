@@ -413,9 +413,10 @@ class Attention(nnx.Module):
 
 
 def _apply(config: VAEConfig, block: nnx.Module, x: jax.Array) -> jax.Array:
-  if config.remat:
+  if config.remat:  # blocks hold only parameters (no mutable state): a pure function of their state
     policy = getattr(jax.checkpoint_policies, config.remat_policy) if config.remat_policy else None
-    return nnx.remat(lambda m, y: m(y), policy=policy)(block, x)
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda s, y: nnx.merge(graphdef, s)(y), policy=policy, prevent_cse=False)(state, x)
   return block(x)
 
 
