@@ -22,8 +22,8 @@ Architecture (Esser et al., 2024, "Scaling Rectified Flow Transformers"; diffuse
 
 Layout of the blocks (``MMDiTConfig.scan_layers``):
 
-* ``scan_layers=False``: ``model.transformer_blocks`` is an ``nnx.List`` of the ``num_layers`` blocks (paths as
-  in diffusers: ``transformer_blocks.3.attn.to_q``).
+* ``scan_layers=False``: ``model.transformer_blocks`` is an ``nnx.List`` of the ``num_layers`` blocks (block
+  paths as in diffusers: ``transformer_blocks.3.attn.to_q``).
 * ``scan_layers=True`` (default): the first ``num_layers - 1`` blocks are split into maximal runs of the same
   structure (dual attention or not; SD3.5-medium: blocks 0-12 dual, 13-22 plain) and each run is stacked
   (``model.block_stacks[k]``, a :class:`StackedJointBlocks`: every parameter has a leading ``'layers'`` axis) and
@@ -37,6 +37,12 @@ replicated) for :mod:`adrpo_jax.train.sharding`. Every projection is an ``nnx.Li
 :func:`adrpo_jax.models.lora.apply_lora` finds them: ``attn.to_q / to_k / to_v / to_out``, ``attn.add_q_proj /
 add_k_proj / add_v_proj / to_add_out``, ``attn2.*``, ``ff.fc1 / fc2``, ``ff_context.fc1 / fc2``, ``norm1.linear``,
 ... (stacked sites inside the scans: an adapter goes to every block of a stack or to none).
+
+Our names that differ from diffusers' (:func:`param_mappings` has the full table): ``patch_proj`` =
+``pos_embed.proj`` (conv ``[D, C, p, p]`` <-> kernel ``[(p, q, C), D]``), ``pos_table`` = ``pos_embed.pos_embed``
+(a :class:`PositionTable`, not a parameter), ``timestep_linear_1/2`` and ``text_linear_1/2`` =
+``time_text_embed.{timestep,text}_embedder.linear_1/2``, ``attn.to_out`` = ``attn.to_out.0``, ``ff.fc1 / fc2`` =
+``ff.net.0.proj / ff.net.2``; Linear kernels are the transposed torch weights.
 
 Checkpoints: :func:`load_pretrained` reads a local diffusers directory (``config.json`` and
 ``diffusion_pytorch_model.safetensors`` or the sharded index) without torch, tensor by tensor from memory maps
@@ -843,9 +849,10 @@ def param_mappings(config: MMDiTConfig) -> list[_Mapping]:
   d, p = c.inner_dim, c.patch_size
   out: list[_Mapping] = []
 
-  def linear(ours: str, name: str, n_in: int, n_out: int):
-    out.append(_Mapping((ours, "kernel"), f"{name}.weight", (n_out, n_in), "linear_w"))
-    out.append(_Mapping((ours, "bias"), f"{name}.bias", (n_out,), "same"))
+  def linear(ours: str | tuple, name: str, n_in: int, n_out: int):
+    ours = (ours,) if isinstance(ours, str) else tuple(ours)
+    out.append(_Mapping(ours + ("kernel",), f"{name}.weight", (n_out, n_in), "linear_w"))
+    out.append(_Mapping(ours + ("bias",), f"{name}.bias", (n_out,), "same"))
 
   if c.pos_embed_max_size is not None:
     out.append(_Mapping(("pos_table",), "pos_embed.pos_embed", (1, c.pos_embed_max_size ** 2, d), "pos"))
@@ -865,9 +872,7 @@ def param_mappings(config: MMDiTConfig) -> list[_Mapping]:
   else:
     for i, (dual, pre_only) in enumerate(kinds):
       out += _block_mappings(f"transformer_blocks.{i}", ("transformer_blocks", i), c, dual, pre_only, None)
-  linear("norm_out", "norm_out.linear", d, 2 * d)
-  out[-2] = dataclasses.replace(out[-2], ours=("norm_out", "linear", "kernel"))
-  out[-1] = dataclasses.replace(out[-1], ours=("norm_out", "linear", "bias"))
+  linear(("norm_out", "linear"), "norm_out.linear", d, 2 * d)
   linear("proj_out", "proj_out", d, p * p * c.out_channels)
   return out
 
