@@ -316,3 +316,15 @@ def test_released_shapes_match_diffusers(preset):
   assert n == sum(p.numel() for p in ref.parameters())
   if preset == "sd3-medium":
     assert round(n / 1e9, 2) == 2.03
+
+
+def test_bfloat16_checkpoint_loads_as_float32(saved, loaded, tmp_path):
+  """A bf16 diffusers save (how SD3.5 ships) loads into float32 parameters: the float32 weights rounded to bf16."""
+  import ml_dtypes
+  model = _torch_model(1, **VARIANTS["sd35"]).to(torch.bfloat16)
+  model.save_pretrained(tmp_path)
+  ours = mmdit.load_pretrained(tmp_path, param_dtype="float32")
+  assert ours.block_stacks[0].attn.to_q.kernel[...].dtype == jnp.float32
+  rounded = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32),
+                         nnx.to_pure_dict(nnx.state(loaded["sd35"])))
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(ours)), rounded)
