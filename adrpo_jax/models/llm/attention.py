@@ -19,11 +19,16 @@ Implementations (`DecoderConfig.attention_impl`):
            diagonal, outside the window, all keys invalid) are skipped with `lax.cond`. Pure JAX.
 `cudnn`    `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; float16/bfloat16; GQA native;
            left padding as a boolean mask). Used for the calls it supports (a prefill without a cache);
-           cached calls (decode) take the `auto` choice among xla / chunked.
+           cached calls (decode) take the `auto` choice among decode / xla / chunked.
 `splash`   Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with segment
            ids for padding; same scope as `cudnn` (prefill without a cache). `interpret=True` runs it on CPU.
-`auto`     splash on TPU, cudnn on GPU where the shapes/dtypes allow, otherwise chunked when
-           T * S >= `auto_min_len`**2, xla below (the decode step, T = 1, stays on xla).
+`decode`   the KV-cache step (a cached causal call, few queries): a `fori_loop` with a traced trip count
+           over key blocks up to the last query's slot (`q_offset + T - 1`; from the window's first block
+           with a window), online softmax, so a step reads the filled part of the static cache only.
+           Forward only. Calls it cannot run (no cache) take the `auto` fallback.
+`auto`     on CPU/GPU, `decode` for cached causal calls with T <= DECODE_MAX_T over S >= `auto_decode_min_len`
+           slots; splash on TPU, cudnn on GPU where the shapes/dtypes allow, otherwise chunked when
+           T * S >= `auto_min_len`**2, xla below (on TPU the decode step stays on xla).
 =========  ==============================================================================================
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash", "decode")
 _NEG = float(np.finfo(np.float32).min)
 
 
@@ -292,6 +297,81 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scal
 
 
 # ------------------------------------------------------------------------------------------------------
+# decode: the KV-cache step, reading only the key blocks that hold written slots
+# ------------------------------------------------------------------------------------------------------
+DECODE_BLOCK = 256  # key slots per block of `decode`
+DECODE_MAX_T = 16  # `auto` uses `decode` for cached causal calls with at most this many queries
+
+
+def decode_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
+  """None when `decode` can run this call (a causal call with a KV cache), else the reason it cannot."""
+  if mask.q_offset is None:
+    return "decode attention needs a KV cache (mask.q_offset, the cache index)"
+  if not mask.causal:
+    return "decode attention is causal only (it reads key slots up to the last query's slot)"
+  return None
+
+
+def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
+                     block_size: int = DECODE_BLOCK) -> Array:
+  """Attention of T queries at cache slots `q_offset .. q_offset + T - 1` over a static KV cache [B, S],
+  reading only the key blocks that the causal rule (and a window) can reach: a `lax.fori_loop` with a
+  traced trip count over blocks `lo .. ceil((q_offset + T) / block) - 1` (online softmax, float32
+  accumulators, GQA, per-row key validity, static or traced sliding window). So a decode step costs
+  O(filled slots), not O(S), in compute and memory traffic. Forward only (the loop's trip count is dynamic,
+  so it has no reverse-mode derivative; the update's log-probs run without a cache and never come here).
+
+  Same contract as `attend(q, k, v, mask.dense(T))`; rows with no allowed key give zeros.
+  """
+  reason = decode_supported(q.shape, k.shape, mask)
+  if reason is not None:
+    raise ValueError(f"attention_impl='decode' cannot run this call: {reason}")
+  if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
+    raise ValueError(f"block_size={block_size!r} must be a positive int")
+  b, t, h, hd = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = h // kh
+  c = min(int(block_size), s)
+  n = -(-s // c)
+  q_offset = jnp.asarray(mask.q_offset, jnp.int32)
+  key_valid = jnp.asarray(mask.key_valid, bool)
+  window_array = None if mask.window_array is None else jnp.asarray(mask.window_array, jnp.int32)
+  q_slots = q_offset + jnp.arange(t)
+  qg = q.reshape(b, t, kh, g, hd)
+
+  hi = jnp.clip((q_offset + t + c - 1) // c, 0, n)  # blocks past the last query's slot hold no allowed key
+  lo = jnp.zeros((), jnp.int32)
+  if mask.window is not None:
+    lo = jnp.maximum(lo, (q_offset - int(mask.window) + 1) // c)
+  if window_array is not None:
+    lo = jnp.maximum(lo, jnp.where(window_array > 0, (q_offset - window_array + 1) // c, 0))
+  lo = jnp.clip(lo, 0, hi)
+
+  def body(j, carry):
+    m, l, acc = carry
+    start = jnp.minimum(j * c, s - c)  # the last block may overlap the one before: slots < j * c are masked
+    kj = jax.lax.dynamic_slice_in_dim(k, start, c, axis=1)  # [B, c, K, hd]
+    vj = jax.lax.dynamic_slice_in_dim(v, start, c, axis=1)
+    valid_j = jax.lax.dynamic_slice_in_dim(key_valid, start, c, axis=1)  # [B, c]
+    k_slots = start + jnp.arange(c)
+    rules = _slot_rules(q_slots, k_slots, True, mask.window, window_array) & (k_slots >= j * c)[None, :]
+    allowed = (valid_j[:, None, :] & rules[None])[:, None, None]  # [B, 1, 1, T, c]
+    sc = jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale
+    sc = jnp.where(allowed, sc, _NEG)
+    m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+    p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+    return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+  init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+          jnp.zeros((b, kh, g, t, hd), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, K, G, T, hd]; fully masked rows: 0
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, hd).astype(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
 # cudnn (GPU) and splash (TPU)
 # ------------------------------------------------------------------------------------------------------
 def cudnn_supported(q_shape, k_shape, dtype, mask: AttentionMask) -> str | None:
@@ -384,20 +464,32 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
 # Selection and the one entry point
 # ------------------------------------------------------------------------------------------------------
 def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: AttentionMask,
-                auto_min_len: int = 1024) -> str:
-  """The implementation that runs a call: `impl` itself for xla / chunked, cudnn / splash where they can
-  run this call (else the auto fallback), and for `auto`: splash on TPU, cudnn on GPU where allowed, then
-  chunked when T * S >= auto_min_len**2, else xla.
+                auto_min_len: int = 1024, auto_decode_min_len: int = 512) -> str:
+  """The implementation that runs a call: `impl` itself for xla / chunked, cudnn / splash / decode where
+  they can run this call (else the auto fallback), and for `auto` (and cudnn's fallback): on CPU/GPU a
+  cached causal call with
+  T <= DECODE_MAX_T queries over a cache of S >= auto_decode_min_len slots takes `decode` (reads only the
+  filled key blocks); splash on TPU, cudnn on GPU where allowed, then chunked when T * S >= auto_min_len**2,
+  else xla. (TPU decode stays on xla/chunked: a dynamic-trip-count loop of small blocks is slow there.)
 
   >>> m = AttentionMask(key_valid=jnp.ones((1, 4096), bool))
   >>> [select_impl("auto", platform=p, q_shape=(1, 4096, 8, 64), k_shape=(1, 4096, 8, 64),
   ...              dtype=jnp.bfloat16, mask=m) for p in ("cpu", "gpu", "tpu")]
   ['chunked', 'cudnn', 'splash']
+  >>> d = AttentionMask(key_valid=jnp.ones((1, 4096), bool), q_offset=jnp.int32(7))
+  >>> [select_impl("auto", platform=p, q_shape=(1, 1, 8, 64), k_shape=(1, 4096, 8, 64),
+  ...              dtype=jnp.bfloat16, mask=d) for p in ("cpu", "gpu", "tpu")]
+  ['decode', 'decode', 'xla']
   """
   validate_impl(impl)
   if impl in ("xla", "chunked"):
     return impl
   platform = platform.lower()
+  if impl == "decode" and decode_supported(q_shape, k_shape, mask) is None:
+    return "decode"
+  if (impl in ("auto", "cudnn") and platform != "tpu" and q_shape[1] <= DECODE_MAX_T and k_shape[1] >= auto_decode_min_len
+      and decode_supported(q_shape, k_shape, mask) is None):
+    return "decode"
   if impl in ("auto", "splash") and (impl == "splash" or platform == "tpu"):
     if splash_supported(q_shape, k_shape, mask) is None:
       return "splash"
@@ -409,7 +501,8 @@ def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: Atte
 
 def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float | None = None,
               impl: str = "auto", chunk_size: int = 512, auto_min_len: int = 1024,
-              platform: str | None = None, interpret: bool = False) -> Array:
+              platform: str | None = None, interpret: bool = False, auto_decode_min_len: int = 512,
+              decode_block: int = DECODE_BLOCK) -> Array:
   """Grouped-query attention [B, T, H, hd] x [B, S, K, hd] -> [B, T, H, hd] (v's dtype) under `mask`.
 
   Args:
@@ -418,6 +511,8 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
     scale: logit scale (default hd ** -0.5).
     impl: one of `IMPLEMENTATIONS` (see the module doc and `select_impl`).
     chunk_size: key slots per block of `chunked`. auto_min_len: `auto` uses chunked when T*S >= this**2.
+    auto_decode_min_len: `auto` uses `decode` for cached calls (T <= DECODE_MAX_T) when S >= this (not TPU).
+    decode_block: key slots per block of `decode`.
     platform: 'cpu' / 'gpu' / 'tpu' (default `jax.default_backend()`), for `auto`.
     interpret: run `splash` in Pallas interpret mode (CPU tests).
   """
@@ -431,7 +526,10 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
     raise ValueError(f"window={mask.window!r} must be None or a positive int")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape,
-                       dtype=q.dtype, mask=mask, auto_min_len=auto_min_len)
+                       dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
+                       auto_decode_min_len=auto_decode_min_len)
+  if chosen == "decode":
+    return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block)
   if chosen == "xla":
     return attend(q, k, v, mask.dense(q.shape[1]), scale=scale)
   if chosen == "chunked":

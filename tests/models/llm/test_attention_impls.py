@@ -109,13 +109,14 @@ def test_select_impl_per_platform():
                        mask=mask, auto_min_len=min_len)
 
   assert [sel(platform=p) for p in ("cpu", "gpu", "cuda", "tpu")] == ["chunked", "cudnn", "cudnn", "splash"]
-  # CPU: xla below the threshold (T * S < min_len**2), chunked above; the decode step stays on xla
-  assert sel(t=512, s=512) == "xla" and sel(t=1024, s=1024) == "chunked" and sel(t=1, mask=cached) == "xla"
+  # CPU: xla below the threshold (T * S < min_len**2), chunked above; the decode step over a long cache:
+  # `decode` (tests/models/llm/test_decode_attention.py)
+  assert sel(t=512, s=512) == "xla" and sel(t=1024, s=1024) == "chunked" and sel(t=1, mask=cached) == "decode"
   assert sel(t=1000, s=8192, mask=cached) == "chunked"  # a long prompt into a long cache
   # GPU: cudnn only for half precision, head_dim % 8 == 0 and <= 128, no cache, even T, static window
   assert sel(platform="gpu", dtype=jnp.float32) == "chunked"
   assert sel(platform="gpu", hd=12) == "chunked" and sel(platform="gpu", hd=256) == "chunked"
-  assert sel(platform="gpu", t=1, mask=cached) == "xla"
+  assert sel(platform="gpu", t=1, mask=cached) == "decode"
   assert sel(platform="gpu", t=4095, s=4095) == "chunked"
   assert sel(platform="gpu", mask=layered) == "chunked"
   assert sel(platform="gpu", t=64, s=64) == "cudnn"
@@ -124,7 +125,7 @@ def test_select_impl_per_platform():
   assert sel(platform="tpu", mask=prefill.replace(causal=False)) == "chunked"
   # explicit choices: xla / chunked always; cudnn / splash where they can run, else the auto fallback
   assert sel("xla", platform="tpu") == "xla" and sel("chunked", platform="gpu", t=8, s=8) == "chunked"
-  assert sel("cudnn", platform="cpu") == "cudnn" and sel("cudnn", t=1, mask=cached) == "xla"
+  assert sel("cudnn", platform="cpu") == "cudnn" and sel("cudnn", t=1, mask=cached) == "decode"
   assert sel("splash", platform="cpu") == "splash" and sel("splash", mask=cached) == "chunked"
   with pytest.raises(ValueError, match="'flash'"):
     sel("flash")
