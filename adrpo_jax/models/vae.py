@@ -40,10 +40,10 @@ Inside jit: ``graphdef, state = nnx.split(vae)`` then ``nnx.merge(graphdef, stat
 function (or :func:`make_decode_fn`), so the weights are an argument of the program, not constants.
 
 Example:
-  >>> import jax.numpy as jnp
+  >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
   >>> vae = AutoencoderKL(tiny_config(), rngs=nnx.Rngs(0))
-  >>> vae.decode(jnp.zeros((2, 4, 6, 4))).shape
+  >>> jax.eval_shape(vae.decode, jnp.zeros((2, 4, 6, 4))).shape  # (eager / jitted calls return the same)
   (2, 8, 12, 3)
 """
 from __future__ import annotations
@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adrpo_jax.models.dit import host_initializer
 from adrpo_jax.models.llm.checkpoint import CheckpointError, _parse_size, write_safetensors
 from adrpo_jax.models.mmdit import _Reader
 
@@ -290,32 +291,24 @@ def sd3_config(**kw: Any) -> VAEConfig:
 # ------------------------------------------------------------------------------------------------------
 # Layers
 # ------------------------------------------------------------------------------------------------------
-def _zeros(key, shape, dtype=jnp.float32):
-  del key
-  return jnp.zeros(shape, dtype)
-
-
-def _ones(key, shape, dtype=jnp.float32):
-  del key
-  return jnp.ones(shape, dtype)
+# host-side (NumPy) draws: eager random init on CPU would compile one XLA program per shape (see dit.py)
+_lecun = host_initializer("lecun_normal")
+_zeros_init = host_initializer("zeros")
 
 
 def _conv(n_in: int, n_out: int, k: int, kw: dict, *, stride: int = 1, padding: Any = "SAME") -> nnx.Conv:
-  """A torch-layout-compatible conv: ``k x k`` (NHWC, kernel ``[k, k, in, out]``); init as torch's default."""
-  bound = 1.0 / np.sqrt(n_in * k * k)
-  init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+  """A conv ``k x k`` on NHWC (kernel ``[k, k, in, out]``); LeCun-normal init, zero bias (real use loads
+  weights)."""
   return nnx.Conv(n_in, n_out, (k, k), strides=(stride, stride), padding=padding, dtype=kw["dtype"],
                   param_dtype=kw["param_dtype"],
-                  kernel_init=nnx.with_partitioning(init, (None, None, "conv_in", "conv_out")),
-                  bias_init=nnx.with_partitioning(init, ("conv_out",)), rngs=kw["rngs"])
+                  kernel_init=nnx.with_partitioning(_lecun, (None, None, "conv_in", "conv_out")),
+                  bias_init=nnx.with_partitioning(_zeros_init, ("conv_out",)), rngs=kw["rngs"])
 
 
 def _linear(n: int, kw: dict) -> nnx.Linear:
-  bound = 1.0 / np.sqrt(n)
-  init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
   return nnx.Linear(n, n, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
-                    kernel_init=nnx.with_partitioning(init, ("conv_in", "conv_out")),
-                    bias_init=nnx.with_partitioning(init, ("conv_out",)), rngs=kw["rngs"])
+                    kernel_init=nnx.with_partitioning(_lecun, ("conv_in", "conv_out")),
+                    bias_init=nnx.with_partitioning(_zeros_init, ("conv_out",)), rngs=kw["rngs"])
 
 
 class GroupNorm(nnx.Module):
@@ -522,7 +515,7 @@ class AutoencoderKL(nnx.Module):
 
   Args:
     config: a :class:`VAEConfig`.
-    rngs: initialisation keys (torch-default-like uniform init; real use loads weights).
+    rngs: initialisation keys (LeCun-normal kernels drawn on the host, zero biases; real use loads weights).
   """
 
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
