@@ -69,6 +69,22 @@ def add_common_args(parser) -> None:
                       help="runs at once (separate processes); default min(2, #cores)")
   parser.add_argument("--nice", type=int, default=0, help="niceness of the run processes (19: idle cycles only)")
   parser.add_argument("--dry-run", action="store_true", help="print the grid and exit")
+  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                      help="extra config overrides for every run (JSON values), e.g. eval.num_examples=32")
+
+
+def with_overrides(specs: Sequence[RunSpec], assignments: Sequence[str]) -> list[RunSpec]:
+  """``specs`` with ``KEY=VALUE`` overrides added (VALUE parsed as JSON, else kept as a string)."""
+  extra = {}
+  for item in assignments or ():
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+      extra[key] = json.loads(value)
+    except json.JSONDecodeError:
+      extra[key] = value
+  return [dataclasses.replace(s, overrides={**s.overrides, **extra}) for s in specs] if extra else list(specs)
 
 
 # -- the child process --------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
   args.eval_every = args.eval_every or args.steps
   args.beta = args.beta if args.beta is not None else (1.0 if flow else 0.3)
   specs = build_specs(args)
+  specs = _sweep.with_overrides(specs, args.set)
   if args.dry_run:
     for s in specs:
       print(s.key, dict(s.overrides))

@@ -60,6 +60,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   prefix = args.out_prefix or args.workdir / "flow_compare"
   specs = build_specs(args)
+  specs = _sweep.with_overrides(specs, args.set)
   if args.dry_run:
     for s in specs:
       print(s.key, dict(s.overrides))

@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
     specs = build_specs(args, args.seeds[:1], 1, 1, log_every=1)
   else:
     specs = build_specs(args, args.seeds, args.steps, args.eval_every)
+  specs = _sweep.with_overrides(specs, args.set)
   if args.dry_run:
     for s in specs:
       print(s.key, dict(s.overrides))

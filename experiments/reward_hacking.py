@@ -76,6 +76,7 @@ def main(argv=None) -> dict:
   args.eval_every = args.eval_every or (20 if flow else 25)
   args.betas = args.betas or ([0.1, 1.0] if flow else [0.04, 0.3])
   specs, truth = build_specs(args)
+  specs = _sweep.with_overrides(specs, args.set)
   keys = FLOW_KEYS if flow else LLM_KEYS
   if args.dry_run:
     for s in specs:
