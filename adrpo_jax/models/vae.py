@@ -138,10 +138,14 @@ class VAEConfig:
     use_quant_conv, use_post_quant_conv: the 1x1 convs after the encoder / before the decoder (SD3: False).
     mid_block_add_attention: the mid blocks' self-attention.
   Attributes (ours):
-    dtype: compute dtype of the convs and projections; GroupNorm, softmax and the outputs are float32.
+    dtype: compute dtype of the convs and projections and of the activations between blocks; GroupNorm
+      statistics, softmax and the returned images / latents are float32.
     param_dtype: storage dtype of the parameters.
     remat: rematerialise every resnet / attention block in the backward pass (``remat_policy``: a
       ``jax.checkpoint_policies`` name, None = save nothing).
+    attention_query_chunk: the mid-block attention runs over query chunks of this many positions when the
+      latent grid has more (same numbers; the float32 scores are ``[B, chunk, h * w]`` instead of
+      ``[B, h * w, h * w]``: 4 GiB -> 1 GiB for 4 images at 1024 px); None = never chunk.
   """
 
   in_channels: int = 3
@@ -166,6 +170,7 @@ class VAEConfig:
   param_dtype: str = "float32"
   remat: bool = False
   remat_policy: str | None = None
+  attention_query_chunk: int | None = 4096
 
   DIFFUSERS_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
                       "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
@@ -217,6 +222,8 @@ class VAEConfig:
       if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"VAEConfig.{name} must be a bool, got {value!r}.")
       set_(name, bool(value))
+    if self.attention_query_chunk is not None:
+      set_("attention_query_chunk", _pos_int(self.attention_query_chunk, "attention_query_chunk"))
     set_("dtype", _dtype_name(self.dtype, "VAEConfig.dtype"))
     set_("param_dtype", _dtype_name(self.param_dtype, "VAEConfig.param_dtype"))
     if self.remat_policy is not None:
@@ -349,11 +356,11 @@ class ResnetBlock2D(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    h = self.conv1(self.act(self.norm1(x)).astype(dt)).astype(jnp.float32)
-    h = self.conv2(self.act(self.norm2(h)).astype(dt)).astype(jnp.float32)
+    h = self.conv1(self.act(self.norm1(x)).astype(dt))
+    h = self.conv2(self.act(self.norm2(h)).astype(dt))
     if self.conv_shortcut is not None:
       x = self.conv_shortcut(x.astype(dt))
-    return x.astype(jnp.float32) + h
+    return x.astype(dt) + h.astype(dt)
 
 
 class Downsample2D(nnx.Module):
@@ -365,7 +372,7 @@ class Downsample2D(nnx.Module):
     self.conv = _conv(channels, channels, 3, kw, stride=2, padding=((0, 1), (0, 1)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(x.astype(self.dtype)).astype(jnp.float32)
+    return self.conv(x.astype(self.dtype))
 
 
 class Upsample2D(nnx.Module):
@@ -376,8 +383,8 @@ class Upsample2D(nnx.Module):
     self.conv = _conv(channels, channels, 3, kw, padding=((1, 1), (1, 1)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return self.conv(x.astype(self.dtype)).astype(jnp.float32)
+    x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
+    return self.conv(x)
 
 
 class Attention(nnx.Module):
@@ -387,6 +394,7 @@ class Attention(nnx.Module):
 
   def __init__(self, channels: int, config: VAEConfig, kw: dict):
     self.dtype = kw["dtype"]
+    self.chunk = config.attention_query_chunk
     self.group_norm = GroupNorm(channels, config.norm_num_groups, param_dtype=kw["param_dtype"])
     self.to_q = _linear(channels, kw)
     self.to_k = _linear(channels, kw)
@@ -398,11 +406,22 @@ class Attention(nnx.Module):
     dt = self.dtype
     t = self.group_norm(x).reshape(b, h * w, c).astype(dt)
     q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
-    scores = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bqk,bkc->bqc", probs.astype(dt), v, preferred_element_type=jnp.float32)
-    out = self.to_out(out.astype(dt)).astype(jnp.float32)
-    return out.reshape(b, h, w, c) + x.astype(jnp.float32)
+
+    def attend(q_chunk):  # [B, n, C] queries against all keys; softmax rows are independent -> exact chunking
+      scores = jnp.einsum("bqc,bkc->bqk", q_chunk, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+      probs = jax.nn.softmax(scores, axis=-1)
+      return jnp.einsum("bqk,bkc->bqc", probs.astype(dt), v, preferred_element_type=jnp.float32).astype(dt)
+
+    n, chunk = h * w, self.chunk
+    if chunk is None or n <= chunk:
+      out = attend(q)
+    else:  # lax.map over query chunks: scores [B, chunk, H*W] instead of [B, H*W, H*W]
+      pad = -n % chunk
+      qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(b, (n + pad) // chunk, chunk, c)
+      out = jax.lax.map(attend, jnp.moveaxis(qc, 1, 0))
+      out = jnp.moveaxis(out, 0, 1).reshape(b, n + pad, c)[:, :n]
+    out = self.to_out(out)
+    return out.reshape(b, h, w, c).astype(dt) + x.astype(dt)
 
 
 def _apply(config: VAEConfig, block: nnx.Module, x: jax.Array) -> jax.Array:
@@ -475,7 +494,7 @@ class Encoder(nnx.Module):
     self.conv_out = _conv(boc[-1], 2 * c.latent_channels, 3, kw, padding=((1, 1), (1, 1)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.conv_in(x.astype(self.dtype)).astype(jnp.float32)
+    x = self.conv_in(x.astype(self.dtype))
     for block in self.down_blocks:
       x = block(x)
     x = self.mid_block(x)
@@ -502,7 +521,7 @@ class Decoder(nnx.Module):
     self.conv_out = _conv(rev[-1], c.out_channels, 3, kw, padding=((1, 1), (1, 1)))
 
   def __call__(self, z: jax.Array) -> jax.Array:
-    x = self.conv_in(z.astype(self.dtype)).astype(jnp.float32)
+    x = self.conv_in(z.astype(self.dtype))
     x = self.mid_block(x)
     for block in self.up_blocks:
       x = block(x)
@@ -563,7 +582,7 @@ class AutoencoderKL(nnx.Module):
     Scaled latents (a sampler's output) go through :meth:`unscale_latents` first."""
     z = self._check(latents, self.config.latent_channels, "latents")
     if self.post_quant_conv is not None:
-      z = self.post_quant_conv(z.astype(self.dtype)).astype(jnp.float32)
+      z = self.post_quant_conv(z.astype(self.dtype))
     return self.decoder(z)
 
   def encode_moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
