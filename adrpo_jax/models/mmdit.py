@@ -66,7 +66,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -402,11 +402,6 @@ def _xavier(key, shape, dtype=jnp.float32):
 def _zeros(key, shape, dtype=jnp.float32):
   del key
   return jnp.zeros(shape, dtype)
-
-
-def _ones(key, shape, dtype=jnp.float32):
-  del key
-  return jnp.ones(shape, dtype)
 
 
 def _linear(n_in: int, n_out: int, names: tuple[str | None, str | None], kw: dict) -> nnx.Linear:
@@ -751,7 +746,7 @@ class MMDiT(nnx.Module):
       with lora_dropout_fold_in(c.num_layers - 1):
         x, _ = call(self.last_block, x, ctx, temb)
     else:
-      for i, block in enumerate(self.transformer_blocks):
+      for block in self.transformer_blocks:
         x, ctx = constrain_batch(x), constrain_batch(ctx)
         x, ctx = call(block, x, ctx, temb)
     scale, shift = self.norm_out(temb)
