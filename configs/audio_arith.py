@@ -60,7 +60,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config.audio.audio_token = "@"
     config.audio.audio_template = "{audio}"
     config.audio.min_value = 0
-    config.audio.max_value = 9
+    config.audio.max_value = 4  # 25 spoken problems: learnable by the tiny model
     config.audio.operations = "+"
     config.sampling.max_prompt_length = 64  # <= 62 audio tokens for 2.5 s + '='
     config.sampling.max_new_tokens = 4

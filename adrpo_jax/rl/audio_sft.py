@@ -58,11 +58,11 @@ class TinyAudioSFTConfig:
     seconds: float = 2.5
     task: str = "auto"
     min_value: int = 0
-    max_value: int = 9
+    max_value: int = 4
     operations: str = "+"
     batch_size: int = 32
-    learning_rate: float = 2e-3
-    max_steps: int = 800
+    learning_rate: float = 1e-3
+    max_steps: int = 600
     eval_every: int = 25
     eval_examples: int = 128
     target_accuracy: float = 0.3

@@ -245,7 +245,7 @@ class AudioRLTrainer(RLTrainer):
         self.sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
                                        top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
                                        eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id,
-                                       prompt_group_size=self._shared_prompt_group())
+                                       prompt_group_size=1)  # the audio is shared per prompt already (encode)
         graphdef, lm_graphdef, g = self.graphdef, self.lm_graphdef, int(opts.group_size)
 
         def generate_with(sampling):

@@ -95,3 +95,33 @@ def test_cpu_variant_runs_and_resumes_exactly(tmp_path):
   assert sorted(a.files) == sorted(b.files)
   for k in a.files:
     assert a[k].tobytes() == b[k].tobytes(), k
+
+
+@pytest.mark.slow
+def test_grpo_vs_adrpo_experiment_smoke(tmp_path):
+  """experiments/audio_grpo_vs_adrpo.py --smoke: 2 steps of one seed per method, results and the plot written."""
+  spec = importlib.util.spec_from_file_location("audio_exp", REPO / "experiments" / "audio_grpo_vs_adrpo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  results = module.main(["--workdir", str(tmp_path), "--smoke"])
+  assert sorted(results) == ["ADRPO/seed0", "GRPO/seed0"]
+  assert (tmp_path / "audio_reward_kl.png").exists() and (tmp_path / "results.json").exists()
+
+
+def test_tiny_model_audio_token_counts():
+  from adrpo_jax.rl.audio_sft import _audio_token_counts
+  lengths = np.array([1, 3, 50, 171, 249, 250])
+  mask = (np.arange(250)[None] < lengths[:, None]).astype(np.int32)
+  assert _audio_token_counts(mask).tolist() == [0, 1, 12, 43, 62, 62]  # 25 per second
+
+
+@pytest.mark.slow  # importing the transformers model module alone takes seconds
+def test_tiny_model_audio_token_counts_match_transformers():
+  """The tiny model's prompt has one '@' per encoder output: the count formula == transformers' own."""
+  import torch
+  from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
+  from adrpo_jax.rl.audio_sft import _audio_token_counts
+  lengths = np.array([1, 2, 3, 50, 171, 249, 250])
+  mask = (np.arange(250)[None] < lengths[:, None]).astype(np.int32)
+  _, ref = Qwen2AudioEncoder._get_feat_extract_output_lengths(None, torch.tensor(lengths))
+  assert _audio_token_counts(mask).tolist() == ref.tolist()
