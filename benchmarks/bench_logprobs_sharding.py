@@ -65,6 +65,7 @@ def main():
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--length", type=int, default=192)
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--skip-before", action="store_true", help="only the current algorithm (chunks within rows)")
   args = ap.parse_args()
   cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)  # SmolLM2-135M shape
@@ -76,7 +77,8 @@ def main():
   bs, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   print(f"{jax.device_count()} CPU devices, jax {jax.__version__}; vocab {args.vocab}, {args.layers} layers, "
         f"B={args.batch}, T={args.length}")
-  for name, fn in (("before (flattened chunks)", flattened_logprobs), ("after (chunks within rows)", token_logprobs)):
+  variants = (("before (flattened chunks)", flattened_logprobs), ("after (chunks within rows)", token_logprobs))
+  for name, fn in variants[1:] if args.skip_before else variants:
     def loss(p, t, m, fn=fn):  # the mesh as abstract mesh: the model's batch hint applies (as in rl.step)
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return jnp.sum(fn(nnx.merge(graphdef, p), t, m, chunk_size=512))

@@ -127,7 +127,13 @@ def main(argv=None) -> dict:
                         help="torch threads; 1 also makes XLA single-threaded (set before jax starts), otherwise "
                              "XLA uses every core")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--gen-attention", default="auto",
+                        help="comma-separated attention_impl values for our generation, each timed in the same "
+                             "interleaved loop (e.g. 'auto,xla': the decode kernel vs the whole-cache reference); "
+                             "the first is the one reported as ours")
+    parser.add_argument("--skip-train", action="store_true", help="only the generation comparison")
     args = parser.parse_args(argv)
+    gen_impls = [x.strip() for x in args.gen_attention.split(",") if x.strip()]
 
     import torch
     import transformers
@@ -210,6 +216,8 @@ def main(argv=None) -> dict:
             jax.block_until_ready(out)
             state[0], state[1] = out[0], out[1]
 
+        if args.skip_train:
+            our_step = lambda: None  # noqa: E731
         t0 = time.perf_counter()
         our_step()
         our_compile = time.perf_counter() - t0
@@ -223,6 +231,8 @@ def main(argv=None) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        if args.skip_train:
+            trl_step = lambda: None  # noqa: E731
         t0 = time.perf_counter()
         trl_step()
         trl_first = time.perf_counter() - t0
@@ -238,6 +248,8 @@ def main(argv=None) -> dict:
         result["train"] = dict(tokens=step_tokens, completion_tokens=int(lengths.sum()), ours_compile_s=our_compile,
                                trl_first_call_s=trl_first, ours_s=float(np.median(t_ours)),
                                trl_s=float(np.median(t_trl)), ours_times=t_ours, trl_times=t_trl)
+        if args.skip_train:
+            result["train"] = None
         log(f"train: {result['train']}")
 
         # ---------------- generation ----------------
@@ -255,34 +267,46 @@ def main(argv=None) -> dict:
             return int(first.sum())
 
         sampling = SamplingConfig(max_new_tokens=n, temperature=1.0, eos_token_ids=(EOS,), pad_token_id=PAD)
-        gen_graphdef, gen_state = nnx.split(ours)
-        gen_fn = jax.jit(make_generate_fn(gen_graphdef, sampling))
         j_ids, j_mask = jnp.asarray(gen_ids.numpy().astype(np.int32)), jnp.ones((b, p), bool)
         counter = [0]
 
-        def our_generate():
-            counter[0] += 1
-            out = gen_fn(gen_state, j_ids, j_mask, jax.random.key(counter[0]))
-            jax.block_until_ready(out.tokens)
-            return int(np.asarray(out.lengths).sum())
+        def make_our_generate(impl):
+            m = ours if impl == ours.config.attention_impl else load_pretrained(
+                model_dir, config_overrides={"attention_impl": impl})
+            gen_graphdef, gen_state = nnx.split(m)
+            gen_fn = jax.jit(make_generate_fn(gen_graphdef, sampling))
 
-        t0 = time.perf_counter()
-        our_generate()
-        gen_compile = time.perf_counter() - t0
+            def our_generate():
+                counter[0] += 1
+                out = gen_fn(gen_state, j_ids, j_mask, jax.random.key(counter[0]))
+                jax.block_until_ready(out.tokens)
+                return int(np.asarray(out.lengths).sum())
+            return our_generate
+
+        runners, gen_compiles = {"trl": trl_generate}, {}
+        for impl in gen_impls:
+            runners[impl] = make_our_generate(impl)
+            t0 = time.perf_counter()
+            runners[impl]()
+            gen_compiles[impl] = time.perf_counter() - t0
         trl_generate()
-        g_ours, g_trl, tok_ours, tok_trl = [], [], [], []
+        times = {k: [] for k in runners}
+        toks = {k: [] for k in runners}
         for r in range(args.reps):
-            for name in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+            for name in order:
                 t0 = time.perf_counter()
-                k = (our_generate if name == "ours" else trl_generate)()
-                dt = time.perf_counter() - t0
-                (g_ours if name == "ours" else g_trl).append(dt)
-                (tok_ours if name == "ours" else tok_trl).append(k)
-        result["generate"] = dict(ours_compile_s=gen_compile, ours_s=float(np.median(g_ours)),
-                                  trl_s=float(np.median(g_trl)),
-                                  ours_tokens_per_s=float(np.median(np.array(tok_ours) / np.array(g_ours))),
-                                  trl_tokens_per_s=float(np.median(np.array(tok_trl) / np.array(g_trl))),
-                                  ours_tokens=tok_ours, trl_tokens=tok_trl)
+                k = runners[name]()
+                times[name].append(time.perf_counter() - t0)
+                toks[name].append(k)
+        rate = lambda k: float(np.median(np.array(toks[k]) / np.array(times[k])))  # noqa: E731
+        first = gen_impls[0]
+        result["generate"] = dict(ours_compile_s=gen_compiles[first], ours_s=float(np.median(times[first])),
+                                  trl_s=float(np.median(times["trl"])), ours_tokens_per_s=rate(first),
+                                  trl_tokens_per_s=rate("trl"), ours_tokens=toks[first], trl_tokens=toks["trl"],
+                                  per_impl={k: dict(s=float(np.median(times[k])), times=times[k],
+                                                    tokens_per_s=rate(k), compile_s=gen_compiles[k])
+                                            for k in gen_impls})
         log(f"generate: {result['generate']}")
 
     tr, ge = result["train"], result["generate"]
@@ -295,19 +319,22 @@ def main(argv=None) -> dict:
           f"{hf_cfg.num_attention_heads} heads / {hf_cfg.num_key_value_heads} kv, untied), {n_params / 1e6:.2f}M "
           f"params, float32, random init; same weights on both sides (max |logp diff| {result['max_abs_logp_diff']:.1e})  ")
     print(f"**Batch:** {args.prompts} prompts x {g} completions = {b} rows, prompt {p} tokens, {n_actual} completion "
-          f"slots ({tr['completion_tokens']} completion tokens); beta 0.04, k3 KL, token-mean loss, AdamW + clip 1.0; "
+          f"slots ({int(lengths.sum())} completion tokens); beta 0.04, k3 KL, token-mean loss, AdamW + clip 1.0; "
           f"medians of {args.reps} interleaved calls after warm-up\n")
     print("| | ours (JAX, jitted) | TRL GRPOTrainer (torch) | ours / TRL speed |")
     print("|---|---:|---:|---:|")
-    print(f"| train step: log-probs + backward + update (s) | {tr['ours_s']:.3f} | {tr['trl_s']:.3f} | "
-          f"**{tr['trl_s'] / tr['ours_s']:.2f}x** |")
-    print(f"| train step tokens/s ({tr['tokens']} tokens) | {tr['tokens'] / tr['ours_s']:,.0f} | "
-          f"{tr['tokens'] / tr['trl_s']:,.0f} | |")
-    print(f"| generation: {b} x {n} new tokens (s) | {ge['ours_s']:.3f} | {ge['trl_s']:.3f} | "
-          f"**{ge['trl_s'] / ge['ours_s']:.2f}x** |")
-    print(f"| generation tokens/s | {ge['ours_tokens_per_s']:,.0f} | {ge['trl_tokens_per_s']:,.0f} | |")
-    print(f"| compile / first call, train step (s) | {tr['ours_compile_s']:.1f} (compile) | "
-          f"{tr['trl_first_call_s']:.2f} (first call) | |")
+    if tr is not None:
+        print(f"| train step: log-probs + backward + update (s) | {tr['ours_s']:.3f} | {tr['trl_s']:.3f} | "
+              f"**{tr['trl_s'] / tr['ours_s']:.2f}x** |")
+        print(f"| train step tokens/s ({tr['tokens']} tokens) | {tr['tokens'] / tr['ours_s']:,.0f} | "
+              f"{tr['tokens'] / tr['trl_s']:,.0f} | |")
+    for impl, st in ge["per_impl"].items():
+        print(f"| generation, attention_impl={impl!r}: {b} x {n} new tokens (s) | {st['s']:.3f} | {ge['trl_s']:.3f} | "
+              f"**{ge['trl_s'] / st['s']:.2f}x** |")
+        print(f"| generation tokens/s ({impl!r}) | {st['tokens_per_s']:,.0f} | {ge['trl_tokens_per_s']:,.0f} | |")
+    if tr is not None:
+        print(f"| compile / first call, train step (s) | {tr['ours_compile_s']:.1f} (compile) | "
+              f"{tr['trl_first_call_s']:.2f} (first call) | |")
     print(f"| compile, generation (s) | {ge['ours_compile_s']:.1f} | - | |")
     if args.json:
         with open(args.json, "w") as f:
