@@ -321,7 +321,7 @@ def _linear(n: int, kw: dict) -> nnx.Linear:
 class GroupNorm(nnx.Module):
   """torch's ``nn.GroupNorm(groups, channels, eps, affine=True)`` on NHWC, in float32: per sample and group,
   ``(x - mean) / sqrt(var + eps)`` over ``(H, W, channels of the group)`` (biased variance), then
-  ``* weight + bias``. Returns float32 ``[B, H, W, C]``."""
+  ``* weight + bias``. Returns ``[B, H, W, C]`` in ``x``'s dtype (statistics and affine in float32)."""
 
   def __init__(self, channels: int, groups: int, *, param_dtype, eps: float = _EPS):
     if channels % groups:
@@ -337,7 +337,8 @@ class GroupNorm(nnx.Module):
     mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
     var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
     y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-    return y * self.weight.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)
+    y = y * self.weight.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)
+    return y.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else y
 
 
 class ResnetBlock2D(nnx.Module):
@@ -610,14 +611,23 @@ class AutoencoderKL(nnx.Module):
     return self.decode(self.encode(images, key))
 
 
-def make_decode_fn(graphdef: nnx.GraphDef, *, scaled: bool = False) -> Callable[[nnx.State, jax.Array], jax.Array]:
-  """``fn(state, latents) -> images`` for ``graphdef, state = nnx.split(vae)``: a pure function to call inside
-  a jitted program (the VAE's arrays are an argument, not constants) or to ``jax.jit`` directly. ``scaled``:
-  the latents are the diffusion model's (scaled) ones and are unscaled first."""
+def make_decode_fn(graphdef: nnx.GraphDef, *, scaled: bool = False,
+                   batch_chunk: int | None = None) -> Callable[[nnx.State, jax.Array], jax.Array]:
+  """``fn(state, latents [B, h, w, c]) -> images [B, H, W, 3]`` for ``graphdef, state = nnx.split(vae)``: a pure
+  function to call inside a jitted program (the VAE's arrays are an argument, not constants) or to ``jax.jit``
+  directly. ``scaled``: the latents are the diffusion model's (scaled) ones and are unscaled first.
+  ``batch_chunk``: decode ``batch_chunk`` images at a time (``jax.lax.map``; the activation memory scales with
+  the chunk, not ``B``; a remainder runs as a smaller chunk)."""
+  if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(batch_chunk, int)
+                                  or batch_chunk < 1):
+    raise ValueError(f"batch_chunk must be None or a positive int, got {batch_chunk!r}.")
 
   def fn(state: nnx.State, latents: jax.Array) -> jax.Array:
     vae = nnx.merge(graphdef, state)
-    return vae.decode(vae.unscale_latents(latents) if scaled else latents)
+    z = vae.unscale_latents(latents) if scaled else jnp.asarray(latents)
+    if batch_chunk is None or z.shape[0] <= batch_chunk:
+      return vae.decode(z)
+    return jax.lax.map(lambda one: vae.decode(one[None])[0], z, batch_size=batch_chunk)
 
   return fn
 

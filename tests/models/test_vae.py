@@ -142,6 +142,14 @@ def test_quant_convs_no_attention_deeper(tmp_path):
   img, mean = f(ours, z, x)
   np.testing.assert_allclose(np.asarray(img), want_img, atol=TOL, rtol=0)
   np.testing.assert_allclose(np.asarray(mean), want_mean, atol=TOL, rtol=0)
+  # batch_chunk: lax.map over images (3 = 2 + remainder 1), the same images
+  graphdef, state = nnx.split(ours)
+  zs = np.random.default_rng(8).normal(size=(3, 3, 2, 4)).astype(np.float32)
+  whole = jax.jit(V.make_decode_fn(graphdef, scaled=True))(state, zs)
+  chunked = jax.jit(V.make_decode_fn(graphdef, scaled=True, batch_chunk=2))(state, zs)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="batch_chunk"):
+    V.make_decode_fn(graphdef, batch_chunk=0)
 
 
 def test_old_attention_names_load_and_chunked_attention(tiny, jitted, tmp_path):
