@@ -77,7 +77,8 @@ from flax import nnx
 
 from adrpo_jax.models.dit import host_initializer, timestep_embedding
 from adrpo_jax.models.llm.activation_sharding import constrain_batch
-from adrpo_jax.models.llm.checkpoint import CheckpointError, SafetensorsFile, _parse_size, write_safetensors
+from adrpo_jax.models.llm.checkpoint import (_ST_TO_NP, CheckpointError, SafetensorsFile, _parse_size,
+                                             write_safetensors)
 from adrpo_jax.models.lora import lora_dropout_fold_in, lora_sites
 from adrpo_jax.models.stacking import stack_variables, unstacked_copy
 
@@ -110,6 +111,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _QK_NORMS = (None, "rms_norm")
 _TIME_CHANNELS = 256  # diffusers' Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
 _EPS = 1e-6
+_TRANSPOSE_BLOCK = 64  # rows per block when transposing a checkpoint's Linear weight on load
 
 
 def _dtype_name(value: Any, field: str) -> str:
@@ -914,6 +916,13 @@ class _Reader:
   def __contains__(self, name: str) -> bool:
     return name in self._where
 
+  def dtype(self, name: str) -> np.dtype | None:
+    """The stored dtype of tensor ``name`` (None if absent), read from the header only."""
+    if name not in self._where:
+      return None
+    entry = self._file(self._where[name])._entries.get(name)  # pylint: disable=protected-access
+    return None if entry is None else _ST_TO_NP.get(entry["dtype"])
+
   def get(self, name: str) -> np.ndarray:
     file = self._file(self._where[name])
     if name not in file.names():
@@ -987,7 +996,17 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
       raise CheckpointError(f"tensor {m.name!r} in {reader.source} has shape {tuple(a.shape)}, expected {m.shape} "
                             "for this config")
     used.add(m.name)
-    return _to_ours(m, a, config)
+    return a
+
+  def fill(m: _Mapping, out: np.ndarray) -> None:
+    """``out[...]`` = tensor ``m`` in our layout and dtype; a torch Linear weight ``[out, in]`` is transposed in
+    row blocks (cache-friendly: ~2x faster than one strided copy of a large memory-mapped matrix)."""
+    a = read(m)
+    if m.kind == "linear_w" and a.ndim == 2:
+      for i in range(0, a.shape[0], _TRANSPOSE_BLOCK):
+        out[:, i:i + _TRANSPOSE_BLOCK] = a[i:i + _TRANSPOSE_BLOCK].T
+    else:
+      out[...] = _to_ours(m, a, config)
 
   pure: dict[tuple, Any] = {}
   for ours, var in flat.items():
@@ -995,17 +1014,17 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     group = groups[ours]
     if group[0].name == "pos_embed.pos_embed" and group[0].name not in reader:
       host = sd3_pos_embed_table(config.inner_dim, config.pos_embed_max_size, config.pos_embed_max_size,
-                                 config.sample_size // config.patch_size)
-    elif group[0].layer is None:
-      host = read(group[0])
-    else:
+                                 config.sample_size // config.patch_size).astype(dtype)
+    elif group[0].layer is None and group[0].kind != "linear_w" and reader.dtype(group[0].name) == dtype:
+      host = _to_ours(group[0], read(group[0]), config)  # a view of the memory map: no host copy at all
+    else:  # one parameter (all layers of a stacked one) on the host at a time
       host = np.empty(shape, dtype)
       for m in group:
-        host[m.layer] = read(m)
+        fill(m, host if m.layer is None else host[m.layer])
     if tuple(host.shape) != shape:  # internal consistency
       raise AssertionError(f"{ours}: converted {host.shape} != model {shape}")
     if shardings is None:
-      value = jax.device_put(np.ascontiguousarray(host, dtype=dtype))
+      value = jax.device_put(np.ascontiguousarray(host))
     else:
       names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
       value = jax.make_array_from_callback(shape, shardings(names, shape),
