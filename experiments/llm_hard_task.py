@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
   for k in per_run:
     per_run[k].update(start[k])
   summary = _sweep.summarize(per_run)
-  cols = [("acc_start", "held-out acc @0"), ("zero_var_start", "zero-var groups @1")] + list(KEYS)
+  cols = [("acc_start", "held-out acc @0"), ("zero_var_start", "zero-var groups, first log")] + list(KEYS)
   print(_sweep.markdown_table(summary, cols))
   labels = {s.label: (s.family, f"{s.family} {s.beta:g}") for s in specs}
   sens = _sweep.sensitivity(summary, {s.label: s.family for s in specs}, {s.label: s.beta for s in specs},
