@@ -136,7 +136,7 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
 
 def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, positions: Array | None = None,
                    chunk_size: int = 512, return_entropy: bool = False, temperature: float = 1.0,
-                   logits_to_keep: int | None = None):
+                   logits_to_keep: int | None = None, embeds: Array | None = None):
   """log p(tokens[:, t] | tokens[:, :t]) for every position, float32 [B, T], chunked (see module doc).
 
   Args:
@@ -147,6 +147,8 @@ def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, posi
     positions: [B, T] rotary positions (default `positions_from_mask(mask)`).
     chunk_size, temperature, return_entropy, logits_to_keep: see `logprobs_from_hidden`
       (`logits_to_keep=N`: the last N positions only, e.g. the completion; the prompt is not projected).
+    embeds: optional [B, T, D] input embeddings instead of the token embeddings (see `CausalLM.hidden_states`);
+      the scored ids are still `tokens`.
   Returns:
     logp [B, T] (or [B, N]) float32 (0 at t = 0 and on padding), or (logp, entropy) with `return_entropy`.
   Differentiable w.r.t. the model parameters.
@@ -157,7 +159,7 @@ def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, posi
     model = nnx.merge(*model)
   tokens = jnp.asarray(tokens)
   mask = None if mask is None else jnp.asarray(mask, bool)
-  hidden = model.hidden_states(tokens, positions=positions, attention_mask=mask)
+  hidden = model.hidden_states(tokens, positions=positions, attention_mask=mask, embeds=embeds)
   return logprobs_from_hidden(hidden, tokens, model.lm_head_matrix(), mask, chunk_size=chunk_size,
                               temperature=temperature, return_entropy=return_entropy,
                               logits_to_keep=logits_to_keep, logits_lora=getattr(model, "lm_head_lora", None))

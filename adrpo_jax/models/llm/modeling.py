@@ -453,7 +453,8 @@ class CausalLM(nnx.Module):
 
   # -- forward ------------------------------------------------------------------------------------------
   def hidden_states(self, tokens: Array, *, positions: Array | None = None,
-                    attention_mask: Array | None = None, cache: KVCache | None = None):
+                    attention_mask: Array | None = None, cache: KVCache | None = None,
+                    embeds: Array | None = None):
     """Final-norm hidden states [B, T, D] (compute dtype); with `cache`: (hidden, updated cache).
 
     Args:
@@ -463,6 +464,9 @@ class CausalLM(nnx.Module):
       attention_mask: [B, T] bool, False on padding tokens (never attended to). Default all True.
       cache: a `KVCache`; the T new tokens are written at slots [cache.index, cache.index + T) and
         attend to every valid earlier slot. The caller must keep `cache.index + T <= cache.max_length`.
+      embeds: optional [B, T, hidden_size] input embeddings used instead of `embed_tokens(tokens)` (multimodal
+        inputs, e.g. audio features spliced into the prompt; `tokens` still give the shapes). Cast to the
+        compute dtype.
     """
     tokens = jnp.asarray(tokens)
     positions = None if positions is None else jnp.asarray(positions)
@@ -486,7 +490,17 @@ class CausalLM(nnx.Module):
     masks = {w: attn_mask.replace(window=w) for w in (set() if stacked else set(cfg.layer_sliding_windows))}
     cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
 
-    x = constrain_batch(self.embed_tokens(tokens))  # batch-sharded activations under a mesh (activation_sharding)
+    if embeds is None:
+      x = self.embed_tokens(tokens)
+    else:
+      embeds = jnp.asarray(embeds)
+      if tuple(embeds.shape) != (b, t, cfg.hidden_size):
+        raise ValueError(f"embeds must be [batch, time, hidden_size] = {(b, t, cfg.hidden_size)}, got shape "
+                         f"{tuple(embeds.shape)}")
+      if not jnp.issubdtype(embeds.dtype, jnp.floating):
+        raise ValueError(f"embeds must be floating point, got dtype {embeds.dtype}")
+      x = embeds.astype(cfg.dtype)
+    x = constrain_batch(x)  # batch-sharded activations under a mesh (activation_sharding)
     new_keys, new_values = [], []
     use_remat = cfg.remat and cache is None
     if stacked:  # one lax.scan over the stacked layers (sliding windows applied per layer inside it)
@@ -518,9 +532,10 @@ class CausalLM(nnx.Module):
     return x, new_cache
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, attention_mask: Array | None = None,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, embeds: Array | None = None):
     """Logits [B, T, V] in the compute dtype; with `cache`: (logits, updated cache). See `hidden_states`."""
-    out = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+    out = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask, cache=cache,
+                             embeds=embeds)
     if cache is None:
       return self.logits(out)
     hidden, cache = out

@@ -301,7 +301,7 @@ def repeat_cache_rows(cache: KVCache, g: int) -> KVCache:
 
 
 def _prefill(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, max_length: int,
-             config: SamplingConfig) -> tuple[Array, KVCache]:
+             config: SamplingConfig, prompt_embeds: Array | None = None) -> tuple[Array, KVCache]:
   """float32 logits [B, V] of the next token after each prompt, and the filled cache of B rows."""
   b = prompt_tokens.shape[0]
   g = config.prompt_group_size
@@ -310,10 +310,12 @@ def _prefill(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, max_leng
   if g > 1:  # one row per group: the prompts of a group are equal
     prompt_tokens = prompt_tokens.reshape(b // g, g, -1)[:, 0]
     prompt_mask = prompt_mask.reshape(b // g, g, -1)[:, 0]
+    if prompt_embeds is not None:
+      prompt_embeds = prompt_embeds.reshape(b // g, g, *prompt_embeds.shape[1:])[:, 0]
   cache = model.init_cache(b // g, max_length, config.cache_dtype)
   # Left padding puts every row's last prompt token in the last column.
   hidden, cache = model.hidden_states(prompt_tokens, positions=positions_from_mask(prompt_mask),
-                                      attention_mask=prompt_mask, cache=cache)
+                                      attention_mask=prompt_mask, cache=cache, embeds=prompt_embeds)
   logits = _last_logits(model, hidden[:, -1])
   if g > 1:
     logits = jnp.repeat(logits, g, axis=0)
@@ -322,13 +324,16 @@ def _prefill(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, max_leng
 
 
 def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Array,
-              config: SamplingConfig) -> GenerationOutput:
+              config: SamplingConfig, prompt_embeds: Array | None = None) -> GenerationOutput:
   b, p = prompt_tokens.shape
   n = config.max_new_tokens
   prompt_tokens = prompt_tokens.astype(jnp.int32)
   prompt_mask = prompt_mask.astype(bool)
   eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
-  logits, cache = _prefill(model, prompt_tokens, prompt_mask, p + n, config)
+  if prompt_embeds is not None and tuple(prompt_embeds.shape[:2]) != (b, p):
+    raise ValueError(f"prompt_embeds must be [batch, prompt_len, hidden] with [batch, prompt_len] = {(b, p)}, got "
+                     f"shape {tuple(prompt_embeds.shape)}")
+  logits, cache = _prefill(model, prompt_tokens, prompt_mask, p + n, config, prompt_embeds)
   rng, step_rng = jax.random.split(rng)
   token, logp = _select(logits, step_rng, config)
   done = jnp.isin(token, eos)
@@ -370,7 +375,10 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, config: SamplingConfig, mesh: Mesh | None = None):
-  """Pure `fn(state, prompt_tokens [B,P], prompt_mask [B,P], rng) -> GenerationOutput` (not jitted).
+  """Pure `fn(state, prompt_tokens [B,P], prompt_mask [B,P], rng, prompt_embeds=None) -> GenerationOutput`.
+
+  Not jitted. `prompt_embeds` [B, P, D]: input embeddings of the prompt (multimodal prefill, e.g. audio spliced
+  in); the decode steps embed the sampled tokens. Omitted, the program is the text-only one.
 
   `graphdef, state = nnx.split(model)`; jit it yourself, e.g. `jax.jit(fn, in_shardings=...)`. With a `mesh`
   the function traces under it as the abstract mesh, so the activations stay sharded over the mesh's batch
@@ -383,9 +391,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, config: SamplingConfig, mesh: Mesh 
     raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
   abstract = None if mesh is None else (mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh)
 
-  def generate_fn(state, prompt_tokens, prompt_mask, rng):
+  def generate_fn(state, prompt_tokens, prompt_mask, rng, prompt_embeds=None):
     with contextlib.nullcontext() if abstract is None else jax.sharding.use_abstract_mesh(abstract):
-      return _generate(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, rng, config)
+      return _generate(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, rng, config, prompt_embeds)
 
   return generate_fn
 
@@ -428,7 +436,8 @@ def _check_groups(prompt_tokens, prompt_mask, g: int):
 def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = None, *, rng: Array | None = None,
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              greedy: bool = False, eos_token_ids: Any = (), pad_token_id: int = 0,
-             cache_dtype: Any = None, prompt_group_size: int = 1, sampler: str = "fast") -> GenerationOutput:
+             cache_dtype: Any = None, prompt_group_size: int = 1, sampler: str = "fast",
+             prompt_embeds: Array | None = None) -> GenerationOutput:
   """Samples up to `max_new_tokens` tokens after each left-padded prompt (jitted, KV-cached).
 
   Args:
@@ -439,6 +448,8 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
     max_new_tokens, temperature, top_k, top_p, greedy, eos_token_ids, pad_token_id, cache_dtype,
       prompt_group_size, sampler: see `SamplingConfig` (with prompt_group_size > 1 the rows of each group must
       be equal; checked here).
+    prompt_embeds: optional [B, P, D] input embeddings of the prompts used by the prefill instead of the
+      token embeddings (e.g. audio spliced into the prompt, `audio_llm`); decode steps embed sampled tokens.
   Returns:
     `GenerationOutput`. Compiled once per (model structure, options, B, P): later calls reuse it.
 
@@ -465,4 +476,6 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
                           cache_dtype=cache_dtype, prompt_group_size=prompt_group_size, sampler=sampler)
   _check_groups(prompt_tokens, prompt_mask, config.prompt_group_size)
   graphdef, state = nnx.split(model)
-  return _jitted_generate(graphdef, config)(state, prompt_tokens, prompt_mask, rng)
+  if prompt_embeds is None:
+    return _jitted_generate(graphdef, config)(state, prompt_tokens, prompt_mask, rng)
+  return _jitted_generate(graphdef, config)(state, prompt_tokens, prompt_mask, rng, jnp.asarray(prompt_embeds))
