@@ -125,3 +125,43 @@ def test_tiny_model_audio_token_counts_match_transformers():
   mask = (np.arange(250)[None] < lengths[:, None]).astype(np.int32)
   _, ref = Qwen2AudioEncoder._get_feat_extract_output_lengths(None, torch.tensor(lengths))
   assert _audio_token_counts(mask).tolist() == ref.tolist()
+
+
+def test_audio_prompts_host_side(tmp_path):
+  """The host side of an audio rollout with a stand-in encoder: features per row (cached per clip), one audio
+  token per valid encoder output in the prompt, left-padded; a prompt that does not fit is an error."""
+  from adrpo_jax.rl import audio_data
+  from adrpo_jax.rl.rollout import PromptEncoder
+  from adrpo_jax.rl.tasks import build_char_tokenizer
+  from adrpo_jax.train import make_mesh
+
+  cfg = _config("cpu")
+  cfg.audio.task, cfg.audio.cache_dir = "beeps", str(tmp_path)
+  tok = build_char_tokenizer(extra_chars=("@",))
+  t = object.__new__(audio_trainer.AudioRLTrainer)
+  t.config, t.tokenizer, t.audio_token, t.audio_template = cfg, tok, "@", "{audio}"
+  t.mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=__import__("jax").devices()[:1])
+  t.features = audio_data.LogMelFeatures(n_mels=80, seconds=2.5)
+  t._feature_cache = {}
+  t.encoder = PromptEncoder(tok, 64)
+  calls = []
+
+  def fake_encode(params, frozen, feats, fmask, group):  # 4x downsampling of the valid frames, per prompt
+    calls.append((feats.shape, group))
+    n = np.asarray(fmask)[::group].sum(axis=1) // 4
+    valid = np.arange(64)[None] < n[:, None]
+    return np.zeros((len(fmask), 64, 8), np.float32), np.repeat(valid, group, 0)
+
+  t.encode_audio, t.frozen = fake_encode, None
+  src = audio_trainer.make_audio_source(cfg, seed=0)
+  rows = [src[0]] * 2 + [src[1]] * 2
+  g, prompts, counts = t.audio_prompts(rows, None, 2)
+  assert calls == [((4, 80, 250), 2)] and counts.tolist() == [50, 50, 50, 50]  # 2 s of beeps = 200 frames
+  tokens, mask = np.asarray(g["tokens"]), np.asarray(g["mask"])
+  at = tok.convert_tokens_to_ids("@")
+  assert (tokens == at).sum(1).tolist() == [50] * 4 and mask.sum(1).tolist() == [51] * 4
+  assert tok.decode(tokens[0, -1:].tolist()) == "=" and prompts == ["="] * 4
+  assert len(t._feature_cache) == 2
+  t.encoder = PromptEncoder(tok, 40)
+  with pytest.raises(ValueError, match="max_prompt_length"):
+    t.audio_prompts(rows, None, 2)
