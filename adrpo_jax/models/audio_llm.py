@@ -594,7 +594,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     if name == head_name and lm_config.tie_word_embeddings:
       continue
     top = name.split(".")[0] if not name.startswith("thinker.") else ".".join(name.split(".")[:2])
-    if top in ("talker", "token2wav", "visual", "thinker.visual") or name.endswith("audio_bos_eos_token.weight"):
+    if name.endswith("audio_bos_eos_token.weight"):  # defined by transformers, unused in its forward
+      top = "audio_bos_eos_token (unused)"
+    if top in ("talker", "token2wav", "visual", "thinker.visual", "audio_bos_eos_token (unused)"):
       skipped[top] = skipped.get(top, 0) + 1
     else:
       log.warning("unexpected tensor %r in %s was not loaded", name, reader.location(name))

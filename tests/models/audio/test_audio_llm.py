@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -103,36 +104,36 @@ def loaded(checkpoints):
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-def test_encoder_outputs_match(kind, loaded):
+def test_encoder_outputs_and_logits_match(kind, loaded):
+  """Encoder outputs (the embeddings transformers splices in) and the full logits of a left-padded batch of
+  clips of different lengths (omni: shorter than a chunk, exactly k chunks, k chunks + a remainder)."""
   model, hf = loaded[kind]
   _, seconds, frames = CASES[kind]
   feats, fmask = _features(frames, seconds)
-  emb, valid = model.encode_audio(jnp.asarray(feats), jnp.asarray(fmask))
   n = audio_llm.audio_output_lengths(np.asarray(frames))
-  assert np.asarray(valid).sum(-1).tolist() == n.tolist()
   ids, mask = _prompts(n, start_end=kind != "qwen2_audio")
   captured = {}
   hook = hf.model.language_model.register_forward_pre_hook(
       lambda mod, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
   try:
-    _hf_logits(hf, ids, mask, feats, fmask)
+    ref_logits = _hf_logits(hf, ids, mask, feats, fmask)
   finally:
     hook.remove()
   ref = captured["embeds"].float().numpy()[ids == AUDIO]  # the spliced audio embeddings, in order
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids, mask, feats, fmask):
+    m = nnx.merge(graphdef, state)
+    return m.encode_audio(feats, fmask), m(ids, mask, feats, fmask)
+
+  (emb, valid), logits = run(state, jnp.asarray(ids), jnp.asarray(mask, bool), jnp.asarray(feats),
+                             jnp.asarray(fmask))
+  assert np.asarray(valid).sum(-1).tolist() == n.tolist()
   ours = np.concatenate([np.asarray(emb)[i, :k] for i, k in enumerate(n)], 0)
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
-
-
-@pytest.mark.parametrize("kind", list(CASES))
-def test_logits_left_padded_batch(kind, loaded):
-  model, hf = loaded[kind]
-  _, seconds, frames = CASES[kind]
-  feats, fmask = _features(frames, seconds)
-  ids, mask = _prompts(audio_llm.audio_output_lengths(np.asarray(frames)), start_end=kind != "qwen2_audio")
-  ref = _hf_logits(hf, ids, mask, feats, fmask)
-  ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask, bool), jnp.asarray(feats), jnp.asarray(fmask)))
   m = mask.astype(bool)
-  np.testing.assert_allclose(ours[m], ref[m], atol=TOL, rtol=TOL)
+  np.testing.assert_allclose(np.asarray(logits)[m], ref_logits[m], atol=TOL, rtol=TOL)
 
 
 @pytest.mark.slow
@@ -146,9 +147,15 @@ def test_completion_logprobs(kind, loaded):
   tokens, tmask = np.concatenate([ids, comp], 1), np.concatenate([mask, np.ones_like(comp)], 1)
   ref = torch.log_softmax(torch.tensor(_hf_logits(hf, tokens, tmask, feats, fmask)), -1).numpy()
   ref = np.take_along_axis(ref[:, :-1], tokens[:, 1:, None], -1)[..., 0][:, -3:]
-  emb, valid = model.encode_audio(jnp.asarray(feats), jnp.asarray(fmask))
-  embeds = model.embed_inputs(jnp.asarray(tokens), emb, valid)
-  lp = token_logprobs(model.lm, jnp.asarray(tokens), jnp.asarray(tmask, bool), embeds=embeds)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def logprobs(state, tokens, tmask, feats, fmask):  # as the trainer: jitted, encoder once, embeds to the LM
+    m = nnx.merge(graphdef, state)
+    emb, valid = m.encode_audio(feats, fmask)
+    return token_logprobs(m.lm, tokens, tmask, embeds=m.embed_inputs(tokens, emb, valid))
+
+  lp = logprobs(state, jnp.asarray(tokens), jnp.asarray(tmask, bool), jnp.asarray(feats), jnp.asarray(fmask))
   np.testing.assert_allclose(np.asarray(lp)[:, -3:], ref, atol=TOL, rtol=TOL)
 
 
@@ -191,8 +198,12 @@ def test_splice_count_mismatch_and_visual_inputs(loaded):
   model, _ = loaded["qwen2_audio"]
   feats, fmask = _features((37,), 1)
   ids, mask = _prompts([audio_llm.audio_output_lengths(37) - 1])
+  n = int(audio_llm.audio_output_lengths(37))
+  emb, valid = jnp.zeros((1, 25, 32)), jnp.arange(25)[None] < n
   with pytest.raises(ValueError, match="audio tokens"):
-    model(jnp.asarray(ids), jnp.asarray(mask, bool), jnp.asarray(feats), jnp.asarray(fmask))
+    model.embed_inputs(jnp.asarray(ids), emb, valid)
+  spliced = model.embed_inputs(jnp.asarray(_prompts([n])[0]), emb + 1.0, valid)  # counts match: spliced in order
+  assert int(jnp.sum(jnp.all(spliced == 1.0, axis=-1))) == n
   with pytest.raises(ValueError, match="image / video"):
     model(jnp.asarray(ids), jnp.asarray(mask, bool), pixel_values=np.zeros((1, 3)))
   with pytest.raises(ValueError, match="fixed window"):
@@ -203,3 +214,25 @@ def test_unsupported_model_type(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
   with pytest.raises(ValueError, match="qwen2_audio"):
     audio_llm.load_pretrained(tmp_path)
+
+
+def test_full_omni_directory_loads_the_thinker(checkpoints, loaded, caplog):
+  """model_type 'qwen2_5_omni': the thinker under 'thinker.'; talker / token2wav / visual tensors ignored."""
+  from adrpo_jax.models.llm.checkpoint import SafetensorsFile, write_safetensors
+  src, dst = checkpoints / "omni_thinker", checkpoints / "omni_full"
+  dst.mkdir(exist_ok=True)
+  thinker = json.loads((src / "config.json").read_text())
+  (dst / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni", "architectures":
+                                               ["Qwen2_5OmniForConditionalGeneration"], "thinker_config": thinker}))
+  f = SafetensorsFile(src / "model.safetensors")
+  arrays = {"thinker." + k: np.asarray(f.get(k)) for k in f.names()}
+  arrays.update({"talker.model.norm.weight": np.ones(4, np.float32), "token2wav.x.weight": np.ones(2, np.float32)})
+  write_safetensors(dst / "model.safetensors", [(k, v.shape, v.dtype) for k, v in arrays.items()], arrays.__getitem__)
+  with caplog.at_level("INFO", logger="adrpo_jax.models.audio_llm"):
+    full = audio_llm.load_pretrained(dst)
+  assert "talker" in caplog.text and "token2wav" in caplog.text and "thinker.visual" in caplog.text
+  assert "unexpected tensor" not in caplog.text
+  assert full.model_type == "qwen2_5_omni" and full.lm.config.tie_word_embeddings is False
+  ref = jax.tree.leaves(nnx.state(loaded["omni_thinker"][0], nnx.Param))
+  got = jax.tree.leaves(nnx.state(full, nnx.Param))
+  assert len(ref) == len(got) and all(np.array_equal(a, b) for a, b in zip(ref, got))
