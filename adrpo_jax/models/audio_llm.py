@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adrpo_jax.models.llm.checkpoint import CheckpointError, CheckpointReader, param_mappings
+from adrpo_jax.models.llm.checkpoint import CheckpointError, CheckpointReader, logical_to_sharding, param_mappings
 from adrpo_jax.models.llm.config import DecoderConfig
 from adrpo_jax.models.llm.modeling import CausalLM
 
@@ -246,7 +246,7 @@ class WhisperAudioEncoder(nnx.Module):
                               (None, "embed"))
     self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.encoder_layers)])
     self.layer_norm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, **kw)
-    self.projector = Linear(cfg.d_model, out_dim, ("embed", "embed_out"), bias=True, rngs=rngs, **kw)
+    self.projector = Linear(cfg.d_model, out_dim, (None, "embed"), bias=True, rngs=rngs, **kw)
 
   def __call__(self, features, feature_mask):
     """features [B, num_mel_bins, 2 * max_source_positions], feature_mask [B, same] (1 on the clip's frames)
@@ -288,7 +288,7 @@ class OmniAudioEncoder(nnx.Module):
     self.conv2 = Conv1d(cfg.d_model, cfg.d_model, (None, "embed"), stride=2, rngs=rngs, **kw)
     self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.encoder_layers)])
     self.ln_post = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, **kw)
-    self.proj = Linear(cfg.d_model, cfg.output_dim, ("embed", "embed_out"), bias=True, rngs=rngs, **kw)
+    self.proj = Linear(cfg.d_model, cfg.output_dim, (None, "embed"), bias=True, rngs=rngs, **kw)
 
   def __call__(self, features, feature_mask):
     """features [B, num_mel_bins, F], feature_mask [B, F] (1 on the clip's frames, any F) ->
@@ -509,7 +509,8 @@ def _encoder_mappings(cfg: AudioEncoderConfig, audio_prefix: str, projector_pref
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    freeze_encoder: bool = True, config_overrides: dict[str, Any] | None = None) -> AudioLM:
+                    freeze_encoder: bool = True, config_overrides: dict[str, Any] | None = None,
+                    mesh: jax.sharding.Mesh | None = None, rules: Any = None) -> AudioLM:
   """Reads a local transformers directory of `qwen2_audio`, `qwen2_5_omni_thinker` or `qwen2_5_omni` (the
   thinker: talker / token2wav / visual tensors are ignored, with a log note) into an `AudioLM`, one tensor at
   a time from the memory-mapped safetensors (numpy; no torch).
@@ -519,6 +520,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     dtype, param_dtype: compute / storage dtypes (LM and encoder).
     freeze_encoder: stop gradients at the encoder output.
     config_overrides: extra `DecoderConfig` fields (e.g. scan_layers, remat, attention_impl).
+    mesh, rules: place every parameter directly with its sharding from its logical axis names (the project's
+      rules, `adrpo_jax.train.sharding`; default rules when None), so a large checkpoint never sits whole on
+      one device. Without a mesh: the default device.
   Raises:
     ValueError: unsupported model_type; `CheckpointError` (a ValueError) for a missing / mis-shaped tensor.
     FileNotFoundError: no config.json / safetensors.
@@ -586,7 +590,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
       host = np.empty(shape, target)
       for name, s, fn, layer in group:
         host[layer] = read(name, s, fn)
-    values[ours] = jax.device_put(np.ascontiguousarray(host, dtype=target))
+    if mesh is None:
+      values[ours] = jax.device_put(np.ascontiguousarray(host, dtype=target))
+    else:
+      names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
+      sharding = (logical_to_sharding(mesh, names, shape) if rules is None
+                  else logical_to_sharding(mesh, names, shape, rules))
+      values[ours] = jax.make_array_from_callback(
+          shape, sharding, lambda idx, host=host: np.ascontiguousarray(host[idx], dtype=target))
   skipped: dict[str, int] = {}
   for name in reader.names():
     if name in used or name.endswith("rotary_emb.inv_freq"):

@@ -236,3 +236,16 @@ def test_full_omni_directory_loads_the_thinker(checkpoints, loaded, caplog):
   ref = jax.tree.leaves(nnx.state(loaded["omni_thinker"][0], nnx.Param))
   got = jax.tree.leaves(nnx.state(full, nnx.Param))
   assert len(ref) == len(got) and all(np.array_equal(a, b) for a, b in zip(ref, got))
+
+
+def test_logical_axis_names_shard_on_a_mesh(checkpoints):
+  """Every parameter has logical names the project's rules know; load_pretrained(mesh=) places them sharded."""
+  from adrpo_jax import train
+  mesh = train.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}, devices=jax.devices()[:8])
+  model = audio_llm.load_pretrained(checkpoints / "qwen2_audio", mesh=mesh)
+  state = nnx.state(model, nnx.Param)
+  shardings = train.logical_to_named_sharding(state, mesh)  # raises on an unknown logical name
+  enc_q = model.encoder.layers[0].self_attn.q_proj.kernel
+  assert enc_q.get_metadata()["out_sharding"] == ("embed", "heads")
+  assert tuple(enc_q[...].sharding.spec) == ("fsdp", "tensor")
+  assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(state))
