@@ -249,3 +249,19 @@ def test_logical_axis_names_shard_on_a_mesh(checkpoints):
   assert enc_q.get_metadata()["out_sharding"] == ("embed", "heads")
   assert tuple(enc_q[...].sharding.spec) == ("fsdp", "tensor")
   assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(state))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(CASES))
+def test_bfloat16_runs_close_to_float32(kind, checkpoints, loaded):
+  model32, _ = loaded[kind]
+  d, seconds, frames = CASES[kind]
+  model = audio_llm.load_pretrained(checkpoints / d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  feats, fmask = _features(frames, seconds)
+  ids, mask = _prompts(audio_llm.audio_output_lengths(np.asarray(frames)), start_end=kind != "qwen2_audio")
+  args = (jnp.asarray(ids), jnp.asarray(mask, bool), jnp.asarray(feats), jnp.asarray(fmask))
+  out = model(*args)
+  assert out.dtype == jnp.bfloat16
+  ref = np.asarray(model32(*args))
+  m = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(out, np.float32)[m], ref[m], atol=0.1)
