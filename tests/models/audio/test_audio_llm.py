@@ -265,3 +265,21 @@ def test_bfloat16_runs_close_to_float32(kind, checkpoints, loaded):
   ref = np.asarray(model32(*args))
   m = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(out, np.float32)[m], ref[m], atol=0.1)
+
+
+@pytest.mark.slow
+def test_qwen2_audio_text_tie_flag_follows_transformers(tmp_path):
+  """text_config.tie_word_embeddings=True (as the built-in tiny model writes it): transformers 5.23 keeps the
+  checkpoint's own language_model.lm_head; so do we."""
+  torch.manual_seed(1)
+  cfg = transformers.Qwen2AudioConfig(
+      audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=N_MELS, encoder_layers=1,
+                        encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16, max_source_positions=50),
+      text_config=dict(model_type="qwen2", **_text_config(tie_word_embeddings=True)), audio_token_index=AUDIO)
+  transformers.Qwen2AudioForConditionalGeneration(cfg).save_pretrained(tmp_path)
+  hf = _hf(tmp_path, "qwen2_audio")
+  ids = np.array([[1, 2, 3, 4, 5]])
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+  model = audio_llm.load_pretrained(tmp_path)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref, atol=TOL, rtol=TOL)
