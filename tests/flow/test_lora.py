@@ -188,7 +188,7 @@ def single_device_lora_step():
     return jax.device_get(out)
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=4, tensor=2),
+@pytest.mark.parametrize("mesh_shape", [pytest.param(dict(data=4, tensor=2), marks=pytest.mark.slow),
                                         pytest.param(dict(data=2, fsdp=4), marks=pytest.mark.slow)],
                          ids=["data4_tensor2", "data2_fsdp4"])
 def test_sharded_lora_step_matches_single_device(mesh_shape):

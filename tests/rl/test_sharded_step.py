@@ -66,7 +66,8 @@ def _compare(a, b, what):
                                    err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=8), dict(data=2, fsdp=4), dict(data=4, tensor=2),
+@pytest.mark.parametrize("mesh_shape", [pytest.param(dict(data=8), marks=pytest.mark.slow), dict(data=2, fsdp=4),
+                                        pytest.param(dict(data=4, tensor=2), marks=pytest.mark.slow),
                                         pytest.param(dict(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow)],
                          ids=["data8", "data2_fsdp4", "data4_tensor2", "data2_fsdp2_tensor2"])
 def test_sharded_update_matches_single_device(mesh_shape):

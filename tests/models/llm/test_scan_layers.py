@@ -157,6 +157,7 @@ def _single_file(src, dst, model):
   return (dst / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # ~11 s; LoRA on the (default) stacked layout also runs in tests/rl/test_lora.py
 def test_lora_on_stacked_layers_matches_list_layout():
   cfg = dataclasses.replace(CFG, tie_word_embeddings=False)
   scan, lst = _models(cfg)
