@@ -31,6 +31,7 @@ global normalizers, global metrics). The per-prompt advantages are computed on t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -187,6 +188,13 @@ def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+
+
+def _model_mesh(mesh: Mesh | None):
+    """Traces the model under ``mesh`` as the abstract mesh, so that the activation hints of models that read it
+    (:mod:`adrpo_jax.models.llm.activation_sharding`, used by the MMDiT) keep the batch sharded: without it, on
+    an ``fsdp`` mesh GSPMD follows the FSDP-sharded weights and runs every image on every device."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def _per_sample(mask: jax.Array, ndim: int) -> jax.Array:
@@ -451,6 +459,10 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
         return new_params, new_opt_state, m, grads
 
     def update(params, opt_state, ref_params, frozen, batch, key):
+        with _model_mesh(mesh):
+            return _update(params, opt_state, ref_params, frozen, batch, key)
+
+    def _update(params, opt_state, ref_params, frozen, batch, key):
         prep = prepare_batch(opts, batch["x1"], batch["cond"], batch["rewards"], batch.get("components"))
         if opts.num_inner_updates == 1:
             params, opt_state, m, grads = one_update(params, opt_state, ref_params, frozen, prep,
@@ -487,6 +499,10 @@ def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowSt
     fresh noise (``opts.sampling_*``, CFG with the null class), stop-gradient, and the reward model's outputs
     (:func:`reward_components`; ``components["reward"]`` is the reward). Pure; jit-able."""
     def rollout(params, frozen, cond, key):
+        with _model_mesh(mesh):
+            return _rollout(params, frozen, cond, key)
+
+    def _rollout(params, frozen, cond, key):
         model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
         b = cond.shape[0]
         k_x0, k_sde = jax.random.split(key)
