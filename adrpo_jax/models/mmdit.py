@@ -77,8 +77,8 @@ from flax import nnx
 
 from adrpo_jax.models.dit import host_initializer, timestep_embedding
 from adrpo_jax.models.llm.activation_sharding import constrain_batch
-from adrpo_jax.models.llm.checkpoint import (_ST_TO_NP, CheckpointError, SafetensorsFile, _parse_size,
-                                             write_safetensors)
+from adrpo_jax.models.llm.checkpoint import (_ST_TO_NP, CheckpointError, SafetensorsFile,
+                                             write_sharded_weights)
 from adrpo_jax.models.lora import lora_dropout_fold_in, lora_sites
 from adrpo_jax.models.stacking import stack_variables, unstacked_copy
 
@@ -1078,22 +1078,6 @@ def save_pretrained(model: MMDiT, path: str | os.PathLike, *, max_shard_size: in
     arr = flat[m.ours].get_value()
     dt = np.dtype(jnp.float32) if m.kind == "pos" else (save_dtype or np.dtype(arr.dtype))
     entries.append((m.name, m.shape, dt, m))
-  limit = _parse_size(max_shard_size)
-  shards: list[list] = [[]]
-  size = 0
-  for e in entries:
-    nbytes = int(np.prod(e[1], dtype=np.int64)) * e[2].itemsize
-    if shards[-1] and size + nbytes > limit:
-      shards.append([])
-      size = 0
-    shards[-1].append(e)
-    size += nbytes
-  writer = jax.process_index() == 0
-  if writer:
-    path.mkdir(parents=True, exist_ok=True)
-    for old in list(path.glob("diffusion_pytorch_model*.safetensors")) + [path / WEIGHTS_INDEX_NAME]:
-      if old.exists():
-        old.unlink()
   by_name = {e[0]: e for e in entries}
 
   def fetch(name):
@@ -1103,24 +1087,9 @@ def save_pretrained(model: MMDiT, path: str | os.PathLike, *, max_shard_size: in
       value = value[m.layer]
     return _to_diffusers(m, _to_host(value), config).astype(dt)
 
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    filename = WEIGHTS_NAME if len(shards) == 1 else \
-        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    tensors = [(name, shape, dt) for name, shape, dt, _ in shard]
-    if writer:
-      write_safetensors(path / filename, tensors, fetch, metadata={"format": "pt"})
-    else:
-      for name, *_ in tensors:
-        fetch(name)
-    for name, shape, dt, _ in shard:
-      weight_map[name] = filename
-      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-  if not writer:
+  if not write_sharded_weights(path, [e[:3] for e in entries], fetch, max_shard_size=max_shard_size,
+                               prefix="diffusion_pytorch_model", index_name=WEIGHTS_INDEX_NAME):
     return path
-  if len(shards) > 1:
-    with open(path / WEIGHTS_INDEX_NAME, "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(path / CONFIG_NAME, "w") as f:
     json.dump(config.to_diffusers_config(), f, indent=2, sort_keys=True)
   return path

@@ -62,7 +62,7 @@ import numpy as np
 from flax import nnx
 
 from adrpo_jax.models.dit import host_initializer
-from adrpo_jax.models.llm.checkpoint import CheckpointError, _parse_size, write_safetensors
+from adrpo_jax.models.llm.checkpoint import CheckpointError, write_sharded_weights
 from adrpo_jax.models.mmdit import _Reader
 
 log = logging.getLogger(__name__)
@@ -798,46 +798,15 @@ def save_pretrained(model: AutoencoderKL, path: str | os.PathLike, *, max_shard_
   for ours, var in flat.items():
     arr = var.get_value()
     entries.append((_diffusers_name(ours), _torch_shape(tuple(arr.shape)), save_dtype or np.dtype(arr.dtype), ours))
-  limit = _parse_size(max_shard_size)
-  shards: list[list] = [[]]
-  size = 0
-  for e in entries:
-    nbytes = int(np.prod(e[1], dtype=np.int64)) * e[2].itemsize
-    if shards[-1] and size + nbytes > limit:
-      shards.append([])
-      size = 0
-    shards[-1].append(e)
-    size += nbytes
-  writer = jax.process_index() == 0
-  if writer:
-    path.mkdir(parents=True, exist_ok=True)
-    for old in list(path.glob("diffusion_pytorch_model*.safetensors")) + [path / WEIGHTS_INDEX_NAME]:
-      if old.exists():
-        old.unlink()
   by_name = {e[0]: e for e in entries}
 
   def fetch(name):
     _, _, dt, ours = by_name[name]
     return _to_diffusers(_to_host(flat[ours].get_value())).astype(dt)
 
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    filename = WEIGHTS_NAME if len(shards) == 1 else \
-        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    tensors = [(name, shape, dt) for name, shape, dt, _ in shard]
-    if writer:
-      write_safetensors(path / filename, tensors, fetch, metadata={"format": "pt"})
-    else:
-      for name, *_ in tensors:
-        fetch(name)
-    for name, shape, dt, _ in shard:
-      weight_map[name] = filename
-      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-  if not writer:
+  if not write_sharded_weights(path, [e[:3] for e in entries], fetch, max_shard_size=max_shard_size,
+                               prefix="diffusion_pytorch_model", index_name=WEIGHTS_INDEX_NAME):
     return path
-  if len(shards) > 1:
-    with open(path / WEIGHTS_INDEX_NAME, "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(path / CONFIG_NAME, "w") as f:
     json.dump(model.config.to_diffusers_config(), f, indent=2, sort_keys=True)
   return path

@@ -419,6 +419,47 @@ def _parse_size(size: int | str) -> int:
   power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
   return int(value * base ** power)
 
+def write_sharded_weights(path: Path, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]], fetch,
+                          *, max_shard_size: int | str, prefix: str, index_name: str) -> bool:
+  """Writes `tensors` ([(name, shape, dtype)], in order) as `{prefix}.safetensors`, or as
+  `{prefix}-0000i-of-0000n.safetensors` shards of at most `max_shard_size` bytes plus the `index_name` index
+  (Hugging Face / diffusers layout), pulling each tensor from `fetch(name)` one at a time (never a second full
+  copy on the host). Stale weight files of an earlier save into `path` are removed first. Every process must
+  call it (the fetches of sharded arrays are collective); only process 0 writes. Returns whether this process
+  wrote (the caller writes config files only then)."""
+  limit = _parse_size(max_shard_size)
+  shards: list[list] = [[]]
+  size = 0
+  for t in tensors:
+    nbytes = int(np.prod(t[1], dtype=np.int64)) * t[2].itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(t)
+    size += nbytes
+  writer = jax.process_index() == 0
+  if writer:
+    path.mkdir(parents=True, exist_ok=True)
+    for old in list(path.glob(f"{prefix}*.safetensors")) + [path / index_name]:
+      if old.exists():
+        old.unlink()
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    filename = f"{prefix}.safetensors" if len(shards) == 1 else f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    if writer:
+      write_safetensors(path / filename, shard, fetch, metadata={"format": "pt"})
+    else:  # every process takes part in the gathers of sharded arrays
+      for name, *_ in shard:
+        fetch(name)
+    for name, shape, dt in shard:
+      weight_map[name] = filename
+      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+  if writer and len(shards) > 1:
+    with open(path / index_name, "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return writer
+
+
 
 def _to_host(x: jax.Array) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -458,28 +499,10 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
   flat = _flat_params(nnx.state(model, nnx.Param))
   mappings = param_mappings(config)
   save_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
-  entries = []
+  by_name = {}
   for m in mappings:
     arr = flat[m.ours].get_value()
-    entries.append((m.hf_name, m.hf_shape, save_dtype or np.dtype(arr.dtype), m))  # (stacked: one layer of arr)
-  limit = _parse_size(max_shard_size)
-  shards: list[list] = [[]]
-  size = 0
-  for e in entries:
-    nbytes = int(np.prod(e[1], dtype=np.int64)) * e[2].itemsize
-    if shards[-1] and size + nbytes > limit:
-      shards.append([])
-      size = 0
-    shards[-1].append(e)
-    size += nbytes
-  writer = jax.process_index() == 0
-  if writer:
-    path.mkdir(parents=True, exist_ok=True)
-    # Remove stale weights of an earlier save into the same directory.
-    for old in list(path.glob("model*.safetensors")) + [path / SAFE_WEIGHTS_INDEX_NAME]:
-      if old.exists():
-        old.unlink()
-  by_name = {e[0]: e for e in entries}
+    by_name[m.hf_name] = (m.hf_name, m.hf_shape, save_dtype or np.dtype(arr.dtype), m)  # (stacked: one layer)
 
   def fetch(name):
     _, _, dt, m = by_name[name]
@@ -488,24 +511,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
       value = value[m.layer]
     return m.to_hf(_to_host(value)).astype(dt)
 
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    filename = (SAFE_WEIGHTS_NAME if len(shards) == 1
-                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-    tensors = [(name, shape, dt) for name, shape, dt, _ in shard]
-    if writer:
-      write_safetensors(path / filename, tensors, fetch, metadata={"format": "pt"})
-    else:  # every process takes part in the gathers of sharded arrays
-      for name, *_ in tensors:
-        fetch(name)
-    for name, shape, dt, _ in shard:
-      weight_map[name] = filename
-      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-  if not writer:
+  if not write_sharded_weights(path, [e[:3] for e in by_name.values()], fetch, max_shard_size=max_shard_size,
+                               prefix="model", index_name=SAFE_WEIGHTS_INDEX_NAME):
     return path
-  if len(shards) > 1:
-    with open(path / SAFE_WEIGHTS_INDEX_NAME, "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   hf_config = config.to_hf_config()
   if save_dtype is not None:
     hf_config["dtype"] = save_dtype.name
