@@ -77,7 +77,7 @@ from flax import nnx
 
 from adrpo_jax.models.dit import host_initializer, timestep_embedding
 from adrpo_jax.models.llm.activation_sharding import constrain_batch
-from adrpo_jax.models.llm.checkpoint import (_ST_TO_NP, CheckpointError, SafetensorsFile,
+from adrpo_jax.models.llm.checkpoint import (_ST_TO_NP, CheckpointError, SafetensorsFile, _to_host,
                                              write_sharded_weights)
 from adrpo_jax.models.lora import lora_dropout_fold_in, lora_sites
 from adrpo_jax.models.stacking import stack_variables, unstacked_copy
@@ -1042,13 +1042,6 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     node[ours[-1]] = value
   nnx.replace_by_pure_dict(abstract_state, nested)
   return nnx.merge(graphdef, abstract_state)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
 
 
 def save_pretrained(model: MMDiT, path: str | os.PathLike, *, max_shard_size: int | str = "10GB",

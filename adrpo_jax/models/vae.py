@@ -62,7 +62,7 @@ import numpy as np
 from flax import nnx
 
 from adrpo_jax.models.dit import host_initializer
-from adrpo_jax.models.llm.checkpoint import CheckpointError, write_sharded_weights
+from adrpo_jax.models.llm.checkpoint import CheckpointError, _to_host, write_sharded_weights
 from adrpo_jax.models.mmdit import _Reader
 
 log = logging.getLogger(__name__)
@@ -769,13 +769,6 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
       log.warning("unexpected tensor %r in %s was not loaded", name, reader.source)
   nnx.replace_by_pure_dict(abstract_state, nested)
   return nnx.merge(graphdef, abstract_state)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
 
 
 def save_pretrained(model: AutoencoderKL, path: str | os.PathLike, *, max_shard_size: int | str = "10GB",
