@@ -313,7 +313,7 @@ def decode_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
 
 
 def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
-                     block_size: int = DECODE_BLOCK) -> Array:
+                     block_size: int = DECODE_BLOCK, layer_index: Array | None = None) -> Array:
   """Attention of T queries at cache slots `q_offset .. q_offset + T - 1` over a static KV cache [B, S],
   reading only the key blocks that the causal rule (and a window) can reach: a `lax.fori_loop` with a
   traced trip count over blocks `lo .. ceil((q_offset + T) / block) - 1` (online softmax, float32
@@ -321,15 +321,25 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   O(filled slots), not O(S), in compute and memory traffic. Forward only (the loop's trip count is dynamic,
   so it has no reverse-mode derivative; the update's log-probs run without a cache and never come here).
 
-  Same contract as `attend(q, k, v, mask.dense(T))`; rows with no allowed key give zeros.
+  Same contract as `attend(q, k, v, mask.dense(T))`; rows with no allowed key give zeros. With `layer_index`,
+  k and v are the stacked caches of all layers [L, B, S, K, hd] and layer `layer_index` is read block by block
+  (no copy of the layer's cache: the scanned decoder's decode step).
   """
-  reason = decode_supported(q.shape, k.shape, mask)
+  if layer_index is not None:
+    def take(x, start, size):  # [B, size, K, hd] of layer `layer_index` from the stack
+      return jax.lax.dynamic_slice(x, (layer_index, 0, start, 0, 0), (1, x.shape[1], size) + x.shape[3:])[0]
+    k_shape = k.shape[1:]
+  else:
+    def take(x, start, size):
+      return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    k_shape = k.shape
+  reason = decode_supported(q.shape, k_shape, mask)
   if reason is not None:
     raise ValueError(f"attention_impl='decode' cannot run this call: {reason}")
   if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
     raise ValueError(f"block_size={block_size!r} must be a positive int")
   b, t, h, hd = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  s, kh = k_shape[1], k_shape[2]
   g = h // kh
   c = min(int(block_size), s)
   n = -(-s // c)
@@ -350,8 +360,8 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   def body(j, carry):
     m, l, acc = carry
     start = jnp.minimum(j * c, s - c)  # the last block may overlap the one before: slots < j * c are masked
-    kj = jax.lax.dynamic_slice_in_dim(k, start, c, axis=1)  # [B, c, K, hd]
-    vj = jax.lax.dynamic_slice_in_dim(v, start, c, axis=1)
+    kj = take(k, start, c).astype(q.dtype)  # [B, c, K, hd]
+    vj = take(v, start, c).astype(q.dtype)
     valid_j = jax.lax.dynamic_slice_in_dim(key_valid, start, c, axis=1)  # [B, c]
     k_slots = start + jnp.arange(c)
     rules = _slot_rules(q_slots, k_slots, True, mask.window, window_array) & (k_slots >= j * c)[None, :]
@@ -361,14 +371,15 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
     m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
     p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
-    pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
     return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
   init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
           jnp.zeros((b, kh, g, t, hd), jnp.float32))
   _, l, acc = jax.lax.fori_loop(lo, hi, body, init)
   out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, K, G, T, hd]; fully masked rows: 0
-  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, hd).astype(v.dtype)
+  out_dtype = q.dtype if layer_index is not None else v.dtype
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, hd).astype(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -502,7 +513,7 @@ def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: Atte
 def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float | None = None,
               impl: str = "auto", chunk_size: int = 512, auto_min_len: int = 1024,
               platform: str | None = None, interpret: bool = False, auto_decode_min_len: int = 512,
-              decode_block: int = DECODE_BLOCK) -> Array:
+              decode_block: int = DECODE_BLOCK, layer_index: Array | None = None) -> Array:
   """Grouped-query attention [B, T, H, hd] x [B, S, K, hd] -> [B, T, H, hd] (v's dtype) under `mask`.
 
   Args:
@@ -515,7 +526,21 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
     decode_block: key slots per block of `decode`.
     platform: 'cpu' / 'gpu' / 'tpu' (default `jax.default_backend()`), for `auto`.
     interpret: run `splash` in Pallas interpret mode (CPU tests).
+    layer_index: k and v are the stacked caches of all layers [L, B, S, K, hd] and this (traced) layer attends;
+      `decode` reads its blocks from the stack, the others slice the layer first. The output is in q's dtype.
   """
+  if layer_index is not None:
+    if k.ndim != 5 or k.shape != v.shape:
+      raise ValueError(f"with layer_index, k and v must be stacked [L, B, S, K, hd]; got {k.shape}, {v.shape}")
+    chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape[1:],
+                         dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
+                         auto_decode_min_len=auto_decode_min_len)
+    if chosen == "decode" and q.shape[-1] == k.shape[-1] and q.shape[2] % k.shape[3] == 0 \
+        and mask.key_valid.shape == k.shape[1:3]:
+      scale = q.shape[-1] ** -0.5 if scale is None else scale
+      return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block, layer_index=layer_index)
+    k = jax.lax.dynamic_index_in_dim(k, layer_index, 0, keepdims=False).astype(q.dtype)
+    v = jax.lax.dynamic_index_in_dim(v, layer_index, 0, keepdims=False).astype(q.dtype)
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
     raise ValueError(f"q must be [B, T, H, hd] and k, v [B, S, K, hd]; got {q.shape}, {k.shape}, {v.shape}")
   if q.shape[2] % k.shape[2]:

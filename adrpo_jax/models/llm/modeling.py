@@ -243,11 +243,24 @@ class Attention(nnx.Module):
 
   def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
     """x [B, T, D] -> [B, T, D] under the `AttentionMask` `allowed`; with `kv_cache=(k [B,S,K,hd], v)` the
-    new keys/values are written at slot `index` and the updated pair is returned as well."""
+    new keys/values are written at slot `index` and the updated pair is returned as well. In the layer scan
+    `kv_cache=(k [L,B,S,K,hd], v, layer)`: the stacked caches of all layers, written in place at (layer, index)
+    and returned as the same 3-tuple."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if kv_cache is not None and len(kv_cache) == 3:
+      # the stacked cache of all layers (k [L,B,S,K,hd], v, this layer's index), carried through the layer scan:
+      # write only the new slots in place and read this layer's keys/values (no copy of the whole cache per step)
+      cache_k, cache_v, layer_index = kv_cache
+      start = (layer_index, 0, index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+      out = attention(q, cache_k, cache_v, allowed, scale=self.scale, impl=self.attention_impl,
+                      chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len,
+                      layer_index=layer_index)
+      return self.o_proj(out.astype(q.dtype)), (cache_k, cache_v, layer_index)
     if kv_cache is not None:
       cache_k, cache_v = kv_cache
       start = (0, index, 0, 0)
@@ -343,20 +356,25 @@ class StackedDecoderLayers(DecoderLayer):
       allowed = allowed.replace(window=int(windows[0]))
     window_arr = jnp.asarray([0 if w is None else int(w) for w in windows], jnp.int32)
 
-    def body(x, xs):
-      layer_state, window, layer_index, kv = xs
+    def body(carry, xs):
+      x, kv = carry
+      layer_state, window, layer_index = xs
       x = constrain_batch(x)  # layer boundary: the carry stays batch-sharded under a mesh (no-op without)
       layer = nnx.merge(graphdef, layer_state)
       mask = allowed
       if has_window:  # window 0 = full attention in this layer
         mask = allowed.with_window_array(window)
       with lora_dropout_fold_in(layer_index):
-        x, kv = DecoderLayer.__call__(layer, x, cos, sin, mask, kv, index)
-      return x, kv
+        x, kv = DecoderLayer.__call__(layer, x, cos, sin, mask, None if kv is None else (*kv, layer_index), index)
+      return (x, None if kv is None else kv[:2]), None
 
     if remat:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, x, (state, window_arr, jnp.arange(n, dtype=jnp.int32), kv_cache))
+    # The KV cache rides in the carry (not as scan xs -> ys, which copies the whole [L, B, S, K, hd] cache at
+    # every decode step): each layer writes its new slots in place (`Attention`, the 3-tuple cache).
+    kv = None if kv_cache is None else tuple(kv_cache)
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (state, window_arr, jnp.arange(n, dtype=jnp.int32)))
+    return x, kv
 
 
 # ------------------------------------------------------------------------------------------------------
