@@ -40,3 +40,12 @@ def test_gpu_smoke_shell_fails_without_gpu():
 def test_gpu_smoke_dry_run_passes():
   """The comparison code on CPU with 'chunked' standing in for 'cudnn' (~30 s)."""
   assert gpu_smoke.main(["--dry-run"]) == 0
+
+
+@pytest.mark.slow
+def test_bench_decode_layouts_runs_a_tiny_grid(capsys):
+  """One short completion, both layouts, the decode kernel: the table prints (timings are not checked)."""
+  import bench_decode_layouts
+  bench_decode_layouts.main(["--new-tokens", "2", "--impls", "decode", "--batch", "2", "--prompt-len", "4",
+                             "--repeats", "1"])
+  assert "| 2 (6) | decode |" in capsys.readouterr().out

@@ -25,11 +25,11 @@ def test_layer_index_reads_that_layer_of_the_stack(impl):
   v = jax.random.normal(ks[2], (L, B, S, K, HD))
   valid = jnp.asarray(np.arange(S)[None, :] >= np.array([[3], [0]])) & (jnp.arange(S) < 21)[None]
   mask = AttentionMask(key_valid=valid, q_offset=jnp.int32(20))
+  run = jax.jit(lambda q, k, v, i: attention(q, k, v, mask, impl=impl, chunk_size=16, auto_decode_min_len=8,
+                                             layer_index=i))  # one compilation, the layer is traced
   for layer in range(L):
     want = attention(q, k[layer], v[layer], mask, impl="xla")
-    got = jax.jit(lambda q, k, v, i: attention(q, k, v, mask, impl=impl, chunk_size=16, auto_decode_min_len=8,
-                                               layer_index=i))(q, k, v, jnp.int32(layer))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run(q, k, v, jnp.int32(layer)), want, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_index_needs_a_stack():
@@ -47,7 +47,8 @@ def _model(scan, impl="auto"):
   return CausalLM(cfg, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("impl", ["auto", "decode", "xla"])
+@pytest.mark.parametrize("impl", ["decode", pytest.param("auto", marks=pytest.mark.slow),
+                                  pytest.param("xla", marks=pytest.mark.slow)])
 def test_decode_steps_scan_equal_list(impl):
   """Prefill of a left-padded batch + 3 decode steps: stacked (scan, in-place carry) == list layout."""
   tokens = jnp.asarray(np.random.RandomState(0).randint(1, 64, (B, 6)), jnp.int32)
