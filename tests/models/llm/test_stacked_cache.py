@@ -55,15 +55,19 @@ def test_decode_steps_scan_equal_list(impl):
   mask = jnp.asarray([[False, False, True, True, True, True], [True] * 6])
   outs = {}
   for scan in (True, False):
-    model = _model(scan, impl)
-    cache = model.init_cache(B, 16)
-    logits, cache = model(tokens, attention_mask=mask, cache=cache)
-    seq = [logits[:, -1]]
-    for step in range(3):
-      nxt = jnp.argmax(seq[-1], -1)[:, None].astype(jnp.int32)
-      logits, cache = model(nxt, cache=cache)
-      seq.append(logits[:, -1])
-    outs[scan] = np.stack(seq)
+    graphdef, state = nnx.split(_model(scan, impl))
+
+    @jax.jit
+    def run(state, tokens, mask):  # one compilation: prefill + 3 greedy decode steps
+      model = nnx.merge(graphdef, state)
+      logits, cache = model(tokens, attention_mask=mask, cache=model.init_cache(B, 16))
+      seq = [logits[:, -1]]
+      for _ in range(3):
+        logits, cache = model(jnp.argmax(seq[-1], -1)[:, None].astype(jnp.int32), cache=cache)
+        seq.append(logits[:, -1])
+      return jnp.stack(seq)
+
+    outs[scan] = np.asarray(run(state, tokens, mask))
   np.testing.assert_allclose(outs[True], outs[False], atol=1e-5, rtol=1e-5)
 
 
