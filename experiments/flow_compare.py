@@ -1,10 +1,10 @@
-r"""Issue 15, item 1: the paper's flow comparison on digits -- ADRPO-W2 (beta_0 in {0.3, 1, 3}) vs ORW-CFM-W2
+r"""Issue 15, item 1: the paper's flow comparison on digits -- ADRPO-W2 (beta_0 in {0.1, 0.3, 1, 3}) vs ORW-CFM-W2
 (the paper's baseline: exp(tau r) weights, tau = 0.5 as ``configs/flow_digits.py:cpu_orw``, alpha in
 {0.1, 0.3, 1, 3}) vs fixed-beta W2 (beta in {0.1, 0.3, 1, 3}) vs no regularization, several seeds, evaluated
 every ``--eval-every`` steps.
 
     python experiments/flow_compare.py --workdir /tmp/flow_compare [--seeds 0 1 2] [--steps 120] \
-        [--eval-every 40] [--adrpo-betas 0.3 1 3] [--fixed-betas 0.1 0.3 1 3] [--orw-alphas 0.1 0.3 1 3] \
+        [--eval-every 40] [--adrpo-betas 0.1 0.3 1 3] [--fixed-betas 0.1 0.3 1 3] [--orw-alphas 0.1 0.3 1 3] \
         [--no-none] [--jobs 2] [--nice 19] [--out-prefix experiments/flow_compare]
 
 Every run is ``configs/flow_digits.py:cpu`` (``:cpu_orw`` for ORW-CFM-W2) with only ``rl.method``,
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
   _sweep.add_common_args(parser)
   parser.add_argument("--steps", type=int, default=120)
   parser.add_argument("--eval-every", type=int, default=40)
-  parser.add_argument("--adrpo-betas", type=float, nargs="*", default=[0.3, 1.0, 3.0])
+  parser.add_argument("--adrpo-betas", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0])
   parser.add_argument("--fixed-betas", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0])
   parser.add_argument("--orw-alphas", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0])
   parser.add_argument("--no-none", action="store_true")

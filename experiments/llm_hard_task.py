@@ -1,4 +1,4 @@
-r"""Issue 15, item 3: a task where a fixed beta can stall -- GRPO (beta in {0.01, 0.04, 0.1, 0.3}) vs ADRPO (the
+r"""Issue 15, item 3: a task where a fixed beta can stall -- GRPO (beta in {0.01, 0.04, 0.1, 0.3, 1}) vs ADRPO (the
 same beta_0 grid) on arithmetic harder than the tiny model's 1-2 digit SFT task, 3 seeds; reward-KL frontier
 and the beta-sensitivity spread.
 
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
   _sweep.add_common_args(parser)
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--eval-every", type=int, default=50)
-  parser.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.04, 0.1, 0.3])
+  parser.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.04, 0.1, 0.3, 1.0])
   parser.add_argument("--min-digits", type=int, default=2)
   parser.add_argument("--max-digits", type=int, default=3)
   parser.add_argument("--operations", default="+")
