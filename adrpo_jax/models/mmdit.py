@@ -264,22 +264,7 @@ class MMDiTConfig:
   def from_diffusers_config(cls, d: dict[str, Any], **overrides: Any) -> "MMDiTConfig":
     """From a diffusers ``config.json`` dict (keys starting with ``_`` are metadata and skipped; other unknown
     keys are ignored with a warning) plus ``overrides`` (any field, e.g. ``dtype="bfloat16"``)."""
-    if not isinstance(d, dict):
-      raise ValueError(f"a diffusers config must be a dict, got {type(d).__name__}.")
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-      raise ValueError(f"unknown MMDiTConfig fields {bad}; valid fields are {sorted(names)}.")
-    kwargs = {}
-    for k, v in d.items():
-      if k.startswith("_"):
-        continue
-      if k not in cls.DIFFUSERS_FIELDS:
-        log.warning("ignoring config key %r (not an SD3Transformer2DModel field this module knows)", k)
-        continue
-      kwargs[k] = tuple(v) if k == "dual_attention_layers" and isinstance(v, list) else v
-    kwargs.update(overrides)
-    return cls(**kwargs)
+    return config_from_diffusers(cls, d, overrides, "an SD3Transformer2DModel")
 
   def to_diffusers_config(self) -> dict[str, Any]:
     """The diffusers ``config.json`` dict (``_class_name`` = SD3Transformer2DModel)."""
@@ -293,6 +278,28 @@ class MMDiTConfig:
     d = dataclasses.asdict(self)
     d["dual_attention_layers"] = list(self.dual_attention_layers)
     return d
+
+
+def config_from_diffusers(cls, d: dict[str, Any], overrides: dict[str, Any], what: str):
+  """``cls(**fields)`` from a diffusers ``config.json`` dict: ``_``-keys (metadata) skipped, keys outside
+  ``cls.DIFFUSERS_FIELDS`` ignored with a warning naming ``what`` (the diffusers class), JSON lists made tuples,
+  then ``overrides`` (any dataclass field; an unknown one is an error naming the valid fields)."""
+  if not isinstance(d, dict):
+    raise ValueError(f"a diffusers config must be a dict, got {type(d).__name__}.")
+  names = {f.name for f in dataclasses.fields(cls)}
+  bad = sorted(set(overrides) - names)
+  if bad:
+    raise ValueError(f"unknown {cls.__name__} fields {bad}; valid fields are {sorted(names)}.")
+  kwargs = {}
+  for k, v in d.items():
+    if k.startswith("_"):
+      continue
+    if k not in cls.DIFFUSERS_FIELDS:
+      log.warning("ignoring config key %r (not %s field this module knows)", k, what)
+      continue
+    kwargs[k] = tuple(v) if isinstance(v, list) else v
+  kwargs.update(overrides)
+  return cls(**kwargs)
 
 
 _SD3_BASE = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, joint_attention_dim=4096,

@@ -63,7 +63,7 @@ from flax import nnx
 
 from adrpo_jax.models.dit import host_initializer
 from adrpo_jax.models.llm.checkpoint import CheckpointError, _to_host, write_sharded_weights
-from adrpo_jax.models.mmdit import _Reader
+from adrpo_jax.models.mmdit import _Reader, config_from_diffusers
 
 log = logging.getLogger(__name__)
 
@@ -245,22 +245,7 @@ class VAEConfig:
   def from_diffusers_config(cls, d: dict[str, Any], **overrides: Any) -> "VAEConfig":
     """From a diffusers ``config.json`` dict (``_``-keys skipped; unknown keys ignored with a warning) plus
     ``overrides`` (any field, e.g. ``dtype="bfloat16"``)."""
-    if not isinstance(d, dict):
-      raise ValueError(f"a diffusers config must be a dict, got {type(d).__name__}.")
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-      raise ValueError(f"unknown VAEConfig fields {bad}; valid fields are {sorted(names)}.")
-    kwargs = {}
-    for k, v in d.items():
-      if k.startswith("_"):
-        continue
-      if k not in cls.DIFFUSERS_FIELDS:
-        log.warning("ignoring config key %r (not an AutoencoderKL field this module knows)", k)
-        continue
-      kwargs[k] = tuple(v) if isinstance(v, list) else v
-    kwargs.update(overrides)
-    return cls(**kwargs)
+    return config_from_diffusers(cls, d, overrides, "an AutoencoderKL")
 
   def to_diffusers_config(self) -> dict[str, Any]:
     """The diffusers ``config.json`` dict (``_class_name`` = AutoencoderKL)."""
