@@ -77,7 +77,7 @@ from flax import nnx
 
 from adrpo_jax.models.dit import host_initializer, timestep_embedding
 from adrpo_jax.models.llm.activation_sharding import constrain_batch
-from adrpo_jax.models.llm.checkpoint import (_ST_TO_NP, CheckpointError, SafetensorsFile, _to_host,
+from adrpo_jax.models.llm.checkpoint import (CheckpointError, CheckpointReader, SafetensorsFile, _to_host,
                                              write_sharded_weights)
 from adrpo_jax.models.lora import lora_dropout_fold_in, lora_sites
 from adrpo_jax.models.stacking import stack_variables, unstacked_copy
@@ -884,14 +884,15 @@ def param_mappings(config: MMDiTConfig) -> list[_Mapping]:
 # ------------------------------------------------------------------------------------------------------
 # load / save
 # ------------------------------------------------------------------------------------------------------
-class _Reader:
+class _Reader(CheckpointReader):
   """The tensors of a diffusers model directory, chosen as diffusers does: ``diffusion_pytorch_model.safetensors``
-  if present, else its sharded index, else a single ``diffusion_pytorch_model*.safetensors`` (e.g. a variant)."""
+  if present, else its sharded index, else a single ``diffusion_pytorch_model*.safetensors`` (e.g. a variant).
+  Reading (``names``, ``get``, ``dtype``, ``in``) is the LM checkpoint reader's; only the file choice differs."""
 
-  def __init__(self, directory: Path):
-    self.directory = directory
+  def __init__(self, directory: Path):  # pylint: disable=super-init-not-called
+    self.directory = Path(directory)
     self._files: dict[str, SafetensorsFile] = {}
-    single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
+    single, index = self.directory / WEIGHTS_NAME, self.directory / WEIGHTS_INDEX_NAME
     if single.exists():
       self.source = str(single)
       self._where = {n: WEIGHTS_NAME for n in self._file(WEIGHTS_NAME).names()}
@@ -902,39 +903,13 @@ class _Reader:
         raise CheckpointError(f"{index} has no 'weight_map'")
       self.source, self._where = str(index), dict(weight_map)
     else:
-      files = sorted(p.name for p in directory.glob("diffusion_pytorch_model*.safetensors"))
+      files = sorted(p.name for p in self.directory.glob("diffusion_pytorch_model*.safetensors"))
       if len(files) != 1:
-        others = sorted(p.name for p in directory.glob("*.safetensors")) + sorted(p.name for p in directory.glob("*.bin"))
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME}) in {directory}; found {others}")
-      self.source = str(directory / files[0])
+        others = (sorted(p.name for p in self.directory.glob("*.safetensors"))
+                  + sorted(p.name for p in self.directory.glob("*.bin")))
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME}) in {self.directory}; found {others}")
+      self.source = str(self.directory / files[0])
       self._where = {n: files[0] for n in self._file(files[0]).names()}
-
-  def _file(self, filename: str) -> SafetensorsFile:
-    if filename not in self._files:
-      path = self.directory / filename
-      if not path.exists():
-        raise CheckpointError(f"{self.source} refers to missing file {path}")
-      self._files[filename] = SafetensorsFile(path)
-    return self._files[filename]
-
-  def names(self) -> list[str]:
-    return list(self._where)
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._where
-
-  def dtype(self, name: str) -> np.dtype | None:
-    """The stored dtype of tensor ``name`` (None if absent), read from the header only."""
-    if name not in self._where:
-      return None
-    entry = self._file(self._where[name])._entries.get(name)  # pylint: disable=protected-access
-    return None if entry is None else _ST_TO_NP.get(entry["dtype"])
-
-  def get(self, name: str) -> np.ndarray:
-    file = self._file(self._where[name])
-    if name not in file.names():
-      raise CheckpointError(f"tensor {name!r} listed for {file.path} by {self.source} but absent from that file")
-    return file.get(name)
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> MMDiTConfig:

@@ -270,6 +270,13 @@ class CheckpointReader:
   def location(self, name: str) -> str:
     return str(self.directory / self._where[name]) if name in self._where else self.source
 
+  def dtype(self, name: str) -> np.dtype | None:
+    """The stored dtype of tensor `name` (None if absent), read from the header only."""
+    if name not in self._where:
+      return None
+    entry = self._file(self._where[name])._entries.get(name)  # pylint: disable=protected-access
+    return None if entry is None else _ST_TO_NP.get(entry["dtype"])
+
   def get(self, name: str) -> np.ndarray:
     if name not in self._where:
       raise CheckpointError(f"tensor {name!r} not found in {self.source}")
