@@ -29,7 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 __all__ = ["RunSpec", "run_sweep", "load_records", "final_eval", "eval_curve", "summarize", "markdown_table",
-           "pareto_front", "plot_frontiers", "sensitivity", "best_point", "add_common_args"]
+           "pareto_front", "plot_frontiers", "sensitivity", "best_point", "add_common_args", "paired_deltas",
+           "paired_markdown"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,14 +402,78 @@ def sensitivity_markdown(sens: Mapping[str, Mapping[str, Any]], key_name: str) -
   return "\n".join(lines)
 
 
+def paired_deltas(workdir: Path, pairs: Sequence[tuple[str, str]], keys: Sequence[str],
+                  step: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+  """Seed-paired differences ``a - b`` of the final (or ``step``) values of ``keys`` for each ``(a, b)`` label
+  pair of a finished sweep in ``workdir``: ``{f"{a} - {b}": {key: {"deltas": {seed: d}, "mean", "std",
+  "same_sign"}}}``; only seeds present in both runs count (``same_sign``: how many deltas share the mean's sign).
+  Pairing removes the seed's shared part (same initial samples), so a difference smaller than its paired std is
+  one the seeds cannot tell."""
+  workdir = Path(workdir)
+  out: dict[str, dict[str, dict[str, Any]]] = {}
+  for a, b in pairs:
+    seeds_a = {p.name for p in (workdir / a).glob("seed*") if (p / "DONE").exists()}
+    seeds_b = {p.name for p in (workdir / b).glob("seed*") if (p / "DONE").exists()}
+    seeds = sorted(seeds_a & seeds_b, key=lambda n: int(n[4:]))
+    if not seeds:
+      raise ValueError(f"no finished seed of both {a!r} and {b!r} in {workdir}")
+    entry = {}
+    for key in keys:
+      deltas = {}
+      for seed in seeds:
+        va = final_eval(load_records(workdir / a / seed), [key], step).get(key)
+        vb = final_eval(load_records(workdir / b / seed), [key], step).get(key)
+        if va is not None and vb is not None:
+          deltas[int(seed[4:])] = float(va - vb)
+      if deltas:
+        d = np.asarray(list(deltas.values()))
+        mean = float(d.mean())
+        entry[key] = {"deltas": deltas, "mean": mean, "std": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
+                      "same_sign": int(np.sum(np.sign(d) == np.sign(mean)))}
+    out[f"{a} - {b}"] = entry
+  return out
+
+
+def paired_markdown(paired: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+  """One row per (pair, key): the per-seed deltas, mean +- std and how many seeds share the mean's sign."""
+  lines = ["| pair | metric | per-seed deltas | mean ± std | same sign |", "|---|---|---|---|---|"]
+  for pair, entry in paired.items():
+    for key, d in entry.items():
+      per_seed = ", ".join(f"{v:+.3f}" for v in d["deltas"].values())
+      lines.append(f"| {pair} | {key} | {per_seed} | {d['mean']:+.3f} ± {d['std']:.3f} | "
+                   f"{d['same_sign']}/{len(d['deltas'])} |")
+  return "\n".join(lines)
+
+
 def write_results(path: Path, **payload) -> None:
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   Path(path).write_text(json.dumps(payload, indent=1, default=str))
+
+
+def _paired_main(argv: Sequence[str]) -> None:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python experiments/_sweep.py --paired",
+                                   description="seed-paired differences A - B of a finished sweep's final values")
+  parser.add_argument("workdir", type=Path)
+  parser.add_argument("pairs", nargs="+", metavar="A:B", help="run labels, e.g. adrpo_beta1:fixed_beta_beta1")
+  parser.add_argument("--keys", nargs="+", required=True, help="metric keys, e.g. eval/reward_mean")
+  parser.add_argument("--step", type=int, default=None, help="compare at this eval step (default: the last)")
+  args = parser.parse_args(argv)
+  pairs = []
+  for item in args.pairs:
+    a, sep, b = item.partition(":")
+    if not sep or not a or not b:
+      parser.error(f"pair {item!r} must be A:B (two run labels)")
+    pairs.append((a, b))
+  print(paired_markdown(paired_deltas(args.workdir, pairs, args.keys, args.step)))
 
 
 if __name__ == "__main__":
   if len(sys.argv) == 3 and sys.argv[1] == "--child":
     sys.path.insert(0, str(REPO))
     _child(Path(sys.argv[2]))
+  elif len(sys.argv) > 1 and sys.argv[1] == "--paired":
+    _paired_main(sys.argv[2:])
   else:
-    raise SystemExit("usage: python experiments/_sweep.py --child SPEC.json (started by run_sweep)")
+    raise SystemExit("usage: python experiments/_sweep.py --child SPEC.json (started by run_sweep)\n"
+                     "       python experiments/_sweep.py --paired WORKDIR A:B [A:B ...] --keys KEY [KEY ...]")
