@@ -69,11 +69,11 @@ def test_script_grids(capsys):
   import ablations, flow_compare, llm_hard_task, reward_hacking  # pylint: disable=import-outside-toplevel
   flow_compare.main(["--workdir", "/nonexistent", "--dry-run"])
   out = capsys.readouterr().out.splitlines()
-  assert len(out) == 3 * (3 + 4 + 4 + 1)
+  assert len(out) == 3 * (4 + 4 + 4 + 1)  # ADRPO beta_0, ORW alpha, fixed beta: 4 each; none
   assert any(line.startswith("orw_cfm_w2_alpha0.1/seed0") and "'rl.alpha': 0.1" in line for line in out)
   llm_hard_task.main(["--workdir", "/nonexistent", "--dry-run"])
   out = capsys.readouterr().out.splitlines()
-  assert len(out) == 3 * 4 * 2 and "'sampling.max_prompt_length': 8" in out[0]
+  assert len(out) == 3 * 5 * 2 and "'sampling.max_prompt_length': 8" in out[0]  # beta 0.01 .. 1, GRPO + ADRPO
   reward_hacking.main(["--workdir", "/nonexistent", "--side", "flow", "--dry-run", "--seeds", "0"])
   assert "'reward.kind': 'combined'" in capsys.readouterr().out
   ablations.main(["--workdir", "/nonexistent", "--side", "llm", "--dry-run", "--seeds", "0"])
