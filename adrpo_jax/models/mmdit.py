@@ -78,7 +78,7 @@ from flax import nnx
 from adrpo_jax.models.dit import host_initializer, timestep_embedding
 from adrpo_jax.models.llm.activation_sharding import constrain_batch
 from adrpo_jax.models.llm.checkpoint import (CheckpointError, CheckpointReader, SafetensorsFile, _to_host,
-                                             write_sharded_weights)
+                                             read_weight_map, write_sharded_weights)
 from adrpo_jax.models.lora import lora_dropout_fold_in, lora_sites
 from adrpo_jax.models.stacking import stack_variables, unstacked_copy
 
@@ -897,11 +897,7 @@ class _Reader(CheckpointReader):
       self.source = str(single)
       self._where = {n: WEIGHTS_NAME for n in self._file(WEIGHTS_NAME).names()}
     elif index.exists():
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index} has no 'weight_map'")
-      self.source, self._where = str(index), dict(weight_map)
+      self.source, self._where = str(index), read_weight_map(index)
     else:
       files = sorted(p.name for p in self.directory.glob("diffusion_pytorch_model*.safetensors"))
       if len(files) != 1:

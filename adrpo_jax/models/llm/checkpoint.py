@@ -216,6 +216,15 @@ def write_safetensors(path: str | os.PathLike, tensors: Sequence[tuple[str, tupl
   os.replace(tmp, path)
 
 
+def read_weight_map(index_path: Path) -> dict[str, str]:
+  """The `weight_map` (tensor name -> shard file) of a sharded checkpoint's `*.index.json`."""
+  with open(index_path) as f:
+    weight_map = json.load(f).get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise CheckpointError(f"{index_path} has no 'weight_map'")
+  return dict(weight_map)
+
+
 class CheckpointReader:
   """All tensors of an HF directory, chosen as transformers does: `model.safetensors` if present (a stale
   `model.safetensors.index.json` next to it is ignored, with a warning), else the index, else every
@@ -235,12 +244,7 @@ class CheckpointReader:
       for name in self._file(SAFE_WEIGHTS_NAME).names():
         self._where[name] = SAFE_WEIGHTS_NAME
     elif index_path.exists():
-      with open(index_path) as f:
-        weight_map = json.load(f).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path} has no 'weight_map'")
-      self.source = str(index_path)
-      self._where = dict(weight_map)
+      self.source, self._where = str(index_path), read_weight_map(index_path)
     else:
       files = sorted(self.directory.glob("*.safetensors"))
       if not files:

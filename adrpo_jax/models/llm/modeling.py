@@ -260,7 +260,7 @@ class Attention(nnx.Module):
       out = attention(q, cache_k, cache_v, allowed, scale=self.scale, impl=self.attention_impl,
                       chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len,
                       layer_index=layer_index)
-      return self.o_proj(out.astype(q.dtype)), (cache_k, cache_v, layer_index)
+      return self.o_proj(out), (cache_k, cache_v, layer_index)  # out is in q's dtype
     if kv_cache is not None:
       cache_k, cache_v = kv_cache
       start = (0, index, 0, 0)
