@@ -58,6 +58,9 @@ key                                    meaning
 ``reward.image_stat_weight``           its weight in ``combined``
 ``rl.method``                          ``adrpo`` | ``fixed_beta`` | ``orw_cfm_w2`` | ``none`` (table above)
 ``rl.beta``                            beta_0 (``adrpo``, ``fixed_beta``)
+``rl.coefficient_sign``                ``adrpo``: beta_i = beta_0 - clip(A_i) (the paper: better samples
+                                       regularized less) | ``crd``: beta_0 + clip(A_i) (better samples
+                                       regularized more, Flow-Factory's CRD direction); ``rl.method='adrpo'`` only
 ``rl.adv_clip``                        clip of A inside the coefficient: ``multiple`` | ``absolute`` | ``none``
 ``rl.adv_clip_multiple``               ``multiple``: A clipped to +-m * beta_0 (beta_eff in [0, 2 beta_0])
 ``rl.adv_clip_min`` / ``adv_clip_max``  ``absolute`` bounds (+-inf = unbounded on that side)
@@ -118,8 +121,7 @@ from typing import Any
 import ml_collections
 
 from adrpo_jax.train.config import (ConfigError, get_by_path, merge_defaults, require_choice, require_float,
-                                    require_float_or_inf, require_int, require_type, validate_advantage_clip,
-                                    validate_lora_section)
+                                    require_float_or_inf, require_int, require_type, validate_advantage_clip)
 
 __all__ = [
     "METHODS",
@@ -135,6 +137,7 @@ __all__ = [
 
 METHODS = ("adrpo", "fixed_beta", "orw_cfm_w2", "none")
 ADVANTAGE_METHODS = ("adrpo", "fixed_beta", "none")
+COEFFICIENT_SIGNS = ("adrpo", "crd")  # = adrpo_jax.losses.COEFFICIENT_SIGNS
 CONDITION_MODES = ("digit", "digit_thickness")
 REWARD_KINDS = ("classifier", "image_stat", "combined")
 CLASSIFIER_OUTPUTS = ("log_prob", "prob")
@@ -188,6 +191,7 @@ def add_flow_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         "rl": {
             "method": "adrpo",
             "beta": 1.0,
+            "coefficient_sign": "adrpo",
             "adv_clip": "multiple",
             "adv_clip_multiple": 1.0,
             "adv_clip_min": -math.inf,
@@ -313,6 +317,11 @@ def _validate_reward(config) -> None:
 def _validate_rl(config) -> None:
     method = require_choice(config, "rl.method", METHODS)
     require_float(config, "rl.beta", min=0.0)
+    sign = require_choice(config, "rl.coefficient_sign", COEFFICIENT_SIGNS)
+    if sign != "adrpo" and method != "adrpo":
+        raise ConfigError(f"`rl.coefficient_sign`={sign!r} only applies to rl.method='adrpo' (the adaptive "
+                          f"coefficient); rl.method={method!r} has no adaptive term. Leave rl.coefficient_sign="
+                          "'adrpo'.", key="rl.coefficient_sign", value=sign)
     clip = validate_advantage_clip(config, "rl")
     clip_cfm = require_type(config, "rl.clip_cfm_advantages", bool)
     if clip_cfm and method == "none" and config.rl.adv_clip == "multiple":
@@ -364,7 +373,7 @@ def _validate_sampling_eval(config) -> None:
 
 
 def _validate_lora(config) -> None:
-    lora = validate_lora_section(config, "DiT site")
+    lora = lora_config(config)
     if lora is not None and int(config.rl.ref_refresh_steps) > 0 and float(config.rl.ref_refresh_alpha) != 1.0:
         raise ConfigError(f"`rl.ref_refresh_alpha`={config.rl.ref_refresh_alpha} cannot be used with LoRA: the "
                           "refreshed reference is base + a copy of the adapters, and mixing the factors A and B does "
@@ -375,7 +384,8 @@ def _validate_lora(config) -> None:
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off
     (or the config has no ``lora`` section)."""
-    return validate_lora_section(config, "DiT site")
+    from adrpo_jax.recipe.policy import lora_config as build  # pylint: disable=import-outside-toplevel
+    return build(config, "DiT site")
 
 
 def validate_flow_config(config: Any) -> None:

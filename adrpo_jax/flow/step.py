@@ -87,6 +87,7 @@ class FlowStepOptions:
     image_shape: tuple[int, int, int]
     method: str = "adrpo"
     beta: float = 1.0
+    coefficient_sign: str = "adrpo"  # adrpo: beta_0 - clip(A_i); "crd": beta_0 + clip(A_i) (method adrpo only)
     adv_clip: str = "multiple"
     adv_clip_multiple: float = 1.0
     adv_clip_min: float | None = None
@@ -113,6 +114,9 @@ class FlowStepOptions:
             raise ValueError(f"`method`={self.method!r} must be one of {METHODS}.")
         if self.adv_clip not in losses.CLIP_MODES:
             raise ValueError(f"`adv_clip`={self.adv_clip!r} must be one of {losses.CLIP_MODES}.")
+        if self.coefficient_sign not in losses.COEFFICIENT_SIGNS:
+            raise ValueError(f"`coefficient_sign`={self.coefficient_sign!r} must be one of "
+                             f"{losses.COEFFICIENT_SIGNS}.")
         if self.time_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"`time_sampling`={self.time_sampling!r} must be 'uniform' or 'logit_normal'.")
         if self.sampling_method not in SAMPLER_METHODS:
@@ -142,6 +146,7 @@ class FlowStepOptions:
         return cls(
             num_conditions=int(num_conditions), null_class=int(null_class),
             image_shape=tuple(int(d) for d in image_shape), method=rl.method, beta=float(rl.beta),
+            coefficient_sign=str(rl.get("coefficient_sign", "adrpo")),
             adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
             adv_clip_min=inf_to_none(rl.adv_clip_min) if absolute else None,
             adv_clip_max=inf_to_none(rl.adv_clip_max) if absolute else None,
@@ -157,7 +162,8 @@ class FlowStepOptions:
     # -- derived ------------------------------------------------------------------------------------------
     @property
     def adaptive(self) -> bool:
-        """The coefficient is ``beta_0 - clip(A)`` (``adrpo``); else constant."""
+        """The coefficient is ``beta_0 - clip(A)`` (``adrpo``; ``beta_0 + clip(A)`` with ``coefficient_sign``
+        ``"crd"``); else constant."""
         return self.method == "adrpo"
 
     @property
@@ -174,7 +180,8 @@ class FlowStepOptions:
         return sd3_time_grid(self.sampling_steps, self.time_shift)
 
     def coefficient_kwargs(self) -> dict[str, Any]:
-        return dict(adaptive=self.adaptive, clip=self.adv_clip, clip_multiple=self.adv_clip_multiple,
+        return dict(adaptive=self.adaptive, coefficient_sign=self.coefficient_sign, clip=self.adv_clip,
+                    clip_multiple=self.adv_clip_multiple,
                     clip_min=self.adv_clip_min, clip_max=self.adv_clip_max)
 
 

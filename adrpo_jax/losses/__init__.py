@@ -47,6 +47,7 @@ from adrpo_jax.losses.advantages import group_advantages_from_ids
 from adrpo_jax.losses.advantages import prompt_mean_advantages
 from adrpo_jax.losses.advantages import rloo_advantages
 from adrpo_jax.losses.coefficients import CLIP_MODES
+from adrpo_jax.losses.coefficients import COEFFICIENT_SIGNS
 from adrpo_jax.losses.coefficients import adaptive_coefficient
 from adrpo_jax.losses.coefficients import advantage_clip_bounds
 from adrpo_jax.losses.coefficients import clip_advantages
@@ -77,6 +78,7 @@ __all__ = [
     "rloo_advantages",
     # the adaptive coefficient
     "CLIP_MODES",
+    "COEFFICIENT_SIGNS",
     "adaptive_coefficient",
     "advantage_clip_bounds",
     "clip_advantages",

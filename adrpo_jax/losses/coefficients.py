@@ -1,7 +1,20 @@
 """The adaptive divergence coefficient of ADRPO: ``beta_i = beta_0 - clip(A_i)``.
 
 ADRPO.md, "The general form": ``L = L_RL + (beta_0 - A) L_D`` per sample, with the advantage clipped inside the
-coefficient so that it cannot run away. Clip modes:
+coefficient so that it cannot run away.
+
+The sign of the adaptive term is a switch, ``coefficient_sign``::
+
+    beta_i = beta_0 - s * clip(A_i),    s = +1 for "adrpo" (the paper), s = -1 for "crd"
+
+* ``"adrpo"`` (default): samples better than their peers are regularized *less* (``A > 0`` -> ``beta_i <
+  beta_0``), worse ones more -- ADRPO's direction.
+* ``"crd"``: ``beta_i = beta_0 + clip(A_i)``, the opposite direction: high-advantage samples are regularized
+  *more*. This is the direction of the only other per-sample KL weighting shipped by a peer, Flow-Factory's
+  CRD ``reward_adaptive_kl`` (its KL weight grows linearly with the sample's normalized reward). Here it is the
+  mirror image of ADRPO's coefficient with the same clip, so the two differ only in the sign.
+
+Clip modes:
 
 * ``clip="multiple"`` (default): ``A`` clipped to ``[-m beta_0, +m beta_0]`` with ``m = clip_multiple``
   (default 1, the authors' recommendation), so ``beta_i`` lies in ``[(1 - m) beta_0, (1 + m) beta_0]``;
@@ -26,6 +39,8 @@ from adrpo_jax.losses import _validation as V
 
 __all__ = [
     "CLIP_MODES",
+    "COEFFICIENT_SIGNS",
+    "check_coefficient_sign",
     "advantage_clip_bounds",
     "clip_advantages",
     "adaptive_coefficient",
@@ -33,6 +48,22 @@ __all__ = [
 ]
 
 CLIP_MODES = ("multiple", "absolute", "none")
+# beta_i = beta_0 - s * clip(A_i): s = +1 ("adrpo"), s = -1 ("crd"); see the module docstring.
+COEFFICIENT_SIGNS = ("adrpo", "crd")
+_SIGN_FACTOR = {"adrpo": 1.0, "crd": -1.0}
+
+
+def check_coefficient_sign(coefficient_sign: Any) -> str:
+    """``coefficient_sign`` validated: ``"adrpo"`` (``beta_0 - clip(A)``) or ``"crd"`` (``beta_0 + clip(A)``).
+
+    Example:
+      >>> check_coefficient_sign("crd")
+      'crd'
+    """
+    if not isinstance(coefficient_sign, str) or coefficient_sign not in COEFFICIENT_SIGNS:
+        raise ValueError(f"`coefficient_sign` must be one of {COEFFICIENT_SIGNS} ('adrpo': beta_0 - clip(A), the "
+                         f"paper; 'crd': beta_0 + clip(A), the opposite direction), got {coefficient_sign!r}.")
+    return coefficient_sign
 
 
 def _check_beta(beta: Any) -> None:
@@ -129,18 +160,22 @@ def clip_advantages(advantages: jax.Array, beta: float | jax.Array, *, clip: str
 
 
 def adaptive_coefficient(advantages: jax.Array, beta: float | jax.Array, *, adaptive: bool = True,
-                         clip: str | None = "multiple", clip_multiple: float = 1.0, clip_min: float | None = None,
-                         clip_max: float | None = None, stop_gradient: bool = True) -> jax.Array:
-    r"""Per-sample divergence coefficient ``beta_i = beta_0 - clip(A_i)`` (ADRPO.md, "The general form").
+                         coefficient_sign: str = "adrpo", clip: str | None = "multiple", clip_multiple: float = 1.0,
+                         clip_min: float | None = None, clip_max: float | None = None,
+                         stop_gradient: bool = True) -> jax.Array:
+    r"""Per-sample divergence coefficient ``beta_i = beta_0 - s clip(A_i)`` (ADRPO.md, "The general form").
 
-    Samples better than their peers (``A > 0``) are regularized less, worse ones more. With the default clip
-    (``+-1 x beta_0``) ``beta_i`` lies in ``[0, 2 beta_0]``. ``adaptive=False`` gives the fixed coefficient
-    ``beta_0`` for every sample (the GRPO / ORW-CFM-W2 baselines).
+    ``s = +1`` (``coefficient_sign="adrpo"``, the paper): samples better than their peers (``A > 0``) are
+    regularized less, worse ones more. ``s = -1`` (``"crd"``): ``beta_i = beta_0 + clip(A_i)``, the opposite
+    direction (module docstring). With the default clip (``+-1 x beta_0``) ``beta_i`` lies in ``[0, 2 beta_0]``
+    for either sign. ``adaptive=False`` gives the fixed coefficient ``beta_0`` for every sample (the GRPO /
+    ORW-CFM-W2 baselines; the sign is then irrelevant).
 
     Args:
       advantages: any shape (usually ``[N]``), floating.
       beta: ``beta_0 >= 0``, Python number or scalar array (e.g. a schedule under ``jit``).
       adaptive: if False, return ``beta_0`` broadcast to ``advantages.shape``.
+      coefficient_sign: ``"adrpo"`` (``beta_0 - clip(A)``, default) or ``"crd"`` (``beta_0 + clip(A)``).
       clip, clip_multiple, clip_min, clip_max: the advantage clip inside the coefficient (module docstring).
       stop_gradient: if True (default) the result carries no gradient (to advantages or beta).
 
@@ -151,31 +186,36 @@ def adaptive_coefficient(advantages: jax.Array, beta: float | jax.Array, *, adap
       >>> import jax.numpy as jnp
       >>> adaptive_coefficient(jnp.array([-1.0, 0.0, 0.01, 1.0]), 0.04)
       Array([0.08, 0.04, 0.03, 0.  ], dtype=float32)
+      >>> adaptive_coefficient(jnp.array([-1.0, 0.0, 0.01, 1.0]), 0.04, coefficient_sign="crd")
+      Array([0.  , 0.04, 0.05, 0.08], dtype=float32)
       >>> adaptive_coefficient(jnp.array([-1.0, 1.0]), 0.04, adaptive=False)
       Array([0.04, 0.04], dtype=float32)
     """
     advantages = _check_advantages(advantages)
     if not isinstance(adaptive, bool):
         raise ValueError(f"`adaptive` must be a bool, got {adaptive!r}.")
+    sign = _SIGN_FACTOR[check_coefficient_sign(coefficient_sign)]
     bounds = advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
                                    clip_max=clip_max)
     b = jnp.asarray(beta, advantages.dtype)
     if adaptive:
-        coef = b - _clip(advantages, bounds)
+        clipped = _clip(advantages, bounds)
+        coef = b - clipped if sign > 0 else b + clipped
     else:
         coef = jnp.broadcast_to(b, advantages.shape)
     return _stats.sg(coef) if stop_gradient else coef
 
 
 def coefficient_metrics(advantages: jax.Array, beta: float | jax.Array, *, mask: jax.Array | None = None,
-                        axis_name: Any = None, adaptive: bool = True, clip: str | None = "multiple",
+                        axis_name: Any = None, adaptive: bool = True, coefficient_sign: str = "adrpo",
+                        clip: str | None = "multiple",
                         clip_multiple: float = 1.0, clip_min: float | None = None,
                         clip_max: float | None = None) -> dict[str, jax.Array]:
     """Log statistics of the coefficient over valid samples (global over ``axis_name``; stop-gradient).
 
     Returns a dict with ``beta_eff_mean``, ``beta_eff_min``, ``beta_eff_max`` (0 when no sample is valid) and
     ``adv_clip_fraction``: the fraction of valid advantages outside the clip bounds (0 when
-    ``adaptive=False`` or ``clip="none"``).
+    ``adaptive=False`` or ``clip="none"``). ``coefficient_sign`` as in :func:`adaptive_coefficient`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -186,8 +226,8 @@ def coefficient_metrics(advantages: jax.Array, beta: float | jax.Array, *, mask:
     advantages = _check_advantages(advantages)
     V.check_axis_name(axis_name)
     mask = V.check_mask(mask, advantages.shape, "mask", expected_from="advantages")
-    coef = adaptive_coefficient(advantages, beta, adaptive=adaptive, clip=clip, clip_multiple=clip_multiple,
-                                clip_min=clip_min, clip_max=clip_max)
+    coef = adaptive_coefficient(advantages, beta, adaptive=adaptive, coefficient_sign=coefficient_sign, clip=clip,
+                                clip_multiple=clip_multiple, clip_min=clip_min, clip_max=clip_max)
     return _metrics(coef, advantages, mask, axis_name, adaptive,
                     advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
                                           clip_max=clip_max))

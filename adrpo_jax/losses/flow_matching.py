@@ -203,9 +203,9 @@ def _flow_inputs(v, v_ref, u, mask):
 
 
 def adrpo_flow_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, advantages: jax.Array, *,
-                    beta: float | jax.Array, adaptive: bool = True, clip: str | None = "multiple",
-                    clip_multiple: float = 1.0, clip_min: float | None = None, clip_max: float | None = None,
-                    clip_cfm_advantages: bool = False, mask: jax.Array | None = None,
+                    beta: float | jax.Array, adaptive: bool = True, coefficient_sign: str = "adrpo",
+                    clip: str | None = "multiple", clip_multiple: float = 1.0, clip_min: float | None = None,
+                    clip_max: float | None = None, clip_cfm_advantages: bool = False, mask: jax.Array | None = None,
                     normalizer: float | jax.Array | None = None, axis_name: Any = None
                     ) -> tuple[jax.Array, Metrics]:
     r"""ADRPO-W2 flow objective: advantage-weighted CFM plus the per-sample adaptive W2 penalty.
@@ -213,7 +213,10 @@ def adrpo_flow_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, advantages: ja
     ADRPO.md, "Flow matching: ADRPO with Wasserstein-2 regularization"::
 
         loss = (1/n) sum_i m_i [ A_i ||v_i - u_i||^2 + beta_i ||v_i - sg(v_ref_i)||^2 ],
-        beta_i = beta_0 - clip(A_i)   (stop-gradient; A is stop-gradient too)
+        beta_i = beta_0 - s clip(A_i)   (stop-gradient; A is stop-gradient too)
+
+    with ``s = +1`` for ``coefficient_sign="adrpo"`` (the paper) and ``s = -1`` for ``"crd"`` (``beta_0 +
+    clip(A)``: better samples regularized more, the direction of Flow-Factory's CRD ``reward_adaptive_kl``).
 
     Both terms use the same ``(x_t, t, c)``: ``v = v_theta(x_t, t, c)``, ``v_ref`` the frozen reference's
     velocity there, ``u`` the path target (:func:`rectified_flow_path`). With ``A < 0`` the first term pushes
@@ -229,7 +232,8 @@ def adrpo_flow_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, advantages: ja
       u: ``[N, D...]`` conditional target velocity.
       advantages: ``[N]`` (e.g. :func:`prompt_mean_advantages`), stop-gradient.
       beta: ``beta_0 >= 0``.
-      adaptive, clip, clip_multiple, clip_min, clip_max: the coefficient (:func:`adaptive_coefficient`).
+      adaptive, coefficient_sign, clip, clip_multiple, clip_min, clip_max: the coefficient
+        (:func:`adaptive_coefficient`).
       clip_cfm_advantages: also clip the advantage weighting the CFM term (default False).
       mask: optional ``[N]`` sample validity.
       normalizer: optional global denominator replacing the valid-sample count.
@@ -255,8 +259,8 @@ def adrpo_flow_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, advantages: ja
     V.check_axis_name(axis_name)
     if not isinstance(clip_cfm_advantages, bool):
         raise ValueError(f"`clip_cfm_advantages` must be a bool, got {clip_cfm_advantages!r}.")
-    coef_kw = dict(adaptive=adaptive, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
-                   clip_max=clip_max)
+    coef_kw = dict(adaptive=adaptive, coefficient_sign=coefficient_sign, clip=clip, clip_multiple=clip_multiple,
+                   clip_min=clip_min, clip_max=clip_max)
     coef = C.adaptive_coefficient(advantages, beta, **coef_kw)
     bounds = C.advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
                                      clip_max=clip_max)

@@ -235,7 +235,7 @@ def aggregate_loss(per_token_loss: jax.Array, mask: jax.Array | None = None, *,
 
 def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array | None, advantages: jax.Array,
               mask: jax.Array | None, *, beta: float | jax.Array = 0.04, adaptive: bool = True,
-              clip: str | None = "multiple", clip_multiple: float = 1.0, clip_min: float | None = None,
+              coefficient_sign: str = "adrpo", clip: str | None = "multiple", clip_multiple: float = 1.0, clip_min: float | None = None,
               clip_max: float | None = None, clip_pg_advantages: bool = False, eps_low: float = 0.2,
               eps_high: float | None = None, dual_clip: float | None = None, ratio_level: str = "token",
               loss_aggregation: str = "token_mean", max_tokens: int | None = None, kl_estimator: str = "k3",
@@ -246,8 +246,11 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     ADRPO.md, "LLMs: ADRPO on top of GRPO"::
 
         l_{i,t} = max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps_low, 1 + eps_high))
-                  + beta_i * KL_{i,t},          beta_i = beta_0 - clip(A_i)   (stop-gradient)
+                  + beta_i * KL_{i,t},          beta_i = beta_0 - s clip(A_i)   (stop-gradient)
         loss    = aggregate(l, mask)            (token_mean | sequence_mean | ... ; see aggregate_loss)
+
+    with ``s = +1`` for ``coefficient_sign="adrpo"`` (the paper) and ``s = -1`` for ``"crd"`` (``beta_0 +
+    clip(A)``: high-advantage completions are held closer to the reference, the opposite direction).
 
     with ``rho = exp(logp - old_logp)`` per token (or GSPO's sequence ratio, ``ratio_level="sequence"``), the
     per-token KL estimate ``KL_{i,t}`` (k3 by default) against the reference policy, and the KL entering per
@@ -264,7 +267,8 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
       advantages: ``[B]`` per-sequence advantages (stop-gradient), e.g. :func:`group_advantages`.
       mask: ``[B, T]`` completion mask (bool or 0/1), or None (all valid). Padding may hold any value.
       beta: ``beta_0 >= 0`` (TRL's default 0.04).
-      adaptive, clip, clip_multiple, clip_min, clip_max: the coefficient (:func:`adaptive_coefficient`).
+      adaptive, coefficient_sign, clip, clip_multiple, clip_min, clip_max: the coefficient
+        (:func:`adaptive_coefficient`).
       clip_pg_advantages: also use the clipped advantage in the policy-gradient term (ADRPO.md: a
         (reading), default False).
       eps_low, eps_high, dual_clip: the surrogate's clip (:func:`clipped_surrogate`).
@@ -317,8 +321,8 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     V.check_axis_name(axis_name)
     if not isinstance(clip_pg_advantages, bool):
         raise ValueError(f"`clip_pg_advantages` must be a bool, got {clip_pg_advantages!r}.")
-    coef_kw = dict(adaptive=adaptive, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
-                   clip_max=clip_max)
+    coef_kw = dict(adaptive=adaptive, coefficient_sign=coefficient_sign, clip=clip, clip_multiple=clip_multiple,
+                   clip_min=clip_min, clip_max=clip_max)
     coef = C.adaptive_coefficient(advantages, beta, **coef_kw)  # [B], stop-gradient; validates beta/clip
     bounds = C.advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
                                      clip_max=clip_max)

@@ -58,6 +58,10 @@ key                                    meaning
 ``rl.advantage_eps``                   added to the std
 ``rl.beta``                            beta_0 of the KL term (0 = no reference model at all)
 ``rl.adaptive``                        ADRPO: beta_i = beta_0 - clip(A_i); False = fixed-beta GRPO
+``rl.coefficient_sign``                ``adrpo`` (beta_0 - clip(A_i), the paper: better completions regularized
+                                       less) | ``crd`` (beta_0 + clip(A_i): better completions regularized more,
+                                       the direction of Flow-Factory's CRD ``reward_adaptive_kl``); needs
+                                       ``rl.adaptive``
 ``rl.adv_clip``                        clip of A inside the coefficient: ``multiple`` | ``absolute`` | ``none``
 ``rl.adv_clip_multiple``               ``multiple``: A clipped to +-m * beta_0
 ``rl.adv_clip_min`` / ``adv_clip_max``  ``absolute`` bounds (+-inf = unbounded on that side)
@@ -131,7 +135,6 @@ from adrpo_jax.train.config import (
     require_int,
     require_type,
     validate_advantage_clip,
-    validate_lora_section,
 )
 
 __all__ = [
@@ -150,6 +153,7 @@ __all__ = [
 BUILTIN_MODELS = ("builtin:tiny_arith", "builtin:smollm2")
 DTYPES = ("float32", "bfloat16", "float16")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "batch_normalized")
+COEFFICIENT_SIGNS = ("adrpo", "crd")  # = adrpo_jax.losses.COEFFICIENT_SIGNS
 SCALE_REWARDS = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "nonempty_sequence_mean", "constant_normalizer")
@@ -207,6 +211,7 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "advantage_eps": 1e-4,
             "beta": 0.04,
             "adaptive": True,
+            "coefficient_sign": "adrpo",
             "adv_clip": "multiple",
             "adv_clip_multiple": 1.0,
             "adv_clip_min": -math.inf,
@@ -360,6 +365,11 @@ def _validate_rl(config) -> None:
     require_float(config, "rl.advantage_eps", min=0.0)
     require_float(config, "rl.beta", min=0.0)
     adaptive = require_type(config, "rl.adaptive", bool)
+    sign = require_choice(config, "rl.coefficient_sign", COEFFICIENT_SIGNS)
+    if sign != "adrpo" and not adaptive:
+        raise ConfigError(f"`rl.coefficient_sign`={sign!r} has no effect with `rl.adaptive`=False (the fixed "
+                          "coefficient beta_0 has no adaptive term to sign); set rl.adaptive=True or leave "
+                          "rl.coefficient_sign='adrpo'.", key="rl.coefficient_sign", value=sign)
     clip = validate_advantage_clip(config, "rl")
     require_type(config, "rl.clip_pg_advantages", bool)
     require_float(config, "rl.eps_low", min=0.0, max=1.0, max_inclusive=False)
@@ -455,7 +465,7 @@ def _validate_eval(config) -> None:
 
 
 def _validate_lora(config) -> None:
-    if validate_lora_section(config) is None:
+    if lora_config(config) is None:
         return
     dropout = float(config.lora.dropout)
     if dropout > 0.0:
@@ -472,7 +482,8 @@ def _validate_lora(config) -> None:
 
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off."""
-    return validate_lora_section(config)
+    from adrpo_jax.recipe.policy import lora_config as build  # pylint: disable=import-outside-toplevel
+    return build(config)
 
 
 def validate_llm_config(config: Any) -> None:

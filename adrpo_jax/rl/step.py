@@ -100,6 +100,7 @@ class StepOptions:
     advantage_eps: float = 1e-4
     beta: float = 0.04
     adaptive: bool = True
+    coefficient_sign: str = "adrpo"  # beta_i = beta_0 - clip(A_i) ("adrpo") or beta_0 + clip(A_i) ("crd")
     adv_clip: str = "multiple"
     adv_clip_multiple: float = 1.0
     adv_clip_min: float | None = None
@@ -124,6 +125,8 @@ class StepOptions:
     def __post_init__(self):
         if self.adv_clip not in losses.CLIP_MODES:
             raise ValueError(f"adv_clip={self.adv_clip!r} must be one of {losses.CLIP_MODES}")
+        if self.coefficient_sign not in losses.COEFFICIENT_SIGNS:
+            raise ValueError(f"coefficient_sign={self.coefficient_sign!r} must be one of {losses.COEFFICIENT_SIGNS}")
         if self.kl_placement not in ("loss", "reward"):
             raise ValueError(f"kl_placement={self.kl_placement!r} must be 'loss' or 'reward'")
         if self.kl_placement == "reward" and self.adaptive:
@@ -151,7 +154,8 @@ class StepOptions:
             num_minibatches=int(rl.num_minibatches), grad_accum_steps=int(config.optim.grad_accum_steps),
             shuffle_minibatches=bool(rl.shuffle_minibatches), advantage_estimator=rl.advantage_estimator,
             scale_rewards=rl.scale_rewards, advantage_eps=float(rl.advantage_eps), beta=float(rl.beta),
-            adaptive=bool(rl.adaptive), adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
+            adaptive=bool(rl.adaptive), coefficient_sign=str(rl.get("coefficient_sign", "adrpo")),
+            adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
             adv_clip_min=inf_to_none(rl.adv_clip_min), adv_clip_max=inf_to_none(rl.adv_clip_max),
             clip_pg_advantages=bool(rl.clip_pg_advantages), eps_low=float(rl.eps_low), eps_high=float(rl.eps_high),
             dual_clip=float(rl.dual_clip) or None, ratio_level=rl.ratio_level, loss_aggregation=rl.loss_aggregation,
@@ -191,7 +195,8 @@ class StepOptions:
         return self.num_iterations * self.num_minibatches
 
     def coefficient_kwargs(self) -> dict[str, Any]:
-        return dict(adaptive=self.adaptive and self.kl_placement == "loss", clip=self.adv_clip,
+        return dict(adaptive=self.adaptive and self.kl_placement == "loss", coefficient_sign=self.coefficient_sign,
+                    clip=self.adv_clip,
                     clip_multiple=self.adv_clip_multiple,
                     clip_min=self.adv_clip_min if self.adv_clip == "absolute" else None,
                     clip_max=self.adv_clip_max if self.adv_clip == "absolute" else None)
