@@ -8,6 +8,10 @@ KV-cache decode step is `q_offset = cache.index` with `key_valid = cache.mask`. 
 no key at all (padding) give finite values (never NaN) that callers mask out; what they hold differs
 between implementations.
 
+Logit soft-capping (Gemma 2, `softcap=c`): the scaled scores become `c * tanh(scores / c)` before the mask and
+the softmax, in every implementation (splash through its `attn_logits_soft_cap`; cuDNN has none, so a soft-capped
+call never picks it).
+
 Implementations (`DecoderConfig.attention_impl`):
 
 =========  ==============================================================================================
@@ -102,6 +106,11 @@ def dense_mask(key_valid: Array, q_len: int, *, q_offset=None, causal: bool = Tr
   return allowed[None, :, :] & key_valid[:, None, :]
 
 
+def _soft_cap(scores: Array, softcap: float | None) -> Array:
+  """`softcap * tanh(scores / softcap)` (Gemma 2's attention logit soft-capping); `scores` itself for None."""
+  return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+
+
 def validate_impl(impl: str, name: str = "attention_impl") -> str:
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"{name}={impl!r} is not an attention implementation; use one of {IMPLEMENTATIONS}")
@@ -111,19 +120,20 @@ def validate_impl(impl: str, name: str = "attention_impl") -> str:
 # ------------------------------------------------------------------------------------------------------
 # xla: the reference
 # ------------------------------------------------------------------------------------------------------
-def attend(q: Array, k: Array, v: Array, allowed: Array, *, scale: float) -> Array:
+def attend(q: Array, k: Array, v: Array, allowed: Array, *, scale: float, softcap: float | None = None) -> Array:
   """Grouped-query attention with a dense boolean mask; scores and softmax in float32 (the reference).
 
   Args:
     q: [B, T, H, hd]; k, v: [B, S, K, hd] with K dividing H (query head h uses kv head h // G).
     allowed: [B, T, S] bool.
+    softcap: None or c > 0: scores -> c * tanh(scores / c) before the mask (Gemma 2).
   Returns:
     [B, T, H, hd] in v's dtype.
   """
   b, t, h, hd = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = _soft_cap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale, softcap)
   scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -175,7 +185,8 @@ def _query_blocks(x, t, cq):
   return jnp.moveaxis(x.reshape(x.shape[0], nq, cq, *x.shape[2:]), 1, 0)
 
 
-def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size):
+def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size,
+                      softcap=None):
   """Output [B, T, H, hd] and log-sum-exp [nq, B, K, G, cq] (float32), blocks of `chunk_size` queries and
   keys; (query block, key block) pairs that the mask rules out entirely are skipped (`lax.cond`)."""
   b, t, h, hd = q.shape
@@ -197,7 +208,8 @@ def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal,
 
       def compute(carry):
         m, l, acc = carry
-        s = jnp.einsum("bqkgd,bckd->bkgqc", q_i, kj, preferred_element_type=jnp.float32) * scale
+        s = _soft_cap(jnp.einsum("bqkgd,bckd->bkgqc", q_i, kj, preferred_element_type=jnp.float32) * scale,
+                      softcap)
         allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array)
         s = jnp.where(allowed, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -222,17 +234,19 @@ def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal,
   return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _chunked(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size):
-  return _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _chunked(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size, softcap=None):
+  return _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size,
+                           softcap)[0]
 
 
-def _chunked_fwd(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size):
-  out, lse = _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size)
+def _chunked_fwd(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size, softcap=None):
+  out, lse = _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size,
+                               softcap)
   return out, (q, k, v, key_valid, q_offset, window_array, out, lse)
 
 
-def _chunked_bwd(scale, causal, window, chunk_size, res, d_out):
+def _chunked_bwd(scale, causal, window, chunk_size, softcap, res, d_out):
   """FlashAttention-2 backward: per key block (outer scan) and query block (inner scan), the probabilities
   are recomputed from the saved log-sum-exp; dK, dV accumulate in the inner carry, dQ over key blocks."""
   q, k, v, key_valid, q_offset, window_array, out, lse = res
@@ -257,11 +271,17 @@ def _chunked_bwd(scale, causal, window, chunk_size, res, d_out):
       def compute(dkv):
         dk_j, dv_j = dkv
         s = jnp.einsum("bqkgd,bckd->bkgqc", q_i, kj, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:  # d(c tanh(s / c)) / ds = 1 - tanh(s / c)^2
+          tanh = jnp.tanh(s / softcap)
+          s, cap_grad = tanh * softcap, 1.0 - tanh * tanh
         allowed = _block_allowed(valid_j, j, c, q_lo + jnp.arange(cq), causal, window, window_array)
         p = jnp.where(allowed, jnp.exp(jnp.where(allowed, s, _NEG) - lse_i[..., None]), 0.0)
         dv_j = dv_j + jnp.einsum("bkgqc,bqkgd->bckd", p.astype(cdt), do_i, preferred_element_type=jnp.float32)
         dp = jnp.einsum("bqkgd,bckd->bkgqc", do_i, vj, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta_i[..., None]) * scale).astype(cdt)
+        ds = p * (dp - delta_i[..., None]) * scale
+        if softcap is not None:
+          ds = ds * cap_grad
+        ds = ds.astype(cdt)
         dk_j = dk_j + jnp.einsum("bkgqc,bqkgd->bckd", ds, q_i, preferred_element_type=jnp.float32)
         dq_i = jnp.einsum("bkgqc,bckd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
         return (dk_j, dv_j), dq_i
@@ -286,14 +306,14 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def chunked_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
-                      chunk_size: int = 512) -> Array:
+                      chunk_size: int = 512, softcap: float | None = None) -> Array:
   """Memory-efficient attention (see the module doc): same contract as `attend(q, k, v, mask.dense(T))`."""
   if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
   q_offset = jnp.zeros((), jnp.int32) if mask.q_offset is None else jnp.asarray(mask.q_offset, jnp.int32)
   window_array = None if mask.window_array is None else jnp.asarray(mask.window_array, jnp.int32)
   return _chunked(q, k, v, jnp.asarray(mask.key_valid, bool), q_offset, window_array, float(scale),
-                  bool(mask.causal), mask.window, int(chunk_size))
+                  bool(mask.causal), mask.window, int(chunk_size), None if softcap is None else float(softcap))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -313,7 +333,8 @@ def decode_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
 
 
 def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
-                     block_size: int = DECODE_BLOCK, layer_index: Array | None = None) -> Array:
+                     block_size: int = DECODE_BLOCK, layer_index: Array | None = None,
+                     softcap: float | None = None) -> Array:
   """Attention of T queries at cache slots `q_offset .. q_offset + T - 1` over a static KV cache [B, S],
   reading only the key blocks that the causal rule (and a window) can reach: a `lax.fori_loop` with a
   traced trip count over blocks `lo .. ceil((q_offset + T) / block) - 1` (online softmax, float32
@@ -366,7 +387,7 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
     k_slots = start + jnp.arange(c)
     rules = _slot_rules(q_slots, k_slots, True, mask.window, window_array) & (k_slots >= j * c)[None, :]
     allowed = (valid_j[:, None, :] & rules[None])[:, None, None]  # [B, 1, 1, T, c]
-    sc = jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale
+    sc = _soft_cap(jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale, softcap)
     sc = jnp.where(allowed, sc, _NEG)
     m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
     p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
@@ -385,8 +406,10 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
 # ------------------------------------------------------------------------------------------------------
 # cudnn (GPU) and splash (TPU)
 # ------------------------------------------------------------------------------------------------------
-def cudnn_supported(q_shape, k_shape, dtype, mask: AttentionMask) -> str | None:
+def cudnn_supported(q_shape, k_shape, dtype, mask: AttentionMask, softcap: float | None = None) -> str | None:
   """None when `cudnn` can run this call, else the reason (a sentence) it cannot."""
+  if softcap is not None:
+    return "cuDNN attention has no logit soft-capping"
   t, hd, s = q_shape[1], q_shape[3], k_shape[1]
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"cuDNN flash attention needs float16/bfloat16 inputs, got {jnp.dtype(dtype).name}"
@@ -417,8 +440,8 @@ def cudnn_arguments(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale:
   return args
 
 
-def cudnn_attention(q, k, v, mask: AttentionMask, *, scale: float) -> Array:
-  reason = cudnn_supported(q.shape, k.shape, q.dtype, mask)
+def cudnn_attention(q, k, v, mask: AttentionMask, *, scale: float, softcap: float | None = None) -> Array:
+  reason = cudnn_supported(q.shape, k.shape, q.dtype, mask, softcap)
   if reason is not None:
     raise ValueError(f"attention_impl='cudnn' cannot run this call: {reason}")
   return jax.nn.dot_product_attention(**cudnn_arguments(q, k, v, mask, scale=scale))
@@ -435,7 +458,7 @@ def splash_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
 
 
 def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
-                     block_size: int = 512, interpret: bool = False) -> Array:
+                     block_size: int = 512, interpret: bool = False, softcap: float | None = None) -> Array:
   """Pallas TPU splash attention (vmapped over the batch; GQA native). Padding: segment ids (1 real, 0
   padding, so a padding query attends padding keys and no row is empty); T is padded to a multiple of the
   block (a multiple of 128) with padding slots."""
@@ -460,7 +483,8 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   kernel = sa.make_splash_mha_single_device(sa.MultiHeadMask([one] * h), block_sizes=sizes,
-                                            interpret=interpret)
+                                            interpret=interpret,
+                                            attn_logits_soft_cap=None if softcap is None else float(softcap))
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, heads, hd] -> [B, heads, T, hd]
   qs = heads_first((q.astype(jnp.float32) * scale).astype(q.dtype))
 
@@ -475,7 +499,7 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
 # Selection and the one entry point
 # ------------------------------------------------------------------------------------------------------
 def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: AttentionMask,
-                auto_min_len: int = 1024, auto_decode_min_len: int = 512) -> str:
+                auto_min_len: int = 1024, auto_decode_min_len: int = 512, softcap: float | None = None) -> str:
   """The implementation that runs a call: `impl` itself for xla / chunked, cudnn / splash / decode where
   they can run this call (else the auto fallback), and for `auto` (and cudnn's fallback): on CPU/GPU a
   cached causal call with
@@ -505,7 +529,7 @@ def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: Atte
     if splash_supported(q_shape, k_shape, mask) is None:
       return "splash"
   if impl in ("auto", "cudnn") and (impl == "cudnn" or platform in ("gpu", "cuda")):
-    if cudnn_supported(q_shape, k_shape, dtype, mask) is None:
+    if cudnn_supported(q_shape, k_shape, dtype, mask, softcap) is None:
       return "cudnn"
   return "chunked" if q_shape[1] * k_shape[1] >= auto_min_len ** 2 else "xla"
 
@@ -513,7 +537,8 @@ def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: Atte
 def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float | None = None,
               impl: str = "auto", chunk_size: int = 512, auto_min_len: int = 1024,
               platform: str | None = None, interpret: bool = False, auto_decode_min_len: int = 512,
-              decode_block: int = DECODE_BLOCK, layer_index: Array | None = None) -> Array:
+              decode_block: int = DECODE_BLOCK, layer_index: Array | None = None,
+              softcap: float | None = None) -> Array:
   """Grouped-query attention [B, T, H, hd] x [B, S, K, hd] -> [B, T, H, hd] (v's dtype) under `mask`.
 
   Args:
@@ -526,6 +551,7 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
     decode_block: key slots per block of `decode`.
     platform: 'cpu' / 'gpu' / 'tpu' (default `jax.default_backend()`), for `auto`.
     interpret: run `splash` in Pallas interpret mode (CPU tests).
+    softcap: None or c > 0: logit soft-capping `c * tanh(scores / c)` (Gemma 2), in every implementation.
     layer_index: k and v are the stacked caches of all layers [L, B, S, K, hd] and this (traced) layer attends;
       `decode` reads its blocks from the stack, the others slice the layer first. The output is in q's dtype.
   """
@@ -534,11 +560,12 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
       raise ValueError(f"with layer_index, k and v must be stacked [L, B, S, K, hd]; got {k.shape}, {v.shape}")
     chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape[1:],
                          dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
-                         auto_decode_min_len=auto_decode_min_len)
+                         auto_decode_min_len=auto_decode_min_len, softcap=softcap)
     if chosen == "decode" and q.shape[-1] == k.shape[-1] and q.shape[2] % k.shape[3] == 0 \
         and mask.key_valid.shape == k.shape[1:3]:
       scale = q.shape[-1] ** -0.5 if scale is None else scale
-      return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block, layer_index=layer_index)
+      return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block, layer_index=layer_index,
+                              softcap=softcap)
     k = jax.lax.dynamic_index_in_dim(k, layer_index, 0, keepdims=False).astype(q.dtype)
     v = jax.lax.dynamic_index_in_dim(v, layer_index, 0, keepdims=False).astype(q.dtype)
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
@@ -552,13 +579,13 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape,
                        dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
-                       auto_decode_min_len=auto_decode_min_len)
+                       auto_decode_min_len=auto_decode_min_len, softcap=softcap)
   if chosen == "decode":
-    return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block)
+    return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block, softcap=softcap)
   if chosen == "xla":
-    return attend(q, k, v, mask.dense(q.shape[1]), scale=scale)
+    return attend(q, k, v, mask.dense(q.shape[1]), scale=scale, softcap=softcap)
   if chosen == "chunked":
-    return chunked_attention(q, k, v, mask, scale=scale, chunk_size=chunk_size)
+    return chunked_attention(q, k, v, mask, scale=scale, chunk_size=chunk_size, softcap=softcap)
   if chosen == "cudnn":
-    return cudnn_attention(q, k, v, mask, scale=scale)
-  return splash_attention(q, k, v, mask, scale=scale, interpret=interpret)
+    return cudnn_attention(q, k, v, mask, scale=scale, softcap=softcap)
+  return splash_attention(q, k, v, mask, scale=scale, interpret=interpret, softcap=softcap)
