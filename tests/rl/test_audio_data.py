@@ -85,7 +85,7 @@ def test_read_wav_formats(tmp_path):
   assert x.shape == (16000,)  # resampled 8 kHz -> 16 kHz
   np.testing.assert_allclose(x[::2], stereo[:, 0] * 16000 / 32768, atol=2e-3)
   (tmp_path / "bad.wav").write_bytes(b"not a wav")
-  with pytest.raises(ValueError, match="not a PCM WAV"):
+  with pytest.raises(ValueError, match="not a WAV file"):
     ad.read_wav(tmp_path / "bad.wav")
 
 
@@ -132,10 +132,10 @@ def test_choice_jsonl_source(tmp_path):
 @pytest.mark.parametrize("completion, expected", [
     ("<answer>B</answer>", 1), ("<answer>(b)</answer>", 1), ("<think>hmm</think> <answer>a dog barking</answer>", 1),
     ("B", 1), ("(C)", 2), ("C. rain", 2), ("A dog barking.", 1), ("it is raining, rain", 2), ("", None),
-    ("<answer>D</answer>", None), ("cat or rain", None), ("<answer>A</answer> then <answer>C</answer>", 2),
+    ("<answer>D</answer>", None), ("cat or rain", None), ("<answer>A</answer> then <answer>C</answer>", None),
     ("Because the sound", None)])
-def test_parse_choice(completion, expected):
-  assert ad.parse_choice(completion, ["cat", "a dog barking", "rain"]) == expected
+def test_parse_choice(completion, expected):  # tag-free prompts (require_tag=False); issue 28's cases elsewhere
+  assert ad.parse_choice(completion, ["cat", "a dog barking", "rain"], require_tag=False) == expected
 
 
 def test_audio_rewards_registered_and_combined():
@@ -143,7 +143,7 @@ def test_audio_rewards_registered_and_combined():
   completions = ["<think>woof</think><answer>B</answer>", "<answer>A</answer>", "dog", "<answer>B"]
   computer = RewardComputer(["choice_accuracy", "answer_format"], weights=[1.0, 0.5])
   out = computer(["q"] * 4, completions, choices=choices, answer=["dog"] * 4)
-  assert out.rewards.tolist() == [1.5, 0.5, 1.0, 0.0]
+  assert out.rewards.tolist() == [1.5, 0.5, 0.0, 0.0]  # "dog" gives no <answer>: no accuracy reward
   assert ad.answer_format_reward(None, [" <answer>x</answer> ", "<think>a</think>\n<answer>b</answer>",
                                         "<answer>x</answer> tail", "x"]) == [1.0, 1.0, 0.0, 0.0]
   with pytest.raises(ValueError, match="choices"):
