@@ -16,10 +16,12 @@ Structure (transformers 5.23 `modeling_qwen2_audio.py`, `modeling_qwen2_5_omni.p
   the chunk outputs are concatenated per clip, AvgPool(2), `ln_post`, `proj` (inside the encoder).
 * Both give `n = ((L - 1) // 2 + 1 - 2) // 2 + 1` audio embeddings per clip of L mel frames (25 per second);
   `encode_audio` returns them left-aligned, `[B, A, D]` with `valid [B, A]` (`arange(A) < n`).
-* The splice (`embed_inputs`): the k-th `<|AUDIO|>` token of the flattened batch gets the k-th valid audio
-  embedding in (clip, position) order (transformers' `masked_scatter`); eagerly, a count mismatch is a
-  ValueError (inside `jax.jit` the counts cannot be checked: the caller must build prompts with one audio token
-  per valid embedding).
+* The splice (`embed_inputs`, `splice_audio`): with one clip per row, per row the k-th `<|AUDIO|>` token gets
+  the row's k-th valid audio embedding (extra audio tokens, e.g. sampled in a completion, keep their token
+  embedding and never shift another row; `prompt_length` limits the splice to the prompt); with N clips for
+  B != N rows, transformers' `masked_scatter` over the flattened batch. Eagerly, a count mismatch is a
+  ValueError; inside `jax.jit` it cannot be checked: check the tokenized prompts on the host with
+  `check_audio_token_counts`.
 * The LM: our `CausalLM` (Qwen2 family). For audio-only inputs the Omni thinker's 3-D mrope positions are the
   plain 1-D positions, so the LM is numerically Qwen2 with the thinker's rope_theta. The output head: the
   *thinker-level* `tie_word_embeddings` (False for Omni; its `text_config.tie_word_embeddings` defaults to True
@@ -57,7 +59,8 @@ Array = jax.Array
 AUDIO_MODEL_TYPES = ("qwen2_audio", "qwen2_5_omni_thinker", "qwen2_5_omni")
 
 __all__ = ["AUDIO_MODEL_TYPES", "AudioEncoderConfig", "AudioLM", "OmniAudioEncoder", "WhisperAudioEncoder",
-           "audio_output_lengths", "load_pretrained", "lm_param_filter", "resolve_configs", "splice_audio"]
+           "audio_output_lengths", "check_audio_token_counts", "load_pretrained", "lm_param_filter",
+           "resolve_configs", "splice_audio"]
 
 
 def audio_output_lengths(lengths):
@@ -328,28 +331,79 @@ def _is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def splice_audio(token_embeds: Array, is_audio: Array, audio_embeds: Array, audio_valid: Array) -> Array:
-  """transformers' `masked_scatter`: the k-th True of `is_audio` [B, T] (row-major over the batch) gets the k-th
-  valid row of `audio_embeds` [N, A, D] (clip-major, `audio_valid` [N, A]). Returns [B, T, D] in the dtype of
-  `token_embeds`. Raises ValueError (eager inputs only) if the counts differ."""
+def splice_audio(token_embeds: Array, is_audio: Array, audio_embeds: Array, audio_valid: Array, *,
+                 prompt_length: int | None = None) -> Array:
+  """Input embeddings [B, T, D] (dtype of `token_embeds`) with the audio embeddings at the audio tokens.
+
+  `is_audio` [B, T]: the audio-token positions; `audio_embeds` [N, A, D] with `audio_valid` [N, A] (each row's
+  valid embeddings, any order along A). `prompt_length` (static): only positions `< prompt_length` are
+  spliced (the prompt of a prompt + completion sequence); an audio token sampled in a completion keeps its
+  token embedding, as in the sampler, which embeds generated tokens as text.
+
+  * One clip per row (N == B, the trainers' layout): per row, `out[b, t] = audio_embeds[b, k]` for the k-th
+    audio token of row b, k < n_b = sum(audio_valid[b]); audio tokens past the row's n_b keep their token
+    embedding. Nothing moves across rows, so an extra audio token in one row (e.g. sampled in its
+    completion) cannot shift the audio of the rows after it, and under data parallelism each device gathers
+    from its own rows only.
+  * Otherwise (N clips != B rows): transformers' `masked_scatter`, the k-th audio token of the flattened
+    batch gets the k-th valid embedding in (clip, position) order.
+
+  Eager inputs: a ValueError when the audio tokens (in the prompt part) do not match the embeddings, per row
+  (N == B) or in total. Under `jax.jit` the counts cannot be checked: check the tokenized prompts on the host
+  with `check_audio_token_counts`.
+  """
   b, t, d = token_embeds.shape
   if audio_embeds.ndim != 3 or audio_embeds.shape[-1] != d or tuple(audio_valid.shape) != audio_embeds.shape[:2]:
     raise ValueError(f"audio_embeds must be [clips, A, {d}] with audio_valid [clips, A]; got "
                      f"{tuple(audio_embeds.shape)} and {tuple(audio_valid.shape)}")
+  if tuple(is_audio.shape) != (b, t):
+    raise ValueError(f"is_audio must be [{b}, {t}], got {tuple(is_audio.shape)}")
   audio_valid = audio_valid.astype(bool)
+  if prompt_length is not None:
+    is_audio = is_audio & (jnp.arange(t) < int(prompt_length))[None, :]
+  per_row = audio_embeds.shape[0] == b
   if _is_concrete(is_audio, audio_valid):
-    n_tok, n_emb = int(jnp.sum(is_audio)), int(jnp.sum(audio_valid))
-    if n_tok != n_emb:
-      raise ValueError(f"the inputs hold {n_tok} audio tokens but the audio gives {n_emb} embeddings (per row: "
-                       f"tokens {np.asarray(jnp.sum(is_audio, -1)).tolist()}, embeddings "
-                       f"{np.asarray(jnp.sum(audio_valid, -1)).tolist()}): put one audio token per embedding")
+    tok = np.asarray(jnp.sum(is_audio, -1)).tolist()
+    emb = np.asarray(jnp.sum(audio_valid, -1)).tolist()
+    if (tok != emb) if per_row else (sum(tok) != sum(emb)):
+      where = "per row" if per_row else "in total"
+      raise ValueError(f"the inputs hold audio tokens that do not match the audio embeddings {where} (per row: "
+                       f"tokens {tok}, embeddings {emb}): put one audio token per embedding in each prompt")
+  if per_row:
+    order = jnp.argsort(~audio_valid, axis=1, stable=True)  # each row's valid embeddings first, in order
+    feats = jnp.take_along_axis(audio_embeds, order[:, :, None], axis=1)
+    k = jnp.cumsum(is_audio, axis=1) - 1
+    use = is_audio & (k < jnp.sum(audio_valid, axis=1, keepdims=True))
+    spliced = jnp.take_along_axis(feats, jnp.clip(k, 0, feats.shape[1] - 1)[:, :, None], axis=1)
+    return jnp.where(use[..., None], spliced.astype(token_embeds.dtype), token_embeds)
   flat_valid = audio_valid.reshape(-1)
   order = jnp.argsort(~flat_valid, stable=True)
   feats = audio_embeds.reshape(-1, d)[order]
   flat_audio = is_audio.reshape(-1)
-  k = jnp.clip(jnp.cumsum(flat_audio) - 1, 0, feats.shape[0] - 1)
-  spliced = feats[k].astype(token_embeds.dtype).reshape(b, t, d)
-  return jnp.where(is_audio[..., None], spliced, token_embeds)
+  k = jnp.cumsum(flat_audio) - 1
+  use = (flat_audio & (k < jnp.sum(flat_valid))).reshape(b, t)
+  spliced = feats[jnp.clip(k, 0, feats.shape[0] - 1)].astype(token_embeds.dtype).reshape(b, t, d)
+  return jnp.where(use[..., None], spliced, token_embeds)
+
+
+def check_audio_token_counts(tokens: Any, audio_token_id: int, counts: Any, *, texts: Any = None) -> None:
+  """Host-side check of tokenized prompts (numpy, before anything is jitted): row i of `tokens` [B, P] must
+  hold exactly `counts[i]` audio tokens (its number of valid audio embeddings). Raises a ValueError naming the
+  first bad row, e.g. when a question, an option or the system prompt contains the audio token's text (added
+  special tokens are matched inside user text) or a chat template adds audio tokens. `texts`: the rendered
+  prompts, quoted in the error."""
+  tokens = np.asarray(tokens)
+  counts = np.asarray(counts).reshape(-1)
+  have = (tokens == int(audio_token_id)).sum(axis=-1)
+  if have.shape != counts.shape:
+    raise ValueError(f"{have.shape[0]} tokenized prompts but {counts.shape[0]} audio token counts")
+  bad = np.flatnonzero(have != counts)
+  if bad.size:
+    i = int(bad[0])
+    text = "" if texts is None else f"; prompt text {str(texts[i])[:300]!r}"
+    raise ValueError(f"prompt row {i} holds {int(have[i])} audio tokens (id {int(audio_token_id)}) but its audio "
+                     f"gives {int(counts[i])} embeddings ({bad.size} bad row(s) of {len(counts)}): does the "
+                     f"question, an option or the system prompt contain the audio token's text?{text}")
 
 
 class AudioLM(nnx.Module):
@@ -385,17 +439,20 @@ class AudioLM(nnx.Module):
       emb = jax.lax.stop_gradient(emb)
     return emb, valid
 
-  def embed_inputs(self, tokens: Array, audio_embeds: Array | None = None, audio_valid: Array | None = None
-                   ) -> Array:
+  def embed_inputs(self, tokens: Array, audio_embeds: Array | None = None, audio_valid: Array | None = None, *,
+                   prompt_length: int | None = None) -> Array:
     """Input embeddings [B, T, D] of `tokens` [B, T] with the audio embeddings spliced at the audio tokens
-    (see `splice_audio`); feed them as `embeds=` to `self.lm`, `token_logprobs` or `generate(prompt_embeds=)`."""
+    (see `splice_audio`; `prompt_length`: splice only the first `prompt_length` positions, the prompt of a
+    prompt + completion sequence); feed them as `embeds=` to `self.lm`, `token_logprobs` or
+    `generate(prompt_embeds=)`."""
     tokens = jnp.asarray(tokens)
     base = self.lm.embed_tokens(tokens)
     if audio_embeds is None:
       return base
     audio_embeds = jnp.asarray(audio_embeds)
     audio_valid = (jnp.ones(audio_embeds.shape[:2], bool) if audio_valid is None else jnp.asarray(audio_valid))
-    return splice_audio(base, tokens == self.audio_token_id, audio_embeds, audio_valid)
+    return splice_audio(base, tokens == self.audio_token_id, audio_embeds, audio_valid,
+                        prompt_length=prompt_length)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None, input_features: Array | None = None,
                feature_attention_mask: Array | None = None, *, positions: Array | None = None,

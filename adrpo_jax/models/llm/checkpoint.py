@@ -542,15 +542,54 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
   return path
 
 
+def chat_template_from_directory(path: str | os.PathLike) -> str | None:
+  """The chat template a model directory keeps outside its tokenizer files, or None: `chat_template.jinja`,
+  the processor's legacy `chat_template.json` (`{"chat_template": str}`, as Qwen2.5-Omni / Qwen2-Audio
+  checkpoints ship it; only transformers' processor reads it) or a `chat_template` entry of
+  `processor_config.json`. A list of named templates gives the one named 'default' (else the first)."""
+  path = Path(path)
+
+  def pick(value):
+    if isinstance(value, str) and value.strip():
+      return value
+    if isinstance(value, list):
+      named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+      return pick(named.get("default", next(iter(named.values()), None)))
+    if isinstance(value, dict):
+      return pick(value.get("default", next(iter(value.values()), None)))
+    return None
+
+  jinja = path / "chat_template.jinja"
+  if jinja.is_file():
+    return pick(jinja.read_text(encoding="utf-8"))
+  for name in ("chat_template.json", "processor_config.json"):
+    file = path / name
+    if file.is_file():
+      try:
+        value = pick(json.loads(file.read_text(encoding="utf-8")).get("chat_template"))
+      except (json.JSONDecodeError, AttributeError):
+        value = None
+      if value:
+        return value
+  return None
+
+
 def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "left"):
   """`transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)` with `padding_side`
-  (left by default: prompts for generation are left-padded). A missing pad token falls back to EOS."""
+  (left by default: prompts for generation are left-padded). A missing pad token falls back to EOS. A
+  tokenizer without a chat template gets the directory's `chat_template.jinja` / processor
+  `chat_template.json` (`chat_template_from_directory`), which `AutoTokenizer` does not read."""
   from transformers import AutoTokenizer  # optional dependency: imported on use only
 
   if padding_side not in ("left", "right"):
     raise ValueError(f"padding_side={padding_side!r} must be 'left' or 'right'")
   tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
   tokenizer.padding_side = padding_side
+  if not getattr(tokenizer, "chat_template", None):
+    template = chat_template_from_directory(path)
+    if template:
+      log.info("tokenizer in %s has no chat template; using the directory's processor chat template", path)
+      tokenizer.chat_template = template
   if tokenizer.pad_token is None and tokenizer.eos_token is not None:
     log.info("tokenizer in %s has no pad token; using the EOS token %r", path, tokenizer.eos_token)
     tokenizer.pad_token = tokenizer.eos_token
