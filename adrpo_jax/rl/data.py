@@ -22,6 +22,7 @@ every epoch from ``(seed, epoch)``), so a resumed run sees exactly the prompts a
 from __future__ import annotations
 
 import json
+import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "make_eval_examples",
     "parse_gsm8k_answer",
     "EVAL_ARITHMETIC_SEED",
+    "distinct_examples",
 ]
 
 # Keyword arguments the trainer itself passes to reward functions; a data column of that name cannot be passed.
@@ -139,16 +141,21 @@ def _arithmetic_task(config: Any, seed: int) -> ArithmeticTask:
 
 
 def make_prompt_source(config: Any) -> PromptSource:
-    """The training prompt source of ``config.data`` (arithmetic problems seeded with ``config.seed``)."""
+    """The training prompt source of ``config.data`` (arithmetic problems seeded with ``config.seed``).
+
+    Arithmetic: the held-out evaluation problems (:func:`make_eval_examples`) never appear in the stream
+    (``ArithmeticTask.exclude``), so ``eval/accuracy`` is measured on problems the policy was never trained on."""
     if config.data.source == "arithmetic":
-        return _arithmetic_task(config, config.seed)
+        held_out = frozenset(ex["prompt"] for ex in make_eval_examples(config))
+        return dataclasses.replace(_arithmetic_task(config, config.seed), exclude=held_out)
     return JsonlPromptSource(os.path.expanduser(config.data.path), prompt_key=config.data.prompt_key,
                              answer_key=config.data.answer_key, answer_format=config.data.answer_format)
 
 
 def make_eval_examples(config: Any) -> list[dict[str, Any]]:
-    """The ``eval.num_examples`` held-out examples: arithmetic problems from :data:`EVAL_ARITHMETIC_SEED`, or
-    the first examples of ``eval.path`` (jsonl, same fields as the training data)."""
+    """The ``eval.num_examples`` held-out examples: distinct arithmetic problems from :data:`EVAL_ARITHMETIC_SEED`
+    (excluded from the training stream, :func:`make_prompt_source`), or the first examples of ``eval.path``
+    (jsonl, same fields as the training data)."""
     n = int(config.eval.num_examples)
     if config.eval.path:
         source = JsonlPromptSource(os.path.expanduser(config.eval.path), prompt_key=config.data.prompt_key,
@@ -156,8 +163,23 @@ def make_eval_examples(config: Any) -> list[dict[str, Any]]:
         return [source[i] for i in range(min(n, len(source)))]
     if config.data.source != "arithmetic":
         raise ValueError("eval.path is required for a jsonl data source")
-    task = _arithmetic_task(config, EVAL_ARITHMETIC_SEED)
-    return [task[i] for i in range(n)]
+    return distinct_examples(_arithmetic_task(config, EVAL_ARITHMETIC_SEED), n)
+
+
+def distinct_examples(task: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` examples of ``task`` with distinct prompts (later repeats of a prompt are skipped), so a
+    held-out set weighs every problem once. Raises if the task has fewer than ``n`` distinct prompts in its
+    first ``100 n`` indices."""
+    out, seen = [], set()
+    for i in range(100 * n):
+        ex = task[i]
+        if ex["prompt"] not in seen:
+            seen.add(ex["prompt"])
+            out.append(ex)
+            if len(out) == n:
+                return out
+    raise ValueError(f"eval.num_examples={n}: the task has only {len(out)} distinct problems in its first "
+                     f"{100 * n} draws; lower eval.num_examples or widen data.arithmetic")
 
 
 class PromptIterator:

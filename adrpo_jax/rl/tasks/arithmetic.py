@@ -62,6 +62,9 @@ class ArithmeticTask:
       style: ``"symbolic"`` (``"12+7="``) or ``"word"`` (a word problem).
       seed: problems are a pure function of ``(seed, index)``.
       non_negative: for ``"-"``, order the operands so that the answer is >= 0.
+      exclude: prompts never produced (e.g. the held-out evaluation problems): a draw that hits one is redrawn
+        from the same ``(seed, index)`` stream, so the source stays a pure function of ``(seed, index)`` and an
+        empty set gives exactly the problems of a task without it.
     """
 
     min_digits: int = 1
@@ -70,6 +73,7 @@ class ArithmeticTask:
     style: str = "symbolic"
     seed: int = 0
     non_negative: bool = True
+    exclude: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
 
     def __post_init__(self):
         if not (isinstance(self.min_digits, int) and self.min_digits >= 1):
@@ -83,6 +87,9 @@ class ArithmeticTask:
             raise ValueError(f"operations must be a non-empty subset of {tuple(_OPERATIONS)}, got {self.operations!r}")
         if self.style not in ("symbolic", "word"):
             raise ValueError(f"style must be 'symbolic' or 'word', got {self.style!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError("exclude must be a collection of prompt strings")
+        object.__setattr__(self, "exclude", frozenset(self.exclude))
 
     def __len__(self) -> int:  # an "infinite" source; iterators wrap with modulo on this
         return 2**62
@@ -91,6 +98,14 @@ class ArithmeticTask:
         if index < 0:
             raise IndexError(f"index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, int(index)])
+        for _ in range(_MAX_REDRAWS):
+            example = self._draw(rng, index)
+            if example["prompt"] not in self.exclude:
+                return example
+        raise ValueError(f"{_MAX_REDRAWS} draws in a row hit `exclude` ({len(self.exclude)} prompts) at index "
+                         f"{index}: the excluded prompts cover (nearly) the whole task")
+
+    def _draw(self, rng: np.random.Generator, index: int) -> dict[str, Any]:
         op = self.operations[int(rng.integers(len(self.operations)))]
         operands = []
         for _ in range(2):
@@ -110,6 +125,7 @@ class ArithmeticTask:
         return {"prompt": prompt, "answer": str(answer), "index": int(index)}
 
 
+_MAX_REDRAWS = 1000
 _NUMBER = re.compile(r"-?\d+")
 _STRICT_NUMBER = re.compile(r"-?\d+")
 
