@@ -236,6 +236,7 @@ class _EinsumSplit:
     eq_a: str                  # x, A -> h  (h = x's uncontracted axes + r)
     eq_b: str                  # h, B -> y
     eq_merge: str              # A, B -> kernel layout
+    batch_axes: tuple[int, ...] = ()  # kernel axes shared by x, kernel and y (e.g. the experts of an MoE layer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,23 +250,28 @@ def _split_equation(equation: str, kernel_ndim: int) -> _EinsumSplit:
         raise ValueError(f"einsum {equation!r}: the kernel subscripts {k_sub!r} must be {kernel_ndim} letters "
                          "(no ellipsis)")
     x_letters, y_letters = set(x_sub.replace(".", "")), set(y_sub.replace(".", ""))
-    in_axes, out_axes = [], []
+    in_axes, out_axes, batch_axes = [], [], []
     for i, c in enumerate(k_sub):
         if c in x_letters and c not in y_letters:
             in_axes.append(i)
         elif c in y_letters and c not in x_letters:
             out_axes.append(i)
+        elif c in x_letters and c in y_letters:  # a batch axis (experts): one independent adapter per entry
+            batch_axes.append(i)
         else:
-            raise ValueError(f"einsum {equation!r}: kernel axis {c!r} must be either contracted with the input or "
-                             "an output axis (batched or summed-out kernel axes are not supported by LoRA)")
+            raise ValueError(f"einsum {equation!r}: kernel axis {c!r} must be contracted with the input, an output "
+                             "axis or a batch axis of input and output (summed-out kernel axes are not supported "
+                             "by LoRA)")
     if not in_axes or not out_axes:
         raise ValueError(f"einsum {equation!r}: the kernel needs at least one input and one output axis")
     r = next(c for c in "rzyxwvutsqponmlkjihgfedcba" + string.ascii_uppercase if c not in eq)
     ins = "".join(k_sub[i] for i in in_axes)
     outs = "".join(k_sub[i] for i in out_axes)
+    bat = "".join(k_sub[i] for i in batch_axes)  # A [batch..., in..., r], B [batch..., r, out...]
     h_sub = "".join(c for c in x_sub if c not in ins) + r
-    return _EinsumSplit(tuple(in_axes), tuple(out_axes), eq_a=f"{x_sub},{ins}{r}->{h_sub}",
-                        eq_b=f"{h_sub},{r}{outs}->{y_sub}", eq_merge=f"{ins}{r},{r}{outs}->{k_sub}")
+    return _EinsumSplit(tuple(in_axes), tuple(out_axes), eq_a=f"{x_sub},{bat}{ins}{r}->{h_sub}",
+                        eq_b=f"{h_sub},{bat}{r}{outs}->{y_sub}", eq_merge=f"{bat}{ins}{r},{bat}{r}{outs}->{k_sub}",
+                        batch_axes=tuple(batch_axes))
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype", "init", "fan_in", "rank"))
@@ -336,7 +342,9 @@ class LoRAAdapter(nnx.Module):
     """The low-rank pair of one kernel: ``delta(x) = s * einsum(einsum(dropout(x), A), B)``.
 
     Attributes:
-      lora_a: ``nnx.LoRAParam [*in_dims, r]``; lora_b: ``nnx.LoRAParam [r, *out_dims]`` (zeros at init).
+      lora_a: ``nnx.LoRAParam [*in_dims, r]``; lora_b: ``nnx.LoRAParam [r, *out_dims]`` (zeros at init). A kernel
+      with batch axes (axes of input, kernel and output alike, e.g. the experts ``e`` of ``'etd,edf->etf'``) gets
+      one adapter per entry: ``A [*batch_dims, *in_dims, r]``, ``B [*batch_dims, r, *out_dims]``.
       scale: ``s`` (static); rank: ``r``; dropout: input dropout probability; enabled: static on/off switch;
       equation: the base projection's einsum; index: the adapter's ordinal in its model, unique across
       :func:`apply_lora` calls (dropout key fold-in);
@@ -353,6 +361,8 @@ class LoRAAdapter(nnx.Module):
         names = tuple(kernel_names) if kernel_names is not None else (None,) * len(kernel_shape)
         in_shape = tuple(kernel_shape[i] for i in split.in_axes)
         out_shape = tuple(kernel_shape[i] for i in split.out_axes)
+        lead = lead + tuple(kernel_shape[i] for i in split.batch_axes)  # batch axes (experts) lead A and B
+        lead_names = lead_names + tuple(names[i] for i in split.batch_axes)
         param_dtype = jnp.dtype(param_dtype)
         a = _init_a(key, shape=lead + in_shape + (rank,), dtype=param_dtype, init=init,
                     fan_in=int(np.prod(in_shape)), rank=rank)
@@ -401,9 +411,9 @@ def _merge_equation(adapter: "LoRAAdapter", a_ndim: int) -> str:
     """``A, B -> kernel`` einsum of ``adapter``; with one extra leading axis on ``A`` (a stacked adapter, outside
     the layer scan) every operand gets a leading batch letter."""
     split = _split_equation(adapter.equation, len(adapter.kernel_shape))
-    if a_ndim == len(split.in_axes) + 1:
+    if a_ndim == len(split.batch_axes) + len(split.in_axes) + 1:
         return split.eq_merge
-    if a_ndim != len(split.in_axes) + 2:
+    if a_ndim != len(split.batch_axes) + len(split.in_axes) + 2:
         raise ValueError(f"LoRA A of rank {a_ndim} does not fit the kernel {adapter.kernel_shape} of "
                          f"{adapter.equation!r}")
     lhs, out = split.eq_merge.split("->")
