@@ -49,3 +49,53 @@ def test_bench_decode_layouts_runs_a_tiny_grid(capsys):
   bench_decode_layouts.main(["--new-tokens", "2", "--impls", "decode", "--batch", "2", "--prompt-len", "4",
                              "--repeats", "1"])
   assert "| 2 (6) | decode |" in capsys.readouterr().out
+
+
+_TINY_TUNIX = ["--vocab", "256", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "2",
+               "--kv-heads", "2", "--batch", "2", "--prompt-len", "4", "--new-tokens", "3", "--long-new-tokens", "5",
+               "--long-batch", "2", "--update-rows", "4", "--update-len", "10", "--group", "2", "--reps", "1",
+               "--long-reps", "1", "--modes", "greedy,top_p"]
+
+
+@pytest.mark.slow
+def test_bench_tunix_ours_side_runs_tiny(tmp_path):
+  """bench_tunix.py without tunix (ours only, two layer layouts side by side): every case is timed, ratios are
+  taken against the first variant and the JSON is written (~20 s)."""
+  import json
+
+  import bench_tunix
+  out = tmp_path / "t.json"
+  result = bench_tunix.main(_TINY_TUNIX + ["--sides", "ours", "--ours", "scan,unrolled", "--json", str(out)])
+  assert set(result["cases"]) == {"greedy_short", "top_p_short", "greedy_long", "top_p_long", "grpo_update"}
+  sides = result["cases"]["grpo_update"]["sides"]
+  assert set(sides) == {"ours:scan", "ours:unrolled"} and sides["ours:unrolled"]["speedup_vs_ours:scan"] > 0
+  assert json.loads(out.read_text())["params"] == result["params"]
+  with pytest.raises(ValueError, match="'nope'"):
+    bench_tunix.main(_TINY_TUNIX + ["--sides", "ours", "--modes", "nope"])
+
+
+def _tunix_python():
+  """An interpreter with google-tunix: this one, or $TUNIX_PYTHON (its own venv, requirements-bench-tunix.txt)."""
+  import importlib.util
+  if importlib.util.find_spec("tunix") is not None:
+    return sys.executable
+  return os.environ.get("TUNIX_PYTHON")
+
+
+@pytest.mark.slow
+def test_bench_tunix_both_sides_tiny(tmp_path):
+  """The identical-output checks (log-probs, greedy tokens, first GRPO update) pass against Tunix and every case
+  is timed on both sides (~1-2 min; skipped without a tunix interpreter: set TUNIX_PYTHON)."""
+  import json
+  python = _tunix_python()
+  if not python:
+    pytest.skip("google-tunix is not installed here and TUNIX_PYTHON is not set")
+  out = tmp_path / "t.json"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([python, os.path.join(ROOT, "benchmarks", "bench_tunix.py"), *_TINY_TUNIX, "--json", str(out)],
+                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["checks"]["failed"] == [] and result["checks"]["logp_max_abs_diff_ours_vs_tunix"] < 1e-5
+  assert all("speedup_vs_tunix" in case["sides"]["ours:default"] for case in result["cases"].values())
