@@ -121,7 +121,8 @@ from typing import Any
 import ml_collections
 
 from adrpo_jax.train.config import (ConfigError, get_by_path, merge_defaults, require_choice, require_float,
-                                    require_float_or_inf, require_int, require_type, validate_advantage_clip)
+                                    require_float_or_inf, require_int, require_type, validate_advantage_clip,
+                                    validate_lora_section)
 
 __all__ = [
     "METHODS",
@@ -373,7 +374,7 @@ def _validate_sampling_eval(config) -> None:
 
 
 def _validate_lora(config) -> None:
-    lora = lora_config(config)
+    lora = validate_lora_section(config, "DiT site")
     if lora is not None and int(config.rl.ref_refresh_steps) > 0 and float(config.rl.ref_refresh_alpha) != 1.0:
         raise ConfigError(f"`rl.ref_refresh_alpha`={config.rl.ref_refresh_alpha} cannot be used with LoRA: the "
                           "refreshed reference is base + a copy of the adapters, and mixing the factors A and B does "
@@ -384,8 +385,7 @@ def _validate_lora(config) -> None:
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off
     (or the config has no ``lora`` section)."""
-    from adrpo_jax.recipe.policy import lora_config as build  # pylint: disable=import-outside-toplevel
-    return build(config, "DiT site")
+    return validate_lora_section(config, "DiT site")
 
 
 def validate_flow_config(config: Any) -> None:

@@ -135,6 +135,7 @@ from adrpo_jax.train.config import (
     require_int,
     require_type,
     validate_advantage_clip,
+    validate_lora_section,
 )
 
 __all__ = [
@@ -465,7 +466,7 @@ def _validate_eval(config) -> None:
 
 
 def _validate_lora(config) -> None:
-    if lora_config(config) is None:
+    if validate_lora_section(config) is None:
         return
     dropout = float(config.lora.dropout)
     if dropout > 0.0:
@@ -482,8 +483,7 @@ def _validate_lora(config) -> None:
 
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off."""
-    from adrpo_jax.recipe.policy import lora_config as build  # pylint: disable=import-outside-toplevel
-    return build(config)
+    return validate_lora_section(config)
 
 
 def validate_llm_config(config: Any) -> None:
