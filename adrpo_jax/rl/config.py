@@ -46,6 +46,9 @@ key                                    meaning
 ``data.chat_template``                 wrap the prompt in the tokenizer's chat template (instruct models)
 ``data.system_prompt``                 optional system message for the chat template
 ``data.shuffle``                       jsonl: reshuffle every epoch from (seed, epoch)
+``data.on_bad_row``                    jsonl rows that fail the load checks (invalid JSON, a missing or null field,
+                                       an unparsable answer, a bad audio file): ``raise`` (one error naming the
+                                       file and each bad line) | ``skip`` (drop them; counted and logged)
 ``data.arithmetic.*``                  ``min_digits``, ``max_digits``, ``operations`` (e.g. ``'+-*'``),
                                        ``style`` (``symbolic`` | ``word``)
 ``rl.num_prompts_per_step``            prompts per RL step (divisible by the process count)
@@ -88,6 +91,8 @@ key                                    meaning
 ``rewards.weights``                    tuple of floats, one per function (empty = all 1)
 ``rewards.on_error``                   ``raise`` (fail fast) | ``missing`` (score the sample as missing)
 ``rewards.timeout_s``                  per-call time limit of a reward function (0 = none)
+``rewards.stop_when_all_missing``      stop the run when every sample of a step misses its reward (no function
+                                       returned a finite value: nothing can be learned); False = warn only
 ``eval.num_examples``                  held-out prompts evaluated every ``eval_every`` steps
 ``eval.path``                          held-out jsonl (required for the ``jsonl`` source)
 ``eval.accuracy_reward``               the reward function whose mean is ``eval/accuracy``
@@ -165,6 +170,7 @@ KL_PLACEMENTS = ("loss", "reward")
 DATA_SOURCES = ("arithmetic", "jsonl")
 ANSWER_FORMATS = ("gsm8k", "raw")
 ON_ERROR = ("raise", "missing")
+ON_BAD_ROW = ("raise", "skip")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -199,6 +205,7 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "chat_template": False,
             "system_prompt": "",
             "shuffle": True,
+            "on_bad_row": "raise",
             "arithmetic": {"min_digits": 1, "max_digits": 2, "operations": "+", "style": "symbolic"},
         },
         "rl": {
@@ -235,7 +242,7 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         },
         "sampling": {"max_prompt_length": 16, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
         "rewards": {"functions": ("exact_match", "format"), "weights": (1.0, 0.1), "on_error": "raise",
-                    "timeout_s": 0.0},
+                    "timeout_s": 0.0, "stop_when_all_missing": True},
         "eval": {"num_examples": 128, "path": "", "accuracy_reward": "exact_match", "greedy": True},
         "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0,
                  "target_modules": LORA_DEFAULT_TARGETS, "init": "kaiming_uniform", "use_rslora": False},
@@ -335,6 +342,7 @@ def _validate_data(config) -> None:
                           key="data.prompt_template", value=template)
     require_type(config, "data.chat_template", bool)
     require_type(config, "data.shuffle", bool)
+    require_choice(config, "data.on_bad_row", ON_BAD_ROW)
     lo = require_int(config, "data.arithmetic.min_digits", min=1, max=18)
     require_int(config, "data.arithmetic.max_digits", min=lo, max=18)
     ops = require_type(config, "data.arithmetic.operations", str)
@@ -444,6 +452,7 @@ def _validate_rewards(config) -> None:
                           f"{len(functions)}.", key="rewards.weights", value=weights)
     require_choice(config, "rewards.on_error", ON_ERROR)
     require_float(config, "rewards.timeout_s", min=0.0)
+    require_type(config, "rewards.stop_when_all_missing", bool)
 
 
 def _validate_eval(config) -> None:

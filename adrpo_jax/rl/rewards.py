@@ -22,7 +22,11 @@ Combination (:class:`RewardComputer`), per sample ``i`` over the functions ``f``
 * a contract violation (wrong number of values, a value that is not a number or ``None``) always raises.
 
 Missing samples are counted (``num_missing``) and masked by the trainer (``valid`` False): they enter no
-mean, std, advantage or loss.
+mean, std, advantage or loss. Every call with missing samples logs a warning with their fraction and, per
+function, how many samples it gave no value for (``warn_missing``); :func:`check_rewards_present` (the
+trainer calls it once per step with the step's global counts) stops the run with
+:class:`AllRewardsMissingError` when *every* sample of a step is missing (``rewards.stop_when_all_missing``):
+nothing can be learned from such a step, and its ``reward_mean`` would read 0.
 
 >>> computer = RewardComputer(["exact_match", "format"], weights=[1.0, 0.5])
 >>> out = computer(["2+2=", "3+3="], ["4", "six"], answer=["4", "6"])
@@ -49,9 +53,11 @@ from adrpo_jax.rl.tasks.arithmetic import exact_match_reward, final_number_rewar
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "AllRewardsMissingError",
     "RewardComputer",
     "RewardFunctionError",
     "RewardOutput",
+    "check_rewards_present",
     "register_reward_function",
     "resolve_reward_function",
 ]
@@ -71,6 +77,30 @@ _PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised, timed out, or broke the contract (wrong count / type of values)."""
+
+
+class AllRewardsMissingError(RewardFunctionError):
+    """Every sample of a step is missing its reward (:func:`check_rewards_present`)."""
+
+
+def check_rewards_present(num_missing: int, num_samples: int, names: Sequence[str] = (), *, stop: bool = True,
+                          step: int | None = None) -> None:
+    """The end-of-scoring check of a step: when all ``num_samples > 0`` samples miss their reward, raises
+    :class:`AllRewardsMissingError` (``stop=True``, ``rewards.stop_when_all_missing``) or logs an error
+    (``stop=False``). Pass the step's *global* counts (all processes), e.g. the summed ``num_missing`` of the
+    :class:`RewardOutput` of every process. ``names``: the reward functions, quoted in the message."""
+    num_missing, num_samples = int(num_missing), int(num_samples)
+    if num_samples <= 0 or num_missing < num_samples:
+        return
+    where = "" if step is None else f"step {step}: "
+    fns = ", ".join(repr(n) for n in names) or "the reward functions"
+    message = (f"{where}all {num_samples} samples miss their reward: {fns} returned no finite number for any of them "
+               "(None, NaN / inf, or a failure with rewards.on_error='missing'), so nothing can be learned and "
+               "reward_mean is not a measurement. Check that the function returns one float per completion (it "
+               "receives prompts, completions, completion_ids and the data columns as keyword arguments)")
+    if stop:
+        raise AllRewardsMissingError(message + "; set --config.rewards.stop_when_all_missing=False to go on anyway.")
+    log.error("%s (rewards.stop_when_all_missing=False: going on).", message)
 
 
 def register_reward_function(name: str, fn: RewardFn) -> None:
@@ -119,6 +149,8 @@ class RewardOutput:
       names: the ``F`` function names (metric keys ``reward/<name>_mean``).
       num_missing: number of samples with ``valid`` False.
       num_errors: number of (function, sample) pairs that raised or timed out (``on_error='missing'``).
+      missing_per_function: ``{name: samples the function gave no finite value for}`` (None, non-finite or
+        failed), only for functions with at least one.
     """
 
     rewards: np.ndarray
@@ -127,6 +159,7 @@ class RewardOutput:
     names: tuple[str, ...]
     num_missing: int
     num_errors: int
+    missing_per_function: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class _TimedOut(Exception):
@@ -176,10 +209,15 @@ class RewardComputer:
       on_error: ``'raise'`` (fail fast, naming the failing sample) or ``'missing'`` (score it as missing).
       timeout_s: per-call time limit (0 = none). On a time-out of the batched call each sample is re-scored
         alone (each call again limited to ``timeout_s``) to find the failing one(s).
+      warn_missing: log a warning for every call with missing samples (their fraction, the functions that
+        gave no value and for how many samples).
+      stop_when_all_missing: what :meth:`check` does when every sample of a step is missing (raise
+        :class:`AllRewardsMissingError`, or log an error).
     """
 
     def __init__(self, functions: Sequence[str | RewardFn], weights: Sequence[float] | None = None, *,
-                 on_error: str = "raise", timeout_s: float = 0.0):
+                 on_error: str = "raise", timeout_s: float = 0.0, warn_missing: bool = True,
+                 stop_when_all_missing: bool = True):
         if isinstance(functions, (str, bytes)) or callable(functions):
             functions = [functions]
         functions = list(functions)
@@ -207,6 +245,13 @@ class RewardComputer:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or timeout_s < 0:
             raise ValueError(f"`timeout_s` must be a number >= 0, got {timeout_s!r}.")
         self.timeout_s = float(timeout_s)
+        self.warn_missing = bool(warn_missing)
+        self.stop_when_all_missing = bool(stop_when_all_missing)
+
+    def check(self, output: "RewardOutput", *, step: int | None = None) -> None:
+        """:func:`check_rewards_present` on one (single-process) output with this computer's setting."""
+        check_rewards_present(output.num_missing, len(output.valid), self.names, stop=self.stop_when_all_missing,
+                              step=step)
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -308,5 +353,13 @@ class RewardComputer:
         weighted = np.where(applicable, per_function * self.weights[None, :], 0.0).sum(axis=1)
         valid = applicable.any(axis=1) & ~bad
         rewards = np.where(valid, weighted, np.nan).astype(np.float32)
+        no_value = (~applicable).sum(axis=0)
+        missing_per_function = {name: int(k) for name, k in zip(self.names, no_value) if k}
+        num_missing = int(n - valid.sum())
+        if num_missing and self.warn_missing:
+            log.warning("rewards missing for %d of %d samples (%.0f%%; masked out of the step): %s", num_missing, n,
+                        100.0 * num_missing / n, ", ".join(f"{name!r} gave no value for {k}"
+                                                           for name, k in missing_per_function.items()))
         return RewardOutput(rewards=rewards, valid=valid, per_function=per_function.astype(np.float32),
-                            names=self.names, num_missing=int(n - valid.sum()), num_errors=num_errors)
+                            names=self.names, num_missing=num_missing, num_errors=num_errors,
+                            missing_per_function=missing_per_function)
