@@ -15,9 +15,12 @@ Semantics:
 * ``restore_latest(abstract_state)`` first compares the saved tree's metadata with the target: a missing or
   extra key, or a shape/dtype difference, raises :class:`CheckpointMismatchError` naming the first bad
   parameter and both shapes (a config error: never "fixed" by falling back). A checkpoint whose metadata or
-  data cannot be read (truncated/deleted files, ...) is reported with a warning naming the step and the
-  reason and the previous step is tried; once an older step restores, the unreadable ones are moved aside to
-  ``<directory>/corrupted.<step>.<time>`` (never deleted). If no step restores, nothing is moved and
+  data cannot be read (truncated/deleted files, ...) is skipped and the previous step tried; once an older
+  step restores, each unreadable one is moved aside to ``<directory>/corrupted.<step>.<time>`` (never
+  deleted) and reported with *one* warning line (the step, the reason, where it went, the step resumed from).
+  The tracebacks a failed read leaves behind (``RuntimeError: Event loop is closed``, raised by tensorstore
+  reads still completing after orbax closed its per-call event loop: harmless, three lines per array) are
+  dropped and counted (:func:`closed_event_loop_errors`). If no step restores, nothing is moved and
   :class:`CheckpointRestoreError` lists every reason.
 * Arrays are restored directly into the shardings of ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves
   with ``.sharding``, e.g. from ``sharding.plan_sharded``), so a checkpoint written on one mesh restores
@@ -34,6 +37,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -53,6 +59,7 @@ __all__ = [
     "rng_to_meta",
     "rng_from_meta",
     "check_tree_matches",
+    "closed_event_loop_errors",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,74 @@ class CheckpointRestoreError(RuntimeError):
 
 class CheckpointSaveError(RuntimeError):
     """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoints are left intact."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The noise of a failed read
+# ----------------------------------------------------------------------------------------------------------
+
+_dropped = {"count": 0}
+
+
+def _is_closed_loop_error(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def closed_event_loop_errors() -> int:
+    """How many ``RuntimeError: Event loop is closed`` reports were dropped after failed checkpoint reads."""
+    return _dropped["count"]
+
+
+class _ClosedLoopFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if _is_closed_loop_error(exc):
+            _dropped["count"] += 1
+            return False
+        return True
+
+
+def _drop_closed_event_loop_errors() -> None:
+    """Drops the ``Event loop is closed`` reports of a failed orbax read from now on (idempotent).
+
+    Orbax runs each read in a fresh event loop that it closes as soon as one array fails; the tensorstore
+    reads of the other arrays still complete and their callbacks raise ``RuntimeError('Event loop is
+    closed')``, reported as unraisable exceptions, through ``threading.excepthook`` or asyncio's logger: a
+    three-line traceback per array (~190 lines for a small model), after the fact, alarming and harmless.
+    Only that exact error is dropped (and counted); everything else reaches the previous hooks."""
+    if not getattr(sys.unraisablehook, "_adrpo_closed_loop", False):
+        previous = sys.unraisablehook
+
+        def unraisable(info, previous=previous):
+            if _is_closed_loop_error(info.exc_value):
+                _dropped["count"] += 1
+                return
+            previous(info)
+
+        unraisable._adrpo_closed_loop = True  # pylint: disable=protected-access
+        sys.unraisablehook = unraisable
+    if not getattr(threading.excepthook, "_adrpo_closed_loop", False):
+        previous_thread = threading.excepthook
+
+        def excepthook(args, previous=previous_thread):
+            if _is_closed_loop_error(args.exc_value):
+                _dropped["count"] += 1
+                return
+            previous(args)
+
+        excepthook._adrpo_closed_loop = True  # pylint: disable=protected-access
+        threading.excepthook = excepthook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ClosedLoopFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_ClosedLoopFilter())
+
+
+def _short_reason(err: BaseException) -> str:
+    """``Type: first line`` of an orbax / tensorstore error, without its multi-kilobyte ``tensorstore_spec``."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    text = re.sub(r"\s*\[tensorstore_spec=.*", "", text)
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    return f"{type(err).__name__}: {text}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,7 +426,8 @@ class Checkpointer:
             try:
                 saved = self._saved_tree(step)
             except Exception as err:  # pylint: disable=broad-except  # unreadable metadata = corruption
-                failures.append((step, self._warn_corrupted(step, f"unreadable metadata: {type(err).__name__}: {err}")))
+                _drop_closed_event_loop_errors()
+                failures.append((step, self._corrupted(step, f"unreadable metadata: {_short_reason(err)}")))
                 continue
             # A tree mismatch is a config error, not corruption: raise, never fall back.
             check_tree_matches(saved, abstract_state, what=f"Checkpoint step {step} in {self.directory}")
@@ -360,37 +436,41 @@ class Checkpointer:
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                   meta=ocp.args.JsonRestore()))
             except Exception as err:  # pylint: disable=broad-except
-                failures.append((step, self._warn_corrupted(step, f"restore failed: {type(err).__name__}: {err}")))
+                _drop_closed_event_loop_errors()
+                failures.append((step, self._corrupted(step, f"restore failed: {_short_reason(err)}")))
                 continue
-            for bad_step, _ in failures:
-                self._quarantine(bad_step)
+            for bad_step, message in failures:
+                moved = self._quarantine(bad_step)
+                log.warning("%s; resumed from step %d%s.", message, step,
+                            f" (moved it to {moved})" if moved else "")
             meta = dict(restored["meta"] or {})
             log.info("Restored checkpoint step %d from %s.", step, self.directory)
             return step, restored["state"], meta
         raise CheckpointRestoreError(f"No checkpoint in {self.directory} could be restored (nothing was moved):\n  " +
                                      "\n  ".join(reason for _, reason in failures))
 
-    def _warn_corrupted(self, step: int, reason: str) -> str:
-        reason = reason if len(reason) < 600 else reason[:600] + " ..."
-        message = f"Checkpoint step {step} in {self.directory} is corrupted or incomplete ({reason})"
-        warnings.warn(message + "; falling back to the previous checkpoint.", RuntimeWarning, stacklevel=3)
-        log.warning("%s; falling back to the previous checkpoint.", message)
-        return message
+    def _corrupted(self, step: int, reason: str) -> str:
+        """The message of an unreadable step (logged once by :meth:`restore_latest`, when it falls back)."""
+        log.info("Checkpoint step %d in %s cannot be read (%s); trying the previous one.", step, self.directory,
+                 reason)
+        return f"Checkpoint step {step} in {self.directory} is corrupted or incomplete ({reason})"
 
-    def _quarantine(self, step: int) -> None:
-        """Moves a corrupted step directory aside so that later saves/restores ignore it."""
+    def _quarantine(self, step: int) -> str | None:
+        """Moves a corrupted step directory aside so that later saves/restores ignore it; returns where to."""
         src = self.directory / str(step)
         dst = self.directory / f"corrupted.{step}.{int(time.time())}"
+        moved = None
         if jax.process_index() == 0 and src.exists():
             try:
                 src.rename(dst)
-                log.warning("Moved corrupted checkpoint %s to %s.", src, dst)
+                moved = str(dst)
             except OSError as err:
                 log.warning("Could not move corrupted checkpoint %s aside: %s", src, err)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"adrpo_checkpoint_quarantine_{step}")
         self._manager.reload()
+        return moved
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
