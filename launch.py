@@ -6,14 +6,14 @@ r"""The single entry point for training runs, their evaluation and their compari
 
 Steps: parse and validate the config (unknown keys and bad values fail here, naming the key), initialize
 ``jax.distributed`` when ``config.distributed`` or the environment asks for it, enable the persistent
-compilation cache, write ``DIR/config.json`` (process 0), then run ``config.trainer``'s
-``train_and_evaluate(config, workdir)`` (see ``adrpo_jax/train/registry.py``). Re-running the same command
+compilation cache, write ``DIR/config.json`` (process 0), then run the recipe of ``config.trainer`` through the
+runner (``adrpo_jax/recipe/runner.py``; names in ``adrpo_jax/recipe/base.py``). Re-running the same command
 resumes from the last checkpoint in ``DIR/checkpoints``. Exit code 0 on success and after a graceful
 preemption (SIGTERM/SIGINT); 1 with a one-line message for config, checkpoint-mismatch and non-finite errors.
 Multi-host commands: docs/distributed.md. A lost process (killed, host down) of a multi-process run stops
 the others within ``distributed.heartbeat_timeout_s`` with one line naming it, the last checkpoint step and the
-command to resume, exit code 75 (``adrpo_jax/train/distributed.py``). ``--mode=eval``: ``adrpo_jax/eval.py``;
-``--mode=compare``: ``adrpo_jax/compare.py``.
+command to resume, exit code 75 (``adrpo_jax/train/distributed.py``). ``--mode=eval``:
+``adrpo_jax/recipe/runner.py``; ``--mode=compare``: ``adrpo_jax/compare.py``.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required (except with --mode=compare).")
     # Heavy imports after flag parsing (fast failure for bad flags); jax is imported but not yet initialized.
     from adrpo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
-    from adrpo_jax.train import distributed, registry  # pylint: disable=import-outside-toplevel
+    from adrpo_jax.train import distributed  # pylint: disable=import-outside-toplevel
     from adrpo_jax.train.checkpoint import (  # pylint: disable=import-outside-toplevel
         CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError)
     from adrpo_jax.train.loop import NonFiniteUpdatesError  # pylint: disable=import-outside-toplevel
@@ -140,6 +140,8 @@ def main(argv: list[str]) -> None:
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     try:
         config_lib.validate_common_config(config)
+        from adrpo_jax.recipe import base as recipe_base  # pylint: disable=import-outside-toplevel
+        recipe_base.validate_trainer_name(config.trainer)
         if not config.is_locked:
             config.lock()
         if distributed.initialize_from_config(config.distributed):  # before any device use
@@ -151,16 +153,15 @@ def main(argv: list[str]) -> None:
         from adrpo_jax.train.sharding import make_mesh  # pylint: disable=import-outside-toplevel
         log.info("adrpo_jax launch: %s; workdir %s", distributed.describe_processes(), workdir)
         make_mesh(config.mesh)  # fail now (naming mesh.*) if the mesh does not fit the devices
+        from adrpo_jax.recipe import runner  # pylint: disable=import-outside-toplevel
         if _MODE.value == "eval":
-            from adrpo_jax.eval import evaluate_run  # pylint: disable=import-outside-toplevel
-            record = evaluate_run(config, workdir)
+            record = runner.evaluate_run(config, workdir)
             log.info("Wrote %s: %s", os.path.join(workdir, "eval.jsonl"), record)
             return
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
             _write_config_json(config, workdir)
-        train_and_evaluate = registry.resolve_trainer(config.trainer)
-        result = train_and_evaluate(config, workdir)
+        result = runner.train(config, workdir)
     except (config_lib.ConfigError, CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError,
             NonFiniteUpdatesError, FileNotFoundError) as err:
         sys.stderr.write(f"ERROR {type(err).__name__}: {err}\n")

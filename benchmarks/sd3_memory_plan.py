@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adrpo_jax import train  # noqa: E402
 from adrpo_jax.flow.sd3 import MMDiTVelocity  # noqa: E402
-from adrpo_jax.flow.sd3_trainer import LORA_DEFAULT_TARGETS  # noqa: E402
+from adrpo_jax.flow.config import SD3_LORA_TARGETS as LORA_DEFAULT_TARGETS  # noqa: E402
 from adrpo_jax.flow.step import FlowStepOptions, make_flow_update  # noqa: E402
 from adrpo_jax.models import mmdit  # noqa: E402
 from adrpo_jax.models.lora import LoRAConfig, apply_lora, set_lora_enabled  # noqa: E402

@@ -23,8 +23,7 @@ Variants:
 
 import ml_collections
 
-from adrpo_jax.rl.audio_trainer import add_audio_config
-from adrpo_jax.rl.config import add_llm_config
+from adrpo_jax.rl.config import add_audio_config, add_llm_config
 from adrpo_jax.train.config import add_common_config
 
 VARIANTS = ("cpu", "cpu_grpo", "gpu", "tpu")
@@ -35,7 +34,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} of configs/audio_arith.py; choose one of {VARIANTS}")
     config = add_audio_config(add_llm_config(add_common_config(ml_collections.ConfigDict())))
-    config.trainer = "adrpo_jax.rl.audio_trainer:train_and_evaluate"
+    config.trainer = "adrpo_jax.rl.audio_trainer:train_and_evaluate"  # = the recipe name "audio"
     config.seed = 0
 
     # -- the CPU demo: ADRPO on the tiny supervised audio model ---------------------------------------------

@@ -31,7 +31,7 @@ Every flow-trainer method runs on it: ``--config.rl.method=fixed_beta | orw_cfm_
 
 import ml_collections
 
-from adrpo_jax.flow.sd3_trainer import TRAINER, add_sd3_config
+from adrpo_jax.flow.config import SD3_TRAINER as TRAINER, add_sd3_config
 from adrpo_jax.train.config import add_common_config
 
 VARIANTS = ("cpu", "gpu", "tpu")

@@ -121,10 +121,15 @@ from typing import Any
 import ml_collections
 
 from adrpo_jax.train.config import (ConfigError, get_by_path, merge_defaults, require_choice, require_float,
-                                    require_float_or_inf, require_int, require_type, validate_advantage_clip,
-                                    validate_lora_section)
+                                    require_float_or_inf, require_int, require_type, validate_advantage_clip)
 
 __all__ = [
+    "add_sd3_config",
+    "validate_sd3_config",
+    "validate_sd3_batch_layout",
+    "SD3_TRAINER",
+    "SD3_DEFAULT_PROMPTS",
+    "SD3_LORA_TARGETS",
     "METHODS",
     "add_flow_config",
     "validate_flow_config",
@@ -374,7 +379,7 @@ def _validate_sampling_eval(config) -> None:
 
 
 def _validate_lora(config) -> None:
-    lora = validate_lora_section(config, "DiT site")
+    lora = lora_config(config)
     if lora is not None and int(config.rl.ref_refresh_steps) > 0 and float(config.rl.ref_refresh_alpha) != 1.0:
         raise ConfigError(f"`rl.ref_refresh_alpha`={config.rl.ref_refresh_alpha} cannot be used with LoRA: the "
                           "refreshed reference is base + a copy of the adapters, and mixing the factors A and B does "
@@ -385,7 +390,8 @@ def _validate_lora(config) -> None:
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off
     (or the config has no ``lora`` section)."""
-    return validate_lora_section(config, "DiT site")
+    from adrpo_jax.recipe.policy import lora_config as build  # pylint: disable=import-outside-toplevel
+    return build(config, "DiT site")
 
 
 def validate_flow_config(config: Any) -> None:
@@ -448,3 +454,134 @@ def pretrain_config(config: Any) -> ml_collections.ConfigDict:
         "classifier": {k: (tuple(config.classifier[k]) if k == "channels" else config.classifier[k])
                        for k in _CLASSIFIER_KEYS},
     })
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The SD3 recipe's sections (adrpo_jax.flow.sd3_trainer): the flow sections with SD3's defaults + vae / text
+# ----------------------------------------------------------------------------------------------------------
+
+SD3_TRAINER = "adrpo_jax.flow.sd3_trainer:train_and_evaluate"  # = the recipe name "sd3"
+SD3_REWARD_KINDS = ("clip", "image_mean")
+# Attribute-binding / counting / composition prompts in the spirit of DrawBench (the paper's prompt set).
+SD3_DEFAULT_PROMPTS = (
+    "a red cube on top of a blue sphere",
+    "three cats sitting on a green sofa",
+    "a yellow bird and a black dog",
+    "an astronaut riding a horse in the desert",
+    "a watercolor painting of a lighthouse at night",
+    "a purple umbrella next to an orange bicycle",
+    "two wine glasses and a candle on a wooden table",
+    "a snowy mountain reflected in a clear lake",
+)
+# MMDiT sites of the adapters: the joint attention's projections (image and text streams) and both MLPs (SD3.5's
+# image-only attn2: add "attn2.to_q", ... to lora.target_modules).
+SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.add_q_proj", "attn.add_k_proj",
+                        "attn.add_v_proj", "attn.to_add_out", "ff.fc1", "ff.fc2", "ff_context.fc1", "ff_context.fc2")
+
+
+def add_sd3_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the SD3 trainer's sections (on top of the kit's common ones) in place; existing keys are kept."""
+    flow = add_flow_config(ml_collections.ConfigDict())
+    defaults = {
+        "trainer": SD3_TRAINER,
+        "data": {"prompts": SD3_DEFAULT_PROMPTS},
+        "model": {"path": "", "tiny": False, "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
+                  "scan_layers": False, "save_final": False},
+        "vae": {"path": ""},
+        "text": {"path": "", "cache_dir": "", "max_sequence_length": 256, "torch_dtype": "float32"},
+        "reward": {"kind": "clip", "clip_path": "", "clip_scale": 100.0, "clip_clamp": True},
+        "rl": flow.rl.to_dict(),
+        "sampling": {"method": "euler", "num_steps": 28, "cfg_scale": 4.5, "sde_noise": 0.0, "time_shift": 3.0},
+        "eval": {"samples_per_prompt": 2, "seed": 1234, "w2_time_samples": 1},
+        "lora": dict(flow.lora.to_dict(), enabled=True, rank=16, alpha=16.0, target_modules=SD3_LORA_TARGETS),
+    }
+    defaults["rl"]["prompts_per_step"] = 4
+    defaults["rl"]["samples_per_prompt"] = 4
+    defaults["rl"]["time_sampling"] = "logit_normal"  # SD3's training distribution of sigma (symmetric: same t)
+    merge_defaults(config, defaults)
+    return config
+
+
+def _check_dir(config: Any, key: str, tiny: bool) -> str:
+    path = require_type(config, key, str)
+    if not path:
+        if tiny:
+            return path
+        raise ConfigError(f"`{key}` is required: a local directory ({_WHAT[key]}); pass --config.{key}=/path. "
+                          "Nothing is downloaded. (The `cpu` variant of configs/sd3_adrpo.py builds tiny random "
+                          "models instead: model.tiny=True.)", key=key, value=path)
+    if not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"`{key}`={path!r} is not a directory ({_WHAT[key]}).", key=key, value=path)
+    return path
+
+
+_WHAT = {
+    "model.path": "a diffusers SD3Transformer2DModel directory with config.json and diffusion_pytorch_model*"
+                  ".safetensors, e.g. <sd3-medium>/transformer",
+    "vae.path": "a diffusers AutoencoderKL directory, e.g. <sd3-medium>/vae",
+    "text.path": "the SD3 pipeline directory with text_encoder, text_encoder_2, text_encoder_3 and their tokenizers",
+    "reward.clip_path": "a transformers CLIPModel directory, e.g. openai/clip-vit-large-patch14 saved locally",
+}
+
+
+def validate_sd3_config(config: Any) -> None:
+    """Checks the SD3 trainer's keys; raises :class:`ConfigError` naming the key."""
+    for section in ("data", "model", "vae", "text", "reward", "rl", "sampling", "eval", "lora"):
+        if section not in config:
+            raise ConfigError(f"Config section `{section}` is missing (build the config with add_sd3_config).",
+                              key=section)
+    prompts = config.data.prompts
+    if not isinstance(prompts, (tuple, list)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ConfigError(f"`data.prompts` must be a non-empty tuple of non-empty strings, got {prompts!r}.",
+                          key="data.prompts", value=prompts)
+    if len(set(prompts)) != len(prompts):
+        raise ConfigError("`data.prompts` has duplicates (each prompt is one advantage group).", key="data.prompts",
+                          value=prompts)
+    tiny = require_type(config, "model.tiny", bool)
+    for key in ("model.path", "vae.path", "text.path"):
+        _check_dir(config, key, tiny)
+    require_type(config, "text.cache_dir", str)
+    require_int(config, "text.max_sequence_length", min=1)
+    require_choice(config, "text.torch_dtype", ("float32", "bfloat16", "float16"))
+    kind = require_choice(config, "reward.kind", SD3_REWARD_KINDS)
+    if kind == "clip":
+        _check_dir(config, "reward.clip_path", tiny)
+    require_float(config, "reward.clip_scale", min=0.0, min_inclusive=False)
+    require_type(config, "reward.clip_clamp", bool)
+    for key in ("dtype", "param_dtype"):
+        require_choice(config, f"model.{key}", DTYPES)
+    for key in ("remat", "scan_layers", "save_final"):
+        require_type(config, f"model.{key}", bool)
+    _validate_rl(config)
+    method = require_choice(config, "sampling.method", SAMPLERS)
+    require_int(config, "sampling.num_steps", min=1)
+    require_float(config, "sampling.cfg_scale", min=0.0)
+    noise = require_float(config, "sampling.sde_noise", min=0.0)
+    if noise > 0 and method != "euler":
+        raise ConfigError(f"`sampling.sde_noise`={noise} > 0 samples the SDE by Euler-Maruyama: set "
+                          f"sampling.method='euler' (got {method!r}).", key="sampling.sde_noise", value=noise)
+    require_float(config, "sampling.time_shift", min=0.0, min_inclusive=False)
+    require_int(config, "eval.samples_per_prompt", min=2)
+    require_int(config, "eval.seed", min=0)
+    require_int(config, "eval.w2_time_samples", min=1)
+    _validate_lora(config)
+
+
+def validate_sd3_batch_layout(config: Any, data_parallel_size: int, process_count: int = 1) -> dict[str, int]:
+    """Divisibility of the RL batch ``K * G`` (by micro-batches, the mesh's batch axes, processes) and of the eval
+    batch. Returns ``{"batch_size", "micro_batch_size", "eval_batch_size"}``."""
+    k, g = int(config.rl.prompts_per_step), int(config.rl.samples_per_prompt)
+    batch, accum = k * g, int(config.optim.grad_accum_steps)
+    if batch % accum or (batch // accum) % data_parallel_size:
+        raise ConfigError(f"The images per step rl.prompts_per_step * rl.samples_per_prompt = {k} * {g} = {batch} "
+                          f"must be divisible by optim.grad_accum_steps={accum} times the data-parallel size "
+                          f"{data_parallel_size} (mesh.data * mesh.fsdp).", key="rl.prompts_per_step", value=k)
+    if batch % process_count:
+        raise ConfigError(f"The images per step {batch} must be divisible by the process count {process_count}.",
+                          key="rl.prompts_per_step", value=k)
+    eval_batch = len(config.data.prompts) * int(config.eval.samples_per_prompt)
+    if eval_batch % data_parallel_size:
+        raise ConfigError(f"The eval batch (#prompts {len(config.data.prompts)} * eval.samples_per_prompt = "
+                          f"{eval_batch}) must be divisible by the data-parallel size {data_parallel_size}.",
+                          key="eval.samples_per_prompt", value=config.eval.samples_per_prompt)
+    return {"batch_size": batch, "micro_batch_size": batch // accum, "eval_batch_size": eval_batch}

@@ -43,6 +43,7 @@ __all__ = [
     "split_condition",
     "describe_condition",
     "prompt_conditions",
+    "step_prompts",
 ]
 
 ConditionMode = Literal["digit", "digit_thickness"]
@@ -220,3 +221,22 @@ def load_digits_dataset(image_size: int = 8, split: Literal["train", "test", "al
         return test
     return DigitsDataset(*(np.concatenate([getattr(train, f.name), getattr(test, f.name)])
                            for f in dataclasses.fields(DigitsDataset)))
+
+
+def step_prompts(seed: int, step: int, prompts_per_step: int, samples_per_prompt: int,
+                 num_conditions: int) -> np.ndarray:
+    """The ``[K * G]`` prompt ids of RL step ``step`` (prompt-major: each id repeated G times).
+
+    A deterministic function of ``(seed, step)``: the K ids are the first K of seeded permutations of all
+    ``num_conditions`` ids (concatenated when K > num_conditions, so every prompt appears ``K // n`` or
+    ``K // n + 1`` times).
+
+    >>> step_prompts(0, 3, 4, 2, 10).shape
+    (8,)
+    >>> sorted(set(step_prompts(0, 3, 10, 1, 10).tolist())) == list(range(10))
+    True
+    """
+    rng = np.random.default_rng([int(seed), int(step), 0x5EED])
+    reps = -(-int(prompts_per_step) // int(num_conditions))
+    ids = np.concatenate([rng.permutation(num_conditions) for _ in range(reps)])[:prompts_per_step]
+    return np.repeat(ids.astype(np.int32), samples_per_prompt)

@@ -51,7 +51,7 @@ from adrpo_jax.flow.sampling import sample, sample_noise
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
 from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
-                                       reduce_update_metrics, split_micro_batches)
+                                       mix_params, reduce_update_metrics, split_micro_batches)
 
 __all__ = [
     "FlowStepOptions",
@@ -63,6 +63,7 @@ __all__ = [
     "make_flow_update",
     "make_rollout_fn",
     "make_train_step",
+    "make_phase_fns",
     "mix_params",
     "reward_components",
 ]
@@ -227,20 +228,6 @@ def reward_components(reward_model: Callable, images: jax.Array, cond: jax.Array
                              "image)")
         out[name] = value
     return out
-
-
-def mix_params(ref_params: PyTree, params: PyTree, alpha: float) -> PyTree:
-    """Reference refresh ``ref = alpha * policy + (1 - alpha) * ref`` (``alpha = 1``: a copy). Pure.
-
-    >>> mix_params({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.25)["w"].tolist()
-    [0.25, 0.25]
-    """
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
-    if alpha == 1.0:
-        return jax.tree.map(lambda r, p: p.astype(r.dtype), ref_params, params)
-    return jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)
-                                      ).astype(r.dtype), ref_params, params)
 
 
 def _select_tree(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -524,27 +511,15 @@ def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowSt
     return rollout
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reward_model: Callable,
-                    opts: FlowStepOptions, mesh: Mesh | None, *, return_grads: bool = False,
-                    ref_graphdef: nnx.GraphDef | None = None, lora_dropout: bool = False):
-    """``train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler) -> (state, metrics)``.
+def _make_update_and_refresh(update: Callable, opts: FlowStepOptions, ref_graphdef: nnx.GraphDef | None,
+                             return_grads: bool):
+    """The update half of the RL step (shared by :func:`make_train_step` and :func:`make_phase_fns`):
+    ``(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler) -> (state, metrics[, grads])``
+    (``key``: the whole step's key; the update uses its second half)."""
 
-    One whole RL step (module docstring), to be jitted with ``donate_argnums=0``. ``state``: ``params``,
-    ``opt_state``, optionally ``ref_params`` (a refreshed reference; then the ``ref_params`` argument is
-    ignored and may be None) and ``sampler_params`` (the sampling copy; else the policy samples itself).
-    ``refresh_ref`` / ``refresh_sampler``: scalar bools; after the update, ``ref <- mix_params(ref, params,
-    opts.ref_refresh_alpha)`` / ``sampler <- params`` where set. ``key`` splits into the rollout's and the
-    update's keys. Metrics: the update's, ``sample_diversity`` (mean per-prompt pairwise L2 of the rollout),
-    ``ref_refreshed``, ``sampler_refreshed``.
-    """
-    rollout = make_rollout_fn(graphdef, reward_model, opts, mesh)
-    update = make_flow_update(graphdef, tx, opts, mesh, return_grads=return_grads, ref_graphdef=ref_graphdef,
-                              lora_dropout=lora_dropout)
-
-    def train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler):
-        k_roll, k_update = jax.random.split(key)
+    def update_and_refresh(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler):
+        _, k_update = jax.random.split(key)
         sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
-        x1, comps = rollout(sampler, frozen, cond, k_roll)
         reference = state["ref_params"] if "ref_params" in state else ref_params
         if reference is None:
             if ref_graphdef is None:
@@ -571,4 +546,57 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, re
             return new_state, metrics, grads[0]
         return new_state, metrics
 
+    return update_and_refresh
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reward_model: Callable,
+                    opts: FlowStepOptions, mesh: Mesh | None, *, return_grads: bool = False,
+                    ref_graphdef: nnx.GraphDef | None = None, lora_dropout: bool = False):
+    """``train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler) -> (state, metrics)``.
+
+    One whole RL step (module docstring), to be jitted with ``donate_argnums=0``. ``state``: ``params``,
+    ``opt_state``, optionally ``ref_params`` (a refreshed reference; then the ``ref_params`` argument is
+    ignored and may be None) and ``sampler_params`` (the sampling copy; else the policy samples itself).
+    ``refresh_ref`` / ``refresh_sampler``: scalar bools; after the update, ``ref <- mix_params(ref, params,
+    opts.ref_refresh_alpha)`` / ``sampler <- params`` where set. ``key`` splits into the rollout's and the
+    update's keys. Metrics: the update's, ``sample_diversity`` (mean per-prompt pairwise L2 of the rollout),
+    ``ref_refreshed``, ``sampler_refreshed``. :func:`make_phase_fns` is the same step as three programs.
+    """
+    rollout = make_rollout_fn(graphdef, reward_model, opts, mesh)
+    update = make_flow_update(graphdef, tx, opts, mesh, return_grads=return_grads, ref_graphdef=ref_graphdef,
+                              lora_dropout=lora_dropout)
+    update_and_refresh = _make_update_and_refresh(update, opts, ref_graphdef, return_grads)
+
+    def train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler):
+        k_roll, _ = jax.random.split(key)
+        sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
+        x1, comps = rollout(sampler, frozen, cond, k_roll)
+        return update_and_refresh(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler)
+
     return train_step
+
+
+def make_phase_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: FlowStepOptions,
+                   mesh: Mesh | None, *, ref_graphdef: nnx.GraphDef | None = None, lora_dropout: bool = False
+                   ) -> dict[str, Callable]:
+    """:func:`make_train_step` as three functions (to be jitted separately, so each phase can be timed):
+
+    * ``sample(state, frozen, cond, key) -> x1``: the rollout's samples (from the sampling copy when present);
+    * ``reward(reward_model, x1, cond) -> components`` (:func:`reward_components`; ``reward_model`` is static
+      to the program: close over it);
+    * ``update(state, ref_params, frozen, cond, key, x1, components, refresh_ref, refresh_sampler) ->
+      (state, metrics)``: the update and the refreshes (``key``: the step's key, as for ``train_step``).
+
+    The same math as the fused step; another compilation, so equal up to float32 rounding, not bit-identical.
+    """
+    no_reward = lambda x, c: jnp.zeros(x.shape[:1], jnp.float32)  # noqa: E731  # the sampler alone
+    rollout = make_rollout_fn(graphdef, no_reward, opts, mesh)
+    update = make_flow_update(graphdef, tx, opts, mesh, ref_graphdef=ref_graphdef, lora_dropout=lora_dropout)
+
+    def sample_fn(state, frozen, cond, key):
+        k_roll, _ = jax.random.split(key)
+        sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
+        return rollout(sampler, frozen, cond, k_roll)[0]
+
+    return {"sample": sample_fn, "reward": reward_components,
+            "update": _make_update_and_refresh(update, opts, ref_graphdef, False)}

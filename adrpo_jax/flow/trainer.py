@@ -1,5 +1,5 @@
-r"""The ADRPO-W2 online fine-tuning trainer for flow-matching models: ``train_and_evaluate(config, workdir)``
-(registry name ``'flow'``).
+r"""The ADRPO-W2 online fine-tuning recipe for flow-matching models on digits: ``train_and_evaluate(config, workdir)``
+(``config.trainer = 'flow'``).
 
     python launch.py --config=configs/flow_digits.py:cpu --workdir=/tmp/flow_adrpo [--config.total_steps=200]
 
@@ -9,7 +9,8 @@ are loaded from ``model.path`` / ``classifier.path`` or pre-trained once and cac
 of ``reward.*`` is built on the classifier.
 
 One RL step (``total_steps`` counts them; :func:`adrpo_jax.flow.step.make_train_step`, one jitted, donated
-program): ``rl.prompts_per_step`` prompt ids drawn from ``(seed, step)`` (:func:`step_prompts`) x
+program, shared with SD3 through :class:`adrpo_jax.flow.recipe.FlowRecipe`): ``rl.prompts_per_step`` prompt ids
+drawn from ``(seed, step)`` (:func:`~adrpo_jax.flow.data.step_prompts`) x
 ``rl.samples_per_prompt`` images sampled from the current policy (or a sampling copy refreshed every
 ``rl.sampler_refresh_steps``), rewards, per-prompt advantages, ``rl.num_inner_updates`` optimizer updates of
 the ``rl.method`` loss (each with fresh ``(t, x0)``; the loss runs in ``shard_map`` over the batch axes), and
@@ -57,7 +58,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,14 +68,17 @@ from flax import nnx
 
 from adrpo_jax import train
 from adrpo_jax.flow import config as config_lib
-from adrpo_jax.flow.data import describe_condition, load_digits_splits, prompt_conditions
+from adrpo_jax.flow.data import describe_condition, load_digits_splits, prompt_conditions, step_prompts
 from adrpo_jax.flow.metrics import evaluate_samples, frechet_distance_from_features, velocity_w2_bound
+from adrpo_jax.flow.recipe import FlowRecipe
 from adrpo_jax.flow.rewards import ClassifierReward, CombinedReward, ImageStatReward
 from adrpo_jax.flow.sampling import sample, sample_noise
-from adrpo_jax.flow.step import FlowStepOptions, make_train_step
+from adrpo_jax.flow.step import FlowStepOptions
 from adrpo_jax.models.classifier import DigitClassifier, load_classifier
 from adrpo_jax.models.dit import DiT, load_dit
-from adrpo_jax.models.lora import apply_lora, merge_lora, set_lora_enabled
+from adrpo_jax.models.lora import apply_lora
+from adrpo_jax.recipe.policy import Policy
+from adrpo_jax.train.programs import Program, key_struct
 
 __all__ = ["train_and_evaluate", "FlowTrainer", "FlowEvaluator", "step_prompts", "build_reward_model",
            "load_models", "model_load_overrides"]
@@ -85,25 +88,6 @@ log = logging.getLogger(__name__)
 BEFORE_GRID = "samples_before.png"
 BEFORE_AFTER_GRID = "samples_before_after.png"
 FINAL_MODEL = "final_model"
-
-
-def step_prompts(seed: int, step: int, prompts_per_step: int, samples_per_prompt: int,
-                 num_conditions: int) -> np.ndarray:
-    """The ``[K * G]`` prompt ids of RL step ``step`` (prompt-major: each id repeated G times).
-
-    A deterministic function of ``(seed, step)``: the K ids are the first K of seeded permutations of all
-    ``num_conditions`` ids (concatenated when K > num_conditions, so every prompt appears ``K // n`` or
-    ``K // n + 1`` times).
-
-    >>> step_prompts(0, 3, 4, 2, 10).shape
-    (8,)
-    >>> sorted(set(step_prompts(0, 3, 10, 1, 10).tolist())) == list(range(10))
-    True
-    """
-    rng = np.random.default_rng([int(seed), int(step), 0x5EED])
-    reps = -(-int(prompts_per_step) // int(num_conditions))
-    ids = np.concatenate([rng.permutation(num_conditions) for _ in range(reps)])[:prompts_per_step]
-    return np.repeat(ids.astype(np.int32), samples_per_prompt)
 
 
 def build_reward_model(config: Any, classifier: DigitClassifier | None) -> Callable:
@@ -170,81 +154,114 @@ def _check_model(model: DiT, config: Any, num_conditions: int) -> None:
                                 f"{config.data.image_size}.", key="model.path")
 
 
+def _merge(graphdef, params, frozen):
+    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
 class FlowEvaluator:
     """Fixed-batch evaluation: every prompt x ``eval.samples_per_prompt`` images from fixed noise, scored against
-    the pre-trained model's samples of the same prompts and noise (computed once).
+    the pre-trained model's samples of the same prompts and noise (computed once, at the first evaluation).
 
     Every process holds the whole (small) eval batch: sampling runs batch-sharded, the samples come back
-    replicated, the metrics are host computations (:func:`adrpo_jax.flow.metrics.evaluate_samples`).
+    replicated, the metrics are host computations (:func:`adrpo_jax.flow.metrics.evaluate_samples`). The device
+    work is the recipe's ``eval/*`` programs (:meth:`programs`).
     """
 
     def __init__(self, trainer: "FlowTrainer"):
-        config, mesh, opts = trainer.config, trainer.mesh, trainer.opts
+        config, mesh = trainer.config, trainer.mesh
         self.trainer = trainer
         self.mode = config.data.condition_mode
         self.num_conditions = trainer.num_conditions
         self.samples_per_prompt = int(config.eval.samples_per_prompt)
         cond = prompt_conditions(self.mode, self.samples_per_prompt)
-        n = cond.shape[0]
         key = jax.random.key(int(config.eval.seed))
         k_x0, self.sde_key, self.w2_key = jax.random.split(key, 3)
-        x0 = np.asarray(jax.jit(lambda k: sample_noise(k, (n,) + opts.image_shape))(k_x0))
-        rows = train.process_batch_slice(n, mesh)
+        fns = trainer.fns
+        x0 = np.asarray(fns["eval/noise"](k_x0))
+        rows = train.process_batch_slice(cond.shape[0], mesh)
         self.cond_host = cond
         self.x0 = train.host_local_to_global(x0[rows], mesh)
         self.cond = train.host_local_to_global(cond[rows], mesh)
-        repl = train.replicated_sharding(mesh)
-        graphdef, base_graphdef = trainer.graphdef, trainer.base_graphdef
+        self.classifier = trainer.classifier
+        self._cstate = nnx.state(self.classifier)
+        _, test = load_digits_splits(config.data.image_size, test_fraction=config.data.test_fraction,
+                                     seed=config.data.split_seed)
+        self.data_features = np.asarray(fns["eval/features"](self._cstate, jnp.asarray(test.images)))
+        self._reference: np.ndarray | None = None
+        self.last_images: tuple[int, np.ndarray] | None = None
 
-        def merge(params, frozen, g=graphdef):
-            return nnx.merge(g, params) if frozen is None else nnx.merge(g, params, frozen)
+    @staticmethod
+    def programs(trainer: "FlowTrainer") -> list[Program]:
+        """The evaluator's programs: ``eval/noise``, ``eval/sample`` (+ ``eval/sample_base``: the pre-trained
+        model's graph under LoRA), ``eval/w2``, ``eval/features`` (the classifier's features)."""
+        config, opts, mesh, policy = trainer.config, trainer.opts, trainer.mesh, trainer.policy
+        repl, bs = train.replicated_sharding(mesh), train.batch_sharding(mesh)
+        graphdef, base_graphdef = policy.graphdef, policy.base_graphdef
+        n = prompt_conditions(config.data.condition_mode, int(config.eval.samples_per_prompt)).shape[0]
+        shape = (n,) + tuple(opts.image_shape)
 
         def sample_fn(params, frozen, x0, cond, key, g=graphdef):
-            model = merge(params, frozen, g)
+            model = _merge(g, params, frozen)
             return sample(lambda x, t, c: model(x, t, c), x0, cond, num_steps=opts.sampling_steps,
                           method=opts.sampling_method, cfg_scale=opts.cfg_scale,
                           null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
                           key=key if opts.sde_noise > 0 else None)
 
-        self._sample = jax.jit(sample_fn, out_shardings=repl)
-        # The pre-trained model (LoRA: the same weights with the adapters off).
-        self._sample_base = self._sample if base_graphdef is graphdef else \
-            jax.jit(lambda *a: sample_fn(*a, g=base_graphdef), out_shardings=repl)
         n_time = int(config.eval.w2_time_samples)
 
         def w2_fn(params, ref_params, frozen, x1, cond, key):
-            policy, ref = merge(params, frozen), merge(ref_params, frozen, base_graphdef)
-            return velocity_w2_bound(lambda x, t, c: policy(x, t, c), lambda x, t, c: ref(x, t, c), x1, cond, key,
-                                     num_time_samples=n_time)
+            policy_model, ref = _merge(graphdef, params, frozen), _merge(base_graphdef, ref_params, frozen)
+            return velocity_w2_bound(lambda x, t, c: policy_model(x, t, c), lambda x, t, c: ref(x, t, c), x1, cond,
+                                     key, num_time_samples=n_time)
 
-        self._w2 = jax.jit(w2_fn, out_shardings=repl)
-        self.classifier = trainer.classifier
-        cgraph, self._cstate = nnx.split(self.classifier)
-        self._features = jax.jit(lambda s, x: nnx.merge(cgraph, s)(x, return_features=True)[1])
-        self.reference_images = self.sample(trainer.ref_params, trainer.frozen, pretrained=True)
-        self.reference_features = np.asarray(self._features(self._cstate, self.reference_images))
-        _, test = load_digits_splits(config.data.image_size, test_fraction=config.data.test_fraction,
-                                     seed=config.data.split_seed)
-        self.data_features = np.asarray(self._features(self._cstate, jnp.asarray(test.images)))
-        self.last_images: tuple[int, np.ndarray] | None = None
+        params = lambda: trainer.abstract_state["params"]  # noqa: E731
+        x = lambda: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs)  # noqa: E731
+        c = lambda: jax.ShapeDtypeStruct((n,), jnp.int32, sharding=bs)  # noqa: E731
+        sample_args = lambda: (params(), policy.abstract_frozen, x(), c(), key_struct())  # noqa: E731
+        out = [Program("eval/noise", lambda k: sample_noise(k, shape), args=lambda: (key_struct(),), phase="eval"),
+               Program("eval/sample", sample_fn, args=sample_args, out_shardings=repl, phase="eval"),
+               Program("eval/w2", w2_fn, out_shardings=repl, phase="eval",
+                       args=lambda: (params(), params(), policy.abstract_frozen,
+                                     jax.ShapeDtypeStruct(shape, jnp.float32), c(), key_struct()))]
+        if base_graphdef is not graphdef:
+            out.append(Program("eval/sample_base", lambda *a: sample_fn(*a, g=base_graphdef), args=sample_args,
+                               out_shardings=repl, phase="eval"))
+        if trainer.classifier is not None:
+            cgraph = nnx.graphdef(trainer.classifier)
+            out.append(Program("eval/features", lambda s, im: nnx.merge(cgraph, s)(im, return_features=True)[1],
+                               phase="eval"))
+        return out
 
     def sample(self, params, frozen, *, pretrained: bool = False) -> np.ndarray:
         """The eval samples ``[n, H, W, C]`` (host numpy) of a parameter tree (of the policy's graph, or with
         ``pretrained`` of the pre-trained model's graph: adapters off under LoRA)."""
-        fn = self._sample_base if pretrained else self._sample
+        fns = self.trainer.fns
+        fn = fns.get("eval/sample_base", fns["eval/sample"]) if pretrained else fns["eval/sample"]
         return np.asarray(jax.device_get(fn(params, frozen, self.x0, self.cond, self.sde_key)))
 
-    def __call__(self, step: int, params, frozen) -> dict[str, float]:
+    def reference_images(self, state=None) -> np.ndarray:
+        """The pre-trained model's eval samples (computed once)."""
+        if self._reference is None:
+            policy = self.trainer.policy
+            self._reference = self.sample(policy.pretrained_params(state), policy.frozen, pretrained=True)
+            self.reference_features = np.asarray(self.trainer.fns["eval/features"](self._cstate,
+                                                                                    self._reference))
+        return self._reference
+
+    def __call__(self, step: int, state) -> dict[str, float]:
+        params, frozen = state["params"], self.trainer.frozen
+        self.reference_images(state)
         images = self.sample(params, frozen)
         self.last_images = (step, images)
         cond = jnp.asarray(self.cond_host)
         out = evaluate_samples(jnp.asarray(images), cond, classifier=self.classifier, condition_mode=self.mode,
                                num_conditions=self.num_conditions, reward_fn=self.trainer.reward_model,
                                reference_features=self.reference_features)
-        feats = np.asarray(self._features(self._cstate, jnp.asarray(images)))
+        feats = np.asarray(self.trainer.fns["eval/features"](self._cstate, jnp.asarray(images)))
         out["frechet_distance_data"] = frechet_distance_from_features(feats, self.data_features)
-        out["w2_bound"] = float(self._w2(params, self.trainer.ref_params, frozen, jnp.asarray(images), cond,
-                                         self.w2_key))
+        ref = self.trainer.policy.pretrained_params(state)
+        out["w2_bound"] = float(self.trainer.fns["eval/w2"](params, ref, frozen, jnp.asarray(images), cond,
+                                                             self.w2_key))
         return {f"eval/{k}": float(v) for k, v in out.items()}
 
     def save_grid(self, path: str | os.PathLike, panels: dict[str, np.ndarray], title: str | None = None, *,
@@ -258,8 +275,8 @@ class FlowEvaluator:
         return save_comparison_grid(cut, path, nrow=k, title=title)
 
 
-class FlowTrainer:
-    """Builds everything of a flow RL run from a config (used by :func:`train_and_evaluate`).
+class FlowTrainer(FlowRecipe):
+    """The digits flow recipe: everything of a flow RL run from a config (used by :func:`train_and_evaluate`).
 
     Args:
       config: the experiment config (common sections + :func:`~adrpo_jax.flow.config.add_flow_config`).
@@ -270,26 +287,20 @@ class FlowTrainer:
         ``(images [B, H, W, C], cond [B]) -> [B]``, optionally with ``components``).
       models: ``(pre-trained DiT, classifier)`` to use instead of :func:`load_models` (tests).
 
-    Public attributes: ``mesh``, ``opts`` (:class:`FlowStepOptions`), ``graphdef``, ``tx``, ``schedule``,
-    ``abstract_state``, ``state_shardings``, ``ref_params`` (the trainable part of the frozen pre-trained
-    reference; with LoRA the initial adapters, which ``base_graphdef`` ignores), ``frozen``, ``reward_model``,
-    ``classifier``, ``evaluator`` (None when ``eval_every`` = 0 and images are off), ``lora_config`` (None
-    without LoRA), ``base_graphdef`` (the pre-trained model's graph: ``graphdef``, or adapters off with LoRA),
-    ``ref_graphdef`` (the graph of the step's reference forward: ``base_graphdef`` with LoRA and a frozen
-    reference, else ``graphdef``).
+    Public attributes (beyond :class:`~adrpo_jax.recipe.base.Recipe`'s): ``opts`` (:class:`FlowStepOptions`),
+    ``schedule``, ``reward_model``, ``classifier``, ``evaluator`` (None when ``eval_every`` = 0 and images are
+    off), ``num_conditions``, ``layout``.
     """
 
+    name = "flow"
+
     def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = None,
-                 reward_model: Callable | None = None, models: tuple[DiT, DigitClassifier] | None = None):
+                 reward_model: Callable | None = None, models: tuple[DiT, DigitClassifier] | None = None,
+                 mesh: jax.sharding.Mesh | None = None, abstract: bool = False):
         config_lib.validate_flow_config(config)
-        self.config, self.workdir = config, os.fspath(workdir)
-        self.lora_config = config_lib.lora_config(config)
-        if trainable is None:
-            trainable = nnx.LoRAParam if self.lora_config is not None else nnx.Param
-        self.trainable = trainable
-        self.mesh = train.make_mesh(config.mesh)
+        super().__init__(config, workdir, mesh=mesh, abstract=abstract)
         self.layout = config_lib.validate_flow_batch_layout(config, train.data_parallel_size(self.mesh),
-                                                            jax.process_count())
+                                                            1 if abstract else jax.process_count())
         self.num_conditions = config_lib.num_prompt_conditions(config)
         pretrained, self.classifier = models if models is not None else load_models(config)
         _check_model(pretrained, config, self.num_conditions)
@@ -298,62 +309,19 @@ class FlowTrainer:
         mc = self.model_config
         self.opts = FlowStepOptions.from_config(config, num_conditions=self.num_conditions, null_class=mc.null_class,
                                                 image_shape=(mc.image_size, mc.image_size, mc.channels))
-        self.updates_per_step = int(config.rl.num_inner_updates)
-        self.tx, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
-
-        abstract_model = nnx.eval_shape(self._new_model)
-        self.graphdef, _, abstract_frozen = nnx.split(abstract_model, trainable, ...)
-        self.ref_in_state = int(config.rl.ref_refresh_steps) > 0
-        self.sampler_in_state = int(config.rl.sampler_refresh_steps) > 1
-        self.base_graphdef = self.ref_graphdef = self.graphdef
-        if self.lora_config is not None:
-            self.base_graphdef = nnx.split(set_lora_enabled(abstract_model, False), trainable, ...)[0]
-            if not self.ref_in_state:  # the reference: the policy's own weights with the adapters off
-                self.ref_graphdef = self.base_graphdef
-        tx, trainable_, ref_in_state, sampler_in_state = self.tx, trainable, self.ref_in_state, self.sampler_in_state
-        new_model = self._new_model
-
-        def plan():
-            params = nnx.state(new_model(), trainable_)
-            state = {"params": params, "opt_state": tx.init(params)}
-            if ref_in_state:
-                state["ref_params"] = params
-            if sampler_in_state:
-                state["sampler_params"] = params
-            return state
-
-        self._plan = plan
-        self.abstract_state = train.plan_sharded(plan, self.mesh)
-        self.state_shardings = train.shardings_of(self.abstract_state)
-        param_shardings = self.state_shardings["params"]
-        _, pre_params, pre_frozen = nnx.split(pretrained, trainable, ...)
-        if jax.tree.structure(nnx.to_pure_dict(pre_frozen)) != jax.tree.structure(nnx.to_pure_dict(abstract_frozen)):
-            raise AssertionError("the pre-trained model's frozen state does not match the policy's frozen part")
-        if self.lora_config is None:
-            # The frozen reference: the pre-trained weights, a separate tree sharded like the policy.
-            self.ref_params = jax.device_put(pre_params, param_shardings)
-        else:
-            # The reference is base_graphdef (adapters off): any adapter values give the pre-trained model.
-            self.ref_params = train.create_sharded(lambda: nnx.state(new_model(), trainable_),
-                                                   self.abstract_state["params"])
-        self.frozen = None  # the non-trainable model state (None for a plain DiT with the nnx.Param filter)
-        if jax.tree.leaves(pre_frozen):
-            self.frozen = jax.device_put(pre_frozen, train.logical_to_named_sharding(pre_frozen, self.mesh))
+        self._setup_optimization(config)
+        lora = config_lib.lora_config(config)
+        self.lora_cfg = lora
+        if trainable is None:
+            trainable = nnx.LoRAParam if lora is not None else nnx.Param
+        self.policy = Policy(self.policy_spec(self._new_model, lambda: pretrained, trainable, lora), self.mesh,
+                             abstract=abstract)
         del pretrained
-
         self.rows = train.process_batch_slice(self.layout["batch_size"], self.mesh)
         self.base_key = jax.random.key(int(config.seed))
-        repl = train.replicated_sharding(self.mesh)
-        lora_dropout = self.lora_config is not None and self.lora_config.dropout > 0
-        self.step_fn = jax.jit(make_train_step(self.graphdef, self.tx, self.reward_model, self.opts, self.mesh,
-                                               ref_graphdef=self.ref_graphdef, lora_dropout=lora_dropout),
-                               out_shardings=(self.state_shardings, repl), donate_argnums=0)
-        self.phase_fns = None
-        if bool(train.get_by_path(config, "logging.phase_timing", False)):
-            self.phase_fns = self._make_phase_fns(lora_dropout)
-        self.evaluator = None
-        if int(config.eval_every) > 0 or bool(config.eval.write_images):
-            self.evaluator = FlowEvaluator(self)
+        with_evaluator = int(config.eval_every) > 0 or bool(config.eval.write_images)
+        self._set_programs(self.step_programs() + (FlowEvaluator.programs(self) if with_evaluator else []))
+        self.evaluator = FlowEvaluator(self) if with_evaluator and not abstract else None
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -361,192 +329,70 @@ class FlowTrainer:
         """A freshly initialized policy (with adapters under LoRA; their A a function of ``seed`` only); only
         ever built abstractly or under jit."""
         model = DiT(self.model_config, rngs=nnx.Rngs(0))
-        if self.lora_config is not None:
+        if self.lora_cfg is not None:
             key = jax.random.fold_in(jax.random.key(int(self.config.seed)), 0x10A)
-            apply_lora(model, self.lora_config, rngs=nnx.Rngs(params=key))
+            apply_lora(model, self.lora_cfg, rngs=nnx.Rngs(params=key))
         return model
 
-    def init_state(self) -> dict[str, Any]:
-        """The fresh train state: copies of the pre-trained weights (sharded) and a new optimizer state. With
-        LoRA: fresh adapters (B = 0: the policy starts as the pre-trained model), born sharded, and their
-        optimizer state."""
-        if self.lora_config is not None:
-            return train.create_sharded(self._plan, self.abstract_state)
-        sh = self.state_shardings
-        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["params"])
-        state = {"params": copy(self.ref_params),
-                 "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(self.ref_params)}
-        if self.ref_in_state:
-            state["ref_params"] = copy(self.ref_params)
-        if self.sampler_in_state:
-            state["sampler_params"] = copy(self.ref_params)
-        return state
+    def make_reward(self, *reward_args: Any) -> Callable:
+        return self.reward_model
 
-    def prompts(self, step: int) -> np.ndarray:
-        """All ``[K * G]`` prompt ids of ``step`` (global; this process feeds ``[self.rows]``)."""
-        rl = self.config.rl
-        return step_prompts(int(self.config.seed), step, int(rl.prompts_per_step), int(rl.samples_per_prompt),
-                            self.num_conditions)
-
-    def _make_phase_fns(self, lora_dropout: bool) -> dict[str, Callable]:
-        """``logging.phase_timing``: the step of ``make_train_step`` as three jitted programs (sample, reward,
-        update + refreshes) with the same keys, so that each phase can be timed; the same math as the fused
-        step (another compilation: equal up to float32 rounding, not bit-identical)."""
-        from adrpo_jax.flow.step import (_select_tree, make_flow_update, make_rollout_fn, mix_params,
-                                         reward_components)  # pylint: disable=import-outside-toplevel
-        from adrpo_jax.flow.metrics import pairwise_diversity  # pylint: disable=import-outside-toplevel
-
-        opts, mesh, reward_model = self.opts, self.mesh, self.reward_model
-        repl = train.replicated_sharding(mesh)
-        bs = train.batch_sharding(mesh)
-        no_reward = lambda x, c: jnp.zeros(x.shape[:1], jnp.float32)  # noqa: E731  # the sampler alone
-        rollout = make_rollout_fn(self.graphdef, no_reward, opts, mesh)
-        update = make_flow_update(self.graphdef, self.tx, opts, mesh, ref_graphdef=self.ref_graphdef,
-                                  lora_dropout=lora_dropout)
-
-        def sample_fn(state, frozen, cond, key):
-            k_roll, _ = jax.random.split(key)
-            sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
-            return rollout(sampler, frozen, cond, k_roll)[0]
-
-        def update_fn(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler):
-            _, k_update = jax.random.split(key)
-            reference = state["ref_params"] if "ref_params" in state else ref_params
-            if reference is None:
-                reference = state["params"]
-            batch = {"x1": x1, "cond": cond, "rewards": comps["reward"],
-                     "components": {k: v for k, v in comps.items() if k != "reward"}}
-            params, opt_state, metrics = update(state["params"], state["opt_state"], reference, frozen, batch,
-                                                k_update)
-            new_state = dict(state, params=params, opt_state=opt_state)
-            refresh_ref = jnp.asarray(refresh_ref, bool)
-            refresh_sampler = jnp.asarray(refresh_sampler, bool)
-            if "ref_params" in state:
-                new_state["ref_params"] = _select_tree(refresh_ref, mix_params(reference, params,
-                                                                               opts.ref_refresh_alpha), reference)
-            if "sampler_params" in state:
-                sampler = state["sampler_params"]
-                new_state["sampler_params"] = _select_tree(refresh_sampler, params, sampler)
-            metrics = dict(metrics)
-            metrics["sample_diversity"] = pairwise_diversity(x1, cond, opts.num_conditions)[1]
-            metrics["ref_refreshed"] = (refresh_ref & ("ref_params" in state)).astype(jnp.float32)
-            metrics["sampler_refreshed"] = (refresh_sampler & ("sampler_params" in state)).astype(jnp.float32)
-            return new_state, metrics
-
-        return {"sample": jax.jit(sample_fn, out_shardings=bs),
-                "reward": jax.jit(lambda x1, cond: reward_components(reward_model, x1, cond)),
-                "update": jax.jit(update_fn, out_shardings=(self.state_shardings, repl), donate_argnums=0)}
-
-    def train_step(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
-        rl = self.config.rl
-        cond = train.host_local_to_global(self.prompts(step)[self.rows], self.mesh)
-        key = jax.random.fold_in(self.base_key, step)
-        refresh_ref = self.ref_in_state and (step + 1) % int(rl.ref_refresh_steps) == 0
-        refresh_sampler = self.sampler_in_state and (step + 1) % int(rl.sampler_refresh_steps) == 0
-        # A LoRA reference (adapters off) takes the policy's own adapters (ignored): ref_params None.
-        ref = None if self.ref_in_state or self.lora_config is not None else self.ref_params
-        if self.phase_fns is None:
-            state, metrics = self.step_fn(state, ref, self.frozen, cond, key, np.bool_(refresh_ref),
-                                          np.bool_(refresh_sampler))
-        else:  # logging.phase_timing: three programs, the host waiting for each
-            fns = self.phase_fns
-            t0 = time.perf_counter()
-            x1 = jax.block_until_ready(fns["sample"](state, self.frozen, cond, key))
-            t1 = time.perf_counter()
-            comps = jax.block_until_ready(fns["reward"](x1, cond))
-            t2 = time.perf_counter()
-            state, metrics = jax.block_until_ready(fns["update"](state, ref, self.frozen, cond, key, x1, comps,
-                                                                 np.bool_(refresh_ref), np.bool_(refresh_sampler)))
-            metrics = dict(metrics, **{"time/sample": t1 - t0, "time/reward": t2 - t1,
-                                       "time/update": time.perf_counter() - t2})
-        # Logged as ref_refreshed / sampler_refreshed; at DEBUG so that a logged step prints one console line.
-        if refresh_ref:
-            log.debug("step %d: reference refreshed (ref = %g * policy + %g * ref)", step + 1,
-                      float(rl.ref_refresh_alpha), 1.0 - float(rl.ref_refresh_alpha))
-        if refresh_sampler:
-            log.debug("step %d: sampling copy refreshed", step + 1)
-        return state, metrics
-
-    def eval_step(self, step: int, state) -> dict[str, Any]:
-        return self.evaluator(step, state["params"], self.frozen) if self.evaluator is not None else {}
+    def evaluate(self, step: int, state) -> dict[str, Any]:
+        return self.evaluator(step, state) if self.evaluator is not None else {}
 
     def _is_primary(self) -> bool:
         return jax.process_index() == 0
 
-    def run(self) -> dict[str, Any]:
-        config = self.config
-        writer = train.MetricWriter(self.workdir, config.logging, run_config=config)
-        evaluate = int(config.eval_every) > 0
-        images = bool(config.eval.write_images) and self.evaluator is not None
+    @property
+    def _images(self) -> bool:
+        return bool(self.config.eval.write_images) and self.evaluator is not None
 
-        def init_state():
-            state = self.init_state()
-            if evaluate:  # the "before" numbers of a fresh run (policy == pre-trained model), logged at step 0
-                writer.truncate_after(-1)
-                writer.write(0, self.eval_step(0, state))
-            if images and self._is_primary():
-                self.evaluator.save_grid(os.path.join(self.workdir, BEFORE_GRID),
-                                         {"pre-trained": self.evaluator.reference_images},
+    def on_start(self, state) -> None:
+        if self._images:
+            reference = self.evaluator.reference_images(state)
+            if self._is_primary():
+                self.evaluator.save_grid(os.path.join(self.workdir, BEFORE_GRID), {"pre-trained": reference},
                                          title=self._grid_title("pre-trained model"))
-            return state
 
-        try:
-            result = train.run_training(
-                config=config, workdir=self.workdir, init_state=init_state, abstract_state=self.abstract_state,
-                train_step=self.train_step, eval_step=self.eval_step if evaluate else None,
-                learning_rate_fn=lambda s: self.schedule(s * self.updates_per_step), throughput_keys=("images",),
-                writer=writer)
-        finally:
-            writer.close()
-        self.result = result
-        out = result.to_dict()
-        if not result.preempted:
-            if config.model.save_final:
-                out["final_model"] = self.save_model(result.state["params"], os.path.join(self.workdir, FINAL_MODEL))
-            if images:
-                path = self.write_before_after(result.step, result.state["params"])
-                if path is not None:
-                    out["samples_grid"] = path
-        return out
+    def on_finish(self, result, out: dict[str, Any]) -> None:
+        if self._images:
+            path = self.write_before_after(result.step, result.state)
+            if path is not None:
+                out["samples_grid"] = path
 
-    def save_model(self, params, path: str | os.PathLike) -> str | None:
+    def export(self, params, path: str | os.PathLike) -> str | None:
         """Writes the policy ``params`` as a DiT directory (``load_dit`` reads it; with LoRA the merged DiT, ``W + s
         A B``); every process takes part (the parameters may be split across processes), process 0 writes.
         Returns the path on process 0."""
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
         from adrpo_jax.models.dit import save_dit  # pylint: disable=import-outside-toplevel
 
-        gather = (lambda x: multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 \
-            else jax.device_get
-        host = gather(params)
-        frozen = gather(self.frozen) if self.frozen is not None else None
-        if not self._is_primary():
+        model = self.policy.merged(params, to_host=True)
+        if model is None:
             return None
-        host = jax.tree.map(np.asarray, host)
-        model = nnx.merge(self.graphdef, host) if frozen is None else \
-            nnx.merge(self.graphdef, host, jax.tree.map(np.asarray, frozen))
-        if self.lora_config is not None:
-            model = merge_lora(model)
         save_dit(model, path)
         log.info("Saved the fine-tuned policy to %s", path)
         return str(path)
+
+    def load_final(self, path: Path) -> Any:
+        return jax.device_put(nnx.state(load_dit(path), self.trainable), self.state_shardings["params"])
 
     def _grid_title(self, what: str) -> str:
         prompts = ", ".join(describe_condition(c, self.config.data.condition_mode)
                             for c in range(min(self.num_conditions, 3)))
         return f"{what}\nrows: {prompts}, ..."
 
-    def write_before_after(self, step: int, params) -> str | None:
-        """Writes ``workdir/samples_before_after.png`` (pre-trained vs ``params`` on the eval prompts/noise);
-        returns its path (process 0) or None."""
+    def write_before_after(self, step: int, state) -> str | None:
+        """Writes ``workdir/samples_before_after.png`` (pre-trained vs ``state``'s policy on the eval prompts /
+        noise); returns its path (process 0) or None."""
         last = self.evaluator.last_images
-        after = last[1] if last is not None and last[0] == step else self.evaluator.sample(params, self.frozen)
+        after = last[1] if last is not None and last[0] == step else self.evaluator.sample(state["params"],
+                                                                                           self.frozen)
+        reference = self.evaluator.reference_images(state)
         if not self._is_primary():
             return None
         path = self.evaluator.save_grid(
             os.path.join(self.workdir, BEFORE_AFTER_GRID),
-            {"before (pre-trained)": self.evaluator.reference_images,
-             f"after {step} steps ({self.config.rl.method})": after},
+            {"before (pre-trained)": reference, f"after {step} steps ({self.config.rl.method})": after},
             title=self._grid_title("before / after fine-tuning"))
         log.info("Sample grid (before / after): %s", path)
         print(f"Sample grid (before / after fine-tuning): {path}", flush=True)

@@ -140,7 +140,6 @@ from adrpo_jax.train.config import (
     require_int,
     require_type,
     validate_advantage_clip,
-    validate_lora_section,
 )
 
 __all__ = [
@@ -152,6 +151,9 @@ __all__ = [
     "needs_old_logprobs",
     "updates_per_step",
     "lora_config",
+    "add_audio_config",
+    "validate_audio_config",
+    "AUDIO_TASKS",
     "BUILTIN_MODELS",
     "DTYPES",
 ]
@@ -475,7 +477,7 @@ def _validate_eval(config) -> None:
 
 
 def _validate_lora(config) -> None:
-    if validate_lora_section(config) is None:
+    if lora_config(config) is None:
         return
     dropout = float(config.lora.dropout)
     if dropout > 0.0:
@@ -492,7 +494,8 @@ def _validate_lora(config) -> None:
 
 def lora_config(config: Any):
     """The :class:`~adrpo_jax.models.lora.LoRAConfig` of a validated config, or None when ``lora.enabled`` is off."""
-    return validate_lora_section(config)
+    from adrpo_jax.recipe.policy import lora_config as build  # pylint: disable=import-outside-toplevel
+    return build(config)
 
 
 def validate_llm_config(config: Any) -> None:
@@ -542,3 +545,66 @@ def validate_llm_batch_layout(config: Any, data_parallel_size: int, process_coun
                           f"by the data-parallel size {data_parallel_size} (mesh.data * mesh.fsdp).",
                           key="rl.num_prompts_per_step", value=prompts)
     return {"batch_size": batch, "minibatch_size": minibatch, "micro_batch_size": micro}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The audio recipe's section (adrpo_jax.rl.audio_trainer): on top of add_llm_config
+# ----------------------------------------------------------------------------------------------------------
+
+AUDIO_TASKS = ("auto", "spoken_arithmetic", "beeps", "jsonl")
+
+
+def add_audio_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the ``audio`` section (keys already present are kept); call after ``add_llm_config``."""
+    merge_defaults(config, {"audio": {
+        "task": "auto",  # auto | spoken_arithmetic | beeps | jsonl (data.path / eval.path)
+        "seconds": 30.0,  # the feature window: clips are padded / cut to it (Omni: 30 s)
+        "n_mels": 128,
+        "audio_token": "<|AUDIO|>",
+        "audio_template": "<|audio_bos|>{audio}<|audio_eos|>",
+        "freeze_encoder": True,
+        "min_value": 0, "max_value": 9, "operations": "+",  # built-in spoken task
+        "min_beeps": 1, "max_beeps": 5,  # built-in fallback task
+        "cache_dir": "",
+        "feature_cache_size": 4096,
+    }})
+    return config
+
+
+def validate_audio_config(config: Any) -> None:
+    """Checks the audio recipe's config: the ``audio`` section, the model path, and the LLM sections it shares
+    (``rl``, ``sampling``, ``rewards``, ``lora``); ``ConfigError`` naming the key."""
+    if "audio" not in config:
+        raise ConfigError("Config section `audio` is missing (build the config with add_audio_config).", key="audio")
+    a = config.audio
+    if a.task not in AUDIO_TASKS:
+        raise ConfigError(f"`audio.task`={a.task!r} must be one of {AUDIO_TASKS}.", key="audio.task", value=a.task)
+    path = str(config.model.path)
+    if not path.startswith("builtin:"):
+        p = os.path.expanduser(path)
+        if not path or not os.path.isfile(os.path.join(p, "config.json")):
+            raise ConfigError(f"`model.path`={path!r} is not a local transformers directory of a qwen2_audio / "
+                              "qwen2_5_omni model (no config.json); nothing is downloaded: pass "
+                              "--config.model.path=/path/to/Qwen2.5-Omni-7B.", key="model.path", value=path)
+    elif path != "builtin:tiny_audio_arith":
+        raise ConfigError(f"`model.path`={path!r}: the audio trainer's built-in model is 'builtin:tiny_audio_arith'.",
+                          key="model.path", value=path)
+    if a.task == "jsonl":
+        for key in ("data.path", "eval.path"):
+            value = get_by_path(config, key, "")
+            if key == "eval.path" and not value:
+                continue
+            if not value or not os.path.isfile(os.path.expanduser(value)):
+                raise ConfigError(f"`{key}`={value!r} must be a jsonl file of {{audio, question, choices, answer}} "
+                                  "rows (audio.task='jsonl'): pass --config.data.path=/path/to/avqa_train.jsonl.",
+                                  key=key, value=value)
+    if float(a.seconds) <= 0 or int(a.n_mels) < 1:
+        raise ConfigError(f"`audio.seconds`={a.seconds} and `audio.n_mels`={a.n_mels} must be positive.",
+                          key="audio.seconds")
+    if "{audio}" not in a.audio_template:
+        raise ConfigError(f"`audio.audio_template`={a.audio_template!r} must contain '{{audio}}'.",
+                          key="audio.audio_template")
+    _validate_rl(config)
+    _validate_sampling(config)
+    _validate_rewards(config)
+    _validate_lora(config)

@@ -52,7 +52,7 @@ from adrpo_jax.models.llm.logprobs import token_logprobs
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
 from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
-                                       reduce_update_metrics, split_micro_batches)
+                                       mix_params, reduce_update_metrics, split_micro_batches)
 
 __all__ = [
     "StepOptions",
@@ -615,12 +615,4 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
     return rl_update
 
 
-def mix_reference(ref_params: PyTree, params: PyTree, alpha: float) -> PyTree:
-    """Reference refresh: ``ref = alpha * policy + (1 - alpha) * ref`` (``alpha = 1``: a copy; TRL's
-    ``ref_model_mixup_alpha`` / ``ref_model_sync_steps``). Pure; jit with ``donate_argnums=0``."""
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
-    if alpha == 1.0:
-        return jax.tree.map(lambda r, p: p.astype(r.dtype) + jnp.zeros_like(r), ref_params, params)
-    return jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)
-                                      ).astype(r.dtype), ref_params, params)
+mix_reference = mix_params  # the reference refresh (one function for every recipe: train.step_utils.mix_params)

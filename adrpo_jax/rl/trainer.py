@@ -1,4 +1,4 @@
-"""The GRPO / ADRPO trainer for language models: ``train_and_evaluate(config, workdir)`` (registry name ``'llm'``).
+"""The GRPO / ADRPO recipe for language models: ``train_and_evaluate(config, workdir)`` (``config.trainer = 'llm'``).
 
     python launch.py --config=configs/llm_arith.py:cpu --workdir=/tmp/adrpo_arith [--config.total_steps=200]
 
@@ -49,7 +49,6 @@ before scoring and ``time/logprobs`` is their full time (the overlap is lost: a 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -66,12 +65,15 @@ from jax.sharding import Mesh, NamedSharding
 from adrpo_jax import train
 from adrpo_jax.models.llm import CausalLM, DecoderConfig, load_pretrained, load_tokenizer
 from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn
-from adrpo_jax.models.lora import apply_lora, merge_lora, set_lora_enabled
+from adrpo_jax.models.lora import apply_lora
+from adrpo_jax.recipe.base import Recipe
+from adrpo_jax.recipe.policy import Policy, PolicySpec
 from adrpo_jax.rl import config as config_lib
 from adrpo_jax.rl import data as data_lib
 from adrpo_jax.rl.rewards import RewardComputer, resolve_reward_function
 from adrpo_jax.rl.rollout import PromptEncoder, stop_token_ids
-from adrpo_jax.rl.step import StepOptions, make_logprob_fn, make_rl_update, mix_reference
+from adrpo_jax.rl.step import StepOptions, make_logprob_fn, make_rl_update
+from adrpo_jax.train.programs import Program, abstract_like, key_struct
 
 __all__ = ["train_and_evaluate", "resolve_model_path", "RLTrainer", "Evaluator"]
 
@@ -107,79 +109,74 @@ def _param_sharding_fn(mesh: Mesh):
     return fn
 
 
+def _finite_scores(scores) -> np.ndarray:
+    return np.asarray([0.0 if s is None or not np.isfinite(s) else float(s) for s in scores], np.float32)
+
+
 class Evaluator:
     """Held-out accuracy: greedy (or sampled) completions of fixed examples, scored by one reward function.
 
     Every process generates the global batch (sharded) and scores its own rows; the accuracy is a global mean.
-    The example count is padded to a multiple of the data-parallel size (padding rows are not counted).
+    The example count is padded to a multiple of the data-parallel size (padding rows are not counted). The
+    prompts go through the recipe's prompt front end (text: the tokenizer; audio: the encoder + audio tokens);
+    the programs are the recipe's ``eval/generate`` and ``eval/mean``.
     """
 
-    def __init__(self, examples: list[dict[str, Any]], encoder: PromptEncoder, graphdef: nnx.GraphDef,
-                 sampling: SamplingConfig, mesh: Mesh, accuracy_reward: str):
+    def __init__(self, recipe: "RLTrainer", examples: list[dict[str, Any]]):
         if not examples:
             raise ValueError("no evaluation examples")
-        self.encoder, self.mesh = encoder, mesh
-        self.name, self.reward_fn = resolve_reward_function(accuracy_reward)
-        dp = train.data_parallel_size(mesh)  # global (all processes' devices)
+        self.recipe, self.mesh = recipe, recipe.mesh
+        self.name, self.reward_fn = resolve_reward_function(recipe.config.eval.accuracy_reward)
+        dp = train.data_parallel_size(self.mesh)  # global (all processes' devices)
         n = len(examples)
-        n_pad = -(-n // dp) * dp
-        rows = train.process_batch_slice(n_pad, mesh)
-        padded = examples + [examples[-1]] * (n_pad - n)
+        self.n_pad = -(-n // dp) * dp
+        rows = train.process_batch_slice(self.n_pad, self.mesh)
+        padded = examples + [examples[-1]] * (self.n_pad - n)
         self.rows = padded[rows]
-        self.valid_local = (np.arange(n_pad) < n)[rows]
+        self.valid_local = (np.arange(self.n_pad) < n)[rows]
         self.n = n
-        tokens, mask, _ = encoder.encode([r["prompt"] for r in self.rows])
-        self.batch = train.host_local_to_global({"tokens": tokens, "mask": mask}, mesh)
-        gen = make_generate_fn(graphdef, sampling, mesh)  # mesh: rows stay batch-sharded in the model
-        bs = train.batch_sharding(mesh)
-        self._generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
-                                 out_shardings=bs)
-        self._global_mean = jax.jit(lambda x, v: jnp.sum(x * v) / jnp.maximum(jnp.sum(v), 1.0),
-                                    out_shardings=train.replicated_sharding(mesh))
         self._key = jax.random.key(0)
 
-    def __call__(self, params, frozen) -> dict[str, Any]:
-        out = self._generate(params, frozen, self.batch["tokens"], self.batch["mask"], self._key)
+    def __call__(self, state) -> dict[str, Any]:
+        recipe, fns = self.recipe, self.recipe.fns
+        g, model_inputs, prompts, _ = recipe.prompt_inputs(self.rows, state, group=1)
+        out = fns["eval/generate"](state["params"], recipe.frozen, g["tokens"], g["mask"], self._key,
+                                   *recipe.generate_extra(model_inputs))
         local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths,
                                             "done": out.done})
-        texts = self.encoder.decode(local["completions"], local["lengths"])
-        columns = data_lib.columns_of(self.rows)
-        scores = self.reward_fn(prompts=[r["prompt"] for r in self.rows], completions=texts, **columns)
-        scores = np.asarray([0.0 if s is None or not np.isfinite(s) else float(s) for s in scores], np.float32)
+        texts = recipe.encoder.decode(local["completions"], local["lengths"])
+        scores = _finite_scores(self.reward_fn(prompts=prompts, completions=texts, **data_lib.columns_of(self.rows)))
         g = train.host_local_to_global({"score": scores, "valid": self.valid_local.astype(np.float32),
                                         "length": local["lengths"].astype(np.float32),
                                         "truncated": (~local["done"]).astype(np.float32)}, self.mesh)
-        return {"eval/accuracy": self._global_mean(g["score"], g["valid"]),
-                "eval/completion_length_mean": self._global_mean(g["length"], g["valid"]),
-                "eval/truncated_fraction": self._global_mean(g["truncated"], g["valid"])}
+        mean = fns["eval/mean"]
+        return {"eval/accuracy": mean(g["score"], g["valid"]),
+                "eval/completion_length_mean": mean(g["length"], g["valid"]),
+                "eval/truncated_fraction": mean(g["truncated"], g["valid"])}
 
 
-class RLTrainer:
-    """Builds everything of an LLM RL run from a validated config (used by :func:`train_and_evaluate`).
+class RLTrainer(Recipe):
+    """The text-LLM recipe: everything of an LLM RL run, built from a validated config (module docstring).
 
-    Public attributes useful to tests and tools: ``mesh``, ``graphdef``, ``opts`` (:class:`StepOptions`),
-    ``tx``, ``abstract_state``, ``tokenizer``, ``encoder``, ``rewards`` (:class:`RewardComputer`),
-    ``iterator`` (:class:`~adrpo_jax.rl.data.PromptIterator`), ``trainable`` (the parameter filter; default
-    ``nnx.Param``, ``nnx.LoRAParam`` with LoRA), ``lora_config`` (None without LoRA), ``ref_graphdef`` (the
-    ``GraphDef`` the reference log-probs are computed with: adapters off with LoRA).
+    Public attributes useful to tests and tools (beyond :class:`~adrpo_jax.recipe.base.Recipe`'s): ``opts``
+    (:class:`StepOptions`), ``tokenizer``, ``encoder``, ``rewards`` (:class:`RewardComputer`), ``iterator``
+    (:class:`~adrpo_jax.rl.data.PromptIterator`), ``sampling``, ``evaluator``, ``model_config``, ``layout``.
+
+    ``abstract=True`` (the plan mode): shapes only: no tokenizer, no data, no weights (``model.path`` must hold a
+    ``config.json``).
     """
 
-    def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = None):
-        config_lib.validate_llm_config(config)
-        self.config, self.workdir = config, os.fspath(workdir)
-        self.lora_config = config_lib.lora_config(config)
-        if trainable is None:
-            trainable = nnx.LoRAParam if self.lora_config is not None else nnx.Param
-        self.trainable = trainable
-        self.mesh = train.make_mesh(config.mesh)
+    name = "llm"
+    throughput_key = "tokens"
+
+    def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = None, mesh: Mesh | None = None,
+                 abstract: bool = False):
+        self.validate(config)
+        super().__init__(config, workdir, mesh=mesh, abstract=abstract)
         self.layout = config_lib.validate_llm_batch_layout(config, train.data_parallel_size(self.mesh),
-                                                           jax.process_count())
-        self.model_dir, tokenizer_dir = resolve_model_path(config.model)
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-        m = config.model
-        self.model_config = DecoderConfig.from_hf_config(
-            self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
-            remat_policy=m.remat_policy or None, **_engine_overrides(m))
+                                                           1 if abstract else jax.process_count())
+        self.lora_cfg = config_lib.lora_config(config)
+        self._setup_model()
         if config.sampling.top_k > self.model_config.vocab_size:
             raise train.ConfigError(f"`sampling.top_k`={config.sampling.top_k} exceeds the vocabulary size "
                                     f"{self.model_config.vocab_size}.", key="sampling.top_k")
@@ -187,80 +184,114 @@ class RLTrainer:
                                       on_error=config.rewards.on_error, timeout_s=config.rewards.timeout_s)
         self.opts = StepOptions.from_config(config, reward_names=self.rewards.names)
         self.updates_per_step = config_lib.updates_per_step(config)
-        self.tx, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
-        self.encoder = PromptEncoder(self.tokenizer, int(config.sampling.max_prompt_length),
-                                     chat_template=config.data.chat_template, system_prompt=config.data.system_prompt,
-                                     prompt_template=config.data.prompt_template)
-        self.stop_ids = stop_token_ids(self.tokenizer, self.model_config)
-
-        abstract_model = nnx.eval_shape(lambda: self._new_model(0))
-        self.graphdef, _, abstract_frozen = nnx.split(abstract_model, trainable, ...)
-        self.ref_in_state = self.opts.use_reference and config.rl.ref_sync_steps > 0
-        # LoRA with a frozen reference: the reference is the policy's own weights with the adapters switched off.
-        self.lora_reference = self.lora_config is not None and self.opts.use_reference and not self.ref_in_state
-        self.ref_graphdef = self.graphdef
-        if self.lora_reference:
-            self.ref_graphdef = nnx.split(set_lora_enabled(abstract_model, False), trainable, ...)[0]
-        tx, ref_in_state, new_model = self.tx, self.ref_in_state, self._new_model
-
-        def plan():
-            params = nnx.state(new_model(0), trainable)
-            state = {"params": params, "opt_state": tx.init(params)}
-            if ref_in_state:
-                state["ref_params"] = params
-            return state
-
-        self._plan = plan
-        self.abstract_state = train.plan_sharded(plan, self.mesh)
-        self.state_shardings = train.shardings_of(self.abstract_state)
-        self._pretrained: CausalLM | None = None
-        self.frozen = abstract_frozen if not jax.tree.leaves(abstract_frozen) else \
-            nnx.split(self._load_pretrained(), trainable, ...)[2]
-        if jax.tree.structure(nnx.to_pure_dict(self.frozen)) != \
-                jax.tree.structure(nnx.to_pure_dict(abstract_frozen)):  # internal consistency, not a user error
-            raise AssertionError("the loaded frozen state does not match the model's frozen part")
-        # A frozen reference (the initial policy) is loaded, not checkpointed; a refreshed one lives in the state.
-        self.ref_params = (nnx.state(self._load_pretrained(), trainable)
-                           if self.opts.use_reference and not self.ref_in_state and not self.lora_reference else None)
-
-        self.iterator = data_lib.PromptIterator(
-            data_lib.make_prompt_source(config), int(config.rl.num_prompts_per_step), int(config.rl.group_size),
-            rows=train.process_batch_slice(self.layout["batch_size"], self.mesh), seed=int(config.seed),
-            shuffle=bool(config.data.shuffle))
-        self._build_functions()
+        tx, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
+        if trainable is None:
+            trainable = nnx.LoRAParam if self.lora_cfg is not None else self.default_trainable()
+        rl = config.rl
+        reference = "none" if not self.opts.use_reference else ("refreshed" if rl.ref_sync_steps > 0 else "frozen")
+        self.policy = Policy(PolicySpec(new_model=self._new_model, load_pretrained=self._load_pretrained, tx=tx,
+                                        trainable=trainable, lora=self.lora_cfg, reference=reference,
+                                        ref_alpha=float(rl.ref_mixup_alpha)), self.mesh, abstract=abstract)
+        s = config.sampling
+        self.sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+                                       top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
+                                       eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id,
+                                       prompt_group_size=self._shared_prompt_group())
+        self.eval_sampling = SamplingConfig(
+            max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+            greedy=bool(config.eval.greedy), eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id)
         self.evaluator = None
-        if int(config.eval_every) > 0:
-            eval_sampling = SamplingConfig(
-                max_new_tokens=int(config.sampling.max_new_tokens), temperature=float(config.sampling.temperature),
-                greedy=bool(config.eval.greedy), eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id)
-            self.evaluator = Evaluator(data_lib.make_eval_examples(config), self.encoder, self.graphdef,
-                                       eval_sampling, self.mesh, config.eval.accuracy_reward)
+        self.iterator = None
+        if not abstract:
+            self.iterator = data_lib.PromptIterator(
+                self.make_prompt_source(), int(rl.num_prompts_per_step), int(rl.group_size),
+                rows=train.process_batch_slice(self.layout["batch_size"], self.mesh), seed=int(config.seed),
+                shuffle=bool(config.data.shuffle))
+            self.get_host_state, self.set_host_state = self.iterator.get_state, self.iterator.set_state
+            if self.has_evaluator:
+                self.evaluator = Evaluator(self, self.make_eval_examples())
+        self._set_programs(self.build_programs())
         self.base_key = jax.random.key(int(config.seed))
         self._samples_path = os.path.join(self.workdir, "samples.jsonl")
 
-    # ------------------------------------------------------------------------------------------------------
+    # ---- what the audio recipe overrides ------------------------------------------------------------------
+
+    @staticmethod
+    def validate(config: Any) -> None:
+        config_lib.validate_llm_config(config)
+
+    def default_trainable(self) -> Any:
+        return nnx.Param
+
+    def _setup_model(self) -> None:
+        """``model_dir``, ``tokenizer``, ``model_config``, ``encoder``, ``stop_ids``, ``pad_token_id``."""
+        m = self.config.model
+        self.model_dir, tokenizer_dir = resolve_model_path(m) if not self.abstract else (
+            Path(os.path.expanduser(m.path)), None)
+        self.model_config = DecoderConfig.from_hf_config(
+            self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
+            remat_policy=m.remat_policy or None, **_engine_overrides(m))
+        self._setup_text_io(tokenizer_dir)
+
+    def _setup_text_io(self, tokenizer_dir: Path | None) -> None:
+        d = self.config.data
+        if self.abstract:  # the plan: token ids only matter as shapes
+            self.tokenizer = self.encoder = None
+            try:
+                self.stop_ids = stop_token_ids(None, self.model_config)
+            except ValueError:  # no EOS in config.json: any id serves a plan
+                self.stop_ids = (0,)
+            self.pad_token_id = int(self.stop_ids[0])
+            return
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.encoder = PromptEncoder(self.tokenizer, int(self.config.sampling.max_prompt_length),
+                                     chat_template=d.chat_template, system_prompt=d.system_prompt,
+                                     prompt_template=d.prompt_template)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model_config)
+        self.pad_token_id = self.encoder.pad_token_id
+
+    def make_prompt_source(self):
+        return data_lib.make_prompt_source(self.config)
+
+    def make_eval_examples(self) -> list[dict[str, Any]]:
+        return data_lib.make_eval_examples(self.config)
 
     def _lora_rngs(self) -> nnx.Rngs:
         # The adapters' initial A: a function of the seed only (identical on every process).
         return nnx.Rngs(params=jax.random.fold_in(jax.random.key(int(self.config.seed)), 0x10A))
 
-    def _new_model(self, seed: int) -> CausalLM:
+    def _new_model(self) -> CausalLM:
         """A freshly initialized policy (with adapters under LoRA); only ever built abstractly / under jit."""
-        model = CausalLM(self.model_config, rngs=nnx.Rngs(seed))
-        if self.lora_config is not None:
-            apply_lora(model, self.lora_config, rngs=self._lora_rngs())
+        model = CausalLM(self.model_config, rngs=nnx.Rngs(0))
+        if self.lora_cfg is not None:
+            apply_lora(model, self.lora_cfg, rngs=self._lora_rngs())
         return model
 
     def _load_pretrained(self) -> CausalLM:
-        """The pretrained model, sharded (without adapters: with LoRA only its state, the frozen base, is used; its
-        structure is that of the adapted model's non-adapter part)."""
-        if self._pretrained is None:
-            m = self.config.model
-            self._pretrained = load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
-                                               remat=m.remat, remat_policy=m.remat_policy or None,
-                                               config_overrides=_engine_overrides(m),
-                                               shardings=_param_sharding_fn(self.mesh))
-        return self._pretrained
+        """The pretrained model, sharded (without adapters: with LoRA only its frozen base is used)."""
+        m = self.config.model
+        return load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
+                               remat=m.remat, remat_policy=m.remat_policy or None,
+                               config_overrides=_engine_overrides(m), shardings=_param_sharding_fn(self.mesh))
+
+    def make_generate(self, sampling: SamplingConfig):
+        """``fn(params, frozen, tokens [B, P], mask [B, P], key, *model_inputs) -> GenerationOutput``."""
+        gen = make_generate_fn(self.graphdef, sampling, self.mesh)  # mesh: rows stay batch-sharded in the model
+        return lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k)
+
+    def prompt_inputs(self, rows, state, group: int) -> tuple[dict[str, Any], dict[str, Any] | None, list[str],
+                                                             list[str]]:
+        """The prompt front end: ``(global {tokens, mask, truncated}, model_inputs or None, prompts for the reward
+        functions, prompts for the samples log)``."""
+        del state, group
+        prompts = [r["prompt"] for r in rows]
+        tokens, pmask, ptrunc = self.encoder.encode(prompts)
+        g = train.host_local_to_global({"tokens": tokens, "mask": pmask, "truncated": ptrunc}, self.mesh)
+        return g, None, prompts, prompts
+
+    def generate_extra(self, model_inputs: dict[str, Any] | None) -> tuple:
+        """The generate programs' arguments after the key (audio: the embeddings)."""
+        return ()
 
     def _shared_prompt_group(self) -> int:
         """G when each device's rows hold whole groups of G rows of one prompt (rows r // G of a prompt): the
@@ -268,73 +299,112 @@ class RLTrainer:
         g = int(self.opts.group_size)
         return g if (self.layout["batch_size"] // train.data_parallel_size(self.mesh)) % g == 0 else 1
 
-    def _build_functions(self) -> None:
-        config, opts, mesh = self.config, self.opts, self.mesh
-        bs = train.batch_sharding(mesh)
-        repl = train.replicated_sharding(mesh)
-        s = config.sampling
-        self.sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-                                       top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
-                                       eos_token_ids=self.stop_ids, pad_token_id=self.encoder.pad_token_id,
-                                       prompt_group_size=self._shared_prompt_group())
-        gen = make_generate_fn(self.graphdef, self.sampling, mesh)  # mesh: rows stay batch-sharded
-        self.generate = jax.jit(lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k),
-                                out_shardings=bs)
-        self.logprobs = jax.jit(make_logprob_fn(self.graphdef, opts, mesh), out_shardings=(bs, bs))
-        self.ref_logprobs = (jax.jit(make_logprob_fn(self.ref_graphdef, opts, mesh), out_shardings=(bs, bs))
-                             if self.lora_reference else self.logprobs)
+    # ---- programs -------------------------------------------------------------------------------------------
+
+    def _prompt_structs(self, batch: int) -> tuple:
+        bs = train.batch_sharding(self.mesh)
+        p = int(self.config.sampling.max_prompt_length)
+        return (jax.ShapeDtypeStruct((batch, p), jnp.int32, sharding=bs),
+                jax.ShapeDtypeStruct((batch, p), jnp.bool_, sharding=bs))
+
+    def _model_input_structs(self, batch: int) -> tuple:
+        """The abstract ``generate_extra`` of a ``batch``-row prompt batch (audio: embeddings)."""
+        return ()
+
+    def _generate_args(self, batch: int) -> tuple:
+        return (self.abstract_state["params"], self.policy.abstract_frozen, *self._prompt_structs(batch),
+                key_struct(), *self._model_input_structs(batch))
+
+    def rollout_batch_struct(self) -> dict[str, Any]:
+        """The abstract rollout batch of one step (what ``update`` consumes), from the sampler's output shapes."""
+        bs = train.batch_sharding(self.mesh)
+        b = self.layout["batch_size"]
+        out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b))
+        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs)  # noqa: E731
+        batch = {"tokens": out.tokens, "attention_mask": out.attention_mask, "completion_mask": out.completion_mask,
+                 "lengths": out.lengths, "done": out.done,
+                 "prompt_truncated": jax.ShapeDtypeStruct((b,), jnp.bool_)}
+        n = out.completion_mask.shape[1]
+        if self.opts.use_old_logprobs:
+            batch["old_logp"] = f32(b, n)
+        if self.opts.use_reference:
+            batch["ref_logp"] = f32(b, n)
+        batch.update(rewards=f32(b), reward_valid=jax.ShapeDtypeStruct((b,), jnp.bool_),
+                     reward_components=f32(b, len(self.rewards.names)))
+        extra = self._model_input_structs(b)
+        if extra:
+            batch["model_inputs"] = dict(zip(self.model_input_names, extra))
+        return abstract_like(batch, bs)
+
+    model_input_names: tuple[str, ...] = ()
+
+    def build_programs(self) -> list[Program]:
+        opts, mesh = self.opts, self.mesh
+        bs, repl = train.batch_sharding(mesh), train.replicated_sharding(mesh)
         sh = self.state_shardings
-        self.update = jax.jit(make_rl_update(self.graphdef, self.tx, opts, mesh),
-                              out_shardings=(sh["params"], sh["opt_state"], repl), donate_argnums=(0, 1))
-        self.mix = jax.jit(functools.partial(mix_reference, alpha=float(config.rl.ref_mixup_alpha)),
-                           out_shardings=sh["params"], donate_argnums=0)
+        b = self.layout["batch_size"]
+        frozen = lambda: self.policy.abstract_frozen  # noqa: E731
+        params = lambda: self.abstract_state["params"]  # noqa: E731
 
-    def init_state(self) -> dict[str, Any]:
-        """The fresh train state: the pretrained weights (copied, sharded), a new optimizer state. With LoRA: fresh
-        adapters (B = 0, so the policy starts as the pretrained model) born sharded, and their optimizer state."""
-        if self.lora_config is not None:
-            self._pretrained = None  # the base weights live on in self.frozen
-            return train.create_sharded(self._plan, self.abstract_state)
-        params = nnx.state(self._load_pretrained(), self.trainable)
-        sh = self.state_shardings
-        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["params"])
-        state = {"params": copy(params), "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params)}
-        if self.ref_in_state:
-            state["ref_params"] = copy(params)
-        self._pretrained = None  # a frozen reference keeps its arrays in self.ref_params; nothing else is held
-        return state
+        def logprob_args():
+            batch = self.rollout_batch_struct()
+            extra = (batch["model_inputs"],) if "model_inputs" in batch else ()
+            return (params(), frozen(), batch["tokens"], batch["attention_mask"], *extra)
 
-    def reference_params(self, state) -> Any:
-        """The trainable-state argument of the reference log-prob pass (with LoRA and a frozen reference: the
-        policy's own adapters, which ``ref_graphdef`` ignores)."""
-        if self.lora_reference:
-            return state["params"]
-        return state["ref_params"] if self.ref_in_state else self.ref_params
+        programs = [
+            Program("generate", self.make_generate(self.sampling), args=lambda: self._generate_args(b),
+                    out_shardings=bs, phase="rollout"),
+            Program("logprobs", make_logprob_fn(self.graphdef, opts, mesh), args=logprob_args,
+                    out_shardings=(bs, bs), phase="rollout"),
+            Program("update", make_rl_update(self.graphdef, self.tx, opts, mesh),
+                    args=lambda: (params(), self.abstract_state["opt_state"], frozen(), self.rollout_batch_struct(),
+                                  key_struct()),
+                    out_shardings=(sh["params"], sh["opt_state"], repl), donate_argnums=(0, 1)),
+        ]
+        if self.policy.lora_reference:  # the reference: adapters off (another graph, another program)
+            programs.append(Program("ref_logprobs", make_logprob_fn(self.ref_graphdef, opts, mesh), args=logprob_args,
+                                    out_shardings=(bs, bs), phase="rollout"))
+        if self.has_evaluator:
+            n = self.evaluator.n_pad if self.evaluator is not None else \
+                -(-int(self.config.eval.num_examples) // train.data_parallel_size(mesh)) * \
+                train.data_parallel_size(mesh)
+            programs += [
+                Program("eval/generate", self.make_generate(self.eval_sampling), args=lambda: self._generate_args(n),
+                        out_shardings=bs, phase="eval"),
+                Program("eval/mean", lambda x, v: jnp.sum(x * v) / jnp.maximum(jnp.sum(v), 1.0),
+                        args=lambda: (jax.ShapeDtypeStruct((n,), jnp.float32, sharding=bs),) * 2,
+                        out_shardings=repl, phase="eval")]
+        return programs
 
-    # ------------------------------------------------------------------------------------------------------
+    # ---- host phases ----------------------------------------------------------------------------------------
 
-    def rollout_batch(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
+    def rollout(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
         """Generates, scores and assembles the rollout batch of ``step`` (global arrays) and host info
         (``host["times"]``: the phase times of the module docstring, seconds)."""
-        mesh, opts = self.mesh, self.opts
-        blocking = bool(train.get_by_path(self.config, "logging.phase_timing", False))
+        mesh, opts, fns = self.mesh, self.opts, self.fns
+        blocking = self.phase_timing()
         t_start = time.perf_counter()
         rows = self.iterator.next_rows()
-        prompts = [r["prompt"] for r in rows]
-        tokens, pmask, ptrunc = self.encoder.encode(prompts)
-        g = train.host_local_to_global({"tokens": tokens, "mask": pmask, "truncated": ptrunc}, mesh)
+        g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size))
         key = jax.random.fold_in(self.base_key, step)
         sample_key, update_key = jax.random.split(key)
-        out = self.generate(state["params"], self.frozen, g["tokens"], g["mask"], sample_key)
+        out = fns["generate"](state["params"], self.frozen, g["tokens"], g["mask"], sample_key,
+                              *self.generate_extra(model_inputs))
         # Dispatch the device work that does not need the rewards first (asynchronous), then score on the host.
         batch: dict[str, Any] = {"tokens": out.tokens, "attention_mask": out.attention_mask,
                                  "completion_mask": out.completion_mask, "lengths": out.lengths, "done": out.done,
                                  "prompt_truncated": g["truncated"]}
+        extra = ()
+        if model_inputs is not None:
+            batch["model_inputs"] = model_inputs
+            extra = (model_inputs,)
         if opts.use_old_logprobs:
-            batch["old_logp"], _ = self.logprobs(state["params"], self.frozen, out.tokens, out.attention_mask)
+            batch["old_logp"], _ = fns["logprobs"](state["params"], self.frozen, out.tokens, out.attention_mask,
+                                                   *extra)
         if opts.use_reference:
-            batch["ref_logp"], _ = self.ref_logprobs(self.reference_params(state), self.frozen, out.tokens,
-                                                     out.attention_mask)
+            ref_fn = fns["ref_logprobs"] if self.policy.lora_reference else fns["logprobs"]
+            batch["ref_logp"], _ = ref_fn(self.policy.reference(state), self.frozen, out.tokens, out.attention_mask,
+                                          *extra)
         local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths})
         t_generated = time.perf_counter()  # the host waited for the sampler here anyway
         logprob_outputs = [batch[k] for k in ("old_logp", "ref_logp") if k in batch]
@@ -353,15 +423,17 @@ class RLTrainer:
                                                  "reward_components": scored.per_function}, mesh))
         times = {"time/rollout": t_generated - t_start, "time/reward": t_scored - t_reward,
                  "time/logprobs": (t_reward - t_generated) if blocking else (t_logprobs - t_scored)}
-        host = {"prompts": prompts, "completions": texts, "rewards": scored.rewards, "key": update_key,
+        host = {"prompts": shown, "completions": texts, "rewards": scored.rewards, "key": update_key,
                 "num_errors": scored.num_errors, "times": times}
         return batch, host
 
-    def train_step(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
-        batch, host = self.rollout_batch(step, state)
+    rollout_batch = rollout
+
+    def update(self, step: int, state, rollout) -> tuple[dict[str, Any], dict[str, Any]]:
+        batch, host = rollout
         t_update = time.perf_counter()
-        params, opt_state, metrics = self.update(state["params"], state["opt_state"], self.frozen, batch,
-                                                 host["key"])
+        params, opt_state, metrics = self.fns["update"](state["params"], state["opt_state"], self.frozen, batch,
+                                                        host["key"])
         # The loop reads the update's `skipped` flag after every step: the host waits for the update anyway.
         metrics = jax.block_until_ready(metrics)
         new_state = dict(state, params=params, opt_state=opt_state)
@@ -372,11 +444,10 @@ class RLTrainer:
             from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
             errors = multihost_utils.process_allgather(errors, tiled=True)
         metrics["reward_errors"] = float(np.sum(errors))
-        sync = int(self.config.rl.ref_sync_steps)
-        if self.ref_in_state:
-            synced = (step + 1) % sync == 0
+        if self.policy.ref_in_state:
+            synced = (step + 1) % int(self.config.rl.ref_sync_steps) == 0
             if synced:
-                new_state["ref_params"] = self.mix(state["ref_params"], params)
+                new_state["ref_params"] = self.policy.refresh(state["ref_params"], params)
                 log.info("step %d: reference refreshed (alpha=%g)", step + 1, self.config.rl.ref_mixup_alpha)
             metrics["ref_synced"] = float(synced)
         if (step + 1) % int(self.config.log_every) == 0 and jax.process_index() == 0:
@@ -392,47 +463,22 @@ class RLTrainer:
         except OSError as err:  # logging must never kill a run
             log.warning("could not write %s: %s", self._samples_path, err)
 
-    def eval_step(self, step: int, state) -> dict[str, Any]:
+    def evaluate(self, step: int, state) -> dict[str, Any]:
         del step
-        return self.evaluator(state["params"], self.frozen) if self.evaluator is not None else {}
+        return self.evaluator(state) if self.evaluator is not None else {}
 
-    def run(self) -> dict[str, Any]:
-        config = self.config
-        writer = train.MetricWriter(self.workdir, config.logging, run_config=config)
-        upd = self.updates_per_step
-
-        def init_state():
-            state = self.init_state()
-            if self.evaluator is not None:  # the "before" number of a fresh run, logged at step 0
-                writer.truncate_after(-1)
-                writer.write(0, {k: v for k, v in jax.device_get(self.eval_step(0, state)).items()})
-            return state
-
-        try:
-            result = train.run_training(
-                config=config, workdir=self.workdir, init_state=init_state, abstract_state=self.abstract_state,
-                train_step=self.train_step, get_host_state=self.iterator.get_state,
-                set_host_state=self.iterator.set_state,
-                eval_step=self.eval_step if self.evaluator is not None else None,
-                learning_rate_fn=lambda s: self.schedule(s * upd), throughput_keys=("tokens",), writer=writer)
-        finally:
-            writer.close()
-        self.result = result
-        out = result.to_dict()
-        if config.model.save_final and not result.preempted:
-            out["final_model"] = str(self.save_model(result.state["params"], os.path.join(self.workdir, "final_model")))
-        return out
-
-    def save_model(self, params, path: str | os.PathLike) -> Path:
+    def export(self, params, path: str | os.PathLike) -> Path:
         """Writes ``params`` (the policy) as a Hugging Face directory with the tokenizer (process 0 writes); with
         LoRA, the merged model ``W + s A B`` (a plain checkpoint that ``transformers`` loads)."""
         from adrpo_jax.models.llm import save_pretrained  # pylint: disable=import-outside-toplevel
-        model = nnx.merge(self.graphdef, params, self.frozen)
-        if self.lora_config is not None:
-            model = merge_lora(model)
-        path = save_pretrained(model, path, tokenizer=self.tokenizer)
+        path = save_pretrained(self.policy.merged(params), path, tokenizer=self.tokenizer)
         log.info("Saved the trained policy to %s", path)
         return Path(path)
+
+    def load_final(self, path: Path) -> Any:
+        m = self.config.model
+        model = load_pretrained(path, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype])
+        return jax.device_put(nnx.state(model, self.trainable), self.state_shardings["params"])
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:

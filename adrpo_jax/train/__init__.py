@@ -2,7 +2,7 @@
 
 Modules:
   config       common config sections, validation helpers (``ConfigError``), fingerprints
-  registry     ``config.trainer`` -> ``train_and_evaluate`` entry points
+  programs     ``Program`` / ``ProgramSet``: jitted programs as values (jit for a run, lower + compile for a plan)
   sharding     mesh ('data', 'fsdp', 'tensor'), logical-axis rules, sharded init, host <-> global batches
   optim        ``make_optimizer(config.optim, total_steps)``
   step_utils   ``apply_updates_if_finite``, ``accumulate_gradients``, ``split_micro_batches``
@@ -58,13 +58,13 @@ _EXPORTS: dict[str, str] = {
     "make_schedule": "optim",
     "masked_mean_std": "step_utils",
     "masked_min_max": "step_utils",
+    "mix_params": "step_utils",
     "maybe_initialize_distributed": "distributed",
     "merge_defaults": "config",
     "plan_sharded": "sharding",
     "process_batch_slice": "sharding",
     "read_jsonl": "metrics",
     "reduce_update_metrics": "step_utils",
-    "register_trainer": "registry",
     "replicated_sharding": "sharding",
     "require_choice": "config",
     "require_divisible": "config",
@@ -73,7 +73,6 @@ _EXPORTS: dict[str, str] = {
     "require_int": "config",
     "require_range": "config",
     "require_type": "config",
-    "resolve_trainer": "registry",
     "rng_from_meta": "checkpoint",
     "rng_to_meta": "checkpoint",
     "run_training": "loop",

@@ -365,11 +365,12 @@ def validate_advantage_clip(config: Any, prefix: str = "rl") -> str:
     return clip
 
 
-def validate_lora_section(config: Any, what: str = "module") -> Any:
+def validate_lora_section(config: Any, what: str = "module") -> dict[str, Any] | None:
     """Checks the ``lora.*`` keys that every trainer shares (``enabled``, ``rank``, ``alpha``, ``dropout``,
-    ``target_modules``, ``init``, ``use_rslora``); returns the :class:`~adrpo_jax.models.lora.LoRAConfig` when
-    ``lora.enabled`` is on, else None (also when the config has no ``lora`` section). Errors name the key;
-    ``what`` names the sites in the ``target_modules`` message (e.g. "DiT site")."""
+    ``target_modules``, ``init``, ``use_rslora``); returns their values as ``LoRAConfig`` keyword arguments when
+    ``lora.enabled`` is on, else None (also when the config has no ``lora`` section). Errors name the key; ``what``
+    names the sites in the ``target_modules`` message (e.g. "DiT site"). The remaining checks (init name, regex
+    syntax) are ``LoRAConfig``'s own: :func:`adrpo_jax.recipe.policy.lora_config` builds it."""
     if "lora" not in config:
         return None
     enabled = require_type(config, "lora.enabled", bool)
@@ -383,17 +384,11 @@ def validate_lora_section(config: Any, what: str = "module") -> Any:
         raise ConfigError(f"`lora.target_modules` must be a non-empty tuple of {what} names / regexes (or "
                           f"('all-linear',)), got {targets!r}.", key="lora.target_modules", value=targets)
     require_type(config, "lora.use_rslora", bool)
-    from adrpo_jax.models.lora import LoRAConfig  # pylint: disable=import-outside-toplevel
-
     lc = config.lora
-    try:  # the remaining checks (init name, regex syntax, ...) are LoRAConfig's own
-        lora = LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
-                          target_modules=tuple(targets), init=lc.init, use_rslora=bool(lc.use_rslora))
-    except ValueError as err:
-        field = re.search(r"LoRAConfig\.(\w+)", str(err))
-        key = f"lora.{field.group(1)}" if field else "lora"
-        raise ConfigError(f"`{key}`: {err}", key=key, value=get_by_path(config, key)) from None
-    return lora if enabled else None
+    if not enabled:
+        return None
+    return {"rank": int(lc.rank), "alpha": float(lc.alpha), "dropout": float(lc.dropout),
+            "target_modules": tuple(targets), "init": lc.init, "use_rslora": bool(lc.use_rslora)}
 
 
 def require_choice(config: Any, key: str, choices: Sequence[Any]) -> Any:
@@ -440,10 +435,7 @@ def validate_common_config(config: Any) -> None:
 
     Device-dependent checks (the mesh product equals the device count) happen in ``sharding.make_mesh``.
     """
-    from adrpo_jax.train import registry  # local: registry imports nothing heavy, but keep config standalone
-
-    trainer = require_type(config, "trainer", str)
-    registry.validate_trainer_name(trainer)
+    require_type(config, "trainer", str)  # which recipe: resolved (and checked) by the runner
     _require_int_range(config, "seed", min=0)
     total_steps = _require_int_range(config, "total_steps", min=1)
     _require_int_range(config, "log_every", min=1)

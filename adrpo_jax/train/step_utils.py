@@ -20,10 +20,26 @@ import numpy as np
 import optax
 
 __all__ = ["apply_updates_if_finite", "tree_is_finite", "global_norm", "accumulate_gradients", "masked_mean_std",
-           "masked_min_max", "reduce_update_metrics",
+           "masked_min_max", "reduce_update_metrics", "mix_params",
            "split_micro_batches"]
 
 PyTree = Any
+
+
+def mix_params(ref_params: PyTree, params: PyTree, alpha: float) -> PyTree:
+    """Reference refresh ``ref = alpha * policy + (1 - alpha) * ref`` (``alpha = 1``: a copy of the policy; TRL's
+    ``ref_model_mixup_alpha`` / ``ref_model_sync_steps``), in ``ref``'s dtypes, mixed in float32. Pure; the result
+    never aliases ``params`` (safe to jit with ``ref_params`` donated while ``params`` lives on).
+
+    >>> mix_params({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.25)["w"].tolist()
+    [0.25, 0.25]
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
+    if alpha == 1.0:
+        return jax.tree.map(lambda r, p: jnp.array(p, dtype=r.dtype, copy=True), ref_params, params)
+    return jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)
+                                      ).astype(r.dtype), ref_params, params)
 
 
 def global_norm(tree: PyTree) -> jax.Array:

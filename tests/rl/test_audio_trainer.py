@@ -154,7 +154,7 @@ def test_audio_prompts_host_side(tmp_path):
     valid = np.arange(64)[None] < n[:, None]
     return np.zeros((len(fmask), 64, 8), np.float32), np.repeat(valid, group, 0)
 
-  t.encode_audio, t.frozen = fake_encode, None
+  t.fns, t.policy = {"audio/encode": fake_encode}, __import__("types").SimpleNamespace(frozen=None)
   src = audio_trainer.make_audio_source(cfg, seed=0)
   rows = [src[0]] * 2 + [src[1]] * 2
   g, prompts, counts = t.audio_prompts(rows, None, 2)

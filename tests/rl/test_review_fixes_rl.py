@@ -151,9 +151,9 @@ def test_reward_errors_are_summed_over_processes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
     fake = types.SimpleNamespace(
-        rollout_batch=lambda step, state: ({}, {"key": None, "num_errors": 2, "times": {}}),
-        update=lambda params, opt_state, frozen, batch, key: (params, opt_state, {"loss": 0.0}),
-        frozen=None, ref_in_state=False,
+        fns={"update": lambda params, opt_state, frozen, batch, key: (params, opt_state, {"loss": 0.0})},
+        frozen=None, policy=types.SimpleNamespace(ref_in_state=False),
         config=types.SimpleNamespace(rl=types.SimpleNamespace(ref_sync_steps=1), log_every=10**9))
-    _, metrics = RLTrainer.train_step(fake, 0, {"params": 0, "opt_state": 0})
+    rollout = ({}, {"key": None, "num_errors": 2, "times": {}})
+    _, metrics = RLTrainer.update(fake, 0, {"params": 0, "opt_state": 0}, rollout)
     assert metrics["reward_errors"] == 7.0 and len(calls) == 1

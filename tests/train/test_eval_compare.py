@@ -160,7 +160,7 @@ def _llm_config(model_dir):
 
 @pytest.mark.slow  # a 2-step LLM run, three evaluations (one through launch.py): 45-120 s on 2 cores
 def test_eval_reproduces_the_trainers_final_eval(tiny_llm_dir, tmp_path):
-    from adrpo_jax.eval import build_trainer, evaluate_run
+    from adrpo_jax.recipe.runner import build_trainer, evaluate_run
     from adrpo_jax.rl.trainer import RLTrainer
 
     config = _llm_config(tiny_llm_dir)
@@ -209,7 +209,7 @@ def test_eval_reproduces_the_trainers_final_eval(tiny_llm_dir, tmp_path):
 
 
 def test_eval_of_an_empty_workdir_fails_clearly(tmp_path):
-    from adrpo_jax.eval import evaluate_run
+    from adrpo_jax.recipe.runner import evaluate_run
     from adrpo_jax.train.config import ConfigError
 
     config = _llm_config(str(tmp_path / "no_model"))  # nothing is loaded before the checks
@@ -225,7 +225,7 @@ def test_eval_of_an_empty_workdir_fails_clearly(tmp_path):
 
 @pytest.mark.slow  # a 2-step flow run on a tiny DiT plus two evaluations: 60-120 s of XLA compilation on 2 cores
 def test_flow_eval_reproduces_the_trainers_final_eval(tmp_path):
-    from adrpo_jax.eval import evaluate_run
+    from adrpo_jax.recipe.runner import evaluate_run
     from adrpo_jax.flow.trainer import FlowTrainer
     from tests.flow.test_trainer import _tiny_models, tiny_trainer_config
 

@@ -1,0 +1,160 @@
+"""What the flow recipes share (the digits DiT, :mod:`adrpo_jax.flow.trainer`; SD3, :mod:`adrpo_jax.flow.sd3_trainer`):
+the step options, the policy (reference, sampling copy, LoRA), the step programs and the rollout / update phases.
+
+One RL step is one fused program, ``step`` (:func:`adrpo_jax.flow.step.make_train_step`: sampling, reward,
+advantages, the ``rl.method`` loss, inner updates, refreshes). With ``logging.phase_timing=True`` the recipe runs
+the same math as three programs, ``sample``, ``reward`` and ``update`` (:func:`adrpo_jax.flow.step.
+make_phase_fns`), the host waiting for each: ``time/sample``, ``time/reward``, ``time/update`` (another
+compilation: equal to the fused step up to float32 rounding). The rollout phase of the fused step is host work
+only (the step's prompts and key); the update phase dispatches the program.
+
+The reward is ``make_reward(*reward_args)``: the digits recipe closes its classifier into the program
+(``reward_args = ()``); SD3 passes the VAE and CLIP arrays as an argument (``(reward_state,)``), so the large towers
+are not constants of the program.
+
+The reference refresh (``rl.ref_refresh_steps``, ``rl.ref_refresh_alpha``) and the sampling copy
+(``rl.sampler_refresh_steps``) are the policy's (:class:`~adrpo_jax.recipe.policy.Policy`): both recipes honour
+them, logged as ``ref_refreshed`` / ``sampler_refreshed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adrpo_jax import train
+from adrpo_jax.flow.data import step_prompts
+from adrpo_jax.flow.step import FlowStepOptions, make_phase_fns, make_train_step
+from adrpo_jax.recipe.base import Recipe
+from adrpo_jax.recipe.policy import PolicySpec
+from adrpo_jax.train.programs import Program, key_struct
+
+__all__ = ["FlowRecipe"]
+
+log = logging.getLogger(__name__)
+
+
+class FlowRecipe(Recipe):
+    """Base of the flow recipes (module docstring). A subclass sets ``self.opts``, ``self.num_conditions``,
+    builds ``self.policy`` from :meth:`policy_spec`, and provides :meth:`make_reward`, :meth:`reward_args` (+ their
+    abstract values in :meth:`reward_arg_structs`); then calls :meth:`step_programs`."""
+
+    throughput_key = "images"
+
+    def _setup_optimization(self, config: Any) -> None:
+        self.updates_per_step = int(config.rl.num_inner_updates)
+        self.tx_, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
+
+    def policy_spec(self, new_model: Callable, load_pretrained: Callable | None, trainable: Any,
+                    lora: Any) -> PolicySpec:
+        rl = self.config.rl
+        return PolicySpec(new_model=new_model, load_pretrained=load_pretrained, tx=self.tx_, trainable=trainable,
+                          lora=lora, reference="refreshed" if int(rl.ref_refresh_steps) > 0 else "frozen",
+                          ref_alpha=float(rl.ref_refresh_alpha), sampler_copy=int(rl.sampler_refresh_steps) > 1,
+                          keep_pretrained=True)  # eval: W2 to, and samples of, the pre-trained model
+
+    # ---- the reward, as the subclass provides it ------------------------------------------------------------
+
+    def make_reward(self, *reward_args: Any) -> Callable:
+        raise NotImplementedError
+
+    def reward_args(self) -> tuple:
+        return ()
+
+    def reward_arg_structs(self) -> tuple:
+        return ()
+
+    # ---- programs -------------------------------------------------------------------------------------------
+
+    def _step_ref_arg(self) -> Any:
+        """The fused step's ``ref_params`` argument: the frozen reference's weights, or None when the reference
+        lives in the (donated) state or is the policy's own base weights (LoRA, adapters off)."""
+        p = self.policy
+        return None if p.ref_in_state or p.lora is not None else p.ref_params
+
+    def _cond_struct(self, n: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((n,), jnp.int32, sharding=train.batch_sharding(self.mesh))
+
+    def step_programs(self) -> list[Program]:
+        """``step`` (the fused RL step), and with ``logging.phase_timing`` ``sample`` / ``reward`` / ``update``."""
+        opts, mesh, policy = self.opts, self.mesh, self.policy
+        repl, bs = train.replicated_sharding(mesh), train.batch_sharding(mesh)
+        lora_dropout = policy.lora is not None and policy.lora.dropout > 0
+        graphdef, ref_graphdef, tx, make_reward = policy.graphdef, policy.ref_graphdef, policy.tx, self.make_reward
+
+        def step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler, *reward_args):
+            inner = make_train_step(graphdef, tx, make_reward(*reward_args), opts, mesh, ref_graphdef=ref_graphdef,
+                                    lora_dropout=lora_dropout)
+            return inner(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler)
+
+        b = self.layout["batch_size"]
+        flag = jax.ShapeDtypeStruct((), jnp.bool_)
+        ref_struct = lambda: None if self._step_ref_arg() is None else self.abstract_state["params"]  # noqa: E731
+        programs = [Program("step", step, out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
+                            args=lambda: (self.abstract_state, ref_struct(), self.policy.abstract_frozen,
+                                          self._cond_struct(b), key_struct(), flag, flag,
+                                          *self.reward_arg_structs()))]
+        if self.phase_timing():
+            fns = make_phase_fns(graphdef, tx, opts, mesh, ref_graphdef=ref_graphdef, lora_dropout=lora_dropout)
+            x1 = lambda: jax.ShapeDtypeStruct((b, *opts.image_shape), jnp.float32, sharding=bs)  # noqa: E731
+            comps = lambda: jax.eval_shape(lambda x, c, *r: fns["reward"](make_reward(*r), x, c),  # noqa: E731
+                                           x1(), self._cond_struct(b), *self.reward_arg_structs())
+            programs += [
+                Program("sample", fns["sample"], out_shardings=bs, phase="rollout",
+                        args=lambda: (self.abstract_state, self.policy.abstract_frozen, self._cond_struct(b),
+                                      key_struct())),
+                Program("reward", lambda x, c, *r: fns["reward"](make_reward(*r), x, c), phase="rollout",
+                        args=lambda: (x1(), self._cond_struct(b), *self.reward_arg_structs())),
+                Program("update", fns["update"], out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
+                        args=lambda: (self.abstract_state, ref_struct(), self.policy.abstract_frozen,
+                                      self._cond_struct(b), key_struct(), x1(), comps(), flag, flag)),
+            ]
+        return programs
+
+    # ---- host phases ----------------------------------------------------------------------------------------
+
+    def prompts(self, step: int) -> np.ndarray:
+        """All ``[K * G]`` prompt ids of ``step`` (global; this process feeds ``[self.rows]``)."""
+        rl = self.config.rl
+        return step_prompts(int(self.config.seed), step, int(rl.prompts_per_step), int(rl.samples_per_prompt),
+                            self.num_conditions)
+
+    def rollout(self, step: int, state: Any) -> dict[str, Any]:
+        rl = self.config.rl
+        out = {"cond": train.host_local_to_global(self.prompts(step)[self.rows], self.mesh),
+               "key": jax.random.fold_in(self.base_key, step),
+               "refresh_ref": self.policy.ref_in_state and (step + 1) % int(rl.ref_refresh_steps) == 0,
+               "refresh_sampler": self.policy.sampler_in_state and (step + 1) % int(rl.sampler_refresh_steps) == 0}
+        if "sample" in self.fns:  # logging.phase_timing: the rollout's programs, the host waiting for each
+            t0 = time.perf_counter()
+            out["x1"] = jax.block_until_ready(self.fns["sample"](state, self.frozen, out["cond"], out["key"]))
+            t1 = time.perf_counter()
+            out["components"] = jax.block_until_ready(self.fns["reward"](out["x1"], out["cond"], *self.reward_args()))
+            out["times"] = {"time/sample": t1 - t0, "time/reward": time.perf_counter() - t1}
+        return out
+
+    def update(self, step: int, state: Any, rollout: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        r = rollout
+        flags = (np.bool_(r["refresh_ref"]), np.bool_(r["refresh_sampler"]))
+        if "x1" not in r:
+            state, metrics = self.fns["step"](state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], *flags,
+                                              *self.reward_args())
+        else:
+            t0 = time.perf_counter()
+            state, metrics = jax.block_until_ready(self.fns["update"](
+                state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], r["x1"], r["components"], *flags))
+            metrics = dict(metrics, **r["times"], **{"time/update": time.perf_counter() - t0})
+        # Logged as ref_refreshed / sampler_refreshed; at DEBUG so that a logged step prints one console line.
+        if r["refresh_ref"]:
+            rl = self.config.rl
+            log.debug("step %d: reference refreshed (ref = %g * policy + %g * ref)", step + 1,
+                      float(rl.ref_refresh_alpha), 1.0 - float(rl.ref_refresh_alpha))
+        if r["refresh_sampler"]:
+            log.debug("step %d: sampling copy refreshed", step + 1)
+        return state, metrics

@@ -1,0 +1,141 @@
+r"""The runner: one entry for every recipe and mode (``launch.py`` parses flags, then calls :func:`run`).
+
+    python launch.py --config=configs/<experiment>.py[:variant] --workdir=DIR [--mode=train|eval|plan]
+
+* ``train`` (:func:`train`): builds the recipe of ``config.trainer`` on the config's mesh and runs it
+  (:meth:`~adrpo_jax.recipe.base.Recipe.run`: step-0 evaluation, the loop, checkpoints, resume, the final export).
+* ``eval`` (:func:`evaluate_run`): the newest checkpoint of ``DIR`` (or its ``final_model``) through the recipe's
+  own evaluator, so the numbers equal the ``eval/*`` record that training logged at that step; one JSON record per
+  evaluation is appended to ``DIR/eval.jsonl`` (process 0)::
+
+    {"step": 20, "source": "checkpoint", "checkpoint": "DIR/checkpoints/20", "trainer": "llm",
+     "time": 1764300000.0, "eval_seconds": 3.2, "eval/accuracy": 0.41, ...}
+
+  ``step`` is the checkpoint step (for ``final_model``: the newest step of ``metrics.jsonl``, else
+  ``total_steps``). Multi-process runs evaluate collectively, like training.
+* ``plan``: :mod:`adrpo_jax.recipe.plan` (every program of the recipe compiled for a target, no weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from adrpo_jax.recipe.base import FINAL_MODEL, RECIPES, Recipe, recipe_name, resolve_recipe, resolve_trainer
+from adrpo_jax.train.config import ConfigError
+
+__all__ = ["train", "evaluate_run", "build_trainer", "EVAL_FILE", "MODES"]
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.jsonl"
+MODES = ("train", "eval", "plan")
+
+
+def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Runs (or resumes) the training run of ``config`` in ``workdir``; returns the last logged metrics plus
+    ``step``, ``preempted``, ``resumed_from``."""
+    return resolve_trainer(config.trainer)(config, os.fspath(workdir))
+
+
+def _config_copy(config: Any, **values: Any) -> Any:
+    """A copy of ``config`` with dotted ``values`` set (existing keys only)."""
+    copy = config.copy_and_resolve_references()
+    for dotted, value in values.items():
+        node = copy
+        *parts, last = dotted.split(".")
+        for part in parts:
+            node = node[part]
+        node[last] = value
+    return copy
+
+
+def _recipe_class(config: Any) -> type[Recipe]:
+    cls = resolve_recipe(config.trainer)
+    if cls is None:
+        raise ConfigError(f"--mode=eval supports the trainers {sorted(RECIPES)} (the recipes, with their evaluators); "
+                          f"`trainer` is the plain function {config.trainer!r}.", key="trainer", value=config.trainer)
+    return cls
+
+
+def build_trainer(config: Any, workdir: str | os.PathLike, **kwargs: Any) -> Recipe:
+    """The recipe of ``config`` with its evaluator built (``eval_every`` >= 1)."""
+    cls = _recipe_class(config)
+    if int(config.eval_every) <= 0:
+        config = _config_copy(config, eval_every=max(int(config.total_steps), 1))
+    return cls(config, workdir, **kwargs)
+
+
+def _final_step(config: Any, workdir: Path) -> int:
+    from adrpo_jax.train.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
+
+    path = workdir / "metrics.jsonl"
+    steps = [int(r["step"]) for r in read_jsonl(path) if "step" in r] if path.exists() else []
+    return max(steps) if steps else int(config.total_steps)
+
+
+def evaluate_run(config: Any, workdir: str | os.PathLike, *, trainer: Recipe | None = None,
+                 write: bool = True) -> dict[str, Any]:
+    """Evaluates the newest checkpoint (else ``final_model``) of the run in ``workdir``; returns the record (and
+    appends it to ``workdir/eval.jsonl`` on process 0 when ``write``).
+
+    Args:
+      config: the run's config.
+      workdir: the run directory.
+      trainer: an already built recipe of ``config`` with an evaluator (tests pass one built on tiny models);
+        default: :func:`build_trainer`.
+
+    Raises:
+      FileNotFoundError: neither a checkpoint nor ``final_model`` in ``workdir``.
+      checkpoint.CheckpointMismatchError: the checkpoint does not fit the config's model.
+    """
+    from adrpo_jax.train.loop import checkpointer_from_config  # pylint: disable=import-outside-toplevel
+
+    kind = trainer.name if trainer is not None else recipe_name(config.trainer) or _recipe_class(config).name
+    workdir = Path(os.path.abspath(os.fspath(workdir)))
+    final_model = workdir / FINAL_MODEL
+    if not (workdir / "checkpoints").is_dir() and not final_model.is_dir():
+        raise FileNotFoundError(f"nothing to evaluate in {workdir}: no checkpoint in {workdir / 'checkpoints'} "
+                                f"and no {final_model} (model.save_final).")
+    checkpointer = checkpointer_from_config(config, workdir)
+    try:
+        has_checkpoint = checkpointer.latest_step() is not None
+        if not has_checkpoint and not final_model.is_dir():
+            raise FileNotFoundError(f"nothing to evaluate in {workdir}: no checkpoint in {checkpointer.directory} "
+                                    f"and no {final_model} (model.save_final).")
+        if has_checkpoint:
+            trainer = trainer if trainer is not None else build_trainer(config, workdir)
+            step, state, _ = checkpointer.restore_latest(trainer.abstract_state)
+            source, where = "checkpoint", str(checkpointer.directory / str(step))
+        else:
+            if trainer is None:  # final_model holds a plain (merged) model: build the recipe without LoRA
+                plain = _config_copy(config, **{"lora.enabled": False}) if "lora" in config else config
+                trainer = build_trainer(plain, workdir)
+            elif trainer.lora_config is not None:
+                raise ValueError("final_model holds the merged model: pass a trainer built without LoRA.")
+            step = _final_step(config, workdir)
+            state = {"params": trainer.load_final(final_model)}
+            source, where = "final_model", str(final_model)
+    finally:
+        checkpointer.close()
+    if not trainer.has_evaluator:
+        raise ValueError("the trainer has no evaluator (build it with eval_every > 0, see build_trainer).")
+    log.info("Evaluating %s (step %d) on the eval set of %s ...", where, step, kind)
+    start = time.perf_counter()
+    metrics = jax.device_get(dict(trainer.evaluate(step, state)))
+    seconds = time.perf_counter() - start
+    record: dict[str, Any] = {"step": int(step), "source": source, "checkpoint": where, "trainer": kind,
+                              "time": time.time(), "eval_seconds": seconds}
+    record.update({k: float(v) for k, v in metrics.items()})
+    if write and jax.process_index() == 0:
+        with open(workdir / EVAL_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+    shown = ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k.startswith("eval/"))
+    log.info("Evaluation of step %d (%s): %s", step, source, shown)
+    return record
