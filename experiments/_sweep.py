@@ -133,17 +133,56 @@ def build_config(spec: Mapping[str, Any]):
   return config
 
 
+def code_version(repo: Path = REPO) -> dict[str, Any]:
+  """``{"commit": HEAD hash, "dirty": [modified tracked files]}`` of the checkout that runs the code."""
+  def git(*args):
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False).stdout
+  commit = git("rev-parse", "HEAD").strip() or "unknown"
+  dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
+  return {"commit": commit, "dirty": dirty}
+
+
+def _with_judge(trainer) -> None:
+  """Adds the independent judge's gold metrics (``eval/gold/judge_*``, :mod:`adrpo_jax.flow.judge`) to every
+  evaluation of a flow trainer, computed on the evaluator's own samples (same prompts and noise)."""
+  from adrpo_jax.flow.judge import GOLD_PREFIX, JudgeScorer, train_judge  # pylint: disable=import-outside-toplevel
+
+  config, ev = trainer.config, trainer.evaluator
+  judge, _ = train_judge({"data": config.data}, log_fn=None)  # cached after the first run
+  reference = ev.reference_images() if callable(ev.reference_images) else ev.reference_images
+  scorer = JudgeScorer(judge, config.data.condition_mode, thickness_weight=float(config.reward.thickness_weight),
+                       reference_images=reference, data=config.data)
+  plain = trainer.eval_step
+
+  def eval_step(step, state):
+    out = plain(step, state)
+    if ev.last_images is not None and ev.last_images[0] == step:
+      out.update({GOLD_PREFIX + k: v for k, v in scorer(ev.last_images[1], ev.cond_host).items()})
+    return out
+
+  trainer.eval_step = eval_step
+
+
 def _child(spec_path: Path) -> None:
   spec = json.loads(spec_path.read_text())
   workdir = spec_path.parent
   from adrpo_jax.train.distributed import setup_compilation_cache  # pylint: disable=import-outside-toplevel
   setup_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
   config = build_config(spec)
+  info = {"spec": spec, **code_version(), "config": json.loads(config.to_json_best_effort()),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  t0 = time.time()
   if config.trainer == "flow":
-    from adrpo_jax.flow.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
+    from adrpo_jax.flow.trainer import FlowTrainer  # pylint: disable=import-outside-toplevel
+    trainer = FlowTrainer(config, str(workdir))
+    if spec.get("judge", True) and trainer.evaluator is not None:
+      _with_judge(trainer)
+    trainer.run()
   else:
     from adrpo_jax.rl.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
+  info["wall_time_s"] = time.time() - t0
+  (workdir / "run_info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
   (workdir / "DONE").write_text(json.dumps(spec, sort_keys=True))
 
 
@@ -250,8 +289,25 @@ def best_point(records: Sequence[Mapping[str, Any]], key: str, maximize: bool = 
   return steps[i], values[i]
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+  """Mean, sample std (ddof 1) and the two-sided ``level`` t confidence interval of the mean of ``values``:
+  ``mean +- t_{n-1, (1 + level) / 2} sd / sqrt(n)``; ``{"mean", "sd", "n", "lo", "hi", "half"}`` (sd, lo, hi,
+  half are nan for n < 2)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+
+  v = np.asarray([float(x) for x in values], np.float64)
+  n = int(v.size)
+  mean = float(v.mean()) if n else float("nan")
+  if n < 2:
+    return {"mean": mean, "sd": float("nan"), "n": n, "lo": float("nan"), "hi": float("nan"), "half": float("nan")}
+  sd = float(v.std(ddof=1))
+  half = float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
+  return {"mean": mean, "sd": sd, "n": n, "lo": mean - half, "hi": mean + half, "half": half}
+
+
 def summarize(per_run: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-  """``{"label/seedS": {metric: value}}`` -> ``{label: {metric: (mean, std, n_seeds)}}``."""
+  """``{"label/seedS": {metric: value}}`` -> ``{label: {metric: (mean, sd, n_seeds)}}``; sd is the sample
+  standard deviation (ddof 1; nan for one seed)."""
   groups: dict[str, list[Mapping[str, float]]] = {}
   for key, metrics in per_run.items():
     groups.setdefault(key.rsplit("/seed", 1)[0], []).append(metrics)
@@ -262,13 +318,15 @@ def summarize(per_run: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str,
     for k in keys:
       vals = [float(r[k]) for r in runs if k in r and r[k] is not None and not math.isnan(float(r[k]))]
       if vals:
-        out[label][k] = (float(np.mean(vals)), float(np.std(vals)), len(vals))
+        out[label][k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"),
+                         len(vals))
   return out
 
 
 def markdown_table(summary: Mapping[str, Mapping[str, tuple[float, float, int]]],
                    columns: Sequence[tuple[str, str]], digits: int = 3) -> str:
-  """A markdown table: one row per label, ``mean ± std`` per ``(metric key, header)`` column, and the seeds."""
+  """A markdown table: one row per label, ``mean ± sd`` (sample sd, ddof 1) per ``(metric key, header)`` column,
+  and the seeds."""
   lines = ["| run | " + " | ".join(h for _, h in columns) + " | seeds |", "|---|" + "---|" * (len(columns) + 1)]
   for label, s in summary.items():
     cells = []

@@ -28,13 +28,13 @@ def test_summarize_sensitivity_and_table():
   per_run = {"a_beta1/seed0": {"r": 1.0}, "a_beta1/seed1": {"r": 3.0}, "a_beta0.1/seed0": {"r": 0.0},
              "b_beta1/seed0": {"r": 2.0, "x": math.nan}}
   s = _sweep.summarize(per_run)
-  assert s["a_beta1"]["r"] == (2.0, 1.0, 2)
+  assert s["a_beta1"]["r"] == (2.0, pytest.approx(2 ** 0.5), 2)  # sample sd (ddof 1)
   assert "x" not in s["b_beta1"]
   sens = _sweep.sensitivity(s, {"a_beta1": "a", "a_beta0.1": "a", "b_beta1": "b"},
                             {"a_beta1": 1.0, "a_beta0.1": 0.1, "b_beta1": 1.0}, "r")
   assert sens["a"]["spread"] == 2.0 and sens["a"]["best_beta"] == 1.0 and sens["b"]["spread"] == 0.0
   table = _sweep.markdown_table(s, [("r", "reward")])
-  assert "| a_beta1 | 2.000 ± 1.000 | 2 |" in table
+  assert "| a_beta1 | 2.000 ± 1.414 | 2 |" in table
   assert "spread" in _sweep.sensitivity_markdown(sens, "r")
 
 
