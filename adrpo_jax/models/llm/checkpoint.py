@@ -1,5 +1,12 @@
 """Hugging Face checkpoint I/O for `CausalLM`, without torch.
 
+Families: Llama, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma 2, Gemma 3 text (also the language model of a multimodal
+`gemma3` checkpoint: its `text_config` and `language_model` tensors). Expert tensors are stored per expert in HF
+checkpoints (`model.layers.{i}.mlp.experts.{j}.gate_proj.weight` [F, D], ...; transformers 5 fuses them in memory
+and writes them back per expert) and are stacked on the leading `expert` axis of our kernels at load
+(`experts.gate_proj [E, D, F]`); the fused layout (`mlp.experts.gate_up_proj [E, 2F, D]`, `down_proj [E, D, F]`)
+loads too. `save_pretrained` writes the per-expert names.
+
 * `load_pretrained(path)` reads `config.json` and one or many `*.safetensors` files (with
   `model.safetensors.index.json` when sharded) straight into an abstract (`nnx.eval_shape`) model, one
   tensor at a time from a memory map, placing every array directly with its sharding when a mesh or a
@@ -15,6 +22,7 @@ handles bfloat16 through `ml_dtypes` (numpy has no bf16) and lets us memory-map 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -67,7 +75,9 @@ class TensorMapping:
 
   `to_ours(hf_array)` and `to_hf(our_array)` convert layouts (numpy, lazy views where possible). With stacked
   layers (`DecoderConfig.scan_layers`) the L per-layer tensors of one parameter share `ours` (e.g.
-  `('layers', 'mlp', 'up_proj', 'kernel')`) and `layer` is the index along its leading axis (None otherwise).
+  `('layers', 'mlp', 'up_proj', 'kernel')`) and `layer` is the index along its leading axis (None otherwise); the
+  E per-expert tensors of an expert kernel likewise share it with their `expert` index (after the layer axis).
+  `fallback`: (another HF name, fn(that array) -> this tensor) read when `hf_name` is absent (fused experts).
   """
 
   ours: tuple[Any, ...]
@@ -76,6 +86,13 @@ class TensorMapping:
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
   layer: int | None = None
+  expert: int | None = None
+  fallback: tuple[str, Callable[[np.ndarray], np.ndarray]] | None = None
+
+  @property
+  def index(self) -> tuple[int, ...]:
+    """This tensor's index in the leading (layer, expert) axes of its parameter (() for a whole parameter)."""
+    return tuple(i for i in (self.layer, self.expert) if i is not None)
 
 
 def _identity(x):
@@ -89,8 +106,8 @@ def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
   out: list[TensorMapping] = []
   layer: int | None = None  # set while adding the tensors of a stacked layer
 
-  def add(ours, hf_name, hf_shape, to_ours=_identity, to_hf=_identity):
-    out.append(TensorMapping(tuple(ours), hf_name, tuple(hf_shape), to_ours, to_hf, layer))
+  def add(ours, hf_name, hf_shape, to_ours=_identity, to_hf=_identity, expert=None, fallback=None):
+    out.append(TensorMapping(tuple(ours), hf_name, tuple(hf_shape), to_ours, to_hf, layer, expert, fallback))
 
   def linear(ours, hf_name, n_in, n_out):  # HF Linear weight [out, in]; ours [in, out]
     add(ours, hf_name, (n_out, n_in), lambda w: w.T, lambda w: w.T)
@@ -125,17 +142,71 @@ def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
       add(attn + ("q_norm", "weight"), f"{aq}.q_norm.weight", (hd,))
       add(attn + ("k_norm", "weight"), f"{aq}.k_norm.weight", (hd,))
     mlp, mq = p + ("mlp",), f"{q}.mlp"
-    for name, n_in, n_out in (("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)):
-      linear(mlp + (name, "kernel"), f"{mq}.{name}.weight", n_in, n_out)
-      if config.mlp_bias:
-        add(mlp + (name, "bias"), f"{mq}.{name}.bias", (n_out,))
+    if config.moe_layers[i]:
+      _moe_mappings(config, mlp, mq, add, linear)
+    else:
+      for name, n_in, n_out in (("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)):
+        linear(mlp + (name, "kernel"), f"{mq}.{name}.weight", n_in, n_out)
+        if config.mlp_bias:
+          add(mlp + (name, "bias"), f"{mq}.{name}.bias", (n_out,))
     add(p + ("input_layernorm", "weight"), f"{q}.input_layernorm.weight", (d,))
     add(p + ("post_attention_layernorm", "weight"), f"{q}.post_attention_layernorm.weight", (d,))
+    if config.sandwich_norm:
+      add(p + ("pre_feedforward_layernorm", "weight"), f"{q}.pre_feedforward_layernorm.weight", (d,))
+      add(p + ("post_feedforward_layernorm", "weight"), f"{q}.post_feedforward_layernorm.weight", (d,))
   layer = None
   add(("norm", "weight"), "model.norm.weight", (d,))
   if not config.tie_word_embeddings:
     linear(("lm_head", "kernel"), "lm_head.weight", d, v)
   return out
+
+
+def _moe_mappings(config: DecoderConfig, mlp: tuple, mq: str, add, linear) -> None:
+  """The tensors of a sparse layer's `mlp` (router, per-expert SwiGLU kernels, Qwen2-MoE's shared expert)."""
+  d, e, fe = config.hidden_size, config.num_experts, config.moe_intermediate_size
+  linear(mlp + ("gate", "kernel"), f"{mq}.gate.weight", d, e)  # HF router weight [E, D]
+  fused_gu, fused_down = f"{mq}.experts.gate_up_proj", f"{mq}.experts.down_proj"
+  for j in range(e):
+    for name, n_in, n_out in (("gate_proj", d, fe), ("up_proj", d, fe), ("down_proj", fe, d)):
+      if name == "down_proj":  # fused [E, D, F] is already HF's per-expert [D, F]
+        fallback = (fused_down, lambda w, j=j: w[j])
+      else:  # fused [E, 2F, D]: gate rows then up rows
+        lo = 0 if name == "gate_proj" else fe
+        fallback = (fused_gu, lambda w, j=j, lo=lo: w[j, lo:lo + fe])
+      add(mlp + ("experts", name), f"{mq}.experts.{j}.{name}.weight", (n_out, n_in), lambda w: w.T, lambda w: w.T,
+          expert=j, fallback=fallback)
+  if config.shared_expert_intermediate_size:
+    fs = config.shared_expert_intermediate_size
+    for name, n_in, n_out in (("gate_proj", d, fs), ("up_proj", d, fs), ("down_proj", fs, d)):
+      linear(mlp + ("shared_expert", name, "kernel"), f"{mq}.shared_expert.{name}.weight", n_in, n_out)
+    linear(mlp + ("shared_expert_gate", "kernel"), f"{mq}.shared_expert_gate.weight", d, 1)
+
+
+# Prefixes of the language model's tensors in multimodal Gemma 3 checkpoints (hub layout, transformers 5 layout) and
+# the tensors of the other towers, which the text model skips.
+_LM_PREFIXES = ("language_model.model.", "model.language_model.")
+_OTHER_TOWERS = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector|vision_model|audio_tower)\.")
+
+
+def _language_model_prefix(reader: "CheckpointReader") -> str | None:
+  """The prefix replacing `model.` when the checkpoint is a multimodal one (Gemma 3), else None."""
+  if "model.embed_tokens.weight" in reader:
+    return None
+  for prefix in _LM_PREFIXES:
+    if f"{prefix}embed_tokens.weight" in reader:
+      return prefix
+  return None
+
+
+def _with_prefix(m: TensorMapping, prefix: str | None) -> TensorMapping:
+  if prefix is None:
+    return m
+  name = m.hf_name
+  if name.startswith("model."):
+    name = prefix + name[len("model."):]
+  elif name == "lm_head.weight" and prefix == "language_model.model.":
+    name = "language_model.lm_head.weight"
+  return dataclasses.replace(m, hf_name=name)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -319,7 +390,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
                     rules: Iterable[tuple[str, Any]] | None = None,
                     shardings: Callable[[tuple[str | None, ...], tuple[int, ...]], jax.sharding.Sharding]
                     | None = None, config_overrides: dict[str, Any] | None = None) -> CausalLM:
-  """Loads a local Hugging Face Llama / Qwen2 / Qwen3 directory into a `CausalLM`.
+  """Loads a local Hugging Face Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE / Gemma 2 / Gemma 3 directory into a
+  `CausalLM` (for a multimodal Gemma 3 checkpoint: its language model).
 
   Args:
     path: directory with config.json and `*.safetensors` (+ `model.safetensors.index.json` if sharded).
@@ -349,21 +421,24 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     rule_list = tuple(rules) if rules is not None else DEFAULT_LOGICAL_RULES
     shardings = lambda names, shape: logical_to_sharding(mesh, names, shape, rule_list)  # noqa: E731
   reader = CheckpointReader(path)
-  if config.tie_word_embeddings and "tie_word_embeddings" not in overrides and "lm_head.weight" in reader \
-      and "model.embed_tokens.weight" in reader:
-    head, embed = reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")
+  prefix = _language_model_prefix(reader)
+  head_name = _with_prefix(TensorMapping((), "lm_head.weight", (), _identity, _identity), prefix).hf_name
+  embed_name = _with_prefix(TensorMapping((), "model.embed_tokens.weight", (), _identity, _identity), prefix).hf_name
+  if config.tie_word_embeddings and "tie_word_embeddings" not in overrides and head_name in reader \
+      and embed_name in reader:
+    head, embed = reader.get(head_name), reader.get(embed_name)
     if head.shape != embed.shape or not np.array_equal(head, embed):  # as transformers 5.23: untie, use the file's
       log.warning("%s says tie_word_embeddings=True but %s holds an lm_head.weight different from "
                   "model.embed_tokens.weight: NOT tying them (as transformers does); the model gets its own "
                   "lm_head. Set tie_word_embeddings=False in config.json to silence this.", path / "config.json",
-                  reader.location("lm_head.weight"))
+                  reader.location(head_name))
       config = config.replace(tie_word_embeddings=False)
   abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   flat = _flat_params(abstract_state)
   mappings: dict[tuple, list[TensorMapping]] = {}
   for m in param_mappings(config):
-    mappings.setdefault(m.ours, []).append(m)
+    mappings.setdefault(m.ours, []).append(_with_prefix(m, prefix))
   if set(mappings) != set(flat):  # internal consistency, not a user error
     raise AssertionError(f"mapping/model mismatch: {sorted(set(mappings) ^ set(flat), key=str)[:5]}")
   target_dtype = np.dtype(config.param_dtype)
@@ -371,9 +446,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
   used = set()
 
   def read(m: TensorMapping) -> np.ndarray:
+    if m.hf_name not in reader and m.fallback is not None and m.fallback[0] in reader:
+      used.add(m.fallback[0])
+      hf = m.fallback[1](reader.get(m.fallback[0]))  # e.g. one expert of a fused [E, 2F, D] tensor
+      if tuple(hf.shape) != m.hf_shape:
+        raise CheckpointError(f"tensor {m.fallback[0]!r} in {reader.location(m.fallback[0])} gives shape "
+                              f"{tuple(hf.shape)} for {m.hf_name!r}, expected {m.hf_shape} for this config")
+      return m.to_ours(hf)
     if m.hf_name not in reader:
-      raise CheckpointError(f"tensor {m.hf_name!r} (for parameter {'.'.join(map(str, m.ours))}"
-                            f"{'' if m.layer is None else f' layer {m.layer}'}) not found in {reader.source}")
+      where = "".join(f" {k} {v}" for k, v in (("layer", m.layer), ("expert", m.expert)) if v is not None)
+      raise CheckpointError(f"tensor {m.hf_name!r} (for parameter {'.'.join(map(str, m.ours))}{where}) not found in "
+                            f"{reader.source}")
     hf = reader.get(m.hf_name)
     if tuple(hf.shape) != m.hf_shape:
       raise CheckpointError(f"tensor {m.hf_name!r} in {reader.location(m.hf_name)} has shape {tuple(hf.shape)}, "
@@ -384,26 +467,27 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
   for ours, var in flat.items():
     shape = tuple(var.get_value().shape)
     group = mappings[ours]
-    if group[0].layer is None:
+    if not group[0].index:
       host = read(group[0])
-    else:  # stacked layers: fill one preallocated [L, ...] host array (only this parameter is ever copied)
-      host = np.empty(shape, target_dtype)
-      for m in group:
-        host[m.layer] = read(m)
+      block = lambda idx, host=host: np.ascontiguousarray(host[idx], dtype=target_dtype)  # noqa: E731
+    else:  # stacked layers / experts: each block is assembled from the tensors it covers only (streamed)
+      block = _grouped_block(group, shape, target_dtype, read)
     if shardings is None:
-      value = jax.device_put(np.ascontiguousarray(host, dtype=target_dtype))
+      value = jax.device_put(block(tuple(slice(None) for _ in shape)))
     else:
       names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
-      sharding = shardings(names, shape)
-      value = jax.make_array_from_callback(
-          shape, sharding, lambda idx, host=host: np.ascontiguousarray(host[idx], dtype=target_dtype))
+      value = jax.make_array_from_callback(shape, shardings(names, shape), block)
     pure[ours] = value
+  other_towers = [name for name in reader.names() if prefix is not None and _OTHER_TOWERS.match(name)]
+  if other_towers:
+    log.info("loading the language model of a multimodal checkpoint: %d tensors of other towers (%s, ...) skipped",
+             len(other_towers), other_towers[0])
   for name in reader.names():
-    if name in used:
+    if name in used or name in other_towers:
       continue
     if any(p.match(name) for p in _IGNORED_TENSORS):
       log.debug("ignoring derived tensor %s", name)
-    elif name == "lm_head.weight" and config.tie_word_embeddings:  # equal to the embedding (checked above)
+    elif name == head_name and config.tie_word_embeddings:  # equal to the embedding (checked above)
       log.debug("ignoring lm_head.weight: tie_word_embeddings=True uses model.embed_tokens.weight")
     else:
       log.warning("unexpected tensor %r in %s was not loaded", name, reader.location(name))
@@ -415,6 +499,28 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     node[ours[-1]] = value
   nnx.replace_by_pure_dict(abstract_state, nested)
   return nnx.merge(graphdef, abstract_state)
+
+
+def _grouped_block(group: list[TensorMapping], shape: tuple[int, ...], dtype: np.dtype, read) -> Callable:
+  """`block(idx)`: the part `idx` (a tuple of slices) of a parameter whose leading (layer[, expert]) axes gather one
+  HF tensor per entry, read from the memory-mapped checkpoint for the entries in `idx` only, so a sharded load never
+  assembles a whole [L, E, ...] parameter on the host."""
+  lead = len(group[0].index)
+  by_index = {m.index: m for m in group}
+  if len(by_index) != int(np.prod(shape[:lead])):  # internal consistency, not a user error
+    raise AssertionError(f"{group[0].ours}: {len(by_index)} tensors for leading shape {shape[:lead]}")
+
+  def block(idx):
+    idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+    ranges = [range(*sl.indices(n)) for sl, n in zip(idx[:lead], shape[:lead])]
+    rest = idx[lead:]
+    inner = tuple(len(range(*sl.indices(n))) for sl, n in zip(rest, shape[lead:]))
+    out = np.empty(tuple(len(r) for r in ranges) + inner, dtype)
+    for pos in itertools.product(*(list(enumerate(r)) for r in ranges)):
+      out[tuple(p for p, _ in pos)] = read(by_index[tuple(i for _, i in pos)])[rest]
+    return out
+
+  return block
 
 
 def _parse_size(size: int | str) -> int:
@@ -515,9 +621,18 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
     arr = flat[m.ours].get_value()
     by_name[m.hf_name] = (m.hf_name, m.hf_shape, save_dtype or np.dtype(arr.dtype), m)  # (stacked: one layer)
 
+  last: dict[tuple, np.ndarray] = {}  # host copies of one layer's expert kernels, reused for their E experts
+
   def fetch(name):
     _, _, dt, m = by_name[name]
     value = flat[m.ours].get_value()
+    if m.expert is not None:  # per-expert tensors: one layer's [E, ...] kernels on the host at a time
+      key = (m.ours, m.layer)
+      if key not in last:
+        for k in [k for k in last if k[1] != m.layer or k[0][:-1] != m.ours[:-1]]:
+          del last[k]
+        last[key] = _to_host(value if m.layer is None else value[m.layer])
+      return m.to_hf(last[key][m.expert]).astype(dt)
     if m.layer is not None:  # one layer of a stacked parameter (sliced on device: one layer on the host)
       value = value[m.layer]
     return m.to_hf(_to_host(value)).astype(dt)

@@ -1,4 +1,5 @@
-"""`DecoderConfig`: one frozen, hashable configuration for the Llama / Qwen2 / Qwen3 decoder families.
+"""`DecoderConfig`: one frozen, hashable configuration for the Llama / Qwen2 / Qwen3 (dense and mixture-of-experts)
+and Gemma 2 / Gemma 3 (text) decoder families.
 
 It is built from (and written back to) a Hugging Face `config.json` with `DecoderConfig.from_hf_config` /
 `DecoderConfig.to_hf_config`. Both the transformers-5 layout (`rope_parameters`) and the older one
@@ -12,7 +13,23 @@ family     q/k/v bias           o_proj bias     q/k norm head_dim default
 llama      `attention_bias`     `attention_bias` no      hidden_size // heads
 qwen2      always               never           no       hidden_size // heads
 qwen3      `attention_bias`     `attention_bias` yes     128
+qwen2_moe  `qkv_bias` (True)    never           no       hidden_size // heads
+qwen3_moe  `attention_bias`     `attention_bias` yes     hidden_size // heads
+gemma2     `attention_bias`     `attention_bias` no      256
+gemma3_text `attention_bias`    `attention_bias` yes     256
 =========  ===================  ==============  =======  ==========================
+
+Mixture of experts (`qwen2_moe`, `qwen3_moe`; `num_experts > 0`): layer i is sparse iff `i not in mlp_only_layers`
+and `(i + 1) % decoder_sparse_step == 0` (transformers' rule); a sparse layer routes each token to the top
+`num_experts_per_tok` of `num_experts` SwiGLU experts of width `moe_intermediate_size` (softmax router in float32,
+`norm_topk_prob` renormalizes the k gates), plus for qwen2_moe a shared expert of width
+`shared_expert_intermediate_size` scaled by `sigmoid(x . w_gate)`. `adrpo_jax.models.llm.moe` computes it dropless.
+
+Gemma (`gemma2`, `gemma3_text`; `gemma3` multimodal configs load their `text_config`): `(1 + w)` RMSNorm
+(`norm_unit_offset`), embeddings times sqrt(hidden_size) in the compute dtype (`scale_embeddings`), norms before and
+after attention and MLP (`sandwich_norm`), GeGLU with tanh GELU, attention scale `query_pre_attn_scalar ** -0.5`,
+Gemma 2's attention / final-logit soft-capping, Gemma 3's q/k norm and its sliding layers' own rope base
+(`rope_local_theta`, default rope there; the global layers use `rope_theta` and `rope_scaling`).
 """
 from __future__ import annotations
 
@@ -26,14 +43,31 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
+MOE_IMPLS = ("auto", "ragged", "megablox", "blocked", "dense")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 QWEN_DEFAULT_SLIDING_WINDOW = 4096  # transformers 5.23 Qwen2Config / Qwen3Config `sliding_window` default
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+# transformers 5.23 config defaults of the Gemma families where config.json files omit the field
+_GEMMA_DEFAULTS = {
+    "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, rope_theta=10000.0, tie_word_embeddings=True, vocab_size=256000,
+                   max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh"),
+    "gemma3_text": dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=None,
+                        final_logit_softcapping=None, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                        tie_word_embeddings=True, vocab_size=262_208, max_position_embeddings=131_072,
+                        hidden_activation="gelu_pytorch_tanh", sliding_window_pattern=6, hidden_size=2304,
+                        intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+}
 
 
 def _canonical_dtype(value: Any, name: str) -> jnp.dtype:
@@ -57,7 +91,8 @@ def _freeze(value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Architecture + numerics of a decoder-only causal LM (Llama, Qwen2, Qwen3 families).
+  """Architecture + numerics of a decoder-only causal LM (Llama, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma 2,
+  Gemma 3 text).
 
   Field names follow the Hugging Face config where one exists. The dataclass is frozen and hashable,
   so it can be a static argument of `jax.jit`.
@@ -94,6 +129,22 @@ class DecoderConfig:
       when T * S >= attention_auto_min_len**2, xla below). Not written to config.json.
     attention_chunk_size: key slots per block of the 'chunked' implementation.
     attention_auto_min_len: 'auto' switches from xla to chunked at T * S >= this**2.
+    num_experts: E, experts per sparse layer (0: a dense model). num_experts_per_tok: k, experts per token.
+    moe_intermediate_size: F_e, each expert's SwiGLU width. norm_topk_prob: renormalize the k gates to sum 1.
+    decoder_sparse_step, mlp_only_layers: which layers are sparse (see the module doc; dense ones use
+      `intermediate_size`). shared_expert_intermediate_size: qwen2_moe's shared expert width (0: none).
+    router_aux_loss_coef: kept only to round-trip the HF config (the RL losses have their own keys).
+    moe_impl: how the experts run (`adrpo_jax.models.llm.moe`): 'auto', 'ragged' (`jax.lax.ragged_dot`),
+      'megablox' (Pallas TPU grouped matmul), 'blocked' (row tiles of one expert each, pure JAX), 'dense' (every
+      expert on every token: the reference). Not written to config.json. moe_block_size: rows per tile of
+      'blocked' / 'megablox'.
+    norm_unit_offset: RMSNorm computes `(1 + w) * normed` in float32 (Gemma). scale_embeddings: token embeddings
+      times sqrt(hidden_size) in the compute dtype (Gemma). sandwich_norm: post-attention and pre/post-feedforward
+      norms (Gemma: `post_attention_layernorm` then normalizes the attention output).
+    query_pre_attn_scalar: attention scale `query_pre_attn_scalar ** -0.5` (None: head_dim).
+    attn_logit_softcapping, final_logit_softcapping: None or c: `c * tanh(x / c)` on the attention scores /
+      the output logits (Gemma 2).
+    rope_local_theta: None, or the rope base of the sliding-window layers (Gemma 3: default rope there).
 
   >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
   ...                     num_attention_heads=4, num_key_value_heads=2)
@@ -134,6 +185,23 @@ class DecoderConfig:
   attention_impl: str = "auto"
   attention_chunk_size: int = 512
   attention_auto_min_len: int = 1024
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
+  shared_expert_intermediate_size: int = 0
+  router_aux_loss_coef: float = 0.001
+  moe_impl: str = "auto"
+  moe_block_size: int = 128
+  norm_unit_offset: bool = False
+  scale_embeddings: bool = False
+  sandwich_norm: bool = False
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  rope_local_theta: float | None = None
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -222,8 +290,71 @@ class DecoderConfig:
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive int")
+    self._validate_moe()
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_theta"):
+      value = getattr(self, name)
+      if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
+          raise ValueError(f"{name}={value!r} must be None or a positive number")
+        set_(name, float(value))
+
+  def _validate_moe(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name}={value!r} must be an int >= 0")
+    if self.moe_impl not in MOE_IMPLS:
+      raise ValueError(f"moe_impl={self.moe_impl!r} is not supported; use one of {MOE_IMPLS}")
+    if not isinstance(self.moe_block_size, (int, np.integer)) or isinstance(self.moe_block_size, bool) \
+        or self.moe_block_size < 1:
+      raise ValueError(f"moe_block_size={self.moe_block_size!r} must be a positive int")
+    step = self.decoder_sparse_step
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 1:
+      raise ValueError(f"decoder_sparse_step={step!r} must be an int >= 1")
+    only = tuple(int(i) for i in (self.mlp_only_layers or ()))
+    bad = [i for i in only if not 0 <= i < self.num_hidden_layers]
+    if bad:
+      raise ValueError(f"mlp_only_layers={list(only)} has indices {bad} outside [0, num_hidden_layers="
+                       f"{self.num_hidden_layers})")
+    set_("mlp_only_layers", tuple(sorted(set(only))))
+    if self.num_experts == 0:
+      return
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                       f"{self.num_experts}]")
+    if self.moe_intermediate_size <= 0:
+      raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive with num_experts="
+                       f"{self.num_experts}")
+    sparse = self.moe_layers
+    if self.scan_layers and any(sparse) and not all(sparse):
+      raise ValueError(
+          f"scan_layers=True needs every layer alike, but mlp_only_layers={list(self.mlp_only_layers)} / "
+          f"decoder_sparse_step={self.decoder_sparse_step} mix sparse layers {[i for i, s in enumerate(sparse) if s]}"
+          " with dense ones: build it with scan_layers=False (the list layout; from_hf_config picks it for such "
+          "checkpoints)")
 
   # --------------------------------------------------------------------------------------------------
+  @property
+  def moe_layers(self) -> tuple[bool, ...]:
+    """Per layer: True for a sparse (mixture-of-experts) layer (transformers' rule, see the module doc)."""
+    return tuple(self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+                 for i in range(self.num_hidden_layers))
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.moe_layers)
+
+  @property
+  def attention_scale(self) -> float:
+    """The attention logit scale: `query_pre_attn_scalar ** -0.5` (Gemma) or `head_dim ** -0.5`."""
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
+  def layer_local_rope(self) -> tuple[bool, ...]:
+    """Per layer: True where the layer uses the local rope (`rope_local_theta`; Gemma 3's sliding layers)."""
+    return tuple(self.rope_local_theta is not None and w is not None for w in self.layer_sliding_windows)
+
   @property
   def num_query_groups(self) -> int:
     """G = num_attention_heads // num_key_value_heads (query heads per kv head)."""
@@ -249,9 +380,21 @@ class DecoderConfig:
     attn = d * h * hd * 2 + d * k * hd * 2
     attn += (h + 2 * k) * hd * self.attention_bias + d * self.attention_out_bias + 2 * hd * self.qk_norm
     mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-    per_layer = attn + mlp + 2 * d
+    moe = d * self.num_experts + self.num_experts * 3 * d * self.moe_intermediate_size
+    if self.shared_expert_intermediate_size:
+      moe += 3 * d * self.shared_expert_intermediate_size + d
+    norms = (4 if self.sandwich_norm else 2) * d
+    n_moe = self.num_moe_layers
+    layers = self.num_hidden_layers * (attn + norms) + (self.num_hidden_layers - n_moe) * mlp + n_moe * moe
     emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-    return self.num_hidden_layers * per_layer + emb + d
+    return layers + emb + d
+
+  def num_active_params(self) -> int:
+    """Parameters one token uses: `num_params()` with each sparse layer's E experts counted as k."""
+    if not self.num_experts:
+      return self.num_params()
+    idle = (self.num_experts - self.num_experts_per_tok) * 3 * self.hidden_size * self.moe_intermediate_size
+    return self.num_params() - self.num_moe_layers * idle
 
   # --------------------------------------------------------------------------------------------------
   @classmethod
@@ -280,12 +423,21 @@ class DecoderConfig:
     else:
       raise ValueError(f"hf_config must be a path, a dict or a transformers config, got {type(hf_config)}")
     model_type = raw.get("model_type")
+    if model_type == "gemma3":  # the multimodal Gemma 3 config: its language model is the text_config
+      text = raw.get("text_config")
+      if not isinstance(text, Mapping):
+        raise ValueError(f"model_type='gemma3' in {source} has no text_config")
+      raw = dict(text)
+      raw.setdefault("model_type", "gemma3_text")
+      model_type = raw["model_type"]
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"unsupported model_type={model_type!r} in {source}; supported: {SUPPORTED_MODEL_TYPES}")
+    if model_type in GEMMA_MODEL_TYPES:
+      return cls._from_gemma_config(raw, source, overrides)
 
     hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
     head_dim = raw.get("head_dim")
-    if head_dim is None:
+    if head_dim is None:  # transformers' Qwen3Config defaults to 128; Qwen3MoeConfig has no head_dim field
       head_dim = 128 if model_type == "qwen3" else hidden // heads
     # rope: transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`. As transformers 5.23
     # (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`): a non-empty `rope_scaling` replaces
@@ -303,6 +455,8 @@ class DecoderConfig:
     attention_bias = bool(raw.get("attention_bias", False))
     if model_type == "qwen2":
       qkv_bias, out_bias = True, False
+    elif model_type == "qwen2_moe":
+      qkv_bias, out_bias = bool(raw.get("qkv_bias", True)), False
     else:
       qkv_bias = out_bias = attention_bias
     if raw.get("pretraining_tp", 1) not in (None, 1):
@@ -320,8 +474,13 @@ class DecoderConfig:
         sliding_window = QWEN_DEFAULT_SLIDING_WINDOW
       if layer_types is None and sliding_window is not None:
         mwl = 28 if max_window_layers is None else max_window_layers
-        layer_types = ["sliding_attention" if i >= mwl else "full_attention"
-                       for i in range(raw["num_hidden_layers"])]
+        n = raw["num_hidden_layers"]
+        if model_type == "qwen3_moe":  # every layer gets the window (Qwen3Moe attention reads config.sliding_window)
+          layer_types = ["sliding_attention"] * n
+        elif model_type == "qwen2_moe":  # transformers 5.23 Qwen2MoeConfig.__post_init__
+          layer_types = ["sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention" for i in range(n)]
+        else:
+          layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(n)]
       if sliding_window is None:
         layer_types = None  # a window of None means full attention in every layer (as HF does)
     dtype_name = raw.get("dtype") or raw.get("torch_dtype")
@@ -342,7 +501,7 @@ class DecoderConfig:
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         sliding_window=sliding_window,
         layer_types=tuple(layer_types) if layer_types is not None else None,
@@ -352,9 +511,141 @@ class DecoderConfig:
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
     )
+    if model_type in MOE_MODEL_TYPES:
+      kwargs.update(cls._moe_kwargs(raw, model_type))
+      if "scan_layers" not in overrides:  # a layout that mixes sparse and dense layers runs as a list
+        sparse = cls._sparse_layers(kwargs["num_hidden_layers"], kwargs["num_experts"], kwargs["mlp_only_layers"],
+                                    kwargs["decoder_sparse_step"])
+        kwargs["scan_layers"] = all(sparse) or not any(sparse)
     del dtype_name  # the checkpoint's storage dtype does not choose ours: dtype/param_dtype are explicit.
     kwargs.update(overrides)
     return cls(**kwargs)
+
+  @staticmethod
+  def _sparse_layers(n, num_experts, mlp_only_layers, step):
+    return [num_experts > 0 and i not in mlp_only_layers and (i + 1) % step == 0 for i in range(n)]
+
+  @staticmethod
+  def _moe_kwargs(raw: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a qwen2_moe / qwen3_moe config.json (transformers 5.23 defaults)."""
+    defaults = {"qwen2_moe": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                                  shared_expert_intermediate_size=5632),
+                "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                                  shared_expert_intermediate_size=0)}[model_type]
+    num_experts = raw.get("num_experts", raw.get("num_local_experts", defaults["num_experts"]))
+    return dict(
+        num_experts=int(num_experts),
+        num_experts_per_tok=int(raw.get("num_experts_per_tok", defaults["num_experts_per_tok"])),
+        moe_intermediate_size=int(raw.get("moe_intermediate_size", defaults["moe_intermediate_size"])),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
+        mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+        shared_expert_intermediate_size=(int(raw.get("shared_expert_intermediate_size",
+                                                     defaults["shared_expert_intermediate_size"]) or 0)
+                                         if model_type == "qwen2_moe" else 0),
+        router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)),
+    )
+
+  @classmethod
+  def _from_gemma_config(cls, raw: dict[str, Any], source: str, overrides: dict[str, Any]) -> "DecoderConfig":
+    """gemma2 / gemma3_text config.json -> DecoderConfig (transformers 5.23 defaults for absent fields)."""
+    model_type = raw["model_type"]
+    defaults = _GEMMA_DEFAULTS[model_type]
+    get = lambda key: raw[key] if raw.get(key) is not None else defaults.get(key)  # noqa: E731
+    if raw.get("use_bidirectional_attention"):
+      raise ValueError(f"use_bidirectional_attention=True in {source} (an encoder / embedding model) is not "
+                       "supported: this decoder is causal")
+    n = get("num_hidden_layers")
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+      if model_type == "gemma2":
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+      else:
+        pattern = get("sliding_window_pattern")
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    rope = raw.get("rope_parameters")
+    rope_theta, rope_scaling, local_theta = get("rope_theta"), None, None
+    if isinstance(rope, Mapping) and any(isinstance(v, Mapping) for v in rope.values()):  # per layer type
+      full = dict(rope.get("full_attention") or {})
+      local = dict(rope.get("sliding_attention") or {})
+      rope_theta = full.pop("rope_theta", rope_theta)
+      if local.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.sliding_attention of type {local['rope_type']!r} in {source} is not "
+                         "supported (only default rope on the sliding layers)")
+      local_theta = local.get("rope_theta", defaults.get("rope_local_base_freq"))
+      rope_scaling = full if full.get("rope_type", "default") != "default" else None
+    else:
+      rope = dict(raw.get("rope_scaling") or rope or {})
+      rope_theta = rope.pop("rope_theta", rope_theta)
+      rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+      local_theta = raw.get("rope_local_base_freq", defaults.get("rope_local_base_freq"))
+    if model_type == "gemma2":
+      local_theta = None  # one rope for every layer
+    bias = bool(raw.get("attention_bias", False))
+    kwargs = dict(
+        model_type=model_type,
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        num_hidden_layers=n,
+        num_attention_heads=get("num_attention_heads"),
+        num_key_value_heads=get("num_key_value_heads") or get("num_attention_heads"),
+        head_dim=get("head_dim"),
+        hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or defaults["hidden_activation"],
+        rms_norm_eps=get("rms_norm_eps") or 1e-6,
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=get("max_position_embeddings"),
+        attention_bias=bias,
+        attention_out_bias=bias,
+        qk_norm=model_type == "gemma3_text",
+        tie_word_embeddings=bool(get("tie_word_embeddings")),
+        sliding_window=get("sliding_window"),
+        layer_types=tuple(layer_types),
+        initializer_range=raw.get("initializer_range", 0.02),
+        bos_token_id=get("bos_token_id"),
+        eos_token_id=get("eos_token_id"),
+        pad_token_id=get("pad_token_id"),
+        norm_unit_offset=True,
+        scale_embeddings=True,
+        sandwich_norm=True,
+        query_pre_attn_scalar=get("query_pre_attn_scalar"),
+        attn_logit_softcapping=raw.get("attn_logit_softcapping", defaults["attn_logit_softcapping"]),
+        final_logit_softcapping=raw.get("final_logit_softcapping", defaults["final_logit_softcapping"]),
+        rope_local_theta=None if local_theta is None else float(local_theta),
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def _gemma_hf_config(self, out: dict[str, Any]) -> None:
+    """The gemma2 / gemma3_text fields of `to_hf_config` (in place)."""
+    if not (self.norm_unit_offset and self.scale_embeddings and self.sandwich_norm):
+      raise ValueError(f"{self.model_type} always has (1 + w) norms, scaled embeddings and sandwich norms; got "
+                       f"norm_unit_offset={self.norm_unit_offset}, scale_embeddings={self.scale_embeddings}, "
+                       f"sandwich_norm={self.sandwich_norm}")
+    if self.attention_bias != self.attention_out_bias or self.mlp_bias or self.num_experts:
+      raise ValueError(f"{self.model_type} has one attention_bias for q/k/v/o, no MLP bias and no experts")
+    if self.qk_norm != (self.model_type == "gemma3_text"):
+      raise ValueError(f"{self.model_type}: qk_norm={self.qk_norm} (gemma3_text always has q/k norm, gemma2 never)")
+    if self.model_type == "gemma2" and self.rope_local_theta is not None:
+      raise ValueError("gemma2 has one rope for every layer; rope_local_theta must be None")
+    types = list(self.layer_types or ("full_attention",) * self.num_hidden_layers)
+    out.pop("hidden_act")
+    scalar = self.query_pre_attn_scalar or self.head_dim
+    out.update(hidden_activation=self.hidden_act, attention_bias=self.attention_bias,
+               query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,  # transformers: an int
+               attn_logit_softcapping=self.attn_logit_softcapping,
+               final_logit_softcapping=self.final_logit_softcapping,
+               sliding_window=self.sliding_window if self.sliding_window is not None else 4096,
+               layer_types=types)
+    if self.model_type == "gemma3_text":
+      full = dict(out["rope_parameters"])
+      local = {"rope_type": "default", "rope_theta": self.rope_local_theta if self.rope_local_theta is not None
+               else self.rope_theta}
+      out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+      out["rope_local_base_freq"] = local["rope_theta"]
+      out["use_bidirectional_attention"] = False
+      out.pop("rope_scaling", None)
 
   def to_hf_config(self) -> dict[str, Any]:
     """The `config.json` dict that transformers (5.x; 4.x reads `rope_theta`/`rope_scaling`) loads back.
@@ -394,6 +685,30 @@ class DecoderConfig:
     }
     if self.rope_scaling is not None:
       out["rope_scaling"] = dict(rope_parameters)
+    gemma = self.model_type in GEMMA_MODEL_TYPES
+    if not gemma and (self.norm_unit_offset or self.scale_embeddings or self.sandwich_norm
+                      or self.query_pre_attn_scalar is not None or self.attn_logit_softcapping is not None
+                      or self.final_logit_softcapping is not None or self.rope_local_theta is not None):
+      raise ValueError(f"{self.model_type} cannot express the Gemma fields (norm_unit_offset, scale_embeddings, "
+                       "sandwich_norm, query_pre_attn_scalar, soft-capping, rope_local_theta): use gemma2 / gemma3_text")
+    if self.num_experts and self.model_type not in MOE_MODEL_TYPES:
+      raise ValueError(f"{self.model_type} has no experts; num_experts={self.num_experts} needs qwen2_moe / qwen3_moe")
+    if gemma:
+      self._gemma_hf_config(out)
+      return out
+    if self.model_type in MOE_MODEL_TYPES:
+      if not self.num_experts:
+        raise ValueError(f"{self.model_type} needs num_experts > 0")
+      if self.model_type == "qwen3_moe" and self.shared_expert_intermediate_size:
+        raise ValueError("qwen3_moe has no shared expert; shared_expert_intermediate_size must be 0 (use qwen2_moe)")
+      if self.model_type == "qwen2_moe" and not self.shared_expert_intermediate_size:
+        raise ValueError("qwen2_moe always has a shared expert; shared_expert_intermediate_size must be > 0")
+      out.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                 moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                 decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
+                 router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
+      if self.model_type == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
     if self.model_type == "llama":
       if any(w is not None for w in self.layer_sliding_windows):
         raise ValueError(f"llama has no sliding-window attention; sliding_window={self.sliding_window} with "
@@ -410,11 +725,16 @@ class DecoderConfig:
       if self.model_type == "qwen2" and not (self.attention_bias and not self.attention_out_bias):
         raise ValueError("qwen2 always has q/k/v bias and no o_proj bias; got attention_bias="
                          f"{self.attention_bias}, attention_out_bias={self.attention_out_bias}")
-      if self.model_type == "qwen2" and self.qk_norm:
-        raise ValueError("qwen2 has no q/k norm; qk_norm=True cannot be saved as a qwen2 config (use qwen3)")
-      if self.model_type == "qwen3":
+      if self.model_type in ("qwen2", "qwen2_moe") and self.qk_norm:
+        raise ValueError(f"{self.model_type} has no q/k norm; qk_norm=True cannot be saved as a {self.model_type} "
+                         "config (use qwen3 / qwen3_moe)")
+      if self.model_type == "qwen2_moe":
+        if self.attention_out_bias:
+          raise ValueError("qwen2_moe has no o_proj bias; attention_out_bias must be False")
+        out["qkv_bias"] = self.attention_bias
+      if self.model_type in ("qwen3", "qwen3_moe"):
         if self.attention_bias != self.attention_out_bias or not self.qk_norm:
-          raise ValueError("qwen3 has one attention_bias for q/k/v/o and always q/k norm")
+          raise ValueError(f"{self.model_type} has one attention_bias for q/k/v/o and always q/k norm")
         out["attention_bias"] = self.attention_bias
       out.update(
           use_sliding_window=self.sliding_window is not None,
@@ -429,6 +749,14 @@ class DecoderConfig:
 # ------------------------------------------------------------------------------------------------------
 # Rotary frequencies (float32, numpy, computed once from the config; mirrors transformers' rope utils).
 # ------------------------------------------------------------------------------------------------------
+def rope_inv_freq_local(config: DecoderConfig) -> tuple[np.ndarray, float]:
+  """The sliding-window layers' inverse frequencies when `config.rope_local_theta` is set (default rope with that
+  base, Gemma 3), else `rope_inv_freq(config)`."""
+  if config.rope_local_theta is None:
+    return rope_inv_freq(config)
+  return rope_inv_freq(config.replace(rope_theta=config.rope_local_theta, rope_scaling=None))
+
+
 def rope_inv_freq(config: DecoderConfig) -> tuple[np.ndarray, float]:
   """Inverse frequencies [head_dim // 2] (float32) and the cos/sin scale ('attention_factor').
 

@@ -1,4 +1,5 @@
-"""Flax NNX causal LM for the Llama / Qwen2 / Qwen3 families (numerics of transformers 5.23).
+"""Flax NNX causal LM for the Llama / Qwen2 / Qwen3 (dense and MoE) and Gemma 2 / 3 families (numerics of
+transformers 5.23).
 
 Shapes: B batch, T new tokens, S key slots (T without a cache, the cache length with one), D hidden,
 H query heads, K kv heads, G = H // K, hd head_dim, F intermediate, V vocab.
@@ -16,7 +17,23 @@ layers[i].mlp.gate/up_proj      kernel [D, F]      ('embed', 'mlp')
 layers[i].mlp.down_proj         kernel [F, D]      ('mlp', 'embed')
 *norm*.weight                   [D] or [hd]        ('norm',)
 lm_head.kernel (untied only)    [D, V]             ('embed', 'vocab')
+layers[i].mlp.gate.kernel       [D, E]             ('embed', None)         (sparse layers: the router)
+layers[i].mlp.experts.gate/up_proj  [E, D, F_e]    ('expert', 'embed', 'mlp')
+layers[i].mlp.experts.down_proj [E, F_e, D]        ('expert', 'mlp', 'embed')
 ==============================  =================  ===================================
+
+Mixture-of-experts layers (`DecoderConfig.num_experts`, see `adrpo_jax.models.llm.moe`): the `mlp` of a sparse layer
+is a `SparseMoeBlock` (router, dropless experts, Qwen2-MoE's shared expert). `CausalLM.forward_with_routing` returns
+the hidden states with each sparse layer's routing record (`moe.MoEAux`, stacked [L_moe, ...]) and routes with given
+experts (`expert_indices` [B, T, L_moe, k], router replay); `hidden_states` / `__call__` are the same computation
+without the record. Layouts that mix sparse and dense layers use the list layout (`scan_layers=False`).
+
+Gemma (`norm_unit_offset`, `scale_embeddings`, `sandwich_norm`): `(1 + w)` norms, embeddings times sqrt(D), the
+attention output and the MLP output normalized before their residual add (`post_attention_layernorm`,
+`post_feedforward_layernorm`) and the MLP input by `pre_feedforward_layernorm`; attention soft-capping and scale
+from the config; the final-logit soft-capping lives in `lm_head_lora` (the one hook every path from hidden states
+to logits goes through: `logits`, the sampler, the chunked log-probs); Gemma 3's sliding layers rotate with their
+own rope base (per layer inside the scan).
 
 Layer layout (`DecoderConfig.scan_layers`, default True): the L decoder layers are one
 `StackedDecoderLayers` module whose parameters have a leading [L] axis named 'layers' (left unsharded by
@@ -58,7 +75,8 @@ from flax import nnx
 
 from adrpo_jax.models.llm.activation_sharding import constrain_batch
 from adrpo_jax.models.llm.attention import AttentionMask, attend, attention  # noqa: F401  (attend: re-export)
-from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq
+from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq, rope_inv_freq_local
+from adrpo_jax.models.llm.moe import SparseMoeBlock, stack_aux
 from adrpo_jax.models.lora import add_lora, add_lora_matrix
 from adrpo_jax.models.stacking import stack_variables, unstacked_copy
 
@@ -156,16 +174,20 @@ def _param(rngs: nnx.Rngs | None, shape, names, dtype, *, init: str, std: float 
 
 
 class RMSNorm(nnx.Module):
-  """y = weight * x / sqrt(mean(x^2) + eps), statistics in float32 (HF `LlamaRMSNorm`)."""
+  """y = weight * x / sqrt(mean(x^2) + eps), statistics in float32 (HF `LlamaRMSNorm`); with `unit_offset`
+  (Gemma) y = (1 + weight) * normed computed in float32 then cast (weight initialized to 0)."""
 
-  def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
-    self.weight = _param(None, (dim,), ("norm",), param_dtype, init="ones")
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype, unit_offset: bool = False):
+    self.weight = _param(None, (dim,), ("norm",), param_dtype, init="zeros" if unit_offset else "ones")
     self.eps = eps
     self.dtype = dtype
+    self.unit_offset = bool(unit_offset)
 
   def __call__(self, x: Array) -> Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.unit_offset:
+      return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
     return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
@@ -232,11 +254,14 @@ class Attention(nnx.Module):
     self.o_proj = Dense("bthk,hkd->btd", (h, hd, d), ("heads", "head_dim", "embed"),
                         bias_shape=(d,) if config.attention_out_bias else None, bias_axes=("embed",), **common)
     if config.qk_norm:
-      self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
-      self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+      norm = dict(eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                  unit_offset=config.norm_unit_offset)
+      self.q_norm = RMSNorm(hd, **norm)
+      self.k_norm = RMSNorm(hd, **norm)
     else:
       self.q_norm = self.k_norm = None
-    self.scale = hd ** -0.5
+    self.scale = config.attention_scale  # hd ** -0.5, or query_pre_attn_scalar ** -0.5 (Gemma)
+    self.softcap = config.attn_logit_softcapping
     self.attention_impl = config.attention_impl
     self.attention_chunk_size = config.attention_chunk_size
     self.attention_auto_min_len = config.attention_auto_min_len
@@ -259,7 +284,7 @@ class Attention(nnx.Module):
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
       out = attention(q, cache_k, cache_v, allowed, scale=self.scale, impl=self.attention_impl,
                       chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len,
-                      layer_index=layer_index)
+                      layer_index=layer_index, softcap=self.softcap)
       return self.o_proj(out), (cache_k, cache_v, layer_index)  # out is in q's dtype
     if kv_cache is not None:
       cache_k, cache_v = kv_cache
@@ -268,7 +293,8 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
       kv_cache = (k, v)
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), allowed, scale=self.scale, impl=self.attention_impl,
-                    chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len)
+                    chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len,
+                    softcap=self.softcap)
     return self.o_proj(out), kv_cache
 
 
@@ -292,22 +318,48 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
-    norm = dict(eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, layer_idx: int = 0):
+    norm = dict(eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                unit_offset=config.norm_unit_offset)
     self.input_layernorm = RMSNorm(config.hidden_size, **norm)
     self.self_attn = Attention(config, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
-    self.mlp = MLP(config, rngs=rngs)
+    if config.moe_layers[layer_idx]:  # a sparse layer (router + experts)
+      self.mlp = SparseMoeBlock(config, rngs=rngs)
+    else:
+      self.mlp = MLP(config, rngs=rngs)
+    if config.sandwich_norm:  # Gemma: post_attention_layernorm normalizes the attention output instead
+      self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
+      self.post_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
+    else:
+      self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+
+  def forward(self, x, cos, sin, allowed, kv_cache=None, index=None, *, token_valid=None, expert_indices=None):
+    """(x, kv_cache, `MoEAux` of a sparse layer or None); token_valid [B, T] counts the routing statistics,
+    expert_indices [B, T, k] routes a sparse layer with these experts (router replay)."""
+    attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv_cache, index)
+    if self.pre_feedforward_layernorm is not None:
+      x = x + self.post_attention_layernorm(attn)
+      h = self.pre_feedforward_layernorm(x)
+    else:
+      x = x + attn
+      h = self.post_attention_layernorm(x)
+    aux = None
+    if isinstance(self.mlp, SparseMoeBlock):
+      h, aux = self.mlp.forward(h, token_valid=token_valid, expert_indices=expert_indices)
+    else:
+      h = self.mlp(h)
+    if self.post_feedforward_layernorm is not None:
+      h = self.post_feedforward_layernorm(h)
+    return x + h, kv_cache, aux
 
   def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
-    attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv_cache, index)
-    x = x + attn
-    x = x + self.mlp(self.post_attention_layernorm(x))
-    return x, kv_cache
+    return self.forward(x, cos, sin, allowed, kv_cache, index)[:2]
 
 
-def _remat_layer_call(layer: DecoderLayer, x, cos, sin, allowed):
-  return layer(x, cos, sin, allowed)[0]
+def _remat_layer_call(layer: DecoderLayer, x, cos, sin, allowed, token_valid=None, expert_indices=None):
+  x, _, aux = layer.forward(x, cos, sin, allowed, token_valid=token_valid, expert_indices=expert_indices)
+  return x, aux
 
 
 def _remat_policy(config: DecoderConfig):
@@ -327,7 +379,7 @@ class StackedDecoderLayers(DecoderLayer):
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
-    stack_variables(self, [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers - 1)])
+    stack_variables(self, [DecoderLayer(config, rngs=rngs, layer_idx=i) for i in range(1, config.num_hidden_layers)])
 
   def __len__(self) -> int:
     return int(self.input_layernorm.weight.shape[0])
@@ -335,7 +387,8 @@ class StackedDecoderLayers(DecoderLayer):
   def __getitem__(self, i: int) -> DecoderLayer:
     return unstacked_copy(self, i, len(self), DecoderLayer, "layer")
 
-  def scan(self, x, cos, sin, allowed, *, windows, kv_cache=None, index=None, remat: bool = False, policy=None):
+  def scan(self, x, cos, sin, allowed, *, windows, kv_cache=None, index=None, remat: bool = False, policy=None,
+           local_rope=None, token_valid=None, expert_indices=None):
     """Runs the L layers over x [B, T, D] with one `jax.lax.scan`.
 
     Args:
@@ -344,8 +397,12 @@ class StackedDecoderLayers(DecoderLayer):
         (any attention implementation), different ones become a traced per-layer `window_array`.
       kv_cache: None or (keys, values) [L, B, S, K, hd]; index: the cache slot of the first new token.
       remat, policy: `jax.checkpoint` each layer (inside the scan) with this `jax.checkpoint_policies` policy.
+      local_rope: None, or (per-layer bools, cos_local, sin_local): the layers marked True rotate with the local
+        rope (Gemma 3's sliding layers), the others with `cos` / `sin`.
+      token_valid: [B, T] bool for the routing statistics of sparse layers.
+      expert_indices: None or [L, B, T, k]: route the (sparse) layers with these experts (router replay).
     Returns:
-      (x, updated (keys, values) or None).
+      (x, updated (keys, values) or None, stacked `MoEAux` [L, ...] of sparse layers or None).
     """
     from adrpo_jax.models.lora import lora_dropout_fold_in  # the per-layer dropout key of stacked adapters
 
@@ -355,33 +412,41 @@ class StackedDecoderLayers(DecoderLayer):
     if not has_window and windows[0] is not None:
       allowed = allowed.replace(window=int(windows[0]))
     window_arr = jnp.asarray([0 if w is None else int(w) for w in windows], jnp.int32)
+    flags, cos_l, sin_l = local_rope if local_rope is not None else ((False,) * n, None, None)
+    if all(flags):  # every layer rotates with the local rope
+      cos, sin = cos_l, sin_l
+    mixed_rope = any(flags) and not all(flags)
+    flag_arr = jnp.asarray(flags, bool)
 
     def body(carry, xs):
       x, kv = carry
-      layer_state, window, layer_index = xs
+      layer_state, window, layer_index, local, replay = xs
       x = constrain_batch(x)  # layer boundary: the carry stays batch-sharded under a mesh (no-op without)
       layer = nnx.merge(graphdef, layer_state)
       mask = allowed
       if has_window:  # window 0 = full attention in this layer
         mask = allowed.with_window_array(window)
+      c, s = (jnp.where(local, cos_l, cos), jnp.where(local, sin_l, sin)) if mixed_rope else (cos, sin)
       with lora_dropout_fold_in(layer_index):
-        x, kv = DecoderLayer.__call__(layer, x, cos, sin, mask, None if kv is None else (*kv, layer_index), index)
-      return (x, None if kv is None else kv[:2]), None
+        x, kv, aux = DecoderLayer.forward(layer, x, c, s, mask, None if kv is None else (*kv, layer_index), index,
+                                          token_valid=token_valid, expert_indices=replay)
+      return (x, None if kv is None else kv[:2]), aux
 
     if remat:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     # The KV cache rides in the carry (not as scan xs -> ys, which copies the whole [L, B, S, K, hd] cache at
     # every decode step): each layer writes its new slots in place (`Attention`, the 3-tuple cache).
     kv = None if kv_cache is None else tuple(kv_cache)
-    (x, kv), _ = jax.lax.scan(body, (x, kv), (state, window_arr, jnp.arange(n, dtype=jnp.int32)))
-    return x, kv
+    (x, kv), aux = jax.lax.scan(body, (x, kv), (state, window_arr, jnp.arange(n, dtype=jnp.int32), flag_arr,
+                                                expert_indices))
+    return x, kv, aux
 
 
 # ------------------------------------------------------------------------------------------------------
 # The causal LM
 # ------------------------------------------------------------------------------------------------------
 class CausalLM(nnx.Module):
-  """Decoder-only causal LM (Llama / Qwen2 / Qwen3) in Flax NNX.
+  """Decoder-only causal LM (Llama / Qwen2 / Qwen3, their MoE variants, Gemma 2 / 3) in Flax NNX.
 
   Build fresh with `CausalLM(config, rngs=nnx.Rngs(0))` (no mesh needed; logical axis names are metadata)
   or from a Hugging Face directory with `adrpo_jax.models.llm.load_pretrained`.
@@ -411,9 +476,10 @@ class CausalLM(nnx.Module):
       if config.scan_layers:
         self.layers = StackedDecoderLayers(config, rngs=rngs)
       else:
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, layer_idx=i)
+                                for i in range(config.num_hidden_layers)])
       self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.dtype,
-                          param_dtype=config.param_dtype)
+                          param_dtype=config.param_dtype, unit_offset=config.norm_unit_offset)
       if config.tie_word_embeddings:
         self.lm_head = None
       else:
@@ -422,6 +488,9 @@ class CausalLM(nnx.Module):
     inv_freq, rope_scale = rope_inv_freq(config)
     self._inv_freq = tuple(float(f) for f in inv_freq)  # static (hashable) metadata, not a parameter
     self._rope_scale = rope_scale
+    local_freq, local_scale = rope_inv_freq_local(config)  # Gemma 3's sliding layers (else equal to the global)
+    self._inv_freq_local = tuple(float(f) for f in local_freq)
+    self._rope_scale_local = local_scale
 
   # -- helpers ------------------------------------------------------------------------------------------
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -437,10 +506,15 @@ class CausalLM(nnx.Module):
 
   def lm_head_lora(self, hidden: Array, logits: Array) -> Array:
     """`logits + s * (dropout(hidden) A) B` when lm_head has an enabled LoRA adapter (PEFT's definition, in
-    the logits' dtype, as at every other site), else `logits`; hidden [..., D], logits [..., V]."""
-    if self.lm_head is None:
-      return logits
-    return add_lora_matrix(self.lm_head, hidden, logits)
+    the logits' dtype, as at every other site), else `logits`; hidden [..., D], logits [..., V]. Then the final-logit
+    soft-capping `c * tanh(logits / c)` when `config.final_logit_softcapping` is set (Gemma 2): every path from
+    hidden states to logits (`logits`, the sampler, the chunked log-probs) goes through this hook."""
+    if self.lm_head is not None:
+      logits = add_lora_matrix(self.lm_head, hidden, logits)
+    cap = self.config.final_logit_softcapping
+    if cap is not None:
+      logits = (jnp.tanh(logits.astype(jnp.float32) / cap) * cap).astype(logits.dtype)
+    return logits
 
   def logits(self, hidden: Array) -> Array:
     """[..., D] hidden states -> [..., V] logits in the compute dtype."""
@@ -461,6 +535,13 @@ class CausalLM(nnx.Module):
         raise ValueError(f"cache batch {cache.mask.shape[0]} != tokens batch {tokens.shape[0]}")
       if tokens.shape[1] > cache.max_length:
         raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {cache.max_length} slots")
+      if not isinstance(cache.index, jax.core.Tracer):  # concrete: check the write (traced: see hidden_states)
+        start = int(cache.index)
+        if start + tokens.shape[1] > cache.max_length:
+          raise ValueError(f"the cache has {start} of its {cache.max_length} slots written: {tokens.shape[1]} more "
+                           f"tokens would write past its end (the write would be clamped onto the last slots, "
+                           f"misaligning keys and queries); build a cache of at least {start + tokens.shape[1]} "
+                           "slots (model.init_cache(batch, max_length))")
       if cache.stacked != self.config.scan_layers:
         layout = lambda stacked: "stacked [L, B, S, K, hd]" if stacked else "per-layer list"  # noqa: E731
         raise ValueError(f"the cache has the {layout(cache.stacked)} layout but the model has scan_layers="
@@ -472,8 +553,9 @@ class CausalLM(nnx.Module):
   # -- forward ------------------------------------------------------------------------------------------
   def hidden_states(self, tokens: Array, *, positions: Array | None = None,
                     attention_mask: Array | None = None, cache: KVCache | None = None,
-                    embeds: Array | None = None):
-    """Final-norm hidden states [B, T, D] (compute dtype); with `cache`: (hidden, updated cache).
+                    embeds: Array | None = None, expert_indices: Array | None = None):
+    """Final-norm hidden states [B, T, D] (compute dtype); with `cache`: (hidden, updated cache). See
+    `forward_with_routing` (the same computation, which also returns the sparse layers' routing).
 
     Args:
       tokens: [B, T] int token ids.
@@ -481,16 +563,43 @@ class CausalLM(nnx.Module):
         (or 0..T-1 without a mask); with a cache: continue each row from `cache.next_position`.
       attention_mask: [B, T] bool, False on padding tokens (never attended to). Default all True.
       cache: a `KVCache`; the T new tokens are written at slots [cache.index, cache.index + T) and
-        attend to every valid earlier slot. The caller must keep `cache.index + T <= cache.max_length`.
+        attend to every valid earlier slot. `cache.index + T > cache.max_length` raises a ValueError when
+        `cache.index` is concrete (eager calls). Inside `jax.jit` the index is traced and cannot be checked:
+        the write's start is then clamped by `dynamic_update_slice` (the new keys land in the last T slots while
+        the queries still sit at `cache.index`: wrong logits, no error), so a jitted caller must size the cache
+        itself, as `generate` does (P + N slots, at most P + N - 1 written).
       embeds: optional [B, T, hidden_size] input embeddings used instead of `embed_tokens(tokens)` (multimodal
         inputs, e.g. audio features spliced into the prompt; `tokens` still give the shapes). Cast to the
-        compute dtype.
+        compute dtype (not scaled by sqrt(D) for Gemma, as transformers' `inputs_embeds`).
+      expert_indices: MoE models only: [B, T, L_moe, k] experts to route each token with in each sparse layer
+        (router replay; the gates still come from the current router), e.g. `GenerationOutput.expert_indices`.
     """
+    return self.forward_with_routing(tokens, positions=positions, attention_mask=attention_mask, cache=cache,
+                                     embeds=embeds, expert_indices=expert_indices)[0]
+
+  def forward_with_routing(self, tokens: Array, *, positions: Array | None = None,
+                           attention_mask: Array | None = None, cache: KVCache | None = None,
+                           embeds: Array | None = None, expert_indices: Array | None = None):
+    """`(hidden_states(...), routing)`: routing is None for a dense model, else the sparse layers' `moe.MoEAux`
+    stacked over them ([L_moe, ...]; `moe.expert_indices_layout(routing)` is the [B, T, L_moe, k] record that
+    `expert_indices` takes back). Arguments as `hidden_states`."""
     tokens = jnp.asarray(tokens)
     positions = None if positions is None else jnp.asarray(positions)
     attention_mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
     self._check_inputs(tokens, positions, attention_mask, cache)
     cfg = self.config
+    sparse = [i for i, s in enumerate(cfg.moe_layers) if s]
+    if expert_indices is not None:
+      expert_indices = jnp.asarray(expert_indices)
+      want = tokens.shape + (len(sparse), cfg.num_experts_per_tok)
+      if not sparse:
+        raise ValueError("expert_indices given to a model without sparse (MoE) layers")
+      if tuple(expert_indices.shape) != want:
+        raise ValueError(f"expert_indices must be [batch, time, moe_layers, k] = {want}, got shape "
+                         f"{tuple(expert_indices.shape)}")
+      if not jnp.issubdtype(expert_indices.dtype, jnp.integer):
+        raise ValueError(f"expert_indices must be integers, got dtype {expert_indices.dtype}")
+      expert_indices = jnp.moveaxis(expert_indices.astype(jnp.int32), 2, 0)  # [L_moe, B, T, k]
     b, t = tokens.shape
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
     if cache is None:
@@ -507,6 +616,10 @@ class CausalLM(nnx.Module):
     attn_mask = AttentionMask(key_valid=key_valid, q_offset=index)  # structured: no [B, T, S] tensor here
     masks = {w: attn_mask.replace(window=w) for w in (set() if stacked else set(cfg.layer_sliding_windows))}
     cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
+    local_flags = cfg.layer_local_rope
+    if any(local_flags):
+      cos_l, sin_l = rotary_cos_sin(positions, np.asarray(self._inv_freq_local, np.float32), self._rope_scale_local,
+                                    cfg.dtype)
 
     if embeds is None:
       x = self.embed_tokens(tokens)
@@ -518,36 +631,51 @@ class CausalLM(nnx.Module):
       if not jnp.issubdtype(embeds.dtype, jnp.floating):
         raise ValueError(f"embeds must be floating point, got dtype {embeds.dtype}")
       x = embeds.astype(cfg.dtype)
+    if cfg.scale_embeddings and embeds is None:  # Gemma: sqrt(D) in the compute dtype (not on given embeds, as HF)
+      x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.dtype)
     x = constrain_batch(x)  # batch-sharded activations under a mesh (activation_sharding)
     new_keys, new_values = [], []
     use_remat = cfg.remat and cache is None
+    routing = None
     if stacked:  # one lax.scan over the stacked layers (sliding windows applied per layer inside it)
       kv = None if cache is None else (cache.keys, cache.values)
-      x, kv = self.layers.scan(x, cos, sin, attn_mask, windows=cfg.layer_sliding_windows, kv_cache=kv, index=index,
-                               remat=use_remat, policy=_remat_policy(cfg))
+      x, kv, routing = self.layers.scan(
+          x, cos, sin, attn_mask, windows=cfg.layer_sliding_windows, kv_cache=kv, index=index, remat=use_remat,
+          policy=_remat_policy(cfg), local_rope=(local_flags, cos_l, sin_l) if any(local_flags) else None,
+          token_valid=valid if sparse else None, expert_indices=expert_indices)
       if cache is not None:
         new_keys, new_values = kv
     if use_remat and not stacked:
       layer_fn = nnx.remat(_remat_layer_call, policy=_remat_policy(cfg))
+    auxes = []
     for i, layer in enumerate([] if stacked else self.layers):
       allowed = masks[cfg.layer_sliding_windows[i]]
       x = constrain_batch(x) if i else x  # layer boundary (after the embedding's constraint): batch-sharded
+      c, s = (cos_l, sin_l) if local_flags[i] else (cos, sin)
+      moe_kw = {}
+      if cfg.moe_layers[i]:
+        moe_kw = dict(token_valid=valid, expert_indices=None if expert_indices is None
+                      else expert_indices[sparse.index(i)])
       if cache is not None:
-        x, (k, v) = layer(x, cos, sin, allowed, (cache.keys[i], cache.values[i]), index)
+        x, (k, v), aux = layer.forward(x, c, s, allowed, (cache.keys[i], cache.values[i]), index, **moe_kw)
         new_keys.append(k)
         new_values.append(v)
       elif use_remat:
-        x = layer_fn(layer, x, cos, sin, allowed)
+        x, aux = layer_fn(layer, x, c, s, allowed, **moe_kw)
       else:
-        x, _ = layer(x, cos, sin, allowed)
+        x, _, aux = layer.forward(x, c, s, allowed, **moe_kw)
+      if aux is not None:
+        auxes.append(aux)
+    if not stacked:
+      routing = stack_aux(auxes)
     x = self.norm(x)
     if cache is None:
-      return x
+      return x, routing
     if not stacked:
       new_keys, new_values = tuple(new_keys), tuple(new_values)
     new_cache = KVCache(keys=new_keys, values=new_values, mask=key_valid, index=index + t,
                         next_position=cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32))
-    return x, new_cache
+    return (x, new_cache), routing
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, attention_mask: Array | None = None,
                cache: KVCache | None = None, embeds: Array | None = None):
