@@ -144,23 +144,28 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
 
 def _with_judge(trainer) -> None:
   """Adds the independent judge's gold metrics (``eval/gold/judge_*``, :mod:`adrpo_jax.flow.judge`) to every
-  evaluation of a flow trainer, computed on the evaluator's own samples (same prompts and noise)."""
+  evaluation of a flow trainer, computed on the evaluator's own samples (same prompts and noise). Wraps the
+  trainer's evaluation hook (``evaluate`` of the recipe runner, ``eval_step`` of the older trainer)."""
   from adrpo_jax.flow.judge import GOLD_PREFIX, JudgeScorer, train_judge  # pylint: disable=import-outside-toplevel
 
   config, ev = trainer.config, trainer.evaluator
   judge, _ = train_judge({"data": config.data}, log_fn=None)  # cached after the first run
-  reference = ev.reference_images() if callable(ev.reference_images) else ev.reference_images
-  scorer = JudgeScorer(judge, config.data.condition_mode, thickness_weight=float(config.reward.thickness_weight),
-                       reference_images=reference, data=config.data)
-  plain = trainer.eval_step
+  hook = "evaluate" if hasattr(trainer, "evaluate") else "eval_step"
+  plain = getattr(trainer, hook)
+  scorer = []
 
-  def eval_step(step, state):
-    out = plain(step, state)
+  def with_gold(step, state):
+    out = dict(plain(step, state))
+    if not scorer:  # the pre-trained model's eval samples: an attribute (older trainer) or a method of the state
+      ref = ev.reference_images(state) if callable(ev.reference_images) else ev.reference_images
+      scorer.append(JudgeScorer(judge, config.data.condition_mode,
+                                thickness_weight=float(config.reward.thickness_weight), reference_images=ref,
+                                data=config.data))
     if ev.last_images is not None and ev.last_images[0] == step:
-      out.update({GOLD_PREFIX + k: v for k, v in scorer(ev.last_images[1], ev.cond_host).items()})
+      out.update({GOLD_PREFIX + k: v for k, v in scorer[0](ev.last_images[1], ev.cond_host).items()})
     return out
 
-  trainer.eval_step = eval_step
+  setattr(trainer, hook, with_gold)
 
 
 def _child(spec_path: Path) -> None:
