@@ -29,8 +29,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file: path/to/config.py[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config.json).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare"],
-                          "train | eval (the newest checkpoint -> WORKDIR/eval.jsonl) | compare (positional run "
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "plan", "compare"],
+                          "train | eval (the newest checkpoint -> WORKDIR/eval.jsonl) | plan (every program compiled "
+                          "for --config.plan.target, no weights -> WORKDIR/plan.json) | compare (positional run "
                           "directories -> WORKDIR/compare.png and WORKDIR/compare.md).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -119,6 +120,29 @@ def _compare(run_dirs: list[str], out_dir: str) -> None:
     sys.exit(compare.main([*run_dirs, "--out", os.path.join(out_dir, "compare")]))
 
 
+def _plan(config, workdir: str) -> None:
+    """--mode=plan: compile every program of the recipe for ``plan.target`` (adrpo_jax/recipe/plan.py)."""
+    import re  # pylint: disable=import-outside-toplevel
+    target = str(config.plan.target or "")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a topology is compiled for, not run on: no accelerator needed
+    import jax  # pylint: disable=import-outside-toplevel
+    m = re.match(r"^cpu:(\d+)", target)
+    if m:
+        jax.config.update("jax_num_cpu_devices", max(int(m.group(1)), 1))
+    from adrpo_jax.recipe import plan as plan_lib  # pylint: disable=import-outside-toplevel
+    from adrpo_jax.train.config import ConfigError  # pylint: disable=import-outside-toplevel
+    try:
+        report = plan_lib.plan(config, target, workdir=workdir)
+    except plan_lib.PlanError as err:
+        sys.stderr.write(f"ERROR PlanError: {err}\n(report: {os.path.join(workdir, 'plan.json')})\n")
+        sys.exit(1)
+    except ConfigError as err:
+        sys.stderr.write(f"ERROR ConfigError: {err}\n")
+        sys.exit(1)
+    print(plan_lib.format_report(report), flush=True)
+    log.info("Wrote %s", report.get("output"))
+
+
 def main(argv: list[str]) -> None:
     if _MODE.value == "compare":
         _compare(argv[1:], os.path.abspath(os.path.expanduser(_WORKDIR.value)))
@@ -138,6 +162,9 @@ def main(argv: list[str]) -> None:
         logging.getLogger("absl").setLevel(logging.WARNING)
     config = _CONFIG.value
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    if _MODE.value == "plan":
+        config_lib.validate_common_config(config)
+        return _plan(config, workdir)
     try:
         config_lib.validate_common_config(config)
         from adrpo_jax.recipe import base as recipe_base  # pylint: disable=import-outside-toplevel

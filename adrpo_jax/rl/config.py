@@ -139,6 +139,7 @@ from adrpo_jax.train.config import (
     require_float,
     require_int,
     require_type,
+    checking_files,
     validate_advantage_clip,
 )
 
@@ -245,7 +246,9 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         "sampling": {"max_prompt_length": 16, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
         "rewards": {"functions": ("exact_match", "format"), "weights": (1.0, 0.1), "on_error": "raise",
                     "timeout_s": 0.0, "stop_when_all_missing": True},
-        "eval": {"num_examples": 128, "path": "", "accuracy_reward": "exact_match", "greedy": True},
+        # eval.batch_size: prompts per eval generate call (0: all eval.num_examples at once); bounds its KV cache
+        "eval": {"num_examples": 128, "path": "", "accuracy_reward": "exact_match", "greedy": True,
+                 "batch_size": 0},
         "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0,
                  "target_modules": LORA_DEFAULT_TARGETS, "init": "kaiming_uniform", "use_rslora": False},
     }
@@ -292,13 +295,21 @@ def _validate_model(config) -> None:
         if path not in BUILTIN_MODELS:
             raise ConfigError(f"`model.path`={path!r}: unknown built-in model; choose one of {list(BUILTIN_MODELS)}.",
                               key="model.path", value=path)
+    elif path.startswith("preset:"):  # shapes only (the plan mode): adrpo_jax.models.llm.presets
+        from adrpo_jax.models.llm.presets import PRESETS  # pylint: disable=import-outside-toplevel
+        if path[len("preset:"):] not in PRESETS:
+            raise ConfigError(f"`model.path`={path!r}: unknown preset; one of {sorted(PRESETS)} (shapes only: "
+                              "--mode=plan).", key="model.path", value=path)
+        if checking_files():
+            raise ConfigError(f"`model.path`={path!r} names shapes only (no weights): use it with --mode=plan, or "
+                              "give a local Hugging Face directory to train.", key="model.path", value=path)
     elif not os.path.isdir(os.path.expanduser(path)) or not os.path.exists(
             os.path.join(os.path.expanduser(path), "config.json")):
         raise ConfigError(f"`model.path`={path!r} is not a local Hugging Face model directory (no config.json); "
                           "nothing is downloaded: give a local path or a 'builtin:' model.", key="model.path",
                           value=path)
     tok = require_type(config, "model.tokenizer_path", str)
-    if tok and not os.path.isdir(os.path.expanduser(tok)):
+    if tok and checking_files() and not os.path.isdir(os.path.expanduser(tok)):
         raise ConfigError(f"`model.tokenizer_path`={tok!r} is not a directory.", key="model.tokenizer_path", value=tok)
     require_choice(config, "model.dtype", DTYPES)
     require_choice(config, "model.param_dtype", DTYPES)
@@ -321,10 +332,10 @@ def _validate_data(config) -> None:
     source = require_choice(config, "data.source", DATA_SOURCES)
     path = require_type(config, "data.path", str)
     if source == "jsonl":
-        if not path:
+        if not path and checking_files():
             raise ConfigError("`data.path` must name a jsonl file when data.source='jsonl'.", key="data.path",
                               value=path)
-        if not os.path.isfile(os.path.expanduser(path)):
+        if checking_files() and not os.path.isfile(os.path.expanduser(path)):
             raise ConfigError(f"`data.path`={path!r} does not exist (data.source='jsonl').", key="data.path",
                               value=path)
     for key in ("prompt_key", "answer_key", "system_prompt"):
@@ -463,10 +474,10 @@ def _validate_eval(config) -> None:
     require_int(config, "eval.num_examples", min=1)
     path = require_type(config, "eval.path", str)
     eval_every = int(get_by_path(config, "eval_every", 0) or 0)
-    if eval_every > 0 and config.data.source == "jsonl" and not path:
+    if eval_every > 0 and config.data.source == "jsonl" and not path and checking_files():
         raise ConfigError("`eval.path` must name a held-out jsonl file when data.source='jsonl' and eval_every > 0 "
                           "(set eval_every=0 to train without evaluation).", key="eval.path", value=path)
-    if path and not os.path.isfile(os.path.expanduser(path)):
+    if path and checking_files() and not os.path.isfile(os.path.expanduser(path)):
         raise ConfigError(f"`eval.path`={path!r} does not exist.", key="eval.path", value=path)
     name = require_type(config, "eval.accuracy_reward", str)
     try:
@@ -474,6 +485,7 @@ def _validate_eval(config) -> None:
     except (ValueError, ImportError, AttributeError) as err:
         raise ConfigError(f"`eval.accuracy_reward`: {err}", key="eval.accuracy_reward", value=name) from None
     require_type(config, "eval.greedy", bool)
+    require_int(config, "eval.batch_size", min=0)
 
 
 def _validate_lora(config) -> None:

@@ -61,10 +61,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from adrpo_jax import train
+import adrpo_jax.train.sharding  # noqa: F401  (train.sharding.BATCH_AXES)
 from adrpo_jax.models.llm import CausalLM, DecoderConfig, load_pretrained, load_tokenizer
-from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn
+from adrpo_jax.models.llm.presets import PRESET_PREFIX, preset
+from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn, make_plan_fns
 from adrpo_jax.models.lora import apply_lora
 from adrpo_jax.recipe.base import Recipe
 from adrpo_jax.recipe.policy import Policy, PolicySpec
@@ -109,17 +112,48 @@ def _param_sharding_fn(mesh: Mesh):
     return fn
 
 
+def _cache_structs(cache: Any, mesh: Mesh) -> Any:
+    """A KV cache's ShapeDtypeStructs as the sampler holds it: rows over the batch axes (axis 1 of the stacked
+    ``[L, B, S, K, hd]`` layout, else 0), key/value heads over ``tensor`` when they divide, scalars replicated."""
+    tensor = mesh.shape.get("tensor", 1)
+
+    def one(x):
+        if x.ndim == 0:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
+        spec = [None] * x.ndim
+        spec[1 if x.ndim == 5 else 0] = train.sharding.BATCH_AXES
+        if x.ndim >= 4 and tensor > 1 and x.shape[-2] % tensor == 0:
+            spec[-2] = "tensor"
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P(*spec)))
+
+    return jax.tree.map(one, cache)
+
+
 def _finite_scores(scores) -> np.ndarray:
     return np.asarray([0.0 if s is None or not np.isfinite(s) else float(s) for s in scores], np.float32)
+
+
+def eval_layout(num_examples: int, batch_size: int, data_parallel: int) -> tuple[int, int]:
+    """``(chunk, padded)``: rows per eval generate call (``batch_size`` or all, rounded up to a multiple of the
+    data-parallel size) and the padded example count (a multiple of the chunk).
+
+    >>> eval_layout(100, 0, 8), eval_layout(100, 30, 8)
+    ((104, 104), (32, 128))
+    """
+    chunk = int(batch_size) or int(num_examples)
+    chunk = -(-chunk // data_parallel) * data_parallel
+    return chunk, -(-int(num_examples) // chunk) * chunk
 
 
 class Evaluator:
     """Held-out accuracy: greedy (or sampled) completions of fixed examples, scored by one reward function.
 
     Every process generates the global batch (sharded) and scores its own rows; the accuracy is a global mean.
-    The example count is padded to a multiple of the data-parallel size (padding rows are not counted). The
-    prompts go through the recipe's prompt front end (text: the tokenizer; audio: the encoder + audio tokens);
-    the programs are the recipe's ``eval/generate`` and ``eval/mean``.
+    The examples go through ``eval/generate`` in chunks of ``eval.batch_size`` rows (0: all at once; rounded up
+    to a multiple of the data-parallel size), so the eval's KV cache follows the chunk, not the eval set; the
+    last chunk is padded (padding rows are not counted). The prompts go through the recipe's prompt front end
+    (text: the tokenizer; audio: the encoder + audio tokens); the programs are the recipe's ``eval/generate``
+    and ``eval/mean``.
     """
 
     def __init__(self, recipe: "RLTrainer", examples: list[dict[str, Any]]):
@@ -127,28 +161,33 @@ class Evaluator:
             raise ValueError("no evaluation examples")
         self.recipe, self.mesh = recipe, recipe.mesh
         self.name, self.reward_fn = resolve_reward_function(recipe.config.eval.accuracy_reward)
-        dp = train.data_parallel_size(self.mesh)  # global (all processes' devices)
         n = len(examples)
-        self.n_pad = -(-n // dp) * dp
-        rows = train.process_batch_slice(self.n_pad, self.mesh)
+        self.chunk, self.n_pad = eval_layout(n, int(recipe.config.eval.get("batch_size", 0)),
+                                             train.data_parallel_size(self.mesh))
         padded = examples + [examples[-1]] * (self.n_pad - n)
-        self.rows = padded[rows]
-        self.valid_local = (np.arange(self.n_pad) < n)[rows]
+        rows = train.process_batch_slice(self.chunk, self.mesh)
+        valid = np.arange(self.n_pad) < n
+        self.chunks = [(padded[i:i + self.chunk][rows], valid[i:i + self.chunk][rows])
+                       for i in range(0, self.n_pad, self.chunk)]
         self.n = n
         self._key = jax.random.key(0)
 
     def __call__(self, state) -> dict[str, Any]:
         recipe, fns = self.recipe, self.recipe.fns
-        g, model_inputs, prompts, _ = recipe.prompt_inputs(self.rows, state, group=1)
-        out = fns["eval/generate"](state["params"], recipe.frozen, g["tokens"], g["mask"], self._key,
-                                   *recipe.generate_extra(model_inputs))
-        local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths,
-                                            "done": out.done})
-        texts = recipe.encoder.decode(local["completions"], local["lengths"])
-        scores = _finite_scores(self.reward_fn(prompts=prompts, completions=texts, **data_lib.columns_of(self.rows)))
-        g = train.host_local_to_global({"score": scores, "valid": self.valid_local.astype(np.float32),
-                                        "length": local["lengths"].astype(np.float32),
-                                        "truncated": (~local["done"]).astype(np.float32)}, self.mesh)
+        parts: dict[str, list[np.ndarray]] = {"score": [], "valid": [], "length": [], "truncated": []}
+        for rows, valid in self.chunks:
+            g, model_inputs, prompts, _ = recipe.prompt_inputs(rows, state, group=1)
+            out = fns["eval/generate"](state["params"], recipe.frozen, g["tokens"], g["mask"], self._key,
+                                       *recipe.generate_extra(model_inputs))
+            local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths,
+                                                "done": out.done})
+            texts = recipe.encoder.decode(local["completions"], local["lengths"])
+            parts["score"].append(_finite_scores(self.reward_fn(prompts=prompts, completions=texts,
+                                                                **data_lib.columns_of(rows))))
+            parts["valid"].append(valid.astype(np.float32))
+            parts["length"].append(local["lengths"].astype(np.float32))
+            parts["truncated"].append((~local["done"]).astype(np.float32))
+        g = train.host_local_to_global({k: np.concatenate(v) for k, v in parts.items()}, self.mesh)
         mean = fns["eval/mean"]
         return {"eval/accuracy": mean(g["score"], g["valid"]),
                 "eval/completion_length_mean": mean(g["length"], g["valid"]),
@@ -226,10 +265,13 @@ class RLTrainer(Recipe):
     def _setup_model(self) -> None:
         """``model_dir``, ``tokenizer``, ``model_config``, ``encoder``, ``stop_ids``, ``pad_token_id``."""
         m = self.config.model
-        self.model_dir, tokenizer_dir = resolve_model_path(m) if not self.abstract else (
-            Path(os.path.expanduser(m.path)), None)
+        if str(m.path).startswith(PRESET_PREFIX):  # shapes only (plan mode; validation refuses it to train)
+            self.model_dir, tokenizer_dir, source = None, None, preset(m.path)
+        else:
+            self.model_dir, tokenizer_dir = resolve_model_path(m)
+            source = self.model_dir
         self.model_config = DecoderConfig.from_hf_config(
-            self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
+            source, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
             remat_policy=m.remat_policy or None, **_engine_overrides(m))
         self._setup_text_io(tokenizer_dir)
 
@@ -353,28 +395,59 @@ class RLTrainer(Recipe):
 
         programs = [
             Program("generate", self.make_generate(self.sampling), args=lambda: self._generate_args(b),
-                    out_shardings=bs, phase="rollout"),
+                    out_shardings=bs, phase="rollout", shrink_key="rl.num_prompts_per_step",
+                    per_step=0.0 if self.abstract and not self.model_input_names else 1.0),
             Program("logprobs", make_logprob_fn(self.graphdef, opts, mesh), args=logprob_args,
-                    out_shardings=(bs, bs), phase="rollout"),
+                    out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size",
+                    per_step=float(opts.use_old_logprobs) + float(opts.use_reference and
+                                                                  not self.policy.lora_reference)),
             Program("update", make_rl_update(self.graphdef, self.tx, opts, mesh),
                     args=lambda: (params(), self.abstract_state["opt_state"], frozen(), self.rollout_batch_struct(),
                                   key_struct()),
-                    out_shardings=(sh["params"], sh["opt_state"], repl), donate_argnums=(0, 1)),
+                    out_shardings=(sh["params"], sh["opt_state"], repl), donate_argnums=(0, 1),
+                    shrink_key="optim.grad_accum_steps"),
         ]
+        if self.abstract:  # the sampler's prefill and one decode step, planned on their own (the loop: N steps)
+            programs += self._plan_programs()
         if self.policy.lora_reference:  # the reference: adapters off (another graph, another program)
             programs.append(Program("ref_logprobs", make_logprob_fn(self.ref_graphdef, opts, mesh), args=logprob_args,
-                                    out_shardings=(bs, bs), phase="rollout"))
+                                    out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size"))
         if self.has_evaluator:
-            n = self.evaluator.n_pad if self.evaluator is not None else \
-                -(-int(self.config.eval.num_examples) // train.data_parallel_size(mesh)) * \
-                train.data_parallel_size(mesh)
+            if self.evaluator is not None:
+                chunk, n = self.evaluator.chunk, self.evaluator.n_pad
+            else:
+                chunk, n = eval_layout(int(self.config.eval.num_examples), int(self.config.eval.batch_size),
+                                       train.data_parallel_size(mesh))
             programs += [
-                Program("eval/generate", self.make_generate(self.eval_sampling), args=lambda: self._generate_args(n),
-                        out_shardings=bs, phase="eval"),
+                Program("eval/generate", self.make_generate(self.eval_sampling),
+                        args=lambda: self._generate_args(chunk), out_shardings=bs, phase="eval",
+                        shrink_key="eval.batch_size", per_step=n // chunk),
                 Program("eval/mean", lambda x, v: jnp.sum(x * v) / jnp.maximum(jnp.sum(v), 1.0),
                         args=lambda: (jax.ShapeDtypeStruct((n,), jnp.float32, sharding=bs),) * 2,
                         out_shardings=repl, phase="eval")]
         return programs
+
+    def _plan_programs(self) -> list[Program]:
+        """``plan/prefill`` and ``plan/decode`` (x ``max_new_tokens - 1``): the generate program's two phases, so
+        the plan's cost counts every decode step (a compiler counts a while loop's body once)."""
+        if self.model_input_names:
+            return []  # multimodal prefill: planned through the whole generate program only
+        bs = train.batch_sharding(self.mesh)
+        prefill, decode = make_plan_fns(self.graphdef, self.sampling, self.mesh)
+        b = self.layout["batch_size"]
+        state = lambda: nnx.merge_state(self.abstract_state["params"], self.policy.abstract_frozen)  # noqa: E731
+        pre_args = lambda: (state(), *self._prompt_structs(b))  # noqa: E731
+
+        def decode_args():
+            _, cache = jax.eval_shape(prefill, *pre_args())
+            return (state(), jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs),
+                    jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=bs), _cache_structs(cache, self.mesh),
+                    key_struct())
+
+        n = int(self.config.sampling.max_new_tokens)
+        return [Program("plan/prefill", prefill, args=pre_args, phase="rollout", shrink_key="rl.num_prompts_per_step"),
+                Program("plan/decode", decode, args=decode_args, phase="rollout", per_step=max(n - 1, 0),
+                        shrink_key="rl.num_prompts_per_step")]
 
     # ---- host phases ----------------------------------------------------------------------------------------
 

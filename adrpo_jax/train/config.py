@@ -83,6 +83,8 @@ import hashlib
 import json
 import math
 import numbers
+import contextlib
+import contextvars
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -116,6 +118,8 @@ __all__ = [
     "DISTRIBUTED_MODES",
     "DEFAULT_CONSOLE_KEYS",
     "parse_console_keys",
+    "shapes_only",
+    "checking_files",
 ]
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
@@ -230,9 +234,31 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
         "compilation_cache_dir": "",
         "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1,
                         "heartbeat_timeout_s": 60},
+        # --mode=plan (adrpo_jax/recipe/plan.py): compile every program for `target` without weights; on a TPU /
+        # GPU, `check` runs the same plan on the run's own devices at start, before any weight is loaded.
+        "plan": {"target": "", "check": True, "margin": 0.1, "output": ""},
     }
     merge_defaults(config, defaults)
     return config
+
+
+_SHAPES_ONLY = contextvars.ContextVar("adrpo_jax_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within it, validation checks shapes and values but not that model / data files exist (the plan mode builds
+    recipes from ``config.json`` files or presets only)."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def checking_files() -> bool:
+    """False inside :func:`shapes_only` (validators skip their file-existence checks)."""
+    return not _SHAPES_ONLY.get()
 
 
 def merge_defaults(config: ml_collections.ConfigDict, defaults: Mapping[str, Any]) -> None:
@@ -499,6 +525,11 @@ def validate_common_config(config: Any) -> None:
         raise ConfigError(f"`distributed.process_id`={pid} must be < `distributed.num_processes`={nproc}.",
                           key="distributed.process_id", value=pid)
     _require_int_range(config, "distributed.heartbeat_timeout_s", min=2)
+    if "plan" in config:
+        require_type(config, "plan.target", str)
+        require_type(config, "plan.check", bool)
+        require_float(config, "plan.margin", min=0.0, max=1.0, max_inclusive=False)
+        require_type(config, "plan.output", str)
 
 
 def finalize_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

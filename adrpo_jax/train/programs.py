@@ -70,6 +70,10 @@ class Program:
       out_shardings / donate_argnums / static_argnums: as for ``jax.jit``.
       phase: ``rollout`` | ``update`` | ``eval`` | ``init``: what a step's timing, an asynchronous schedule and the
         plan report group it under.
+      shrink_key: the config key that shrinks this program's memory (e.g. ``'optim.grad_accum_steps'``,
+        ``'eval.batch_size'``): what a plan names when the program does not fit.
+      per_step: how many times one RL step runs the program (the plan's predicted step time); eval programs
+        count ``1 / eval_every``, init programs 0.
     """
 
     name: str
@@ -79,12 +83,16 @@ class Program:
     donate_argnums: tuple[int, ...] = ()
     static_argnums: tuple[int, ...] = ()
     phase: str = "update"
+    shrink_key: str = ""
+    per_step: float | None = None
 
     def __post_init__(self):
         if self.phase not in PHASES:
             raise ValueError(f"Program {self.name!r}: phase must be one of {PHASES}, got {self.phase!r}")
         object.__setattr__(self, "donate_argnums", tuple(self.donate_argnums))
         object.__setattr__(self, "static_argnums", tuple(self.static_argnums))
+        if self.per_step is None:
+            object.__setattr__(self, "per_step", 0.0 if self.phase == "init" else 1.0)
 
     def jit(self) -> Callable[..., Any]:
         """``jax.jit`` of :attr:`fn` with this program's shardings and donation."""
@@ -109,8 +117,12 @@ class Program:
 
     def compile(self) -> "CompiledProgram":
         """Lowers and compiles this program for the devices of its shardings; see :class:`CompiledProgram`."""
+        return self.compile_args(self.abstract_args())
+
+    def compile_args(self, args: tuple) -> "CompiledProgram":
+        """:meth:`compile` at given abstract arguments (e.g. those of :meth:`abstract_args`, already built)."""
         t0 = time.perf_counter()
-        lowered = self.lower()
+        lowered = self.jit().lower(*args)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()

@@ -21,6 +21,10 @@ Two entry points:
     (graphdef, SamplingConfig, shapes) and reuses the compiled function across calls.
   * `make_generate_fn(graphdef, config)`: the pure function `(state, prompt_tokens, prompt_mask, rng) ->
     GenerationOutput` for trainers that `jax.jit` it themselves (with shardings / donation).
+
+`rng` is one key (split once per decode step for the whole batch) or one key per row ([B] keys): token i of row
+r is then drawn with `fold_in(rng[r], i)`, a function of the row's own key only (the continuous-batching engine,
+`adrpo_jax.models.llm.continuous`, gives the same tokens for the same per-row keys).
 """
 from __future__ import annotations
 
@@ -125,22 +129,21 @@ def process_logits_reference(logits: Array, *, temperature: float = 1.0, top_k: 
                              top_p: float | None = None) -> Array:
   """The sorted definition of `process_logits` (sorts the vocabulary for top-p); kept for tests and benchmarks.
 
-  Temperature, then top-k (the k largest values, ties with the k-th included), then top-p (the smallest prefix
-  of the descending order whose mass *before* a token is < top_p; ties with the last kept value included).
+  Temperature, then top-k (the k largest values, ties with the k-th included: transformers' `TopKLogitsWarper`),
+  then top-p as transformers' `TopPLogitsWarper`: sort ascending (stably: equal values in index order), remove
+  the tokens whose cumulative probability is <= 1 - top_p, always keep the last (most likely) one.
   """
   logits = logits.astype(jnp.float32) / temperature
-  sorted_desc = None
   if top_k is not None and top_k < logits.shape[-1]:
-    sorted_desc, _ = jax.lax.top_k(logits, top_k)
-    logits = jnp.where(logits < sorted_desc[:, -1:], -jnp.inf, logits)
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p is not None and top_p < 1.0:
-    if sorted_desc is None:
-      sorted_desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-    threshold = jnp.take_along_axis(sorted_desc, keep - 1, axis=-1)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    order = jnp.argsort(logits, axis=-1, stable=True)
+    sorted_asc = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
+    remove_sorted = (cum <= 1.0 - top_p).at[:, -1].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    logits = jnp.where(remove, -jnp.inf, logits)
   return logits
 
 
@@ -170,11 +173,16 @@ def process_logits(logits: Array, *, temperature: float = 1.0, top_k: int | None
                    top_p: float | None = None) -> Array:
   """Temperature, then top-k, then top-p: float32 [B, V] logits with removed tokens at -inf.
 
-  Keeps exactly the token sets of the sorted definition (`process_logits_reference`, ties included) without
-  sorting the vocabulary (nor `lax.top_k`, a partial sort that is as slow as a sort on CPU): top-k finds the
-  k-th largest value and top-p its threshold value (a token is kept iff the mass of the tokens strictly more
-  likely than it is < top_p) by bisection over the float order, one pass over the vocabulary per round, at
-  most 32 rounds.
+  Keeps exactly the token sets of the sorted definition (`process_logits_reference`, transformers' warpers)
+  without sorting the vocabulary (nor `lax.top_k`, a partial sort that is as slow as a sort on CPU): top-k
+  finds the k-th largest value by bisection over the float order (ties with it kept, as transformers);
+  top-p keeps a token iff the mass after it in the ascending (value, index) order is < top_p, i.e. iff the
+  cumulative probability of transformers' ascending sort at it is > 1 - top_p: the threshold value (the
+  smallest whose strictly-larger mass is < top_p) by bisection, then, of the tokens *equal* to it, the
+  highest-index ones while that mass stays < top_p. So the kept set has transformers' size; among tokens of
+  exactly equal probability at the threshold (common with bfloat16 logits) the kept ones are those a stable
+  sort keeps (transformers' own `torch.sort` is not stable there, so which of the equal tokens it keeps is
+  arbitrary). One pass over the vocabulary per bisection round (at most 32) and two more for the ties.
   Only the float rounding of the mass sums differs from the sorted definition (a token whose mass-before lies
   within float32 rounding of top_p may fall on the other side).
 
@@ -193,10 +201,19 @@ def process_logits(logits: Array, *, temperature: float = 1.0, top_k: int | None
     weights = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))  # 0 at -inf
     budget = top_p * jnp.sum(weights, -1)
     lo = jnp.min(jnp.where(jnp.isfinite(logits), keys, jnp.iinfo(jnp.int32).max), -1)
-    # A token is kept iff the mass strictly above it is < top_p: the smallest such value is the threshold.
+    # The smallest value whose strictly-larger mass is < top_p: every token above it is kept, every one below
+    # removed.
     threshold = _bisect_keys(lo, jnp.max(keys, -1),
                              lambda t: jnp.sum(jnp.where(keys > t[:, None], weights, 0.0), -1) < budget)
-    logits = jnp.where(keys < threshold[:, None], -jnp.inf, logits)
+    above = keys > threshold[:, None]
+    tie = keys == threshold[:, None]
+    mass_above = jnp.sum(jnp.where(above, weights, 0.0), -1, keepdims=True)
+    w_tie = jnp.max(jnp.where(tie, weights, 0.0), -1, keepdims=True)  # the (equal) weight of the tied tokens
+    # Of the tokens equal to the threshold, keep those whose mass after them (above + the tied tokens of
+    # higher index) is < top_p: the highest-index ones, at least one.
+    tied_after = jnp.cumsum(tie[:, ::-1].astype(jnp.int32), axis=-1)[:, ::-1] - tie.astype(jnp.int32)
+    keep = above | (tie & (mass_above + tied_after.astype(jnp.float32) * w_tie < budget[:, None]))
+    logits = jnp.where(keep, logits, -jnp.inf)
   return logits
 
 
@@ -207,6 +224,18 @@ def _block_size(v: int) -> int:
   return c
 
 
+def is_key_batch(rng: Array, batch_size: int) -> bool:
+  """True when `rng` holds one PRNG key per row ([B] typed keys or [B, 2] raw uint32 keys), False for one key."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.shape == (batch_size,)
+  return rng.ndim == 2 and rng.shape[0] == batch_size
+
+
+def step_keys(rng: Array, step) -> Array:
+  """The keys of decode step `step` from per-row keys: `fold_in(key_r, step)` for every row (per-row keys)."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(rng)
+
+
 def sample_inverse_cdf(rng: Array, logits: Array) -> Array:
   """One categorical draw per row of softmax(logits) [B, V] (-inf = excluded), by inverse CDF: [B] int32.
 
@@ -215,13 +244,17 @@ def sample_inverse_cdf(rng: Array, logits: Array) -> Array:
   terms, so small probabilities keep their resolution). Two uniforms per row instead of one Gumbel per
   vocabulary entry. Both picks are clamped to the last entry with positive mass, so a removed token is never
   returned (rounding can only make the target reach the total mass, never pass a positive entry).
+  `rng`: one key, or one key per row ([B] keys, `is_key_batch`): row r's uniforms then come from its own key.
   """
   b, v = logits.shape
   c = _block_size(v)
   nb = -(-v // c)
   w = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
   w = jnp.pad(w, ((0, 0), (0, nb * c - v))).reshape(b, nb, c)
-  u = jax.random.uniform(rng, (b, 2), jnp.float32)
+  if is_key_batch(rng, b):  # one key per row (per-row keys): each row's draw depends on its own key only
+    u = jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(rng)
+  else:
+    u = jax.random.uniform(rng, (b, 2), jnp.float32)
 
   def pick(weights, u):  # [B, n] weights >= 0 (some > 0), [B] uniform in [0, 1) -> [B] index
     cdf = jnp.cumsum(weights, axis=-1)
@@ -246,7 +279,10 @@ def _select_reference(logits: Array, rng: Array, config: "SamplingConfig") -> tu
   else:
     processed = process_logits_reference(logits, temperature=config.temperature, top_k=config.top_k,
                                           top_p=config.top_p)
-    token = jax.random.categorical(rng, processed, axis=-1)
+    if is_key_batch(rng, logits.shape[0]):
+      token = jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(rng, processed)
+    else:
+      token = jax.random.categorical(rng, processed, axis=-1)
   logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
   return token.astype(jnp.int32), logp
 
@@ -334,7 +370,11 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
     raise ValueError(f"prompt_embeds must be [batch, prompt_len, hidden] with [batch, prompt_len] = {(b, p)}, got "
                      f"shape {tuple(prompt_embeds.shape)}")
   logits, cache = _prefill(model, prompt_tokens, prompt_mask, p + n, config, prompt_embeds)
-  rng, step_rng = jax.random.split(rng)
+  per_row = is_key_batch(rng, b)  # per-row keys: token i of row r is drawn with fold_in(key_r, i)
+  if per_row:
+    step_rng = step_keys(rng, 0)
+  else:
+    rng, step_rng = jax.random.split(rng)
   token, logp = _select(logits, step_rng, config)
   done = jnp.isin(token, eos)
   completions = jnp.full((b, n), config.pad_token_id, jnp.int32).at[:, 0].set(token)
@@ -351,7 +391,10 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
     step_model = nnx.merge(graphdef, state)
     # Feed the previous token (rows already done feed padding that nothing attends to).
     hidden, cache = step_model.hidden_states(token[:, None], attention_mask=~done[:, None], cache=cache)
-    rng, step_rng = jax.random.split(rng)
+    if per_row:
+      step_rng = step_keys(rng, i)
+    else:
+      rng, step_rng = jax.random.split(rng)
     new, logp = _select(_last_logits(step_model, hidden[:, 0]), step_rng, config)
     new = jnp.where(done, config.pad_token_id, new)
     logp = jnp.where(done, 0.0, logp)
@@ -444,7 +487,9 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
     model: a `CausalLM`.
     prompt_tokens: [B, P] int, left-padded prompts.
     prompt_mask: [B, P] bool, False on left padding (default: no padding).
-    rng: PRNG key (required unless greedy).
+    rng: PRNG key (required unless greedy), or one key per row ([B] keys): token i of row r is then drawn with
+      `fold_in(rng[r], i)` only, so a row's completion does not depend on its batch neighbours (what
+      `adrpo_jax.models.llm.continuous` reproduces slot by slot).
     max_new_tokens, temperature, top_k, top_p, greedy, eos_token_ids, pad_token_id, cache_dtype,
       prompt_group_size, sampler: see `SamplingConfig` (with prompt_group_size > 1 the rows of each group must
       be equal; checked here).
@@ -479,3 +524,29 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
   if prompt_embeds is None:
     return _jitted_generate(graphdef, config)(state, prompt_tokens, prompt_mask, rng)
   return _jitted_generate(graphdef, config)(state, prompt_tokens, prompt_mask, rng, jnp.asarray(prompt_embeds))
+
+
+def make_plan_fns(graphdef: nnx.GraphDef, config: SamplingConfig, mesh: Mesh | None = None):
+  """The sampler's two phases as separate pure functions, for ahead-of-time planning (their memory and cost
+  per call; the generation loop itself runs them inside one program):
+
+  * `prefill(state, prompt_tokens [B, P], prompt_mask [B, P]) -> (logits [B, V], cache)`;
+  * `decode(state, token [B], done [B], cache, rng) -> (token [B], logp [B], cache)`: one decode step.
+  """
+  abstract = None if mesh is None else (mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh)
+  ctx = lambda: contextlib.nullcontext() if abstract is None else jax.sharding.use_abstract_mesh(abstract)  # noqa: E731
+
+  def prefill(state, prompt_tokens, prompt_mask):
+    with ctx():
+      p = prompt_tokens.shape[1]
+      return _prefill(nnx.merge(graphdef, state), prompt_tokens.astype(jnp.int32), prompt_mask.astype(bool),
+                      p + config.max_new_tokens, config)
+
+  def decode(state, token, done, cache, rng):
+    with ctx():
+      model = nnx.merge(graphdef, state)
+      hidden, cache = model.hidden_states(token[:, None], attention_mask=~done[:, None], cache=cache)
+      new, logp = _select(_last_logits(model, hidden[:, 0]), rng, config)
+      return new, logp, cache
+
+  return prefill, decode
