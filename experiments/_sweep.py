@@ -537,6 +537,10 @@ if __name__ == "__main__":
     _child(Path(sys.argv[2]))
   elif len(sys.argv) > 1 and sys.argv[1] == "--paired":
     _paired_main(sys.argv[2:])
+  elif len(sys.argv) > 1 and sys.argv[1] == "--report":
+    import _report  # pylint: disable=import-outside-toplevel
+    raise SystemExit(_report.main(sys.argv[2:]))
   else:
     raise SystemExit("usage: python experiments/_sweep.py --child SPEC.json (started by run_sweep)\n"
-                     "       python experiments/_sweep.py --paired WORKDIR A:B [A:B ...] --keys KEY [KEY ...]")
+                     "       python experiments/_sweep.py --paired WORKDIR A:B [A:B ...] --keys KEY [KEY ...]\n"
+                     "       python experiments/_sweep.py --report [--check]   (README tables from the JSON files)")
