@@ -278,7 +278,7 @@ def _expert_ffn(xs: Array, sizes: Array, params: dict[str, Array], lora: dict[st
   drops)."""
   dtype = xs.dtype
   if impl == "blocked":
-    tiles = _make_tiles(sizes, xs.shape[0], int(block))
+    tiles = _make_tiles(sizes, xs.shape[0], min(int(block), 8 * -(-xs.shape[0] // 8)))  # small M: small tiles
     mm = lambda x, w: _blocked_mm(x, w, tiles)  # noqa: E731  (x: [n, tm, in] tiles)
     x_in = _to_tiles(xs, tiles)
   elif impl == "ragged":
@@ -291,7 +291,7 @@ def _expert_ffn(xs: Array, sizes: Array, params: dict[str, Array], lora: dict[st
     raise ValueError(f"grouped expert implementation {impl!r}")
 
   def proj(name, x):
-    y = mm(x, params[name].astype(dtype))
+    y = mm(x, jnp.asarray(params[name]).astype(dtype))
     if name in lora:
       a, b, scale, dropout = lora[name]
       h = mm(dropout(x), a.astype(dtype)) * jnp.asarray(scale, dtype)
