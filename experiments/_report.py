@@ -19,8 +19,9 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -492,11 +493,26 @@ def plot_issue15_flow_compare(out_prefix: Path = EXP / "issue15_flow_compare") -
   return outs
 
 
+def judge() -> str:
+  d = _load("issue27_judge.json")
+  if d is None:
+    return "(issue27_judge.json not committed yet)"
+  j, c = d["judge"], d["reward_classifier"]
+  return md_table(["model", "trained on", "digit accuracy on unseen real digits", "thickness accuracy",
+                   "parameters"],
+                  [["reward classifier (CNN + ink inputs)", "train split (80 %)", f"{c['test_digit_accuracy']:.3f}",
+                    f"{c['test_thickness_accuracy']:.3f}", c["num_params"]],
+                   ["judge (pixel MLP)", f"held-out split ({j['num_train_images']} images)",
+                    f"{j['test_digit_accuracy']:.3f} (on {j['num_test_images']})",
+                    f"{j['test_thickness_accuracy']:.3f}", j["num_params"]]])
+
+
 def heldout_overlap() -> str:
   """How many of the 256 LLM eval problems appear among a 300-step run's 4,800 training prompts: the Issue 15
   setup (the first 256 eval draws, duplicates included; no exclusion) against issue 27's (256 distinct problems,
   excluded from the stream). Computed from the task definitions (no JSON needed)."""
   import dataclasses  # pylint: disable=import-outside-toplevel
+
   from adrpo_jax.rl.data import EVAL_ARITHMETIC_SEED, distinct_examples  # pylint: disable=import-outside-toplevel
   from adrpo_jax.rl.tasks import ArithmeticTask  # pylint: disable=import-outside-toplevel
 
@@ -510,8 +526,9 @@ def heldout_overlap() -> str:
       old_train = {train[i]["prompt"] for i in range(4800)}
       held = dataclasses.replace(train, exclude=frozenset(new_eval))
       new_train = {held[i]["prompt"] for i in range(4800)}
-      rows.append([f"{digits[0]}-{digits[1]} digits", seed, f"{sum(p in old_train for p in old_eval)} of 256 "
-                   f"({len(set(old_eval))} distinct)", f"{sum(p in new_train for p in new_eval)} of 256 (256 distinct)"])
+      old_n, new_n = sum(p in old_train for p in old_eval), sum(p in new_train for p in new_eval)
+      rows.append([f"{digits[0]}-{digits[1]} digits", seed, f"{old_n} of 256 ({len(set(old_eval))} distinct)",
+                   f"{new_n} of 256 (256 distinct)"])
   return md_table(["task", "run seed", "eval problems among the training prompts: Issue 15",
                    "issue 27 (distinct, excluded)"], rows)
 
@@ -522,6 +539,7 @@ REPORTS: dict[str, Callable[[], str]] = {
     "decisive_block03": decisive_block03,
     "decisive_judge_y": decisive_judge_y,
     "orw": orw,
+    "judge": judge,
     "heldout_overlap": heldout_overlap,
     "llm_dense": llm_dense,
     "llm_kl_hack": llm_kl_hack,

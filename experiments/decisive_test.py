@@ -29,13 +29,14 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _sweep  # noqa: E402  pylint: disable=wrong-import-position
+import _sweep
 
 STEPS = 300
 EVAL_EVERY = 100
@@ -330,6 +331,26 @@ def plot(per_seed, analysis, out: Path) -> None:
   plt.close(fig)
 
 
+def judge_info() -> dict[str, Any]:
+  """The judge's and the reward classifier's accuracies on real digits (each on the split it never saw), from the
+  cached models of ``configs/flow_digits.py:cpu``."""
+  from adrpo_jax.flow import pretrain  # pylint: disable=import-outside-toplevel
+  from adrpo_jax.flow.judge import JUDGE_DEFAULTS, train_judge  # pylint: disable=import-outside-toplevel
+
+  config = _sweep.build_config(_sweep.RunSpec("x", "flow_digits", "cpu", {}, 0, 1, 1).to_json())
+  _, judge = train_judge({"data": config.data}, log_fn=None)
+  pre = pretrain.default_config()
+  for section in ("data", "classifier"):
+    for k in pre[section]:
+      if k in config[section]:
+        pre[section][k] = config[section][k]
+  _, clf = pretrain.train_classifier(pre, log_fn=None)
+  keep = ("test_digit_accuracy", "test_thickness_accuracy", "train_digit_accuracy", "train_thickness_accuracy",
+          "num_params", "num_train_images", "num_test_images")
+  return {"judge": {k: judge[k] for k in keep if k in judge}, "judge_settings": dict(JUDGE_DEFAULTS),
+          "reward_classifier": {k: clf[k] for k in keep if k in clf}, "code": _sweep.code_version()}
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   _sweep.add_common_args(parser)
@@ -339,7 +360,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--orw", action="store_true", help="run the ORW-CFM-W2 tau grid (ORW_SEEDS) instead")
   parser.add_argument("--out", type=Path, default=None, help="results JSON (default WORKDIR/issue27_decisive.json)")
   parser.add_argument("--analyze-only", action="store_true", help="no new runs: analyze the finished ones")
+  parser.add_argument("--judge-info", type=Path, default=None, metavar="JSON",
+                      help="only write the judge's and the reward classifier's accuracies to JSON")
   args = parser.parse_args(argv)
+  if args.judge_info is not None:
+    info = judge_info()
+    _sweep.write_results(args.judge_info, **info)
+    print(json.dumps(info, indent=1, default=str))
+    return info
   specs = build_specs(args.seeds, args.blocks, none=not args.no_none)
   if args.orw or args.analyze_only:  # the analysis reads every arm present in WORKDIR
     specs += build_specs(args.seeds, args.blocks, orw=True)

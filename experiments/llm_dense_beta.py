@@ -24,14 +24,15 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _sweep  # noqa: E402  pylint: disable=wrong-import-position
-import decisive_test  # noqa: E402  pylint: disable=wrong-import-position
+import _sweep
+import decisive_test
 
 STEPS = 300
 EVAL_EVERY = 25
@@ -79,9 +80,9 @@ def analyze(acc: Mapping[str, Mapping[float, Mapping[int, float]]], tol: float =
   if "grpo" in acc and "adrpo" in acc:
     seeds = sorted(set(acc["grpo"][best["grpo"]]) & set(acc["adrpo"][best["adrpo"]]))
     diff = [acc["adrpo"][best["adrpo"]][s] - acc["grpo"][best["grpo"]][s] for s in seeds]
-    g, l = decisive_test.one_sided_t(diff, "greater"), decisive_test.one_sided_t(diff, "less")
+    g, less = decisive_test.one_sided_t(diff, "greater"), decisive_test.one_sided_t(diff, "less")
     out["best_diff"] = {"per_seed": dict(zip(seeds, diff)), "test": g,
-                        "p_two_sided": min(1.0, 2 * min(g["p_one_sided"], l["p_one_sided"]))}
+                        "p_two_sided": min(1.0, 2 * min(g["p_one_sided"], less["p_one_sided"]))}
     own = {m: {s: max(acc[m][b][s] for b in acc[m] if s in acc[m][b]) for s in seeds} for m in ("grpo", "adrpo")}
     d2 = [own["adrpo"][s] - own["grpo"][s] for s in seeds]
     g2, l2 = decisive_test.one_sided_t(d2, "greater"), decisive_test.one_sided_t(d2, "less")

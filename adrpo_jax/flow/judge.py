@@ -28,7 +28,8 @@ Example (tiny judge, no cache)::
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +69,11 @@ def judge_config_from(config: Any = None) -> tuple[dict[str, Any], dict[str, Any
     """``(judge settings, data settings)`` of a config with optional ``judge`` and ``data`` sections (missing
     keys take :data:`JUDGE_DEFAULTS` and the digits split defaults; unknown ``judge`` keys are an error)."""
     config = config or {}
-    judge = _get(config["judge"] if "judge" in config else None)
+    judge = _get(config.get("judge"))
     unknown = sorted(set(judge) - set(JUDGE_DEFAULTS))
     if unknown:
         raise ValueError(f"Unknown keys {unknown} in config.judge; valid keys are {sorted(JUDGE_DEFAULTS)}.")
-    data = _get(config["data"] if "data" in config else None)
+    data = _get(config.get("data"))
     judge = {**JUDGE_DEFAULTS, **judge}
     judge["hidden"] = tuple(int(h) for h in judge["hidden"])
     data = {k: data.get(k, _DATA_DEFAULTS[k]) for k in _DATA_KEYS}
@@ -107,7 +108,8 @@ def train_judge(config: Any = None, *, workdir: str | None = None, use_cache: bo
             if log_fn:
                 log_fn(f"[judge] loading cached judge from {directory}")
             return load_judge(directory), {**finished, "cached": True, "directory": directory}
-    reward_train, reward_held_out = load_digits_splits(int(data["image_size"]), test_fraction=float(data["test_fraction"]),
+    reward_train, reward_held_out = load_digits_splits(int(data["image_size"]),
+                                                       test_fraction=float(data["test_fraction"]),
                                                        seed=int(data["split_seed"]))
     train, test = reward_held_out, reward_train  # cross-fitted: the judge learns on what the reward never saw
     model = JudgeMLP(model_cfg, rngs=nnx.Rngs(int(jcfg["seed"])))
@@ -148,7 +150,7 @@ def train_judge(config: Any = None, *, workdir: str | None = None, use_cache: bo
     metrics = {**{f"test_{k}": v for k, v in test_acc.items()}, **{f"train_{k}": v for k, v in train_acc.items()},
                "final_loss": float(loss) if loss is not None else float("nan"),
                "train_time_s": time.perf_counter() - t0, "num_params": count_params(model),
-               "num_train_images": int(len(train)), "num_test_images": int(len(test)), "config_hash": key_hash}
+               "num_train_images": len(train), "num_test_images": len(test), "config_hash": key_hash}
     if log_fn:
         log_fn(f"[judge] {steps} steps on {len(train)} held-out images: digit acc {test_acc['digit_accuracy']:.4f}, "
                f"thickness acc {test_acc['thickness_accuracy']:.4f} on the reward classifier's {len(test)} "

@@ -70,7 +70,7 @@ class JudgeConfig:
                 "heads": [list(h) for h in self.heads]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JudgeConfig":
+    def from_dict(cls, d: dict[str, Any]) -> JudgeConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

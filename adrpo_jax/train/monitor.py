@@ -29,8 +29,9 @@ rule fires).
 **Stop rule** ``gold_falls:N`` (:func:`parse_stop_when`): at evaluation k it fires when, for one gold key, the gold
 has been more than ``min_drop`` below its running best for ``N`` consecutive evaluations (k - N + 1 .. k)
 *and* the proxy at k is above the proxy at the evaluation where the gold was best (for a best before the first
-training log, e.g. the step-0 evaluation of the starting model: the first proxy logged after it). A gold that falls together
-with the proxy (a run that simply degrades) or that only wobbles within ``min_drop`` of its best does not fire it.
+training log, e.g. the step-0 evaluation of the starting model: the first proxy logged after it). A gold that falls
+together with the proxy (a run that simply degrades) or that only wobbles within ``min_drop`` of its best does not
+fire it.
 
 Config keys (``eval.*``; :data:`MONITOR_DEFAULTS`, checked by :func:`validate_monitor_config`): ``gold_rewards``
 (tuple of gold scorer names: LLM reward functions scored on the held-out completions, logged as
@@ -44,7 +45,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "MONITOR_DEFAULTS",
@@ -181,7 +183,7 @@ class RewardHackingMonitor:
         self._pending: list[float] = []
         self._last_proxy = math.nan
         self.history: list[dict[str, Any]] = []  # one entry per evaluation: step, proxy, gold values
-        self._falls = {k: 0 for k in gold_keys}
+        self._falls = dict.fromkeys(gold_keys, 0)
         self.decision: StopDecision | None = None
 
     # -- state (checkpointable as plain data) --------------------------------------------------------------

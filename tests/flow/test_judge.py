@@ -51,7 +51,7 @@ def test_save_load_round_trip_and_errors(tmp_path, tiny_judge):
     again = load_judge(tmp_path / "j")
     x = np.zeros((2, 8, 8, 1), np.float32)
     np.testing.assert_array_equal(judge(x)["digit"], again(x)["digit"])
-    with pytest.raises(ValueError, match="config.judge"):
+    with pytest.raises(ValueError, match=r"config\.judge"):
         judge_config_from({"judge": {"channels": (8,)}})
     with pytest.raises(ValueError, match="hidden"):
         JudgeConfig(hidden=())

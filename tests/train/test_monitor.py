@@ -11,9 +11,18 @@ import numpy as np
 import pytest
 
 from adrpo_jax.train.config import ConfigError
-from adrpo_jax.train.monitor import (MONITOR_DEFAULTS, RewardHackingMonitor, RewardHackingStop, StopRule,
-                                     gold_metric_keys, monitor_from_config, parse_stop_when, replay,
-                                     score_gold_rewards, validate_monitor_config)
+from adrpo_jax.train.monitor import (
+  MONITOR_DEFAULTS,
+  RewardHackingMonitor,
+  RewardHackingStop,
+  StopRule,
+  gold_metric_keys,
+  monitor_from_config,
+  parse_stop_when,
+  replay,
+  score_gold_rewards,
+  validate_monitor_config,
+)
 
 DATA = Path(__file__).resolve().parent / "data" / "monitor_runs.json"
 
