@@ -31,6 +31,7 @@ key                             meaning
 ``mesh.data``                   size of the pure data-parallel mesh axis (-1 = all remaining devices)
 ``mesh.fsdp``                   size of the fully-sharded data-parallel axis (params sharded on ``'embed'``)
 ``mesh.tensor``                 size of the tensor-parallel axis (``'mlp'``, ``'heads'``, ``'vocab'``)
+``mesh.expert``                 size of the expert-parallel axis (MoE expert kernels' ``'expert'``; also a batch axis)
 ``optim.name``                  ``adamw`` | ``adam`` | ``sgd`` | ``lion`` | ``adafactor``
 ``optim.learning_rate``         peak learning rate (after warm-up)
 ``optim.schedule``              ``constant`` | ``cosine`` | ``linear`` decay after the warm-up
@@ -204,7 +205,7 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
         "log_every": 10,
         "eval_every": 0,
         "checkpoint": {"every_steps": 100, "max_to_keep": 3, "keep_period": 0, "async_save": True},
-        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "mesh": {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1},
         "optim": {
             "name": "adamw",
             "learning_rate": 1e-4,
@@ -473,7 +474,7 @@ def validate_common_config(config: Any) -> None:
     require_type(config, "checkpoint.async_save", bool)
 
     fills = []
-    for axis in ("data", "fsdp", "tensor"):
+    for axis in ("data", "fsdp", "expert", "tensor"):
         size = _require_int_range(config, f"mesh.{axis}", min=1, allow=(-1,))
         if size == -1:
             fills.append(f"mesh.{axis}")

@@ -1,6 +1,9 @@
 """Device mesh, logical-axis sharding rules and host <-> global batch helpers.
 
-The mesh always has the three axes ``('data', 'fsdp', 'tensor')`` (``config.mesh``). Model parameters carry
+The mesh always has the three axes ``('data', 'fsdp', 'tensor')`` (``config.mesh``), and an ``'expert'`` axis
+between ``fsdp`` and ``tensor`` when ``config.mesh`` names one (``mesh.expert``, default 1: expert parallelism of
+mixture-of-experts layers, whose expert kernels carry the logical axis ``'expert'``; outside those layers the
+expert axis shards the batch like ``data``). Model parameters carry
 *logical* axis names as metadata (``nnx.with_partitioning(init, ('embed', 'mlp'))`` or
 ``nnx.Param(value, sharding_names=(...))``); :data:`DEFAULT_LOGICAL_RULES` maps them to mesh axes:
 
@@ -10,13 +13,14 @@ logical name                                mesh axis
 ``'embed'``                                 ``'fsdp'``
 ``'mlp'``, ``'heads'``, ``'kv_heads'``,     ``'tensor'``
 ``'vocab'``
+``'expert'``                                ``'expert'`` (replicated on a mesh without it)
 ``'head_dim'``, ``'layers'``, ``'conv_in'``, replicated
 ``'conv_out'``, ``'norm'``, ``None``
 ==========================================  ===========
 
 A dimension whose size is not divisible by its mesh-axis size, or whose mesh axis is already used by an
 earlier dimension of the same parameter, is replicated instead (logged at INFO). Batches are sharded on their
-leading axis over ``('data', 'fsdp')`` and replicated over ``'tensor'``.
+leading axis over ``('data', 'fsdp')`` (and ``'expert'`` when the mesh has it) and replicated over ``'tensor'``.
 
 Typical use in a trainer (functional NNX style)::
 
@@ -50,7 +54,9 @@ from adrpo_jax.train.config import ConfigError
 __all__ = [
     "MESH_AXES",
     "BATCH_AXES",
+    "EXPERT_AXIS",
     "DEFAULT_LOGICAL_RULES",
+    "mesh_batch_axes",
     "LogicalRules",
     "make_mesh",
     "logical_to_partition_spec",
@@ -72,6 +78,7 @@ log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+EXPERT_AXIS = "expert"  # optional mesh axis (config.mesh.expert), between fsdp and tensor
 
 MeshAxes = str | tuple[str, ...] | None
 LogicalRules = Sequence[tuple[str, MeshAxes]]
@@ -82,6 +89,7 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
+    ("expert", EXPERT_AXIS),
     ("head_dim", None),
     ("layers", None),
     ("conv_in", None),
@@ -96,11 +104,12 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the ``('data', 'fsdp', 'tensor')`` mesh with Auto axis types.
+    """Builds the ``('data', 'fsdp', 'tensor')`` mesh with Auto axis types (``('data', 'fsdp', 'expert', 'tensor')``
+    when ``mesh_config`` has an ``expert`` entry).
 
     Args:
-      mesh_config: ``config.mesh`` (or any mapping) with integer ``data``, ``fsdp``, ``tensor``; at most one
-        of them may be -1, meaning "all remaining devices".
+      mesh_config: ``config.mesh`` (or any mapping) with integer ``data``, ``fsdp``, ``tensor`` and optionally
+        ``expert``; at most one of them may be -1, meaning "all remaining devices".
       devices: defaults to ``jax.devices()`` (all global devices).
 
     Raises:
@@ -113,7 +122,12 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     sizes = {}
-    for axis in MESH_AXES:
+    try:
+        has_expert = EXPERT_AXIS in mesh_config
+    except TypeError:
+        has_expert = False
+    axes = MESH_AXES[:2] + (EXPERT_AXIS,) + MESH_AXES[2:] if has_expert else MESH_AXES
+    for axis in axes:
         try:
             value = mesh_config[axis]
         except (KeyError, TypeError, AttributeError):
@@ -137,8 +151,8 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     elif math.prod(sizes.values()) != n:
         raise ConfigError(f"`mesh`: {desc} = {math.prod(sizes.values())} must equal the number of devices ({n}); "
                           "set one axis to -1 to fill.", key="mesh", value=dict(sizes))
-    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types, devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
+    return jax.make_mesh(tuple(sizes[a] for a in axes), axes, axis_types=axis_types, devices=devices)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,7 +202,7 @@ def logical_to_partition_spec(logical_names: Sequence[str | None] | None, shape:
                              f"known names: {sorted(table)} (pass extra `rules` to add one).")
         axes = tuple(a for a in table[logical] if mesh.shape.get(a, 1) > 1)
         for a in table[logical]:
-            if a not in mesh.shape:
+            if a not in mesh.shape and a != EXPERT_AXIS:  # a mesh without the optional expert axis: replicated
                 raise ValueError(f"Sharding rule {logical!r} -> {a!r}: mesh has no axis {a!r} "
                                  f"(axes {tuple(mesh.axis_names)}).")
         if not axes:
@@ -330,13 +344,19 @@ def shard_like(tree: Any, shardings: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def mesh_batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The axes ``mesh`` shards a batch over: ``('data', 'fsdp')``, plus ``'expert'`` when the mesh has it."""
+    return BATCH_AXES + ((EXPERT_AXIS,) if EXPERT_AXIS in mesh.shape else ())
+
+
 def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
-    """Leading (batch) axis sharded over ``('data', 'fsdp')``, other axes replicated.
+    """Leading (batch) axis sharded over ``('data', 'fsdp')`` (and ``'expert'`` if the mesh has it), other axes
+    replicated.
 
     ``ndim`` only pads the PartitionSpec with ``None`` to that rank (e.g. for ``shard_map`` in_specs).
     """
     rest = () if ndim is None else (None,) * (ndim - 1)
-    return NamedSharding(mesh, P(BATCH_AXES, *rest))
+    return NamedSharding(mesh, P(mesh_batch_axes(mesh), *rest))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
@@ -345,8 +365,8 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    """Number of batch shards: ``mesh.shape['data'] * mesh.shape['fsdp']``."""
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+    """Number of batch shards: ``mesh.shape['data'] * mesh.shape['fsdp']`` (times ``mesh.shape['expert']``)."""
+    return int(math.prod(mesh.shape[a] for a in mesh_batch_axes(mesh)))
 
 
 def process_batch_slice(global_batch_size: int, mesh: Mesh, process_index: int | None = None) -> slice:
