@@ -22,9 +22,11 @@ def _numpy_keep(logits, temperature, top_k, top_p):
   if top_p is not None and top_p < 1.0:
     w = np.where(keep, np.exp(z - z[keep].max()), 0.0)
     w /= w.sum()
-    # mass strictly above each token (the sorted prefix before its first tie) < top_p
-    above = np.array([w[z > z[i]].sum() for i in range(z.size)])
-    keep &= above < top_p
+    # mass after each token in the ascending (value, index) order < top_p: transformers' TopPLogitsWarper with a
+    # stable sort (of the tokens tied at the threshold, the highest-index ones; issue 28 item 17)
+    idx = np.arange(z.size)
+    after = np.array([w[(z > z[i]) | ((z == z[i]) & (idx > i))].sum() for i in range(z.size)])
+    keep &= after < top_p
   return keep
 
 
