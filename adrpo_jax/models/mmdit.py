@@ -47,7 +47,12 @@ Our names that differ from diffusers' (:func:`param_mappings` has the full table
 Checkpoints: :func:`load_pretrained` reads a local diffusers directory (``config.json`` and
 ``diffusion_pytorch_model.safetensors`` or the sharded index) without torch, tensor by tensor from memory maps
 into an abstract model (never two copies of the weights in host memory); :func:`save_pretrained` writes one that
-``diffusers.SD3Transformer2DModel.from_pretrained`` loads.
+``diffusers.SD3Transformer2DModel.from_pretrained`` loads. :func:`save_diffusers_lora` writes the LoRA adapters
+alone in the peft / diffusers format (``pipe.load_lora_weights(dir)``,
+``SD3Transformer2DModel.load_lora_adapter(dir)``).
+
+The last block's text query projection (``context_pre_only``: its output is discarded, here and in diffusers) is
+kept for checkpoint compatibility but is no LoRA site: an adapter there would never get a gradient.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -99,6 +104,8 @@ __all__ = [
     "sd3_pos_embed_table",
     "load_pretrained",
     "save_pretrained",
+    "diffusers_lora_state_dict",
+    "save_diffusers_lora",
     "velocity_fn_from_state",
     "WEIGHTS_NAME",
     "WEIGHTS_INDEX_NAME",
@@ -106,6 +113,7 @@ __all__ = [
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 CONFIG_NAME = "config.json"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _QK_NORMS = (None, "rms_norm")
@@ -413,10 +421,20 @@ def _zeros(key, shape, dtype=jnp.float32):
   return jnp.zeros(shape, dtype)
 
 
-def _linear(n_in: int, n_out: int, names: tuple[str | None, str | None], kw: dict) -> nnx.Linear:
-  return nnx.Linear(n_in, n_out, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
-                    kernel_init=nnx.with_partitioning(_xavier, names),
-                    bias_init=nnx.with_partitioning(_zeros, (names[1],)), rngs=kw["rngs"])
+def _linear(n_in: int, n_out: int, names: tuple[str | None, str | None], kw: dict, cls: type = nnx.Linear
+            ) -> nnx.Linear:
+  return cls(n_in, n_out, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+             kernel_init=nnx.with_partitioning(_xavier, names),
+             bias_init=nnx.with_partitioning(_zeros, (names[1],)), rngs=kw["rngs"])
+
+
+class UnusedLinear(nnx.Linear):
+  """A projection whose output the forward never uses (the ``context_pre_only`` block's ``add_q_proj``): its
+  weights are loaded and saved for checkpoint compatibility, but it is no LoRA site (``lora_kernels`` is empty),
+  so no adapter without a gradient is created and carried in the optimizer state."""
+
+  def lora_kernels(self) -> dict[str, str]:
+    return {}
 
 
 class _Keys:
@@ -481,7 +499,8 @@ class JointAttention(nnx.Module):
     norm = (lambda: RMSNorm(head_dim, **kw)) if qk_norm == "rms_norm" else (lambda: None)
     self.norm_q, self.norm_k = norm(), norm()
     if joint:
-      self.add_q_proj = _linear(dim, inner, ("embed", "heads"), kw)
+      # context_pre_only: the text queries only feed the text output, which is not computed
+      self.add_q_proj = _linear(dim, inner, ("embed", "heads"), kw, UnusedLinear if context_pre_only else nnx.Linear)
       self.add_k_proj = _linear(dim, inner, ("embed", "heads"), kw)
       self.add_v_proj = _linear(dim, inner, ("embed", "heads"), kw)
       self.to_add_out = None if context_pre_only else _linear(inner, dim, ("heads", "embed"), kw)
@@ -1063,4 +1082,96 @@ def save_pretrained(model: MMDiT, path: str | os.PathLike, *, max_shard_size: in
     return path
   with open(path / CONFIG_NAME, "w") as f:
     json.dump(config.to_diffusers_config(), f, indent=2, sort_keys=True)
+  return path
+
+
+# ------------------------------------------------------------------------------------------------------
+# LoRA export (peft / diffusers format)
+# ------------------------------------------------------------------------------------------------------
+def diffusers_lora_state_dict(model: MMDiT, *, prefix: str = "transformer", dtype: Any = jnp.float32
+                              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The adapters of a LoRA'd :class:`MMDiT` as diffusers / peft name them, with their ``LoraConfig``.
+
+  Returns ``(tensors, config)``: ``tensors`` maps ``f"{prefix}.{module}.lora_A.weight"`` to ``A^T [r, in]``
+  and ``...lora_B.weight`` to ``B^T [out, r]`` (torch ``nn.Linear`` layout) for every adapted module under its
+  diffusers name (``attn.to_out`` -> ``attn.to_out.0``, ``ff.fc1`` -> ``ff.net.0.proj``, ``ff.fc2`` ->
+  ``ff.net.2``; a stacked site gives one entry per block); ``config`` holds peft ``LoraConfig`` fields: ``r`` and
+  ``lora_alpha`` such that ``lora_alpha / r`` is each adapter's scale (the most common ones; others in
+  ``rank_pattern`` / ``alpha_pattern``), ``target_modules`` (the module names), ``use_rslora=False``.
+  peft computes ``W x + (lora_alpha / r) * B (A x)``: exactly our ``W x + s (x A) B``.
+
+  Raises ValueError when the model has no adapters, or an adapter on a projection that is not a diffusers
+  ``nn.Linear`` (e.g. ``patch_proj``, a conv there).
+  """
+  if not isinstance(model, MMDiT):
+    raise ValueError(f"model must be an MMDiT, got {type(model).__name__}")
+  modules: dict[tuple[str, int | None], str] = {}
+  for m in param_mappings(model.config):
+    if m.kind == "linear_w" and m.ours[-1] == "kernel":
+      modules[(".".join(map(str, m.ours[:-1])), m.layer)] = m.name[:-len(".weight")]
+  dtype = np.dtype(jnp.dtype(dtype))
+  tensors: dict[str, np.ndarray] = {}
+  ranks: dict[str, int] = {}
+  alphas: dict[str, float] = {}
+  for site in lora_sites(model):
+    if not site.adapted:
+      continue
+    adapter = site.adapter
+    a, b = _to_host(adapter.lora_a[...]), _to_host(adapter.lora_b[...])
+    layers = [None] if site.layers is None else list(range(site.layers))
+    for layer in layers:
+      name = modules.get((site.path, layer)) if site.kernel_name == "kernel" else None
+      if name is None:
+        raise ValueError(f"the LoRA adapter on {site.path!r} has no diffusers nn.Linear counterpart: only "
+                         "Linear projections can be exported (remove that target)")
+      a_l, b_l = (a, b) if layer is None else (a[layer], b[layer])
+      if a_l.ndim != 2 or b_l.ndim != 2:
+        raise ValueError(f"the LoRA adapter on {site.path!r} is not a [in, r] x [r, out] pair: {a_l.shape}, "
+                         f"{b_l.shape}")
+      tensors[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(a_l.T.astype(dtype))
+      tensors[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(b_l.T.astype(dtype))
+      ranks[name] = int(adapter.rank)
+      alphas[name] = float(adapter.scale) * int(adapter.rank)
+  if not tensors:
+    raise ValueError("the model has no LoRA adapters to export (apply_lora first)")
+
+  def common(values):
+    counts: dict[Any, int] = {}
+    for v in values:
+      counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], v))
+
+  r, alpha = common(ranks.values()), common(alphas.values())
+  config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+            "use_rslora": False, "init_lora_weights": True,
+            "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+            "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha}}
+  return tensors, config
+
+
+def save_diffusers_lora(model: MMDiT, path: str | os.PathLike, *, dtype: Any = jnp.float32,
+                        weight_name: str = LORA_WEIGHT_NAME) -> Path:
+  """Writes the LoRA adapters of ``model`` as diffusers saves them (``StableDiffusion3Pipeline.save_lora_weights``):
+  ``path/pytorch_lora_weights.safetensors`` with the keys of :func:`diffusers_lora_state_dict` (``transformer.``
+  prefix) and the peft ``LoraConfig`` (alpha, ranks, target modules) in the safetensors metadata
+  (``lora_adapter_metadata``, each field prefixed ``transformer.``), so that
+
+      pipe.load_lora_weights(path)                                     # StableDiffusion3Pipeline
+      SD3Transformer2DModel.from_pretrained(...).load_lora_adapter(path)  # the transformer alone (needs peft)
+
+  give the model's forward pass (the base weights + ``s A B``); ``pipe.fuse_lora()`` folds it in. Adapters are
+  written in ``dtype`` (float32 by default: they are small). Only process 0 writes. Returns ``path``.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  tensors, config = diffusers_lora_state_dict(model, dtype=dtype)
+  path = Path(path)
+  if jax.process_index() != 0:
+    return path
+  path.mkdir(parents=True, exist_ok=True)
+  metadata = {"format": "pt",
+              "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()}, indent=2,
+                                                  sort_keys=True)}
+  tmp = path / (weight_name + ".tmp")
+  save_file(tensors, str(tmp), metadata=metadata)
+  os.replace(tmp, path / weight_name)
   return path
