@@ -4,8 +4,10 @@ The site builds with warnings as errors (``-W``). A few docstrings written befor
 valid reStructuredText (a simple table whose key column overflows, a hanging indent docutils reads as a block
 quote). Each is listed in ``docs/known_docstring_issues.txt`` as ``object | message``; a warning that matches a
 listed entry is reported as a note, every other warning still fails the build, so no new issue gets in. The
-entries are removed by fixing the docstrings (then run the build with ``ADRPO_DOCS_UPDATE_BASELINE=1`` to
-rewrite the file, or delete the lines); entries that no longer occur are reported at the end of the build.
+entries are removed by fixing the docstrings, then deleting their lines (or building with
+``ADRPO_DOCS_UPDATE_BASELINE=replace``, which rewrites the file with exactly the issues seen);
+``ADRPO_DOCS_UPDATE_BASELINE=1`` adds the issues seen to the file and keeps the others. Entries that no longer
+occur are reported at the end of a full build.
 
 Only warnings located in a docstring (``...:docstring of adrpo_jax.x.y``) can match: the pages themselves
 are always strict.
@@ -93,14 +95,16 @@ def _finish(app, exception) -> None:
     if flt is None or exception is not None:
         return
     path = _baseline_path(app)
-    if os.environ.get("ADRPO_DOCS_UPDATE_BASELINE") == "1":
+    mode = os.environ.get("ADRPO_DOCS_UPDATE_BASELINE", "")
+    if mode in ("1", "replace"):
         header = (
             [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
             if path.is_file()
             else []
         )
-        path.write_text("\n".join(header + sorted(flt.seen)) + "\n", encoding="utf-8")
-        log.info("docstring baseline: wrote %d entries to %s", len(flt.seen), path)
+        entries = flt.seen if mode == "replace" else flt.seen | flt.known
+        path.write_text("\n".join(header + sorted(entries)) + "\n", encoding="utf-8")
+        log.info("docstring baseline: wrote %d entries to %s", len(entries), path)
         return
     if flt.matched:
         log.info("docstring baseline: %d known docstring issue(s) tolerated (%s)", flt.matched, path.name)
