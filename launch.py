@@ -125,6 +125,7 @@ def _plan(config, workdir: str) -> None:
     import re  # pylint: disable=import-outside-toplevel
     target = str(config.plan.target or "")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a topology is compiled for, not run on: no accelerator needed
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: libtpu's process lock is not needed
     import jax  # pylint: disable=import-outside-toplevel
     m = re.match(r"^cpu:(\d+)", target)
     if m:

@@ -55,6 +55,7 @@ refreshed copy of the adapters), and ``model.save_final`` writes the merged DiT 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -138,6 +139,26 @@ def load_models(config: Any) -> tuple[DiT, DigitClassifier]:
         log.info("Reward classifier: %s (test digit accuracy %.4f%s)", info.get("directory"),
                  info.get("test_digit_accuracy", float("nan")), ", cached" if info.get("cached") else "")
     return model, classifier
+
+
+def abstract_models(config: Any) -> tuple[DiT, DigitClassifier]:
+    """What the plan mode builds instead of :func:`load_models`: the DiT of ``model.path``'s ``config.json`` (or of
+    the pre-training config) as shapes only, and an untrained classifier of the reward's architecture (small; its
+    weights are constants of the step program either way)."""
+    from adrpo_jax.flow import pretrain  # pylint: disable=import-outside-toplevel
+    from adrpo_jax.models.dit import DiTConfig  # pylint: disable=import-outside-toplevel
+
+    pre_cfg = config_lib.pretrain_config(config)
+    if config.model.path:
+        import json  # pylint: disable=import-outside-toplevel
+        with open(os.path.join(os.path.expanduser(config.model.path), "config.json"), encoding="utf-8") as f:
+            cfg = DiTConfig.from_dict({k: v for k, v in json.load(f).items() if k in DiTConfig().to_dict()})
+    else:
+        cfg = pretrain.dit_config_from(pre_cfg)
+    cfg = dataclasses.replace(cfg, **model_load_overrides(config))
+    dit = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+    classifier = DigitClassifier(pretrain.classifier_config_from(pre_cfg), rngs=nnx.Rngs(0))
+    return dit, classifier
 
 
 def _check_model(model: DiT, config: Any, num_conditions: int) -> None:
@@ -302,6 +323,8 @@ class FlowTrainer(FlowRecipe):
         self.layout = config_lib.validate_flow_batch_layout(config, train.data_parallel_size(self.mesh),
                                                             1 if abstract else jax.process_count())
         self.num_conditions = config_lib.num_prompt_conditions(config)
+        if models is None and abstract:  # the plan: shapes only, no pre-training, no weights
+            models = abstract_models(config)
         pretrained, self.classifier = models if models is not None else load_models(config)
         _check_model(pretrained, config, self.num_conditions)
         self.model_config = pretrained.config

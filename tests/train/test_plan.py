@@ -1,0 +1,142 @@
+"""The plan mode (adrpo_jax/recipe/plan.py) on the real TPU compiler (libtpu, no TPU): a tiny LLM recipe's
+programs compiled for a v5e-8, the report's figures equal the compiler's own, an oversized plan refused naming the
+program and the key, the program set of a recipe and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import pytest
+
+from adrpo_jax.rl.config import add_llm_config
+from adrpo_jax.train.config import add_common_config
+
+REPO = Path(__file__).resolve().parents[2]
+TOPOLOGY = "v5e:2x4"
+
+
+def _tpu_compiler_available() -> bool:
+    try:
+        from jax.experimental import topologies
+        topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGY)
+        return True
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+requires_libtpu = pytest.mark.skipif(not _tpu_compiler_available(),
+                                     reason="libtpu (pip install 'jax[tpu]') is not installed")
+
+
+def _tiny_config(tmp_path, **overrides):
+    """A tiny Llama (config.json only: a plan never reads weights), the arithmetic task, 16 rows per step."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 256}))
+    config = add_llm_config(add_common_config(ml_collections.ConfigDict()))
+    config.model.path = str(model_dir)
+    config.sampling.max_prompt_length, config.sampling.max_new_tokens = 16, 8
+    config.rl.num_prompts_per_step, config.rl.group_size = 8, 2
+    config.eval_every, config.eval.num_examples = 10, 16
+    for key, value in overrides.items():
+        node = config
+        *parts, last = key.split(".")
+        for part in parts:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+@requires_libtpu
+def test_tiny_llm_plan_on_v5e_equals_the_compiler(tmp_path):
+    from adrpo_jax.recipe import plan as plan_lib
+    from adrpo_jax.rl.trainer import RLTrainer
+    from adrpo_jax.train import config as config_lib
+
+    config = _tiny_config(tmp_path)
+    report = plan_lib.plan(config, TOPOLOGY, workdir=tmp_path)
+    names = [p["name"] for p in report["programs"]]
+    assert {"generate", "logprobs", "update", "plan/prefill", "plan/decode", "eval/generate"} <= set(names)
+    assert report["fits"] and report["num_devices"] == 8 and report["chip"]["name"] == "TPU v5e"
+    assert json.loads((tmp_path / "plan.json").read_text())["programs"][0]["name"] == names[0]
+    # The report's figures are the TPU compiler's own: compile the update again outside the plan and compare.
+    mesh, _, _ = plan_lib.target_mesh(config, TOPOLOGY)
+    with config_lib.shapes_only():
+        recipe = RLTrainer(config, tmp_path, mesh=mesh, abstract=True)
+    assert all(d.platform == "tpu" for d in mesh.devices.flat)
+    compiled = recipe.programs["update"].compile()
+    update = next(p for p in report["programs"] if p["name"] == "update")
+    assert update["memory"] == compiled.memory and update["flops"] == compiled.cost["flops"] > 0
+    assert update["roofline_s"] == max(update["flops"] / 197e12, update["bytes_accessed"] / 819e9)
+    # Peak = resident state + the program's own buffers (its resident arguments counted once).
+    assert update["peak_bytes"] >= update["memory"]["temp"] > 0
+    decode = next(p for p in report["programs"] if p["name"] == "plan/decode")
+    assert decode["per_step"] == 7  # max_new_tokens - 1 decode steps after the prefill's first token
+
+
+@requires_libtpu
+def test_plan_that_does_not_fit_names_the_program_and_the_key(tmp_path):
+    from adrpo_jax.recipe import plan as plan_lib
+
+    config = _tiny_config(tmp_path, **{"plan.margin": 0.99999})  # a 170 KB budget: nothing fits
+    with pytest.raises(plan_lib.PlanError, match=r"program 'update' needs .* GiB per chip .*optim.grad_accum_steps"):
+        plan_lib.plan(config, TOPOLOGY, workdir=tmp_path, search=False)
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert not report["fits"]
+
+
+def test_every_program_of_the_recipe_is_declared_and_jitted_once(tmp_path):
+    """The program set is the recipe's only jit: the four recipe modules call no jax.jit themselves."""
+    for module in ("rl/trainer.py", "rl/audio_trainer.py", "flow/trainer.py", "flow/sd3_trainer.py",
+                   "flow/recipe.py"):
+        assert "jax.jit(" not in (REPO / "adrpo_jax" / module).read_text(), module
+
+
+@requires_libtpu
+@pytest.mark.slow
+def test_launch_plan_cli(tmp_path):
+    config = _tiny_config(tmp_path)
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text("import json, ml_collections\nfrom adrpo_jax.rl.config import add_llm_config\n"
+                        "from adrpo_jax.train.config import add_common_config\n"
+                        "def get_config():\n    c = add_llm_config(add_common_config(ml_collections.ConfigDict()))\n"
+                        f"    c.update_from_flattened_dict({dict(_flat(config.to_dict()))!r})\n    return c\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={cfg_file}", f"--workdir={tmp_path}/w",
+                          "--mode=plan", f"--config.plan.target={TOPOLOGY}"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fits" in out.stdout and (tmp_path / "w" / "plan.json").exists()
+    bad = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={cfg_file}", f"--workdir={tmp_path}/b",
+                          "--mode=plan", f"--config.plan.target={TOPOLOGY}", "--config.plan.margin=0.99999"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert bad.returncode == 1 and "does not fit" in bad.stderr
+
+
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_cpu_target_needs_its_devices():
+    from adrpo_jax.recipe import plan as plan_lib
+    from adrpo_jax.train.config import ConfigError
+
+    config = add_common_config(ml_collections.ConfigDict())
+    with pytest.raises(ConfigError, match="plan.target"):
+        plan_lib.target_mesh(config, "cpu:1024")
+    with pytest.raises(ConfigError, match="must be a TPU topology"):
+        plan_lib.target_mesh(config, "tpu-v5")
+    mesh, chip, compiler = plan_lib.target_mesh(config, "cpu:8@h100")
+    assert mesh.size == 8 == jax.device_count() and chip.name.startswith("NVIDIA H100") and "CPU" in compiler
