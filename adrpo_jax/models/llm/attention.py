@@ -19,8 +19,8 @@ Implementations (`DecoderConfig.attention_impl`):
 `chunked`  flash-style online softmax over blocks of `chunk_size` queries x keys (`lax.map` over query
            blocks, `lax.scan` over key blocks), float32 accumulators, and a custom VJP that recomputes each
            block's probabilities from the saved log-sum-exp (FlashAttention-2 backward), so forward *and*
-           backward memory are linear in T. Block pairs the mask rules out entirely (above the causal
-           diagonal, outside the window, all keys invalid) are skipped with `lax.cond`. Pure JAX.
+           backward memory are linear in T. Block pairs the slot rules rule out entirely (above the causal
+           diagonal, outside the window) are skipped with `lax.cond` (a scalar test, no communication). Pure JAX.
 `cudnn`    `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; float16/bfloat16; GQA native;
            left padding as a boolean mask). Used for the calls it supports (a prefill without a cache);
            cached calls (decode) take the `auto` choice among decode / xla / chunked.
@@ -32,7 +32,9 @@ Implementations (`DecoderConfig.attention_impl`):
            Forward only. Calls it cannot run (no cache) take the `auto` fallback.
 `auto`     on CPU/GPU, `decode` for cached causal calls with T <= DECODE_MAX_T over S >= `auto_decode_min_len`
            slots; splash on TPU, cudnn on GPU where the shapes/dtypes allow, otherwise chunked when
-           T * S >= `auto_min_len`**2, xla below (on TPU the decode step stays on xla).
+           T * S >= `auto_min_len`**2 or when xla's float32 scores of one device, b * H * T * S * 4 bytes
+           (b = the rows per device), reach `auto_max_score_bytes` (AUTO_MAX_SCORE_BYTES, 256 MiB); xla below
+           (on TPU the decode step stays on xla).
 =========  ==============================================================================================
 """
 from __future__ import annotations
@@ -48,6 +50,9 @@ import numpy as np
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash", "decode")
+# `auto` leaves xla for chunked when one device's [b, H, T, S] float32 scores reach this many bytes (xla also holds
+# the softmax of the same size): e.g. a cached prefill of 64 rows x 32 heads x 512 x 1,536 slots is 6 GiB.
+AUTO_MAX_SCORE_BYTES = 256 * 2 ** 20
 _NEG = float(np.finfo(np.float32).min)
 
 
@@ -166,8 +171,12 @@ def _block_allowed(valid_j, j, c, q_slots, causal, window, window_array):
 
 
 def _block_needed(q_lo, q_hi, k_lo, k_hi, valid_j, causal, window, window_array):
-  """Scalar bool: may any query slot in [q_lo, q_hi] attend any valid key of the block [k_lo, k_hi]?"""
-  needed = jnp.any(valid_j)
+  """Scalar bool: may any query slot in [q_lo, q_hi] attend a key of the block [k_lo, k_hi]? From the slot rules
+  only (scalars: causal, window). Key validity is [B, c] with B sharded over the mesh's batch axes: reducing it to
+  one predicate would be a cross-device all-reduce per block pair (and would skip a block only when no row of
+  the global batch had a valid key in it); invalid keys are masked inside the block instead."""
+  del valid_j
+  needed = jnp.bool_(True)
   if causal:
     needed = needed & (k_lo <= q_hi)
   if window is not None:
@@ -498,14 +507,25 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
 # ------------------------------------------------------------------------------------------------------
 # Selection and the one entry point
 # ------------------------------------------------------------------------------------------------------
+def xla_score_bytes(q_shape, k_shape, mask: AttentionMask | None = None) -> int:
+  """Bytes of xla's float32 scores [b, H, T, S] on one device: b = the rows per device of the current mesh
+  (`activation_sharding.rows_per_device`, read from `mask.key_valid`'s mesh), all B rows without a mesh."""
+  from adrpo_jax.models.llm.activation_sharding import rows_per_device  # local: no import cycle at load
+  b, t, h = q_shape[0], q_shape[1], q_shape[2]
+  rows = rows_per_device(b, None if mask is None else mask.key_valid)
+  return int(rows) * int(h) * int(t) * int(k_shape[1]) * 4
+
+
 def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: AttentionMask,
-                auto_min_len: int = 1024, auto_decode_min_len: int = 512, softcap: float | None = None) -> str:
+                auto_min_len: int = 1024, auto_decode_min_len: int = 512,
+                softcap: float | None = None, auto_max_score_bytes: int = AUTO_MAX_SCORE_BYTES) -> str:
   """The implementation that runs a call: `impl` itself for xla / chunked, cudnn / splash / decode where
   they can run this call (else the auto fallback), and for `auto` (and cudnn's fallback): on CPU/GPU a
   cached causal call with
   T <= DECODE_MAX_T queries over a cache of S >= auto_decode_min_len slots takes `decode` (reads only the
-  filled key blocks); splash on TPU, cudnn on GPU where allowed, then chunked when T * S >= auto_min_len**2,
-  else xla. (TPU decode stays on xla/chunked: a dynamic-trip-count loop of small blocks is slow there.)
+  filled key blocks); splash on TPU, cudnn on GPU where allowed, then chunked when T * S >= auto_min_len**2 or
+  when xla's scores on one device (`xla_score_bytes`: rows per device x H x T x S x 4) reach
+  `auto_max_score_bytes`, else xla. (TPU decode stays on xla/chunked: a dynamic-trip-count loop of small blocks is slow there.)
 
   >>> m = AttentionMask(key_valid=jnp.ones((1, 4096), bool))
   >>> [select_impl("auto", platform=p, q_shape=(1, 4096, 8, 64), k_shape=(1, 4096, 8, 64),
@@ -531,7 +551,9 @@ def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: Atte
   if impl in ("auto", "cudnn") and (impl == "cudnn" or platform in ("gpu", "cuda")):
     if cudnn_supported(q_shape, k_shape, dtype, mask, softcap) is None:
       return "cudnn"
-  return "chunked" if q_shape[1] * k_shape[1] >= auto_min_len ** 2 else "xla"
+  if q_shape[1] * k_shape[1] >= auto_min_len ** 2:
+    return "chunked"
+  return "chunked" if xla_score_bytes(q_shape, k_shape, mask) >= auto_max_score_bytes else "xla"
 
 
 def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float | None = None,

@@ -2,9 +2,9 @@
 
 The hidden states [B, T, D] come from one forward pass; the output projection, the float32 log-softmax
 and the gather of the chosen token run over chunks of time steps *within every row* (each chunk is
-[B, c] positions, `c = max(1, chunk_size // B)`) with `jax.lax.map`, each chunk under `jax.checkpoint`, so
-neither the forward nor the backward pass holds more than one [B, c, V] float32 block of logits (plus its
-softmax) at a time. Chunking over time keeps a batch-sharded [B, T, D] batch-sharded: each device projects
+[B, c] positions, `c = max(1, chunk_size // b)` with b the rows of one device: B divided by the mesh's batch
+axes, `chunk_width`) with `jax.lax.map`, each chunk under `jax.checkpoint`, so neither the forward nor the
+backward pass holds more than one [b, c, V] float32 block of logits per device (plus its softmax) at a time. Chunking over time keeps a batch-sharded [B, T, D] batch-sharded: each device projects
 its own rows only (flattening [B, T] into chunks would cross the batch shards and make every device
 all-gather and project the whole global batch).
 
@@ -24,9 +24,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adrpo_jax.models.llm.activation_sharding import constrain_batch
+from adrpo_jax.models.llm.activation_sharding import constrain_batch, rows_per_device
 
 Array = jax.Array
+
+
+def chunk_width(batch_size: int, n_positions: int, chunk_size: int, x: Array | None = None) -> int:
+  """Positions per row in one log-prob chunk: `max(1, min(n_positions, chunk_size // rows))`, rows = the rows of
+  one device (`batch_size` divided by the batch axes of the current mesh, or of `x`'s mesh, when they divide it),
+  so each device projects about `chunk_size` positions per chunk whatever the data-parallel degree.
+
+  >>> chunk_width(64, 1000, 512)  # one device holds all 64 rows
+  8
+  """
+  return max(1, min(n_positions, chunk_size // rows_per_device(batch_size, x)))
 
 
 def _check_logits_to_keep(logits_to_keep, t):
@@ -48,8 +59,9 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
     lm_head: [D, V] output projection (`model.lm_head_matrix()`); logits = hidden @ lm_head with float32
       accumulation, divided by `temperature`.
     mask: [B, T] bool/0-1, True on real tokens (default all True). Output is 0 where False.
-    chunk_size: token positions per chunk, as [B, max(1, chunk_size // B)] (every row, a few time steps);
-      memory ~ 2 * max(chunk_size, B) * V * 4 bytes (per device: its rows' share).
+    chunk_size: token positions per chunk and device, as [B, c] with c = max(1, chunk_size // b) (every row, a
+      few time steps; b = the rows of one device, `chunk_width`); memory per device ~ 2 * max(chunk_size, b) *
+      V * 4 bytes.
     temperature: > 0, log-probs of softmax(logits / temperature) (must match the sampling temperature).
     return_entropy: also return the entropy (float32) of each predictive distribution.
     logits_to_keep: None (all T positions) or K in [1, T]: only the last K positions are projected onto
@@ -88,7 +100,7 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
 
   h = constrain_batch(hidden[:, start - 1:t - 1])  # [B, n_t, D]: only the positions that are kept
   y = tokens[:, start:t].astype(jnp.int32)
-  c = max(1, min(n_t, chunk_size // b))
+  c = chunk_width(b, n_t, chunk_size, h)
   n_chunks = -(-n_t // c)
   pad = n_chunks * c - n_t
   if pad:

@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adrpo_jax.models.llm.activation_sharding import constrain_batch
+from adrpo_jax.models.llm.activation_sharding import constrain_batch, constrain_embedding_lookup
 from adrpo_jax.models.llm.attention import AttentionMask, attend, attention  # noqa: F401  (attend: re-export)
 from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq, rope_inv_freq_local
 from adrpo_jax.models.llm.moe import SparseMoeBlock, stack_aux
@@ -220,7 +220,9 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, tokens: Array) -> Array:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    # on a mesh: batch-sharded ids, the table gathered over fsdp (no replicated [B, T, D]; activation_sharding)
+    table, tokens = constrain_embedding_lookup(self.embedding[...], tokens)
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
 
 def _rotate_half(x: Array) -> Array:
