@@ -57,6 +57,8 @@ __all__ = [
     "OPENAI_CLIP_STD",
     "load_clip_vision",
     "clip_preprocess",
+    "clip_resize_size",
+    "clip_truncated_prompts",
     "clip_image_features",
     "encode_clip_texts",
     "CLIPScoreReward",
@@ -216,6 +218,20 @@ def load_clip_vision(path: str | os.PathLike) -> tuple[CLIPVisionSpec, dict[str,
 # ----------------------------------------------------------------------------------------------------------
 
 
+def clip_resize_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(new_height, new_width)`` of CLIP's shortest-edge resize, as transformers computes it
+    (``get_resize_output_image_size(..., default_to_square=False)``): the short side becomes ``size``, the long one
+    ``int(size * long / short)`` (truncated, not rounded: a rounded long side shifts the centre crop of a
+    non-square image by a pixel).
+
+    >>> clip_resize_size(300, 451, 224), clip_resize_size(1024, 768, 224)
+    ((224, 336), (298, 224))
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
+
+
 def clip_preprocess(images: jax.Array, spec: CLIPVisionSpec,
                     input_range: Literal["minus_one_one", "zero_one"] = "minus_one_one") -> jax.Array:
     """CLIP's image processing: ``images [B, H, W, 3]`` (``input_range``) -> normalized ``[B, S, S, 3]`` float32,
@@ -232,8 +248,7 @@ def clip_preprocess(images: jax.Array, spec: CLIPVisionSpec,
     b, h, w, _ = x.shape
     s = spec.image_size
     if (h, w) != (s, s):
-        scale = s / min(h, w)
-        nh, nw = max(s, int(round(h * scale))), max(s, int(round(w * scale)))
+        nh, nw = clip_resize_size(h, w, s)
         x = jax.image.resize(x, (b, nh, nw, 3), method="bicubic", antialias=True)
         top, left = (nh - s) // 2, (nw - s) // 2
         x = x[:, top:top + s, left:left + s, :]
@@ -297,9 +312,34 @@ def clip_image_features(params: dict[str, Any], spec: CLIPVisionSpec, pixels: ja
 # ----------------------------------------------------------------------------------------------------------
 
 
-def encode_clip_texts(prompts: Sequence[str], path: str | os.PathLike, *, batch_size: int = 64) -> np.ndarray:
+def _text_max_length(tokenizer, path: str | os.PathLike) -> int:
+    config = json.loads((Path(os.fspath(path)).expanduser() / "config.json").read_text())
+    positions = int(config.get("text_config", config).get("max_position_embeddings", 77))
+    return min(int(tokenizer.model_max_length), positions)
+
+
+def clip_truncated_prompts(prompts: Sequence[str], path: str | os.PathLike, *, warn: bool = True) -> list[int]:
+    """Indices of the ``prompts`` longer than the CLIP text tower's context (``model_max_length``, 77 tokens with
+    BOS / EOS) of the ``CLIPModel`` directory ``path``: their text features, hence their CLIP reward, see only the
+    first 77 tokens. With ``warn``, one warning with the count, the longest length and an example (the SD3 text
+    encoders warn the same way). Needs only the tokenizer (no torch)."""
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
+    max_len = _text_max_length(tokenizer, path)
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True).input_ids]
+    over = [i for i, n in enumerate(lengths) if n > max_len]
+    if over and warn:
+        logger.warning("%d of %d prompts are longer than the CLIP reward's %d tokens (longest %d) and are scored "
+                       "against their first %d tokens only, e.g. %r", len(over), len(prompts), max_len,
+                       max(lengths), max_len, prompts[over[0]][:120])
+    return over
+
+
+def encode_clip_texts(prompts: Sequence[str], path: str | os.PathLike, *, batch_size: int = 64,
+                      warn_truncated: bool = True) -> np.ndarray:
     """``CLIPModel.get_text_features`` of ``prompts`` (tokenizer of ``path``, truncated to its
-    ``model_max_length``, 77): ``[N, E]`` float32 numpy, not normalized. Imports torch."""
+    ``model_max_length``, 77: :func:`clip_truncated_prompts` counts and warns about the cut ones): ``[N, E]``
+    float32 numpy, not normalized. Imports torch."""
     if isinstance(prompts, (str, bytes)) or not all(isinstance(p, str) for p in prompts) or not len(prompts):
         raise ValueError(f"`prompts` must be a non-empty sequence of str, got {prompts!r:.200}.")
     import torch  # pylint: disable=import-outside-toplevel
@@ -308,6 +348,8 @@ def encode_clip_texts(prompts: Sequence[str], path: str | os.PathLike, *, batch_
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
     model = CLIPModel.from_pretrained(os.fspath(path), dtype=torch.float32).eval()
     max_len = min(int(tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings))
+    if warn_truncated:
+        clip_truncated_prompts(prompts, path)
     out = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
@@ -321,7 +363,7 @@ def encode_clip_texts(prompts: Sequence[str], path: str | os.PathLike, *, batch_
 
 def _cached_text_features(prompts: Sequence[str], path: Path, cache_dir: Path | None) -> np.ndarray:
     if cache_dir is None:
-        return encode_clip_texts(prompts, path)
+        return encode_clip_texts(prompts, path, warn_truncated=False)
     from adrpo_jax.flow.text_embeddings import _dir_fingerprint  # pylint: disable=import-outside-toplevel
     key = hashlib.sha256(json.dumps({"v": 1, "prompts": list(prompts), "dir": _dir_fingerprint(str(path))},
                                     sort_keys=True).encode()).hexdigest()
@@ -330,7 +372,7 @@ def _cached_text_features(prompts: Sequence[str], path: Path, cache_dir: Path | 
         feats = np.load(file)
         if feats.shape[0] == len(prompts):
             return feats
-    feats = encode_clip_texts(prompts, path)
+    feats = encode_clip_texts(prompts, path, warn_truncated=False)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -353,7 +395,12 @@ class CLIPScoreReward:
       input_range: ``"minus_one_one"`` (default: VAE decodes, the flow rewards' convention) or ``"zero_one"``.
       scale: ``w`` (100 = torchmetrics / the paper's scale; 2.5 = Hessel et al.).
       clamp: ``max(cos, 0)`` as CLIPScore (True) or the raw cosine.
-      dtype: matmul input dtype of the vision tower (``jnp.bfloat16`` on accelerators; float32 default).
+      dtype: matmul input dtype of the vision tower (float32, the default, whatever the policy's compute dtype:
+        bf16 rounding of the cosines is a noticeable part of the 1-3 point spreads the advantages are made of;
+        ``jnp.bfloat16`` only by explicit choice, e.g. a ``reward.dtype`` config key).
+
+    ``truncated_prompts``: the prompt ids whose text is longer than CLIP's 77 tokens (scored on their first 77;
+    counted and warned about by :meth:`from_pretrained`).
 
     Pure and jittable like :class:`adrpo_jax.flow.rewards.ClassifierReward`: arrays are held as attributes and a
     ``jax.jit``-ed function of ``(params, text, images, cond)`` is called (inlined when called under another
@@ -390,6 +437,7 @@ class CLIPScoreReward:
         self.dtype = jnp.dtype(dtype)
         self.params = jax.tree.map(jnp.asarray, params)
         self.text = jnp.asarray(text / np.linalg.norm(text, axis=-1, keepdims=True))
+        self.truncated_prompts: tuple[int, ...] = ()
         self._components = jax.jit(self._components_fn)
 
     @classmethod
@@ -400,8 +448,12 @@ class CLIPScoreReward:
         computed with torch, or read from ``cache_dir`` (``clip_text_<hash>.npy``, no torch) when given."""
         spec, params = load_clip_vision(path)
         root = Path(os.fspath(path)).expanduser()
-        text = _cached_text_features(list(prompts), root, None if cache_dir is None else Path(cache_dir))
-        return cls(spec, params, text, **kwargs)
+        cache = None if cache_dir is None else Path(cache_dir)
+        text = _cached_text_features(list(prompts), root, cache)
+        reward = cls(spec, params, text, **kwargs)
+        # counted (and warned about once) on every start, also when the features come from the cache
+        reward.truncated_prompts = tuple(clip_truncated_prompts(list(prompts), root))
+        return reward
 
     @property
     def num_prompts(self) -> int:

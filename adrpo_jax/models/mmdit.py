@@ -106,6 +106,7 @@ __all__ = [
     "save_pretrained",
     "diffusers_lora_state_dict",
     "save_diffusers_lora",
+    "export_lora_diffusers",
     "velocity_fn_from_state",
     "WEIGHTS_NAME",
     "WEIGHTS_INDEX_NAME",
@@ -1175,3 +1176,6 @@ def save_diffusers_lora(model: MMDiT, path: str | os.PathLike, *, dtype: Any = j
   save_file(tensors, str(tmp), metadata=metadata)
   os.replace(tmp, path / weight_name)
   return path
+
+
+export_lora_diffusers = save_diffusers_lora  # the name the SD3 recipe's export looks up
