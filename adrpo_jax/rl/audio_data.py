@@ -1049,6 +1049,9 @@ def check_audio_data(config: Any) -> dict[str, AudioChoiceJsonlSource]:
     if audio is None or audio.get("task", "") != "jsonl":
         return {}
     on_bad_row = str(config.data.get("on_bad_row", "raise"))
+    if on_bad_row not in ON_BAD_ROW:
+        raise ConfigError(f"`data.on_bad_row`={on_bad_row!r} must be one of {ON_BAD_ROW}.", key="data.on_bad_row",
+                          value=on_bad_row)
     seconds = float(audio.get("seconds", 30.0))
     out = {}
     for key in ("data.path", "eval.path"):

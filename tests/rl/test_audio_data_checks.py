@@ -131,6 +131,9 @@ def test_check_audio_data_names_the_key(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     sources = ad.check_audio_data(config)
   assert len(sources["data.path"]) == 1 and "1 of 1 clips are longer than audio.seconds=2" in caplog.text
+  config.data.on_bad_row = "ignore"
+  with pytest.raises(ConfigError, match="data.on_bad_row"):
+    ad.check_audio_data(config)
   config.audio.task = "beeps"
   assert ad.check_audio_data(config) == {}
 
