@@ -28,8 +28,7 @@ def _hf(x, temperature, top_k, top_p, stable):
   return np.isfinite(s.masked_fill(remove.scatter(1, order, remove), -float("inf")).numpy())
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, 0.9), (1.3, None, 0.5), (0.7, 50, 0.95),
-                                                       (1.0, None, 0.3)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, 0.9), (0.7, 50, 0.95)])
 def test_top_p_matches_transformers_on_bf16_logits(temperature, top_k, top_p):
   rng = np.random.default_rng(int(top_p * 100))
   x = (3.0 * rng.standard_normal((64, 1000))).astype(np.float32)
