@@ -186,6 +186,15 @@ def routing_metrics(aux: MoEAux, prefix: str = "moe/") -> dict[str, Array]:
 # ------------------------------------------------------------------------------------------------------
 # Grouped matmuls over rows sorted by expert
 # ------------------------------------------------------------------------------------------------------
+def _argsort(keys: Array) -> Array:
+  """Stable argsort of int keys [n]. The iota sorted along is derived from the keys (`+ 0 * keys`) so that inside
+  `shard_map` it carries the keys' varying mesh axes: `jnp.argsort` of device-varying keys returns indices typed
+  as invariant in jax 0.10.2, and a gather through them then gets a wrong gradient (measured: d/dx of the
+  replicated-token expert path)."""
+  iota = jnp.arange(keys.shape[0], dtype=jnp.int32) + 0 * keys.astype(jnp.int32)
+  return jax.lax.sort((keys, iota), num_keys=1, is_stable=True)[1]
+
+
 def _tile(dim: int, preferred: tuple[int, ...] = (512, 256, 128)) -> int:
   return next((t for t in preferred if dim % t == 0), dim)
 
@@ -248,12 +257,11 @@ def _from_tiles(y: Array, tiles: _Tiles) -> Array:
 
 def _blocked_mm(xt: Array, w: Array, tiles: _Tiles) -> Array:
   """Tiles [n, tm, K] times each tile's expert matrix w[e] [K, N] -> [n, tm, N]; unused tiles give zeros."""
-  n_out = w.shape[-1]
-
   def one(args):
     x_t, e, used = args
-    return jax.lax.cond(used, lambda: x_t @ w[e].astype(x_t.dtype),
-                        lambda: jnp.zeros((x_t.shape[0], n_out), x_t.dtype))
+    w_e = w[e].astype(x_t.dtype)
+    # the skip branch's zeros take the type (incl. shard_map's varying axes) of what the matmul would give
+    return jax.lax.cond(used, lambda: x_t @ w_e, lambda: jnp.zeros_like(x_t[:, :1] * w_e[:1]))
 
   return jax.lax.map(one, (xt, tiles.tile_expert, tiles.tile_used))
 
@@ -328,7 +336,7 @@ def _sorted_local(x: Array, gates: Array, experts: Array, params, lora, *, num_e
   """Dropless experts on one device: x [N, D], gates / experts [N, k] -> [N, D]."""
   n, k = experts.shape
   flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  order = _argsort(flat)
   sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
   xs = x[order // k]
   ys = _expert_ffn(xs, sizes, params, lora, act=act, impl=impl, block=block, interpret=interpret)
@@ -344,7 +352,7 @@ def _expert_parallel(x: Array, gates: Array, experts: Array, params, lora, *, nu
   e_loc = num_experts // ep
   a = n * k
   flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)  # grouped by destination shard (experts are contiguous per shard)
+  order = _argsort(flat)  # grouped by destination shard (experts are contiguous per shard)
   sorted_e = flat[order]
   dest = sorted_e // e_loc
   counts = jnp.zeros((ep,), jnp.int32).at[dest].add(1)
@@ -356,7 +364,7 @@ def _expert_parallel(x: Array, gates: Array, experts: Array, params, lora, *, nu
   recv_e = jax.lax.all_to_all(send_e, EXPERT_AXIS, 0, 0, tiled=True)
   rows = recv_x.reshape((ep * a,) + x.shape[1:])
   ids = recv_e.reshape(-1)
-  order2 = jnp.argsort(ids, stable=True)  # empty slots (id e_loc) sort last and belong to no group
+  order2 = _argsort(ids)  # empty slots (id e_loc) sort last and belong to no group
   sizes = jnp.zeros((e_loc + 1,), jnp.int32).at[ids].add(1)[:e_loc]
   ys = _expert_ffn(rows[order2], sizes, params, lora, act=act, impl=impl, block=block, interpret=interpret)
   ys = jnp.where((ids[order2] < e_loc)[:, None], ys, 0)
@@ -377,7 +385,7 @@ def _replicated_tokens(x: Array, gates: Array, experts: Array, params, lora, *, 
   local_ids = jnp.where(mine, experts - lo, e_loc)
   n, k = experts.shape
   flat = local_ids.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  order = _argsort(flat)
   sizes = jnp.zeros((e_loc + 1,), jnp.int32).at[flat].add(1)[:e_loc]
   ys = _expert_ffn(x[order // k], sizes, params, lora, act=act, impl=impl, block=block, interpret=interpret)
   ys = jnp.where((flat[order] < e_loc)[:, None], ys, 0)

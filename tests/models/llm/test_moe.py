@@ -142,8 +142,9 @@ def test_expert_implementations_agree_with_gradients(lora, shared, impls):
     y, idx, g = results[impl]
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(idx0))
     np.testing.assert_allclose(np.asarray(y), np.asarray(y0), atol=1e-5, err_msg=impl)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=impl)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):  # float32 sums in other orders: 1e-5 of the scale
+      a, b = np.asarray(a), np.asarray(b)
+      np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())), rtol=1e-4, err_msg=impl)
 
 
 def test_ragged_dot_equals_dense_per_expert_reference():

@@ -1,0 +1,89 @@
+"""Expert parallelism on 8 forced CPU devices: the MoE layer under an `expert` mesh axis (all-to-all token exchange
+inside shard_map), alone and with fsdp and tensor, equals the single-device result, gradients included."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from adrpo_jax.models.llm import moe
+from adrpo_jax.train.sharding import logical_to_named_sharding, make_mesh
+from tests.models.llm.test_moe import _block
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (forced) devices")
+
+
+def _loss(graphdef, state, x):
+  y, aux = nnx.merge(graphdef, state).forward(x)
+  return jnp.sum(y * jnp.cos(y)), (y, aux.expert_indices, aux.load)
+
+
+def _run(block, x, mesh=None):
+  graphdef, state = nnx.split(block)
+  fn = jax.value_and_grad(_loss, argnums=(1, 2), has_aux=True)
+  if mesh is None:
+    return jax.jit(fn, static_argnums=0)(graphdef, state, x), None
+  state = jax.device_put(state, logical_to_named_sharding(state, mesh))
+  axes = ("data", "fsdp", "expert") if x.shape[0] % 8 == 0 else ("data",)
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes)))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the trainer / sampler trace
+    jitted = jax.jit(fn, static_argnums=0)
+    hlo = jitted.lower(graphdef, state, x).compile().as_text()
+    return jitted(graphdef, state, x), hlo
+
+
+def _compare(got, want):
+  (l1, (y1, i1, load1)), g1 = got
+  (l0, (y0, i0, load0)), g0 = want
+  np.testing.assert_array_equal(np.asarray(i1), np.asarray(i0))
+  np.testing.assert_array_equal(np.asarray(load1), np.asarray(load0))
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)  # other reduction orders
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # float32 sums in other orders: 1e-5 of the scale
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())), rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,lora", [
+    ({"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}, False),
+    pytest.param({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}, True, marks=pytest.mark.slow),
+])
+def test_expert_parallel_layer_equals_single_device(shape, lora):
+  block = _block8(lora)  # 8 experts: they divide over expert=4
+  x = jax.random.normal(jax.random.key(0), (8, 5, 16)) * 2
+  want, _ = _run(block, x)
+  got, hlo = _run(block, x, make_mesh(shape))
+  _compare(got, want)
+  assert "all-to-all" in hlo  # the tokens travel to their experts' devices (batch 8 divides data x fsdp x expert)
+
+
+@pytest.mark.slow
+def test_small_batch_replicates_tokens_over_the_expert_axis():
+  """A batch that does not divide over the expert axis (a decode step): tokens replicated over it, each shard adds
+  its experts' part (psum over expert), same result."""
+  block = _block8(False)
+  x = jax.random.normal(jax.random.key(1), (2, 3, 16)) * 2
+  want, _ = _run(block, x)
+  got, hlo = _run(block, x, make_mesh({"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}))
+  _compare(got, want)
+  assert "all-to-all" not in hlo
+
+
+def _block8(lora):
+  from tests.models.llm import test_moe
+
+  saved = test_moe._LAYER_CFG
+  try:
+    test_moe._LAYER_CFG = saved.replace(num_experts=8)
+    return _block("blocked", lora=lora, shared=lora)
+  finally:
+    test_moe._LAYER_CFG = saved
+
+
+def test_expert_kernels_shard_over_the_expert_axis():
+  mesh = make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
+  block = _block8(True)
+  shardings = logical_to_named_sharding(nnx.state(block), mesh)
+  assert tuple(shardings["experts"]["gate_proj"].get_value().spec) == ("expert", "fsdp", "tensor")
+  assert tuple(shardings["experts"]["down_proj"].get_value().spec) == ("expert", "tensor", "fsdp")
+  assert tuple(shardings["experts"]["gate_proj_lora"]["lora_a"].get_value().spec) == ("expert", "fsdp")
+  assert moe.resolve_impl("auto", "cpu") == "blocked"
