@@ -83,9 +83,21 @@ key                                    meaning
 ``rl.overlong_penalty``                its maximum (a reward of -penalty at the limit)
 ``rl.ref_sync_steps``                  refresh the reference every N RL steps (0 = frozen reference)
 ``rl.ref_mixup_alpha``                 ref = alpha * policy + (1 - alpha) * ref at a refresh (1 = copy)
+``rl.router_replay``                   mixture-of-experts policies: ``none`` (every pass routes with its own router)
+                                       | ``rollout`` (the old-policy, reference and update passes route each token
+                                       with the experts the sampler used; gates from the current router)
+``rl.moe_aux_loss_coef``               MoE load-balancing loss weight (Switch / transformers; 0 = off, RL default)
+``rl.moe_z_loss_coef``                 MoE router z-loss weight (0 = off)
 ``sampling.max_prompt_length``         prompts are left-padded (longer ones left-truncated) to this
 ``sampling.max_new_tokens``            completion budget N
 ``sampling.temperature``, ``top_k`` (0 = off), ``top_p`` (1 = off)
+``sampling.engine``                    the rollout sampler: ``static`` (one batch decodes until its longest row
+                                       stops) | ``continuous`` (``sampling.decode_slots`` slots refilled as rows
+                                       stop: decode steps follow the real tokens; per-row keys, so other samples
+                                       than ``static`` from the same seed) | ``auto`` (continuous when
+                                       ``sampling.max_new_tokens`` >= 256 and there are fewer slots than rows)
+``sampling.decode_slots``              continuous engine's slots (0 = a quarter of the rollout rows, rounded down
+                                       to a multiple of the data-parallel size); memory ~ slots x (P + N)
 ``rewards.functions``                  tuple of built-in names (``exact_match``, ``final_number``, ``format``)
                                        or ``'package.module:function'`` paths
 ``rewards.weights``                    tuple of floats, one per function (empty = all 1)
@@ -147,6 +159,7 @@ __all__ = [
     "add_llm_config",
     "validate_llm_config",
     "validate_llm_batch_layout",
+    "rollout_engine",
     "coefficient_is_zero",
     "needs_reference",
     "needs_old_logprobs",
@@ -170,6 +183,10 @@ LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "nonempty_sequence_mean", "c
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash", "decode")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
+ROUTER_REPLAY = ("none", "rollout")
+SAMPLING_ENGINES = ("static", "continuous", "auto")
+# `sampling.engine=auto` picks the continuous engine from this completion budget on (benchmarks/bench_rollout.py)
+AUTO_CONTINUOUS_MIN_NEW_TOKENS = 256
 DATA_SOURCES = ("arithmetic", "jsonl")
 ANSWER_FORMATS = ("gsm8k", "raw")
 ON_ERROR = ("raise", "missing")
@@ -242,8 +259,12 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "overlong_penalty": 1.0,
             "ref_sync_steps": 0,
             "ref_mixup_alpha": 1.0,
+            "router_replay": "none",
+            "moe_aux_loss_coef": 0.0,
+            "moe_z_loss_coef": 0.0,
         },
-        "sampling": {"max_prompt_length": 16, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+        "sampling": {"max_prompt_length": 16, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                     "engine": "auto", "decode_slots": 0},
         "rewards": {"functions": ("exact_match", "format"), "weights": (1.0, 0.1), "on_error": "raise",
                     "timeout_s": 0.0, "stop_when_all_missing": True},
         # eval.batch_size: prompts per eval generate call (0: all eval.num_examples at once); bounds its KV cache
@@ -402,6 +423,9 @@ def _validate_rl(config) -> None:
     require_choice(config, "rl.ratio_level", RATIO_LEVELS)
     require_choice(config, "rl.loss_aggregation", LOSS_AGGREGATIONS)
     require_choice(config, "rl.kl_estimator", KL_ESTIMATORS)
+    require_choice(config, "rl.router_replay", ROUTER_REPLAY)
+    require_float(config, "rl.moe_aux_loss_coef", min=0.0)
+    require_float(config, "rl.moe_z_loss_coef", min=0.0)
     placement = require_choice(config, "rl.kl_placement", KL_PLACEMENTS)
     if adaptive and placement == "reward":
         raise ConfigError(
@@ -435,6 +459,10 @@ def _validate_sampling(config) -> None:
     require_float(config, "sampling.temperature", min=0.0, min_inclusive=False)
     require_int(config, "sampling.top_k", min=0)
     require_float(config, "sampling.top_p", min=0.0, max=1.0, min_inclusive=False)
+    if "engine" in config.sampling:  # sections built before the keys existed keep the static engine
+        require_choice(config, "sampling.engine", SAMPLING_ENGINES)
+    if "decode_slots" in config.sampling:
+        require_int(config, "sampling.decode_slots", min=0)
 
 
 def _validate_rewards(config) -> None:
@@ -527,6 +555,35 @@ def validate_llm_config(config: Any) -> None:
     _validate_rewards(config)
     _validate_eval(config)
     _validate_lora(config)
+
+
+def rollout_engine(config: Any, batch_size: int, data_parallel_size: int = 1) -> tuple[str, int]:
+    """``(engine, slots)`` of the rollout sampler: ``sampling.engine`` with ``auto`` resolved, and the continuous
+    engine's decode slots (``sampling.decode_slots``; 0 = ``batch_size // 4`` rounded down to a multiple of the
+    data-parallel size, at least that size). ``auto`` picks ``continuous`` when ``sampling.max_new_tokens >=
+    AUTO_CONTINUOUS_MIN_NEW_TOKENS`` and the slots are fewer than the rows (with as many slots as rows every row
+    has a slot from the start and nothing is refilled: no gain over ``static``). ``ConfigError`` naming
+    ``sampling.decode_slots`` when the slots do not divide over the data-parallel devices or exceed the rows.
+
+    >>> from adrpo_jax.train.config import common_config
+    >>> c = add_llm_config(common_config()); c.sampling.max_new_tokens = 1024
+    >>> rollout_engine(c, 128, 2), rollout_engine(c, 2, 2)
+    (('continuous', 32), ('static', 2))
+    """
+    s = config.sampling
+    engine = str(s.get("engine", "static"))
+    dp = max(int(data_parallel_size), 1)
+    slots = int(s.get("decode_slots", 0))
+    if slots == 0:
+        slots = max(dp, (batch_size // 4) // dp * dp)
+    elif slots % dp or slots > batch_size:
+        raise ConfigError(f"`sampling.decode_slots`={slots} must be a multiple of the data-parallel size {dp} and at "
+                          f"most the rollout batch of {batch_size} rows.", key="sampling.decode_slots", value=slots)
+    slots = min(slots, batch_size)
+    if engine == "auto":
+        engine = "continuous" if (int(s.max_new_tokens) >= AUTO_CONTINUOUS_MIN_NEW_TOKENS and slots < batch_size) \
+            else "static"
+    return engine, slots
 
 
 def validate_llm_batch_layout(config: Any, data_parallel_size: int, process_count: int = 1) -> dict[str, int]:

@@ -67,6 +67,7 @@ from adrpo_jax import train
 import adrpo_jax.train.sharding  # noqa: F401  (train.sharding.BATCH_AXES)
 from adrpo_jax.models.llm import CausalLM, DecoderConfig, load_pretrained, load_tokenizer
 from adrpo_jax.models.llm.presets import PRESET_PREFIX, preset
+from adrpo_jax.models.llm.continuous import make_continuous_generate_fn
 from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn, make_plan_fns
 from adrpo_jax.models.lora import apply_lora
 from adrpo_jax.recipe.base import Recipe
@@ -236,6 +237,7 @@ class RLTrainer(Recipe):
                                        top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
                                        eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id,
                                        prompt_group_size=self._shared_prompt_group())
+        self.engine, self.decode_slots = self._rollout_engine()
         self.eval_sampling = SamplingConfig(
             max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
             greedy=bool(config.eval.greedy), eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id)
@@ -321,6 +323,30 @@ class RLTrainer(Recipe):
         gen = make_generate_fn(self.graphdef, sampling, self.mesh)  # mesh: rows stay batch-sharded in the model
         return lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k)
 
+    def _rollout_engine(self) -> tuple[str, int]:
+        """``(engine, slots)`` of the rollout sampler (``sampling.engine`` / ``sampling.decode_slots``,
+        :func:`adrpo_jax.rl.config.rollout_engine`); a recipe with its own ``make_generate`` (multimodal prompts)
+        samples with the static engine."""
+        engine, slots = config_lib.rollout_engine(self.config, self.layout["batch_size"],
+                                                  train.data_parallel_size(self.mesh))
+        if engine == "continuous" and type(self).make_generate is not RLTrainer.make_generate:
+            if str(self.config.sampling.get("engine", "static")) == "continuous":
+                raise train.ConfigError(f"`sampling.engine`='continuous' is not available for the {self.name!r} "
+                                        "recipe (its prompts are not token ids only); use 'static' or 'auto'.",
+                                        key="sampling.engine", value="continuous")
+            engine = "static"
+        return engine, slots
+
+    def make_rollout_generate(self):
+        """The rollout's sampler ``fn(params, frozen, tokens [B, P], mask [B, P], key, *model_inputs) ->
+        GenerationOutput``: the static one, or the continuous engine
+        (:mod:`adrpo_jax.models.llm.continuous`: ``self.decode_slots`` slots refilled as rows stop, shared-prompt
+        prefill, row r drawn with ``fold_in(key, r)``)."""
+        if self.engine != "continuous":
+            return self.make_generate(self.sampling)
+        gen = make_continuous_generate_fn(self.graphdef, self.sampling, self.decode_slots, self.mesh)
+        return lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k)
+
     def prompt_inputs(self, rows, state, group: int) -> tuple[dict[str, Any], dict[str, Any] | None, list[str],
                                                              list[str]]:
         """The prompt front end: ``(global {tokens, mask, truncated}, model_inputs or None, prompts for the reward
@@ -394,8 +420,9 @@ class RLTrainer(Recipe):
             return (params(), frozen(), batch["tokens"], batch["attention_mask"], *extra)
 
         programs = [
-            Program("generate", self.make_generate(self.sampling), args=lambda: self._generate_args(b),
-                    out_shardings=bs, phase="rollout", shrink_key="rl.num_prompts_per_step",
+            Program("generate", self.make_rollout_generate(), args=lambda: self._generate_args(b),
+                    out_shardings=bs, phase="rollout",
+                    shrink_key="sampling.decode_slots" if self.engine == "continuous" else "rl.num_prompts_per_step",
                     per_step=0.0 if self.abstract and not self.model_input_names else 1.0),
             Program("logprobs", make_logprob_fn(self.graphdef, opts, mesh), args=logprob_args,
                     out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size",
