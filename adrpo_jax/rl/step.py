@@ -121,8 +121,16 @@ class StepOptions:
     temperature: float = 1.0
     logprob_chunk_size: int = 512
     reward_names: tuple[str, ...] = ()
+    router_replay: str = "none"  # MoE: "rollout" replays the rollout's experts in the training passes
+    moe_aux_loss_coef: float = 0.0  # MoE load-balancing loss (Switch) weight, off for RL by default
+    moe_z_loss_coef: float = 0.0  # MoE router z-loss weight
 
     def __post_init__(self):
+        if self.router_replay not in ("none", "rollout"):
+            raise ValueError(f"router_replay={self.router_replay!r} must be 'none' or 'rollout'")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.adv_clip not in losses.CLIP_MODES:
             raise ValueError(f"adv_clip={self.adv_clip!r} must be one of {losses.CLIP_MODES}")
         if self.coefficient_sign not in losses.COEFFICIENT_SIGNS:
@@ -163,7 +171,9 @@ class StepOptions:
             entropy_coef=float(rl.entropy_coef), mask_truncated_completions=bool(rl.mask_truncated_completions),
             overlong_buffer=int(rl.overlong_buffer), overlong_penalty=float(rl.overlong_penalty),
             temperature=float(sampling.temperature), logprob_chunk_size=int(config.model.logprob_chunk_size),
-            reward_names=tuple(reward_names))
+            reward_names=tuple(reward_names), router_replay=str(rl.get("router_replay", "none")),
+            moe_aux_loss_coef=float(rl.get("moe_aux_loss_coef", 0.0)),
+            moe_z_loss_coef=float(rl.get("moe_z_loss_coef", 0.0)))
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -185,6 +195,11 @@ class StepOptions:
     def ratio_uses_old_logprobs(self) -> bool:
         """Pass old log-probs to the surrogate (else on-policy, ratio 1; TRL's rule)."""
         return self.num_iterations > 1 or self.num_minibatches > 1
+
+    @property
+    def moe_router_losses(self) -> bool:
+        """The loss adds the MoE load-balancing / router z-losses (either coefficient > 0)."""
+        return self.moe_aux_loss_coef > 0 or self.moe_z_loss_coef > 0
 
     @property
     def loss_beta(self) -> float:
@@ -366,23 +381,36 @@ def merge_model(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree | None = 
 
 
 def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array, opts: StepOptions,
-                        model_inputs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+                        model_inputs: dict[str, jax.Array] | None = None, *, return_routing: bool = False):
     """``(logp [B, N], entropy [B, N])`` of the completion tokens ``tokens[:, P:]`` at the sampling temperature
     (float32; 0 on padding), from one chunked forward pass (never a [B, T, V] float32 logits array); only the
     N completion positions are projected onto the vocabulary (``logits_to_keep``), the prompt's are not.
 
     ``model_inputs`` (multimodal models, e.g. ``{"audio_embeds": [B, A, D], "audio_valid": [B, A]}`` of an
     audio LM): the model's input embeddings are ``model.embed_inputs(tokens, **model_inputs)`` and the log-probs
-    come from ``model.lm`` on them. None (text): exactly the text path."""
+    come from ``model.lm`` on them. None (text): exactly the text path.
+
+    ``model_inputs["expert_indices"]`` (mixture-of-experts models, ``rl.router_replay='rollout'``): the rollout's
+    routing record ``[B, P+N, L_moe, k]`` (``GenerationOutput.expert_indices``); the pass routes every token with the
+    rollout's experts (router replay; gates from the current router). ``return_routing``: also return the sparse
+    layers' routing (``moe.MoEAux`` stacked over them, None for a dense model) as a third output."""
     if tokens.shape[1] != opts.prompt_length + opts.max_new_tokens:
         raise ValueError(f"tokens of length {tokens.shape[1]} != prompt_length {opts.prompt_length} + "
                          f"max_new_tokens {opts.max_new_tokens}")
     kw = dict(chunk_size=opts.logprob_chunk_size, return_entropy=True, temperature=opts.temperature,
               logits_to_keep=opts.max_new_tokens)
+    if model_inputs is not None and "expert_indices" in model_inputs:  # router replay (MoE)
+        model_inputs = dict(model_inputs)
+        kw["expert_indices"] = model_inputs.pop("expert_indices")
+        model_inputs = model_inputs or None
+    if return_routing:
+        kw["return_routing"] = True
     if model_inputs is not None:
         embeds = model.embed_inputs(tokens, **model_inputs)
-        return token_logprobs(model.lm, tokens, attention_mask, embeds=embeds, **kw)
-    return token_logprobs(model, tokens, attention_mask, **kw)
+        out = token_logprobs(model.lm, tokens, attention_mask, embeds=embeds, **kw)
+    else:
+        out = token_logprobs(model, tokens, attention_mask, **kw)
+    return (*out[0], out[1]) if return_routing else out
 
 
 def _mesh_context(mesh: Mesh | None):
@@ -438,8 +466,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
     def loss_fn(params, frozen, minibatch, normalizer):
         with _mesh_context(mesh):
             model = merge_model(graphdef, params, frozen)
-            logp, entropy = completion_logprobs(model, minibatch["tokens"], minibatch["attention_mask"], opts,
-                                                minibatch.get("model_inputs"))
+            out = completion_logprobs(model, minibatch["tokens"], minibatch["attention_mask"], opts,
+                                      minibatch.get("model_inputs"), return_routing=opts.moe_router_losses)
+            logp, entropy = out[:2]
+            router_loss = _router_loss(out[2], opts) if opts.moe_router_losses else None
         shard_batch = {"logp": logp, "entropy": entropy, "loss_mask": minibatch["loss_mask"],
                        "advantages": minibatch["advantages"]}
         if opts.ratio_uses_old_logprobs:
@@ -465,10 +495,27 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
             return loss, out
 
         if mesh is None:
-            return per_device(shard_batch)
-        return batch_sharded_loss(per_device, mesh)(shard_batch)
+            loss, out = per_device(shard_batch)
+        else:
+            loss, out = batch_sharded_loss(per_device, mesh)(shard_batch)
+        if router_loss is not None:  # a global scalar (routing statistics pooled over the micro-batch)
+            loss = loss + router_loss
+            out = dict(out, loss=out["loss"] + jax.lax.stop_gradient(router_loss))
+        return loss, out
 
     return loss_fn
+
+
+def _router_loss(routing, opts: StepOptions):
+    """``moe_aux_loss_coef * load_balancing_loss + moe_z_loss_coef * router_z_loss`` of a micro-batch's routing,
+    divided by the micro-batch count (the micro-batch losses are summed); 0 for a dense model."""
+    from adrpo_jax.models.llm import moe  # pylint: disable=import-outside-toplevel
+
+    if routing is None:
+        return jnp.zeros((), jnp.float32)
+    total = (opts.moe_aux_loss_coef * moe.load_balancing_loss(routing)
+             + opts.moe_z_loss_coef * moe.router_z_loss(routing))
+    return total / opts.grad_accum_steps
 
 
 # Per-part metrics that are means / extremes over the loss tokens (ratio and clip statistics: over the sequences

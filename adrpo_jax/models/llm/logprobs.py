@@ -148,7 +148,8 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
 
 def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, positions: Array | None = None,
                    chunk_size: int = 512, return_entropy: bool = False, temperature: float = 1.0,
-                   logits_to_keep: int | None = None, embeds: Array | None = None):
+                   logits_to_keep: int | None = None, embeds: Array | None = None,
+                   expert_indices: Array | None = None, return_routing: bool = False):
   """log p(tokens[:, t] | tokens[:, :t]) for every position, float32 [B, T], chunked (see module doc).
 
   Args:
@@ -161,6 +162,10 @@ def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, posi
       (`logits_to_keep=N`: the last N positions only, e.g. the completion; the prompt is not projected).
     embeds: optional [B, T, D] input embeddings instead of the token embeddings (see `CausalLM.hidden_states`);
       the scored ids are still `tokens`.
+    expert_indices: MoE models: [B, T, L_moe, k] experts to route with (router replay, e.g. the rollout's
+      `GenerationOutput.expert_indices`); None routes with the current router.
+    return_routing: also return the sparse layers' routing (`moe.MoEAux` stacked over them; None for a dense
+      model): `(result, routing)`.
   Returns:
     logp [B, T] (or [B, N]) float32 (0 at t = 0 and on padding), or (logp, entropy) with `return_entropy`.
   Differentiable w.r.t. the model parameters.
@@ -171,7 +176,12 @@ def token_logprobs(model: Any, tokens: Array, mask: Array | None = None, *, posi
     model = nnx.merge(*model)
   tokens = jnp.asarray(tokens)
   mask = None if mask is None else jnp.asarray(mask, bool)
-  hidden = model.hidden_states(tokens, positions=positions, attention_mask=mask, embeds=embeds)
-  return logprobs_from_hidden(hidden, tokens, model.lm_head_matrix(), mask, chunk_size=chunk_size,
-                              temperature=temperature, return_entropy=return_entropy,
-                              logits_to_keep=logits_to_keep, logits_lora=getattr(model, "lm_head_lora", None))
+  kw = {} if expert_indices is None else {"expert_indices": expert_indices}
+  if return_routing:
+    hidden, routing = model.forward_with_routing(tokens, positions=positions, attention_mask=mask, embeds=embeds, **kw)
+  else:
+    hidden = model.hidden_states(tokens, positions=positions, attention_mask=mask, embeds=embeds, **kw)
+  out = logprobs_from_hidden(hidden, tokens, model.lm_head_matrix(), mask, chunk_size=chunk_size,
+                             temperature=temperature, return_entropy=return_entropy,
+                             logits_to_keep=logits_to_keep, logits_lora=getattr(model, "lm_head_lora", None))
+  return (out, routing) if return_routing else out

@@ -114,6 +114,10 @@ class GenerationOutput:
     logprobs: [B, N] float32 sampling log-probs (see module doc), 0 where completion_mask is False.
     lengths: [B] int32, number of completion tokens (sum of completion_mask).
     done: [B] bool, the row ended with a stop token (False: truncated at max_new_tokens).
+    expert_indices: mixture-of-experts models: [B, P + N, L_moe, k] (uint8 for <= 256 experts) the experts each
+      prompt and completion token was routed to in each sparse layer (router replay: give it back to
+      `token_logprobs(..., expert_indices=)` / the model); the last completion slot, never fed back, and slots
+      after a row's end hold 0 (harmless: no scored token depends on them). None for dense models.
   """
 
   tokens: Array
@@ -123,6 +127,7 @@ class GenerationOutput:
   logprobs: Array
   lengths: Array
   done: Array
+  expert_indices: Array | None = None
 
 
 def process_logits_reference(logits: Array, *, temperature: float = 1.0, top_k: int | None = None,
@@ -336,9 +341,15 @@ def repeat_cache_rows(cache: KVCache, g: int) -> KVCache:
   return jax.tree.map(rep, cache)
 
 
+def _routing_record(routing, dtype) -> Array:
+  """[L_moe, B, T, k] routing of the stacked sparse layers -> the [B, T, L_moe, k] record in `dtype`."""
+  return jnp.moveaxis(routing.expert_indices, 0, 2).astype(dtype)
+
+
 def _prefill(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, max_length: int,
-             config: SamplingConfig, prompt_embeds: Array | None = None) -> tuple[Array, KVCache]:
-  """float32 logits [B, V] of the next token after each prompt, and the filled cache of B rows."""
+             config: SamplingConfig, prompt_embeds: Array | None = None, with_routing: bool = False):
+  """float32 logits [B, V] of the next token after each prompt, and the filled cache of B rows (and with
+  `with_routing` the prompt's routing record [B, P, L_moe, k] of an MoE model)."""
   b = prompt_tokens.shape[0]
   g = config.prompt_group_size
   if b % g:
@@ -350,13 +361,23 @@ def _prefill(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, max_leng
       prompt_embeds = prompt_embeds.reshape(b // g, g, *prompt_embeds.shape[1:])[:, 0]
   cache = model.init_cache(b // g, max_length, config.cache_dtype)
   # Left padding puts every row's last prompt token in the last column.
-  hidden, cache = model.hidden_states(prompt_tokens, positions=positions_from_mask(prompt_mask),
-                                      attention_mask=prompt_mask, cache=cache, embeds=prompt_embeds)
+  (hidden, cache), routing = model.forward_with_routing(
+      prompt_tokens, positions=positions_from_mask(prompt_mask), attention_mask=prompt_mask, cache=cache,
+      embeds=prompt_embeds)
   logits = _last_logits(model, hidden[:, -1])
   if g > 1:
     logits = jnp.repeat(logits, g, axis=0)
     cache = repeat_cache_rows(cache, g)
-  return logits, cache
+  if not with_routing:
+    return logits, cache
+  record = _routing_record(routing, _record_dtype(model))
+  return logits, cache, (jnp.repeat(record, g, axis=0) if g > 1 else record)
+
+
+def _record_dtype(model: CausalLM):
+  from adrpo_jax.models.llm.moe import np_dtype_for  # pylint: disable=import-outside-toplevel
+
+  return jnp.dtype(np_dtype_for(model.config.num_experts))
 
 
 def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Array,
@@ -369,7 +390,14 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
   if prompt_embeds is not None and tuple(prompt_embeds.shape[:2]) != (b, p):
     raise ValueError(f"prompt_embeds must be [batch, prompt_len, hidden] with [batch, prompt_len] = {(b, p)}, got "
                      f"shape {tuple(prompt_embeds.shape)}")
-  logits, cache = _prefill(model, prompt_tokens, prompt_mask, p + n, config, prompt_embeds)
+  record = model.config.num_moe_layers > 0  # MoE: record every token's experts (router replay)
+  if record:
+    logits, cache, prompt_routing = _prefill(model, prompt_tokens, prompt_mask, p + n, config, prompt_embeds,
+                                             with_routing=True)
+    routing = jnp.zeros((b, n) + prompt_routing.shape[2:], prompt_routing.dtype)
+  else:
+    logits, cache = _prefill(model, prompt_tokens, prompt_mask, p + n, config, prompt_embeds)
+    routing = None
   per_row = is_key_batch(rng, b)  # per-row keys: token i of row r is drawn with fold_in(key_r, i)
   if per_row:
     step_rng = step_keys(rng, 0)
@@ -383,14 +411,17 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
   graphdef, state = nnx.split(model)
 
   def cond(carry):
-    i, _, _, _, _, done, _, _ = carry
+    i, done = carry[0], carry[5]
     return (i < n) & ~jnp.all(done)
 
   def body(carry):
-    i, token, cache, completions, logprobs, done, valid, rng = carry
+    i, token, cache, completions, logprobs, done, valid, rng, routing = carry
     step_model = nnx.merge(graphdef, state)
     # Feed the previous token (rows already done feed padding that nothing attends to).
-    hidden, cache = step_model.hidden_states(token[:, None], attention_mask=~done[:, None], cache=cache)
+    (hidden, cache), step_routing = step_model.forward_with_routing(token[:, None], attention_mask=~done[:, None],
+                                                                    cache=cache)
+    if routing is not None:  # the fed token is completion i - 1
+      routing = jax.lax.dynamic_update_slice(routing, _routing_record(step_routing, routing.dtype), (0, i - 1, 0, 0))
     if per_row:
       step_rng = step_keys(rng, i)
     else:
@@ -402,10 +433,10 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
     logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, None], (0, i))
     valid = jax.lax.dynamic_update_slice(valid, ~done[:, None], (0, i))
     done = done | jnp.isin(new, eos)
-    return i + 1, new, cache, completions, logprobs, done, valid, rng
+    return i + 1, new, cache, completions, logprobs, done, valid, rng, routing
 
-  carry = (jnp.ones((), jnp.int32), token, cache, completions, logprobs, done, valid, rng)
-  _, _, _, completions, logprobs, done, valid, _ = jax.lax.while_loop(cond, body, carry)
+  carry = (jnp.ones((), jnp.int32), token, cache, completions, logprobs, done, valid, rng, routing)
+  _, _, _, completions, logprobs, done, valid, _, routing = jax.lax.while_loop(cond, body, carry)
   return GenerationOutput(
       tokens=jnp.concatenate([prompt_tokens, completions], axis=1),
       attention_mask=jnp.concatenate([prompt_mask, valid], axis=1),
@@ -414,6 +445,7 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
       logprobs=logprobs,
       lengths=jnp.sum(valid, axis=1, dtype=jnp.int32),
       done=done,
+      expert_indices=None if routing is None else jnp.concatenate([prompt_routing, routing], axis=1),
   )
 
 
