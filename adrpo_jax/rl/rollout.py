@@ -37,7 +37,7 @@ def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
         ids.append(eos)
     if model_config is not None:
         ids.extend(int(e) for e in (getattr(model_config, "eos_token_id", ()) or ()))
-    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):  # <end_of_turn>: Gemma
         try:
             tid = tokenizer.convert_tokens_to_ids(special)
         except Exception:  # pylint: disable=broad-except
@@ -89,7 +89,14 @@ class PromptEncoder:
             return text
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
             {"role": "user", "content": text}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # pylint: disable=broad-except
+            if not self.system_prompt or "system" not in str(err).lower():
+                raise
+            # a template without a system role (Gemma 2): the system prompt opens the user turn, as Gemma 3's does
+            merged = [{"role": "user", "content": f"{self.system_prompt}\n\n{text}"}]
+            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(tokens [n, P] int32, mask [n, P] bool, truncated [n] bool)``, left-padded with the pad id."""
