@@ -56,6 +56,16 @@ def test_expert_parallel_layer_equals_single_device(shape, lora):
   assert "all-to-all" in hlo  # the tokens travel to their experts' devices (batch 8 divides data x fsdp x expert)
 
 
+@pytest.mark.slow  # Pallas interpret mode inside shard_map
+def test_megablox_under_expert_parallelism_equals_single_device():
+  """The Pallas grouped matmul (interpret mode on CPU) inside the expert-parallel shard_map (run with
+  check_vma=False: Pallas outputs declare no varying axes) gives the single-device values and gradients."""
+  x = jax.random.normal(jax.random.key(0), (8, 5, 16)) * 2
+  want, _ = _run(_block8(False), x)
+  got, _ = _run(_block8(False, impl="megablox"), x, make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}))
+  _compare(got, want)
+
+
 @pytest.mark.slow
 def test_small_batch_replicates_tokens_over_the_expert_axis():
   """A batch that does not divide over the expert axis (a decode step): tokens replicated over it, each shard adds
@@ -68,13 +78,13 @@ def test_small_batch_replicates_tokens_over_the_expert_axis():
   assert "all-to-all" not in hlo
 
 
-def _block8(lora):
+def _block8(lora, impl="blocked"):
   from tests.models.llm import test_moe
 
   saved = test_moe._LAYER_CFG
   try:
     test_moe._LAYER_CFG = saved.replace(num_experts=8)
-    return _block("blocked", lora=lora, shared=lora)
+    return _block(impl, lora=lora, shared=lora)
   finally:
     test_moe._LAYER_CFG = saved
 
