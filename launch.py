@@ -6,8 +6,9 @@ r"""The single entry point for training runs, their evaluation and their compari
 
 Steps: parse and validate the config (unknown keys and bad values fail here, naming the key), initialize
 ``jax.distributed`` when ``config.distributed`` or the environment asks for it, enable the persistent
-compilation cache, write ``DIR/config.json`` (process 0), then run the recipe of ``config.trainer`` through the
-runner (``adrpo_jax/recipe/runner.py``; names in ``adrpo_jax/recipe/base.py``). Re-running the same command
+compilation cache, then run the recipe of ``config.trainer`` through the runner (``adrpo_jax/recipe/runner.py``;
+names in ``adrpo_jax/recipe/base.py``), which writes ``DIR/config.json`` (process 0) once the first step succeeded
+(a failed start leaves none behind). Re-running the same command
 resumes from the last checkpoint in ``DIR/checkpoints``. Exit code 0 on success and after a graceful
 preemption (SIGTERM/SIGINT); 1 with a one-line message for config, checkpoint-mismatch and non-finite errors.
 Multi-host commands: docs/distributed.md. A lost process (killed, host down) of a multi-process run stops
@@ -18,7 +19,6 @@ command to resume, exit code 75 (``adrpo_jax/train/distributed.py``). ``--mode=e
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -88,30 +88,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(1)
 
 
-def _write_config_json(config, workdir: str) -> None:
-    from adrpo_jax.train.config import config_diff, config_to_dict  # pylint: disable=import-outside-toplevel
-
-    path = os.path.join(workdir, "config.json")
-    new = config_to_dict(config)
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old is not None:
-            diffs = config_diff(old, new)
-            if diffs:
-                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:20])
-                more = f" (+{len(diffs) - 20} more)" if len(diffs) > 20 else ""
-                log.warning("The config differs from the previous run in %s: %s%s. Resuming anyway; a checkpoint "
-                            "whose shapes do not fit fails with CheckpointMismatchError.", workdir, shown, more)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _compare(run_dirs: list[str], out_dir: str) -> None:
     from adrpo_jax import compare  # pylint: disable=import-outside-toplevel
 
@@ -157,6 +133,7 @@ def main(argv: list[str]) -> None:
     from adrpo_jax.train.checkpoint import (  # pylint: disable=import-outside-toplevel
         CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError)
     from adrpo_jax.train.loop import NonFiniteUpdatesError  # pylint: disable=import-outside-toplevel
+    from adrpo_jax.recipe.plan import PlanError  # pylint: disable=import-outside-toplevel
 
     if not flags.FLAGS["verbosity"].present:
         # orbax logs every save phase at INFO through absl; keep those at WARNING (pass --verbosity=0 to see them).
@@ -188,10 +165,10 @@ def main(argv: list[str]) -> None:
             return
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
-            _write_config_json(config, workdir)
+            runner.warn_config_changes(config, workdir)  # config.json: written by the runner after the first step
         result = runner.train(config, workdir)
     except (config_lib.ConfigError, CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError,
-            NonFiniteUpdatesError, FileNotFoundError) as err:
+            NonFiniteUpdatesError, FileNotFoundError, PlanError) as err:
         sys.stderr.write(f"ERROR {type(err).__name__}: {err}\n")
         sys.stderr.flush()
         sys.exit(1)

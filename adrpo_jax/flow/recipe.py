@@ -33,7 +33,8 @@ from adrpo_jax.flow.data import step_prompts
 from adrpo_jax.flow.step import FlowStepOptions, make_phase_fns, make_train_step
 from adrpo_jax.recipe.base import Recipe
 from adrpo_jax.recipe.policy import PolicySpec
-from adrpo_jax.train.programs import Program, key_struct
+from adrpo_jax.train import perf
+from adrpo_jax.train.programs import Program, key_struct, matmul_flops
 
 __all__ = ["FlowRecipe"]
 
@@ -46,8 +47,12 @@ class FlowRecipe(Recipe):
     abstract values in :meth:`reward_arg_structs`); then calls :meth:`step_programs`."""
 
     throughput_key = "images"
+    _flops: dict[str, float]
+    # the config key that shrinks each step program's memory (Program.shrink_key; the plan names it)
+    shrink_keys: dict[str, str] = {}
 
     def _setup_optimization(self, config: Any) -> None:
+        self._flops = {}
         self.updates_per_step = int(config.rl.num_inner_updates)
         self.tx_, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
 
@@ -96,7 +101,9 @@ class FlowRecipe(Recipe):
         b = self.layout["batch_size"]
         flag = jax.ShapeDtypeStruct((), jnp.bool_)
         ref_struct = lambda: None if self._step_ref_arg() is None else self.abstract_state["params"]  # noqa: E731
+        sk = self.shrink_keys.get
         programs = [Program("step", step, out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
+                            shrink_key=sk("step", ""),
                             args=lambda: (self.abstract_state, ref_struct(), self.policy.abstract_frozen,
                                           self._cond_struct(b), key_struct(), flag, flag,
                                           *self.reward_arg_structs()))]
@@ -106,12 +113,14 @@ class FlowRecipe(Recipe):
             comps = lambda: jax.eval_shape(lambda x, c, *r: fns["reward"](make_reward(*r), x, c),  # noqa: E731
                                            x1(), self._cond_struct(b), *self.reward_arg_structs())
             programs += [
-                Program("sample", fns["sample"], out_shardings=bs, phase="rollout",
+                Program("sample", fns["sample"], out_shardings=bs, phase="rollout", shrink_key=sk("sample", ""),
                         args=lambda: (self.abstract_state, self.policy.abstract_frozen, self._cond_struct(b),
                                       key_struct())),
                 Program("reward", lambda x, c, *r: fns["reward"](make_reward(*r), x, c), phase="rollout",
+                        shrink_key=sk("reward", ""),
                         args=lambda: (x1(), self._cond_struct(b), *self.reward_arg_structs())),
                 Program("update", fns["update"], out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
+                        shrink_key=sk("update", ""),
                         args=lambda: (self.abstract_state, ref_struct(), self.policy.abstract_frozen,
                                       self._cond_struct(b), key_struct(), x1(), comps(), flag, flag)),
             ]
@@ -143,13 +152,24 @@ class FlowRecipe(Recipe):
         r = rollout
         flags = (np.bool_(r["refresh_ref"]), np.bool_(r["refresh_sampler"]))
         if "x1" not in r:
-            state, metrics = self.fns["step"](state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], *flags,
-                                              *self.reward_args())
+            name, args = "step", (state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], *flags,
+                                  *self.reward_args())
         else:
-            t0 = time.perf_counter()
-            state, metrics = jax.block_until_ready(self.fns["update"](
-                state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], r["x1"], r["components"], *flags))
-            metrics = dict(metrics, **r["times"], **{"time/update": time.perf_counter() - t0})
+            name, args = "update", (state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], r["x1"],
+                                    r["components"], *flags)
+        if name not in self._flops:  # matmul FLOPs of the program (every sampling / inner-update step), once
+            self._flops[name] = matmul_flops(jax.make_jaxpr(self.programs[name].fn)(*args), count_loops=True)
+        t0 = time.perf_counter()
+        # The loop reads the step's `skipped` flag right after it: waiting here costs nothing.
+        state, metrics = jax.block_until_ready(self.fns[name](*args))
+        seconds = time.perf_counter() - t0
+        metrics = dict(metrics)
+        if name == "update":
+            metrics.update(r["times"], **{"time/update": seconds})
+        chip, n = perf.mesh_chips(self.mesh)
+        # perf/update_mfu: of the fused step (sampling + reward + update) by default, of the update alone with
+        # logging.phase_timing
+        metrics["perf/update_mfu"] = perf.utilization(self._flops[name], 0.0, seconds, chip, n)["mfu"]
         # Logged as ref_refreshed / sampler_refreshed; at DEBUG so that a logged step prints one console line.
         if r["refresh_ref"]:
             rl = self.config.rl

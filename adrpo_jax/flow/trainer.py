@@ -78,7 +78,7 @@ from adrpo_jax.flow.step import FlowStepOptions
 from adrpo_jax.models.classifier import DigitClassifier, load_classifier
 from adrpo_jax.models.dit import DiT, load_dit
 from adrpo_jax.models.lora import apply_lora
-from adrpo_jax.recipe.policy import Policy
+from adrpo_jax.recipe.policy import Policy, once
 from adrpo_jax.train.programs import Program, key_struct
 
 __all__ = ["train_and_evaluate", "FlowTrainer", "FlowEvaluator", "step_prompts", "build_reward_model",
@@ -337,7 +337,7 @@ class FlowTrainer(FlowRecipe):
         self.lora_cfg = lora
         if trainable is None:
             trainable = nnx.LoRAParam if lora is not None else nnx.Param
-        self.policy = Policy(self.policy_spec(self._new_model, lambda: pretrained, trainable, lora), self.mesh,
+        self.policy = Policy(self.policy_spec(self._new_model, once(pretrained), trainable, lora), self.mesh,
                              abstract=abstract)
         del pretrained
         self.rows = train.process_batch_slice(self.layout["batch_size"], self.mesh)

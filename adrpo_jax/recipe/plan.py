@@ -46,7 +46,7 @@ import adrpo_jax.train.config  # noqa: F401  (train.config.shapes_only)
 from adrpo_jax.train import perf
 from adrpo_jax.train.config import ConfigError
 
-__all__ = ["plan", "target_mesh", "PlanError", "per_device_bytes", "format_report"]
+__all__ = ["plan", "target_mesh", "PlanError", "per_device_bytes", "format_report", "check_before_run"]
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +58,16 @@ class PlanError(RuntimeError):
     """A program does not fit its chip (the message names it, the config key and the largest value that fits)."""
 
 
-def per_device_bytes(tree: Any) -> int:
-    """Bytes one device holds of ``tree`` (ShapeDtypeStructs / arrays with shardings; unsharded leaves whole)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-        if shape is None or dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            continue
-        sharding = getattr(x, "sharding", None)
-        local = sharding.shard_shape(tuple(shape)) if sharding is not None else tuple(shape)
-        total += int(np.prod(local, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return total
+per_device_bytes = perf.per_device_bytes
 
 
 def target_mesh(config: Any, target: str) -> tuple[jax.sharding.Mesh, perf.Chip, str]:
-    """``(mesh, chip, compiler)`` of a plan target (module docstring); the mesh has ``config.mesh``'s axes."""
+    """``(mesh, chip, compiler)`` of a plan target (module docstring); the mesh has ``config.mesh``'s axes.
+    ``'devices'``: this process's own devices (the start-up check of a TPU / GPU run)."""
+    if target == "devices":
+        mesh = train.make_mesh(config.mesh)
+        chip, _ = perf.mesh_chips(mesh)
+        return mesh, chip, f"{jax.default_backend().upper()} compiler ({chip.name})"
     m = _TPU_RE.match(target)
     if m:
         try:
@@ -156,7 +151,7 @@ def plan(config: Any, target: str | None = None, *, workdir: str | os.PathLike |
     capacity = chip.hbm_bytes
     programs = []
     for name, program in recipe.programs.items():
-        if program.args is None or program.phase == "init":
+        if program.args is None or program.phase == "init" or program.planned_by:
             continue
         log.info("plan: compiling %s for %s ...", name, target)
         programs.append(_program_report(recipe, program, resident_ids, resident_total, chip,
@@ -261,3 +256,21 @@ def format_report(report: dict[str, Any]) -> str:
                     f"{p['per_step']:>7.3g}")
     rows.append("fits" if report["fits"] else "DOES NOT FIT")
     return "\n".join(rows)
+
+
+def check_before_run(config: Any, workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """``plan.check`` (default on): on a TPU or GPU, plan the run on its own devices before any weight is loaded,
+    so a program that cannot fit fails in seconds with the key to change instead of an out-of-memory error after
+    the model load (report: ``workdir/plan_check.json``). On CPU (and with ``plan.check=False``) nothing runs."""
+    if jax.default_backend() not in ("tpu", "gpu") or not bool(train.get_by_path(config, "plan.check", True)):
+        return None
+    from adrpo_jax.recipe.base import recipe_name  # pylint: disable=import-outside-toplevel
+    if recipe_name(config.trainer) is None:
+        return None  # a plain train_and_evaluate function declares no programs
+    out = os.path.join(os.fspath(workdir), "plan_check.json")
+    from adrpo_jax.recipe.runner import _config_copy  # pylint: disable=import-outside-toplevel
+    checked = _config_copy(config, **{"plan.output": out})
+    report = plan(checked, "devices", workdir=workdir, search=False)
+    log.info("plan.check: every program fits (%s); largest %s at %.2f GiB per chip", report["target"],
+             report["largest_program"], report["largest_peak_gib"] or 0.0)
+    return report

@@ -44,7 +44,7 @@ from adrpo_jax import train
 from adrpo_jax.models.lora import LoRAConfig, merge_lora, set_lora_enabled
 from adrpo_jax.train.programs import Program, abstract_like
 
-__all__ = ["PolicySpec", "Policy", "REFERENCE_MODES", "lora_config"]
+__all__ = ["PolicySpec", "Policy", "REFERENCE_MODES", "lora_config", "once"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,19 @@ class PolicySpec:
             raise ValueError(f"PolicySpec.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.reference == "refreshed" and not 0.0 < self.ref_alpha <= 1.0:
             raise ValueError(f"PolicySpec.ref_alpha must be in (0, 1], got {self.ref_alpha!r}")
+
+
+def once(value: Any) -> Callable[[], Any]:
+    """A ``load_pretrained`` for a model already in hand: returns it on the first call and forgets it (the
+    policy splits it into the state it keeps; no other reference stays alive)."""
+    box = [value]
+
+    def load() -> Any:
+        if not box:
+            raise RuntimeError("the pre-trained model was already handed over")
+        return box.pop()
+
+    return load
 
 
 def _has_leaves(tree: Any) -> bool:

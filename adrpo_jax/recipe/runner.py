@@ -30,18 +30,80 @@ import jax
 from adrpo_jax.recipe.base import FINAL_MODEL, RECIPES, Recipe, recipe_name, resolve_recipe, resolve_trainer
 from adrpo_jax.train.config import ConfigError
 
-__all__ = ["train", "evaluate_run", "build_trainer", "EVAL_FILE", "MODES"]
+__all__ = ["train", "evaluate_run", "build_trainer", "warn_config_changes", "write_run_config", "EVAL_FILE",
+           "CONFIG_FILE", "MODES"]
 
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.jsonl"
+CONFIG_FILE = "config.json"  # the run's config, written once its first step succeeded (see train)
 MODES = ("train", "eval", "plan")
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Runs (or resumes) the training run of ``config`` in ``workdir``; returns the last logged metrics plus
-    ``step``, ``preempted``, ``resumed_from``."""
-    return resolve_trainer(config.trainer)(config, os.fspath(workdir))
+    ``step``, ``preempted``, ``resumed_from``.
+
+    ``workdir/config.json`` (:func:`write_run_config`) is written once the run's first step has succeeded (a
+    plain ``train_and_evaluate`` function: once it returns), so a start that fails (a bad data file, a config
+    error found by the recipe, an out-of-memory at the first step) leaves none behind, and the retry does not
+    warn about a "previous run" that never trained."""
+    from adrpo_jax.recipe.plan import check_before_run  # pylint: disable=import-outside-toplevel
+    check_before_run(config, workdir)  # TPU / GPU: every program fits, before any weight is loaded
+    workdir = os.fspath(workdir)
+    cls = resolve_recipe(config.trainer)
+    if cls is None:  # a plain train_and_evaluate(config, workdir) function
+        result = resolve_trainer(config.trainer)(config, workdir)
+        write_run_config(config, workdir)
+        return result
+    recipe = cls(config, workdir)
+    step_fn = recipe.train_step
+    pending = [True]
+
+    def train_step(step: int, state: Any) -> Any:
+        out = step_fn(step, state)
+        if pending:  # the first step of this run went through: record its config
+            write_run_config(config, workdir)
+            pending.clear()
+        return out
+
+    recipe.train_step = train_step  # Recipe.run hands self.train_step to the loop
+    return recipe.run()
+
+
+def warn_config_changes(config: Any, workdir: str | os.PathLike) -> list[tuple[str, Any, Any]]:
+    """Logs a warning listing the keys where ``config`` differs from ``workdir/config.json`` (the config of the
+    last run there that got through a step); returns the differences ``[(key, old, new)]`` (none without the
+    file)."""
+    from adrpo_jax.train.config import config_diff, config_to_dict  # pylint: disable=import-outside-toplevel
+    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return []
+    diffs = config_diff(old, config_to_dict(config))
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:20])
+        more = f" (+{len(diffs) - 20} more)" if len(diffs) > 20 else ""
+        log.warning("The config differs from the previous run in %s: %s%s. Resuming anyway; a checkpoint whose "
+                    "shapes do not fit fails with CheckpointMismatchError.", workdir, shown, more)
+    return diffs
+
+
+def write_run_config(config: Any, workdir: str | os.PathLike) -> str | None:
+    """Writes ``config`` as ``workdir/config.json`` (process 0; atomically: a temporary file renamed); returns
+    the path (None on other processes)."""
+    if jax.process_index() != 0:
+        return None
+    from adrpo_jax.train.config import config_to_dict  # pylint: disable=import-outside-toplevel
+    os.makedirs(os.fspath(workdir), exist_ok=True)
+    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
 
 
 def _config_copy(config: Any, **values: Any) -> Any:

@@ -74,10 +74,11 @@ from adrpo_jax.recipe.base import Recipe
 from adrpo_jax.recipe.policy import Policy, PolicySpec
 from adrpo_jax.rl import config as config_lib
 from adrpo_jax.rl import data as data_lib
-from adrpo_jax.rl.rewards import RewardComputer, resolve_reward_function
+from adrpo_jax.rl.rewards import RewardComputer, check_rewards_present, resolve_reward_function
 from adrpo_jax.rl.rollout import PromptEncoder, stop_token_ids
 from adrpo_jax.rl.step import StepOptions, make_logprob_fn, make_rl_update
-from adrpo_jax.train.programs import Program, abstract_like, key_struct
+from adrpo_jax.train import perf
+from adrpo_jax.train.programs import Program, abstract_like, key_struct, matmul_flops
 
 __all__ = ["train_and_evaluate", "resolve_model_path", "RLTrainer", "Evaluator"]
 
@@ -213,6 +214,8 @@ class RLTrainer(Recipe):
                  abstract: bool = False):
         self.validate(config)
         super().__init__(config, workdir, mesh=mesh, abstract=abstract)
+        # The data files first, before anything heavy (issue 28 item 20): one ConfigError naming the setting.
+        self.data_sources: dict[str, Any] = {} if abstract else self.check_data()
         self.layout = config_lib.validate_llm_batch_layout(config, train.data_parallel_size(self.mesh),
                                                            1 if abstract else jax.process_count())
         self.lora_cfg = config_lib.lora_config(config)
@@ -221,7 +224,8 @@ class RLTrainer(Recipe):
             raise train.ConfigError(f"`sampling.top_k`={config.sampling.top_k} exceeds the vocabulary size "
                                     f"{self.model_config.vocab_size}.", key="sampling.top_k")
         self.rewards = RewardComputer(tuple(config.rewards.functions), tuple(config.rewards.weights),
-                                      on_error=config.rewards.on_error, timeout_s=config.rewards.timeout_s)
+                                      on_error=config.rewards.on_error, timeout_s=config.rewards.timeout_s,
+                                      stop_when_all_missing=bool(config.rewards.get("stop_when_all_missing", True)))
         self.opts = StepOptions.from_config(config, reward_names=self.rewards.names)
         self.updates_per_step = config_lib.updates_per_step(config)
         tx, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
@@ -254,6 +258,7 @@ class RLTrainer(Recipe):
         self._set_programs(self.build_programs())
         self.base_key = jax.random.key(int(config.seed))
         self._samples_path = os.path.join(self.workdir, "samples.jsonl")
+        self._update_flops: float | None = None
 
     # ---- what the audio recipe overrides ------------------------------------------------------------------
 
@@ -294,10 +299,21 @@ class RLTrainer(Recipe):
         self.stop_ids = stop_token_ids(self.tokenizer, self.model_config)
         self.pad_token_id = self.encoder.pad_token_id
 
+    def check_data(self) -> dict[str, Any]:
+        """Checks the data files before the model is loaded (:func:`adrpo_jax.rl.data.check_data`); returns the
+        loaded sources by config key (``data.path`` / ``eval.path``), reused by :meth:`make_prompt_source` and
+        :meth:`make_eval_examples` instead of reading the files twice."""
+        return data_lib.check_data(self.config)
+
     def make_prompt_source(self):
+        if "data.path" in self.data_sources:
+            return self.data_sources["data.path"]
         return data_lib.make_prompt_source(self.config)
 
     def make_eval_examples(self) -> list[dict[str, Any]]:
+        if "eval.path" in self.data_sources:
+            source = self.data_sources["eval.path"]
+            return [source[i] for i in range(min(int(self.config.eval.num_examples), len(source)))]
         return data_lib.make_eval_examples(self.config)
 
     def _lora_rngs(self) -> nnx.Rngs:
@@ -413,6 +429,8 @@ class RLTrainer(Recipe):
         b = self.layout["batch_size"]
         frozen = lambda: self.policy.abstract_frozen  # noqa: E731
         params = lambda: self.abstract_state["params"]  # noqa: E731
+        # The static sampler's loop is planned as its prefill and decode steps (a compiler counts a loop body once)
+        plan_generate = ("plan/prefill", "plan/decode") if self.abstract and self._plan_programs_apply() else ()
 
         def logprob_args():
             batch = self.rollout_batch_struct()
@@ -423,22 +441,22 @@ class RLTrainer(Recipe):
             Program("generate", self.make_rollout_generate(), args=lambda: self._generate_args(b),
                     out_shardings=bs, phase="rollout",
                     shrink_key="sampling.decode_slots" if self.engine == "continuous" else "rl.num_prompts_per_step",
-                    per_step=0.0 if self.abstract and not self.model_input_names else 1.0),
+                    planned_by=plan_generate),
             Program("logprobs", make_logprob_fn(self.graphdef, opts, mesh), args=logprob_args,
                     out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size",
-                    per_step=float(opts.use_old_logprobs) + float(opts.use_reference and
-                                                                  not self.policy.lora_reference)),
+                    per_step=float(opts.use_old_logprobs) + float(opts.use_reference)),
             Program("update", make_rl_update(self.graphdef, self.tx, opts, mesh),
                     args=lambda: (params(), self.abstract_state["opt_state"], frozen(), self.rollout_batch_struct(),
                                   key_struct()),
                     out_shardings=(sh["params"], sh["opt_state"], repl), donate_argnums=(0, 1),
                     shrink_key="optim.grad_accum_steps"),
         ]
-        if self.abstract:  # the sampler's prefill and one decode step, planned on their own (the loop: N steps)
+        if plan_generate:  # the sampler's prefill and one decode step, planned on their own (the loop: N steps)
             programs += self._plan_programs()
         if self.policy.lora_reference:  # the reference: adapters off (another graph, another program)
             programs.append(Program("ref_logprobs", make_logprob_fn(self.ref_graphdef, opts, mesh), args=logprob_args,
-                                    out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size"))
+                                    out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size",
+                                    planned_by=("logprobs",)))  # the policy pass's shapes, adapters off
         if self.has_evaluator:
             if self.evaluator is not None:
                 chunk, n = self.evaluator.chunk, self.evaluator.n_pad
@@ -448,17 +466,20 @@ class RLTrainer(Recipe):
             programs += [
                 Program("eval/generate", self.make_generate(self.eval_sampling),
                         args=lambda: self._generate_args(chunk), out_shardings=bs, phase="eval",
-                        shrink_key="eval.batch_size", per_step=n // chunk),
+                        shrink_key="eval.batch_size", per_step=n // chunk,
+                        planned_by=plan_generate if chunk <= b else ()),  # no larger than the rollout's
                 Program("eval/mean", lambda x, v: jnp.sum(x * v) / jnp.maximum(jnp.sum(v), 1.0),
                         args=lambda: (jax.ShapeDtypeStruct((n,), jnp.float32, sharding=bs),) * 2,
                         out_shardings=repl, phase="eval")]
         return programs
 
+    def _plan_programs_apply(self) -> bool:
+        """The plan compiles the static sampler as ``plan/prefill`` + ``plan/decode`` (text prompts only)."""
+        return not self.model_input_names and getattr(self, "engine", "static") == "static"
+
     def _plan_programs(self) -> list[Program]:
         """``plan/prefill`` and ``plan/decode`` (x ``max_new_tokens - 1``): the generate program's two phases, so
         the plan's cost counts every decode step (a compiler counts a while loop's body once)."""
-        if self.model_input_names:
-            return []  # multimodal prefill: planned through the whole generate program only
         bs = train.batch_sharding(self.mesh)
         prefill, decode = make_plan_fns(self.graphdef, self.sampling, self.mesh)
         b = self.layout["batch_size"]
@@ -515,6 +536,7 @@ class RLTrainer(Recipe):
         columns = data_lib.columns_of(rows)
         columns["completion_ids"] = [row[:n].tolist() for row, n in zip(local["completions"], local["lengths"])]
         scored = self.rewards(prompts, texts, **columns)
+        self.check_rewards(scored, step + 1)
         t_scored = time.perf_counter()
         if not blocking:  # the part of the log-prob passes not hidden behind the reward functions; the update
             jax.block_until_ready(logprob_outputs)  # waits for them on the device anyway
@@ -524,14 +546,32 @@ class RLTrainer(Recipe):
         times = {"time/rollout": t_generated - t_start, "time/reward": t_scored - t_reward,
                  "time/logprobs": (t_reward - t_generated) if blocking else (t_logprobs - t_scored)}
         host = {"prompts": shown, "completions": texts, "rewards": scored.rewards, "key": update_key,
-                "num_errors": scored.num_errors, "times": times}
+                "num_errors": scored.num_errors, "times": times,
+                "decode_steps": int(np.max(local["lengths"], initial=0))}
         return batch, host
 
     rollout_batch = rollout
 
+    def check_rewards(self, scored: Any, step: int) -> None:
+        """Stops (``rewards.stop_when_all_missing``, else logs an error) when every sample of the step misses its
+        reward: the check of one process's :class:`~adrpo_jax.rl.rewards.RewardOutput`, or with several processes
+        of the missing and sample counts summed over all of them (each process scores its own rows)."""
+        if jax.process_count() == 1:
+            self.rewards.check(scored, step=step)
+            return
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        counts = np.asarray([scored.num_missing, len(scored.valid)], np.int64)
+        total = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(axis=0)
+        check_rewards_present(int(total[0]), int(total[1]), self.rewards.names,
+                              stop=self.rewards.stop_when_all_missing, step=step)
+
     def update(self, step: int, state, rollout) -> tuple[dict[str, Any], dict[str, Any]]:
         batch, host = rollout
         t_update = time.perf_counter()
+        if self._update_flops is None:  # the update's matmul FLOPs (every scanned layer / micro-batch), once
+            self._update_flops = matmul_flops(jax.make_jaxpr(self.programs["update"].fn)(
+                state["params"], state["opt_state"], self.frozen, batch, host["key"]), count_loops=True)
+            t_update = time.perf_counter()
         params, opt_state, metrics = self.fns["update"](state["params"], state["opt_state"], self.frozen, batch,
                                                         host["key"])
         # The loop reads the update's `skipped` flag after every step: the host waits for the update anyway.
@@ -539,6 +579,7 @@ class RLTrainer(Recipe):
         new_state = dict(state, params=params, opt_state=opt_state)
         metrics = dict(metrics)
         metrics.update(host["times"], **{"time/update": time.perf_counter() - t_update})
+        metrics.update(self._perf_metrics(state, host, metrics["time/update"]))
         errors = np.asarray([host["num_errors"]], np.float32)  # this process's rows; sum over processes, as
         if jax.process_count() > 1:  # num_missing_rewards (computed from the global batch) is
             from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -553,6 +594,23 @@ class RLTrainer(Recipe):
         if (step + 1) % int(self.config.log_every) == 0 and jax.process_index() == 0:
             self._write_samples(step + 1, host)
         return new_state, metrics
+
+    def _perf_metrics(self, state, host: dict[str, Any], update_s: float) -> dict[str, float]:
+        """``perf/update_mfu``: the update's matmul FLOPs over its time and the chips' peak; ``perf/rollout_mbu``:
+        the bytes a decode step cannot avoid reading (the weights once, the KV cache written so far), times the
+        decode steps, over the rollout's time and the chips' bandwidth (:mod:`adrpo_jax.train.perf`)."""
+        chip, n = perf.mesh_chips(self.mesh)
+        out = {"perf/update_mfu": perf.utilization(self._update_flops, 0.0, update_s, chip, n)["mfu"]}
+        steps = int(host.get("decode_steps", 0))
+        if steps > 0:
+            weights = self.mesh.size * (perf.per_device_bytes(state["params"]) + perf.per_device_bytes(self.frozen))
+            c = self.model_config
+            slots = int(self.config.sampling.max_prompt_length) + steps / 2.0  # the cache filled on average
+            kv = 2 * c.num_hidden_layers * self.layout["batch_size"] * slots * c.num_key_value_heads * c.head_dim * \
+                np.dtype(self.sampling.cache_dtype or c.dtype).itemsize
+            out["perf/rollout_mbu"] = perf.utilization(0.0, steps * (weights + kv), host["times"]["time/rollout"],
+                                                       chip, n)["mbu"]
+        return out
 
     def _write_samples(self, step: int, host: dict[str, Any], k: int = 4) -> None:
         try:

@@ -24,7 +24,8 @@ import os
 import time
 from typing import Any
 
-__all__ = ["Chip", "CHIPS", "chip_for", "roofline_seconds", "utilization", "cpu_chip", "GIB"]
+__all__ = ["Chip", "CHIPS", "chip_for", "roofline_seconds", "utilization", "cpu_chip", "GIB", "mesh_chips",
+           "tree_bytes", "per_device_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +158,46 @@ def cpu_chip(refresh: bool = False) -> Chip:
     _CPU_CHIP = Chip(f"CPU ({os.cpu_count()} cores, measured)", float(data["peak_flops"]), float(data["bandwidth"]),
                      float(mem))
     return _CPU_CHIP
+
+
+def mesh_chips(mesh: Any) -> tuple[Chip, int]:
+    """``(chip, number of chips)`` a mesh runs on: its devices' chip and count; host devices share one CPU
+    (count 1). A device kind without a table entry falls back to this CPU's figures (with a warning)."""
+    device = mesh.devices.flat[0]
+    if str(getattr(device, "platform", "")) == "cpu":
+        return cpu_chip(), 1
+    try:
+        return chip_for(device), int(mesh.size)
+    except KeyError as err:
+        log.warning("%s: MFU / MBU are reported against this CPU's peaks", err)
+        return cpu_chip(), int(mesh.size)
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of ``tree`` (arrays / ShapeDtypeStructs with shardings; unsharded leaves whole)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+        if shape is None or dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            continue
+        sharding = getattr(x, "sharding", None)
+        local = sharding.shard_shape(tuple(shape)) if sharding is not None else tuple(shape)
+        total += int(np.prod(local, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the arrays (or ShapeDtypeStructs) of ``tree`` (typed PRNG keys excluded)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            continue
+        total += int(np.prod(x.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total

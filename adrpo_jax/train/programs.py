@@ -32,7 +32,8 @@ from typing import Any
 
 import jax
 
-__all__ = ["Program", "ProgramSet", "CompiledProgram", "PHASES", "abstract_like", "key_struct"]
+__all__ = ["Program", "ProgramSet", "CompiledProgram", "PHASES", "abstract_like", "key_struct", "loop_factor",
+           "matmul_flops"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class Program:
         ``'eval.batch_size'``): what a plan names when the program does not fit.
       per_step: how many times one RL step runs the program (the plan's predicted step time); eval programs
         count ``1 / eval_every``, init programs 0.
+      planned_by: the programs a plan compiles instead of this one (e.g. the sampler's loop is planned as its
+        prefill and decode steps; a reference pass with the policy's shapes as the policy's pass): the plan
+        skips it (its memory and cost are those of the named programs).
     """
 
     name: str
@@ -85,6 +89,7 @@ class Program:
     phase: str = "update"
     shrink_key: str = ""
     per_step: float | None = None
+    planned_by: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -126,7 +131,63 @@ class Program:
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
-        return CompiledProgram(self, compiled, lower_s=t1 - t0, compile_s=t2 - t1)
+        return CompiledProgram(self, compiled, lower_s=t1 - t0, compile_s=t2 - t1,
+                               loop_factor=loop_factor(self.fn, args, self.static_argnums))
+
+
+def _dot_flops(eqn: Any) -> float:
+    """2 x (product of the output's dims) x (contracted size) of a ``dot_general`` equation."""
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    out = eqn.outvars[0].aval.shape
+    k = 1
+    for d in lhs_contract:
+        k *= int(lhs[d])
+    n = 1
+    for d in out:
+        n *= int(d)
+    return 2.0 * n * k
+
+
+def _subjaxprs(eqn: Any) -> list[Any]:
+    out = []
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if hasattr(x, "eqns") or hasattr(getattr(x, "jaxpr", None), "eqns"):
+                out.append(x.jaxpr if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns") else x)
+    return out
+
+
+def matmul_flops(jaxpr: Any, *, count_loops: bool) -> float:
+    """The matmul FLOPs of a jaxpr (``dot_general``; every nested jaxpr visited), with each ``scan`` body counted
+    ``length`` times when ``count_loops`` (else once, as XLA's cost analysis counts a loop body)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+            continue
+        inner = sum(matmul_flops(j, count_loops=count_loops) for j in _subjaxprs(eqn))
+        if name == "scan" and count_loops:
+            inner *= int(eqn.params.get("length", 1))
+        elif name == "cond":  # one branch runs
+            branches = [matmul_flops(j, count_loops=count_loops) for j in eqn.params.get("branches", ())]
+            inner = max(branches, default=0.0)
+        total += inner
+    return total
+
+
+def loop_factor(fn: Callable[..., Any], args: tuple, static_argnums: tuple[int, ...] = ()) -> float:
+    """How much a compiler's cost analysis undercounts ``fn`` because it counts every loop body once: the matmul
+    FLOPs with ``scan`` bodies counted ``length`` times over those with every body counted once (1.0 without
+    scans; ``while`` loops of unknown trip count stay once: plan them per step, as ``plan/decode``)."""
+    try:
+        jaxpr = jax.make_jaxpr(fn, static_argnums=static_argnums)(*args)
+    except Exception:  # pylint: disable=broad-except
+        return 1.0
+    once = matmul_flops(jaxpr, count_loops=False)
+    return matmul_flops(jaxpr, count_loops=True) / once if once > 0 else 1.0
 
 
 @dataclasses.dataclass
@@ -135,14 +196,17 @@ class CompiledProgram:
 
     ``memory``: ``argument``, ``output``, ``temp``, ``alias``, ``generated_code`` bytes and ``peak`` =
     argument + output + temp - alias (the program's HBM footprint while it runs, its inputs included).
-    ``cost``: ``flops`` and ``bytes_accessed`` (the compiler's cost analysis of one execution; per device for an
-    SPMD program).
+    ``cost``: ``flops`` and ``bytes_accessed`` of one execution: the compiler's cost analysis (per device for an
+    SPMD program) scaled by :func:`loop_factor` (a compiler counts a loop body once: a scanned layer stack or a
+    micro-batch loop would otherwise count one layer / one micro-batch); ``xla_flops`` / ``xla_bytes_accessed``
+    are the compiler's own figures.
     """
 
     program: Program
     compiled: Any
     lower_s: float = 0.0
     compile_s: float = 0.0
+    loop_factor: float = 1.0
 
     @property
     def name(self) -> str:
@@ -165,8 +229,10 @@ class CompiledProgram:
         if isinstance(c, (list, tuple)):  # older jax: one dict per computation
             c = c[0] if c else {}
         c = dict(c or {})
-        return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0)),
-                "transcendentals": float(c.get("transcendentals", 0.0))}
+        f = self.loop_factor
+        return {"flops": f * float(c.get("flops", 0.0)), "bytes_accessed": f * float(c.get("bytes accessed", 0.0)),
+                "transcendentals": f * float(c.get("transcendentals", 0.0)), "loop_factor": f,
+                "xla_flops": float(c.get("flops", 0.0)), "xla_bytes_accessed": float(c.get("bytes accessed", 0.0))}
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "phase": self.program.phase, "memory": self.memory, "cost": self.cost,

@@ -152,7 +152,8 @@ def test_reward_errors_are_summed_over_processes(monkeypatch):
     monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
     fake = types.SimpleNamespace(
         fns={"update": lambda params, opt_state, frozen, batch, key: (params, opt_state, {"loss": 0.0})},
-        frozen=None, policy=types.SimpleNamespace(ref_in_state=False),
+        frozen=None, policy=types.SimpleNamespace(ref_in_state=False), _update_flops=0.0,
+        _perf_metrics=lambda *a: {},
         config=types.SimpleNamespace(rl=types.SimpleNamespace(ref_sync_steps=1), log_every=10**9))
     rollout = ({}, {"key": None, "num_errors": 2, "times": {}})
     _, metrics = RLTrainer.update(fake, 0, {"params": 0, "opt_state": 0}, rollout)

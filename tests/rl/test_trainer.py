@@ -79,6 +79,7 @@ def test_trainer_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert records[-1]["ref_synced"] == 1.0 and records[1]["ref_synced"] == 0.0
     assert records[1]["num_missing_rewards"] >= 1  # the NaN sample (and rows where every function gave None)
     assert all(np.isfinite(records[-1][k]) for k in ("loss", "kl_mean", "entropy_mean"))
+    assert 0 < records[-1]["perf/update_mfu"] < 1 and 0 < records[-1]["perf/rollout_mbu"] < 1  # of this CPU's peaks
     state = trainer.result.state  # a hard reference refresh at the last step: the reference *is* the policy
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state["ref_params"])):
         np.testing.assert_array_equal(a, b)
