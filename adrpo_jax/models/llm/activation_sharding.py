@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 # The mesh axes a batch is sharded over (same as adrpo_jax.train.sharding.BATCH_AXES; not imported from there
 # to keep the model free of the trainer's modules).
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # "expert": the optional MoE axis also shards the batch outside MoE layers
 
 
 def current_mesh(x: jax.Array | None = None):
