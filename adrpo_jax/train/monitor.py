@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -292,8 +292,10 @@ def gold_metric_keys(config: Any, kind: str) -> tuple[str, ...]:
     return tuple(GOLD_PREFIX + _short(n.split(":")[-1]) for n in names)
 
 
-def validate_monitor_config(config: Any, kind: str) -> None:
-    """Checks the ``eval.*`` monitor keys (:data:`MONITOR_DEFAULTS`); raises ``ConfigError`` naming the key."""
+def validate_monitor_config(config: Any, kind: str, *, resolve_reward: Callable[[str], Any] | None = None) -> None:
+    """Checks the ``eval.*`` monitor keys (:data:`MONITOR_DEFAULTS`); raises ``ConfigError`` naming the key.
+    ``resolve_reward``: the LLM side's reward-function resolver (``adrpo_jax.rl.rewards.resolve_reward_function``:
+    the kit does not import the recipes): every gold reward name must resolve."""
     from adrpo_jax.train.config import ConfigError  # pylint: disable=import-outside-toplevel
 
     if kind not in ("llm", "flow"):
@@ -308,11 +310,10 @@ def validate_monitor_config(config: Any, kind: str) -> None:
         if bad:
             raise ConfigError(f"`eval.gold_rewards` has unknown flow gold scorers {bad}; available: "
                               f"{sorted(FLOW_GOLD)}.", key="eval.gold_rewards", value=names)
-    else:
-        from adrpo_jax.rl.rewards import resolve_reward_function  # pylint: disable=import-outside-toplevel
+    elif resolve_reward is not None:
         for n in names:
             try:
-                resolve_reward_function(n)
+                resolve_reward(n)
             except (ValueError, ImportError, AttributeError) as err:
                 raise ConfigError(f"`eval.gold_rewards` entry {n!r}: {err}", key="eval.gold_rewards",
                                   value=names) from err
@@ -353,18 +354,20 @@ def monitor_from_config(config: Any, kind: str) -> RewardHackingMonitor | None:
 
 
 def score_gold_rewards(names: Sequence[str], prompts: Sequence[str], completions: Sequence[str],
-                       columns: Mapping[str, Sequence[Any]] | None = None) -> dict[str, float]:
-    """LLM gold rewards: the mean of each reward function ``name`` (a built-in name or ``'module:function'``) over
-    the held-out ``completions``, as ``{"eval/gold/<name>": mean}`` (NaN scores are left out of the mean).
+                       columns: Mapping[str, Sequence[Any]] | None = None, *,
+                       resolve_reward: Callable[[str], tuple[str, Callable]]) -> dict[str, float]:
+    """LLM gold rewards: the mean of each reward function ``name`` (a built-in name or ``'module:function'``,
+    resolved by ``resolve_reward``, e.g. ``adrpo_jax.rl.rewards.resolve_reward_function``) over the held-out
+    ``completions``, as ``{"eval/gold/<name>": mean}`` (NaN scores are left out of the mean).
 
-    >>> score_gold_rewards(["exact_match"], ["1+1=", "2+2="], ["2", "5"], {"answer": ["2", "4"]})
+    >>> from adrpo_jax.rl.rewards import resolve_reward_function
+    >>> score_gold_rewards(["exact_match"], ["1+1=", "2+2="], ["2", "5"], {"answer": ["2", "4"]},
+    ...                    resolve_reward=resolve_reward_function)
     {'eval/gold/exact_match': 0.5}
     """
-    from adrpo_jax.rl.rewards import resolve_reward_function  # pylint: disable=import-outside-toplevel
-
     out = {}
     for spec in names:
-        _, fn = resolve_reward_function(spec)
+        _, fn = resolve_reward(spec)
         scores = [float(x) for x in fn(list(prompts), list(completions), **dict(columns or {}))]
         finite = [x for x in scores if math.isfinite(x)]
         out[GOLD_PREFIX + _short(spec.split(":")[-1])] = sum(finite) / len(finite) if finite else math.nan

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from adrpo_jax.rl.rewards import resolve_reward_function
 from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.monitor import (
   MONITOR_DEFAULTS,
@@ -154,7 +155,7 @@ def test_config_keys_validated_and_built():
          (config(monitor_window=1), "llm", "eval.monitor_window")]
   for c, kind, key in bad:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
-      validate_monitor_config(c, kind)
+      validate_monitor_config(c, kind, resolve_reward=resolve_reward_function)
     assert err.value.key == key
   c = config(gold_rewards=("exact_match",), stop_when="gold_falls:2")
   c.eval_every = 0
@@ -164,7 +165,7 @@ def test_config_keys_validated_and_built():
 
 def test_llm_gold_rewards_scored_on_held_out_completions():
   out = score_gold_rewards(["exact_match", "adrpo_jax.rl.proxy_rewards:length_credit"], ["1+1=", "2+2="],
-                           ["2", "5555"], {"answer": ["2", "4"]})
+                           ["2", "5555"], {"answer": ["2", "4"]}, resolve_reward=resolve_reward_function)
   assert out == {"eval/gold/exact_match": 0.5, "eval/gold/length_credit": pytest.approx((0.25 + 1.0) / 2)}
 
 
