@@ -64,6 +64,7 @@ by default: memory linear in T from `chunked` on CPU for long sequences, cuDNN /
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -495,6 +496,28 @@ class CausalLM(nnx.Module):
     self._rope_scale_local = local_scale
 
   # -- helpers ------------------------------------------------------------------------------------------
+  def unstacked(self) -> "CausalLM":
+    """This model in the list layout (`scan_layers=False`) over the same weights: layer i's parameters are the
+    slices [i] of the stacked ones (a list-layout model is returned as is). Traceable: inside `jit` the slices are
+    computed where this is called, once. The sampler decodes with it (`SamplingConfig.unroll_layers`): the body of
+    a `lax.scan` over layers slices every layer's weights out of the stack into a fresh buffer, so each decode step
+    of the scanned model copies all layer weights (on CPU a 4-layer, 256-wide model's step takes 1.4x the list
+    layout's); sliced once before the decode loop, every step reads the weights in place. Same outputs as the
+    stacked model (both layouts compute the same layers). Costs one transient copy of the layer weights.
+
+    >>> cfg = DecoderConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+    ...                     num_attention_heads=2)
+    >>> view = CausalLM(cfg, rngs=nnx.Rngs(0)).unstacked()
+    >>> view.config.scan_layers, len(view.layers), view.layers[1].mlp.up_proj.kernel.shape
+    (False, 2, (16, 16))
+    """
+    if not isinstance(self.layers, StackedDecoderLayers):
+      return self
+    view = nnx.merge(*nnx.split(self))  # a new module graph over the same arrays
+    view.layers = nnx.List([self.layers[i] for i in range(len(self.layers))])
+    view.config = dataclasses.replace(self.config, scan_layers=False)
+    return view
+
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     """Empty KV cache (`dtype` defaults to the compute dtype)."""
     return KVCache.create(self.config, batch_size, max_length, dtype)

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
-from adrpo_jax.models.llm.modeling import CausalLM, KVCache, positions_from_mask
+from adrpo_jax.models.llm.modeling import CausalLM, KVCache, StackedDecoderLayers, positions_from_mask
 
 Array = jax.Array
 
@@ -65,6 +65,12 @@ class SamplingConfig:
       inside a jitted function (`generate` checks them).
     sampler: "fast" (top-k / top-p without sorting the vocabulary, inverse-CDF draw) or "reference" (the
       sorted definition and one Gumbel per vocabulary entry; same distribution, slower, for tests/benchmarks).
+    unroll_layers: how a model with stacked layers (`DecoderConfig.scan_layers=True`) runs its layers while
+      sampling: True = unrolled over per-layer weights sliced once per call (`CausalLM.unstacked`, one transient
+      copy of the layer weights), False = the layer `lax.scan` (whose body copies every layer's weights out of
+      the stack at every decode step), None (auto) = unrolled when the model has at most
+      AUTO_UNROLL_MAX_LAYERS layers and AUTO_UNROLL_MAX_BYTES of layer weights (deep models keep the scan's
+      compile time). Same tokens and log-probs either way. List-layout models always run unrolled.
   """
 
   max_new_tokens: int
@@ -77,6 +83,7 @@ class SamplingConfig:
   cache_dtype: str | None = None
   prompt_group_size: int = 1
   sampler: str = "fast"
+  unroll_layers: bool | None = None
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
@@ -91,6 +98,10 @@ class SamplingConfig:
       raise ValueError(f"prompt_group_size={self.prompt_group_size!r} must be an int >= 1")
     if self.sampler not in ("fast", "reference"):
       raise ValueError(f"sampler={self.sampler!r} must be 'fast' or 'reference'")
+    if self.unroll_layers is not None and not isinstance(self.unroll_layers, (bool, np.bool_)):
+      raise ValueError(f"unroll_layers={self.unroll_layers!r} must be True, False or None (auto)")
+    if self.unroll_layers is not None:
+      object.__setattr__(self, "unroll_layers", bool(self.unroll_layers))
     object.__setattr__(self, "prompt_group_size", int(self.prompt_group_size))
     eos = self.eos_token_ids
     eos = () if eos is None else ((int(eos),) if isinstance(eos, (int, np.integer)) else tuple(int(e) for e in eos))
@@ -99,6 +110,25 @@ class SamplingConfig:
     object.__setattr__(self, "temperature", float(self.temperature))
     if self.cache_dtype is not None:
       object.__setattr__(self, "cache_dtype", jnp.dtype(self.cache_dtype).name)
+
+
+# `SamplingConfig.unroll_layers=None` unrolls the layers of a stacked model up to this depth and size of its layer
+# weights (the unrolled prefill and decode step compile in time that grows with depth; the weights are copied
+# once per call).
+AUTO_UNROLL_MAX_LAYERS = 16
+AUTO_UNROLL_MAX_BYTES = 1 << 30
+
+
+def decode_unrolled(model: CausalLM, config: "SamplingConfig") -> bool:
+  """Whether `generate` runs the layers of `model` unrolled (`SamplingConfig.unroll_layers`; a list-layout model
+  always is)."""
+  if not isinstance(model.layers, StackedDecoderLayers):
+    return True
+  if config.unroll_layers is not None:
+    return config.unroll_layers
+  layer_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                    for x in jax.tree.leaves(nnx.state(model.layers)))
+  return len(model.layers) <= AUTO_UNROLL_MAX_LAYERS and layer_bytes <= AUTO_UNROLL_MAX_BYTES
 
 
 @flax.struct.dataclass
@@ -390,6 +420,8 @@ def _generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array, rng: Ar
   if prompt_embeds is not None and tuple(prompt_embeds.shape[:2]) != (b, p):
     raise ValueError(f"prompt_embeds must be [batch, prompt_len, hidden] with [batch, prompt_len] = {(b, p)}, got "
                      f"shape {tuple(prompt_embeds.shape)}")
+  if decode_unrolled(model, config):  # per-layer weights sliced here, once: the decode loop reads them in place
+    model = model.unstacked()
   record = model.config.num_moe_layers > 0  # MoE: record every token's experts (router replay)
   if record:
     logits, cache, prompt_routing = _prefill(model, prompt_tokens, prompt_mask, p + n, config, prompt_embeds,
@@ -512,7 +544,7 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              greedy: bool = False, eos_token_ids: Any = (), pad_token_id: int = 0,
              cache_dtype: Any = None, prompt_group_size: int = 1, sampler: str = "fast",
-             prompt_embeds: Array | None = None) -> GenerationOutput:
+             prompt_embeds: Array | None = None, unroll_layers: bool | None = None) -> GenerationOutput:
   """Samples up to `max_new_tokens` tokens after each left-padded prompt (jitted, KV-cached).
 
   Args:
@@ -523,8 +555,8 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
       `fold_in(rng[r], i)` only, so a row's completion does not depend on its batch neighbours (what
       `adrpo_jax.models.llm.continuous` reproduces slot by slot).
     max_new_tokens, temperature, top_k, top_p, greedy, eos_token_ids, pad_token_id, cache_dtype,
-      prompt_group_size, sampler: see `SamplingConfig` (with prompt_group_size > 1 the rows of each group must
-      be equal; checked here).
+      prompt_group_size, sampler, unroll_layers: see `SamplingConfig` (with prompt_group_size > 1 the rows of
+      each group must be equal; checked here).
     prompt_embeds: optional [B, P, D] input embeddings of the prompts used by the prefill instead of the
       token embeddings (e.g. audio spliced into the prompt, `audio_llm`); decode steps embed sampled tokens.
   Returns:
@@ -550,7 +582,8 @@ def generate(model: CausalLM, prompt_tokens: Array, prompt_mask: Array | None = 
     rng = jax.random.key(0)
   config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                          cache_dtype=cache_dtype, prompt_group_size=prompt_group_size, sampler=sampler)
+                          cache_dtype=cache_dtype, prompt_group_size=prompt_group_size, sampler=sampler,
+                          unroll_layers=unroll_layers)
   _check_groups(prompt_tokens, prompt_mask, config.prompt_group_size)
   graphdef, state = nnx.split(model)
   if prompt_embeds is None:

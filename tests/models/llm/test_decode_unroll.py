@@ -1,0 +1,90 @@
+"""The sampler's layer execution for stacked models (`SamplingConfig.unroll_layers`): unrolled over per-layer
+weights sliced once per call, the layer scan, or the size-based auto choice; same tokens and log-probs."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from adrpo_jax.models.llm import CausalLM, DecoderConfig, SamplingConfig, generate, make_generate_fn
+from adrpo_jax.models.llm import sampler as sampler_lib
+
+
+def _cfg(**kw):
+  base = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2)
+  base.update(kw)
+  return DecoderConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return CausalLM(_cfg(), rngs=nnx.Rngs(0))
+
+
+def _prompts():
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, 128, (4, 6)), jnp.int32)
+  mask = jnp.asarray(np.arange(6)[None, :] >= np.array([0, 2, 0, 3])[:, None])
+  return tokens, mask
+
+
+@pytest.mark.parametrize("kw", [dict(greedy=True),
+                                pytest.param(dict(temperature=0.9, top_p=0.9), marks=pytest.mark.slow),
+                                pytest.param(dict(top_k=5), marks=pytest.mark.slow)])
+def test_unrolled_equals_scanned(model, kw):
+  """Same computation in both executions: identical tokens; log-probs to float rounding (different fusions)."""
+  tokens, mask = _prompts()
+  out = {u: generate(model, tokens, mask, rng=jax.random.key(3), max_new_tokens=7, unroll_layers=u, **kw)
+         for u in (False, True)}
+  np.testing.assert_array_equal(out[True].tokens, out[False].tokens)
+  np.testing.assert_allclose(out[True].logprobs, out[False].logprobs, atol=2e-6)
+
+
+def test_unstacked_view_shares_the_weights(model):
+  view = model.unstacked()
+  assert view.config.scan_layers is False and len(view.layers) == 3 and model.config.scan_layers is True
+  np.testing.assert_array_equal(view.layers[2].self_attn.q_proj.kernel[...],
+                                model.layers.self_attn.q_proj.kernel[...][2])
+  x = jnp.asarray([[5, 6, 7]])
+  np.testing.assert_allclose(jax.jit(lambda m: m(x))(view), jax.jit(lambda m: m(x))(model), atol=1e-5)
+  listed = CausalLM(_cfg(scan_layers=False), rngs=nnx.Rngs(0))
+  assert listed.unstacked() is listed
+
+
+def test_auto_unrolls_small_models_only(model, monkeypatch):
+  cfg = SamplingConfig(max_new_tokens=2)
+  assert sampler_lib.decode_unrolled(model, cfg)
+  assert not sampler_lib.decode_unrolled(model, SamplingConfig(max_new_tokens=2, unroll_layers=False))
+  monkeypatch.setattr(sampler_lib, "AUTO_UNROLL_MAX_LAYERS", 2)  # deeper than the limit: the scan
+  assert not sampler_lib.decode_unrolled(model, cfg)
+  monkeypatch.setattr(sampler_lib, "AUTO_UNROLL_MAX_LAYERS", 16)
+  monkeypatch.setattr(sampler_lib, "AUTO_UNROLL_MAX_BYTES", 1024)  # larger than the limit: the scan
+  assert not sampler_lib.decode_unrolled(model, cfg)
+  with pytest.raises(ValueError, match="unroll_layers='yes'"):
+    SamplingConfig(max_new_tokens=2, unroll_layers="yes")
+
+
+def _decode_loop_weight_slices(unroll: bool) -> int:
+  """Fusions / slices producing one layer's MLP kernel [D, F] inside the decode while loop's body."""
+  cfg = _cfg(hidden_size=64, intermediate_size=96)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+  fn = make_generate_fn(graphdef, SamplingConfig(max_new_tokens=4, greedy=True, unroll_layers=unroll))
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  hlo = jax.jit(fn).lower(state, sds((2, 5), jnp.int32), sds((2, 5), jnp.bool_), jax.random.key(0)).compile().as_text()
+  bodies = set(re.findall(r"while\([^\n]*?body=%?([\w.\-]+)", hlo))
+  count = 0
+  for name in bodies:
+    m = re.search(rf"\n%?{re.escape(name)} [^\n]*\{{\n(.*?)\n\}}", hlo, re.S)
+    body = m.group(1) if m else ""
+    count += len(re.findall(r"= f32\[(?:1,)?(?:64,96|96,64)\]\{[0-9,]+\} (?:slice|dynamic-slice|copy|fusion)\(", body))
+  return count
+
+
+def test_unrolled_decode_loop_reads_weights_in_place():
+  """The scanned decode step slices every layer's weights out of the stack inside the loop (a copy per step);
+  the unrolled one slices them once, before the loop."""
+  assert _decode_loop_weight_slices(True) == 0
+  assert _decode_loop_weight_slices(False) > 0
