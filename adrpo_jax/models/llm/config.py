@@ -427,8 +427,12 @@ class DecoderConfig:
       text = raw.get("text_config")
       if not isinstance(text, Mapping):
         raise ValueError(f"model_type='gemma3' in {source} has no text_config")
+      top = raw
       raw = dict(text)
       raw.setdefault("model_type", "gemma3_text")
+      for key in ("eos_token_id", "bos_token_id", "pad_token_id"):  # the instruct checkpoints' [1, 106] lives on top
+        if raw.get(key) is None and top.get(key) is not None:
+          raw[key] = top[key]
       model_type = raw["model_type"]
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"unsupported model_type={model_type!r} in {source}; supported: {SUPPORTED_MODEL_TYPES}")

@@ -201,3 +201,15 @@ def test_chat_template_and_stop_tokens(tmp_path):
   assert text.startswith("<bos><start_of_turn>user\nbe brief\n\nwhat is 2+2<end_of_turn>\n<start_of_turn>model\n")
   ids, mask, _ = enc.encode(["what is 2+2"])
   assert list(ids[0][mask[0]]).count(vocab["<bos>"]) == 1
+
+
+@pytest.mark.parametrize("name,layers,scale", [("gemma-3-12b", 48, 256 ** -0.5), ("gemma-3-27b", 62, 168 ** -0.5)])
+def test_gemma3_presets_build_abstractly(name, layers, scale):
+  from adrpo_jax.models.llm.presets import abstract_model
+
+  model = abstract_model(name)
+  cfg = model.config
+  assert cfg.num_hidden_layers == layers and cfg.attention_scale == scale and cfg.vocab_size == 262_208
+  assert cfg.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",) and cfg.sliding_window == 1024
+  assert cfg.rope_theta == 1e6 and cfg.rope_local_theta == 1e4 and cfg.eos_token_id == (1, 106)
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == cfg.num_params()

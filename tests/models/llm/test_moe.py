@@ -297,3 +297,13 @@ def test_config_validation_names_the_bad_value():
   assert n == cfg.num_params()
   with pytest.raises(ValueError, match=r"expert_indices must be \[batch, time, moe_layers, k\]"):
     model.hidden_states(jnp.zeros((1, 3), jnp.int32), expert_indices=jnp.zeros((1, 3, 2, 2), jnp.int32))
+
+
+def test_qwen3_30b_a3b_preset_builds_abstractly():
+  from adrpo_jax.models.llm.presets import abstract_model, preset_config
+
+  cfg = preset_config("qwen3-30b-a3b")
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.norm_topk_prob) == (128, 8, 768, True)
+  model = abstract_model("qwen3-30b-a3b", param_dtype="bfloat16", dtype="bfloat16")
+  assert model.layers.mlp.experts.gate_proj.shape == (48, 128, 2048, 768)
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == cfg.num_params()
