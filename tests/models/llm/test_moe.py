@@ -307,3 +307,21 @@ def test_qwen3_30b_a3b_preset_builds_abstractly():
   model = abstract_model("qwen3-30b-a3b", param_dtype="bfloat16", dtype="bfloat16")
   assert model.layers.mlp.experts.gate_proj.shape == (48, 128, 2048, 768)
   assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == cfg.num_params()
+
+
+@pytest.mark.slow
+def test_bench_moe_runs_tiny(tmp_path):
+  """benchmarks/bench_moe.py end to end at a tiny size: the MoE equals the naive form and the JSON has the ratios
+  (timings are not checked)."""
+  import json
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
+  import bench_moe
+
+  out = bench_moe.main(["--tokens", "64", "--hidden", "32", "--experts", "4", "--top-k", "2", "--expert-width",
+                        "16", "--repeats", "2", "--backward", "--out", str(tmp_path / "m.json")])
+  assert max(out["max_abs_diff_vs_naive"].values()) < 1e-5
+  assert set(json.loads((tmp_path / "m.json").read_text())["ratios"]) >= {"moe:blocked_over_dense",
+                                                                          "naive_over_moe:blocked"}
