@@ -122,3 +122,20 @@ def test_rl_config_router_replay_key():
   config.rl.router_replay = "always"
   with pytest.raises(ConfigError, match="rl.router_replay"):
     validate_llm_config(config)
+
+
+def test_router_replay_helpers_for_the_trainer():
+  from adrpo_jax.rl import router_replay as rr
+
+  model = _near_tie_model()
+  tokens, mask = padded_batch(rows=2, length=6)
+  out = generate(model, tokens, mask, rng=jax.random.key(2), max_new_tokens=5)
+  assert rr.training_model_inputs(out, None, "none") is None
+  inputs = rr.training_model_inputs(out, {"audio": 1}, "rollout")
+  assert inputs["audio"] == 1 and inputs["expert_indices"] is out.expert_indices
+  np.testing.assert_array_equal(np.asarray(rr.scored_routing_mask(jnp.asarray([[0, 1, 1, 0], [1, 1, 1, 1]], bool))),
+                                [[False, True, False, False], [True, True, True, False]])
+  graphdef, state = nnx.split(model)
+  m = jax.jit(rr.make_routing_metrics_fn(graphdef))(state, None, out.tokens, out.attention_mask, out.expert_indices)
+  assert {"moe/routing_mismatch", "moe/load_entropy", "moe/max_load", "moe/router_z_loss"} <= set(m)
+  assert 0.0 <= float(m["moe/routing_mismatch"]) < 0.5
