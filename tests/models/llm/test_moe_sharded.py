@@ -97,3 +97,19 @@ def test_expert_kernels_shard_over_the_expert_axis():
   assert tuple(shardings["experts"]["down_proj"].get_value().spec) == ("expert", "tensor", "fsdp")
   assert tuple(shardings["experts"]["gate_proj_lora"]["lora_a"].get_value().spec) == ("expert", "fsdp")
   assert moe.resolve_impl("auto", "cpu") == "blocked"
+
+
+def test_streamed_load_places_expert_kernels_on_the_expert_axis():
+  """load_pretrained with a mesh reads each device's block of a stacked [L, E, D, F] kernel from the tensors it
+  covers only, and the values equal the unsharded load."""
+  from adrpo_jax.models.llm import load_pretrained
+  from tests.models.llm.families import tiny_hf
+
+  tiny = tiny_hf("qwen3_moe")
+  mesh = make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
+  sharded, plain = load_pretrained(tiny.path, mesh=mesh), load_pretrained(tiny.path)
+  kernel = sharded.layers.mlp.experts.gate_proj[...]
+  assert tuple(kernel.sharding.spec) == (None, "expert", "fsdp", "tensor")  # [L, E, D, F]
+  assert kernel.addressable_shards[0].data.shape == (2, 4, 32, 16)
+  for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
