@@ -442,7 +442,7 @@ class Experts(nnx.Module):
     if impl == "dense":
       return _dense_ffn(x.reshape(b * t, d), gates.reshape(b * t, k), experts.reshape(b * t, k), params,
                         lora_of(lora_arrays), act=self.act).reshape(b, t, d)
-    mesh = _moe_mesh()
+    mesh = _moe_mesh(x)
     if mesh is None:
       return _sorted_local(x.reshape(b * t, d), gates.reshape(b * t, k), experts.reshape(b * t, k), params,
                            lora_of(lora_arrays), num_experts=self.num_experts, **kw).reshape(b, t, d)
@@ -450,10 +450,13 @@ class Experts(nnx.Module):
                             num_experts=self.num_experts, **kw)
 
 
-def _moe_mesh():
-  """The abstract mesh the MoE layer distributes over (a context mesh with more than one device whose axes are
-  Auto), else None (one device, or already inside a shard_map)."""
-  mesh = jax.sharding.get_abstract_mesh()
+def _moe_mesh(x: Array | None = None):
+  """The abstract mesh the MoE layer distributes over: the context mesh (the trainer / sampler set it while tracing)
+  or, without one, the mesh in the type of the traced input `x` (`activation_sharding.current_mesh`), if it has more
+  than one device and Auto axes; else None (one device, or already inside a shard_map)."""
+  from adrpo_jax.models.llm.activation_sharding import current_mesh  # pylint: disable=import-outside-toplevel
+
+  mesh = current_mesh(x)
   if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
     return None
   if any(t != AxisType.Auto for t in mesh.axis_types):

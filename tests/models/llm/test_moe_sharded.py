@@ -113,3 +113,18 @@ def test_streamed_load_places_expert_kernels_on_the_expert_axis():
   assert kernel.addressable_shards[0].data.shape == (2, 4, 32, 16)
   for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mesh_from_the_input_sharding_without_a_context_mesh():
+  """jit over sharded arrays without `use_abstract_mesh`: the layer finds the mesh in its input's type and runs the
+  expert-parallel shard_map all the same."""
+  block = _block8(False)
+  x = jax.random.normal(jax.random.key(0), (8, 5, 16)) * 2
+  mesh = make_mesh({"data": 2, "fsdp": 1, "expert": 4, "tensor": 1})
+  graphdef, state = nnx.split(block)
+  state = jax.device_put(state, logical_to_named_sharding(state, mesh))
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert"))))
+  fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st).forward(x)[0])
+  assert "all-to-all" in fwd.lower(state, xs).compile().as_text()
+  np.testing.assert_allclose(np.asarray(fwd(state, xs)), np.asarray(jax.jit(lambda st, x: nnx.merge(
+      graphdef, st).forward(x)[0])(nnx.split(block)[1], x)), rtol=1e-5, atol=1e-5)
