@@ -14,3 +14,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # The TPU compiler (libtpu, plan-mode tests) takes a process lock; compiling for a topology needs no TPU, so several
 # processes (pytest workers, a plan in another shell) may load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The tests run on the CPU; with libtpu installed (the plan mode's TPU compiler), jax would otherwise probe for a
+# TPU in every process. Compiling for a TPU topology does not need the TPU platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -120,6 +120,7 @@ from typing import Any
 
 import ml_collections
 
+from adrpo_jax.train.monitor import MONITOR_DEFAULTS, validate_monitor_config
 from adrpo_jax.train.config import (ConfigError, get_by_path, merge_defaults, require_choice, require_float,
                                     require_float_or_inf, require_int, require_type, validate_advantage_clip)
 
@@ -127,6 +128,8 @@ __all__ = [
     "add_sd3_config",
     "validate_sd3_config",
     "validate_sd3_batch_layout",
+    "sd3_prompt_sets",
+    "read_prompts_file",
     "SD3_TRAINER",
     "SD3_DEFAULT_PROMPTS",
     "SD3_LORA_TARGETS",
@@ -218,7 +221,8 @@ def add_flow_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             "ref_refresh_alpha": 1.0,
         },
         "sampling": {"method": "heun", "num_steps": 10, "cfg_scale": 1.0, "sde_noise": 0.0},
-        "eval": {"samples_per_prompt": 8, "seed": 1234, "w2_time_samples": 4, "write_images": True},
+        "eval": {"samples_per_prompt": 8, "seed": 1234, "w2_time_samples": 4, "write_images": True,
+                 **MONITOR_DEFAULTS},
         "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": LORA_DEFAULT_TARGETS,
                  "init": "kaiming_uniform", "use_rslora": False},
     }
@@ -376,6 +380,8 @@ def _validate_sampling_eval(config) -> None:
     require_int(config, "eval.seed", min=0)
     require_int(config, "eval.w2_time_samples", min=1)
     require_type(config, "eval.write_images", bool)
+    if "gold_rewards" in config.eval:  # the reward-hacking monitor (adrpo_jax.train.monitor): gold = the judge
+        validate_monitor_config(config, "flow")
 
 
 def _validate_lora(config) -> None:
@@ -462,6 +468,14 @@ def pretrain_config(config: Any) -> ml_collections.ConfigDict:
 
 SD3_TRAINER = "adrpo_jax.flow.sd3_trainer:train_and_evaluate"  # = the recipe name "sd3"
 SD3_REWARD_KINDS = ("clip", "image_mean")
+# The MMDiT shapes a plan (abstract build) uses when model.path is empty: adrpo_jax.models.mmdit.PRESETS.
+SD3_MODEL_PRESETS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+SD3_ATTENTION_IMPLS = ("", "xla", "cudnn")  # '' = jax.nn.dot_product_attention's default (XLA)
+ORW_REWARD_SCALINGS = ("raw", "center", "standardize")
+# The exponent tau * r of ORW-CFM-W2's raw weights: above ~20 the weights (~5e8 and up) drown the fixed W2 term;
+# above 88 exp overflows float32.
+ORW_MAX_RAW_EXPONENT = 20.0
+_FLOAT32_EXP_MAX = 88.0
 # Attribute-binding / counting / composition prompts in the spirit of DrawBench (the paper's prompt set).
 SD3_DEFAULT_PROMPTS = (
     "a red cube on top of a blue sphere",
@@ -480,37 +494,103 @@ SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.
 
 
 def add_sd3_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds the SD3 trainer's sections (on top of the kit's common ones) in place; existing keys are kept."""
+    """Adds the SD3 trainer's sections (on top of the kit's common ones) in place; existing keys are kept.
+
+    The SD3 keys beyond the flow trainer's (``adrpo_jax/flow/sd3_trainer.py`` documents the recipe):
+
+    =====================================  ===================================================================
+    key                                    meaning
+    =====================================  ===================================================================
+    ``data.prompts``                       the training prompts (one advantage group each)
+    ``data.prompts_file``                  a text file, one prompt per line (blank lines skipped): replaces
+                                           ``data.prompts`` when set
+    ``data.height`` / ``data.width``       image size in pixels (non-square allowed), divisible by the VAE
+                                           factor (8) x the MMDiT patch size (2) = 16; 0 = the model's
+                                           ``sample_size`` x 8 (1024 px for SD3 / SD3.5). The latents are
+                                           ``[height / 8, width / 8, 16]``
+    ``model.path``                         a diffusers ``SD3Transformer2DModel`` directory
+    ``model.preset``                       the MMDiT shapes of a plan (``--mode=plan``, no weights) when
+                                           ``model.path`` is empty: ``sd3-medium`` | ``sd3.5-medium`` |
+                                           ``sd3.5-large`` (the VAE: SD3's; the CLIP reward: ViT-L/14)
+    ``model.attention_impl``               ``''`` (XLA: materializes the ``[B, heads, T, T]`` scores) |
+                                           ``xla`` | ``cudnn`` (fused flash attention on NVIDIA GPUs; bf16/fp16)
+    ``model.remat`` / ``remat_policy``     per-block rematerialization; a ``jax.checkpoint_policies`` name or
+                                           ``''`` (save nothing)
+    ``model.save_final``                   write ``workdir/final_model``: the merged MMDiT (diffusers layout) in
+                                           ``model.save_dtype`` (``bfloat16`` default: the size of the released
+                                           checkpoints), and with LoRA ``final_model/lora`` (the adapters as
+                                           ``pytorch_lora_weights.safetensors``, ``pipe.load_lora_weights``)
+    ``vae.decode_batch``                   images the reward's VAE decode runs at once (a multiple of the
+                                           data-parallel size; 0 = the whole batch): its activation memory
+                                           follows it (~3.5 GiB per 1024 px image in float32)
+    ``vae.attention_query_chunk``          the VAE mid-block attention's query chunk (0 = never chunk)
+    ``reward.clip_scale``                  CLIP score = scale * max(cos, 0) (100: the paper's "ClipScore"
+                                           points). The advantages are in these units: ``rl.beta`` (beta_0) and
+                                           ``rl.adv_clip_multiple`` clip A at +-beta_0 *points*, so with scale
+                                           100 and beta_0 = 1 a prompt whose samples differ by more than ~1 point
+                                           has beta_eff in {0, 2 beta_0}; choose beta_0 with the scale (e.g. the
+                                           typical within-prompt reward std)
+    ``reward.dtype``                       matmul dtype of the CLIP reward tower (float32 default, whatever the
+                                           MMDiT's: the within-prompt reward differences are ~1 %)
+    ``rl.time_shift``                      SD3's shift of the training times (sigma' = s sigma / (1 + (s - 1)
+                                           sigma), sigma = 1 - t, on the ``rl.time_sampling`` draw); 0 = the
+                                           sampler's ``sampling.time_shift`` (3: diffusers' SD3 fine-tuning)
+    ``rl.rollout_micro_batch``             images the rollout samples at once (CFG doubles the forward batch;
+                                           a multiple of the data-parallel size dividing the batch; 0 = all)
+    ``rl.orw_reward_scaling``              ORW-CFM-W2's exponent: ``raw`` exp(tau r) (the published code; refused
+                                           when tau * the reward's range > 20) | ``center`` exp(tau (r - mean))
+                                           | ``standardize`` exp(tau (r - mean) / std) (default: tau is unitless)
+    ``eval.prompts`` / ``prompts_file``    held-out eval prompts (never trained on; disjoint from the training
+                                           prompts); none = evaluate on the training prompts
+    ``eval.batch_size``                    eval images per program call (a multiple of
+                                           ``eval.samples_per_prompt`` and of the data-parallel size; 0 = all)
+    ``eval.clip_paths``                    eval-only CLIP scorers (``CLIPModel`` directories) never trained on:
+                                           ``eval/clip_score_<i>``, so hacking of the training reward shows
+    =====================================  ===================================================================
+    """
     flow = add_flow_config(ml_collections.ConfigDict())
     defaults = {
         "trainer": SD3_TRAINER,
-        "data": {"prompts": SD3_DEFAULT_PROMPTS},
-        "model": {"path": "", "tiny": False, "dtype": "bfloat16", "param_dtype": "float32", "remat": False,
-                  "scan_layers": False, "save_final": False},
-        "vae": {"path": ""},
+        "data": {"prompts": SD3_DEFAULT_PROMPTS, "prompts_file": "", "height": 0, "width": 0},
+        "model": {"path": "", "preset": "sd3-medium", "tiny": False, "dtype": "bfloat16", "param_dtype": "float32",
+                  "remat": False, "remat_policy": "", "scan_layers": False, "attention_impl": "",
+                  "save_final": False, "save_dtype": "bfloat16"},
+        "vae": {"path": "", "decode_batch": 0, "attention_query_chunk": 4096},
         "text": {"path": "", "cache_dir": "", "max_sequence_length": 256, "torch_dtype": "float32"},
-        "reward": {"kind": "clip", "clip_path": "", "clip_scale": 100.0, "clip_clamp": True},
+        "reward": {"kind": "clip", "clip_path": "", "clip_scale": 100.0, "clip_clamp": True, "dtype": "float32"},
         "rl": flow.rl.to_dict(),
         "sampling": {"method": "euler", "num_steps": 28, "cfg_scale": 4.5, "sde_noise": 0.0, "time_shift": 3.0},
-        "eval": {"samples_per_prompt": 2, "seed": 1234, "w2_time_samples": 1},
+        "eval": {"samples_per_prompt": 2, "seed": 1234, "w2_time_samples": 1, "prompts": (), "prompts_file": "",
+                 "batch_size": 0, "clip_paths": ()},
         "lora": dict(flow.lora.to_dict(), enabled=True, rank=16, alpha=16.0, target_modules=SD3_LORA_TARGETS),
     }
     defaults["rl"]["prompts_per_step"] = 4
     defaults["rl"]["samples_per_prompt"] = 4
-    defaults["rl"]["time_sampling"] = "logit_normal"  # SD3's training distribution of sigma (symmetric: same t)
+    # t = sigmoid(N(0, 1)) (logit-normal, symmetric in sigma = 1 - t), then SD3's shift (rl.time_shift): the
+    # distribution of diffusers' SD3 fine-tuning (median sigma 0.75) and of the shifted rollout grid.
+    defaults["rl"]["time_sampling"] = "logit_normal"
+    defaults["rl"]["time_shift"] = 0.0
+    defaults["rl"]["rollout_micro_batch"] = 0
+    defaults["rl"]["orw_reward_scaling"] = "standardize"
     merge_defaults(config, defaults)
     return config
 
 
-def _check_dir(config: Any, key: str, tiny: bool) -> str:
+def _checking_files() -> bool:
+    """False inside ``train.config.shapes_only()`` (the plan mode: no file needs to exist)."""
+    from adrpo_jax.train import config as train_config  # pylint: disable=import-outside-toplevel
+    return bool(getattr(train_config, "checking_files", lambda: True)())
+
+
+def _check_dir(config: Any, key: str, tiny: bool, files: bool = True) -> str:
     path = require_type(config, key, str)
     if not path:
-        if tiny:
+        if tiny or not files:
             return path
         raise ConfigError(f"`{key}` is required: a local directory ({_WHAT[key]}); pass --config.{key}=/path. "
                           "Nothing is downloaded. (The `cpu` variant of configs/sd3_adrpo.py builds tiny random "
                           "models instead: model.tiny=True.)", key=key, value=path)
-    if not os.path.isdir(os.path.expanduser(path)):
+    if files and not os.path.isdir(os.path.expanduser(path)):
         raise ConfigError(f"`{key}`={path!r} is not a directory ({_WHAT[key]}).", key=key, value=path)
     return path
 
@@ -524,35 +604,156 @@ _WHAT = {
 }
 
 
-def validate_sd3_config(config: Any) -> None:
-    """Checks the SD3 trainer's keys; raises :class:`ConfigError` naming the key."""
+def _prompt_list(config: Any, key: str, allow_empty: bool) -> tuple[str, ...]:
+    prompts = get_by_path(config, key)
+    if not isinstance(prompts, (tuple, list)) or not all(isinstance(p, str) and p.strip() for p in prompts) or (
+            not prompts and not allow_empty):
+        raise ConfigError(f"`{key}` must be a {'' if allow_empty else 'non-empty '}tuple of non-empty strings, got "
+                          f"{prompts!r}.", key=key, value=prompts)
+    return tuple(prompts)
+
+
+def read_prompts_file(path: str, key: str) -> tuple[str, ...]:
+    """The prompts of a text file (one per line, surrounding whitespace stripped, blank lines skipped);
+    ConfigError naming ``key`` for a missing / unreadable / empty file or a duplicate prompt (with its lines)."""
+    full = os.path.expanduser(path)
+    try:
+        with open(full, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"`{key}`={path!r} cannot be read as a UTF-8 text file of prompts (one per line): "
+                          f"{err}.", key=key, value=path) from None
+    prompts, first = [], {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text:
+            continue
+        if text in first:
+            raise ConfigError(f"`{key}`={path!r}: line {number} repeats the prompt of line {first[text]} ({text!r}); "
+                              "each prompt is one advantage group.", key=key, value=path)
+        first[text] = number
+        prompts.append(text)
+    if not prompts:
+        raise ConfigError(f"`{key}`={path!r} has no prompt (one per line; blank lines are skipped).", key=key,
+                          value=path)
+    return tuple(prompts)
+
+
+def sd3_prompt_sets(config: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(training prompts, held-out eval prompts)`` of a validated SD3 config: ``data.prompts_file`` (else
+    ``data.prompts``) and ``eval.prompts_file`` (else ``eval.prompts``; empty = evaluate on the training
+    prompts). The eval prompts never appear among the training prompts (validated)."""
+    train_file = str(config.data.prompts_file)
+    train_prompts = read_prompts_file(train_file, "data.prompts_file") if train_file else tuple(config.data.prompts)
+    eval_file = str(config.eval.prompts_file)
+    eval_prompts = read_prompts_file(eval_file, "eval.prompts_file") if eval_file else tuple(config.eval.prompts)
+    return train_prompts, eval_prompts
+
+
+def _validate_sd3_prompts(config: Any, files: bool) -> None:
+    prompts = _prompt_list(config, "data.prompts", allow_empty=bool(config.data.prompts_file))
+    if len(set(prompts)) != len(prompts):
+        raise ConfigError("`data.prompts` has duplicates (each prompt is one advantage group).", key="data.prompts",
+                          value=prompts)
+    eval_prompts = _prompt_list(config, "eval.prompts", allow_empty=True)
+    if len(set(eval_prompts)) != len(eval_prompts):
+        raise ConfigError("`eval.prompts` has duplicates.", key="eval.prompts", value=eval_prompts)
+    for key in ("data.prompts_file", "eval.prompts_file"):
+        path = require_type(config, key, str)
+        if path and files and not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"`{key}`={path!r} is not a file (one prompt per line).", key=key, value=path)
+    if config.eval.prompts_file and eval_prompts:
+        raise ConfigError("Set `eval.prompts` or `eval.prompts_file`, not both.", key="eval.prompts_file",
+                          value=config.eval.prompts_file)
+    if not files and (config.data.prompts_file or config.eval.prompts_file):
+        return  # shapes only: the files are read (and checked) where they exist
+    train_prompts, eval_prompts = sd3_prompt_sets(config)
+    shared = sorted(set(train_prompts) & set(eval_prompts))
+    if shared:
+        key = "eval.prompts_file" if config.eval.prompts_file else "eval.prompts"
+        raise ConfigError(f"`{key}`: {len(shared)} eval prompt(s) are also training prompts ({shared[:3]!r}): a "
+                          "held-out eval set is never trained on. Leave eval.prompts / eval.prompts_file empty to "
+                          "evaluate on the training prompts.", key=key, value=shared[:3])
+
+
+def _validate_orw_scaling(config: Any) -> None:
+    """ORW-CFM-W2's exponent against the reward's range: refuse weights that overflow float32 or drown the W2
+    term (issue: exp(0.5 * 100 cos) ~ 1e7 made the W2 term ~1e-7 of the loss)."""
+    scaling = require_choice(config, "rl.orw_reward_scaling", ORW_REWARD_SCALINGS)
+    if config.rl.method != "orw_cfm_w2" or scaling == "standardize":
+        return
+    tau = abs(float(config.rl.tau))
+    cap = float(config.rl.orw_max_exponent)
+    span = float(config.reward.clip_scale) if config.reward.kind == "clip" else 2.0  # image_mean: [-1, 1]
+    what = f"the reward's range ({span:g}: reward.clip_scale)" if config.reward.kind == "clip" else \
+        f"the reward's range ({span:g})"
+    exponent = tau * span
+    if scaling == "raw" and exponent > ORW_MAX_RAW_EXPONENT and not cap <= ORW_MAX_RAW_EXPONENT:
+        raise ConfigError(f"`rl.orw_reward_scaling`='raw' with rl.tau={config.rl.tau} and {what}: exp(tau r) reaches "
+                          f"exp({exponent:g}), so the reward weights (~{math.exp(min(exponent, 700.0) / 2):.0e} at "
+                          f"half the range) drown the fixed W2 term (alpha={config.rl.alpha}) and overflow float32 "
+                          f"above tau r = {_FLOAT32_EXP_MAX:g}. Use rl.orw_reward_scaling='standardize' (tau "
+                          f"unitless) or 'center', or a tau with tau * range <= {ORW_MAX_RAW_EXPONENT:g}.",
+                          key="rl.orw_reward_scaling", value=scaling)
+    if scaling == "center" and exponent > _FLOAT32_EXP_MAX and not cap <= _FLOAT32_EXP_MAX:
+        raise ConfigError(f"`rl.orw_reward_scaling`='center' with rl.tau={config.rl.tau} and {what}: tau (r - mean) "
+                          f"can reach {exponent:g} > {_FLOAT32_EXP_MAX:g} (float32 exp overflow). Lower rl.tau, cap "
+                          "it with rl.orw_max_exponent, or use 'standardize'.", key="rl.tau", value=config.rl.tau)
+
+
+def validate_sd3_config(config: Any, *, abstract: bool = False) -> None:
+    """Checks the SD3 trainer's keys; raises :class:`ConfigError` naming the key. ``abstract`` (the plan mode,
+    also inside ``train.config.shapes_only()``): no file or directory needs to exist (empty paths take the
+    ``model.preset`` shapes)."""
     for section in ("data", "model", "vae", "text", "reward", "rl", "sampling", "eval", "lora"):
         if section not in config:
             raise ConfigError(f"Config section `{section}` is missing (build the config with add_sd3_config).",
                               key=section)
-    prompts = config.data.prompts
-    if not isinstance(prompts, (tuple, list)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ConfigError(f"`data.prompts` must be a non-empty tuple of non-empty strings, got {prompts!r}.",
-                          key="data.prompts", value=prompts)
-    if len(set(prompts)) != len(prompts):
-        raise ConfigError("`data.prompts` has duplicates (each prompt is one advantage group).", key="data.prompts",
-                          value=prompts)
+    files = not abstract and _checking_files()
+    _validate_sd3_prompts(config, files)
+    for key in ("data.height", "data.width"):
+        require_int(config, key, min=0)
+        value = int(get_by_path(config, key))
+        if value and value % 16:
+            raise ConfigError(f"`{key}`={value} must be 0 (= the model's sample size) or a multiple of 16 (the VAE "
+                              "factor 8 x the MMDiT patch size 2).", key=key, value=value)
     tiny = require_type(config, "model.tiny", bool)
     for key in ("model.path", "vae.path", "text.path"):
-        _check_dir(config, key, tiny)
+        _check_dir(config, key, tiny, files)
+    require_choice(config, "model.preset", SD3_MODEL_PRESETS)
     require_type(config, "text.cache_dir", str)
     require_int(config, "text.max_sequence_length", min=1)
     require_choice(config, "text.torch_dtype", ("float32", "bfloat16", "float16"))
     kind = require_choice(config, "reward.kind", SD3_REWARD_KINDS)
     if kind == "clip":
-        _check_dir(config, "reward.clip_path", tiny)
+        _check_dir(config, "reward.clip_path", tiny, files)
     require_float(config, "reward.clip_scale", min=0.0, min_inclusive=False)
     require_type(config, "reward.clip_clamp", bool)
-    for key in ("dtype", "param_dtype"):
+    require_choice(config, "reward.dtype", DTYPES)
+    for key in ("dtype", "param_dtype", "save_dtype"):
         require_choice(config, f"model.{key}", DTYPES)
     for key in ("remat", "scan_layers", "save_final"):
         require_type(config, f"model.{key}", bool)
+    impl = require_choice(config, "model.attention_impl", SD3_ATTENTION_IMPLS)
+    if impl == "cudnn" and config.model.dtype == "float32":
+        raise ConfigError("`model.attention_impl`='cudnn' needs model.dtype 'bfloat16' or 'float16' (cuDNN's fused "
+                          "attention has no float32 path).", key="model.attention_impl", value=impl)
+    policy = require_type(config, "model.remat_policy", str)
+    if policy:
+        import jax  # pylint: disable=import-outside-toplevel
+        if policy.startswith("_") or not callable(getattr(jax.checkpoint_policies, policy, None)):
+            names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+            raise ConfigError(f"`model.remat_policy`={policy!r} is not a jax.checkpoint_policies name; one of "
+                              f"{names} or '' (save nothing).", key="model.remat_policy", value=policy)
+        if not config.model.remat:
+            raise ConfigError(f"`model.remat_policy`={policy!r} has no effect with model.remat=False.",
+                              key="model.remat_policy", value=policy)
+    require_int(config, "vae.decode_batch", min=0)
+    require_int(config, "vae.attention_query_chunk", min=0)
     _validate_rl(config)
+    require_float(config, "rl.time_shift", min=0.0)
+    require_int(config, "rl.rollout_micro_batch", min=0)
+    _validate_orw_scaling(config)
     method = require_choice(config, "sampling.method", SAMPLERS)
     require_int(config, "sampling.num_steps", min=1)
     require_float(config, "sampling.cfg_scale", min=0.0)
@@ -564,24 +765,64 @@ def validate_sd3_config(config: Any) -> None:
     require_int(config, "eval.samples_per_prompt", min=2)
     require_int(config, "eval.seed", min=0)
     require_int(config, "eval.w2_time_samples", min=1)
+    require_int(config, "eval.batch_size", min=0)
+    clip_paths = get_by_path(config, "eval.clip_paths")
+    if not isinstance(clip_paths, (tuple, list)) or not all(isinstance(p, str) and p for p in clip_paths):
+        raise ConfigError(f"`eval.clip_paths` must be a tuple of CLIPModel directories, got {clip_paths!r}.",
+                          key="eval.clip_paths", value=clip_paths)
+    for path in clip_paths if files else ():
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"`eval.clip_paths`: {path!r} is not a directory ({_WHAT['reward.clip_path']}).",
+                              key="eval.clip_paths", value=path)
     _validate_lora(config)
 
 
-def validate_sd3_batch_layout(config: Any, data_parallel_size: int, process_count: int = 1) -> dict[str, int]:
-    """Divisibility of the RL batch ``K * G`` (by micro-batches, the mesh's batch axes, processes) and of the eval
-    batch. Returns ``{"batch_size", "micro_batch_size", "eval_batch_size"}``."""
+def _divisor_error(key: str, value: int, total: int, what: str, dp: int) -> ConfigError:
+    return ConfigError(f"`{key}`={value} must divide {what} ({total}) and be a multiple of the data-parallel size "
+                       f"{dp} (mesh.data * mesh.fsdp): every micro-batch is spread over all devices.", key=key,
+                       value=value)
+
+
+def validate_sd3_batch_layout(config: Any, data_parallel_size: int, process_count: int = 1, *,
+                              num_eval_prompts: int | None = None) -> dict[str, int]:
+    """Divisibility of the RL batch ``K * G`` (by micro-batches, the mesh's batch axes, processes), of the rollout
+    and decode micro-batches, and of the eval calls (``num_eval_prompts`` x ``eval.samples_per_prompt`` images in
+    calls of ``eval.batch_size``; ``num_eval_prompts`` default: ``len(data.prompts)``).
+
+    Returns ``{"batch_size", "micro_batch_size", "rollout_micro_batch", "decode_batch", "eval_batch_size",
+    "eval_call_size", "eval_calls"}`` (0s resolved: the whole batch; the last eval call is padded)."""
+    dp = int(data_parallel_size)
     k, g = int(config.rl.prompts_per_step), int(config.rl.samples_per_prompt)
     batch, accum = k * g, int(config.optim.grad_accum_steps)
-    if batch % accum or (batch // accum) % data_parallel_size:
+    if batch % accum or (batch // accum) % dp:
         raise ConfigError(f"The images per step rl.prompts_per_step * rl.samples_per_prompt = {k} * {g} = {batch} "
                           f"must be divisible by optim.grad_accum_steps={accum} times the data-parallel size "
-                          f"{data_parallel_size} (mesh.data * mesh.fsdp).", key="rl.prompts_per_step", value=k)
+                          f"{dp} (mesh.data * mesh.fsdp).", key="rl.prompts_per_step", value=k)
     if batch % process_count:
         raise ConfigError(f"The images per step {batch} must be divisible by the process count {process_count}.",
                           key="rl.prompts_per_step", value=k)
-    eval_batch = len(config.data.prompts) * int(config.eval.samples_per_prompt)
-    if eval_batch % data_parallel_size:
-        raise ConfigError(f"The eval batch (#prompts {len(config.data.prompts)} * eval.samples_per_prompt = "
-                          f"{eval_batch}) must be divisible by the data-parallel size {data_parallel_size}.",
-                          key="eval.samples_per_prompt", value=config.eval.samples_per_prompt)
-    return {"batch_size": batch, "micro_batch_size": batch // accum, "eval_batch_size": eval_batch}
+    rollout = int(config.rl.rollout_micro_batch) or batch
+    if batch % rollout or rollout % dp:
+        raise _divisor_error("rl.rollout_micro_batch", rollout, batch, "the images per step "
+                             "rl.prompts_per_step * rl.samples_per_prompt", dp)
+    decode = int(config.vae.decode_batch) or batch
+    if batch % decode or decode % dp:
+        raise _divisor_error("vae.decode_batch", decode, batch, "the images per step", dp)
+    n_eval = len(config.data.prompts) if num_eval_prompts is None else int(num_eval_prompts)
+    spp = int(config.eval.samples_per_prompt)
+    eval_batch = n_eval * spp
+    call = int(config.eval.batch_size)
+    if call and (call % spp or call % dp):
+        raise ConfigError(f"`eval.batch_size`={call} must be a multiple of eval.samples_per_prompt={spp} (whole "
+                          f"prompts per call) and of the data-parallel size {dp} (mesh.data * mesh.fsdp).",
+                          key="eval.batch_size", value=call)
+    unit = spp * dp // math.gcd(spp, dp)  # the smallest call: whole prompts on every device
+    call = min(call or eval_batch, _round_up(eval_batch, unit))
+    call = _round_up(call, unit)
+    return {"batch_size": batch, "micro_batch_size": batch // accum, "rollout_micro_batch": rollout,
+            "decode_batch": decode, "eval_batch_size": eval_batch, "eval_call_size": call,
+            "eval_calls": -(-eval_batch // call)}
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m

@@ -210,6 +210,10 @@ class FlowEvaluator:
         self.data_features = np.asarray(fns["eval/features"](self._cstate, jnp.asarray(test.images)))
         self._reference: np.ndarray | None = None
         self.last_images: tuple[int, np.ndarray] | None = None
+        # eval.gold_rewards = ('judge',): the independent judge's gold metrics (adrpo_jax.flow.judge), logged as
+        # eval/gold/judge_* for the reward-hacking monitor; built at the first evaluation (cached training)
+        self._judge = "judge" in tuple(config.eval.get("gold_rewards", ()))
+        self._judge_scorer = None
 
     @staticmethod
     def programs(trainer: "FlowTrainer") -> list[Program]:
@@ -283,7 +287,20 @@ class FlowEvaluator:
         ref = self.trainer.policy.pretrained_params(state)
         out["w2_bound"] = float(self.trainer.fns["eval/w2"](params, ref, frozen, jnp.asarray(images), cond,
                                                              self.w2_key))
-        return {f"eval/{k}": float(v) for k, v in out.items()}
+        out = {f"eval/{k}": float(v) for k, v in out.items()}
+        if self._judge:
+            out.update(self.judge_metrics(images))
+        return out
+
+    def judge_metrics(self, images: np.ndarray) -> dict[str, float]:
+        """``eval/gold/judge_*`` of eval samples: the independent judge (never the reward) on them."""
+        from adrpo_jax.flow.judge import GOLD_PREFIX, JudgeScorer, train_judge  # pylint: disable=import-outside-toplevel
+        if self._judge_scorer is None:
+            config = self.trainer.config
+            judge, _ = train_judge({"data": config.data}, log_fn=lambda m: log.info("%s", m))
+            self._judge_scorer = JudgeScorer(judge, self.mode, thickness_weight=float(config.reward.thickness_weight),
+                                             reference_images=self._reference, data=config.data)
+        return {GOLD_PREFIX + k: float(v) for k, v in self._judge_scorer(images, self.cond_host).items()}
 
     def save_grid(self, path: str | os.PathLike, panels: dict[str, np.ndarray], title: str | None = None, *,
                   max_per_prompt: int = 8) -> str:
@@ -314,6 +331,7 @@ class FlowTrainer(FlowRecipe):
     """
 
     name = "flow"
+    monitor_kind = "flow"
 
     def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = None,
                  reward_model: Callable | None = None, models: tuple[DiT, DigitClassifier] | None = None,

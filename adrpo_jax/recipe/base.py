@@ -44,6 +44,7 @@ from typing import Any
 import jax
 
 from adrpo_jax import train
+import adrpo_jax.train.metrics  # noqa: F401  (train.metrics.to_python_scalar)
 from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import ProgramSet
 
@@ -217,6 +218,15 @@ class Recipe:
     get_host_state: Callable[[], dict] | None = None
     set_host_state: Callable[[dict], None] | None = None
 
+    monitor_kind: str | None = None  # 'llm' | 'flow': the recipe's gold rewards (eval.gold_rewards)
+
+    def monitor(self) -> Any:
+        """The reward-hacking monitor of ``eval.gold_rewards`` (:mod:`adrpo_jax.train.monitor`), or None."""
+        if self.monitor_kind is None or "gold_rewards" not in self.config.get("eval", {}):
+            return None
+        from adrpo_jax.train.monitor import monitor_from_config  # pylint: disable=import-outside-toplevel
+        return monitor_from_config(self.config, self.monitor_kind)
+
     def on_start(self, state: Any) -> None:
         """Called once on a fresh run, after the step-0 evaluation (e.g. a "before" sample grid)."""
 
@@ -227,16 +237,22 @@ class Recipe:
 
     def run(self) -> dict[str, Any]:
         """Runs (or resumes) training to ``total_steps``; returns the last logged metrics plus ``step``,
-        ``preempted``, ``resumed_from`` (and ``final_model`` with ``model.save_final``)."""
+        ``preempted``, ``resumed_from`` (and ``final_model`` with ``model.save_final``; ``stopped`` when the
+        reward-hacking monitor's stop rule ended the run: its checkpoint is kept, nothing is exported)."""
         config = self.config
         writer = train.MetricWriter(self.workdir, config.logging, run_config=config)
         evaluate = self.has_evaluator
+        monitor = self.monitor()
 
         def init_state():
             state = self.init_state()
             if evaluate:  # the "before" numbers of a fresh run (policy == pre-trained model), logged at step 0
                 writer.truncate_after(-1)
-                writer.write(0, dict(jax.device_get(dict(self.evaluate(0, state)))))
+                record = {k: train.metrics.to_python_scalar(v)
+                          for k, v in jax.device_get(dict(self.evaluate(0, state))).items()}
+                if monitor is not None:  # the gold rewards' starting point
+                    record.update(monitor.update({"step": 0, **record}))
+                writer.write(0, record)
             self.on_start(state)
             return state
 
@@ -246,11 +262,14 @@ class Recipe:
                 train_step=self.train_step, get_host_state=self.get_host_state, set_host_state=self.set_host_state,
                 eval_step=self.evaluate if evaluate else None,
                 learning_rate_fn=lambda s: self.schedule(s * self.updates_per_step),
-                throughput_keys=(self.throughput_key,) if self.throughput_key else (), writer=writer)
+                throughput_keys=(self.throughput_key,) if self.throughput_key else (), writer=writer,
+                monitor=monitor)
         finally:
             writer.close()
         self.result = result
         out = result.to_dict()
+        if result.stopped:  # the reward-hacking monitor ended the run: no export of a hacked policy
+            return out
         if not result.preempted:
             if bool(train.get_by_path(config, "model.save_final", False)):
                 path = self.export(result.state["params"], os.path.join(self.workdir, FINAL_MODEL))

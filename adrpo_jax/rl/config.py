@@ -83,6 +83,19 @@ key                                    meaning
 ``rl.overlong_penalty``                its maximum (a reward of -penalty at the limit)
 ``rl.ref_sync_steps``                  refresh the reference every N RL steps (0 = frozen reference)
 ``rl.ref_mixup_alpha``                 ref = alpha * policy + (1 - alpha) * ref at a refresh (1 = copy)
+``rl.max_lag``                         0 = the synchronous loop; k >= 1: the rollout of step t is sampled by the
+                                       policy of step t - k (dispatched k steps ahead, overlapping the updates;
+                                       ``adrpo_jax.recipe.schedule``); the loss then takes the ratio against
+                                       ``old_logp`` (the behaviour's, or with a correction the current policy's)
+``rl.importance_correction``           ``none`` (PPO's clip against the behaviour policy) | ``truncate`` |
+                                       ``mask``: bounded proximal / behaviour importance weights on the loss
+                                       (``adrpo_jax.losses.importance_weights``; old_logp = the current policy)
+``rl.importance_level``                ``token`` | ``sequence`` (the product over the completion)
+``rl.importance_cap``                  c > 1: truncate at c / mask outside [1/c, c]
+``rl.pack_tokens``                     0 = off; T >= P + N: the old / reference log-prob passes and the update
+                                       run on the rows' real tokens packed into packs of T slots (segment ids,
+                                       positions restarting per row; ``adrpo_jax.rl.packing``): cost follows
+                                       the real tokens, not rows x (P + N); the loss is unchanged (per row)
 ``rl.router_replay``                   mixture-of-experts policies: ``none`` (every pass routes with its own router)
                                        | ``rollout`` (the old-policy, reference and update passes route each token
                                        with the experts the sampler used; gates from the current router)
@@ -143,6 +156,7 @@ from typing import Any
 
 import ml_collections
 
+from adrpo_jax.train.monitor import MONITOR_DEFAULTS, validate_monitor_config
 from adrpo_jax.train.config import (
     ConfigError,
     get_by_path,
@@ -168,6 +182,7 @@ __all__ = [
     "add_audio_config",
     "validate_audio_config",
     "AUDIO_TASKS",
+    "AUDIO_CHOICE_FORMATS",
     "BUILTIN_MODELS",
     "DTYPES",
 ]
@@ -262,6 +277,11 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "router_replay": "none",
             "moe_aux_loss_coef": 0.0,
             "moe_z_loss_coef": 0.0,
+            "pack_tokens": 0,
+            "max_lag": 0,
+            "importance_correction": "none",
+            "importance_level": "token",
+            "importance_cap": 2.0,
         },
         "sampling": {"max_prompt_length": 16, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                      "engine": "auto", "decode_slots": 0},
@@ -269,7 +289,7 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                     "timeout_s": 0.0, "stop_when_all_missing": True},
         # eval.batch_size: prompts per eval generate call (0: all eval.num_examples at once); bounds its KV cache
         "eval": {"num_examples": 128, "path": "", "accuracy_reward": "exact_match", "greedy": True,
-                 "batch_size": 0},
+                 "batch_size": 0, **MONITOR_DEFAULTS},
         "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0,
                  "target_modules": LORA_DEFAULT_TARGETS, "init": "kaiming_uniform", "use_rslora": False},
     }
@@ -442,6 +462,19 @@ def _validate_rl(config) -> None:
         raise ConfigError(f"`rl.overlong_buffer`={buffer} must be < `sampling.max_new_tokens`={max_new}.",
                           key="rl.overlong_buffer", value=buffer)
     require_float(config, "rl.overlong_penalty", min=0.0)
+    if "max_lag" in rl:
+        require_int(config, "rl.max_lag", min=0)
+    if "importance_correction" in rl:
+        require_choice(config, "rl.importance_correction", ("none", "truncate", "mask"))
+        require_choice(config, "rl.importance_level", ("token", "sequence"))
+        require_float(config, "rl.importance_cap", min=1.0, min_inclusive=False)
+    if "pack_tokens" in rl:
+        pack = require_int(config, "rl.pack_tokens", min=0)
+        width = int(config.sampling.max_prompt_length) + int(config.sampling.max_new_tokens)
+        if 0 < pack < width:
+            raise ConfigError(f"`rl.pack_tokens`={pack} must be 0 (off) or at least sampling.max_prompt_length + "
+                              f"sampling.max_new_tokens = {width} (a row must fit one pack).", key="rl.pack_tokens",
+                              value=pack)
     sync = require_int(config, "rl.ref_sync_steps", min=0)
     alpha = require_float(config, "rl.ref_mixup_alpha", min=0.0, max=1.0, min_inclusive=False)
     if sync == 0 and alpha != 1.0:
@@ -514,6 +547,8 @@ def _validate_eval(config) -> None:
         raise ConfigError(f"`eval.accuracy_reward`: {err}", key="eval.accuracy_reward", value=name) from None
     require_type(config, "eval.greedy", bool)
     require_int(config, "eval.batch_size", min=0)
+    if "gold_rewards" in config.eval:  # the reward-hacking monitor (adrpo_jax.train.monitor)
+        validate_monitor_config(config, "llm", resolve_reward=rewards_lib.resolve_reward_function)
 
 
 def _validate_lora(config) -> None:
@@ -621,6 +656,9 @@ def validate_llm_batch_layout(config: Any, data_parallel_size: int, process_coun
 # ----------------------------------------------------------------------------------------------------------
 
 AUDIO_TASKS = ("auto", "spoken_arithmetic", "beeps", "jsonl")
+# audio.choice_format: what a multiple-choice prompt asks for inside <answer>: the option's letter (scored by
+# `choice_accuracy`) or its text (R1-AQA's format, scored as MMAU's evaluation does by `mmau_accuracy`).
+AUDIO_CHOICE_FORMATS = ("letter", "text")
 
 
 def add_audio_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -631,7 +669,8 @@ def add_audio_config(config: ml_collections.ConfigDict) -> ml_collections.Config
         "n_mels": 128,
         "audio_token": "<|AUDIO|>",
         "audio_template": "<|audio_bos|>{audio}<|audio_eos|>",
-        "freeze_encoder": True,
+        "choice_format": "letter",  # jsonl prompts ask for the option's letter | its text (MMAU's scorer)
+        "freeze_encoder": True,  # False is refused (encoder training is not implemented)
         "min_value": 0, "max_value": 9, "operations": "+",  # built-in spoken task
         "min_beeps": 1, "max_beeps": 5,  # built-in fallback task
         "cache_dir": "",
@@ -649,7 +688,16 @@ def validate_audio_config(config: Any) -> None:
     if a.task not in AUDIO_TASKS:
         raise ConfigError(f"`audio.task`={a.task!r} must be one of {AUDIO_TASKS}.", key="audio.task", value=a.task)
     path = str(config.model.path)
-    if not path.startswith("builtin:"):
+    if path.startswith("preset:"):  # shapes only (the plan mode): adrpo_jax.models.audio_presets
+        from adrpo_jax.models.audio_presets import AUDIO_PRESETS  # pylint: disable=import-outside-toplevel
+        if path[len("preset:"):] not in AUDIO_PRESETS:
+            raise ConfigError(f"`model.path`={path!r}: unknown audio preset; one of {sorted(AUDIO_PRESETS)} (shapes "
+                              "only: --mode=plan).", key="model.path", value=path)
+        if checking_files():
+            raise ConfigError(f"`model.path`={path!r} names shapes only (no weights): use it with --mode=plan, or pass "
+                              "--config.model.path=/path/to/Qwen2.5-Omni-7B (a local transformers directory) to "
+                              "train.", key="model.path", value=path)
+    elif not path.startswith("builtin:"):
         p = os.path.expanduser(path)
         if not path or not os.path.isfile(os.path.join(p, "config.json")):
             raise ConfigError(f"`model.path`={path!r} is not a local transformers directory of a qwen2_audio / "
@@ -658,7 +706,16 @@ def validate_audio_config(config: Any) -> None:
     elif path != "builtin:tiny_audio_arith":
         raise ConfigError(f"`model.path`={path!r}: the audio trainer's built-in model is 'builtin:tiny_audio_arith'.",
                           key="model.path", value=path)
-    if a.task == "jsonl":
+    if not bool(a.get("freeze_encoder", True)):
+        raise ConfigError("`audio.freeze_encoder`=False is not supported: the audio encoder runs once per prompt "
+                          "outside the update (its embeddings are reused by the sampler, the log-prob passes and "
+                          "every update), so it would get no gradient; keep it True (train the LM or its LoRA "
+                          "adapters).", key="audio.freeze_encoder", value=False)
+    choice_format = str(a.get("choice_format", "letter"))
+    if choice_format not in AUDIO_CHOICE_FORMATS:
+        raise ConfigError(f"`audio.choice_format`={choice_format!r} must be one of {AUDIO_CHOICE_FORMATS}.",
+                          key="audio.choice_format", value=choice_format)
+    if a.task == "jsonl" and checking_files():
         for key in ("data.path", "eval.path"):
             value = get_by_path(config, key, "")
             if key == "eval.path" and not value:

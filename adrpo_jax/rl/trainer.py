@@ -78,6 +78,7 @@ from adrpo_jax.rl.rewards import RewardComputer, check_rewards_present, resolve_
 from adrpo_jax.rl.rollout import PromptEncoder, stop_token_ids
 from adrpo_jax.rl.step import StepOptions, make_logprob_fn, make_rl_update
 from adrpo_jax.train import perf
+from adrpo_jax.train.monitor import gold_metric_keys
 from adrpo_jax.train.programs import Program, abstract_like, key_struct, matmul_flops
 
 __all__ = ["train_and_evaluate", "resolve_model_path", "RLTrainer", "Evaluator"]
@@ -173,10 +174,17 @@ class Evaluator:
                        for i in range(0, self.n_pad, self.chunk)]
         self.n = n
         self._key = jax.random.key(0)
+        # Gold rewards (eval.gold_rewards: scorers the run never trains on), logged as eval/gold/<name> for the
+        # reward-hacking monitor (adrpo_jax.train.monitor).
+        config = recipe.config
+        names = tuple(config.eval.get("gold_rewards", ()))
+        keys = gold_metric_keys(config, "llm") if names else ()
+        self.gold = [(key, resolve_reward_function(name)[1]) for key, name in zip(keys, names)]
 
     def __call__(self, state) -> dict[str, Any]:
         recipe, fns = self.recipe, self.recipe.fns
-        parts: dict[str, list[np.ndarray]] = {"score": [], "valid": [], "length": [], "truncated": []}
+        parts: dict[str, list[np.ndarray]] = {"score": [], "valid": [], "length": [], "truncated": [],
+                                              **{key: [] for key, _ in self.gold}}
         for rows, valid in self.chunks:
             g, model_inputs, prompts, _ = recipe.prompt_inputs(rows, state, group=1)
             out = fns["eval/generate"](state["params"], recipe.frozen, g["tokens"], g["mask"], self._key,
@@ -184,8 +192,10 @@ class Evaluator:
             local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths,
                                                 "done": out.done})
             texts = recipe.encoder.decode(local["completions"], local["lengths"])
-            parts["score"].append(_finite_scores(self.reward_fn(prompts=prompts, completions=texts,
-                                                                **data_lib.columns_of(rows))))
+            columns = data_lib.columns_of(rows)
+            parts["score"].append(_finite_scores(self.reward_fn(prompts=prompts, completions=texts, **columns)))
+            for key, fn in self.gold:
+                parts[key].append(_finite_scores(fn(prompts=prompts, completions=texts, **columns)))
             parts["valid"].append(valid.astype(np.float32))
             parts["length"].append(local["lengths"].astype(np.float32))
             parts["truncated"].append((~local["done"]).astype(np.float32))
@@ -193,7 +203,8 @@ class Evaluator:
         mean = fns["eval/mean"]
         return {"eval/accuracy": mean(g["score"], g["valid"]),
                 "eval/completion_length_mean": mean(g["length"], g["valid"]),
-                "eval/truncated_fraction": mean(g["truncated"], g["valid"])}
+                "eval/truncated_fraction": mean(g["truncated"], g["valid"]),
+                **{key: mean(g[key], g["valid"]) for key, _ in self.gold}}
 
 
 class RLTrainer(Recipe):
@@ -209,6 +220,7 @@ class RLTrainer(Recipe):
 
     name = "llm"
     throughput_key = "tokens"
+    monitor_kind = "llm"
 
     def __init__(self, config: Any, workdir: str | os.PathLike, *, trainable: Any = None, mesh: Mesh | None = None,
                  abstract: bool = False):
@@ -235,7 +247,8 @@ class RLTrainer(Recipe):
         reference = "none" if not self.opts.use_reference else ("refreshed" if rl.ref_sync_steps > 0 else "frozen")
         self.policy = Policy(PolicySpec(new_model=self._new_model, load_pretrained=self._load_pretrained, tx=tx,
                                         trainable=trainable, lora=self.lora_cfg, reference=reference,
-                                        ref_alpha=float(rl.ref_mixup_alpha)), self.mesh, abstract=abstract)
+                                        ref_alpha=float(rl.ref_mixup_alpha), lag_copies=int(rl.get("max_lag", 0))),
+                             self.mesh, abstract=abstract)
         s = config.sampling
         self.sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
                                        top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
@@ -257,6 +270,13 @@ class RLTrainer(Recipe):
                 self.evaluator = Evaluator(self, self.make_eval_examples())
         self._set_programs(self.build_programs())
         self.base_key = jax.random.key(int(config.seed))
+        self.async_schedule = None
+        if int(rl.get("max_lag", 0)) > 0 and not abstract:  # bounded-staleness async RL (recipe/schedule.py)
+            from adrpo_jax.recipe.schedule import LaggedSchedule  # pylint: disable=import-outside-toplevel
+            self.async_schedule = LaggedSchedule(self, int(rl.max_lag), int(config.total_steps))
+            self.train_step = self.async_schedule.train_step
+            self.get_host_state = self.async_schedule.get_host_state
+            self.set_host_state = self.async_schedule.set_host_state
         self._samples_path = os.path.join(self.workdir, "samples.jsonl")
         self._update_flops: float | None = None
 
@@ -411,6 +431,8 @@ class RLTrainer(Recipe):
         n = out.completion_mask.shape[1]
         if self.opts.use_old_logprobs:
             batch["old_logp"] = f32(b, n)
+        if self.opts.use_behaviour_logprobs:
+            batch["behaviour_logp"] = f32(b, n)
         if self.opts.use_reference:
             batch["ref_logp"] = f32(b, n)
         batch.update(rewards=f32(b), reward_valid=jax.ShapeDtypeStruct((b,), jnp.bool_),
@@ -501,16 +523,22 @@ class RLTrainer(Recipe):
 
     def rollout(self, step: int, state) -> tuple[dict[str, Any], dict[str, Any]]:
         """Generates, scores and assembles the rollout batch of ``step`` (global arrays) and host info
-        (``host["times"]``: the phase times of the module docstring, seconds)."""
-        mesh, opts, fns = self.mesh, self.opts, self.fns
-        blocking = self.phase_timing()
+        (``host["times"]``: the phase times of the module docstring, seconds): :meth:`rollout_finish` of
+        :meth:`rollout_start`."""
+        return self.rollout_finish(self.rollout_start(step, state))
+
+    def rollout_start(self, step: int, state, *, params: Any = None, logprob_passes: bool = True) -> dict[str, Any]:
+        """The dispatched part of the rollout of ``step``: this step's prompts drawn and encoded, the sampler (with
+        ``params``, default ``state["params"]``) and, with ``logprob_passes``, the old-policy / reference log-prob
+        passes queued on the device (asynchronous); the handle :meth:`rollout_finish` completes."""
+        opts, fns = self.opts, self.fns
         t_start = time.perf_counter()
         rows = self.iterator.next_rows()
         g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size))
         key = jax.random.fold_in(self.base_key, step)
         sample_key, update_key = jax.random.split(key)
-        out = fns["generate"](state["params"], self.frozen, g["tokens"], g["mask"], sample_key,
-                              *self.generate_extra(model_inputs))
+        out = fns["generate"](state["params"] if params is None else params, self.frozen, g["tokens"], g["mask"],
+                              sample_key, *self.generate_extra(model_inputs))
         # Dispatch the device work that does not need the rewards first (asynchronous), then score on the host.
         batch: dict[str, Any] = {"tokens": out.tokens, "attention_mask": out.attention_mask,
                                  "completion_mask": out.completion_mask, "lengths": out.lengths, "done": out.done,
@@ -519,13 +547,26 @@ class RLTrainer(Recipe):
         if model_inputs is not None:
             batch["model_inputs"] = model_inputs
             extra = (model_inputs,)
-        if opts.use_old_logprobs:
+        if opts.use_behaviour_logprobs or not logprob_passes:  # the sampler's own: the behaviour policy's
+            batch["behaviour_logp"] = out.logprobs
+        if opts.use_old_logprobs and logprob_passes:
             batch["old_logp"], _ = fns["logprobs"](state["params"], self.frozen, out.tokens, out.attention_mask,
                                                    *extra)
-        if opts.use_reference:
+        if opts.use_reference and logprob_passes:
             ref_fn = fns["ref_logprobs"] if self.policy.lora_reference else fns["logprobs"]
             batch["ref_logp"], _ = ref_fn(self.policy.reference(state), self.frozen, out.tokens, out.attention_mask,
                                           *extra)
+        return {"step": step, "t_start": t_start, "rows": rows, "prompts": prompts, "shown": shown,
+                "update_key": update_key, "out": out, "batch": batch}
+
+    def rollout_finish(self, handle: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The host part of a rollout (:meth:`rollout_start`'s handle): waits for the completions, decodes and
+        scores them, and assembles the batch the update consumes."""
+        mesh = self.mesh
+        blocking = self.phase_timing()
+        step, t_start, rows, prompts, shown = (handle[k] for k in ("step", "t_start", "rows", "prompts", "shown"))
+        update_key, out, batch = handle["update_key"], handle["out"], handle["batch"]
+        t_wait = time.perf_counter()
         local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths})
         t_generated = time.perf_counter()  # the host waited for the sampler here anyway
         logprob_outputs = [batch[k] for k in ("old_logp", "ref_logp") if k in batch]
@@ -546,11 +587,36 @@ class RLTrainer(Recipe):
         times = {"time/rollout": t_generated - t_start, "time/reward": t_scored - t_reward,
                  "time/logprobs": (t_reward - t_generated) if blocking else (t_logprobs - t_scored)}
         host = {"prompts": shown, "completions": texts, "rewards": scored.rewards, "key": update_key,
-                "num_errors": scored.num_errors, "times": times,
+                "num_errors": scored.num_errors, "times": times, "wait_s": t_generated - t_wait,
                 "decode_steps": int(np.max(local["lengths"], initial=0))}
         return batch, host
 
     rollout_batch = rollout
+
+    def copy_params(self, params: Any) -> Any:
+        """A device copy of a trainable-parameter tree (the behaviour policy kept while the update donates)."""
+        return self.fns["policy/copy"](params)
+
+    def lagged_logprobs(self, state, batch: dict[str, Any]) -> dict[str, Any]:
+        """A stale rollout's log-prob passes under ``state`` (the policy the update starts from): with an importance
+        correction the proximal ``old_logp`` (a pass with ``state["params"]``; ``behaviour_logp`` stays the
+        sampler's), else ``old_logp`` = the behaviour log-probs (PPO's ratio against the sampling policy); the
+        reference pass with the current reference (:mod:`adrpo_jax.recipe.schedule`)."""
+        opts, fns = self.opts, self.fns
+        batch = dict(batch)
+        behaviour = batch.pop("behaviour_logp")
+        extra = (batch["model_inputs"],) if "model_inputs" in batch else ()
+        if opts.use_behaviour_logprobs:
+            batch["behaviour_logp"] = behaviour
+            batch["old_logp"], _ = fns["logprobs"](state["params"], self.frozen, batch["tokens"],
+                                                   batch["attention_mask"], *extra)
+        elif opts.use_old_logprobs:
+            batch["old_logp"] = behaviour
+        if opts.use_reference:
+            ref_fn = fns["ref_logprobs"] if self.policy.lora_reference else fns["logprobs"]
+            batch["ref_logp"], _ = ref_fn(self.policy.reference(state), self.frozen, batch["tokens"],
+                                          batch["attention_mask"], *extra)
+        return batch
 
     def check_rewards(self, scored: Any, step: int) -> None:
         """Stops (``rewards.stop_when_all_missing``, else logs an error) when every sample of the step misses its

@@ -84,6 +84,7 @@ class TrainingResult:
       step: completed steps (== ``total_steps`` unless preempted).
       preempted: True when a signal stopped the run (a checkpoint of ``step`` was saved).
       resumed_from: the checkpoint step the run resumed from, or None for a fresh start.
+      stopped: the reward-hacking monitor's message when its stop rule ended the run early (else None).
       metrics: the last logged record (train means, timing, eval metrics), host Python scalars.
       state: the final train state (device arrays, sharded as ``abstract_state``).
     """
@@ -93,10 +94,14 @@ class TrainingResult:
     resumed_from: int | None
     metrics: dict[str, Any]
     state: PyTree = dataclasses.field(repr=False)
+    stopped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"step", "preempted", "resumed_from", **metrics}``: what ``train_and_evaluate`` returns."""
-        return {**self.metrics, "step": self.step, "preempted": self.preempted, "resumed_from": self.resumed_from}
+        """``{"step", "preempted", "resumed_from", **metrics}`` (+ ``stopped``: why a monitor stopped the run)."""
+        out = {**self.metrics, "step": self.step, "preempted": self.preempted, "resumed_from": self.resumed_from}
+        if self.stopped:
+            out["stopped"] = self.stopped
+        return out
 
 
 def checkpointer_from_config(config: Any, workdir: str | os.PathLike) -> Checkpointer:
@@ -146,7 +151,8 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                  learning_rate_fn: Callable[[int], Any] | None = None,
                  throughput_keys: Sequence[str] = (),
                  writer: MetricWriter | None = None,
-                 checkpointer: Checkpointer | None = None) -> TrainingResult:
+                 checkpointer: Checkpointer | None = None,
+                 monitor: Any = None) -> TrainingResult:
     """Runs (or resumes) training to ``config.total_steps``; see the module docstring for the contract.
 
     Args:
@@ -162,6 +168,9 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
       learning_rate_fn: ``step -> lr`` logged as ``learning_rate`` (e.g. the optimizer schedule).
       throughput_keys: metric names (e.g. ``'num_tokens'``) also logged as ``<name>_per_sec``.
       writer / checkpointer: override the defaults built from ``config.logging`` / ``config.checkpoint``.
+      monitor: an optional :class:`~adrpo_jax.train.monitor.RewardHackingMonitor`: it sees every record (its
+        ``monitor/*`` metrics join the evaluation records), its state is checkpointed with the host state, and
+        when its stop rule fires the loop saves a checkpoint of that step and returns (``stopped`` set).
 
     Returns:
       a :class:`TrainingResult` (``.to_dict()`` is what a trainer's ``train_and_evaluate`` returns).
@@ -200,6 +209,8 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
             total_skips = int(loop_meta.get("total_skips", 0))
             if set_host_state is not None:
                 set_host_state(meta.get("host_state", {}))
+            if monitor is not None and meta.get("monitor") is not None:
+                monitor.load_state_dict(meta["monitor"])
             if meta.get("config_fingerprint") not in (None, fingerprint):
                 log.warning("Resuming from step %d of a run with a different config (fingerprint %s, now %s).",
                             start, meta.get("config_fingerprint"), fingerprint)
@@ -218,8 +229,11 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
 
         def make_meta() -> dict[str, Any]:
             host = dict(get_host_state()) if get_host_state is not None else {}
-            return {"host_state": host, "config_fingerprint": fingerprint, "wall_time": time.time(),
+            meta = {"host_state": host, "config_fingerprint": fingerprint, "wall_time": time.time(),
                     "loop": {"consecutive_skips": consecutive_skips, "total_skips": total_skips}}
+            if monitor is not None:
+                meta["monitor"] = monitor.state_dict()
+            return meta
 
         progress = ProgressBar(total_steps, start, enabled=bool(get_by_path(config, "logging.progress_bar", True)),
                                is_primary=writer.is_primary)
@@ -231,6 +245,7 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
         interval_ckpt_s = None  # seconds of checkpoint saves since the previous record (None: none)
         last_record: dict[str, Any] = {}
         preempted = False
+        stopped = None
         done = start
 
         def timed_save(step: int, force: bool) -> None:
@@ -279,6 +294,8 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                 if interval_eval_s is not None:
                     record["time/eval"] = interval_eval_s
             interval_eval_s = None
+            if record and monitor is not None:
+                record.update(monitor.update({"step": done, **record}))
             if record:
                 writer.write(done, record)
                 if writer.is_primary:
@@ -323,6 +340,12 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                         interval_eval_s = time.perf_counter() - t0
                     if done % log_every == 0 or is_last or eval_metrics:
                         last_record = flush_record(done, eval_metrics) or last_record
+                    if monitor is not None and monitor.decision is not None:
+                        timed_save(done, True)
+                        timed_wait()
+                        stopped = monitor.decision.message
+                        log.warning("%s", stopped)
+                        break
                     timed_save(done, is_last)
                     progress.update(done, {k: last_record[k] for k in PROGRESS_KEYS if k in last_record})
                     if not is_last and guard.should_stop(done):
@@ -343,7 +366,7 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
             finally:
                 progress.close()
         return TrainingResult(step=done, preempted=preempted, resumed_from=resumed_from, metrics=dict(last_record),
-                              state=state)
+                              state=state, stopped=stopped)
     finally:
         try:
             checkpointer.wait()

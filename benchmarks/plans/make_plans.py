@@ -1,0 +1,96 @@
+r"""Plans every shipped accelerator variant with the target's own compiler (``launch.py --mode=plan``) and writes
+``benchmarks/plans/<name>.json`` plus the README's "What fits where" table (``benchmarks/plans/TABLE.md``).
+
+    python benchmarks/plans/make_plans.py                 # every plan below (hours on a loaded 2-core machine)
+    python benchmarks/plans/make_plans.py --only qwen     # the plans whose name contains 'qwen'
+    python benchmarks/plans/make_plans.py --table         # only re-render TABLE.md from the committed JSONs
+
+Each plan is one process (``JAX_PLATFORMS=cpu``, libtpu's compiler; no TPU needed). A plan that does not fit exits
+1; its JSON is still written (``"fits": false``) and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+# (name, config, target, extra overrides)
+PLANS = [
+    ("llm_arith_tpu_v5e-8", "configs/llm_arith.py:tpu", "v5e:2x4", ["--config.model.path=preset:smollm2-135m"]),
+    ("llm_gsm8k_default_v5e-8", "configs/llm_gsm8k.py", "v5e:2x4", ["--config.model.path=preset:qwen2.5-0.5b"]),
+    ("flow_digits_tpu_v5e-8", "configs/flow_digits.py:tpu", "v5e:2x4", []),
+    ("sd3_adrpo_tpu_v5e-8", "configs/sd3_adrpo.py:tpu", "v5e:2x4", []),
+    ("audio_arith_tpu_v5e-8", "configs/audio_arith.py:tpu", "v5e:2x4", []),
+]
+for model in ("qwen2.5-7b", "qwen3-8b"):
+    for mode in ("lora", "full"):
+        for length in ("1k", "4k"):
+            for target, chip in (("v5p:2x2x2", "v5p-8"), ("v6e:2x4", "v6e-8")):
+                PLANS.append((f"qwen_{model}_{mode}_{length}_{chip}", f"configs/llm_qwen.py:{model},{mode},{length}",
+                              target, []))
+PLANS.append(("qwen_qwen3-8b_full_4k_v5e-16_multihost", "configs/llm_qwen.py:qwen3-8b,full,4k", "v5e:4x4", []))
+
+
+def run_plan(name: str, config: str, target: str, extra: list[str]) -> dict:
+    out = HERE / f"{name}.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, str(REPO / "launch.py"), f"--config={REPO / config.split(':')[0]}"
+           + (f":{config.split(':', 1)[1]}" if ":" in config else ""), f"--workdir=/tmp/adrpo_plans/{name}",
+           "--mode=plan", f"--config.plan.target={target}", f"--config.plan.output={out}", *extra]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    seconds = time.time() - t0
+    if not out.exists():
+        raise RuntimeError(f"{name}: no plan written (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads(out.read_text())
+    report.update(name=name, command=" ".join(["python launch.py", f"--config={config}", "--mode=plan",
+                                               f"--config.plan.target={target}", *extra]),
+                  exit_code=proc.returncode, wall_s=seconds)
+    if proc.returncode:
+        report["error"] = proc.stderr.strip().splitlines()[-2:]
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def table() -> str:
+    rows = ["| plan | target | fits | largest program | its peak / chip | resident / chip | HBM / chip | "
+            "predicted step | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, *_ in PLANS:
+        path = HERE / f"{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        rows.append(f"| `{name}` | {r['target']} ({r['num_devices']} chips) | {'yes' if r['fits'] else '**no**'} | "
+                    f"{r['largest_program']} | {r['largest_peak_gib']:.2f} GiB | {r['resident_gib']:.2f} GiB | "
+                    f"{r['capacity_gib']:.0f} GiB | {r['predicted_step_s']:.3g} s | "
+                    f"{100 * (r['predicted_mfu'] or 0):.1f} % |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="plan names containing this string")
+    ap.add_argument("--table", action="store_true", help="only re-render TABLE.md")
+    args = ap.parse_args()
+    if not args.table:
+        for name, config, target, extra in PLANS:
+            if args.only and args.only not in name:
+                continue
+            r = run_plan(name, config, target, extra)
+            print(f"{name}: fits={r['fits']} largest={r['largest_program']} {r['largest_peak_gib']:.2f} GiB "
+                  f"step={r['predicted_step_s']:.3g}s ({r['wall_s']:.0f} s to plan)", flush=True)
+    (HERE / "TABLE.md").write_text(table())
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
