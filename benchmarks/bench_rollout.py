@@ -138,6 +138,72 @@ def bench_continuous(args) -> dict:
     }
 
 
+def _rollout_batch(b: int, p: int, n: int, lengths: np.ndarray, vocab: int, seed: int) -> dict:
+    """A rollout batch [b, p + n] whose completions have ``lengths`` (full prompts, random tokens and rewards)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (b, p + n)).astype(np.int32)
+    cmask = np.arange(n)[None, :] < lengths[:, None]
+    tokens[:, p:] = np.where(cmask, tokens[:, p:], 0)
+    return {k: jnp.asarray(v) for k, v in {
+        "tokens": tokens, "attention_mask": np.concatenate([np.ones((b, p), bool), cmask], 1),
+        "completion_mask": cmask, "lengths": lengths.astype(np.int32), "done": lengths < n,
+        "rewards": rng.standard_normal(b).astype(np.float32), "reward_valid": np.ones(b, bool),
+        "ref_logp": (-3.0 * rng.random((b, n))).astype(np.float32)}.items()}
+
+
+def bench_packing(args) -> dict:
+    """The GRPO update (one optimizer step, grad_accum_steps=1) on padded rows vs packed rows (rl.pack_tokens),
+    same batch, same parameters; also the reference log-prob pass. Real tokens = prompt + completion tokens."""
+    import dataclasses
+
+    import optax
+    from flax import nnx
+
+    from adrpo_jax.rl.step import StepOptions, make_logprob_fn, make_rl_update
+
+    cfg = DecoderConfig(**{**MODELS[args.model], **({"num_hidden_layers": args.layers} if args.layers else {})})
+    graphdef, params = nnx.split(build_model(cfg), nnx.Param)
+    b, p, n = args.update_rows, args.prompt_len, args.max_new
+    lengths = lognormal_lengths(b, n, args.seed + 7)
+    batch = _rollout_batch(b, p, n, lengths, cfg.vocab_size, args.seed)
+    real = int(b * p + lengths.sum())
+    opts = StepOptions(group_size=args.group_size, prompt_length=p, max_new_tokens=n, beta=0.04,
+                       logprob_chunk_size=512)
+    tx = optax.adam(1e-5)
+    out = {"model": args.model, "layers": cfg.num_hidden_layers, "rows": b, "prompt_len": p, "max_new_tokens": n,
+           "pack_tokens": args.pack_tokens, "length_mean": float(lengths.mean()), "real_tokens": real,
+           "padded_tokens": b * (p + n)}
+    from adrpo_jax.rl import packing
+    m = packing.packs_per_group(b, p + n, args.pack_tokens)
+    out["packs_per_group"] = m
+    out["packed_fill"] = float(packing.packed_token_fraction(batch["attention_mask"], p, args.pack_tokens, m))
+    variants = {"padded": opts, "packed": dataclasses.replace(opts, pack_tokens=args.pack_tokens)}
+    fns = {}
+    for name, o in variants.items():
+        upd = jax.jit(make_rl_update(graphdef, tx, o, None))
+        lp = jax.jit(make_logprob_fn(graphdef, o))
+        opt_state = tx.init(params)
+        t0 = time.perf_counter()
+        jax.block_until_ready(upd(params, opt_state, None, batch, jax.random.key(0)))
+        jax.block_until_ready(lp(params, None, batch["tokens"], batch["attention_mask"]))
+        out.setdefault(name, {})["compile_s"] = time.perf_counter() - t0
+        fns[name] = (upd, lp, opt_state)
+    times = {name: {"update": [], "logprobs": []} for name in variants}
+    for _ in range(args.repeats):  # interleaved
+        for name, (upd, lp, opt_state) in fns.items():
+            times[name]["update"].append(_timed(lambda: upd(params, opt_state, None, batch, jax.random.key(0))))
+            times[name]["logprobs"].append(_timed(lambda: lp(params, None, batch["tokens"], batch["attention_mask"])))
+    for name in variants:
+        for part in ("update", "logprobs"):
+            wall, cpu = np.median(times[name][part], axis=0)
+            out[name][part] = {"time_s": float(wall), "cpu_s": float(cpu), "real_tokens_per_s": real / wall,
+                               "real_tokens_per_cpu_s": real / cpu}
+    for part in ("update", "logprobs"):
+        out[f"speedup_{part}_wall"] = out["padded"][part]["time_s"] / out["packed"][part]["time_s"]
+        out[f"speedup_{part}_cpu"] = out["padded"][part]["cpu_s"] / out["packed"][part]["cpu_s"]
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="continuous")
@@ -149,12 +215,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--update-rows", type=int, default=64, help="packing: rows of the rollout batch")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--pack-tokens", type=int, default=1024)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     result = {"machine": machine(), "load_before": _load(), "argv": sys.argv[1:] if argv is None else list(argv)}
     parts = [x for x in args.parts.split(",") if x]
     if "continuous" in parts:
         result["continuous"] = bench_continuous(args)
+    if "packing" in parts:
+        result["packing"] = bench_packing(args)
     result["load_after"] = _load()
     text = json.dumps(result, indent=2)
     print(text)

@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from adrpo_jax import losses
 from adrpo_jax.models.llm.logprobs import token_logprobs
+from adrpo_jax.rl import packing
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
 from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
@@ -64,6 +65,7 @@ __all__ = [
     "completion_logprobs",
     "make_logprob_fn",
     "make_loss_fn",
+    "make_logp_loss_fn",
     "make_minibatch_update",
     "make_rl_update",
     "mix_reference",
@@ -124,6 +126,7 @@ class StepOptions:
     router_replay: str = "none"  # MoE: "rollout" replays the rollout's experts in the training passes
     moe_aux_loss_coef: float = 0.0  # MoE load-balancing loss (Switch) weight, off for RL by default
     moe_z_loss_coef: float = 0.0  # MoE router z-loss weight
+    pack_tokens: int = 0  # > 0: log-prob passes and updates on packed rows (adrpo_jax.rl.packing)
 
     def __post_init__(self):
         if self.router_replay not in ("none", "rollout"):
@@ -149,6 +152,10 @@ class StepOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        if isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int) or self.pack_tokens < 0 or \
+                0 < self.pack_tokens < self.prompt_length + self.max_new_tokens:
+            raise ValueError(f"pack_tokens={self.pack_tokens!r} must be 0 (off) or >= prompt_length + max_new_tokens "
+                             f"= {self.prompt_length + self.max_new_tokens}")
 
     @classmethod
     def from_config(cls, config: Any, *, prompt_length: int | None = None,
@@ -173,7 +180,7 @@ class StepOptions:
             temperature=float(sampling.temperature), logprob_chunk_size=int(config.model.logprob_chunk_size),
             reward_names=tuple(reward_names), router_replay=str(rl.get("router_replay", "none")),
             moe_aux_loss_coef=float(rl.get("moe_aux_loss_coef", 0.0)),
-            moe_z_loss_coef=float(rl.get("moe_z_loss_coef", 0.0)))
+            moe_z_loss_coef=float(rl.get("moe_z_loss_coef", 0.0)), pack_tokens=int(rl.get("pack_tokens", 0)))
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -419,16 +426,34 @@ def _mesh_context(mesh: Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def _data_parallel(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def _check_packable(opts: StepOptions, model_inputs) -> None:
+    if model_inputs is not None or opts.moe_router_losses:
+        raise ValueError("rl.pack_tokens: packed rows are text-only, without router replay or MoE router losses "
+                         "(the batch has model_inputs, or rl.moe_*_loss_coef > 0); set rl.pack_tokens=0")
+
+
 def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None = None
                     ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Pure ``fn(params, frozen, tokens, attention_mask, model_inputs=None) -> (logp [B, N], entropy [B, N])``
     (not jitted; ``model_inputs``: see :func:`completion_logprobs`). With a ``mesh`` the activations are kept
-    batch-sharded (see :func:`_mesh_context`)."""
+    batch-sharded (see :func:`_mesh_context`). With ``opts.pack_tokens`` the rows are packed
+    (:func:`adrpo_jax.rl.packing.packed_completion_logprobs`: the same values, cost following the real tokens)."""
 
     def fn(params, frozen, tokens, attention_mask, model_inputs=None):
         with _mesh_context(mesh):
             model = merge_model(graphdef, params, frozen)
-            logp, ent = completion_logprobs(model, tokens, attention_mask, opts, model_inputs)
+            if opts.pack_tokens:
+                _check_packable(opts, model_inputs)
+                m = packing.packs_per_group(tokens.shape[0], tokens.shape[1], opts.pack_tokens, _data_parallel(mesh))
+                logp, ent = packing.packed_completion_logprobs(
+                    model, tokens, attention_mask, prompt_length=opts.prompt_length, pack_tokens=opts.pack_tokens,
+                    group_packs=m, chunk_size=opts.logprob_chunk_size, temperature=opts.temperature, mesh=mesh)
+            else:
+                logp, ent = completion_logprobs(model, tokens, attention_mask, opts, model_inputs)
         return jax.lax.stop_gradient(logp), jax.lax.stop_gradient(ent)
 
     return fn
@@ -456,12 +481,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
     minibatch (:func:`loss_normalizer`). With a ``mesh``, the loss runs in ``shard_map`` over the batch axes
     (:func:`adrpo_jax.train.batch_sharded_loss`); with None, on one device. ``metrics``: ``loss``, ``pg_loss``,
     ``kl_term``, ``entropy_term``, ``kl_mean``, clip fractions, ratio stats, ``entropy_mean``, counts.
+    The model forward, then :func:`make_logp_loss_fn` on its log-probs (+ the MoE router losses).
     """
-    loss_kw = dict(beta=opts.loss_beta, **opts.coefficient_kwargs(), clip_pg_advantages=opts.clip_pg_advantages,
-                   eps_low=opts.eps_low, eps_high=opts.eps_high, dual_clip=opts.dual_clip,
-                   ratio_level=opts.ratio_level, loss_aggregation=opts.loss_aggregation,
-                   kl_estimator=opts.kl_estimator, max_log_ratio=opts.max_log_ratio)
-    use_ref_in_loss = opts.use_reference and opts.kl_placement == "loss"
+    loss_from_logp = make_logp_loss_fn(opts, mesh)
 
     def loss_fn(params, frozen, minibatch, normalizer):
         with _mesh_context(mesh):
@@ -470,6 +492,27 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
                                       minibatch.get("model_inputs"), return_routing=opts.moe_router_losses)
             logp, entropy = out[:2]
             router_loss = _router_loss(out[2], opts) if opts.moe_router_losses else None
+        loss, out = loss_from_logp(logp, entropy, minibatch, normalizer)
+        if router_loss is not None:  # a global scalar (routing statistics pooled over the micro-batch)
+            loss = loss + router_loss
+            out = dict(out, loss=out["loss"] + jax.lax.stop_gradient(router_loss))
+        return loss, out
+
+    return loss_fn
+
+
+def make_logp_loss_fn(opts: StepOptions, mesh: Mesh | None
+                      ) -> Callable[[jax.Array, jax.Array, dict[str, jax.Array], jax.Array], tuple[jax.Array, Metrics]]:
+    """``loss_from_logp(logp [b, N], entropy [b, N], minibatch, normalizer) -> (loss, metrics)``: the GRPO loss of
+    :func:`make_loss_fn` given the policy's completion log-probs and entropies (the minibatch's ``loss_mask``,
+    ``advantages`` and ``old_logp`` / ``ref_logp`` when used are read; not the tokens)."""
+    loss_kw = dict(beta=opts.loss_beta, **opts.coefficient_kwargs(), clip_pg_advantages=opts.clip_pg_advantages,
+                   eps_low=opts.eps_low, eps_high=opts.eps_high, dual_clip=opts.dual_clip,
+                   ratio_level=opts.ratio_level, loss_aggregation=opts.loss_aggregation,
+                   kl_estimator=opts.kl_estimator, max_log_ratio=opts.max_log_ratio)
+    use_ref_in_loss = opts.use_reference and opts.kl_placement == "loss"
+
+    def loss_from_logp(logp, entropy, minibatch, normalizer):
         shard_batch = {"logp": logp, "entropy": entropy, "loss_mask": minibatch["loss_mask"],
                        "advantages": minibatch["advantages"]}
         if opts.ratio_uses_old_logprobs:
@@ -495,15 +538,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
             return loss, out
 
         if mesh is None:
-            loss, out = per_device(shard_batch)
-        else:
-            loss, out = batch_sharded_loss(per_device, mesh)(shard_batch)
-        if router_loss is not None:  # a global scalar (routing statistics pooled over the micro-batch)
-            loss = loss + router_loss
-            out = dict(out, loss=out["loss"] + jax.lax.stop_gradient(router_loss))
-        return loss, out
+            return per_device(shard_batch)
+        return batch_sharded_loss(per_device, mesh)(shard_batch)
 
-    return loss_fn
+    return loss_from_logp
 
 
 def _router_loss(routing, opts: StepOptions):
@@ -557,9 +595,26 @@ def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
     """
     loss_fn = make_loss_fn(graphdef, opts, mesh)
     k = opts.grad_accum_steps
+    if opts.pack_tokens:  # packed rows: the gradient summed over groups of packs (adrpo_jax.rl.packing)
+        packed_grad = packing.make_packed_grad_fn(
+            lambda p, frozen: merge_model(graphdef, p, frozen), make_logp_loss_fn(opts, mesh),
+            prompt_length=opts.prompt_length, chunk_size=opts.logprob_chunk_size, temperature=opts.temperature,
+            mesh=mesh, forward_context=lambda: _mesh_context(mesh))
 
     def update(params, opt_state, frozen, minibatch):
         normalizer = loss_normalizer(minibatch["loss_mask"], opts.loss_aggregation, opts.max_new_tokens)
+        if opts.pack_tokens:
+            _check_packable(opts, minibatch.get("model_inputs"))
+            tokens = minibatch["tokens"]
+            m = packing.packs_per_group(tokens.shape[0] // k, tokens.shape[1], opts.pack_tokens, _data_parallel(mesh))
+            packed = packing.pack_rows(tokens, minibatch["attention_mask"], opts.prompt_length, opts.pack_tokens, m)
+            (loss, stacked), grads = packed_grad(params, frozen, minibatch, packed, normalizer)
+            metrics = _reduce_micro(stacked, opts.ratio_level)
+            new_params, new_opt_state, info = apply_updates_if_finite(tx, grads, opt_state, params, loss=loss)
+            metrics.update(info)
+            if return_grads:
+                return new_params, new_opt_state, metrics, grads
+            return new_params, new_opt_state, metrics
 
         def grad_fn(p, micro):
             micro = dict(micro)

@@ -69,11 +69,15 @@ class AttentionMask:
     window_array: None or an int32 scalar (may be traced, e.g. per layer inside a scan over layers): a
       window like `window` where the value is > 0, no window where it is <= 0. Implementations that need
       a static mask (cudnn, splash) are not used when it is set.
+    segment_ids: None or [B, S] int (calls without a cache: query slot i is key slot i): packed sequences, a
+      query attends only keys of its own segment (`segment_ids[:, a] == segment_ids[:, b]`), on top of the
+      rules above (xla, chunked, splash; not cudnn / decode).
   """
 
   key_valid: Array
   q_offset: Array | None = None
   window_array: Array | None = None
+  segment_ids: Array | None = None
   causal: bool = flax.struct.field(pytree_node=False, default=True)
   window: int | None = flax.struct.field(pytree_node=False, default=None)
 
@@ -84,7 +88,7 @@ class AttentionMask:
   def dense(self, q_len: int) -> Array:
     """The equivalent dense boolean mask [B, T, S] (what `xla` uses)."""
     return dense_mask(self.key_valid, q_len, q_offset=self.q_offset, causal=self.causal, window=self.window,
-                      window_array=self.window_array)
+                      window_array=self.window_array, segment_ids=self.segment_ids)
 
 
 def _slot_rules(q_slots, k_slots, causal, window, window_array):
@@ -101,14 +105,18 @@ def _slot_rules(q_slots, k_slots, causal, window, window_array):
 
 
 def dense_mask(key_valid: Array, q_len: int, *, q_offset=None, causal: bool = True, window=None,
-               window_array=None) -> Array:
+               window_array=None, segment_ids=None) -> Array:
   """[B, T, S] bool: query slot `q_offset + i` may attend key slot j (see the module doc)."""
   s = key_valid.shape[1]
   q_slots = jnp.arange(q_len) + (0 if q_offset is None else q_offset)
   allowed = _slot_rules(q_slots, jnp.arange(s), causal, window, window_array)
   if allowed is None:
     allowed = jnp.ones((q_len, s), bool)
-  return allowed[None, :, :] & key_valid[:, None, :]
+  allowed = allowed[None, :, :] & key_valid[:, None, :]
+  if segment_ids is not None:
+    seg_q = jax.lax.dynamic_slice_in_dim(segment_ids, 0 if q_offset is None else q_offset, q_len, axis=1)
+    allowed = allowed & (seg_q[:, :, None] == segment_ids[:, None, :])
+  return allowed
 
 
 def _soft_cap(scores: Array, softcap: float | None) -> Array:
@@ -161,13 +169,26 @@ def _key_blocks(k, v, key_valid, c):
   return split(k), split(v), split(key_valid), n
 
 
-def _block_allowed(valid_j, j, c, q_slots, causal, window, window_array):
-  """[B, 1, 1, T, c] bool for key block j."""
+def _block_allowed(valid_j, j, c, q_slots, causal, window, window_array, seg_q=None, seg_j=None):
+  """[B, 1, 1, T, c] bool for key block j (`seg_q` [B, T], `seg_j` [B, c]: packed segments, or None)."""
   rules = _slot_rules(q_slots, j * c + jnp.arange(c), causal, window, window_array)
   allowed = valid_j[:, None, :]  # [B, 1, c]
   if rules is not None:
     allowed = allowed & rules[None]
+  if seg_q is not None:
+    allowed = allowed & (seg_q[:, :, None] == seg_j[:, None, :])
   return allowed[:, None, None, :, :]
+
+
+def _segment_blocks(segment_ids, t, cq, c):
+  """Query blocks [nq, B, cq] and key blocks [n, B, c] of [B, S] segment ids (padded with -1: nothing attends
+  a padded key), or (None, None)."""
+  if segment_ids is None:
+    return None, None
+  b, s = segment_ids.shape
+  n = -(-s // c)
+  keys = jnp.pad(segment_ids, ((0, 0), (0, n * c - s)), constant_values=-1)
+  return _query_blocks(segment_ids[:, :t], t, cq), jnp.moveaxis(keys.reshape(b, n, c), 1, 0)
 
 
 def _block_needed(q_lo, q_hi, k_lo, k_hi, valid_j, causal, window, window_array):
@@ -195,7 +216,7 @@ def _query_blocks(x, t, cq):
 
 
 def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size,
-                      softcap=None):
+                      softcap=None, segment_ids=None):
   """Output [B, T, H, hd] and log-sum-exp [nq, B, K, G, cq] (float32), blocks of `chunk_size` queries and
   keys; (query block, key block) pairs that the mask rules out entirely are skipped (`lax.cond`)."""
   b, t, h, hd = q.shape
@@ -204,22 +225,23 @@ def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal,
   c, cq = min(chunk_size, k.shape[1]), min(chunk_size, t)
   qb = _query_blocks(q.reshape(b, t, kh, g, hd), t, cq)  # [nq, B, cq, K, G, hd]
   kb, vb, validb, n = _key_blocks(k, v, key_valid, c)
+  segqb, segkb = _segment_blocks(segment_ids, t, cq, c)
 
   def q_block(args):
-    q_i, i = args
+    q_i, i, seg_q = args
     q_lo = q_offset + i * cq
     q_slots = q_lo + jnp.arange(cq)
 
     def body(carry, xs):
       # The barrier ties the block's mask to this block's keys: without it XLA hoists the (layer-invariant)
       # masks of all blocks out of an enclosing scan over layers, a [blocks, B, K, G, T, c] = O(T * S) tensor.
-      kj, vj, valid_j, j = jax.lax.optimization_barrier(xs)
+      kj, vj, valid_j, j, seg_j = jax.lax.optimization_barrier(xs)
 
       def compute(carry):
         m, l, acc = carry
         s = _soft_cap(jnp.einsum("bqkgd,bckd->bkgqc", q_i, kj, preferred_element_type=jnp.float32) * scale,
                       softcap)
-        allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array)
+        allowed = _block_allowed(valid_j, j, c, q_slots, causal, window, window_array, seg_q, seg_j)
         s = jnp.where(allowed, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
@@ -232,33 +254,35 @@ def _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal,
 
     init = (jnp.full((b, kh, g, cq), _NEG, jnp.float32), jnp.zeros((b, kh, g, cq), jnp.float32),
             jnp.zeros((b, kh, g, cq, hd), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, jnp.arange(n)))
+    (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, jnp.arange(n), segkb))
     has = l > 0
     out = acc / jnp.where(has, l, 1.0)[..., None]  # fully masked rows: 0
     return out, jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), 0.0)
 
   nq = qb.shape[0]
-  out, lse = jax.lax.map(q_block, (qb, jnp.arange(nq)))  # [nq, B, K, G, cq, hd], [nq, B, K, G, cq]
+  out, lse = jax.lax.map(q_block, (qb, jnp.arange(nq), segqb))  # [nq, B, K, G, cq, hd], [nq, B, K, G, cq]
   out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, nq * cq, h, hd)[:, :t].astype(v.dtype)
   return out, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _chunked(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size, softcap=None):
+def _chunked(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size, softcap=None,
+             segment_ids=None):
   return _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size,
-                           softcap)[0]
+                           softcap, segment_ids)[0]
 
 
-def _chunked_fwd(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size, softcap=None):
+def _chunked_fwd(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size, softcap=None,
+                 segment_ids=None):
   out, lse = _chunked_fwd_core(q, k, v, key_valid, q_offset, window_array, scale, causal, window, chunk_size,
-                               softcap)
-  return out, (q, k, v, key_valid, q_offset, window_array, out, lse)
+                               softcap, segment_ids)
+  return out, (q, k, v, key_valid, q_offset, window_array, out, lse, segment_ids)
 
 
 def _chunked_bwd(scale, causal, window, chunk_size, softcap, res, d_out):
   """FlashAttention-2 backward: per key block (outer scan) and query block (inner scan), the probabilities
   are recomputed from the saved log-sum-exp; dK, dV accumulate in the inner carry, dQ over key blocks."""
-  q, k, v, key_valid, q_offset, window_array, out, lse = res
+  q, k, v, key_valid, q_offset, window_array, out, lse, segment_ids = res
   b, t, h, hd = q.shape
   s_len, kh = k.shape[1], k.shape[2]
   g = h // kh
@@ -269,12 +293,13 @@ def _chunked_bwd(scale, causal, window, chunk_size, softcap, res, d_out):
   delta = jnp.einsum("nbqkgd,nbqkgd->nbkgq", dob, blocks(out).astype(jnp.float32))  # [nq, B, K, G, cq]
   dob = dob.astype(cdt)
   kb, vb, validb, n = _key_blocks(k, v, key_valid, c)
+  segqb, segkb = _segment_blocks(segment_ids, t, cq, c)
   nq = qb.shape[0]
 
   def k_block(dq_all, kxs):
     def body(dkv, xs):
       # barrier: see _chunked_fwd_core (keeps the masks per block, inside the loops)
-      (kj, vj, valid_j, j), (q_i, do_i, lse_i, delta_i, i) = jax.lax.optimization_barrier((kxs, xs))
+      (kj, vj, valid_j, j, seg_j), (q_i, do_i, lse_i, delta_i, i, seg_q) = jax.lax.optimization_barrier((kxs, xs))
       q_lo = q_offset + i * cq
 
       def compute(dkv):
@@ -283,7 +308,7 @@ def _chunked_bwd(scale, causal, window, chunk_size, softcap, res, d_out):
         if softcap is not None:  # d(c tanh(s / c)) / ds = 1 - tanh(s / c)^2
           tanh = jnp.tanh(s / softcap)
           s, cap_grad = tanh * softcap, 1.0 - tanh * tanh
-        allowed = _block_allowed(valid_j, j, c, q_lo + jnp.arange(cq), causal, window, window_array)
+        allowed = _block_allowed(valid_j, j, c, q_lo + jnp.arange(cq), causal, window, window_array, seg_q, seg_j)
         p = jnp.where(allowed, jnp.exp(jnp.where(allowed, s, _NEG) - lse_i[..., None]), 0.0)
         dv_j = dv_j + jnp.einsum("bkgqc,bqkgd->bckd", p.astype(cdt), do_i, preferred_element_type=jnp.float32)
         dp = jnp.einsum("bqkgd,bckd->bkgqc", do_i, vj, preferred_element_type=jnp.float32)
@@ -302,13 +327,13 @@ def _chunked_bwd(scale, causal, window, chunk_size, softcap, res, d_out):
       return jax.lax.cond(needed, compute, skip, dkv)
 
     zeros = jnp.zeros((b, c, kh, hd), jnp.float32)
-    (dk_j, dv_j), dq_parts = jax.lax.scan(body, (zeros, zeros), (qb, dob, lse, delta, jnp.arange(nq)))
+    (dk_j, dv_j), dq_parts = jax.lax.scan(body, (zeros, zeros), (qb, dob, lse, delta, jnp.arange(nq), segqb))
     return dq_all + dq_parts, (dk_j, dv_j)
 
-  dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, validb, jnp.arange(n)))
+  dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, validb, jnp.arange(n), segkb))
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * c, kh, hd)[:, :s_len]  # noqa: E731
   dq = jnp.moveaxis(dq, 0, 1).reshape(b, nq * cq, h, hd)[:, :t].astype(q.dtype)
-  return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None, None
+  return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None, None, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -321,8 +346,10 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scal
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
   q_offset = jnp.zeros((), jnp.int32) if mask.q_offset is None else jnp.asarray(mask.q_offset, jnp.int32)
   window_array = None if mask.window_array is None else jnp.asarray(mask.window_array, jnp.int32)
+  segment_ids = None if mask.segment_ids is None else jnp.asarray(mask.segment_ids, jnp.int32)
   return _chunked(q, k, v, jnp.asarray(mask.key_valid, bool), q_offset, window_array, float(scale),
-                  bool(mask.causal), mask.window, int(chunk_size), None if softcap is None else float(softcap))
+                  bool(mask.causal), mask.window, int(chunk_size), None if softcap is None else float(softcap),
+                  segment_ids)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -336,6 +363,8 @@ def decode_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
   """None when `decode` can run this call (a causal call with a KV cache), else the reason it cannot."""
   if mask.q_offset is None:
     return "decode attention needs a KV cache (mask.q_offset, the cache index)"
+  if mask.segment_ids is not None:
+    return "decode attention has no packed segments (segment_ids)"
   if not mask.causal:
     return "decode attention is causal only (it reads key slots up to the last query's slot)"
   return None
@@ -419,6 +448,8 @@ def cudnn_supported(q_shape, k_shape, dtype, mask: AttentionMask, softcap: float
   """None when `cudnn` can run this call, else the reason (a sentence) it cannot."""
   if softcap is not None:
     return "cuDNN attention has no logit soft-capping"
+  if mask.segment_ids is not None:
+    return "cuDNN attention is not wired for packed segments (segment_ids)"
   t, hd, s = q_shape[1], q_shape[3], k_shape[1]
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"cuDNN flash attention needs float16/bfloat16 inputs, got {jnp.dtype(dtype).name}"
@@ -481,6 +512,8 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   block = max(128, block - block % 128)
   tp = block * -(-t // block)
   seg = jnp.asarray(mask.key_valid, jnp.int32)
+  if mask.segment_ids is not None:  # packed: segment s -> s + 2 on valid slots (1 is never a real segment here)
+    seg = jnp.where(seg > 0, jnp.asarray(mask.segment_ids, jnp.int32) + 2, 0)
   if tp != t:
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
@@ -598,6 +631,11 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
     raise ValueError(f"mask.key_valid shape {mask.key_valid.shape} must be [B, S] = {k.shape[:2]}")
   if mask.window is not None and not (isinstance(mask.window, (int, np.integer)) and mask.window > 0):
     raise ValueError(f"window={mask.window!r} must be None or a positive int")
+  if mask.segment_ids is not None and (mask.q_offset is not None or mask.segment_ids.shape != mask.key_valid.shape
+                                       or q.shape[1] != k.shape[1]):
+    raise ValueError(f"segment_ids (packed sequences) need a call without a KV cache and shape [B, S] = "
+                     f"{tuple(mask.key_valid.shape)}; got shape {tuple(mask.segment_ids.shape)}, q_offset="
+                     f"{mask.q_offset!r}, {q.shape[1]} queries over {k.shape[1]} keys")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape,
                        dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,

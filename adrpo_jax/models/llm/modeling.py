@@ -578,7 +578,8 @@ class CausalLM(nnx.Module):
   # -- forward ------------------------------------------------------------------------------------------
   def hidden_states(self, tokens: Array, *, positions: Array | None = None,
                     attention_mask: Array | None = None, cache: KVCache | None = None,
-                    embeds: Array | None = None, expert_indices: Array | None = None):
+                    embeds: Array | None = None, expert_indices: Array | None = None,
+                    segment_ids: Array | None = None):
     """Final-norm hidden states [B, T, D] (compute dtype); with `cache`: (hidden, updated cache). See
     `forward_with_routing` (the same computation, which also returns the sparse layers' routing).
 
@@ -600,14 +601,17 @@ class CausalLM(nnx.Module):
         (router replay; the gates still come from the current router), e.g. `GenerationOutput.expert_indices`.
     """
     return self.forward_with_routing(tokens, positions=positions, attention_mask=attention_mask, cache=cache,
-                                     embeds=embeds, expert_indices=expert_indices)[0]
+                                     embeds=embeds, expert_indices=expert_indices, segment_ids=segment_ids)[0]
 
   def forward_with_routing(self, tokens: Array, *, positions: Array | None = None,
                            attention_mask: Array | None = None, cache: KVCache | None = None,
-                           embeds: Array | None = None, expert_indices: Array | None = None):
+                           embeds: Array | None = None, expert_indices: Array | None = None,
+                           segment_ids: Array | None = None):
     """`(hidden_states(...), routing)`: routing is None for a dense model, else the sparse layers' `moe.MoEAux`
     stacked over them ([L_moe, ...]; `moe.expert_indices_layout(routing)` is the [B, T, L_moe, k] record that
-    `expert_indices` takes back). Arguments as `hidden_states`."""
+    `expert_indices` takes back). Arguments as `hidden_states`; `segment_ids` [B, T] int (no cache): packed
+    sequences, each token attends only tokens of its own segment (pass each segment's `positions`, restarting
+    at 0: `adrpo_jax.rl.packing`)."""
     tokens = jnp.asarray(tokens)
     positions = None if positions is None else jnp.asarray(positions)
     attention_mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
@@ -638,7 +642,14 @@ class CausalLM(nnx.Module):
       index = cache.index
       key_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, index))
     stacked = isinstance(self.layers, StackedDecoderLayers)
-    attn_mask = AttentionMask(key_valid=key_valid, q_offset=index)  # structured: no [B, T, S] tensor here
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+      segment_ids = jnp.asarray(segment_ids, jnp.int32)
+      if tuple(segment_ids.shape) != (b, t):
+        raise ValueError(f"segment_ids must have the shape of tokens {(b, t)}, got {tuple(segment_ids.shape)}")
+    attn_mask = AttentionMask(key_valid=key_valid, q_offset=index,  # structured: no [B, T, S] tensor here
+                              segment_ids=segment_ids)
     masks = {w: attn_mask.replace(window=w) for w in (set() if stacked else set(cfg.layer_sliding_windows))}
     cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
     local_flags = cfg.layer_local_rope
