@@ -173,8 +173,9 @@ def mesh_chips(mesh: Any) -> tuple[Chip, int]:
         return cpu_chip(), int(mesh.size)
 
 
-def per_device_bytes(tree: Any) -> int:
-    """Bytes one device holds of ``tree`` (arrays / ShapeDtypeStructs with shardings; unsharded leaves whole)."""
+def tree_bytes(tree: Any, *, per_device: bool = False) -> int:
+    """Total bytes of the arrays (or ShapeDtypeStructs) of ``tree`` (typed PRNG keys excluded); ``per_device``:
+    the bytes one device holds (each leaf's shard shape under its sharding; unsharded leaves whole)."""
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -183,21 +184,12 @@ def per_device_bytes(tree: Any) -> int:
         shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
         if shape is None or dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             continue
-        sharding = getattr(x, "sharding", None)
+        sharding = getattr(x, "sharding", None) if per_device else None
         local = sharding.shard_shape(tuple(shape)) if sharding is not None else tuple(shape)
         total += int(np.prod(local, dtype=np.int64)) * np.dtype(dtype).itemsize
     return total
 
 
-def tree_bytes(tree: Any) -> int:
-    """Total bytes of the arrays (or ShapeDtypeStructs) of ``tree`` (typed PRNG keys excluded)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    total = 0
-    for x in jax.tree.leaves(tree):
-        dtype = getattr(x, "dtype", None)
-        if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            continue
-        total += int(np.prod(x.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return total
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of ``tree``: :func:`tree_bytes` with ``per_device=True``."""
+    return tree_bytes(tree, per_device=True)
