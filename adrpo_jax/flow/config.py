@@ -84,6 +84,14 @@ key                                    meaning
 ``eval.seed``                          seed of the eval noise (fixed over the run)
 ``eval.w2_time_samples``               (t, x0) draws per sample of the W2 bound
 ``eval.write_images``                  write ``samples_before.png`` / ``samples_before_after.png``
+``eval.gold_rewards``                  reward-hacking monitor: scorers never trained on, logged as ``eval/gold/<name>``
+                                       beside the training reward (LLM: reward functions on the held-out completions;
+                                       flow: ``('judge',)``, the independent judge); () = off
+``eval.proxy_metric``                  the optimized reward the monitor compares with ('' = ``reward_mean``)
+``eval.stop_when``                     '' = log only; ``gold_falls:N``: checkpoint and stop when a gold reward stays
+                                       below its best for N evaluations while the proxy rises (``result["stopped"]``)
+``eval.stop_min_drop``                 how far below its best a gold value must be to count as a fall
+``eval.monitor_window``                evaluations in the monitor's trends (``monitor/*`` metrics)
 ``lora.enabled``                       train LoRA adapters on the DiT instead of all its weights (below)
 ``lora.rank`` / ``lora.alpha``         r and alpha (update scale alpha / r; alpha / sqrt(r) with use_rslora)
 ``lora.dropout``                       dropout on the adapter inputs in the loss's policy forward only (a

@@ -122,6 +122,15 @@ key                                    meaning
 ``eval.path``                          held-out jsonl (required for the ``jsonl`` source)
 ``eval.accuracy_reward``               the reward function whose mean is ``eval/accuracy``
 ``eval.greedy``                        greedy decoding (else sampling.temperature)
+``eval.batch_size``                    prompts per eval generate call (0 = all at once): bounds the eval's KV cache
+``eval.gold_rewards``                  reward-hacking monitor: scorers never trained on, logged as ``eval/gold/<name>``
+                                       beside the training reward (LLM: reward functions on the held-out completions;
+                                       flow: ``('judge',)``, the independent judge); () = off
+``eval.proxy_metric``                  the optimized reward the monitor compares with ('' = ``reward_mean``)
+``eval.stop_when``                     '' = log only; ``gold_falls:N``: checkpoint and stop when a gold reward stays
+                                       below its best for N evaluations while the proxy rises (``result["stopped"]``)
+``eval.stop_min_drop``                 how far below its best a gold value must be to count as a fall
+``eval.monitor_window``                evaluations in the monitor's trends (``monitor/*`` metrics)
 ``lora.enabled``                       train LoRA adapters instead of all weights (see below)
 ``lora.rank`` / ``lora.alpha``         r and alpha (update scale alpha / r; alpha / sqrt(r) with use_rslora)
 ``lora.dropout``                       must be 0 here: the policy ratio and KL need a deterministic policy

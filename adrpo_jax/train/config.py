@@ -32,6 +32,11 @@ key                             meaning
 ``mesh.fsdp``                   size of the fully-sharded data-parallel axis (params sharded on ``'embed'``)
 ``mesh.tensor``                 size of the tensor-parallel axis (``'mlp'``, ``'heads'``, ``'vocab'``)
 ``mesh.expert``                 size of the expert-parallel axis (MoE expert kernels' ``'expert'``; also a batch axis)
+``plan.target``                 ``--mode=plan``: a TPU topology (``v5e:2x4``, ``v5p:2x2x2``, ``v6e:2x4``, ...) or
+                                ``cpu:N`` / ``cpu:N@h100``: every program compiled for it, no weights
+``plan.check``                  on a TPU / GPU, plan the run on its own devices at start, before loading weights
+``plan.margin``                 a program fits when its peak is below (1 - margin) of the chip's HBM
+``plan.output``                 where the plan's JSON goes ('' = ``workdir/plan.json``)
 ``optim.name``                  ``adamw`` | ``adam`` | ``sgd`` | ``lion`` | ``adafactor``
 ``optim.learning_rate``         peak learning rate (after warm-up)
 ``optim.schedule``              ``constant`` | ``cosine`` | ``linear`` decay after the warm-up
@@ -58,6 +63,9 @@ key                             meaning
                                 is each phase's full wall time (costs the host/device overlap); off: phases
                                 are timed at the points where the host waits anyway (see the trainers)
 ``compilation_cache_dir``       persistent XLA compilation cache directory ('' = off)
+``import_path``                 directories (``os.pathsep``-separated) appended to ``sys.path`` before a run, so that
+                                ``'module:function'`` reward functions and trainers import without ``PYTHONPATH``;
+                                ``launch.py`` adds the config file's directory and the current directory
 ``distributed.mode``            ``auto`` (initialize when the environment shows a multi-process launch) |
                                 ``on`` | ``off``; see ``distributed.py`` and docs/distributed.md
 ``distributed.coordinator_address``  ``host:port`` of process 0 ('' = from the environment / auto-detect)
@@ -110,6 +118,11 @@ __all__ = [
     "require_choice",
     "require_divisible",
     "find_unknown_override",
+    "suggest_keys",
+    "TRL_ALIASES",
+    "OVERRIDE_FOLLOWERS",
+    "apply_override_followers",
+    "config_from_dict",
     "config_to_dict",
     "config_diff",
     "config_fingerprint",
@@ -136,6 +149,7 @@ RUNTIME_KEY_PREFIXES = (
     "checkpoint.",
     "logging.",
     "compilation_cache_dir",
+    "import_path",
     "distributed.",
     "mesh.",
 )
@@ -233,6 +247,7 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
             "phase_timing": False,
         },
         "compilation_cache_dir": "",
+        "import_path": "",  # extra import directories (launch.py: the config file's and the current directory)
         "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1,
                         "heartbeat_timeout_s": 60},
         # --mode=plan (adrpo_jax/recipe/plan.py): compile every program for `target` without weights; on a TPU /
@@ -514,6 +529,8 @@ def validate_common_config(config: Any) -> None:
     for key in ("wandb_project", "wandb_entity"):
         require_type(config, f"logging.{key}", str)
     require_type(config, "compilation_cache_dir", str)
+    if "import_path" in config:
+        require_type(config, "import_path", str)
 
     require_choice(config, "distributed.mode", DISTRIBUTED_MODES)
     address = require_type(config, "distributed.coordinator_address", str)
@@ -545,11 +562,115 @@ def finalize_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 # ----------------------------------------------------------------------------------------------------------
 
 
+# TRL ``GRPOConfig`` / ``GRPOTrainer`` names -> our dotted keys (docs/porting_trl.md's table; a test keeps the two
+# equal). A value starting with ``--`` is a launch.py flag, not a config key.
+TRL_ALIASES: dict[str, str] = {
+    "num_generations": "rl.group_size",
+    "max_completion_length": "sampling.max_new_tokens",
+    "max_prompt_length": "sampling.max_prompt_length",
+    "beta": "rl.beta",
+    "epsilon": "rl.eps_low",
+    "epsilon_high": "rl.eps_high",
+    "num_iterations": "rl.num_iterations",
+    "per_device_train_batch_size": "rl.num_prompts_per_step",
+    "steps_per_generation": "rl.num_minibatches",
+    "gradient_accumulation_steps": "optim.grad_accum_steps",
+    "loss_type": "rl.loss_aggregation",
+    "scale_rewards": "rl.scale_rewards",
+    "importance_sampling_level": "rl.ratio_level",
+    "mask_truncated_completions": "rl.mask_truncated_completions",
+    "sync_ref_model": "rl.ref_sync_steps",
+    "ref_model_sync_steps": "rl.ref_sync_steps",
+    "ref_model_mixup_alpha": "rl.ref_mixup_alpha",
+    "reward_funcs": "rewards.functions",
+    "reward_weights": "rewards.weights",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "top_k": "sampling.top_k",
+    "learning_rate": "optim.learning_rate",
+    "lr_scheduler_type": "optim.schedule",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "adam_beta1": "optim.b1",
+    "adam_beta2": "optim.b2",
+    "adam_epsilon": "optim.eps",
+    "max_grad_norm": "optim.grad_clip_norm",
+    "max_steps": "total_steps",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_steps": "checkpoint.every_steps",
+    "save_total_limit": "checkpoint.max_to_keep",
+    "seed": "seed",
+    "gradient_checkpointing": "model.remat",
+    "bf16": "model.dtype",
+    "model_name_or_path": "model.path",
+    "r": "lora.rank",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "use_rslora": "lora.use_rslora",
+    "target_modules": "lora.target_modules",
+    "report_to": "logging.tensorboard",
+    "output_dir": "--workdir",
+}
+
+
+def _leaf_keys(config: Any, prefix: str = "") -> list[str]:
+    out = []
+    for key in (config.keys() if isinstance(config, (Mapping, ml_collections.ConfigDict)) else ()):
+        value = config[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+            out.extend(_leaf_keys(value, path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def suggest_keys(config: Any, key: str, n: int = 3) -> list[str]:
+    """The "did you mean" candidates of the unknown dotted ``key`` (each a backquoted key, with a note for TRL's
+    names): the :data:`TRL_ALIASES` entry of its last part, keys with the same last part in another section, then
+    close spellings (``difflib``) of the whole key and of its last part.
+
+    >>> config = ml_collections.ConfigDict({"rl": {"group_size": 8, "beta": 0.04}, "optim": {"learning_rate": 1e-4}})
+    >>> suggest_keys(config, "rl.num_generations")
+    ["`rl.group_size` (TRL's `num_generations`)"]
+    >>> suggest_keys(config, "rl.learning_rate"), suggest_keys(config, "rl.grup_size")
+    (['`optim.learning_rate`'], ['`rl.group_size`'])
+    """
+    import difflib  # pylint: disable=import-outside-toplevel
+
+    keys = _leaf_keys(config)
+    leaf = key.split(".")[-1]
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(candidate: str, note: str = "") -> None:
+        if candidate not in seen and candidate != key:
+            seen.add(candidate)
+            out.append(f"`{candidate}`{note}")
+
+    alias = TRL_ALIASES.get(leaf)
+    if alias is not None and (alias.startswith("--") or alias in keys):
+        add(alias, f" (TRL's `{leaf}`)" if alias.split(".")[-1] != leaf else "")
+    for candidate in keys:
+        if candidate.split(".")[-1] == leaf:
+            add(candidate)
+    for candidate in difflib.get_close_matches(key, keys, n=n, cutoff=0.75):
+        add(candidate)
+    leaves = sorted({k.split(".")[-1] for k in keys})
+    for close in difflib.get_close_matches(leaf, leaves, n=n, cutoff=0.8):
+        for candidate in keys:
+            if candidate.split(".")[-1] == close:
+                add(candidate)
+    return out[:n]
+
+
 def find_unknown_override(config: Any, keys: Iterable[str]) -> str | None:
     """Returns an error message for the first dotted key in ``keys`` that ``config`` lacks, else None.
 
     Used by ``launch.py`` to turn ml_collections' bare ``AttributeError: 'x'`` into a message naming the
-    full key and its valid siblings.
+    full key, the keys it may have meant (:func:`suggest_keys`: TRL's names, the same name in another section,
+    close spellings) and its valid siblings.
     """
     for key in keys:
         node = config
@@ -559,13 +680,79 @@ def find_unknown_override(config: Any, keys: Iterable[str]) -> str | None:
                 node = node[part]
                 continue
             parent = ".".join(parts[:i])
+            suggestions = suggest_keys(config, key)
+            hint = f" Did you mean {' or '.join(suggestions)}?" if suggestions else ""
             if isinstance(node, (Mapping, ml_collections.ConfigDict)):
                 valid = ", ".join(sorted(str(k) for k in node.keys()))
                 where = f"`config.{parent}`" if parent else "the config"
-                return (f"Unknown config key `config.{key}`: {where} has no field `{part}` "
+                return (f"Unknown config key `config.{key}`: {where} has no field `{part}`.{hint} "
                         f"(valid fields: {valid}).")
-            return f"Unknown config key `config.{key}`: `config.{parent}` is a {type(node).__name__}, not a section."
+            return (f"Unknown config key `config.{key}`: `config.{parent}` is a {type(node).__name__}, not a "
+                    f"section.{hint}")
     return None
+
+
+# When the command line overrides the key on the left but not a key on the right, the right one follows it (and
+# the change is reported): a user who swaps in their own reward functions gets TRL's default weights (1.0 each) and
+# an eval that scores with their reward, instead of a length-mismatch error or an eval by a built-in reward.
+OVERRIDE_FOLLOWERS: dict[str, tuple[str, ...]] = {"rewards.functions": ("rewards.weights", "eval.accuracy_reward")}
+
+
+def apply_override_followers(config: Any, overridden: Iterable[str]) -> list[str]:
+    """Sets the keys that follow an overridden key (:data:`OVERRIDE_FOLLOWERS`) unless they were overridden too;
+    returns one message per changed key (``launch.py`` logs them). Rules for ``rewards.functions``:
+
+    * ``rewards.weights`` -> ``(1.0,) * len(functions)`` (TRL's ``reward_weights=None``);
+    * ``eval.accuracy_reward`` -> the first function, unless its current value is one of the functions.
+
+    >>> c = ml_collections.ConfigDict({"rewards": {"functions": ("mine:f",), "weights": (1.0, 0.1)},
+    ...                                "eval": {"accuracy_reward": "exact_match"}})
+    >>> msgs = apply_override_followers(c, ["rewards.functions"])
+    >>> c.rewards.weights, c.eval.accuracy_reward
+    ((1.0,), 'mine:f')
+    """
+    overridden = set(overridden)
+    messages: list[str] = []
+    if "rewards.functions" in overridden and "rewards" in config:
+        functions = get_by_path(config, "rewards.functions", None)
+        if isinstance(functions, str):
+            functions = (functions,)
+        if isinstance(functions, (tuple, list)) and functions:
+            if "rewards.weights" not in overridden and "weights" in config.rewards:
+                weights = (1.0,) * len(functions)
+                if tuple(config.rewards.weights or ()) != weights:
+                    old = config.rewards.weights
+                    config.rewards.weights = weights
+                    messages.append(f"rewards.weights = {weights} (was {tuple(old)}): one weight 1.0 per function of "
+                                    "the overridden rewards.functions; pass --config.rewards.weights=\"(...)\" to "
+                                    "weight them.")
+            if ("eval.accuracy_reward" not in overridden and "eval" in config
+                    and "accuracy_reward" in config.eval and isinstance(functions[0], str)):
+                old = config.eval.accuracy_reward
+                if old not in functions:
+                    config.eval.accuracy_reward = functions[0]
+                    messages.append(f"eval.accuracy_reward = {functions[0]!r} (was {old!r}): eval/accuracy is the "
+                                    "mean of the first function of the overridden rewards.functions; pass "
+                                    "--config.eval.accuracy_reward=... to choose another.")
+    return messages
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The ConfigDict of a :func:`config_to_dict` dict (a run's ``config.json``): JSON lists become tuples again
+    (the configs hold sequences as tuples, as command-line overrides parse them).
+
+    >>> c = config_from_dict({"rewards": {"functions": ["exact_match"]}, "seed": 0})
+    >>> c.rewards.functions, c.seed
+    (('exact_match',), 0)
+    """
+    def convert(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return tuple(convert(v) for v in value)
+        return value
+
+    return ml_collections.ConfigDict(convert(dict(data)))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
