@@ -20,7 +20,8 @@ projection with the per-expert row counts as group sizes (`moe_impl`):
              masked product costing every expert on every row, so it is not the CPU choice).
 `megablox`   the Pallas TPU grouped-matmul kernel (`jax.experimental.pallas.ops.tpu.megablox.gmm`, with its
              transposed kernel for the weight gradient); rows padded to the row tile. TPU only (Mosaic): under a
-             multi-device mesh it runs inside the layer's `shard_map`; `interpret=True` runs it on CPU (tests).
+             multi-device mesh it runs inside the layer's `shard_map` (with `check_vma=False`: Pallas outputs
+             declare no varying mesh axes); `Experts.interpret = True` runs it on CPU (tests).
 `blocked`    pure JAX: each expert's rows padded to tiles of `moe_block_size` rows, one `[tile, D] x [D, F]` matmul
              per tile with that tile's expert weights (`lax.map`; tiles past the last one are skipped), so the cost is
              the assigned rows plus at most one partial tile per expert. The CPU default.
