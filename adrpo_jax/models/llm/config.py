@@ -327,6 +327,8 @@ class DecoderConfig:
       raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive with num_experts="
                        f"{self.num_experts}")
     sparse = self.moe_layers
+    if any(sparse) and not all(sparse) and self.scan_layers == "auto":
+      set_("scan_layers", False)  # a layout mixing sparse and dense layers runs as a list
     if self.scan_layers and any(sparse) and not all(sparse):
       raise ValueError(
           f"scan_layers=True needs every layer alike, but mlp_only_layers={list(self.mlp_only_layers)} / "
