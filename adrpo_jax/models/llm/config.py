@@ -519,10 +519,10 @@ class DecoderConfig:
     )
     if model_type in MOE_MODEL_TYPES:
       kwargs.update(cls._moe_kwargs(raw, model_type))
-      if "scan_layers" not in overrides:  # a layout that mixes sparse and dense layers runs as a list
-        sparse = cls._sparse_layers(kwargs["num_hidden_layers"], kwargs["num_experts"], kwargs["mlp_only_layers"],
-                                    kwargs["decoder_sparse_step"])
-        kwargs["scan_layers"] = all(sparse) or not any(sparse)
+      sparse = cls._sparse_layers(kwargs["num_hidden_layers"], kwargs["num_experts"], kwargs["mlp_only_layers"],
+                                  kwargs["decoder_sparse_step"])
+      if "scan_layers" not in overrides and any(sparse) and not all(sparse):
+        kwargs["scan_layers"] = False  # a layout that mixes sparse and dense layers runs as a list
     del dtype_name  # the checkpoint's storage dtype does not choose ours: dtype/param_dtype are explicit.
     kwargs.update(overrides)
     return cls(**kwargs)
