@@ -31,7 +31,9 @@ def test_variants_and_clear_errors(tmp_path):
     audio_trainer.validate_audio_config(_config(v))
   assert not _config("cpu_grpo").rl.adaptive and _config("cpu").rl.adaptive
   gpu = _config("gpu")
-  assert gpu.lora.enabled and gpu.audio.task == "jsonl" and gpu.rewards.functions == ("choice_accuracy", "answer_format")
+  assert gpu.lora.enabled and gpu.audio.task == "jsonl" and gpu.rewards.functions == ("mmau_accuracy", "answer_format")
+  assert gpu.audio.choice_format == "text" and gpu.eval.accuracy_reward == "mmau_accuracy"  # MMAU-comparable
+  assert gpu.eval.batch_size and _config("tpu").eval.batch_size  # the eval generate runs in chunks
   with pytest.raises(ConfigError, match="model.path"):
     audio_trainer.validate_audio_config(gpu)
   (tmp_path / "omni").mkdir()
@@ -142,23 +144,25 @@ def test_audio_prompts_host_side(tmp_path):
   tok = build_char_tokenizer(extra_chars=("@",))
   t = object.__new__(audio_trainer.AudioRLTrainer)
   t.config, t.tokenizer, t.audio_token, t.audio_template = cfg, tok, "@", "{audio}"
+  t.audio_token_id, t._in_eval = tok.convert_tokens_to_ids("@"), False
   t.mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=__import__("jax").devices()[:1])
   t.features = audio_data.LogMelFeatures(n_mels=80, seconds=2.5)
-  t._feature_cache = {}
+  t._feature_cache = __import__("collections").OrderedDict()
   t.encoder = PromptEncoder(tok, 64)
   calls = []
 
   def fake_encode(params, frozen, feats, fmask, group):  # 4x downsampling of the valid frames, per prompt
     calls.append((feats.shape, group))
-    n = np.asarray(fmask)[::group].sum(axis=1) // 4
+    n = np.asarray(fmask).sum(axis=1) // 4
     valid = np.arange(64)[None] < n[:, None]
-    return np.zeros((len(fmask), 64, 8), np.float32), np.repeat(valid, group, 0)
+    return np.zeros((len(fmask) * group, 64, 8), np.float32), np.repeat(valid, group, 0)
 
   t.fns, t.policy = {"audio/encode": fake_encode}, __import__("types").SimpleNamespace(frozen=None)
   src = audio_trainer.make_audio_source(cfg, seed=0)
   rows = [src[0]] * 2 + [src[1]] * 2
   g, prompts, counts = t.audio_prompts(rows, None, 2)
-  assert calls == [((4, 80, 250), 2)] and counts.tolist() == [50, 50, 50, 50]  # 2 s of beeps = 200 frames
+  # the host sends one clip per group of 2 rows; 2 s of beeps = 200 frames
+  assert calls == [((2, 80, 250), 2)] and counts.tolist() == [50, 50, 50, 50]
   tokens, mask = np.asarray(g["tokens"]), np.asarray(g["mask"])
   at = tok.convert_tokens_to_ids("@")
   assert (tokens == at).sum(1).tolist() == [50] * 4 and mask.sum(1).tolist() == [51] * 4

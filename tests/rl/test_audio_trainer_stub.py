@@ -27,7 +27,7 @@ class StubAudioLM(nnx.Module):
                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=(2,))
     self.lm = CausalLM(cfg, rngs=rngs)
     self.proj = nnx.Linear(4 * n_mels, 32, rngs=rngs)
-    self.audio_id = audio_id
+    self.audio_id = self.audio_token_id = audio_id
 
   def encode_audio(self, features, mask):
     b, m, l = features.shape
@@ -51,7 +51,7 @@ def stub(monkeypatch, tmp_path):
   model_dir = tmp_path / "model"
   model_dir.mkdir()
   monkeypatch.setattr(audio_trainer, "resolve_audio_model", lambda config: (model_dir, tok_dir))
-  monkeypatch.setattr(audio_trainer, "_load_audio_model", lambda d, config: StubAudioLM(
+  monkeypatch.setattr(audio_trainer, "_load_audio_model", lambda d, config, mesh=None: StubAudioLM(
       len(tok), tok.convert_tokens_to_ids("@"), rngs=nnx.Rngs(0)))
   return tmp_path
 
