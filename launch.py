@@ -1,7 +1,7 @@
 r"""The single entry point for training runs, their evaluation and their comparison.
 
     python launch.py --config=configs/<experiment>.py[:variant] --workdir=DIR [--config.key=value ...]
-    python launch.py --config=... --workdir=DIR --mode=eval      # newest checkpoint -> DIR/eval.jsonl
+    python launch.py --workdir=DIR --mode=eval                   # newest checkpoint -> DIR/eval.jsonl (DIR's config)
     python launch.py --mode=compare --workdir=OUT RUN_DIR [RUN_DIR ...]   # OUT/compare.png, OUT/compare.md
 
 Steps: parse and validate the config (unknown keys and bad values fail here, naming the key), initialize
@@ -14,7 +14,16 @@ preemption (SIGTERM/SIGINT); 1 with a one-line message for config, checkpoint-mi
 Multi-host commands: docs/distributed.md. A lost process (killed, host down) of a multi-process run stops
 the others within ``distributed.heartbeat_timeout_s`` with one line naming it, the last checkpoint step and the
 command to resume, exit code 75 (``adrpo_jax/train/distributed.py``). ``--mode=eval``:
-``adrpo_jax/recipe/runner.py``; ``--mode=compare``: ``adrpo_jax/compare.py``.
+``adrpo_jax/recipe/runner.py``; without ``--config`` it reads the run's own ``DIR/config.json``
+(``adrpo_jax/recipe/workdir_config.py``; ``--config.*`` overrides still apply). ``--mode=compare``:
+``adrpo_jax/compare.py``.
+
+For users porting a run (docs/porting_trl.md): an unknown key names the keys it may have meant (TRL's names
+included: ``--config.rl.num_generations`` -> ``rl.group_size``); overriding ``rewards.functions`` alone sets
+``rewards.weights`` to 1.0 per function and points ``eval.accuracy_reward`` at the first function
+(``apply_override_followers``); ``import_path`` gets the config file's directory and the current directory, so a
+``'module:function'`` reward next to either imports without ``PYTHONPATH``. A finished run prints a short summary
+with the paths of its outputs.
 """
 
 from __future__ import annotations
@@ -67,8 +76,41 @@ def _load_config_file(spec: str):
     return module.get_config(arg) if sep else module.get_config()
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name=value`` / ``--name value`` in ``argv`` (the last one), else None."""
+    value = None
+    for i, arg in enumerate(argv[1:], start=1):
+        for prefix in (f"--{name}=", f"-{name}="):
+            if arg.startswith(prefix):
+                value = arg[len(prefix):]
+        if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _with_workdir_config(argv: list[str]) -> list[str]:
+    """``--mode=eval`` without ``--config``: ``--config=<workdir_config.py>:WORKDIR`` (the run's own config.json)
+    inserted before the overrides; a one-line error when WORKDIR has no config.json."""
+    if _flag_value(argv, "mode") != "eval" or _config_arg(argv) is not None:
+        return argv
+    workdir = _flag_value(argv, "workdir")
+    if not workdir:
+        return argv  # absl reports the missing --workdir
+    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
+    if not os.path.isfile(path):
+        sys.stderr.write(f"FATAL --mode=eval without --config reads the run's config from {path}, which does not "
+                         "exist (a run writes it once its first step succeeded). Pass the run's "
+                         "--config=path/to/config.py[:variant] and its --config.* overrides.\n")
+        sys.exit(1)
+    from adrpo_jax.recipe import workdir_config  # pylint: disable=import-outside-toplevel
+    return [argv[0], f"--config={workdir_config.__file__}:{os.path.abspath(os.path.expanduser(workdir))}",
+            *argv[1:]]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a clear message (naming the full key) for unknown ``--config.*`` overrides."""
+    """absl flag parsing, with a clear message (naming the full key and the keys it may have meant) for unknown
+    ``--config.*`` overrides; ``--mode=eval`` without ``--config`` reads ``WORKDIR/config.json``."""
+    argv = _with_workdir_config(list(argv))
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as err:
@@ -140,6 +182,9 @@ def main(argv: list[str]) -> None:
         logging.getLogger("absl").setLevel(logging.WARNING)
     config = _CONFIG.value
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    for message in config_lib.apply_override_followers(config, _override_keys(sys.argv)):
+        log.info("%s", message)
+    _extend_import_path(config)
     if _MODE.value == "plan":
         config_lib.validate_common_config(config)
         return _plan(config, workdir)
@@ -160,8 +205,8 @@ def main(argv: list[str]) -> None:
         make_mesh(config.mesh)  # fail now (naming mesh.*) if the mesh does not fit the devices
         from adrpo_jax.recipe import runner  # pylint: disable=import-outside-toplevel
         if _MODE.value == "eval":
-            record = runner.evaluate_run(config, workdir)
-            log.info("Wrote %s: %s", os.path.join(workdir, "eval.jsonl"), record)
+            runner.evaluate_run(config, workdir)
+            log.info("Wrote %s", os.path.join(workdir, runner.EVAL_FILE))
             return
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
@@ -176,8 +221,30 @@ def main(argv: list[str]) -> None:
     if result.get("preempted"):
         log.warning("Run preempted at step %s; checkpoint saved. Re-run the same command to resume.",
                     result.get("step"))
-    else:
-        log.info("Done: %s", {k: v for k, v in result.items() if not isinstance(v, (list, dict))})
+    elif jax.process_index() == 0:
+        print(runner.run_summary(result, workdir, config), flush=True)
+
+
+def _extend_import_path(config) -> None:
+    """``config.import_path`` += the config file's directory and the current directory (absolute; those already
+    there are kept once), so that a ``'module:function'`` reward next to either imports without ``PYTHONPATH``
+    (``--mode=eval`` re-reads the directories from the run's config.json)."""
+    if "import_path" not in config:
+        return
+    spec = _config_arg(sys.argv)
+    dirs = [d for d in str(config.import_path or "").split(os.pathsep) if d]
+    from adrpo_jax.recipe import workdir_config  # pylint: disable=import-outside-toplevel
+    if spec:
+        path = spec.split(".py:", 1)[0] + ".py" if ".py:" in spec else spec
+        if os.path.abspath(path) != os.path.abspath(workdir_config.__file__):
+            dirs.append(os.path.dirname(os.path.abspath(os.path.expanduser(path))))
+    dirs.append(os.getcwd())
+    unique = []
+    for d in dirs:
+        d = os.path.abspath(os.path.expanduser(d))
+        if d not in unique:
+            unique.append(d)
+    config.import_path = os.pathsep.join(unique)
 
 
 if __name__ == "__main__":

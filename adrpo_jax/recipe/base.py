@@ -37,11 +37,15 @@ import importlib
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+import struct
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from adrpo_jax import train
 import adrpo_jax.train.metrics  # noqa: F401  (train.metrics.to_python_scalar)
@@ -49,11 +53,12 @@ from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import ProgramSet
 
 __all__ = ["Recipe", "RECIPES", "recipe_name", "resolve_recipe", "resolve_trainer", "register_recipe",
-           "validate_trainer_name", "FINAL_MODEL"]
+           "validate_trainer_name", "write_png", "FINAL_MODEL", "EVAL_IMAGES_DIR"]
 
 log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final_model"
+EVAL_IMAGES_DIR = "eval_images"  # WORKDIR/eval_images/<name>_step<N>.png: Recipe.eval_images at every evaluation
 
 RECIPES: dict[str, str] = {
     "llm": "adrpo_jax.rl.trainer:RLTrainer",
@@ -128,6 +133,38 @@ def resolve_trainer(trainer: str) -> Callable[[Any, str], dict]:
     if not callable(fn):
         raise ConfigError(f"`trainer`={trainer!r} is not callable.", key="trainer", value=trainer)
     return fn
+
+
+def _to_uint8(image: Any, name: str) -> np.ndarray:
+    """``[H, W]`` / ``[H, W, C]`` (C in 1, 3, 4) uint8, or float in [0, 1] (clipped) -> ``[H, W, C]`` uint8."""
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"eval image {name!r} must be [H, W] or [H, W, C] with C in (1, 3, 4), got {arr.shape}.")
+    if arr.dtype != np.uint8:
+        arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return arr
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
+    """Writes ``[H, W, C]`` uint8 (C = 1 grey, 3 RGB, 4 RGBA) as a PNG (zlib, no imaging library); returns the
+    path. The file is written to a temporary name and renamed (a reader never sees half a PNG)."""
+    arr = _to_uint8(image, os.fspath(path))
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))  # filter type 0 per scanline
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    color = {1: 0, 3: 2, 4: 6}[c]
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(png)
+    os.replace(tmp, path)
+    return os.fspath(path)
 
 
 class Recipe:
@@ -227,6 +264,29 @@ class Recipe:
         from adrpo_jax.train.monitor import monitor_from_config  # pylint: disable=import-outside-toplevel
         return monitor_from_config(self.config, self.monitor_kind)
 
+    def eval_images(self, step: int, state: Any) -> Mapping[str, Any] | None:
+        """Images of the policy at an evaluation (e.g. a grid of the eval prompts' samples), ``{name: [H, W, 3] or
+        [H, W]}`` (uint8, or float in [0, 1]), or None (the default: the recipe shows none). :meth:`run` calls it
+        after every evaluation, the step-0 one included, and writes each image to
+        ``WORKDIR/eval_images/<name>_step<N>.png`` and to TensorBoard / W&B as ``eval_images/<name>``."""
+        del step, state
+        return None
+
+    def _write_eval_images(self, writer: Any, step: int, state: Any) -> list[str]:
+        """:meth:`eval_images` of ``state`` -> PNG files (process 0) and the writer's images; returns the paths."""
+        images = self.eval_images(step, state)
+        if not images:
+            return []
+        images = {str(k): _to_uint8(jax.device_get(v), k) for k, v in images.items()}
+        paths = []
+        if writer.is_primary:
+            folder = os.path.join(self.workdir, EVAL_IMAGES_DIR)
+            os.makedirs(folder, exist_ok=True)
+            for name, image in images.items():
+                paths.append(write_png(os.path.join(folder, f"{name.replace('/', '_')}_step{int(step)}.png"), image))
+            writer.write_images(step, {f"{EVAL_IMAGES_DIR}/{name}": image for name, image in images.items()})
+        return paths
+
     def on_start(self, state: Any) -> None:
         """Called once on a fresh run, after the step-0 evaluation (e.g. a "before" sample grid)."""
 
@@ -244,15 +304,28 @@ class Recipe:
         evaluate = self.has_evaluator
         monitor = self.monitor()
 
+        def evaluate_step(step: int, state: Any) -> dict[str, Any]:
+            metrics = self.evaluate(step, state)
+            self._write_eval_images(writer, step, state)
+            return metrics
+
         def init_state():
+            t0 = time.perf_counter()
+            log.info("Initializing the train state (the pre-trained weights, the optimizer state) ...")
             state = self.init_state()
+            log.info("Train state ready in %.1f s.", time.perf_counter() - t0)
             if evaluate:  # the "before" numbers of a fresh run (policy == pre-trained model), logged at step 0
                 writer.truncate_after(-1)
+                log.info("Step-0 evaluation (the policy before training; compiles the evaluation) ...")
+                t0 = time.perf_counter()
                 record = {k: train.metrics.to_python_scalar(v)
-                          for k, v in jax.device_get(dict(self.evaluate(0, state))).items()}
+                          for k, v in jax.device_get(dict(evaluate_step(0, state))).items()}
                 if monitor is not None:  # the gold rewards' starting point
                     record.update(monitor.update({"step": 0, **record}))
                 writer.write(0, record)
+                keys = train.metrics.parse_console_keys(train.get_by_path(config, "logging.console_keys", None))
+                shown = train.metrics.format_console(record, keys) or train.metrics.format_console(record, None)
+                log.info("step 0 (before training, %.1f s): %s", time.perf_counter() - t0, shown)
             self.on_start(state)
             return state
 
@@ -260,7 +333,7 @@ class Recipe:
             result = train.run_training(
                 config=config, workdir=self.workdir, init_state=init_state, abstract_state=self.abstract_state,
                 train_step=self.train_step, get_host_state=self.get_host_state, set_host_state=self.set_host_state,
-                eval_step=self.evaluate if evaluate else None,
+                eval_step=evaluate_step if evaluate else None,
                 learning_rate_fn=lambda s: self.schedule(s * self.updates_per_step),
                 throughput_keys=(self.throughput_key,) if self.throughput_key else (), writer=writer,
                 monitor=monitor)

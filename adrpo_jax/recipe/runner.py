@@ -21,17 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from adrpo_jax.recipe.base import FINAL_MODEL, RECIPES, Recipe, recipe_name, resolve_recipe, resolve_trainer
-from adrpo_jax.train.config import ConfigError
+from adrpo_jax.recipe.base import (EVAL_IMAGES_DIR, FINAL_MODEL, RECIPES, Recipe, recipe_name, resolve_recipe,
+                                   resolve_trainer)
+from adrpo_jax.train.config import ConfigError, get_by_path
 
-__all__ = ["train", "evaluate_run", "build_trainer", "warn_config_changes", "write_run_config", "EVAL_FILE",
-           "CONFIG_FILE", "MODES"]
+__all__ = ["train", "evaluate_run", "build_trainer", "warn_config_changes", "write_run_config", "apply_import_path",
+           "describe_model", "run_summary", "EVAL_FILE", "CONFIG_FILE", "MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     error found by the recipe, an out-of-memory at the first step) leaves none behind, and the retry does not
     warn about a "previous run" that never trained."""
     from adrpo_jax.recipe.plan import check_before_run  # pylint: disable=import-outside-toplevel
+    apply_import_path(config)
     check_before_run(config, workdir)  # TPU / GPU: every program fits, before any weight is loaded
     workdir = os.fspath(workdir)
     cls = resolve_recipe(config.trainer)
@@ -56,19 +59,112 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         result = resolve_trainer(config.trainer)(config, workdir)
         write_run_config(config, workdir)
         return result
+    t0 = time.perf_counter()
+    log.info("Setting up the %s recipe: %s ...", cls.name or config.trainer, describe_model(config))
     recipe = cls(config, workdir)
+    log.info("Set up in %.1f s (%d programs, compiled at their first call).", time.perf_counter() - t0,
+             len(getattr(recipe, "programs", ()) or ()))
     step_fn = recipe.train_step
     pending = [True]
 
     def train_step(step: int, state: Any) -> Any:
+        if pending:
+            log.info("Step %d/%d: the first step of this process compiles the step's programs (the slowest step; "
+                     "the next ones are faster) ...", step + 1, int(config.total_steps))
+            start = time.perf_counter()
         out = step_fn(step, state)
         if pending:  # the first step of this run went through: record its config
+            jax.block_until_ready(out)
+            log.info("Step %d done in %.1f s (compilation included).", step + 1, time.perf_counter() - start)
             write_run_config(config, workdir)
             pending.clear()
         return out
 
     recipe.train_step = train_step  # Recipe.run hands self.train_step to the loop
     return recipe.run()
+
+
+def apply_import_path(config: Any) -> list[str]:
+    """Appends the directories of ``config.import_path`` (``os.pathsep``-separated) that are not on ``sys.path``
+    yet, so that ``'module:function'`` paths (reward functions, a trainer) import from them; returns those
+    added."""
+    added = []
+    for d in str(get_by_path(config, "import_path", "") or "").split(os.pathsep):
+        d = os.path.abspath(os.path.expanduser(d)) if d else ""
+        if d and d not in sys.path:
+            sys.path.append(d)
+            added.append(d)
+    return added
+
+
+def describe_model(config: Any) -> str:
+    """What the run loads, for the startup line: ``model.path`` (a ``builtin:`` model: built once and cached under
+    ``$ADRPO_JAX_CACHE``; '' for the flow recipes: the pre-trained model of the cache) and the mesh."""
+    from adrpo_jax.cache import cache_root  # pylint: disable=import-outside-toplevel
+    path = get_by_path(config, "model.path", None)
+    if path is None:
+        what = "no model.path"
+    elif str(path).startswith("builtin:"):
+        what = f"model.path={path!r} (built in: made once, then loaded from {cache_root()})"
+    elif not path:
+        tiny = " (tiny random models)" if get_by_path(config, "model.tiny", False) else ""
+        what = f"model.path='' (the recipe's own pre-trained model{tiny}, made once and cached under {cache_root()})"
+    else:
+        what = f"model.path={os.path.abspath(os.path.expanduser(str(path)))!r}"
+    mesh = get_by_path(config, "mesh", None)
+    shape = ", ".join(f"{k}={mesh[k]}" for k in ("data", "fsdp", "expert", "tensor") if mesh is not None and k in mesh)
+    return f"{what}; mesh {shape}; {jax.device_count()} {jax.devices()[0].platform} device(s)"
+
+
+def run_summary(result: dict[str, Any], workdir: str | os.PathLike, config: Any = None) -> str:
+    """The end-of-run lines ``launch.py`` prints: the final numbers and the paths of the run's outputs (those that
+    exist): ``metrics.jsonl``, ``tb/`` with its ``tensorboard`` command, ``samples.jsonl``, the checkpoints, the
+    exported model, the sample grids; the monitor's message when it stopped the run (``result["stopped"]``)."""
+    from adrpo_jax.train.metrics import format_console  # pylint: disable=import-outside-toplevel
+    workdir = Path(os.path.abspath(os.fspath(workdir)))
+    total = get_by_path(config, "total_steps", None) if config is not None else None
+    step = result.get("step")
+    keys = ("reward_mean", "kl_mean", "w2_mean", "beta_eff_mean", "eval/accuracy", "eval/reward_mean",
+            "eval/diversity", "eval/clip_diversity")
+    numbers = format_console(result, keys) if any(k in result for k in keys) else ""
+    head = f"step {step}/{total}" if total is not None else f"step {step}"
+    lines = []
+    if result.get("stopped"):
+        lines.append(f"Stopped early at {head}: {result['stopped']}")
+    else:
+        lines.append(f"Finished at {head}" + (f": {numbers}" if numbers else "."))
+    rows = []
+    if (workdir / "metrics.jsonl").exists():
+        rows.append(("metrics", str(workdir / "metrics.jsonl")))
+    if (workdir / "tb").is_dir():
+        try:
+            import tensorboard  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+            note = ""
+        except ImportError:
+            note = "   (pip install 'adrpo_jax[logging]' for the tensorboard command)"
+        rows.append(("TensorBoard", f"tensorboard --logdir {workdir / 'tb'}{note}"))
+    if (workdir / "samples.jsonl").exists():
+        rows.append(("samples", str(workdir / "samples.jsonl")))
+    grids = sorted((workdir / EVAL_IMAGES_DIR).glob("*.png")) if (workdir / EVAL_IMAGES_DIR).is_dir() else []
+    if grids:
+        rows.append(("eval images", f"{workdir / EVAL_IMAGES_DIR} ({len(grids)} PNG, newest {grids[-1].name})"))
+    for key in ("samples_grid",):
+        if result.get(key):
+            rows.append(("sample grid", str(result[key])))
+    ckpt = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+    if steps:
+        rows.append(("checkpoints", f"{ckpt} (steps {', '.join(map(str, steps))})"))
+    if result.get("final_model"):
+        rows.append(("model", f"{result['final_model']} (the trained policy, Hugging Face / diffusers layout)"))
+    elif not result.get("stopped") and config is not None and get_by_path(config, "model.save_final", None) \
+            is False:
+        rows.append(("model", "not exported (pass --config.model.save_final=True to write WORKDIR/final_model)"))
+    rows.append(("config", str(workdir / CONFIG_FILE)))
+    width = max(len(name) for name, _ in rows)
+    lines.extend(f"  {name + ':':<{width + 1}} {value}" for name, value in rows)
+    lines.append(f"  evaluate again: launch.py --workdir={workdir} --mode=eval")
+    return "\n".join(lines)
 
 
 def warn_config_changes(config: Any, workdir: str | os.PathLike) -> list[tuple[str, Any, Any]]:
@@ -159,6 +255,7 @@ def evaluate_run(config: Any, workdir: str | os.PathLike, *, trainer: Recipe | N
     """
     from adrpo_jax.train.loop import checkpointer_from_config  # pylint: disable=import-outside-toplevel
 
+    apply_import_path(config)
     kind = trainer.name if trainer is not None else recipe_name(config.trainer) or _recipe_class(config).name
     workdir = Path(os.path.abspath(os.fspath(workdir)))
     final_model = workdir / FINAL_MODEL

@@ -1,5 +1,6 @@
-"""Reward functions: a registry of built-ins, user functions by ``'module:function'``, weighted combination,
-missing / non-finite rewards, and exception / time-out handling.
+"""Reward functions: a registry of built-ins, user functions by ``'module:function'`` or
+``'path/to/file.py:function'`` (:func:`resolve_reward_function`), weighted combination, missing / non-finite
+rewards, and exception / time-out handling.
 
 A reward function is a plain Python callable in TRL's convention::
 
@@ -38,13 +39,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import difflib
+import hashlib
 import importlib
+import importlib.util
 import logging
 import math
 import numbers
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,11 +117,84 @@ def register_reward_function(name: str, fn: RewardFn) -> None:
     BUILTIN_REWARDS[name] = fn
 
 
-def resolve_reward_function(spec: str | RewardFn) -> tuple[str, RewardFn]:
-    """``(name, fn)`` for a registry name, a ``'package.module:function'`` path or a callable.
+_FILE_SPEC_RE = re.compile(r"^(?P<path>.+\.py):(?P<fn>[A-Za-z_]\w*)$")
 
-    Raises ``ValueError`` for an unknown name or a malformed path, ``ImportError`` / ``AttributeError`` when
-    the module or function cannot be found.
+
+def _search_dirs() -> list[str]:
+    """The current directory, then the directories on ``sys.path`` (``import_path`` adds the config file's)."""
+    out: list[str] = []
+    for d in [os.getcwd(), *sys.path]:
+        d = os.path.abspath(d or os.getcwd())
+        if d not in out and os.path.isdir(d):
+            out.append(d)
+    return out
+
+
+def _missing_function(fn_name: str, module: Any, where: str) -> AttributeError:
+    names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+    close = difflib.get_close_matches(fn_name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f" (its functions: {names[:20]})"
+    return AttributeError(f"{where} has no function {fn_name!r}{hint}")
+
+
+def _load_reward_file(spec: str, path: str, fn_name: str) -> Any:
+    """The module of the file ``path`` (absolute, or relative to the current directory / a ``sys.path`` entry),
+    loaded once under a name derived from its absolute path; its folder joins ``sys.path`` (its own imports)."""
+    path = os.path.expanduser(path)
+    candidates = [path] if os.path.isabs(path) else [os.path.join(d, path) for d in _search_dirs()]
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        where = (f"looked in the current directory ({os.getcwd()}) and the {len(candidates) - 1} other directories of "
+                 "sys.path" if not os.path.isabs(path) else "no such file")
+        raise ImportError(f"reward file {path!r} of {spec!r} not found ({where}). Give the file's path relative to "
+                          "the current directory, or an absolute path.", path=path)
+    found = os.path.realpath(found)
+    digest = hashlib.sha1(found.encode()).hexdigest()[:10]
+    name = f"_adrpo_reward_{re.sub(r'[^0-9A-Za-z_]', '_', Path(found).stem)}_{digest}"
+    module = sys.modules.get(name)
+    if module is None:
+        folder = os.path.dirname(found)
+        if folder not in sys.path:
+            sys.path.append(folder)
+        module_spec = importlib.util.spec_from_file_location(name, found)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
+
+
+def _import_reward_module(spec: str, module_name: str, fn_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if not err.name or not (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise  # a module that the reward module itself imports is missing: the real error
+        top = module_name.split(".")[0]
+        as_file = module_name.replace(".", "/") + ".py"
+        raise ModuleNotFoundError(
+            f"cannot import {module_name!r} for the reward {spec!r} ({err}). A 'module:function' path is imported "
+            f"like any Python module: from the current directory ({os.getcwd()}), the config file's directory "
+            f"(launch.py adds both to `import_path`) or sys.path. Either run from the folder that contains "
+            f"{top}/ (or {top}.py), give the file instead ('path/to/{as_file}:{fn_name}', relative to the current "
+            "directory), add its folder with --config.import_path=/path/to/folder, or pip install your package.",
+            name=err.name) from None
+
+
+def resolve_reward_function(spec: str | RewardFn) -> tuple[str, RewardFn]:
+    """``(name, fn)`` for a registry name, a ``'package.module:function'`` path, a ``'path/to/file.py:function'``
+    path or a callable.
+
+    A module path is imported from ``sys.path`` (which ``import_path`` extends: ``launch.py`` puts the config
+    file's directory and the current directory there); a file path is relative to the current directory (else to a
+    ``sys.path`` entry) or absolute, and the file is loaded once per process.
+
+    Raises ``ValueError`` for an unknown name or a malformed path, ``ImportError`` when the module or file cannot
+    be found (the message says where it looked and how to make it found), ``AttributeError`` when the function
+    is not in it.
     """
     if callable(spec):
         return getattr(spec, "__name__", type(spec).__name__), spec
@@ -124,12 +204,24 @@ def resolve_reward_function(spec: str | RewardFn) -> tuple[str, RewardFn]:
     if spec in BUILTIN_REWARDS:
         return spec, BUILTIN_REWARDS[spec]
     if ":" not in spec:
-        raise ValueError(f"unknown reward function {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or a "
-                         "'package.module:function' path")
-    if not _PATH_RE.match(spec):
-        raise ValueError(f"reward function path {spec!r} is not of the form 'package.module:function'")
-    module_name, fn_name = spec.split(":")
-    module = importlib.import_module(module_name)
+        close = difflib.get_close_matches(spec, list(BUILTIN_REWARDS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown reward function {spec!r}{hint}: use one of {sorted(BUILTIN_REWARDS)}, a "
+                         "'package.module:function' path or a 'path/to/file.py:function' path")
+    file_match = _FILE_SPEC_RE.match(spec)
+    if file_match is not None:
+        path, fn_name = file_match.group("path"), file_match.group("fn")
+        module = _load_reward_file(spec, path, fn_name)
+        where = f"reward file {path!r}"
+    elif _PATH_RE.match(spec):
+        module_name, fn_name = spec.split(":")
+        module = _import_reward_module(spec, module_name, fn_name)
+        where = f"module {module_name!r} ({getattr(module, '__file__', '?')})"
+    else:
+        raise ValueError(f"reward function path {spec!r} is not of the form 'package.module:function' or "
+                         "'path/to/file.py:function'")
+    if not hasattr(module, fn_name):
+        raise _missing_function(fn_name, module, where)
     fn = getattr(module, fn_name)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
