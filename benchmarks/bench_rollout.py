@@ -14,7 +14,8 @@ Sections (``--parts``):
                 engine's ``max_lengths``; a static batch decodes ``max(lengths in the batch)`` steps, which is
                 what it does when its rows stop by EOS at those lengths). Useful tokens = sum(lengths).
 ``packing``     update tokens/s of the GRPO update on packed rows (``rl.pack_tokens``) vs padded rows.
-``async``       the asynchronous schedule's phase times (rollout / update) and the simulated lag-1 throughput.
+``async``       the LLM recipe (tiny random model) at rl.max_lag = 0 and 1: the measured phase times per step and
+                the simulated lag-1 throughput of a disaggregated pipeline (1 / max(R, U) vs 1 / (R + U)).
 
 Timings are wall-clock medians of ``--repeats`` runs after a compile / warm-up call, on whatever machine runs
 this; the JSON records the load average before and after (a shared 2-core machine is noisy: compare the ratios
@@ -78,8 +79,9 @@ def bench_continuous(args) -> dict:
     from flax import nnx
     graphdef, state = nnx.split(model)
     r, s, p, n = args.requests, args.rows, args.prompt_len, args.max_new
-    if r % s:
-        raise SystemExit(f"--requests {r} must be a multiple of --rows {s}")
+    sb = args.static_rows or s  # static batch rows (the GRPO rollout: all requests in one batch, fewer slots)
+    if r % s or r % sb:
+        raise SystemExit(f"--requests {r} must be a multiple of --rows {s} and --static-rows {sb}")
     lengths = lognormal_lengths(r, n, args.seed)
     rng = np.random.default_rng(args.seed + 1)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (r, p)).astype(np.int32))
@@ -97,13 +99,13 @@ def bench_continuous(args) -> dict:
     assert np.array_equal(np.asarray(out.lengths), lengths), "continuous: lengths differ from the budgets"
 
     # static: batches of S rows, each decoding max(lengths of the batch) steps (one compilation per distinct max)
-    batches = [(slice(i, i + s), int(lengths[i:i + s].max())) for i in range(0, r, s)]
+    batches = [(slice(i, i + sb), int(lengths[i:i + sb].max())) for i in range(0, r, sb)]
     static_fns = {}
     t0 = time.perf_counter()
     for _, m in batches:
         if m not in static_fns:
             static_fns[m] = jax.jit(make_generate_fn(graphdef, SamplingConfig(max_new_tokens=m, **sampling)))
-            jax.block_until_ready(static_fns[m](state, tokens[:s], mask[:s], key))
+            jax.block_until_ready(static_fns[m](state, tokens[:sb], mask[:sb], key))
     compile_static = time.perf_counter() - t0
 
     def run_static():
@@ -123,12 +125,13 @@ def bench_continuous(args) -> dict:
     static_steps = int(sum(m for _, m in batches))
     decode_steps = int(stats.decode_steps)
     return {
-        "model": args.model, "layers": cfg.num_hidden_layers, "rows": s, "requests": r, "prompt_len": p,
+        "model": args.model, "layers": cfg.num_hidden_layers, "rows": s, "static_rows": sb, "requests": r,
+        "prompt_len": p,
         "max_new_tokens": n, "length_mean": float(lengths.mean()), "length_median": float(np.median(lengths)),
         "length_max": int(lengths.max()), "useful_tokens": useful,
         "static": {"time_s": t_static, "cpu_s": c_static, "useful_tokens_per_s": useful / t_static,
                    "useful_tokens_per_cpu_s": useful / c_static, "decode_steps": static_steps,
-                   "row_step_utilization": useful / (static_steps * s), "compile_s": compile_static},
+                   "row_step_utilization": useful / (static_steps * sb), "compile_s": compile_static},
         "continuous": {"time_s": t_cont, "cpu_s": c_cont, "useful_tokens_per_s": useful / t_cont,
                        "useful_tokens_per_cpu_s": useful / c_cont, "decode_steps": decode_steps,
                        "slot_utilization": int(stats.slot_steps_used) / (decode_steps * s),
@@ -204,6 +207,73 @@ def bench_packing(args) -> dict:
     return out
 
 
+def _tiny_model_dir(path: str) -> str:
+    """A tiny random Llama HF directory with the char tokenizer (the arithmetic task's alphabet)."""
+    from flax import nnx
+
+    from adrpo_jax.models.llm import CausalLM, save_pretrained
+    from adrpo_jax.rl.tasks import build_char_tokenizer
+    tok = build_char_tokenizer()
+    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
+                        eos_token_id=(2,), pad_token_id=0, initializer_range=0.05)
+    save_pretrained(CausalLM(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
+    return path
+
+
+def bench_async(args) -> dict:
+    """The LLM recipe on a tiny random model, synchronous (max_lag=0) then max_lag=1, side by side: the measured
+    phase times per step (means after ``--async-warmup`` steps) and the throughput a lag-1 pipeline reaches when
+    rollout and update run on separate devices (simulated from the phase times: sync = 1 / (R + U), lag 1 =
+    1 / max(R, U), R = rollout + reward + log-prob time, U = update time). On one device of a 2-core CPU the
+    overlap cannot show in wall time; the measured lag-1 step time is reported as well."""
+    import tempfile
+
+    import ml_collections
+
+    from adrpo_jax.rl.config import add_llm_config
+    from adrpo_jax.rl.trainer import RLTrainer
+    from adrpo_jax.train.config import add_common_config
+    from adrpo_jax.train.metrics import read_jsonl
+
+    root = tempfile.mkdtemp(prefix="bench_async_")
+    model_dir = _tiny_model_dir(os.path.join(root, "model"))
+    out = {"steps": args.async_steps, "warmup": args.async_warmup, "max_new_tokens": args.async_max_new}
+    for lag in (0, 1):
+        config = add_llm_config(add_common_config(ml_collections.ConfigDict()))
+        config.model.path = model_dir
+        config.total_steps, config.log_every, config.eval_every = args.async_steps, 1, 0
+        config.checkpoint.every_steps = 10 ** 6
+        config.logging.progress_bar, config.logging.tensorboard = False, False
+        config.sampling.max_new_tokens, config.sampling.max_prompt_length = args.async_max_new, 16
+        config.rl.num_prompts_per_step, config.rl.group_size = 8, 8
+        config.rl.max_lag = lag
+        config.rl.importance_correction = "truncate" if lag else "none"
+        workdir = os.path.join(root, f"lag{lag}")
+        t0 = time.perf_counter()
+        RLTrainer(config, workdir).run()
+        wall = time.perf_counter() - t0
+        recs = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[args.async_warmup:]
+        mean = lambda k: float(np.mean([r.get(k, 0.0) for r in recs]))  # noqa: E731
+        row = {"step_time_s": mean("step_time_s"), "total_wall_s": wall,
+               "time/update": mean("time/update"), "time/reward": mean("time/reward"),
+               "time/logprobs": mean("time/logprobs")}
+        if lag:
+            row.update({"time/rollout_dispatch": mean("time/rollout_dispatch"),
+                        "time/rollout_wait": mean("time/rollout_wait"), "async/lag_mean": mean("async/lag"),
+                        "is_ratio_mean": mean("is_ratio_mean"), "is_clipped_fraction": mean("is_clipped_fraction")})
+        else:
+            row["time/rollout"] = mean("time/rollout")
+        out[f"lag{lag}"] = row
+    sync = out["lag0"]
+    r = sync["time/rollout"] + sync["time/reward"] + sync["time/logprobs"]
+    u = sync["time/update"]
+    out["simulated"] = {"rollout_s": r, "update_s": u, "sync_steps_per_s": 1.0 / (r + u),
+                        "lag1_steps_per_s": 1.0 / max(r, u), "lag1_speedup": (r + u) / max(r, u)}
+    out["measured_lag1_over_sync_step_time"] = out["lag1"]["step_time_s"] / sync["step_time_s"]
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="continuous")
@@ -211,6 +281,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=0, help="override the depth (0: the model's)")
     ap.add_argument("--rows", type=int, default=64, help="static batch rows = continuous slots")
     ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--static-rows", type=int, default=0,
+                    help="static batch rows (0: --rows); e.g. = --requests: the GRPO rollout's one batch vs slots")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
@@ -218,6 +290,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--update-rows", type=int, default=64, help="packing: rows of the rollout batch")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--pack-tokens", type=int, default=1024)
+    ap.add_argument("--async-steps", type=int, default=8)
+    ap.add_argument("--async-warmup", type=int, default=2, help="steps left out of the means (compilation)")
+    ap.add_argument("--async-max-new", type=int, default=64)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     result = {"machine": machine(), "load_before": _load(), "argv": sys.argv[1:] if argv is None else list(argv)}
@@ -226,6 +301,8 @@ def main(argv=None) -> dict:
         result["continuous"] = bench_continuous(args)
     if "packing" in parts:
         result["packing"] = bench_packing(args)
+    if "async" in parts:
+        result["async"] = bench_async(args)
     result["load_after"] = _load()
     text = json.dumps(result, indent=2)
     print(text)

@@ -36,8 +36,9 @@ Example (data-parallel GRPO/ADRPO step body under ``shard_map``; ``logp`` etc. a
 
 Module map: ``advantages`` (GRPO/Dr. GRPO, per-prompt mean, RLOO, batch-normalized, exp(tau r)),
 ``coefficients`` (beta_i = beta_0 - clip(A_i)), ``divergences`` (k1/k2/k3 KL, W2 velocity bound),
-``policy_gradient`` (clipped surrogate, aggregation, ``grpo_loss``), ``flow_matching`` (rectified-flow path,
-CFM, ``adrpo_flow_loss``, ``orw_cfm_w2_loss``).
+``policy_gradient`` (clipped surrogate, aggregation, ``grpo_loss``), ``importance`` (bounded behaviour ->
+proximal importance weights for stale rollouts), ``flow_matching`` (rectified-flow path, CFM, ``adrpo_flow_loss``,
+``orw_cfm_w2_loss``).
 """
 
 from adrpo_jax.losses.advantages import batch_normalized_advantages
@@ -61,6 +62,9 @@ from adrpo_jax.losses.flow_matching import cfm_loss
 from adrpo_jax.losses.flow_matching import flow_matching_error
 from adrpo_jax.losses.flow_matching import orw_cfm_w2_loss
 from adrpo_jax.losses.flow_matching import rectified_flow_path
+from adrpo_jax.losses.importance import IMPORTANCE_LEVELS
+from adrpo_jax.losses.importance import IMPORTANCE_MODES
+from adrpo_jax.losses.importance import importance_weights
 from adrpo_jax.losses.policy_gradient import LOSS_AGGREGATIONS
 from adrpo_jax.losses.policy_gradient import RATIO_LEVELS
 from adrpo_jax.losses.policy_gradient import aggregate_loss
@@ -95,6 +99,10 @@ __all__ = [
     "clipped_surrogate",
     "grpo_loss",
     "importance_log_ratio",
+    # the behaviour -> proximal importance correction (asynchronous rollouts)
+    "IMPORTANCE_LEVELS",
+    "IMPORTANCE_MODES",
+    "importance_weights",
     # flow matching
     "adrpo_flow_loss",
     "cfm_loss",

@@ -240,7 +240,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
               eps_high: float | None = None, dual_clip: float | None = None, ratio_level: str = "token",
               loss_aggregation: str = "token_mean", max_tokens: int | None = None, kl_estimator: str = "k3",
               max_log_ratio: float = 20.0, normalizer: float | jax.Array | None = None,
-              axis_name: Any = None) -> tuple[jax.Array, Metrics]:
+              axis_name: Any = None, weights: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
     r"""GRPO clipped-surrogate loss with ADRPO's per-sequence adaptive KL coefficient.
 
     ADRPO.md, "LLMs: ADRPO on top of GRPO"::
@@ -278,6 +278,10 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
       kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
       max_log_ratio: clamp of the importance log-ratio and guard of k3's ``exp`` (see :func:`kl_divergence`).
       axis_name: mesh/pmap axis name(s); the loss is then this device's share (package docstring).
+      weights: None or ``[B, T]`` non-negative per-token weights (stop-gradient) multiplying the per-token loss
+        (PG and KL terms) before the aggregation, e.g. the bounded importance weights of a stale behaviour policy
+        (:func:`adrpo_jax.losses.importance_weights`): ``loss = aggregate(w * l, mask)`` with the unweighted
+        normalizer.
 
     Returns:
       ``(loss, metrics)``. ``metrics`` (global, stop-gradient): ``loss``, ``pg_loss``, ``kl_term``
@@ -346,13 +350,19 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     adv_pg = C._clip(advantages, bounds) if clip_pg_advantages else advantages
     adv_tok = adv_pg[:, None]
     per_token_pg = _zero_invalid(_surrogate(ratio, adv_tok, eps_low, eps_high, dual_clip), mask)
+    if weights is not None:
+        weights = V.check_array(weights, "weights")
+        V.check_shape(weights, shape, "weights", expected_from="logp")
+        weights = _zero_invalid(_stats.sg(V.to_float(weights)), mask)
+        per_token_pg = per_token_pg * weights
     pg_share, den = _aggregate(per_token_pg, mask, loss_aggregation, max_tokens, normalizer, axis_name)
     if ref_logp is None:
         kl = jnp.zeros(shape, logp.dtype)
         kl_share = jnp.zeros((), logp.dtype)
     else:
         kl = D._kl(logp, _zero_invalid(ref_logp, mask), kl_estimator, max_log_ratio, mask)
-        kl_share, _ = _aggregate(coef[:, None] * kl, mask, loss_aggregation, max_tokens, normalizer, axis_name)
+        kl_tok = coef[:, None] * kl if weights is None else coef[:, None] * kl * weights
+        kl_share, _ = _aggregate(kl_tok, mask, loss_aggregation, max_tokens, normalizer, axis_name)
     loss = pg_share + kl_share
 
     # ---- metrics: global, stop-gradient ----

@@ -85,6 +85,9 @@ class PolicySpec:
       sampler_copy: keep a sampling copy ``state["sampler_params"]``.
       keep_pretrained: hold the pre-trained trainable weights for the whole run (sharded like the policy) even
         when the reference does not need them (evaluations against the pre-trained model).
+      lag_copies: k >= 0 copies of the trainable parameters in ``state["lag_params"]`` (a tuple, checkpointed):
+        the behaviour policies of the rollouts in flight with bounded-staleness asynchronous RL
+        (``rl.max_lag = k``, :mod:`adrpo_jax.recipe.schedule`); fresh runs start with k copies of the initial policy.
     """
 
     new_model: Callable[[], nnx.Module]
@@ -96,6 +99,7 @@ class PolicySpec:
     ref_alpha: float = 1.0
     sampler_copy: bool = False
     keep_pretrained: bool = False
+    lag_copies: int = 0
 
     def __post_init__(self):
         if self.reference not in REFERENCE_MODES:
@@ -149,6 +153,7 @@ class Policy:
         self.ref_graphdef = self.base_graphdef if self.lora_reference else self.graphdef
         tx, trainable, new_model = self.tx, self.trainable, spec.new_model
         ref_in_state, sampler_in_state = self.ref_in_state, self.sampler_in_state
+        lag_copies = self.lag_copies = int(spec.lag_copies)
 
         def plan():
             params = nnx.state(new_model(), trainable)
@@ -157,6 +162,8 @@ class Policy:
                 state["ref_params"] = params
             if sampler_in_state:
                 state["sampler_params"] = params
+            if lag_copies:
+                state["lag_params"] = tuple(params for _ in range(lag_copies))
             return state
 
         self._plan = plan
@@ -225,6 +232,8 @@ class Policy:
             state["ref_params"] = fns["policy/copy"](self._initial)
         if self.sampler_in_state:
             state["sampler_params"] = fns["policy/copy"](self._initial)
+        if self.lag_copies:
+            state["lag_params"] = tuple(fns["policy/copy"](self._initial) for _ in range(self.lag_copies))
         if self.ref_params is None and not self.spec.keep_pretrained:
             self._initial = None  # nothing else holds the pre-trained copy: free it
         return state

@@ -127,6 +127,10 @@ class StepOptions:
     moe_aux_loss_coef: float = 0.0  # MoE load-balancing loss (Switch) weight, off for RL by default
     moe_z_loss_coef: float = 0.0  # MoE router z-loss weight
     pack_tokens: int = 0  # > 0: log-prob passes and updates on packed rows (adrpo_jax.rl.packing)
+    max_lag: int = 0  # rollouts of step t from the policy of step t - max_lag (adrpo_jax.recipe.schedule)
+    importance_correction: str = "none"  # behaviour -> proximal weights: none | truncate | mask
+    importance_level: str = "token"  # token | sequence
+    importance_cap: float = 2.0  # c > 1 of the bounded weights
 
     def __post_init__(self):
         if self.router_replay not in ("none", "rollout"):
@@ -152,6 +156,15 @@ class StepOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        if isinstance(self.max_lag, bool) or not isinstance(self.max_lag, int) or self.max_lag < 0:
+            raise ValueError(f"max_lag={self.max_lag!r} must be an int >= 0")
+        if self.importance_correction not in ("none",) + losses.IMPORTANCE_MODES:
+            raise ValueError(f"importance_correction={self.importance_correction!r} must be 'none' or one of "
+                             f"{losses.IMPORTANCE_MODES}")
+        if self.importance_level not in losses.IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_level={self.importance_level!r} must be one of {losses.IMPORTANCE_LEVELS}")
+        if not float(self.importance_cap) > 1.0:
+            raise ValueError(f"importance_cap={self.importance_cap!r} must be > 1")
         if isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int) or self.pack_tokens < 0 or \
                 0 < self.pack_tokens < self.prompt_length + self.max_new_tokens:
             raise ValueError(f"pack_tokens={self.pack_tokens!r} must be 0 (off) or >= prompt_length + max_new_tokens "
@@ -180,7 +193,10 @@ class StepOptions:
             temperature=float(sampling.temperature), logprob_chunk_size=int(config.model.logprob_chunk_size),
             reward_names=tuple(reward_names), router_replay=str(rl.get("router_replay", "none")),
             moe_aux_loss_coef=float(rl.get("moe_aux_loss_coef", 0.0)),
-            moe_z_loss_coef=float(rl.get("moe_z_loss_coef", 0.0)), pack_tokens=int(rl.get("pack_tokens", 0)))
+            moe_z_loss_coef=float(rl.get("moe_z_loss_coef", 0.0)), pack_tokens=int(rl.get("pack_tokens", 0)),
+            max_lag=int(rl.get("max_lag", 0)), importance_correction=str(rl.get("importance_correction", "none")),
+            importance_level=str(rl.get("importance_level", "token")),
+            importance_cap=float(rl.get("importance_cap", 2.0)))
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -194,14 +210,23 @@ class StepOptions:
 
     @property
     def use_old_logprobs(self) -> bool:
-        """Old log-probs from a pre-update forward: the batch is reused, or the KL goes into the reward."""
+        """Old log-probs from a pre-update forward: the batch is reused, or the KL goes into the reward; or the
+        rollouts are stale (``max_lag``) / importance-corrected: the surrogate's ratio needs them."""
         return (self.num_iterations > 1 or self.num_minibatches > 1
-                or (self.kl_placement == "reward" and self.use_reference))
+                or (self.kl_placement == "reward" and self.use_reference) or self.ratio_uses_old_logprobs)
 
     @property
     def ratio_uses_old_logprobs(self) -> bool:
-        """Pass old log-probs to the surrogate (else on-policy, ratio 1; TRL's rule)."""
-        return self.num_iterations > 1 or self.num_minibatches > 1
+        """Pass old log-probs to the surrogate (else on-policy, ratio 1; TRL's rule); always with stale rollouts
+        (``max_lag > 0``: the sampling policy is not the current one) or an importance correction."""
+        return (self.num_iterations > 1 or self.num_minibatches > 1 or self.max_lag > 0
+                or self.importance_correction != "none")
+
+    @property
+    def use_behaviour_logprobs(self) -> bool:
+        """The batch carries the sampling (behaviour) policy's log-probs ``behaviour_logp``: the importance weights
+        of the proximal (``old_logp``) over the behaviour policy enter the loss."""
+        return self.importance_correction != "none"
 
     @property
     def moe_router_losses(self) -> bool:
@@ -517,14 +542,23 @@ def make_logp_loss_fn(opts: StepOptions, mesh: Mesh | None
                        "advantages": minibatch["advantages"]}
         if opts.ratio_uses_old_logprobs:
             shard_batch["old_logp"] = minibatch["old_logp"]
+        if opts.use_behaviour_logprobs:
+            shard_batch["behaviour_logp"] = minibatch["behaviour_logp"]
         if use_ref_in_loss:
             shard_batch["ref_logp"] = minibatch["ref_logp"]
 
         def per_device(b, axis_name=None):
             mask = b["loss_mask"]
+            weights, is_metrics = None, {}
+            if opts.use_behaviour_logprobs:  # stale rollouts: bounded proximal / behaviour importance weights
+                weights, is_metrics = losses.importance_weights(
+                    b["old_logp"], b["behaviour_logp"], mask, mode=opts.importance_correction,
+                    level=opts.importance_level, cap=opts.importance_cap, max_log_ratio=opts.max_log_ratio,
+                    axis_name=axis_name)
             loss, m = losses.grpo_loss(b["logp"], b.get("old_logp"), b.get("ref_logp"), b["advantages"], mask,
-                                       normalizer=normalizer, axis_name=axis_name, **loss_kw)
+                                       normalizer=normalizer, axis_name=axis_name, weights=weights, **loss_kw)
             out = {k: m[k] for k in _LOSS_KEYS}
+            out.update(is_metrics)
             out["entropy_mean"] = _global_mean(jax.lax.stop_gradient(b["entropy"]), mask, axis_name)
             if opts.entropy_coef:
                 ent_share = losses.aggregate_loss(b["entropy"], mask, loss_aggregation=opts.loss_aggregation,
@@ -559,7 +593,8 @@ def _router_loss(routing, opts: StepOptions):
 # Per-part metrics that are means / extremes over the loss tokens (ratio and clip statistics: over the sequences
 # with ratio_level='sequence'); reduced over micro-batches and updates weighted by that count, and an empty part
 # (no loss token) is left out of the min / max.
-_TOKEN_STAT_KEYS = ("kl_mean", "entropy_mean")
+_TOKEN_STAT_KEYS = ("kl_mean", "entropy_mean", "is_ratio_mean", "is_ratio_min", "is_ratio_max", "is_weight_mean",
+                    "is_clipped_fraction", "is_masked_fraction")
 _RATIO_STAT_KEYS = ("ratio_mean", "ratio_min", "ratio_max", "clip_fraction", "clip_fraction_low",
                     "clip_fraction_high", "dual_clip_fraction")
 
@@ -683,6 +718,8 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
                        "loss_mask": prep.loss_mask, "advantages": prep.advantages}
         if opts.ratio_uses_old_logprobs:
             train_batch["old_logp"] = batch["old_logp"]
+        if opts.use_behaviour_logprobs:
+            train_batch["behaviour_logp"] = batch["behaviour_logp"]
         if opts.use_reference and opts.kl_placement == "loss":
             train_batch["ref_logp"] = batch["ref_logp"]
         if "model_inputs" in batch:  # multimodal rows (e.g. audio embeddings): sliced with the rows
