@@ -16,6 +16,7 @@ Sections (``--parts``):
 ``packing``     update tokens/s of the GRPO update on packed rows (``rl.pack_tokens``) vs padded rows.
 ``async``       the LLM recipe (tiny random model) at rl.max_lag = 0 and 1: the measured phase times per step and
                 the simulated lag-1 throughput of a disaggregated pipeline (1 / max(R, U) vs 1 / (R + U)).
+``lag_experiment``  reward vs step on the arithmetic task (configs/llm_arith.py:cpu) at max_lag 0 / 1 / 2, seeds.
 
 Timings are wall-clock medians of ``--repeats`` runs after a compile / warm-up call, on whatever machine runs
 this; the JSON records the load average before and after (a shared 2-core machine is noisy: compare the ratios
@@ -274,6 +275,44 @@ def bench_async(args) -> dict:
     return out
 
 
+def lag_experiment(args) -> dict:
+    """What lag costs: the arithmetic task's ADRPO recipe (``configs/llm_arith.py:cpu``: the built-in tiny SFT model)
+    at rl.max_lag = 0, 1, 2 (lag > 0 with truncated importance weights), ``--lag-seeds`` seeds, ``--lag-steps``
+    steps; the training reward (``reward/exact_match_mean``) every ``log_every`` steps, per run and mean over seeds."""
+    import importlib.util
+    import tempfile
+
+    from adrpo_jax.rl.trainer import RLTrainer
+    from adrpo_jax.train.metrics import read_jsonl
+
+    spec = importlib.util.spec_from_file_location(
+        "llm_arith", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                  "llm_arith.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = tempfile.mkdtemp(prefix="lag_experiment_")
+    out: dict = {"steps": args.lag_steps, "seeds": args.lag_seeds, "runs": {}}
+    for lag in (0, 1, 2):
+        curves = []
+        for seed in range(args.lag_seeds):
+            config = module.get_config("cpu")
+            config.seed, config.total_steps, config.log_every = seed, args.lag_steps, 5
+            config.eval_every, config.checkpoint.every_steps = 0, 10 ** 6
+            config.model.save_final, config.logging.progress_bar, config.logging.tensorboard = False, False, False
+            config.rl.max_lag = lag
+            config.rl.importance_correction = "truncate" if lag else "none"
+            workdir = os.path.join(root, f"lag{lag}_seed{seed}")
+            RLTrainer(config, workdir).run()
+            recs = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            curve = [(r["step"], r["reward/exact_match_mean"]) for r in recs if "reward/exact_match_mean" in r]
+            curves.append(curve)
+            out["runs"][f"lag{lag}/seed{seed}"] = curve
+        steps = [s for s, _ in curves[0]]
+        out[f"lag{lag}_mean"] = [(s, float(np.mean([c[i][1] for c in curves]))) for i, s in enumerate(steps)]
+        out[f"lag{lag}_final_mean"] = float(np.mean([np.mean([v for _, v in c[-3:]]) for c in curves]))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="continuous")
@@ -293,6 +332,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--async-steps", type=int, default=8)
     ap.add_argument("--async-warmup", type=int, default=2, help="steps left out of the means (compilation)")
     ap.add_argument("--async-max-new", type=int, default=64)
+    ap.add_argument("--lag-steps", type=int, default=60)
+    ap.add_argument("--lag-seeds", type=int, default=3)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     result = {"machine": machine(), "load_before": _load(), "argv": sys.argv[1:] if argv is None else list(argv)}
@@ -303,6 +344,8 @@ def main(argv=None) -> dict:
         result["packing"] = bench_packing(args)
     if "async" in parts:
         result["async"] = bench_async(args)
+    if "lag_experiment" in parts:
+        result["lag_experiment"] = lag_experiment(args)
     result["load_after"] = _load()
     text = json.dumps(result, indent=2)
     print(text)

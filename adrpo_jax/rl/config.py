@@ -107,8 +107,9 @@ key                                    meaning
 ``sampling.engine``                    the rollout sampler: ``static`` (one batch decodes until its longest row
                                        stops) | ``continuous`` (``sampling.decode_slots`` slots refilled as rows
                                        stop: decode steps follow the real tokens; per-row keys, so other samples
-                                       than ``static`` from the same seed) | ``auto`` (continuous when
-                                       ``sampling.max_new_tokens`` >= 256 and there are fewer slots than rows)
+                                       than ``static`` from the same seed) | ``auto`` (continuous on CPU when
+                                       ``sampling.max_new_tokens`` >= 256 and there are fewer slots than rows;
+                                       static on accelerators, where it is not measured yet)
 ``sampling.decode_slots``              continuous engine's slots (0 = a quarter of the rollout rows, rounded down
                                        to a multiple of the data-parallel size); memory ~ slots x (P + N)
 ``rewards.functions``                  tuple of built-in names (``exact_match``, ``final_number``, ``format``)
@@ -601,18 +602,23 @@ def validate_llm_config(config: Any) -> None:
     _validate_lora(config)
 
 
-def rollout_engine(config: Any, batch_size: int, data_parallel_size: int = 1) -> tuple[str, int]:
+def rollout_engine(config: Any, batch_size: int, data_parallel_size: int = 1,
+                   platform: str = "cpu") -> tuple[str, int]:
     """``(engine, slots)`` of the rollout sampler: ``sampling.engine`` with ``auto`` resolved, and the continuous
     engine's decode slots (``sampling.decode_slots``; 0 = ``batch_size // 4`` rounded down to a multiple of the
-    data-parallel size, at least that size). ``auto`` picks ``continuous`` when ``sampling.max_new_tokens >=
-    AUTO_CONTINUOUS_MIN_NEW_TOKENS`` and the slots are fewer than the rows (with as many slots as rows every row
-    has a slot from the start and nothing is refilled: no gain over ``static``). ``ConfigError`` naming
-    ``sampling.decode_slots`` when the slots do not divide over the data-parallel devices or exceed the rows.
+    data-parallel size, at least that size). ``auto`` picks ``continuous`` on ``platform='cpu'`` when
+    ``sampling.max_new_tokens >= AUTO_CONTINUOUS_MIN_NEW_TOKENS`` and the slots are fewer than the rows (with as
+    many slots as rows every row has a slot from the start and nothing is refilled: no gain over ``static``).
+    There a decode step costs about in proportion to its rows, so S slots over B rows pay ~B x (longest row) / (sum
+    of the lengths) (measured: benchmarks/bench_rollout.py). On GPU / TPU a step costs about the same for any small
+    batch (the weights are read once), fewer slots mean more steps, and ``auto`` stays ``static`` (set
+    ``continuous`` and ``sampling.decode_slots`` to try it). ``ConfigError`` naming ``sampling.decode_slots`` when
+    the slots do not divide over the data-parallel devices or exceed the rows.
 
     >>> from adrpo_jax.train.config import common_config
     >>> c = add_llm_config(common_config()); c.sampling.max_new_tokens = 1024
-    >>> rollout_engine(c, 128, 2), rollout_engine(c, 2, 2)
-    (('continuous', 32), ('static', 2))
+    >>> rollout_engine(c, 128, 2), rollout_engine(c, 2, 2), rollout_engine(c, 128, 2, platform="tpu")
+    (('continuous', 32), ('static', 2), ('static', 32))
     """
     s = config.sampling
     engine = str(s.get("engine", "static"))
@@ -625,8 +631,8 @@ def rollout_engine(config: Any, batch_size: int, data_parallel_size: int = 1) ->
                           f"most the rollout batch of {batch_size} rows.", key="sampling.decode_slots", value=slots)
     slots = min(slots, batch_size)
     if engine == "auto":
-        engine = "continuous" if (int(s.max_new_tokens) >= AUTO_CONTINUOUS_MIN_NEW_TOKENS and slots < batch_size) \
-            else "static"
+        engine = "continuous" if (platform == "cpu" and int(s.max_new_tokens) >= AUTO_CONTINUOUS_MIN_NEW_TOKENS
+                                  and slots < batch_size) else "static"
     return engine, slots
 
 

@@ -364,7 +364,8 @@ class RLTrainer(Recipe):
         :func:`adrpo_jax.rl.config.rollout_engine`); a recipe with its own ``make_generate`` (multimodal prompts)
         samples with the static engine."""
         engine, slots = config_lib.rollout_engine(self.config, self.layout["batch_size"],
-                                                  train.data_parallel_size(self.mesh))
+                                                  train.data_parallel_size(self.mesh),
+                                                  platform=getattr(self.mesh.devices.flat[0], "platform", "cpu"))
         if engine == "continuous" and type(self).make_generate is not RLTrainer.make_generate:
             if str(self.config.sampling.get("engine", "static")) == "continuous":
                 raise train.ConfigError(f"`sampling.engine`='continuous' is not available for the {self.name!r} "

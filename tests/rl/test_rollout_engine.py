@@ -26,6 +26,9 @@ def test_rollout_engine_resolution_and_errors():
     assert config_lib.rollout_engine(_config(), 64, 1) == ("static", 16)  # default max_new_tokens=8: static
     long = {"sampling.max_new_tokens": 1024}
     assert config_lib.rollout_engine(_config(**long), 64, 8) == ("continuous", 16)
+    assert config_lib.rollout_engine(_config(**long), 64, 8, platform="gpu") == ("static", 16)  # not measured there
+    assert config_lib.rollout_engine(_config(**long, **{"sampling.engine": "continuous"}), 64, 8, platform="tpu") == (
+        "continuous", 16)
     assert config_lib.rollout_engine(_config(**long, **{"sampling.decode_slots": 64}), 64, 8) == ("static", 64)
     assert config_lib.rollout_engine(_config(**{"sampling.engine": "continuous"}), 64, 1) == ("continuous", 16)
     assert config_lib.rollout_engine(_config(**{"sampling.engine": "static", **long}), 64, 1) == ("static", 16)
