@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ class FlowRecipe(Recipe):
     throughput_key = "images"
     _flops: dict[str, float]
     # the config key that shrinks each step program's memory (Program.shrink_key; the plan names it)
-    shrink_keys: dict[str, str] = {}
+    shrink_keys: ClassVar[dict[str, str]] = {}
 
     def _setup_optimization(self, config: Any) -> None:
         self._flops = {}

@@ -26,12 +26,19 @@ trainer's steps (:mod:`adrpo_jax.flow.step`: rollout, CFG with a null condition 
 CFG dropout via ``drop_mask``, LoRA with adapters off as the reference) run on it unchanged. The null
 condition is the row of the empty prompt (``null_id``). The table is a non-trainable variable
 (:class:`PromptTable`), so it sits in the ``frozen`` part of the split model and is never trained or
-checkpointed.
+checkpointed. Its rows are sharded like the weights' ``embed`` axis (``fsdp``): a large prompt set is not
+replicated (DrawBench's 200 prompts are 1.1 GB in float32, flow_grpo's ~25k would be 136 GB); the lookup of a
+batch's rows is then a sharded gather (XLA: a local masked gather + a reduce-scatter of the ``[B, L, D]`` rows).
+
+**Shapes without weights** (the plan mode): :data:`PRESETS` names the released models' parts (the MMDiT's
+``config.json`` fields in :data:`adrpo_jax.models.mmdit.PRESETS`, SD3's VAE, the CLIP ViT-L/14 reward tower:
+:data:`CLIP_PRESETS`); :func:`clip_vision_shapes` is the abstract parameter tree of a CLIP vision tower.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +61,12 @@ __all__ = [
     "PromptTable",
     "MMDiTVelocity",
     "make_latent_reward",
+    "PRESETS",
+    "CLIP_PRESETS",
+    "CLIP_TEXT_TOKENS",
+    "clip_vision_spec",
+    "clip_vision_shapes",
+    "clip_score_components",
 ]
 
 SD3_SHIFT = 3.0
@@ -144,6 +157,15 @@ class PromptTable(nnx.Variable):
     """Non-trainable prompt-embedding arrays (never in the ``nnx.Param`` / ``nnx.LoRAParam`` filters)."""
 
 
+def _as_table(x: Any, dtype: Any) -> Any:
+    """``x`` as an array of ``dtype``: host (numpy) arrays stay on the host (placed sharded later), traced /
+    device arrays stay jax arrays."""
+    if isinstance(x, (jax.Array, jax.core.Tracer)):
+        return x if dtype is None else x.astype(dtype)
+    x = np.asarray(x)
+    return x if dtype is None else x.astype(jnp.dtype(dtype))
+
+
 class MMDiTVelocity(nnx.Module):
     """``v(x, t, cond, drop_mask=None)`` of an SD3 transformer in our convention, over integer prompt ids.
 
@@ -154,14 +176,19 @@ class MMDiTVelocity(nnx.Module):
       pooled: ``[N, P]`` pooled text embeddings.
       null_id: the row of the empty prompt (CFG's unconditional branch and ``drop_mask`` rows).
       num_train_timesteps: the timestep scale (1000 for SD3).
+      dtype: the table's storage dtype (None: as given; the trainer stores it in the compute dtype).
+      row_axis: the logical axis name of the table's rows (``"embed"``: sharded over ``fsdp`` like the weights'
+        embedding axis, when the row count divides it; None: replicated).
 
-    ``embeddings`` / ``pooled`` are stored as :class:`PromptTable` variables (in the ``dtype`` given; the
-    transformer casts to its compute dtype). Attribute ``null_class`` (= ``null_id``) mirrors the DiT's.
+    ``embeddings`` / ``pooled`` are stored as :class:`PromptTable` variables, ``embeddings`` flattened to
+    ``[N, L * D]`` (a row gather of a sharded 2-D table needs no relayout copy of the table on TPU); numpy inputs
+    stay on the host until the model's state is placed. The transformer casts to its compute dtype. Attribute
+    ``null_class`` (= ``null_id``) mirrors the DiT's; ``text_shape`` = ``(L, D)``.
     """
 
     def __init__(self, transformer: nnx.Module, embeddings: Any, pooled: Any, *, null_id: int,
-                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
-        embeddings, pooled = jnp.asarray(embeddings), jnp.asarray(pooled)
+                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, dtype: Any = None, row_axis: str | None = "embed"):
+        embeddings, pooled = _as_table(embeddings, dtype), _as_table(pooled, dtype)
         if embeddings.ndim != 3:
             raise ValueError(f"`embeddings` must be [N, L, D], got shape {embeddings.shape}.")
         if pooled.ndim != 2 or pooled.shape[0] != embeddings.shape[0]:
@@ -171,8 +198,11 @@ class MMDiTVelocity(nnx.Module):
         if not 0 <= int(null_id) < n:
             raise ValueError(f"`null_id`={null_id} must be a row of the prompt table (0..{n - 1}).")
         self.transformer = transformer
-        self.embeddings = PromptTable(embeddings)
-        self.pooled = PromptTable(pooled)
+        self.text_shape = (int(embeddings.shape[1]), int(embeddings.shape[2]))
+        flat = embeddings.reshape(n, -1)
+        with nnx.use_eager_sharding(False):  # logical names are metadata: placed by the trainer's shardings
+            self.embeddings = PromptTable(flat, out_sharding=(row_axis, None))
+            self.pooled = PromptTable(pooled, out_sharding=(row_axis, None))
         self.null_id = int(null_id)
         self.num_prompts = n
         self.num_train_timesteps = int(num_train_timesteps)
@@ -197,7 +227,7 @@ class MMDiTVelocity(nnx.Module):
             if drop_mask.shape != (b,):
                 raise ValueError(f"`drop_mask` must have shape ({b},), got {drop_mask.shape}.")
             cond = jnp.where(drop_mask.astype(bool), jnp.asarray(self.null_id, cond.dtype), cond)
-        states = jnp.take(self.embeddings[...], cond, axis=0)
+        states = jnp.take(self.embeddings[...], cond, axis=0).reshape((b, *self.text_shape))
         pooled = jnp.take(self.pooled[...], cond, axis=0)
         out = self.transformer(x, t_to_timestep(t, self.num_train_timesteps), states, pooled)
         return velocity_from_diffusers(out.astype(jnp.float32))
@@ -223,3 +253,83 @@ def make_latent_reward(decode: Callable[[jax.Array], jax.Array], image_reward: C
     ``decode`` maps the sampler's (scaled) latents to images ``[B, H, W, 3]`` in ``[-1, 1]`` (e.g. VAE
     unscale + decode); the composition is pure, so the flow step decodes inside its jitted rollout."""
     return _LatentReward(decode, image_reward)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes without weights (the plan mode) and the CLIP score as a pure function
+# ----------------------------------------------------------------------------------------------------------
+
+#: CLIP's text tokens in the SD3 prompt states: ``L = CLIP_TEXT_TOKENS + text.max_sequence_length``.
+CLIP_TEXT_TOKENS = 77
+
+#: CLIP vision towers by name: the ``vision_config`` fields of their ``config.json`` (+ ``projection_dim``).
+CLIP_PRESETS: dict[str, dict[str, Any]] = {
+    # openai/clip-vit-large-patch14 (the paper's CLIP score)
+    "clip-vit-large-patch14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                   num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768,
+                                   hidden_act="quick_gelu", layer_norm_eps=1e-5),
+}
+
+#: The released SD3-family pipelines by name: their MMDiT (:data:`adrpo_jax.models.mmdit.PRESETS`), VAE
+#: (``vae.sd3_config``: all three share it) and the CLIP reward tower the recipe pairs them with.
+PRESETS: dict[str, dict[str, str]] = {
+    name: {"transformer": name, "vae": "sd3", "clip": "clip-vit-large-patch14"}
+    for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+}
+
+
+def clip_vision_spec(source: Any) -> tuple[Any, int]:
+    """``(CLIPVisionSpec, intermediate_size)`` of a CLIP vision tower from a ``CLIPModel`` directory's
+    ``config.json`` (no weights read) or a :data:`CLIP_PRESETS` name / dict."""
+    import json  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+
+    from adrpo_jax.flow.clip_reward import CLIPVisionSpec  # pylint: disable=import-outside-toplevel
+    if isinstance(source, str) and source in CLIP_PRESETS:
+        d, proj = dict(CLIP_PRESETS[source]), CLIP_PRESETS[source]["projection_dim"]
+    elif isinstance(source, dict):
+        d, proj = dict(source), source["projection_dim"]
+    else:
+        path = os.path.join(os.path.expanduser(os.fspath(source)), "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{os.fspath(source)!r} is neither a CLIP preset ({sorted(CLIP_PRESETS)}) nor a CLIPModel "
+                             "directory with a config.json.")
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        d = dict(raw.get("vision_config", raw))
+        proj = int(raw.get("projection_dim", d.get("projection_dim", 512)))
+    spec = CLIPVisionSpec(hidden_size=int(d["hidden_size"]), num_layers=int(d["num_hidden_layers"]),
+                          num_heads=int(d["num_attention_heads"]), patch_size=int(d["patch_size"]),
+                          image_size=int(d["image_size"]), projection_dim=int(proj),
+                          hidden_act=str(d.get("hidden_act", "quick_gelu")),
+                          layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)))
+    return spec, int(d["intermediate_size"])
+
+
+def clip_vision_shapes(spec: Any, intermediate_size: int) -> dict[str, Any]:
+    """The parameter tree of :func:`adrpo_jax.flow.clip_reward.load_clip_vision` as float32
+    ``ShapeDtypeStruct`` s (shapes only)."""
+    h, n, i, p = spec.hidden_size, spec.num_layers, int(intermediate_size), spec.patch_size
+    f32 = lambda *shape: jax.ShapeDtypeStruct(tuple(shape), jnp.float32)  # noqa: E731
+    ln = lambda *lead: {"scale": f32(*lead, h), "bias": f32(*lead, h)}  # noqa: E731
+    dense = lambda a, b: {"kernel": f32(n, a, b), "bias": f32(n, b)}  # noqa: E731
+    grid = spec.image_size // p
+    return {"class_embedding": f32(h), "patch_kernel": f32(p * p * 3, h), "position_embedding": f32(grid * grid + 1, h),
+            "pre_ln": ln(), "post_ln": ln(), "projection": f32(h, spec.projection_dim),
+            "layers": {"ln1": ln(n), "ln2": ln(n), "q": dense(h, h), "k": dense(h, h), "v": dense(h, h),
+                       "o": dense(h, h), "fc1": dense(h, i), "fc2": dense(i, h)}}
+
+
+def clip_score_components(state: dict[str, Any], spec: Any, images: jax.Array, cond: jax.Array, *,
+                          scale: float, clamp: bool, dtype: Any = jnp.float32
+                          ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The CLIP score of :class:`adrpo_jax.flow.clip_reward.CLIPScoreReward` as a pure function of its arrays
+    ``state = {"params", "text" [N, E] unit rows}``: ``({"reward": scale * max(cos, 0) (or cos), "clip_cosine":
+    cos}, image_embeddings [B, E])`` for ``images [B, H, W, 3]`` in ``[-1, 1]`` and prompt rows ``cond [B]``
+    (the unnormalized image embeddings are what ClipDiversity measures)."""
+    from adrpo_jax.flow.clip_reward import clip_image_features, clip_preprocess  # pylint: disable=import-outside-toplevel
+    feats = clip_image_features(state["params"], spec, clip_preprocess(images, spec, "minus_one_one"), dtype=dtype)
+    unit = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+    cos = jnp.sum(unit * jnp.take(state["text"], cond, axis=0), axis=-1)
+    score = jnp.maximum(cos, 0.0) if clamp else cos
+    return {"reward": scale * score, "clip_cosine": cos}, feats

@@ -72,6 +72,7 @@ PyTree = Any
 Metrics = dict[str, jax.Array]
 
 METHODS = ("adrpo", "fixed_beta", "orw_cfm_w2", "none")
+ORW_REWARD_SCALINGS = ("raw", "center", "standardize")
 _LOSS_KEYS = ("loss", "cfm_term", "w2_term", "w2_mean", "cfm_error_mean", "num_samples")
 _SAMPLE_MEAN_KEYS = ("w2_mean", "cfm_error_mean")  # means over valid samples: averaged weighted by num_samples
 
@@ -109,6 +110,9 @@ class FlowStepOptions:
     sde_noise: float = 0.0
     ref_refresh_alpha: float = 1.0
     time_shift: float = 1.0  # rollout time grid: 1 = uniform; else SD3's shifted schedule (adrpo_jax.flow.sd3)
+    train_time_shift: float = 1.0  # the CFM path's t: sigma = 1 - t shifted like the grid (1 = unshifted)
+    rollout_micro_batch: int = 0  # images sampled at once by the rollout (0 = the whole batch)
+    orw_reward_scaling: str = "raw"  # ORW-CFM-W2's exponent: raw exp(tau r) | center | standardize
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -134,8 +138,15 @@ class FlowStepOptions:
             raise ValueError(f"`cond_dropout_prob`={self.cond_dropout_prob} must be in [0, 1).")
         if not 0.0 < self.ref_refresh_alpha <= 1.0:
             raise ValueError(f"`ref_refresh_alpha`={self.ref_refresh_alpha} must be in (0, 1].")
-        if not self.time_shift > 0:
-            raise ValueError(f"`time_shift`={self.time_shift} must be > 0.")
+        if not self.time_shift > 0 or not self.train_time_shift > 0:
+            raise ValueError(f"`time_shift`={self.time_shift} and `train_time_shift`={self.train_time_shift} must "
+                             "be > 0.")
+        if isinstance(self.rollout_micro_batch, bool) or not isinstance(self.rollout_micro_batch, int) or \
+                self.rollout_micro_batch < 0:
+            raise ValueError(f"`rollout_micro_batch`={self.rollout_micro_batch!r} must be an int >= 0.")
+        if self.orw_reward_scaling not in ORW_REWARD_SCALINGS:
+            raise ValueError(f"`orw_reward_scaling`={self.orw_reward_scaling!r} must be one of "
+                             f"{ORW_REWARD_SCALINGS}.")
 
     @classmethod
     def from_config(cls, config: Any, *, num_conditions: int, null_class: int,
@@ -158,7 +169,11 @@ class FlowStepOptions:
             time_sampling=rl.time_sampling, cond_dropout_prob=float(rl.cond_dropout_prob),
             sampling_method=s.method, sampling_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
             sde_noise=float(s.sde_noise), ref_refresh_alpha=float(rl.ref_refresh_alpha),
-            time_shift=float(s.get("time_shift", 1.0)))
+            time_shift=float(s.get("time_shift", 1.0)),
+            # rl.time_shift (SD3): 0 = the sampler's shift; recipes without the key train on unshifted times
+            train_time_shift=float(rl.get("time_shift", 1.0)) or float(s.get("time_shift", 1.0)),
+            rollout_micro_batch=int(rl.get("rollout_micro_batch", 0)),
+            orw_reward_scaling=str(rl.get("orw_reward_scaling", "raw")))
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -205,6 +220,44 @@ def _model_mesh(mesh: Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def velocity_fn(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree = None) -> Callable[..., jax.Array]:
+    """``v(x, t, cond, **kw)`` of ``nnx.merge(graphdef, params, frozen)`` without gradients (a rollout), the
+    module merged afresh at each call over ``stop_gradient`` views of the arrays: called inside a ``lax.scan`` /
+    ``lax.map`` body (the samplers), its Variables then hold values of that trace, so a model that rematerializes
+    its blocks (``nnx.remat``) does not try to mutate Variables of the outer trace (``TraceContextError``).
+    Trace-time only: ``stop_gradient`` lowers to nothing."""
+    sg = lambda tree: jax.tree.map(jax.lax.stop_gradient, tree)  # noqa: E731
+
+    def v(*args, **kwargs):
+        model = nnx.merge(graphdef, sg(params)) if frozen is None else nnx.merge(graphdef, sg(params), sg(frozen))
+        return model(*args, **kwargs)
+
+    return v
+
+
+def map_micro_batches(fn: Callable[..., PyTree], num_micro_batches: int, *arrays: jax.Array,
+                      broadcast: tuple[jax.Array, ...] = (), mesh: Mesh | None = None) -> PyTree:
+    """``fn`` over ``num_micro_batches`` micro-batches of ``arrays`` (each ``[B, ...]``), one at a time
+    (``jax.lax.map``), reassembled to ``[B, ...]`` outputs: the activation memory of ``fn`` follows the
+    micro-batch ``B / num_micro_batches``. Micro-batch ``i`` takes the strided rows ``i, i + k, ...``
+    (:func:`~adrpo_jax.train.step_utils.split_micro_batches`), so with a batch sharded on its leading axis every
+    micro-batch stays spread over all devices (constrained to the batch sharding under ``mesh``).
+    ``broadcast``: arrays with a leading ``[num_micro_batches]`` axis, entry ``i`` passed to micro-batch ``i``
+    after the split arrays (e.g. per-micro-batch keys)."""
+    k = int(num_micro_batches)
+    if k == 1:
+        return fn(*arrays, *(x[0] for x in broadcast))
+    split = split_micro_batches(tuple(arrays), k)
+
+    def body(xs):
+        chunk, extra = xs
+        return jax.tree.map(lambda y: _constrain(y, mesh), fn(*(_constrain(x, mesh) for x in chunk), *extra))
+
+    out = jax.lax.map(body, (split, tuple(broadcast)))
+    # [k, B / k, ...] -> [B, ...] with row j * k + i = micro-batch i's row j (the inverse of the strided split)
+    return jax.tree.map(lambda y: _constrain(jnp.swapaxes(y, 0, 1).reshape((-1,) + y.shape[2:]), mesh), out)
+
+
 def _per_sample(mask: jax.Array, ndim: int) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
@@ -249,6 +302,22 @@ class PreparedBatch(NamedTuple):
     valid: jax.Array
     advantages: jax.Array
     metrics: Metrics
+    weight_rewards: jax.Array | None = None  # ORW-CFM-W2: the r of exp(tau r) (rl.orw_reward_scaling); else None
+
+
+def orw_exponent_rewards(opts: FlowStepOptions, rewards: jax.Array, valid: jax.Array) -> jax.Array:
+    """The ``r`` inside ORW-CFM-W2's ``exp(tau r)`` (``opts.orw_reward_scaling``): ``raw`` r (the published
+    code), ``center`` ``r - mean(r)`` (the same relative weights; the batch's constant factor ``exp(tau mean r)``,
+    ~1e7 on a 0-100 CLIP score, no longer scales the CFM term against the fixed W2 term), ``standardize``
+    ``(r - mean(r)) / (std(r) + eps)`` (tau unitless). Means / stds over the valid samples of the global batch;
+    0 at invalid rows."""
+    if opts.orw_reward_scaling == "raw":
+        return rewards
+    mean, std = masked_mean_std(rewards, valid)
+    out = rewards - mean
+    if opts.orw_reward_scaling == "standardize":
+        out = out / (std + opts.advantage_eps)
+    return jnp.where(valid, out, 0.0)
 
 
 def prepare_batch(opts: FlowStepOptions, x1: jax.Array, cond: jax.Array, rewards: jax.Array,
@@ -304,8 +373,11 @@ def prepare_batch(opts: FlowStepOptions, x1: jax.Array, cond: jax.Array, rewards
     no_signal = present & ~(hi > lo)
     metrics["zero_std_prompt_fraction"] = jnp.sum(no_signal) / jnp.maximum(jnp.sum(present), 1)
 
+    weight_rewards = None
     if opts.method == "orw_cfm_w2":
-        w = losses.exponential_reward_weights(r, opts.tau, max_exponent=opts.orw_max_exponent, mask=valid)
+        weight_rewards = orw_exponent_rewards(opts, r, valid)
+        w = losses.exponential_reward_weights(weight_rewards, opts.tau, max_exponent=opts.orw_max_exponent,
+                                              mask=valid)
         metrics["orw_weight_mean"] = masked_mean_std(w, valid)[0]
         metrics["orw_weight_min"], metrics["orw_weight_max"] = masked_min_max(w, valid)
         alpha = jnp.asarray(opts.alpha, jnp.float32)
@@ -314,7 +386,7 @@ def prepare_batch(opts: FlowStepOptions, x1: jax.Array, cond: jax.Array, rewards
     else:
         metrics.update(losses.coefficient_metrics(adv, opts.loss_beta, mask=valid, **opts.coefficient_kwargs()))
     return PreparedBatch(x1=x1, cond=cond.astype(jnp.int32), rewards=r, valid=valid, advantages=adv,
-                         metrics=metrics)
+                         metrics=metrics, weight_rewards=weight_rewards)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,12 +402,17 @@ def inner_update_key(key: jax.Array, update_index: int | jax.Array) -> jax.Array
 def draw_path_inputs(opts: FlowStepOptions, key: jax.Array, x1: jax.Array, mesh: Mesh | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(t [B], x0 [B, ...], drop_mask [B] or None)`` of one inner update: the CFM path's time (uniform or
-    logit-normal), fresh noise ``x0 ~ N(0, I)`` and the CFG condition-dropout rows."""
+    logit-normal, then with ``opts.train_time_shift`` = s != 1 SD3's shift ``sigma' = s sigma / (1 + (s - 1)
+    sigma)`` of ``sigma = 1 - t``), fresh noise ``x0 ~ N(0, I)`` and the CFG condition-dropout rows."""
     from adrpo_jax.flow.pretrain import sample_time  # pylint: disable=import-outside-toplevel
 
     b = x1.shape[0]
     k_t, k_x0, k_drop = jax.random.split(key, 3)
-    t = _constrain(sample_time(k_t, b, opts.time_sampling), mesh)
+    t = sample_time(k_t, b, opts.time_sampling)
+    if opts.train_time_shift != 1.0:  # SD3's shift on sigma = 1 - t (as the rollout grid): t' = 1 - shift(sigma)
+        s, sigma = opts.train_time_shift, 1.0 - t
+        t = 1.0 - s * sigma / (1.0 + (s - 1.0) * sigma)
+    t = _constrain(t, mesh)
     x0 = _constrain(sample_noise(k_x0, x1.shape, jnp.float32), mesh)
     drop = None
     if opts.cond_dropout_prob > 0:
@@ -407,17 +484,19 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
     ref_graphdef = graphdef if ref_graphdef is None else ref_graphdef
 
     def merge(p, frozen, g=graphdef):
-        # fresh Variable objects for the frozen part: merged inside value_and_grad, the module must not reuse the
-        # Variables of the outer trace (an nnx.remat inside the model would try to update them: TraceContextError)
-        return nnx.merge(g, p) if frozen is None else nnx.merge(g, p, jax.tree.map(lambda x: x, frozen))
+        # fresh Variable objects for the frozen part, over stop_gradient views (values of the current trace):
+        # merged inside value_and_grad / the micro-batch scan, the module must not hold values of the outer trace
+        # (an nnx.remat inside the model would try to update them: TraceContextError); the frozen part has no
+        # gradient anyway
+        return nnx.merge(g, p) if frozen is None else nnx.merge(g, p, jax.tree.map(jax.lax.stop_gradient, frozen))
 
     def one_update(params, opt_state, ref_params, frozen, prep: PreparedBatch, key):
         t, x0, drop = draw_path_inputs(opts, key, prep.x1, mesh)
         x_t, u = losses.rectified_flow_path(x0, prep.x1, t)
-        v_ref = jax.lax.stop_gradient(merge(ref_params, frozen, ref_graphdef)(x_t, t, prep.cond, drop_mask=drop))
         normalizer = jnp.maximum(jnp.sum(prep.valid, dtype=jnp.float32), 1.0)
-        rows = {"x_t": x_t, "t": t, "cond": prep.cond, "u": u, "v_ref": v_ref, "advantages": prep.advantages,
-                "rewards": prep.rewards, "mask": prep.valid}
+        rewards = prep.rewards if prep.weight_rewards is None else prep.weight_rewards
+        rows = {"x_t": x_t, "t": t, "cond": prep.cond, "u": u, "advantages": prep.advantages,
+                "rewards": rewards, "mask": prep.valid}
         if drop is not None:
             rows["drop"] = drop
         if lora_dropout:  # row i of micro-batch j (strided split) has index i * k + j: index[0] is j
@@ -425,6 +504,10 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
             dropout_key = jax.random.fold_in(key, 0x10D)
 
         def grad_fn(p, mb):
+            # the reference forward per micro-batch too (its activations follow the micro-batch, not the batch)
+            v_ref = jax.lax.stop_gradient(velocity_fn(ref_graphdef, ref_params, frozen)(
+                mb["x_t"], mb["t"], mb["cond"], drop_mask=mb.get("drop")))
+
             def f(p_):
                 model = merge(p_, frozen)
                 x = (mb["x_t"], mb["t"], mb["cond"])
@@ -433,7 +516,7 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
                         v = model(*x, drop_mask=mb.get("drop"))
                 else:
                     v = model(*x, drop_mask=mb.get("drop"))
-                return loss_fn({**mb, "v": v}, normalizer)
+                return loss_fn({**mb, "v": v, "v_ref": v_ref}, normalizer)
 
             (loss, m), grads = jax.value_and_grad(f, has_aux=True)(p)
             # Means over valid samples -> sums, so that micro-batch metrics add up like the loss shares.
@@ -497,14 +580,24 @@ def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowSt
             return _rollout(params, frozen, cond, key)
 
     def _rollout(params, frozen, cond, key):
-        model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+        model = velocity_fn(graphdef, params, frozen)
         b = cond.shape[0]
         k_x0, k_sde = jax.random.split(key)
         x0 = _constrain(sample_noise(k_x0, (b,) + tuple(opts.image_shape), jnp.float32), mesh)
-        x1 = sample(lambda x, t, c: model(x, t, c), x0, cond, num_steps=opts.sampling_steps,
-                    method=opts.sampling_method, cfg_scale=opts.cfg_scale,
-                    null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
-                    key=k_sde if opts.sde_noise > 0 else None, timesteps=opts.time_grid())
+
+        def sample_chunk(x0_, cond_, k_):
+            return sample(lambda x, t, c: model(x, t, c), _constrain(x0_, mesh), _constrain(cond_, mesh),
+                          num_steps=opts.sampling_steps, method=opts.sampling_method, cfg_scale=opts.cfg_scale,
+                          null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
+                          key=k_ if opts.sde_noise > 0 else None, timesteps=opts.time_grid())
+
+        m = opts.rollout_micro_batch
+        if 0 < m < b:  # rl.rollout_micro_batch: m images at a time (SDE noise: one key per micro-batch)
+            keys = jax.random.split(k_sde, b // m)
+            x1 = map_micro_batches(lambda xc, cc, kc: sample_chunk(xc, cc, kc), b // m, x0, cond,
+                                   broadcast=(keys,), mesh=mesh)
+        else:
+            x1 = sample_chunk(x0, cond, k_sde)
         x1 = _constrain(jax.lax.stop_gradient(x1), mesh)
         return x1, reward_components(reward_model, x1, cond)
 

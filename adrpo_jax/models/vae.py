@@ -602,7 +602,9 @@ def make_decode_fn(graphdef: nnx.GraphDef, *, scaled: bool = False,
   function to call inside a jitted program (the VAE's arrays are an argument, not constants) or to ``jax.jit``
   directly. ``scaled``: the latents are the diffusion model's (scaled) ones and are unscaled first.
   ``batch_chunk``: decode ``batch_chunk`` images at a time (``jax.lax.map``; the activation memory scales with
-  the chunk, not ``B``; a remainder runs as a smaller chunk)."""
+  the chunk, not ``B``). When it divides ``B`` the chunks take strided rows ``i, i + B / chunk, ...``, so a batch
+  sharded on its leading axis keeps every chunk spread over all devices; otherwise contiguous chunks (a remainder
+  runs as a smaller chunk)."""
   if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(batch_chunk, int)
                                   or batch_chunk < 1):
     raise ValueError(f"batch_chunk must be None or a positive int, got {batch_chunk!r}.")
@@ -610,8 +612,14 @@ def make_decode_fn(graphdef: nnx.GraphDef, *, scaled: bool = False,
   def fn(state: nnx.State, latents: jax.Array) -> jax.Array:
     vae = nnx.merge(graphdef, state)
     z = vae.unscale_latents(latents) if scaled else jnp.asarray(latents)
-    if batch_chunk is None or z.shape[0] <= batch_chunk:
+    b = z.shape[0]
+    if batch_chunk is None or b <= batch_chunk:
       return vae.decode(z)
+    if b % batch_chunk == 0:  # [chunk, n] -> [n, chunk]: chunk j = rows j, j + n, ... (strided)
+      n = b // batch_chunk
+      chunks = jnp.swapaxes(z.reshape((batch_chunk, n) + z.shape[1:]), 0, 1)
+      out = jax.lax.map(vae.decode, chunks)
+      return jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[2:])
     return jax.lax.map(lambda one: vae.decode(one[None])[0], z, batch_size=batch_chunk)
 
   return fn

@@ -27,7 +27,7 @@ def test_cpu_variant_validates():
     assert validate_batch_layout(config, 2)["batch_size"] == 8
 
 
-@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+@pytest.mark.parametrize("variant", ["gpu", "tpu", "tpu_1024"])
 def test_accelerator_variants_need_local_directories(variant, tmp_path):
     config = _config(variant)
     assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32" and config.mesh.fsdp == -1

@@ -114,4 +114,7 @@ def test_sharded_sd3_step_matches_single_device(setup, single, mesh_shape):
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
     assert m1["skipped"] == 0 and m1["w2_mean"] > 0 and m1["reward_std"] > 0
     _compare(g1, g2, "grad")
-    _compare(s1, s2, "state")
+    # Adam's first step moves each parameter by lr * g / (|g| + eps): for an element whose gradient is near 0 the
+    # float32 noise the gradient comparison allows (1e-5) is amplified (seen: 1.4e-5 on one adapter entry of 32);
+    # 1e-4 is 1 % of the step size lr = 1e-2, far below a wrong update (~lr)
+    _compare(s1, s2, "state", atol=1e-4)
