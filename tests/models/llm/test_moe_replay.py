@@ -65,6 +65,7 @@ def test_sampler_records_routing_and_replay_reproduces_its_logprobs():
   assert mismatch > 0 and diff_free.max() > 10 * diff_replay.max()
 
 
+@pytest.mark.slow  # a sampler and an update compilation
 def test_grouped_prompts_record_the_shared_prefill_and_greedy_replays():
   model = load_pretrained(tiny_hf("qwen3_moe").path)
   tokens, mask = padded_batch(rows=2, length=8)
@@ -92,6 +93,7 @@ def test_rl_step_replays_through_model_inputs():
     rl_step.StepOptions(group_size=2, prompt_length=6, max_new_tokens=4, router_replay="all")
 
 
+@pytest.mark.slow  # a sampler and an update compilation
 def test_router_losses_enter_the_update_loss_only_when_set():
   from adrpo_jax.rl import step as rl_step
 
