@@ -99,6 +99,7 @@ def test_expert_kernels_shard_over_the_expert_axis():
   assert moe.resolve_impl("auto", "cpu") == "blocked"
 
 
+@pytest.mark.slow
 def test_streamed_load_places_expert_kernels_on_the_expert_axis():
   """load_pretrained with a mesh reads each device's block of a stacked [L, E, D, F] kernel from the tensors it
   covers only, and the values equal the unsharded load."""
@@ -115,6 +116,7 @@ def test_streamed_load_places_expert_kernels_on_the_expert_axis():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_mesh_from_the_input_sharding_without_a_context_mesh():
   """jit over sharded arrays without `use_abstract_mesh`: the layer finds the mesh in its input's type and runs the
   expert-parallel shard_map all the same."""
