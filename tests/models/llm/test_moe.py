@@ -20,7 +20,7 @@ _forward = jax.jit(lambda m, t, a: m(t, attention_mask=a))
 def test_logits_match_transformers_on_left_padded_batch(name):
   tiny = tiny_hf(name)
   model = load_pretrained(tiny.path)
-  assert model.config.scan_layers == (name == "qwen3_moe")  # qwen2_moe's dense layer 1: the list layout
+  assert bool(model.config.scan_layers) == (name == "qwen3_moe")  # qwen2_moe's dense layer 1: the list layout
   tokens, mask = padded_batch()
   ours = np.asarray(_forward(model, jnp.asarray(tokens), jnp.asarray(mask)))
   ref = hf_logits(tiny, tokens, mask)
@@ -285,7 +285,11 @@ def test_config_validation_names_the_bad_value():
   with pytest.raises(ValueError, match="num_experts_per_tok=5"):
     DecoderConfig(**{**base, "num_experts_per_tok": 5})
   with pytest.raises(ValueError, match="scan_layers=True needs every layer alike"):
-    DecoderConfig(**base, mlp_only_layers=(1,))
+    DecoderConfig(**base, mlp_only_layers=(1,), scan_layers=True)
+  try:  # scan_layers='auto' picks the list layout for a mixed layout
+    assert DecoderConfig(**base, mlp_only_layers=(1,), scan_layers="auto").scan_layers is False
+  except ValueError as err:  # a DecoderConfig without the 'auto' layout choice
+    assert "scan_layers='auto'" in str(err)
   assert DecoderConfig(**base, mlp_only_layers=(1,), scan_layers=False).moe_layers == (True, False, True)
   with pytest.raises(ValueError, match="mlp_only_layers"):
     DecoderConfig(**base, mlp_only_layers=(3,), scan_layers=False)
@@ -296,6 +300,7 @@ def test_config_validation_names_the_bad_value():
   model = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
   n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert n == cfg.num_params()
+  model = nnx.eval_shape(lambda: CausalLM(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r"expert_indices must be \[batch, time, moe_layers, k\]"):
     model.hidden_states(jnp.zeros((1, 3), jnp.int32), expert_indices=jnp.zeros((1, 3, 2, 2), jnp.int32))
 
