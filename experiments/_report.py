@@ -317,6 +317,32 @@ def decisive_judge_y() -> str:
   return md_table(["arm, plane", "judge-reward gap [95 % CI]", "p (gap > 0)", "p (gap < 0)"], rows)
 
 
+def flow_gold() -> str:
+  """Proxy against gold on the flow side: per arm, the change from step 0 to 300 of the reward (the proxy: the
+  reward classifier) and of the judge's reward and accuracies, and the final judge FD to real digits."""
+  d = _load(DECISIVE)
+  if d is None:
+    return f"({DECISIVE} not committed yet)"
+  per: dict[str, list[Mapping[str, Any]]] = {}
+  for r in d["runs"].values():
+    per.setdefault(r["label"], []).append(r)
+
+  def delta(r, key):
+    steps, vals = r["curves"][key]
+    return vals[-1] - vals[0] if steps and steps[0] == 0 else float("nan")
+
+  keys = [("eval/reward_mean", "reward (proxy)"), ("eval/gold/judge_reward", "judge reward"),
+          ("eval/digit_accuracy", "digit acc (reward clf)"), ("eval/gold/judge_digit_accuracy", "digit acc (judge)"),
+          ("eval/thickness_accuracy", "thick acc (reward clf)"),
+          ("eval/gold/judge_thickness_accuracy", "thick acc (judge)")]
+  rows = []
+  for lab in _arm_order(list(per), 1.0) + [x for x in ("none",) if x in per]:
+    rows.append([lab] + [fmt([delta(r, k) for r in per[lab]]) for k, _ in keys]
+                + [fmt([r["final"].get("eval/gold/judge_fd_data") for r in per[lab]], 2), len(per[lab])])
+  return md_table(["arm"] + [f"change of {h}, step 0 -> 300" for _, h in keys] + ["judge FD to real digits", "n"],
+                  rows)
+
+
 def orw() -> str:
   d = _load(DECISIVE)
   runs = _decisive_runs()
@@ -415,6 +441,39 @@ def llm_kl_hack() -> str:
                    "best held-out acc", "held-out acc (250-300)", "mean coefficient", "n"], rows)
 
 
+def _llm_records(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+  recs = [{"step": s, "reward_mean": v} for s, v in zip(*run["curves"]["reward_mean"])]
+  recs += [{"step": s, "eval/accuracy": v} for s, v in zip(*run["curves"]["eval/accuracy"])]
+  recs.sort(key=lambda x: (x["step"], "eval/accuracy" in x))  # a step's training log before its evaluation
+  return recs
+
+
+def monitor_sensitivity(drops: Sequence[float] = (0.02, 0.05, 0.08), patience: int = 3) -> str:
+  """Exploratory: in how many runs the stop rule fires as a function of the allowed drop (N = 3), beside each
+  group's end accuracy relative to its start and its length credit (the hack's signature)."""
+  d = _llm()
+  if d is None:
+    return f"({LLM} not committed yet)"
+  from adrpo_jax.train.monitor import RewardHackingMonitor, StopRule, replay  # pylint: disable=import-outside-toplevel
+
+  groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+  for r in d["runs"].values():
+    groups.setdefault((r["family"], float(r["beta"])), []).append(r)
+  rows = []
+  for (m, b), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "grpo", kv[0][0], kv[0][1])):
+    fires = []
+    for drop in drops:
+      n = sum(replay(_llm_records(r), RewardHackingMonitor("reward_mean", ["eval/accuracy"],
+                                                           stop_rule=StopRule(patience, drop))) is not None
+              for r in runs)
+      fires.append(f"{n}/{len(runs)}")
+    change = [r["final"]["held_out_accuracy"] - r["final"]["truth_start"] for r in runs]
+    rows.append([m.upper(), f"{b:g}", fmt(change), fmt([r["final"].get("reward/length_credit_mean") for r in runs]),
+                 *fires])
+  return md_table(["method", "beta", "held-out acc: end - start", "length credit (train, end)"]
+                  + [f"fires, drop {x:g}" for x in drops], rows)
+
+
 def monitor_replay() -> str:
   """The stop rule (gold_falls:3, drop 0.02; pre-registered) replayed on the LLM dense sweep's recorded curves."""
   d = _llm()
@@ -424,10 +483,8 @@ def monitor_replay() -> str:
 
   groups: dict[tuple[str, float], list[Any]] = {}
   for r in d["runs"].values():
-    recs = [{"step": s, "reward_mean": v} for s, v in zip(*r["curves"]["reward_mean"])]
-    recs += [{"step": s, "eval/accuracy": v} for s, v in zip(*r["curves"]["eval/accuracy"])]
-    recs.sort(key=lambda x: (x["step"], "eval/accuracy" in x))  # a step's training log before its evaluation
-    dec = replay(recs, RewardHackingMonitor("reward_mean", ["eval/accuracy"], stop_rule=StopRule(3, 0.02)))
+    dec = replay(_llm_records(r), RewardHackingMonitor("reward_mean", ["eval/accuracy"],
+                                                       stop_rule=StopRule(3, 0.02)))
     groups.setdefault((r["family"], float(r["beta"])), []).append((dec, r["final"]))
   rows = []
   for (m, b), items in sorted(groups.items(), key=lambda kv: (kv[0][0] != "grpo", kv[0][0], kv[0][1])):
@@ -538,6 +595,7 @@ REPORTS: dict[str, Callable[[], str]] = {
     "decisive_tests": decisive_tests,
     "decisive_block03": decisive_block03,
     "decisive_judge_y": decisive_judge_y,
+    "flow_gold": flow_gold,
     "orw": orw,
     "judge": judge,
     "heldout_overlap": heldout_overlap,
@@ -545,6 +603,7 @@ REPORTS: dict[str, Callable[[], str]] = {
     "llm_kl_hack": llm_kl_hack,
     "llm_crd": llm_crd,
     "monitor_replay": monitor_replay,
+    "monitor_sensitivity": monitor_sensitivity,
     "issue15_flow_compare": issue15_flow_compare,
     "issue15_hacking_flow": issue15_hacking_flow,
     "issue15_hacking_llm": issue15_hacking_llm,

@@ -33,6 +33,12 @@ training log, e.g. the step-0 evaluation of the starting model: the first proxy 
 together with the proxy (a run that simply degrades) or that only wobbles within ``min_drop`` of its best does not
 fire it.
 
+**Choose ``min_drop`` above the evaluation noise**: the running best of a noisy gold is biased upwards, so a drop
+smaller than the gold's evaluation noise fires late in runs that do not hack. About two standard errors of one
+evaluation is a good default: for an accuracy p on n held-out problems, ``2 sqrt(p (1 - p) / n)`` (0.05 for p ~ 0.3,
+n = 256). ``experiments/README.md`` (section F) measures the firing rates on hacking and regularized runs for
+several drops.
+
 Config keys (``eval.*``; :data:`MONITOR_DEFAULTS`, checked by :func:`validate_monitor_config`): ``gold_rewards``
 (tuple of gold scorer names: LLM reward functions scored on the held-out completions, logged as
 ``eval/gold/<name>``; flow ``judge`` -> ``eval/gold/judge_*``), ``proxy_metric`` ('' = the trainer's training
