@@ -269,8 +269,10 @@ class FlowEvaluator:
         if self._reference is None:
             policy = self.trainer.policy
             self._reference = self.sample(policy.pretrained_params(state), policy.frozen, pretrained=True)
+            # a jax array, as at every evaluation: jit keys its cache on numpy vs jax inputs (a numpy argument
+            # here compiled eval/features a second time; tests/train/test_soak.py)
             self.reference_features = np.asarray(self.trainer.fns["eval/features"](self._cstate,
-                                                                                    self._reference))
+                                                                                    jnp.asarray(self._reference)))
         return self._reference
 
     def __call__(self, step: int, state) -> dict[str, float]:
