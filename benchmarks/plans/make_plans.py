@@ -34,9 +34,12 @@ for model in ("qwen2.5-7b", "qwen3-8b"):
     for mode in ("lora", "full"):
         for length in ("1k", "4k"):
             for target, chip in (("v5p:2x2x2", "v5p-8"), ("v6e:2x4", "v6e-8")):
-                PLANS.append((f"qwen_{model}_{mode}_{length}_{chip}", f"configs/llm_qwen.py:{model},{mode},{length}",
+                PLANS.append((f"qwen_{model}_{mode}_{length}_{chip}", f"configs/llm_pod.py:{model},{mode},{length}",
                               target, []))
-PLANS.append(("qwen_qwen3-8b_full_4k_v5e-16_multihost", "configs/llm_qwen.py:qwen3-8b,full,4k", "v5e:4x4", []))
+PLANS.append(("qwen_qwen3-8b_full_4k_v5e-16_multihost", "configs/llm_pod.py:qwen3-8b,full,4k", "v5e:4x4", []))
+for mode in ("lora", "full"):
+    PLANS.append((f"moe_qwen3-30b-a3b_{mode}_1k_v5p-16", f"configs/llm_pod.py:qwen3-30b-a3b,{mode}", "v5p:2x2x4", []))
+PLANS.append(("gemma_gemma-3-12b_lora_1k_v6e-8", "configs/llm_pod.py:gemma-3-12b,lora", "v6e:2x4", []))
 
 
 def run_plan(name: str, config: str, target: str, extra: list[str]) -> dict:

@@ -1,17 +1,25 @@
-r"""GRPO / ADRPO on GSM8K-style math with Qwen2.5-7B-Instruct or Qwen3-8B on a TPU pod slice (the recipes users run).
+r"""GRPO / ADRPO on GSM8K-style math with the models RL users train on TPU pod slices: Qwen2.5-7B-Instruct,
+Qwen3-8B, Qwen3-30B-A3B (mixture of experts, expert-parallel, router replay) and Gemma 3 12B / 27B.
 
-    python launch.py --config=configs/llm_qwen.py:qwen2.5-7b,lora --workdir=runs/qwen7b_lora \
+    python launch.py --config=configs/llm_pod.py:qwen2.5-7b,lora --workdir=runs/qwen7b_lora \
         --config.model.path=/models/Qwen2.5-7B-Instruct \
         --config.data.path=/data/gsm8k/train.jsonl --config.eval.path=/data/gsm8k/test.jsonl
-    python launch.py --config=configs/llm_qwen.py:qwen3-8b,full,4k --workdir=/tmp/plan --mode=plan \
+    python launch.py --config=configs/llm_pod.py:qwen3-8b,full,4k --workdir=/tmp/plan --mode=plan \
         --config.plan.target=v6e:2x4          # every program compiled for a v6e-8, no weights, no data
 
-The argument is a comma-separated list: the model (``qwen2.5-7b`` | ``qwen3-8b``), the trained part (``lora``:
+The argument is a comma-separated list: the model (``qwen2.5-7b`` | ``qwen3-8b`` | ``qwen3-30b-a3b`` |
+``gemma-3-12b`` | ``gemma-3-27b``), the trained part (``lora``:
 rank-64 adapters on every projection, the frozen base in bfloat16, the reference = adapters off; ``full``: every
 weight, float32 master weights + AdamW, a frozen bfloat16 reference copy), and the completion budget (``1k``:
 1,024 tokens; ``4k``: 4,096). G = 8 completions of 16 prompts per step (128 sequences), prompts up to 512
 tokens, ADRPO's adaptive KL (beta_0 = 0.04). ``model.path`` defaults to the model's shape preset
 (``preset:qwen2.5-7b``: shapes only, for ``--mode=plan``); to train, point it at the local checkpoint.
+
+The mixture of experts (``qwen3-30b-a3b``, 128 experts, top-8): the experts sharded over an ``expert`` mesh axis of
+8 (tokens exchanged by all-to-all, dropless grouped matmuls: ``jax.lax.ragged_dot`` on TPU), FSDP over the rest,
+``rl.router_replay='rollout'`` (the training passes route each token with the experts the sampler used: without it
+the policy ratio compares different sub-networks), planned on a v5p-16 (``v5p:2x2x4``). Gemma 3 (256k vocabulary
+through the chunked log-probs, soft-capping-free, local / global attention layers) on a v6e-8.
 
 Sharding: FSDP over every chip of the slice (``mesh.fsdp = -1``), the update in micro-batches
 (``optim.grad_accum_steps``) with activation rematerialization, log-probs in vocabulary chunks; the plans under
@@ -25,7 +33,8 @@ import ml_collections
 from adrpo_jax.rl.config import add_llm_config
 from adrpo_jax.train.config import add_common_config
 
-MODELS = {"qwen2.5-7b": "preset:qwen2.5-7b", "qwen3-8b": "preset:qwen3-8b"}
+MODELS = {"qwen2.5-7b": "preset:qwen2.5-7b", "qwen3-8b": "preset:qwen3-8b", "qwen3-30b-a3b": "preset:qwen3-30b-a3b",
+          "gemma-3-12b": "preset:gemma-3-12b", "gemma-3-27b": "preset:gemma-3-27b"}
 SYSTEM_PROMPT = ("A conversation between User and Assistant. The Assistant reasons step by step inside <think> "
                  "</think> and then gives the final answer as a number inside <answer> </answer>.")
 
@@ -37,7 +46,7 @@ def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
     length = 4096 if "4k" in parts else 1024
     unknown = [p for p in parts if p not in MODELS and p not in ("lora", "full", "1k", "4k")]
     if unknown:
-        raise ValueError(f"unknown parts {unknown} of configs/llm_qwen.py:{arg}; use <{'|'.join(MODELS)}>,"
+        raise ValueError(f"unknown parts {unknown} of configs/llm_pod.py:{arg}; use <{'|'.join(MODELS)}>,"
                          "<lora|full>,<1k|4k>")
     config = add_llm_config(add_common_config(ml_collections.ConfigDict()))
     config.trainer = "llm"
@@ -91,4 +100,11 @@ def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
     config.mesh.fsdp = -1
     config.mesh.tensor = 1
     config.plan.target = "v5p:2x2x2"
+    if model == "qwen3-30b-a3b":
+        config.mesh.expert = 8  # 16 of the 128 experts per chip; tokens exchanged by all-to-all
+        config.rl.router_replay = "rollout"
+        config.plan.target = "v5p:2x2x4"  # a v5p-16 (two hosts)
+    elif model.startswith("gemma"):
+        config.plan.target = "v6e:2x4"
+        config.data.system_prompt = ""  # Gemma's chat template has no system role (folded into the user turn)
     return config
