@@ -76,6 +76,7 @@ from adrpo_jax.rl import config as config_lib
 from adrpo_jax.rl import data as data_lib
 from adrpo_jax.rl.rewards import RewardComputer, check_rewards_present, resolve_reward_function
 from adrpo_jax.rl.rollout import PromptEncoder, stop_token_ids
+from adrpo_jax.rl.router_replay import make_routing_metrics_fn, training_model_inputs
 from adrpo_jax.rl.step import StepOptions, make_logprob_fn, make_rl_update
 from adrpo_jax.train import perf
 from adrpo_jax.train.monitor import gold_metric_keys
@@ -258,6 +259,8 @@ class RLTrainer(Recipe):
         self.eval_sampling = SamplingConfig(
             max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
             greedy=bool(config.eval.greedy), eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id)
+        self.router_replay = str(rl.get("router_replay", "none"))
+        self.is_moe = int(getattr(self.model_config, "num_experts", 0) or 0) > 0
         self.evaluator = None
         self.iterator = None
         if not abstract:
@@ -441,6 +444,9 @@ class RLTrainer(Recipe):
         extra = self._model_input_structs(b)
         if extra:
             batch["model_inputs"] = dict(zip(self.model_input_names, extra))
+        inputs = training_model_inputs(out, batch.get("model_inputs"), self.router_replay)
+        if inputs is not None:  # + the sampler's routing record (rl.router_replay='rollout', MoE)
+            batch["model_inputs"] = inputs
         return abstract_like(batch, bs)
 
     model_input_names: tuple[str, ...] = ()
@@ -476,6 +482,14 @@ class RLTrainer(Recipe):
         ]
         if plan_generate:  # the sampler's prefill and one decode step, planned on their own (the loop: N steps)
             programs += self._plan_programs()
+        if self.is_moe:  # routing statistics of the training pass's router vs the rollout's record (moe/*)
+            def moe_args():
+                batch = self.rollout_batch_struct()
+                out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b))
+                return (params(), frozen(), batch["tokens"], batch["attention_mask"],
+                        abstract_like(out.expert_indices, bs))
+            programs.append(Program("moe/metrics", make_routing_metrics_fn(self.graphdef, mesh), args=moe_args,
+                                    out_shardings=repl, phase="rollout"))
         if self.policy.lora_reference:  # the reference: adapters off (another graph, another program)
             programs.append(Program("ref_logprobs", make_logprob_fn(self.ref_graphdef, opts, mesh), args=logprob_args,
                                     out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size",
@@ -540,6 +554,12 @@ class RLTrainer(Recipe):
         sample_key, update_key = jax.random.split(key)
         out = fns["generate"](state["params"] if params is None else params, self.frozen, g["tokens"], g["mask"],
                               sample_key, *self.generate_extra(model_inputs))
+        # rl.router_replay='rollout' (MoE policies): the training passes route with the sampler's recorded experts
+        model_inputs = training_model_inputs(out, model_inputs, self.router_replay)
+        moe = None
+        if self.is_moe:  # routing statistics and the rollout-vs-training mismatch of this step (dispatched)
+            moe = fns["moe/metrics"](state["params"] if params is None else params, self.frozen, out.tokens,
+                                     out.attention_mask, out.expert_indices)
         # Dispatch the device work that does not need the rewards first (asynchronous), then score on the host.
         batch: dict[str, Any] = {"tokens": out.tokens, "attention_mask": out.attention_mask,
                                  "completion_mask": out.completion_mask, "lengths": out.lengths, "done": out.done,
@@ -558,7 +578,7 @@ class RLTrainer(Recipe):
             batch["ref_logp"], _ = ref_fn(self.policy.reference(state), self.frozen, out.tokens, out.attention_mask,
                                           *extra)
         return {"step": step, "t_start": t_start, "rows": rows, "prompts": prompts, "shown": shown,
-                "update_key": update_key, "out": out, "batch": batch}
+                "update_key": update_key, "out": out, "batch": batch, "moe": moe}
 
     def rollout_finish(self, handle: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The host part of a rollout (:meth:`rollout_start`'s handle): waits for the completions, decodes and
@@ -589,7 +609,7 @@ class RLTrainer(Recipe):
                  "time/logprobs": (t_reward - t_generated) if blocking else (t_logprobs - t_scored)}
         host = {"prompts": shown, "completions": texts, "rewards": scored.rewards, "key": update_key,
                 "num_errors": scored.num_errors, "times": times, "wait_s": t_generated - t_wait,
-                "decode_steps": int(np.max(local["lengths"], initial=0))}
+                "decode_steps": int(np.max(local["lengths"], initial=0)), "moe": handle.get("moe")}
         return batch, host
 
     rollout_batch = rollout
@@ -647,6 +667,8 @@ class RLTrainer(Recipe):
         metrics = dict(metrics)
         metrics.update(host["times"], **{"time/update": time.perf_counter() - t_update})
         metrics.update(self._perf_metrics(state, host, metrics["time/update"]))
+        if host.get("moe") is not None:
+            metrics.update(host["moe"])
         errors = np.asarray([host["num_errors"]], np.float32)  # this process's rows; sum over processes, as
         if jax.process_count() > 1:  # num_missing_rewards (computed from the global batch) is
             from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
