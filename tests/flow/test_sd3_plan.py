@@ -116,6 +116,9 @@ def test_preset_shapes_without_paths():
     with pytest.raises(train.ConfigError, match="pos_embed_max_size=192") as err:
         resolve_shapes(_config("tpu", **{"data.height": 4096}), mesh, prompts=(("a",), ()))
     assert err.value.key == "data.height"
+    with pytest.raises(train.ConfigError, match="multiple of 16") as err:  # VAE factor 8 x patch 2
+        resolve_shapes(_config("tpu", **{"data.width": 520}), mesh, prompts=(("a",), ()))
+    assert err.value.key == "data.width"
 
 
 @pytest.mark.slow

@@ -43,7 +43,6 @@ def _config(variant="cpu", **overrides):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("data.height", 520, "multiple of 16"),
     ("data.width", -16, "data.width"),
     ("model.attention_impl", "flash", "model.attention_impl"),
     ("model.remat_policy", "nothing_saveable_typo", "remat_policy"),
@@ -247,7 +246,8 @@ def test_recipe_refreshes_prompt_files_eval_metrics_and_export(tmp_path):
                         "rl.sampler_refresh_steps": 2, "rl.rollout_micro_batch": 4,
                         "data.height": 16, "data.width": 8, "eval.batch_size": 4, "eval.clip_paths": (tiny["clip"],),
                         "vae.decode_batch": 2, "model.save_dtype": "bfloat16"})
-    trainer = SD3Trainer(config, str(tmp_path / "run"))
+    config.mesh.data = 2  # 2 of the 8 test devices: micro-batches of 4 (rollout) / 2 (decode) spread over both
+    trainer = SD3Trainer(config, str(tmp_path / "run"), mesh=train.make_mesh(config.mesh, devices=jax.devices()[:2]))
     assert trainer.shapes.latent_shape == (8, 4, 4) and trainer.shapes.null_id == 5
     table = trainer.frozen["embeddings"][...]
     assert table.dtype == jnp.float32 and table.shape[0] == trainer.shapes.rows  # the cpu variant computes in f32
