@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+
 def _threads(argv) -> str:
   for i, a in enumerate(argv):
     if a == "--threads" and i + 1 < len(argv):
@@ -40,12 +41,11 @@ sys.path.insert(0, _HERE)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _bench_utils import build_model, machine  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _bench_utils import build_model, machine  # noqa: E402
 from adrpo_jax.models.llm import DecoderConfig, SamplingConfig, make_generate_fn  # noqa: E402
-from adrpo_jax.models.llm.roofline import (compiled_bytes, decode_step_bytes, floor_seconds,  # noqa: E402
-                                           measure_copy_bandwidth)
+from adrpo_jax.models.llm.roofline import compiled_bytes, decode_step_bytes, floor_seconds, measure_copy_bandwidth  # noqa: E402
 from adrpo_jax.models.llm.sampler import make_plan_fns  # noqa: E402
 
 VARIANTS = {"scan": False, "unrolled": True}

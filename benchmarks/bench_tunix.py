@@ -32,11 +32,15 @@ intra_op_parallelism_threads=1`` unless ``--threads 0``):
 Checks first (identical outputs): completion log-probs (ours vs Tunix, and vs transformers/torch when importable),
 greedy tokens on the short case, and the first update's loss / gradient norm / KL. A failed check exits 1 unless
 ``--no-check-fail``. Then each case: one warm-up call per side (compile time reported), ``--reps`` rounds of
-alternating calls (A B A B ...), medians with min / max and the per-round ratios, written to ``--json``.
+alternating calls (A B A B ...), medians with min / max and the per-round ratios, written to ``--json``. Each call's
+process CPU time is recorded too (``cpu_*``): with one compute thread per side it is the call's own work, which a
+loaded machine inflates far less than the wall time (the speedup on it: ``cpu_speedup_vs_*``); a quiet machine's
+wall-time medians are the figures to quote.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -69,24 +73,25 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _bench_utils import build_model, machine  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _bench_utils import build_model, machine  # noqa: E402
-from adrpo_jax.models.llm import (DecoderConfig, SamplingConfig, load_pretrained, make_generate_fn,  # noqa: E402
-                                  token_logprobs)
+from adrpo_jax.models.llm import DecoderConfig, SamplingConfig, load_pretrained, make_generate_fn, token_logprobs  # noqa: E402
 from adrpo_jax.models.llm.checkpoint import save_pretrained  # noqa: E402
 from adrpo_jax.rl.step import StepOptions, make_rl_update, prepare_rollout  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 FIRST_WORD = 4  # prompt / completion ids are drawn from [4, vocab): never PAD, BOS, EOS
 
-# ours variants: name -> DecoderConfig overrides
+# ours variants: name -> overrides of DecoderConfig fields and of SamplingConfig fields (by name)
 OURS_VARIANTS = {
     "default": {},
-    "scan": {"scan_layers": True},
-    "unrolled": {"scan_layers": False},
+    "scan": {"scan_layers": True, "unroll_layers": False},  # the layer scan everywhere (the earlier default)
+    "unrolled": {"scan_layers": "auto", "unroll_layers": True},
+    "list": {"scan_layers": False},
     "xla": {"attention_impl": "xla"},
 }
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
 
 SAMPLING_MODES = {  # name -> (our SamplingConfig kwargs, tunix kwargs)
     "greedy": (dict(greedy=True), dict(top_p=None, temperature=1.0)),
@@ -152,7 +157,7 @@ class TunixSide:
     from importlib.metadata import version
     try:
       return version("google-tunix")
-    except Exception:  # noqa: BLE001
+    except Exception:
       return "unknown"
 
   def sampler(self, b: int, p: int, n: int):
@@ -231,12 +236,14 @@ class TunixSide:
 class OursSide:
   def __init__(self, model_dir: str, overrides: dict):
     self.model_dir = model_dir
-    self.overrides = overrides
-    self.model = load_pretrained(model_dir, config_overrides=overrides or None)
+    self.sampling = {k: v for k, v in overrides.items() if k in _SAMPLING_FIELDS}
+    self.overrides = {k: v for k, v in overrides.items() if k not in _SAMPLING_FIELDS}
+    self.model = load_pretrained(model_dir, config_overrides=self.overrides or None)
 
   def generate_fn(self, prompts, n: int, mode: str):
     b, p = prompts.shape
-    cfg = SamplingConfig(max_new_tokens=n, eos_token_ids=(), pad_token_id=PAD, **SAMPLING_MODES[mode][0])
+    cfg = SamplingConfig(max_new_tokens=n, eos_token_ids=(), pad_token_id=PAD, **SAMPLING_MODES[mode][0],
+                         **self.sampling)
     graphdef, state = nnx.split(self.model)
     fn = jax.jit(make_generate_fn(graphdef, cfg))
     mask = jnp.ones((b, p), bool)
@@ -307,7 +314,7 @@ def torch_logprobs(model_dir: str, tokens: np.ndarray, mask: np.ndarray, n: int)
 def interleaved(runners: dict, reps: int, warmup: int = 1) -> dict:
   """`warmup` calls per side (the first one's time reported as compile_s: it compiles; Tunix's train step
   compiles again on its second call, hence warmup=2 for the update), then `reps` rounds of A B A B ... calls."""
-  out = {name: {"compile_s": None, "times": []} for name in runners}
+  out = {name: {"compile_s": None, "times": [], "cpu": []} for name in runners}
   for name, fn in runners.items():
     for i in range(warmup):
       t0 = time.perf_counter()
@@ -317,10 +324,15 @@ def interleaved(runners: dict, reps: int, warmup: int = 1) -> dict:
   names = list(runners)
   for _ in range(reps):
     for name in names:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       runners[name]()
       out[name]["times"].append(time.perf_counter() - t0)
-  res = {name: dict(compile_s=v["compile_s"], **summary(v["times"])) for name, v in out.items()}
+      out[name]["cpu"].append(time.process_time() - c0)
+  res = {}
+  for name, v in out.items():
+    cpu = summary(v["cpu"])
+    res[name] = dict(compile_s=v["compile_s"], **summary(v["times"]),
+                     cpu_median_s=cpu["median_s"], cpu_min_s=cpu["min_s"], cpu_max_s=cpu["max_s"], cpu_s=cpu["times_s"])
   return res
 
 
@@ -334,6 +346,7 @@ def add_ratios(case: dict, reference: str | None):
       continue
     side["speedup_vs_" + reference] = ref["median_s"] / side["median_s"]
     side["round_ratios_vs_" + reference] = [r / s for r, s in zip(ref["times_s"], side["times_s"])]
+    side["cpu_speedup_vs_" + reference] = ref["cpu_median_s"] / side["cpu_median_s"]
 
 
 def main(argv=None) -> dict:
@@ -359,8 +372,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--threads", type=int, default=1, help="1: single-threaded XLA on both sides; 0: all cores")
   parser.add_argument("--sides", default="ours,tunix", help="'ours,tunix' or 'ours' (no tunix needed)")
   parser.add_argument("--ours", default="default", help="comma-separated ours variants: presets "
-                      f"{sorted(OURS_VARIANTS)} or 'name:key=value,...' DecoderConfig overrides (e.g. "
-                      "'u:scan_layers=False'); each is timed in the same interleaved loop")
+                      f"{sorted(OURS_VARIANTS)} or 'name:key=value,...' overrides of DecoderConfig / "
+                      "SamplingConfig fields (e.g. 'u:scan_layers=False', 's:unroll_layers=False'); each is timed "
+                      "in the same interleaved loop")
   parser.add_argument("--no-check-fail", action="store_true", help="report failed checks without exiting 1")
   parser.add_argument("--json", help="write the results to this JSON file")
   args = parser.parse_args(argv)
@@ -479,11 +493,14 @@ def main(argv=None) -> dict:
   print(f"**Model:** {result['params'] / 1e6:.2f}M-parameter random Llama (vocab {args.vocab}, hidden {args.hidden}, "
         f"{args.layers} layers), float32; tunix {result.get('tunix', '-')}; checks {json.dumps(checks)}\n")
   sides_names = list(next(iter(result["cases"].values()))["sides"]) if result["cases"] else []
-  print("| case | " + " | ".join(f"{s} median [min, max] (s)" for s in sides_names) + " | speedup |")
+  print("| case | " + " | ".join(f"{s} median [min, max] (s); CPU s" for s in sides_names)
+        + " | speedup (wall; CPU) |")
   print("|---|" + "---:|" * (len(sides_names) + 1))
   for name, case in result["cases"].items():
-    cells = [f"{v['median_s']:.3f} [{v['min_s']:.3f}, {v['max_s']:.3f}]" for v in case["sides"].values()]
-    sp = ", ".join(f"{k}: {v[key]:.2f}x" for k, v in case["sides"].items() for key in v if key.startswith("speedup"))
+    cells = [f"{v['median_s']:.3f} [{v['min_s']:.3f}, {v['max_s']:.3f}]; {v['cpu_median_s']:.3f}"
+             for v in case["sides"].values()]
+    sp = ", ".join(f"{k}: {v[key]:.2f}x; {v['cpu_' + key]:.2f}x" for k, v in case["sides"].items() for key in v
+                   if key.startswith("speedup"))
     print(f"| {name} | " + " | ".join(cells) + f" | {sp} |")
   if args.json:
     with open(args.json, "w") as f:

@@ -558,7 +558,8 @@ def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: Atte
   T <= DECODE_MAX_T queries over a cache of S >= auto_decode_min_len slots takes `decode` (reads only the
   filled key blocks); splash on TPU, cudnn on GPU where allowed, then chunked when T * S >= auto_min_len**2 or
   when xla's scores on one device (`xla_score_bytes`: rows per device x H x T x S x 4) reach
-  `auto_max_score_bytes`, else xla. (TPU decode stays on xla/chunked: a dynamic-trip-count loop of small blocks is slow there.)
+  `auto_max_score_bytes`, else xla. (TPU decode stays on xla/chunked: a dynamic-trip-count loop of small blocks
+  is slow there.)
 
   >>> m = AttentionMask(key_valid=jnp.ones((1, 4096), bool))
   >>> [select_impl("auto", platform=p, q_shape=(1, 4096, 8, 64), k_shape=(1, 4096, 8, 64),

@@ -121,9 +121,12 @@ class DecoderConfig:
     remat: wrap every decoder layer in `nnx.remat` (gradient checkpointing) when not decoding with a cache.
     remat_policy: None (save nothing) or the name of a `jax.checkpoint_policies` attribute
       ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable', ...).
-    scan_layers: stack the decoder layers along a leading 'layers' axis and run them with one
+    scan_layers: True: stack the decoder layers along a leading 'layers' axis and run them with one
       `jax.lax.scan` (compile time independent of depth; KV cache [L, B, S, K, hd]). False: a Python list
-      of layers (`model.layers[i]` is the live layer). HF checkpoints are the same either way.
+      of layers (`model.layers[i]` is the live layer). 'auto' (default): the stacked layout of True, whose
+      layers run unrolled when the model is small (`modeling.unroll_fits`: <= 16 layers and 1 GiB of layer
+      weights; faster on CPU, where the scan's body copies each layer's weights out of the stack) and by the
+      scan otherwise. HF checkpoints, parameter paths and results are the same in every case.
     attention_impl: 'auto' (default), 'xla', 'chunked', 'cudnn' or 'splash' (see
       `adrpo_jax.models.llm.attention`; 'auto' = splash on TPU, cudnn on GPU where the shapes allow, chunked
       when T * S >= attention_auto_min_len**2, xla below). Not written to config.json.
@@ -181,7 +184,7 @@ class DecoderConfig:
   param_dtype: Any = jnp.float32
   remat: bool = False
   remat_policy: str | None = None
-  scan_layers: bool = True
+  scan_layers: bool | str = "auto"
   attention_impl: str = "auto"
   attention_chunk_size: int = 512
   attention_auto_min_len: int = 1024
@@ -281,8 +284,9 @@ class DecoderConfig:
         names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
         raise ValueError(f"remat_policy={self.remat_policy!r} is not a jax.checkpoint_policies policy; "
                          f"use None (save nothing) or one of {names}")
-    if not isinstance(self.scan_layers, bool):
-      raise ValueError(f"scan_layers={self.scan_layers!r} must be a bool")
+    if not (isinstance(self.scan_layers, bool) or self.scan_layers == "auto"):
+      raise ValueError(f"scan_layers={self.scan_layers!r} must be a bool (True: the scan, False: the list layout) "
+                       "or 'auto'")
     from adrpo_jax.models.llm.attention import IMPLEMENTATIONS  # local: attention imports nothing from here
     if self.attention_impl not in IMPLEMENTATIONS:
       raise ValueError(f"attention_impl={self.attention_impl!r} is not supported; use one of {IMPLEMENTATIONS}")

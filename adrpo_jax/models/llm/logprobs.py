@@ -4,7 +4,8 @@ The hidden states [B, T, D] come from one forward pass; the output projection, t
 and the gather of the chosen token run over chunks of time steps *within every row* (each chunk is
 [B, c] positions, `c = max(1, chunk_size // b)` with b the rows of one device: B divided by the mesh's batch
 axes, `chunk_width`) with `jax.lax.map`, each chunk under `jax.checkpoint`, so neither the forward nor the
-backward pass holds more than one [b, c, V] float32 block of logits per device (plus its softmax) at a time. Chunking over time keeps a batch-sharded [B, T, D] batch-sharded: each device projects
+backward pass holds more than one [b, c, V] float32 block of logits per device (plus its softmax) at a time.
+Chunking over time keeps a batch-sharded [B, T, D] batch-sharded: each device projects
 its own rows only (flattening [B, T] into chunks would cross the batch shards and make every device
 all-gather and project the whole global batch).
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adrpo_jax.models.llm.activation_sharding import constrain_batch, rows_per_device
+from adrpo_jax.models.llm.modeling import projection
 
 Array = jax.Array
 
@@ -102,7 +104,8 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
   y = tokens[:, start:t].astype(jnp.int32)
   c = chunk_width(b, n_t, chunk_size, h)
   n_chunks = -(-n_t // c)
-  pad = n_chunks * c - n_t
+  c = -(-n_t // n_chunks)  # the same number of chunks, as even as possible: < n_chunks padded positions (160
+  pad = n_chunks * c - n_t  # positions at width 64 were 3 chunks of 64 = 32 padded; now 3 of 54, 2 padded)
   if pad:
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
     y = jnp.pad(y, ((0, 0), (0, pad)))
@@ -111,7 +114,7 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
   @jax.checkpoint
   def chunk(h_c, y_c, w, i):  # [B, c, D], [B, c], [D, V], chunk index
     h_c = constrain_batch(h_c)
-    logits = jnp.einsum("bcd,dv->bcv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
+    logits = projection("bcd,dv->bcv", h_c, w.astype(h_c.dtype), jnp.float32)  # (its kernel gradient: modeling)
     if logits_lora is not None:
       from adrpo_jax.models.lora import lora_dropout_fold_in  # pylint: disable=import-outside-toplevel
       with lora_dropout_fold_in(i):

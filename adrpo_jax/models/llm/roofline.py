@@ -74,7 +74,7 @@ def decode_step_bytes(model: Any, batch_size: int, cache_slots: float, *, cache_
     weights = total_params + batch_size * d * (table // max(cfg.vocab_size * d, 1))  # B rows of the table
   itemsize = np.dtype(cache_dtype or cfg.dtype).itemsize
   per_slot = cfg.num_hidden_layers * batch_size * cfg.num_key_value_heads * cfg.head_dim * 2 * itemsize
-  kv = int(round(per_slot * (float(cache_slots) + 1.0)))  # read the filled slots, write the new one
+  kv = round(per_slot * (float(cache_slots) + 1.0))  # read the filled slots, write the new one
   return {"weights": int(weights), "kv": kv, "total": int(weights) + kv}
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
-from adrpo_jax.models.llm.modeling import CausalLM, KVCache, StackedDecoderLayers, positions_from_mask
+from adrpo_jax.models.llm.modeling import CausalLM, KVCache, StackedDecoderLayers, positions_from_mask, unroll_fits
 
 Array = jax.Array
 
@@ -69,8 +69,8 @@ class SamplingConfig:
       sampling: True = unrolled over per-layer weights sliced once per call (`CausalLM.unstacked`, one transient
       copy of the layer weights), False = the layer `lax.scan` (whose body copies every layer's weights out of
       the stack at every decode step), None (auto) = unrolled when the model has at most
-      AUTO_UNROLL_MAX_LAYERS layers and AUTO_UNROLL_MAX_BYTES of layer weights (deep models keep the scan's
-      compile time). Same tokens and log-probs either way. List-layout models always run unrolled.
+      `modeling.AUTO_UNROLL_MAX_LAYERS` layers and `AUTO_UNROLL_MAX_BYTES` of layer weights (deep models keep
+      the scan's compile time). Same tokens and log-probs either way. List-layout models always run unrolled.
   """
 
   max_new_tokens: int
@@ -112,23 +112,14 @@ class SamplingConfig:
       object.__setattr__(self, "cache_dtype", jnp.dtype(self.cache_dtype).name)
 
 
-# `SamplingConfig.unroll_layers=None` unrolls the layers of a stacked model up to this depth and size of its layer
-# weights (the unrolled prefill and decode step compile in time that grows with depth; the weights are copied
-# once per call).
-AUTO_UNROLL_MAX_LAYERS = 16
-AUTO_UNROLL_MAX_BYTES = 1 << 30
-
-
-def decode_unrolled(model: CausalLM, config: "SamplingConfig") -> bool:
-  """Whether `generate` runs the layers of `model` unrolled (`SamplingConfig.unroll_layers`; a list-layout model
-  always is)."""
+def decode_unrolled(model: CausalLM, config: SamplingConfig) -> bool:
+  """Whether `generate` runs the layers of `model` unrolled (`SamplingConfig.unroll_layers`; None: the size rule
+  `modeling.unroll_fits`, for scan_layers=True and 'auto' alike; a list-layout model always is)."""
   if not isinstance(model.layers, StackedDecoderLayers):
     return True
   if config.unroll_layers is not None:
     return config.unroll_layers
-  layer_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-                    for x in jax.tree.leaves(nnx.state(model.layers)))
-  return len(model.layers) <= AUTO_UNROLL_MAX_LAYERS and layer_bytes <= AUTO_UNROLL_MAX_BYTES
+  return unroll_fits(model)
 
 
 @flax.struct.dataclass

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adrpo_jax.models.llm import CausalLM, DecoderConfig, SamplingConfig, generate, make_generate_fn
+from adrpo_jax.models.llm import CausalLM, DecoderConfig, SamplingConfig, generate, make_generate_fn, modeling
 from adrpo_jax.models.llm import sampler as sampler_lib
 
 
@@ -45,7 +45,7 @@ def test_unrolled_equals_scanned(model, kw):
 
 def test_unstacked_view_shares_the_weights(model):
   view = model.unstacked()
-  assert view.config.scan_layers is False and len(view.layers) == 3 and model.config.scan_layers is True
+  assert view.config.scan_layers is False and len(view.layers) == 3 and model.config.scan_layers == "auto"
   np.testing.assert_array_equal(view.layers[2].self_attn.q_proj.kernel[...],
                                 model.layers.self_attn.q_proj.kernel[...][2])
   x = jnp.asarray([[5, 6, 7]])
@@ -58,10 +58,10 @@ def test_auto_unrolls_small_models_only(model, monkeypatch):
   cfg = SamplingConfig(max_new_tokens=2)
   assert sampler_lib.decode_unrolled(model, cfg)
   assert not sampler_lib.decode_unrolled(model, SamplingConfig(max_new_tokens=2, unroll_layers=False))
-  monkeypatch.setattr(sampler_lib, "AUTO_UNROLL_MAX_LAYERS", 2)  # deeper than the limit: the scan
+  monkeypatch.setattr(modeling, "AUTO_UNROLL_MAX_LAYERS", 2)  # deeper than the limit: the scan
   assert not sampler_lib.decode_unrolled(model, cfg)
-  monkeypatch.setattr(sampler_lib, "AUTO_UNROLL_MAX_LAYERS", 16)
-  monkeypatch.setattr(sampler_lib, "AUTO_UNROLL_MAX_BYTES", 1024)  # larger than the limit: the scan
+  monkeypatch.setattr(modeling, "AUTO_UNROLL_MAX_LAYERS", 16)
+  monkeypatch.setattr(modeling, "AUTO_UNROLL_MAX_BYTES", 1024)  # larger than the limit: the scan
   assert not sampler_lib.decode_unrolled(model, cfg)
   with pytest.raises(ValueError, match="unroll_layers='yes'"):
     SamplingConfig(max_new_tokens=2, unroll_layers="yes")
@@ -88,3 +88,48 @@ def test_unrolled_decode_loop_reads_weights_in_place():
   the unrolled one slices them once, before the loop."""
   assert _decode_loop_weight_slices(True) == 0
   assert _decode_loop_weight_slices(False) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scan_layers='auto': the forward of a small stacked model runs unrolled
+# ---------------------------------------------------------------------------------------------------------
+def test_auto_forward_is_unrolled_and_equal_to_the_scan():
+  auto = CausalLM(_cfg(), rngs=nnx.Rngs(1))
+  scanned = nnx.merge(nnx.graphdef(CausalLM(_cfg(scan_layers=True), rngs=nnx.Rngs(1))), nnx.state(auto))
+  assert auto.config.scan_layers == "auto" and modeling.runs_unrolled(auto)
+  assert not modeling.runs_unrolled(scanned)
+  tokens = jnp.asarray([[4, 5, 6, 7], [0, 9, 10, 11]])
+  mask = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1]], bool)
+
+  def loss(m):
+    return jnp.sum(m(tokens, attention_mask=mask) ** 2)
+
+  hlo = {name: jax.jit(jax.grad(loss)).lower(m).as_text() for name, m in (("auto", auto), ("scan", scanned))}
+  assert "while" not in hlo["auto"] and "while" in hlo["scan"]  # the layer loop (and its backward) is gone
+  g_auto, g_scan = jax.jit(jax.grad(loss))(auto), jax.jit(jax.grad(loss))(scanned)
+  for a, b in zip(jax.tree.leaves(nnx.state(g_auto)), jax.tree.leaves(nnx.state(g_scan))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"scan_layers='yes' must be a bool .* or 'auto'"):
+    _cfg(scan_layers="yes")
+
+
+def test_auto_unrolled_lora_dropout_draws_the_scans_masks():
+  """LoRA dropout inside the unrolled view folds the layer index into the key, as the scan does."""
+  from adrpo_jax.models.lora import LoRAConfig, apply_lora, lora_dropout_rng
+  auto = apply_lora(CausalLM(_cfg(), rngs=nnx.Rngs(1)), LoRAConfig(rank=2, alpha=4.0, dropout=0.5),
+                    rngs=nnx.Rngs(2))
+  graphdef, state = nnx.split(auto)
+  scanned = nnx.merge(graphdef, state)
+  scanned.config = _cfg(scan_layers=True)  # the same module graph, run by the scan
+  for m in (auto, scanned):  # non-zero B so the adapters (and their dropout) change the output
+    for path, var in nnx.iter_graph(m):
+      if isinstance(var, nnx.Variable) and path and str(path[-1]) == "lora_b":
+        var.set_value(jnp.full(var.shape, 0.1, var.dtype))
+  tokens = jnp.asarray([[4, 5, 6, 7]])
+
+  def fwd(m):
+    with lora_dropout_rng(jax.random.key(7)):
+      return m(tokens)
+
+  assert modeling.runs_unrolled(auto) and not modeling.runs_unrolled(scanned)
+  np.testing.assert_allclose(jax.jit(fwd)(auto), jax.jit(fwd)(scanned), rtol=1e-5, atol=1e-6)

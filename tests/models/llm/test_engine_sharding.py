@@ -214,7 +214,7 @@ def test_fsdp_holds_less_than_data_at_smollm2_shape(layers):
     lp[axis] = _logprob_grad_memory(cfg, mesh, b, pl + nl, mesh_context=False)
     tx = optax.adamw(1e-6)
 
-    def init():
+    def init(tx=tx):
       params = nnx.state(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
       return {"params": params, "opt_state": tx.init(params)}
 
@@ -222,7 +222,7 @@ def test_fsdp_holds_less_than_data_at_smollm2_shape(layers):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
     opts = StepOptions(group_size=8, prompt_length=pl, max_new_tokens=nl, beta=0.04, adaptive=True)
     bs = NamedSharding(mesh, P(BATCH_AXES))
-    s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=bs)  # noqa: E731
+    s = lambda shape, dtype, bs=bs: jax.ShapeDtypeStruct(shape, dtype, sharding=bs)  # noqa: E731
     batch = {"tokens": s((b, pl + nl), jnp.int32), "attention_mask": s((b, pl + nl), jnp.bool_),
              "completion_mask": s((b, nl), jnp.bool_), "lengths": s((b,), jnp.int32), "done": s((b,), jnp.bool_),
              "rewards": s((b,), jnp.float32), "reward_valid": s((b,), jnp.bool_),

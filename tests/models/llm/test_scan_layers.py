@@ -19,7 +19,8 @@ from adrpo_jax.models.llm.modeling import DecoderLayer, StackedDecoderLayers
 CFG = DecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, attention_bias=True, attention_out_bias=True,
                     qk_norm=True, model_type="qwen3", sliding_window=3,
-                    layer_types=("full_attention", "sliding_attention", "full_attention"))
+                    layer_types=("full_attention", "sliding_attention", "full_attention"),
+                    scan_layers=True)  # the scan itself (the default 'auto' runs a model this small unrolled)
 LIST = dataclasses.replace(CFG, scan_layers=False)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 9)), jnp.int32)
 MASK = jnp.asarray(np.arange(9)[None, :] >= np.array([[2], [0]]))  # row 0 left-padded by 2
