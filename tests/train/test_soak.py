@@ -9,8 +9,11 @@ process (``tests/train/soak_run.py``), with an evaluation and a checkpoint every
   5 % of the median over steps 102-151; the number of live jax arrays (read right after a metrics record, where
   the loop's buffer is empty) is the same at the end as after the warm-up.
 
-Measured on a loaded 2-core machine (load average ~23): CPU time per recipe 20-60 s, wall time 3-5 min each; the
-four take about 2 min of CPU together, so on an idle 2-core machine the test stays well under 10 minutes.
+Measured on a shared 2-core machine (other jobs running): 87 s (llm), 180 s (flow), 105 s (sd3), 95 s (audio), 7.8
+min for the four (20-45 s of CPU time each: most of the wall time is the first step's compiles). Found by it: the
+flow evaluator compiled ``eval/features`` twice (numpy vs jax input; fixed). Not a failure at 300 steps but seen in
+longer runs: orbax 0.12.8 / tensorstore keep ~30 KB of Python objects per checkpoint save (1200 saves: +39 MB RSS,
+linear; their io-metrics and kvstore-spec objects), so a run's RSS creeps with its checkpoint count.
 """
 
 import json
