@@ -53,7 +53,7 @@ from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import ProgramSet
 
 __all__ = ["Recipe", "RECIPES", "recipe_name", "resolve_recipe", "resolve_trainer", "register_recipe",
-           "validate_trainer_name", "write_png", "FINAL_MODEL", "EVAL_IMAGES_DIR"]
+           "validate_trainer_name", "write_png", "image_grid", "FINAL_MODEL", "EVAL_IMAGES_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,29 @@ def _to_uint8(image: Any, name: str) -> np.ndarray:
     if arr.dtype != np.uint8:
         arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return arr
+
+
+def image_grid(images: Any, ncol: int, *, pad: int = 2, value: float | int | None = None) -> np.ndarray:
+    """``[N, H, W, C]`` images (uint8, or float in [0, 1]) -> one ``[rows * (H + pad) - pad, ncol * (W + pad) - pad,
+    C]`` image, row-major (e.g. one row per prompt with ``ncol`` = samples per prompt); missing cells and the
+    ``pad`` pixels between cells are ``value`` (default: white). For :meth:`Recipe.eval_images`.
+
+    >>> image_grid(np.zeros((3, 2, 2, 1), np.uint8), ncol=2, pad=1).shape
+    (5, 5, 1)
+    """
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or ncol < 1:
+        raise ValueError(f"image_grid: images must be [N, H, W, C] and ncol >= 1, got {arr.shape}, ncol={ncol}.")
+    n, h, w, c = arr.shape
+    rows = -(-n // ncol)
+    fill = (255 if arr.dtype == np.uint8 else 1.0) if value is None else value
+    out = np.full((rows * (h + pad) - pad, ncol * (w + pad) - pad, c), fill, arr.dtype)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        out[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = arr[i]
+    return out
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
@@ -268,7 +291,8 @@ class Recipe:
         """Images of the policy at an evaluation (e.g. a grid of the eval prompts' samples), ``{name: [H, W, 3] or
         [H, W]}`` (uint8, or float in [0, 1]), or None (the default: the recipe shows none). :meth:`run` calls it
         after every evaluation, the step-0 one included, and writes each image to
-        ``WORKDIR/eval_images/<name>_step<N>.png`` and to TensorBoard / W&B as ``eval_images/<name>``."""
+        ``WORKDIR/eval_images/<name>_step<N>.png`` and to TensorBoard / W&B as ``eval_images/<name>``
+        (:func:`image_grid` lays samples out, e.g. one row per prompt)."""
         del step, state
         return None
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from adrpo_jax.recipe import runner
-from adrpo_jax.recipe.base import EVAL_IMAGES_DIR, Recipe, write_png
+from adrpo_jax.recipe.base import EVAL_IMAGES_DIR, Recipe, image_grid, write_png
 from adrpo_jax.rl import rewards as rewards_lib
 from adrpo_jax.train import config as config_lib
 
@@ -248,6 +248,15 @@ def test_write_png_round_trip(tmp_path):
     assert grey[..., 0].tolist() == [[0, 128], [255, 255]]  # float in [0, 1] (clipped) -> uint8
     with pytest.raises(ValueError, match=r"must be \[H, W\] or \[H, W, C\]"):
         write_png(tmp_path / "c.png", np.zeros((2, 2, 2, 3)))
+
+
+def test_image_grid_lays_out_rows():
+    images = np.stack([np.full((2, 3, 3), v, np.uint8) for v in (10, 20, 30)])
+    grid = image_grid(images, ncol=2, pad=1)
+    assert grid.shape == (5, 7, 3)
+    assert grid[0, 0, 0] == 10 and grid[0, 4, 0] == 20 and grid[3, 0, 0] == 30
+    assert grid[2, 0, 0] == 255 and grid[3, 4, 0] == 255  # padding and the empty cell: white
+    assert image_grid(np.zeros((1, 2, 2, 1), np.float32), ncol=1).dtype == np.float32
 
 
 class _ImageRecipe(Recipe):
