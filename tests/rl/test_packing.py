@@ -74,7 +74,7 @@ def packed_offset(packed, r):
     return first - int(packed.pack_id[r]) * packed.pack_tokens
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "chunked"])
 def test_packed_logprobs_equal_padded(impl):
     _, graphdef, params = tiny_model(0, num_hidden_layers=2, attention_impl=impl, attention_chunk_size=4)
     batch = _batch()
@@ -95,7 +95,7 @@ def _update(graphdef, params, opts, batch):
 
 CASES = [
     dict(loss_aggregation="token_mean", grad_accum_steps=2),
-    dict(loss_aggregation="sequence_mean", ratio_level="sequence"),
+    pytest.param(dict(loss_aggregation="sequence_mean", ratio_level="sequence"), marks=pytest.mark.slow),
     pytest.param(dict(loss_aggregation="constant_normalizer", scale_rewards="none", entropy_coef=0.01),
                  marks=pytest.mark.slow),
     pytest.param(dict(loss_aggregation="nonempty_sequence_mean", grad_accum_steps=4), marks=pytest.mark.slow),

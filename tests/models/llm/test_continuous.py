@@ -16,7 +16,7 @@ EOS = (2, 5, 7)  # a few stop ids so that a random model stops at varied lengths
 
 
 def _model(scan_layers=True, seed=0):
-  cfg = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+  cfg = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                       initializer_range=0.3, scan_layers=scan_layers)
   return CausalLM(cfg, rngs=nnx.Rngs(seed))
@@ -69,7 +69,8 @@ def test_continuous_equals_static_with_per_request_keys(greedy, top_k, top_p, sl
   _assert_same(out, ref)
 
 
-@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [True, False])
 def test_continuous_shared_prompt_groups(scan_layers):
   r, p, n, g = 12, 5, 10, 3
   toks, mask = _prompts(r, p, seed=1, group=g)

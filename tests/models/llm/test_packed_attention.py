@@ -88,7 +88,7 @@ def test_segment_ids_are_refused_where_they_cannot_apply():
                                           cache=m.init_cache(1, 8)))(model)
 
 
-@pytest.mark.parametrize("impl,scan_layers", [("xla", True), ("chunked", False)])
+@pytest.mark.parametrize("impl,scan_layers", [("xla", True), pytest.param("chunked", False, marks=pytest.mark.slow)])
 def test_packed_forward_equals_separate_forwards(impl, scan_layers):
     cfg = DecoderConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, attention_impl=impl, attention_chunk_size=4,
