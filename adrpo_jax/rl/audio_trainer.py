@@ -71,6 +71,7 @@ weights, tokenizer or data: shapes from ``model.path``'s ``config.json`` or a pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -418,19 +419,27 @@ class AudioRLTrainer(RLTrainer):
                             static_argnums=(4,), out_shardings=(bs, bs), phase="rollout",
                             shrink_key="rl.num_prompts_per_step")]
         base = super().build_programs()
+        # The eval prefills every row; the rollout's plan/prefill one row per prompt (b / G rows): an eval chunk
+        # larger than that is compiled on its own, not assumed to fit in the rollout's programs.
+        prefill_rows = b // int(self.sampling.prompt_group_size)
+        base = [dataclasses.replace(p, planned_by=()) if p.name == "eval/generate" and p.planned_by
+                and self._eval_chunk() > prefill_rows else p for p in base]
         programs += base
         gen = next((p for p in base if p.name == "eval/generate"), None)
         if gen is not None:  # the eval's clips: one per prompt, in chunks of eval.batch_size prompts
-            if self.evaluator is not None:
-                chunk = self.evaluator.chunk
-            else:
-                chunk, _ = eval_layout(int(self.config.eval.num_examples), int(self.config.eval.batch_size),
-                                       train.data_parallel_size(mesh))
+            chunk = self._eval_chunk()
             programs.append(Program("eval/audio_encode", encode,
                                     args=lambda: (params(), frozen(), *self._feature_structs(chunk), 1),
                                     static_argnums=(4,), out_shardings=(bs, bs), phase="eval",
                                     shrink_key="eval.batch_size", per_step=gen.per_step))
         return programs
+
+    def _eval_chunk(self) -> int:
+        """Rows per eval generate call (``eval.batch_size`` rounded to the data-parallel size)."""
+        if self.evaluator is not None:
+            return int(self.evaluator.chunk)
+        return eval_layout(int(self.config.eval.num_examples), int(self.config.eval.batch_size),
+                           train.data_parallel_size(self.mesh))[0]
 
     def _plan_programs_apply(self) -> bool:
         """The plan compiles the (static) sampler as ``plan/prefill`` + ``plan/decode`` with the audio spliced in."""

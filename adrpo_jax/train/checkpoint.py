@@ -94,10 +94,16 @@ def closed_event_loop_errors() -> int:
     return _dropped["count"]
 
 
+def _is_sibling_read_error(record: logging.LogRecord, exc: BaseException | None) -> bool:
+    """asyncio's ``Task exception was never retrieved`` for another array's tensorstore read of the failed step
+    (orbax awaits the first failure only; the error is already reported, by step, by :meth:`restore_latest`)."""
+    return (exc is not None and "never retrieved" in str(record.msg) and "tensorstore_spec" in str(exc))
+
+
 class _ClosedLoopFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if _is_closed_loop_error(exc):
+        if _is_closed_loop_error(exc) or _is_sibling_read_error(record, exc):
             _dropped["count"] += 1
             return False
         return True
@@ -110,7 +116,9 @@ def _drop_closed_event_loop_errors() -> None:
     reads of the other arrays still complete and their callbacks raise ``RuntimeError('Event loop is
     closed')``, reported as unraisable exceptions, through ``threading.excepthook`` or asyncio's logger: a
     three-line traceback per array (~190 lines for a small model), after the fact, alarming and harmless.
-    Only that exact error is dropped (and counted); everything else reaches the previous hooks."""
+    The reads that fail too (every array of a deleted store) end as asyncio's ``Task exception was never
+    retrieved`` with the tensorstore error: dropped as well. Only those exact errors are dropped (and counted);
+    everything else reaches the previous hooks."""
     if not getattr(sys.unraisablehook, "_adrpo_closed_loop", False):
         previous = sys.unraisablehook
 

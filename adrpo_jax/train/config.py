@@ -628,8 +628,8 @@ def _leaf_keys(config: Any, prefix: str = "") -> list[str]:
 
 def suggest_keys(config: Any, key: str, n: int = 3) -> list[str]:
     """The "did you mean" candidates of the unknown dotted ``key`` (each a backquoted key, with a note for TRL's
-    names): the :data:`TRL_ALIASES` entry of its last part, keys with the same last part in another section, then
-    close spellings (``difflib``) of the whole key and of its last part.
+    names): the :data:`TRL_ALIASES` entry of its last part and keys with the same last part in another section;
+    when there are none, close spellings (``difflib``) of the whole key and of its last part.
 
     >>> config = ml_collections.ConfigDict({"rl": {"group_size": 8, "beta": 0.04}, "optim": {"learning_rate": 1e-4}})
     >>> suggest_keys(config, "rl.num_generations")
@@ -655,6 +655,8 @@ def suggest_keys(config: Any, key: str, n: int = 3) -> list[str]:
     for candidate in keys:
         if candidate.split(".")[-1] == leaf:
             add(candidate)
+    if out:  # a TRL name or the same name in another section: the likely meaning, without spelling guesses
+        return out[:n]
     for candidate in difflib.get_close_matches(key, keys, n=n, cutoff=0.75):
         add(candidate)
     leaves = sorted({k.split(".")[-1] for k in keys})

@@ -139,8 +139,8 @@ def test_trainer_lora_wiring_and_merged_export(tiny_model_dir, tmp_path):
     """Without running a step: the trainable set, the reference GraphDef, the fresh state and the merged export."""
     config = tiny_config(tiny_model_dir, eval_every=0, **{"lora.enabled": True, "rl.ref_sync_steps": 0})
     trainer = RLTrainer(config, tmp_path)
-    assert trainer.trainable is nnx.LoRAParam and trainer.lora_reference and trainer.ref_params is None
-    assert trainer.ref_graphdef != trainer.graphdef and trainer.ref_logprobs is not trainer.logprobs
+    assert trainer.trainable is nnx.LoRAParam and trainer.policy.lora_reference and trainer.policy.ref_params is None
+    assert trainer.ref_graphdef != trainer.graphdef and trainer.fns["ref_logprobs"] is not trainer.fns["logprobs"]
     abstract = trainer.abstract_state
     assert len(jax.tree.leaves(abstract["params"])) == 7 * 2  # 1 layer x 7 projections (tied: no lm_head), A, B
     assert sorted(x.shape for x in jax.tree.leaves(abstract["opt_state"]) if x.ndim > 0) == sorted(
@@ -187,7 +187,7 @@ def test_trainer_with_lora_end_to_end(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, eval_every=0, **{
         "lora.enabled": True, "rl.ref_sync_steps": 0, "model.save_final": True, "optim.learning_rate": 5e-2})
     trainer = RLTrainer(config, tmp_path)
-    assert trainer.trainable is nnx.LoRAParam and trainer.lora_reference and trainer.ref_params is None
+    assert trainer.trainable is nnx.LoRAParam and trainer.policy.lora_reference and trainer.policy.ref_params is None
     assert trainer.ref_graphdef != trainer.graphdef
     abstract = trainer.abstract_state
     n_adapters = 7 * 2  # one layer, 7 projections (tied embeddings: no lm_head), A and B

@@ -148,8 +148,20 @@ def test_failed_read_noise_is_dropped(setup, tmp_path, monkeypatch):
     t = threading.Thread(target=lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))
     t.start()
     t.join()
-    logging.getLogger("asyncio").error("Exception in callback", exc_info=RuntimeError("Event loop is closed"))
-    assert seen == ["something else"] and closed_event_loop_errors() == before + 3
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.error("Exception in callback", exc_info=RuntimeError("Event loop is closed"))
+    # another array's failed read, never awaited by orbax: dropped; an unrelated never-retrieved task error is kept
+    asyncio_log.error("Task exception was never retrieved\nfuture: <Task>",
+                      exc_info=ValueError('NOT_FOUND: Error opening "zarr" driver [tensorstore_spec=\'{}\']'))
+    kept = []
+    handler = logging.Handler()
+    handler.emit = kept.append
+    asyncio_log.addHandler(handler)
+    try:
+        asyncio_log.error("Task exception was never retrieved", exc_info=ValueError("a bug elsewhere"))
+    finally:
+        asyncio_log.removeHandler(handler)
+    assert seen == ["something else"] and closed_event_loop_errors() == before + 4 and len(kept) == 1
     ck.close()
 
 
