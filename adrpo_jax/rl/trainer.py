@@ -87,6 +87,8 @@ __all__ = ["train_and_evaluate", "resolve_model_path", "RLTrainer", "Evaluator"]
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# built-in models whose shapes a preset states exactly (the plan mode uses it instead of converting the weights)
+_BUILTIN_PRESETS = {"builtin:smollm2": "smollm2-135m"}
 
 
 def resolve_model_path(model_config: Any) -> tuple[Path, Path]:
@@ -297,6 +299,8 @@ class RLTrainer(Recipe):
         m = self.config.model
         if str(m.path).startswith(PRESET_PREFIX):  # shapes only (plan mode; validation refuses it to train)
             self.model_dir, tokenizer_dir, source = None, None, preset(m.path)
+        elif self.abstract and m.path in _BUILTIN_PRESETS:  # the plan never converts or loads a built-in's weights
+            self.model_dir, tokenizer_dir, source = None, None, preset(_BUILTIN_PRESETS[m.path])
         else:
             self.model_dir, tokenizer_dir = resolve_model_path(m)
             source = self.model_dir
