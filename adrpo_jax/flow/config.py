@@ -554,6 +554,7 @@ def add_sd3_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                                            ``eval.samples_per_prompt`` and of the data-parallel size; 0 = all)
     ``eval.clip_paths``                    eval-only CLIP scorers (``CLIPModel`` directories) never trained on:
                                            ``eval/clip_score_<i>``, so hacking of the training reward shows
+                                           (``reward.clip_path`` itself is refused)
     =====================================  ===================================================================
     """
     flow = add_flow_config(ml_collections.ConfigDict())
@@ -778,7 +779,17 @@ def validate_sd3_config(config: Any, *, abstract: bool = False) -> None:
         if not os.path.isdir(os.path.expanduser(path)):
             raise ConfigError(f"`eval.clip_paths`: {path!r} is not a directory ({_WHAT['reward.clip_path']}).",
                               key="eval.clip_paths", value=path)
+    trained = str(config.reward.clip_path) if kind == "clip" else ""
+    same = [p for p in clip_paths if trained and _same_path(p, trained)]
+    if same:  # its score is the training reward: it cannot show hacking of it
+        raise ConfigError(f"`eval.clip_paths`: {same[0]!r} is reward.clip_path, the scorer the policy is trained "
+                          "on; an eval-only scorer must be another model (another CLIP, an aesthetic head) so that "
+                          "hacking of the training reward shows.", key="eval.clip_paths", value=same[0])
     _validate_lora(config)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 def _divisor_error(key: str, value: int, total: int, what: str, dp: int) -> ConfigError:

@@ -52,7 +52,8 @@ def _config(variant="tpu", **overrides):
 
 
 def _tiny_dirs(tmp_path):
-    """config.json files only (a plan reads no weights): a tiny MMDiT, a tiny VAE (x2) and a tiny CLIP."""
+    """config.json files only (a plan reads no weights): a tiny MMDiT, a tiny VAE (x2) and a tiny CLIP (also as
+    ``clip_eval``, the eval-only scorer: another directory than the training reward's)."""
     out = {}
     for name, cfg in (("transformer", mmdit.tiny_config(sample_size=16, pos_embed_max_size=16).to_diffusers_config()),
                       ("vae", vae_lib.tiny_config().to_diffusers_config()),
@@ -63,6 +64,9 @@ def _tiny_dirs(tmp_path):
         d.mkdir(exist_ok=True)
         (d / "config.json").write_text(json.dumps(cfg))
         out[name] = str(d)
+    (tmp_path / "clip_eval").mkdir(exist_ok=True)
+    (tmp_path / "clip_eval" / "config.json").write_text((tmp_path / "clip" / "config.json").read_text())
+    out["clip_eval"] = str(tmp_path / "clip_eval")
     return out
 
 
@@ -71,7 +75,7 @@ def _tiny_plan_config(tmp_path, **overrides):
     return _config("tpu", **{"model.path": dirs["transformer"], "vae.path": dirs["vae"], "text.path": "",
                              "reward.clip_path": dirs["clip"], "data.height": 16, "data.width": 32,
                              "text.max_sequence_length": 8, "model.scan_layers": False, "sampling.num_steps": 2,
-                             "eval.clip_paths": (dirs["clip"],), **overrides})
+                             "eval.clip_paths": (dirs["clip_eval"],), **overrides})
 
 
 @requires_libtpu
@@ -160,3 +164,32 @@ def test_refresh_keys_reach_the_policy_and_the_step(tmp_path):
              for step in range(6)]
     assert [f[0] for f in flags] == [False, True, False, True, False, True]
     assert [f[1] for f in flags] == [False, False, True, False, False, True]
+
+
+def _dot_dtypes(jaxpr, out):
+    """The operand dtypes of every dot_general in a jaxpr and its sub-jaxprs (scan / cond / remat bodies)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _dot_dtypes(inner, out)
+    return out
+
+
+def test_reward_tower_in_float32_and_merged_save_in_bfloat16(tmp_path):
+    """Issue 28 items 7 and 4: the tpu variant computes the MMDiT in bfloat16, its reward (VAE decode + CLIP tower)
+    in float32 (reward.dtype: no bf16 matmul in the reward program) and saves the merged MMDiT in bfloat16."""
+    from adrpo_jax.flow.sd3_trainer import SD3Trainer
+    config = _tiny_plan_config(tmp_path, **{"logging.phase_timing": True})
+    assert (config.model.dtype, config.reward.dtype, config.model.save_dtype) == ("bfloat16", "float32", "bfloat16")
+    mesh = train.make_mesh(config.mesh, devices=jax.devices())
+    with train.config.shapes_only():
+        recipe = SD3Trainer(config, str(tmp_path / "w"), mesh=mesh, abstract=True)
+    dots = {}
+    for name in ("sample", "reward"):
+        program = recipe.programs[name]
+        dots[name] = _dot_dtypes(jax.make_jaxpr(program.fn)(*program.abstract_args()).jaxpr, set())
+    assert dots["sample"] == {("bfloat16", "bfloat16")} and dots["reward"] == {("float32", "float32")}, dots

@@ -93,6 +93,21 @@ def test_prompt_files_and_held_out_eval_prompts(tmp_path):
         validate_sd3_config(config)
 
 
+
+def test_eval_only_scorer_is_not_the_training_one(tmp_path):
+    """Issue 28 item 6: an eval.clip_paths scorer is never trained on; reward.clip_path itself (any spelling of
+    the path) would only repeat the training reward, so it is refused naming the key."""
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip_b").mkdir()
+    config = _config(**{"reward.clip_path": str(tmp_path / "clip"), "eval.clip_paths": (str(tmp_path / "clip_b"),)})
+    validate_sd3_config(config)
+    config.eval.clip_paths = (str(tmp_path / "clip_b"), str(tmp_path / "clip_b" / ".." / "clip") + "/")
+    with pytest.raises(ConfigError, match="is reward.clip_path, the scorer the policy is trained on") as err:
+        validate_sd3_config(config)
+    assert err.value.key == "eval.clip_paths"
+    config.reward.kind = "image_mean"  # no CLIP in training: any CLIP is eval-only
+    validate_sd3_config(config)
+
 def test_micro_batch_layouts_name_their_keys():
     config = _config(**{"rl.rollout_micro_batch": 4, "vae.decode_batch": 2, "eval.batch_size": 4})
     layout = validate_sd3_batch_layout(config, 2, num_eval_prompts=3)  # 3 prompts x 2 = 6 eval images
