@@ -783,7 +783,7 @@ def validate_sd3_config(config: Any, *, abstract: bool = False) -> None:
     same = [p for p in clip_paths if trained and _same_path(p, trained)]
     if same:  # its score is the training reward: it cannot show hacking of it
         raise ConfigError(f"`eval.clip_paths`: {same[0]!r} is reward.clip_path, the scorer the policy is trained "
-                          "on; an eval-only scorer must be another model (another CLIP, an aesthetic head) so that "
+                          "on; an eval-only scorer must be another CLIP model so that "
                           "hacking of the training reward shows.", key="eval.clip_paths", value=same[0])
     _validate_lora(config)
 

@@ -116,3 +116,11 @@ def test_diffusers_load_lora_adapter_gives_our_output(lora_model, lora_out, tmp_
   target.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
   np.testing.assert_allclose(_torch_out(target, *_inputs()), out, atol=1e-4, rtol=0)
   assert np.abs(base - out).max() > 1e-2  # the adapters matter
+  # What the README tells users: the directory alone into a pipeline's load_lora_weights (the weight file's
+  # name guessed, the transformer. prefix routed to the MMDiT); a pipeline without text encoders / VAE suffices.
+  pipe = diffusers.StableDiffusion3Pipeline(
+      transformer=diffusers.SD3Transformer2DModel.from_pretrained(d),
+      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+      text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+  pipe.load_lora_weights(str(tmp_path))
+  np.testing.assert_allclose(_torch_out(pipe.transformer, *_inputs()), out, atol=1e-4, rtol=0)
