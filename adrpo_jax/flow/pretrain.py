@@ -190,7 +190,8 @@ def _make_optimizer(learning_rate: float, steps: int, warmup_steps: int, weight_
 # ---------------------------------------------------------------------------------------------------------
 
 def sample_time(key: jax.Array, n: int, time_sampling: str = "uniform") -> jax.Array:
-    """``[n]`` training times in ``(0, 1)``: ``"uniform"`` or ``"logit_normal"`` (``sigmoid(N(0, 1))``, SD3)."""
+    """``[n]`` training times in ``(0, 1)``: ``"uniform"`` or ``"logit_normal"`` (``sigmoid(N(0, 1))``, median
+    sigma 0.5; SD3 fine-tuning shifts it, the SD3 recipe's ``rl.time_shift``: median sigma 0.75)."""
     if time_sampling == "uniform":
         return jax.random.uniform(key, (n,))
     if time_sampling == "logit_normal":
