@@ -317,6 +317,28 @@ def decisive_judge_y() -> str:
   return md_table(["arm, plane", "judge-reward gap [95 % CI]", "p (gap > 0)", "p (gap < 0)"], rows)
 
 
+def decisive_matched() -> str:
+  """Exploratory (not part of the pre-registered rule): seed-paired differences of the adaptive arms against the
+  fixed-beta runs at ADRPO's measured mean coefficient (0.88, a pre-registered grid point) and at the same nominal
+  beta (1.0)."""
+  runs = _decisive_runs()
+  if runs is None:
+    return f"({DECISIVE} not committed yet)"
+  pairs = [("adrpo_b1", "fixed_b0.88"), ("adrpo_b1", "fixed_b1"), ("crd_b1", "fixed_b1")]
+  keys = [("eval/reward_mean", "reward"), ("eval/diversity", "diversity"),
+          ("eval/gold/judge_fd_pretrained", "judge FD to pre-trained"), ("eval/gold/judge_reward", "judge reward")]
+  rows = []
+  for a, b in pairs:
+    if a not in runs or b not in runs:
+      continue
+    for key, name in keys:
+      rows.append([f"{a} - {b}", name, *paired(seedmap(runs[a], key), seedmap(runs[b], key))])
+  if not rows:
+    return "(the block beta_0 = 1 was not run)"
+  return md_table(["pair (step 300)", "metric", "per seed (0..5)", "mean [95 % CI]", "p (paired t, two-sided)",
+                   "same sign"], rows)
+
+
 def flow_gold() -> str:
   """Proxy against gold on the flow side: per arm, the change from step 0 to 300 of the reward (the proxy: the
   reward classifier) and of the judge's reward and accuracies, and the final judge FD to real digits."""
@@ -550,6 +572,18 @@ def plot_issue15_flow_compare(out_prefix: Path = EXP / "issue15_flow_compare") -
   return outs
 
 
+def plot_decisive(out: Path = EXP / "issue27_decisive.png") -> list[Path]:
+  """Redraws ``issue27_decisive.png`` from the committed JSON (per-seed finals and the stored analysis) with
+  :func:`decisive_test.plot`."""
+  import decisive_test as dt  # pylint: disable=import-outside-toplevel
+
+  d, runs = _load(DECISIVE), _decisive_runs()
+  if d is None or runs is None:
+    return []
+  dt.plot(runs, d["analysis"], out)
+  return [out]
+
+
 def judge() -> str:
   d = _load("issue27_judge.json")
   if d is None:
@@ -595,6 +629,7 @@ REPORTS: dict[str, Callable[[], str]] = {
     "decisive_tests": decisive_tests,
     "decisive_block03": decisive_block03,
     "decisive_judge_y": decisive_judge_y,
+    "decisive_matched": decisive_matched,
     "flow_gold": flow_gold,
     "orw": orw,
     "judge": judge,
@@ -645,7 +680,7 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--plots", action="store_true", help="also redraw the plots made from the JSON files")
   args = parser.parse_args(argv)
   if args.plots:
-    for path in plot_issue15_flow_compare():
+    for path in plot_issue15_flow_compare() + plot_decisive():
       print(f"wrote {path}")
   if args.show is not None:
     for name, md in render(args.show or None).items():

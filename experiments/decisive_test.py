@@ -278,16 +278,17 @@ def plot(per_seed, analysis, out: Path) -> None:
     for k, (plane, (x_key, larger)) in enumerate(PLANES.items()):
       ax = axes[0][2 * j + k]
       fx, fy = [], []
-      for b in BLOCKS[b0]:
+      for i, b in enumerate(BLOCKS[b0]):
         vals = per_seed.get(label("fixed", b), {})
         xs = [m[x_key] for m in vals.values() if x_key in m]
         ys = [m[REWARD] for m in vals.values() if REWARD in m]
         if len(xs) < 2:
           continue
         cx, cy = _sweep.t_interval(xs), _sweep.t_interval(ys)
-        ax.errorbar(cx["mean"], cy["mean"], xerr=cx["half"], yerr=cy["half"], fmt="o", color="C0", ms=5, capsize=2)
-        ax.annotate(f"{b:g}", (cx["mean"], cy["mean"]), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                    color="C0")
+        ax.errorbar(cx["mean"], cy["mean"], xerr=cx["half"], yerr=cy["half"], fmt="o", color="C0", ms=5, capsize=2,
+                    elinewidth=0.8, alpha=0.7)
+        ax.annotate(f"{b:g}", (cx["mean"], cy["mean"]), textcoords="offset points",  # staggered: no overlap
+                    xytext=[(6, -12), (6, 5), (-24, 5)][i % 3], fontsize=8, color="C0")
         fx.append(cx["mean"])
         fy.append(cy["mean"])
       if fx:
@@ -304,7 +305,8 @@ def plot(per_seed, analysis, out: Path) -> None:
                     ms=12 if marker == "*" else 8, capsize=2, label=f"{kind.upper()} beta_0={b0:g}")
       ax.set_xlabel(x_key.split("/")[-1] + (" (larger: more diverse)" if larger else " (smaller: closer)"))
       ax.set_ylabel("eval reward")
-      ax.set_title(f"block beta_0 = {b0:g}: reward vs {plane} (mean, 95 % CI)", fontsize=9)
+      ax.set_title(f"block beta_0 = {b0:g}: reward vs {plane}\n(mean and 95 % CI over seeds; labels: fixed beta)",
+                   fontsize=9)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
       ax2 = axes[1][2 * j + k]
@@ -317,13 +319,19 @@ def plot(per_seed, analysis, out: Path) -> None:
         lo, hi = a["test"]["ci95"]
         ax2.errorbar(i + 0.15, a["test"]["mean"], yerr=[[a["test"]["mean"] - lo], [hi - a["test"]["mean"]]],
                      fmt="D", color="k", capsize=3)
+      pair = [analysis.get(f"{label(kind, b0)}|{plane}") for kind in ("adrpo", "crd")]
+      if all(pair):
+        ga, gc = pair[0]["gaps"]["quadratic"], pair[1]["gaps"]["quadratic"]
+        for s in set(ga) & set(gc):
+          ax2.plot([0, 1], [ga[s], gc[s]], "-", color="gray", lw=0.6, alpha=0.5)
       ax2.axhline(0, color="k", lw=0.8)
       for m in (-MARGIN, MARGIN):
         ax2.axhline(m, color="gray", lw=0.6, ls="--")
       ax2.set_xticks([0, 1], ["ADRPO", "CRD sign"])
       ax2.set_xlim(-0.5, 1.5)
-      ax2.set_ylabel(f"reward gap to the seed's fixed-beta frontier at matched {plane}")
-      ax2.set_title("per-seed gaps (dots), mean and 95 % CI (diamond); dashed: +-margin", fontsize=8)
+      ax2.set_ylabel(f"reward gap at matched {plane}")
+      ax2.set_title("the test's data: gap to each seed's own fixed-beta frontier\ndots: seeds (lines pair a seed); "
+                    f"diamond: mean, 95 % CI; dashed: +-{MARGIN:g}", fontsize=8)
       ax2.grid(alpha=0.3)
   fig.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)
