@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from adrpo_jax import train
+from adrpo_jax.models.llm.activation_sharding import compiling_for
 import adrpo_jax.train.config  # noqa: F401  (train.config.shapes_only)
 from adrpo_jax.train import perf
 from adrpo_jax.train.config import ConfigError
@@ -134,10 +135,19 @@ def plan(config: Any, target: str | None = None, *, workdir: str | os.PathLike |
          write: bool = True, search: bool = True) -> dict[str, Any]:
     """Plans ``config`` on ``target`` (default ``config.plan.target``); returns the report (module docstring) and
     writes it to ``workdir/plan.json`` (or ``plan.output``). Raises :class:`PlanError` when a program does not
-    fit (after writing the report)."""
+    fit (after writing the report).
+
+    Kernel choices follow the target, not this host: for a TPU topology the programs are traced as on a TPU
+    (``attention_impl='auto'`` -> Pallas splash for a prefill, ``moe_impl='auto'`` -> ``ragged_dot``)."""
+    target = target or str(train.get_by_path(config, "plan.target", "") or "")
+    with compiling_for("tpu" if _TPU_RE.match(target) else None):
+        return _plan(config, target, workdir=workdir, write=write, search=search)
+
+
+def _plan(config: Any, target: str, *, workdir: str | os.PathLike | None, write: bool,
+          search: bool) -> dict[str, Any]:
     from adrpo_jax.recipe.runner import _recipe_class  # pylint: disable=import-outside-toplevel
 
-    target = target or str(train.get_by_path(config, "plan.target", "") or "")
     if not target:
         raise ConfigError("`plan.target` is empty: name a TPU topology (e.g. --config.plan.target=v5e:2x4) or "
                           "cpu:N.", key="plan.target", value=target)

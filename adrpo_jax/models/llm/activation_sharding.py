@@ -18,6 +18,8 @@ row (measured: fsdp=8 held 1.8x the per-device memory of data=8 for the log-prob
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -27,6 +29,31 @@ from jax.sharding import PartitionSpec as P
 # The mesh axes a batch is sharded over (same as adrpo_jax.train.sharding.BATCH_AXES; not imported from there
 # to keep the model free of the trainer's modules).
 BATCH_AXES = ("data", "fsdp", "expert")  # "expert": the optional MoE axis also shards the batch outside MoE layers
+
+
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("adrpo_target_platform", default=None)
+
+
+def target_platform() -> str:
+  """The platform the current trace compiles for: the one set by :func:`compiling_for` (the plan mode lowering
+  for a TPU topology from a CPU host), else ``jax.default_backend()``. Kernel choices (``attention_impl='auto'``,
+  ``moe_impl='auto'``) read it, so a plan compiles what the target would run."""
+  return (_TARGET_PLATFORM.get() or jax.default_backend()).lower()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str | None):
+  """Traces inside this block choose kernels for ``platform`` ('tpu', 'gpu', 'cpu'; None: the default backend).
+
+  >>> with compiling_for("tpu"):
+  ...   target_platform()
+  'tpu'
+  """
+  token = _TARGET_PLATFORM.set(platform.lower() if platform else None)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
 
 
 def current_mesh(x: jax.Array | None = None):

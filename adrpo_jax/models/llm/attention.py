@@ -46,6 +46,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 
@@ -487,6 +488,11 @@ def cudnn_attention(q, k, v, mask: AttentionMask, *, scale: float, softcap: floa
   return jax.nn.dot_product_attention(**cudnn_arguments(q, k, v, mask, scale=scale))
 
 
+def _target_platform() -> str:
+  from adrpo_jax.models.llm.activation_sharding import target_platform  # local: no import cycle at load
+  return target_platform()
+
+
 def splash_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
   if mask.q_offset is not None or q_shape[1] != k_shape[1]:
     return "splash attention is used for a prefill without a KV cache only"
@@ -501,27 +507,50 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
                      block_size: int = 512, interpret: bool = False, softcap: float | None = None) -> Array:
   """Pallas TPU splash attention (vmapped over the batch; GQA native). Padding: segment ids (1 real, 0
   padding, so a padding query attends padding keys and no row is empty); T is padded to a multiple of the
-  block (a multiple of 128) with padding slots."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # local: TPU-only kernel
+  block (a multiple of 128) with padding slots.
+
+  On a mesh (the caller's abstract mesh or the one in q's type) the kernel runs inside ``jax.shard_map``: rows
+  over the mesh's batch axes, heads over ``tensor`` when both head counts divide (a Mosaic kernel cannot be
+  partitioned by GSPMD: without it the TPU compiler refuses the call)."""
+  from adrpo_jax.models.llm import activation_sharding  # local: no import cycle at load
 
   reason = splash_supported(q.shape, k.shape, mask)
   if reason is not None:
     raise ValueError(f"attention_impl='splash' cannot run this call: {reason}")
+  seg = jnp.asarray(mask.key_valid, jnp.int32)
+  if mask.segment_ids is not None:  # packed: segment s -> s + 2 on valid slots (1 is never a real segment here)
+    seg = jnp.where(seg > 0, jnp.asarray(mask.segment_ids, jnp.int32) + 2, 0)
+  kw = dict(window=mask.window, scale=scale, block_size=block_size, interpret=interpret, softcap=softcap)
+  mesh = activation_sharding.current_mesh(q)
+  rows = activation_sharding.batch_axes(q.shape[0], q)
+  types = dict(zip(mesh.axis_names, mesh.axis_types)) if mesh is not None else {}
+  heads = ("tensor" if types.get("tensor") == jax.sharding.AxisType.Auto and mesh.shape["tensor"] > 1
+           and q.shape[2] % mesh.shape["tensor"] == 0 and k.shape[2] % mesh.shape["tensor"] == 0 else None)
+  if not rows and heads is None:
+    return _splash_local(q, k, v, seg, **kw)
+  qkv = P(rows or None, None, heads, None)
+  fn = jax.shard_map(functools.partial(_splash_local, **kw), mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows or None)),
+                     out_specs=qkv, check_vma=False)
+  return fn(q, k, v, seg)
+
+
+def _splash_local(q: Array, k: Array, v: Array, seg: Array, *, window, scale: float, block_size: int,
+                  interpret: bool, softcap: float | None) -> Array:
+  """:func:`splash_attention` on one device's rows and heads (``seg``: [b, T] segment ids, 0 = padding)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # local: TPU-only kernel
+
   b, t, h, hd = q.shape
   block = min(int(block_size), 128 * -(-t // 128))
   block = max(128, block - block % 128)
   tp = block * -(-t // block)
-  seg = jnp.asarray(mask.key_valid, jnp.int32)
-  if mask.segment_ids is not None:  # packed: segment s -> s + 2 on valid slots (1 is never a real segment here)
-    seg = jnp.where(seg > 0, jnp.asarray(mask.segment_ids, jnp.int32) + 2, 0)
   if tp != t:
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     seg = jnp.pad(seg, ((0, 0), (0, tp - t)))
-  if mask.window is None:
+  if window is None:
     one = sa.CausalMask((tp, tp))
   else:
-    one = sa.LocalMask((tp, tp), window_size=(int(mask.window) - 1, 0), offset=0)
+    one = sa.LocalMask((tp, tp), window_size=(int(window) - 1, 0), offset=0)
   sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   kernel = sa.make_splash_mha_single_device(sa.MultiHeadMask([one] * h), block_sizes=sizes,
@@ -605,7 +634,8 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
     chunk_size: key slots per block of `chunked`. auto_min_len: `auto` uses chunked when T*S >= this**2.
     auto_decode_min_len: `auto` uses `decode` for cached calls (T <= DECODE_MAX_T) when S >= this (not TPU).
     decode_block: key slots per block of `decode`.
-    platform: 'cpu' / 'gpu' / 'tpu' (default `jax.default_backend()`), for `auto`.
+    platform: 'cpu' / 'gpu' / 'tpu' (default `activation_sharding.target_platform()`: the default backend, or
+      the target of a plan compiling for another platform), for `auto`.
     interpret: run `splash` in Pallas interpret mode (CPU tests).
     softcap: None or c > 0: logit soft-capping `c * tanh(scores / c)` (Gemma 2), in every implementation.
     layer_index: k and v are the stacked caches of all layers [L, B, S, K, hd] and this (traced) layer attends;
@@ -614,7 +644,7 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
   if layer_index is not None:
     if k.ndim != 5 or k.shape != v.shape:
       raise ValueError(f"with layer_index, k and v must be stacked [L, B, S, K, hd]; got {k.shape}, {v.shape}")
-    chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape[1:],
+    chosen = select_impl(impl, platform=platform or _target_platform(), q_shape=q.shape, k_shape=k.shape[1:],
                          dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
                          auto_decode_min_len=auto_decode_min_len, softcap=softcap)
     if chosen == "decode" and q.shape[-1] == k.shape[-1] and q.shape[2] % k.shape[3] == 0 \
@@ -638,7 +668,7 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
                      f"{tuple(mask.key_valid.shape)}; got shape {tuple(mask.segment_ids.shape)}, q_offset="
                      f"{mask.q_offset!r}, {q.shape[1]} queries over {k.shape[1]} keys")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  chosen = select_impl(impl, platform=platform or jax.default_backend(), q_shape=q.shape, k_shape=k.shape,
+  chosen = select_impl(impl, platform=platform or _target_platform(), q_shape=q.shape, k_shape=k.shape,
                        dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
                        auto_decode_min_len=auto_decode_min_len, softcap=softcap)
   if chosen == "decode":

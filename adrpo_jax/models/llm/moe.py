@@ -78,7 +78,8 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     raise ValueError(f"moe_impl={impl!r} is not supported; use one of {MOE_IMPLS}")
   if impl != "auto":
     return impl
-  platform = (platform or jax.default_backend()).lower()
+  from adrpo_jax.models.llm.activation_sharding import target_platform  # pylint: disable=import-outside-toplevel
+  platform = (platform or target_platform()).lower()
   return "blocked" if platform == "cpu" else "ragged"
 
 
