@@ -547,7 +547,8 @@ def add_sd3_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                                            a multiple of the data-parallel size dividing the batch; 0 = all)
     ``rl.orw_reward_scaling``              ORW-CFM-W2's exponent: ``raw`` exp(tau r) (the published code; refused
                                            when tau * the reward's range > 20) | ``center`` exp(tau (r - mean))
-                                           | ``standardize`` exp(tau (r - mean) / std) (default: tau is unitless)
+                                           | ``standardize`` exp(tau (r - mean) / std) (default: tau is unitless;
+                                           refused when tau sqrt(K G - 1), its largest exponent, overflows)
     ``eval.prompts`` / ``prompts_file``    held-out eval prompts (never trained on; disjoint from the training
                                            prompts); none = evaluate on the training prompts
     ``eval.batch_size``                    eval images per program call (a multiple of
@@ -687,12 +688,22 @@ def _validate_sd3_prompts(config: Any, files: bool) -> None:
 
 def _validate_orw_scaling(config: Any) -> None:
     """ORW-CFM-W2's exponent against the reward's range: refuse weights that overflow float32 or drown the W2
-    term (issue: exp(0.5 * 100 cos) ~ 1e7 made the W2 term ~1e-7 of the loss)."""
+    term (issue: exp(0.5 * 100 cos) ~ 1e7 made the W2 term ~1e-7 of the loss). ``standardize``: over the step's
+    n = K * G samples |r - mean| / std <= sqrt(n - 1) (population std), so tau * sqrt(n - 1) bounds the exponent."""
     scaling = require_choice(config, "rl.orw_reward_scaling", ORW_REWARD_SCALINGS)
-    if config.rl.method != "orw_cfm_w2" or scaling == "standardize":
+    if config.rl.method != "orw_cfm_w2":
         return
     tau = abs(float(config.rl.tau))
     cap = float(config.rl.orw_max_exponent)
+    if scaling == "standardize":
+        n = int(config.rl.prompts_per_step) * int(config.rl.samples_per_prompt)
+        exponent = tau * math.sqrt(max(n - 1, 0))
+        if exponent > _FLOAT32_EXP_MAX and not cap <= _FLOAT32_EXP_MAX:
+            raise ConfigError(f"`rl.tau`={config.rl.tau} with rl.orw_reward_scaling='standardize': a standardized "
+                              f"reward of the step's {n} samples reaches sqrt({n - 1}), so tau z reaches "
+                              f"{exponent:.4g} > {_FLOAT32_EXP_MAX:g} (float32 exp overflow). Lower rl.tau or cap it "
+                              "with rl.orw_max_exponent.", key="rl.tau", value=config.rl.tau)
+        return
     span = float(config.reward.clip_scale) if config.reward.kind == "clip" else 2.0  # image_mean: [-1, 1]
     what = f"the reward's range ({span:g}: reward.clip_scale)" if config.reward.kind == "clip" else \
         f"the reward's range ({span:g})"

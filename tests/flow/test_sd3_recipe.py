@@ -20,7 +20,8 @@ from flax import nnx
 from adrpo_jax import train
 from adrpo_jax.flow.config import read_prompts_file, sd3_prompt_sets, validate_sd3_batch_layout, validate_sd3_config
 from adrpo_jax.flow.sd3 import MMDiTVelocity
-from adrpo_jax.flow.step import FlowStepOptions, draw_path_inputs, make_rollout_fn, map_micro_batches, prepare_batch
+from adrpo_jax.flow.step import (FlowStepOptions, draw_path_inputs, make_rollout_fn, map_micro_batches,
+                                  orw_exponent_rewards, prepare_batch)
 from adrpo_jax.models import mmdit
 from adrpo_jax.models import vae as vae_lib
 from adrpo_jax.train.config import ConfigError
@@ -173,6 +174,24 @@ def test_orw_weights_on_a_clip_score_keep_the_w2_term():
     validate_sd3_config(_config(**{"rl.method": "orw_cfm_w2", "rl.orw_reward_scaling": "raw", "rl.tau": 0.1}))
     with pytest.raises(ConfigError, match="overflow"):
         validate_sd3_config(_config(**{"rl.method": "orw_cfm_w2", "rl.orw_reward_scaling": "center", "rl.tau": 1.0}))
+    # standardize: over n samples |z| <= sqrt(n - 1) (one outlier reaches it), so tau * sqrt(n - 1) > 88 overflows
+    config = _config(**{"rl.method": "orw_cfm_w2", "rl.tau": 34.0})
+    n = config.rl.prompts_per_step * config.rl.samples_per_prompt
+    assert n == 8 and 34.0 * np.sqrt(n - 1) > 88.8 > 33.0 * np.sqrt(n - 1)  # the cpu variant's 2 x 4
+    outlier = np.zeros(n, np.float32)
+    outlier[0] = 50.0
+    opts = FlowStepOptions(num_conditions=2, null_class=2, image_shape=(2, 2, 1), method="orw_cfm_w2",
+                           orw_reward_scaling="standardize")
+    z = np.asarray(orw_exponent_rewards(opts, jnp.asarray(outlier), jnp.ones(n, bool)))
+    assert abs(z.max() - np.sqrt(n - 1)) < 1e-3  # the bound is reached
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.exp(np.float32(34.0) * z.max())) and np.isfinite(np.exp(np.float32(33.0) * z.max()))
+    with pytest.raises(ConfigError, match="float32 exp overflow") as err:
+        validate_sd3_config(config)
+    assert err.value.key == "rl.tau"
+    config.rl.tau = 33.0
+    validate_sd3_config(config)
+    validate_sd3_config(_config(**{"rl.method": "orw_cfm_w2", "rl.tau": 34.0, "rl.orw_max_exponent": 80.0}))
 
 
 # ---- micro-batching -------------------------------------------------------------------------------------------
