@@ -1,4 +1,4 @@
-r"""The single entry point for training runs, their evaluation, their plans and their comparison.
+r"""The single entry point for training runs, their evaluation, their plans and their comparison. ::
 
     adrpo-jax train --config=llm_arith:cpu --workdir=/tmp/arith [--config.key=value ...]
     adrpo-jax eval --workdir=DIR                       # newest checkpoint -> DIR/eval.jsonl (DIR's config.json)
@@ -80,14 +80,14 @@ log = logging.getLogger("launch")
 def _override_keys(argv: list[str]) -> list[str]:
     keys = []
     for arg in argv[1:]:
-        if arg.startswith("--config.") or arg.startswith("-config."):
+        if arg.startswith(("--config.", "-config.")):
             keys.append(arg.split("config.", 1)[1].split("=", 1)[0])
     return keys
 
 
 def _config_arg(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv[1:], start=1):
-        if arg.startswith("--config=") or arg.startswith("-config="):
+        if arg.startswith(("--config=", "-config=")):
             return arg.split("=", 1)[1]
         if arg in ("--config", "-config") and i + 1 < len(argv):
             return argv[i + 1]
@@ -261,12 +261,15 @@ def _run(argv: list[str]) -> None:
     if opts.config is None:
         raise app.UsageError("--config is required (except with --mode=compare).")
     # Heavy imports after flag parsing (fast failure for bad flags); jax is imported but not yet initialized.
+    from adrpo_jax.recipe.plan import PlanError  # pylint: disable=import-outside-toplevel
     from adrpo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
     from adrpo_jax.train import distributed  # pylint: disable=import-outside-toplevel
     from adrpo_jax.train.checkpoint import (  # pylint: disable=import-outside-toplevel
-        CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError)
+        CheckpointMismatchError,
+        CheckpointRestoreError,
+        CheckpointSaveError,
+    )
     from adrpo_jax.train.loop import NonFiniteUpdatesError  # pylint: disable=import-outside-toplevel
-    from adrpo_jax.recipe.plan import PlanError  # pylint: disable=import-outside-toplevel
 
     if not flags.FLAGS["verbosity"].present:
         # orbax logs every save phase at INFO through absl; keep those at WARNING (pass --verbosity=0 to see them).
@@ -291,6 +294,7 @@ def _run(argv: list[str]) -> None:
         distributed.setup_compilation_cache(config.compilation_cache_dir)
 
         import jax  # pylint: disable=import-outside-toplevel
+
         from adrpo_jax.train.sharding import make_mesh  # pylint: disable=import-outside-toplevel
         log.info("adrpo_jax launch: %s; workdir %s", distributed.describe_processes(), workdir)
         make_mesh(config.mesh)  # fail now (naming mesh.*) if the mesh does not fit the devices

@@ -1,4 +1,4 @@
-r"""The experiment configs, shipped with the package: ``--config=NAME[:variant]`` names one of them.
+r"""The experiment configs, shipped with the package: ``--config=NAME[:variant]`` names one of them. ::
 
     adrpo-jax train --config=llm_arith:cpu --workdir=/tmp/arith      # the packaged adrpo_jax/configs/llm_arith.py
     python -m adrpo_jax.launch --config=flow_digits:cpu --workdir=/tmp/flow --mode=train

@@ -1,4 +1,4 @@
-r"""GRPO / ADRPO on spoken questions with an audio LLM (``adrpo_jax.rl.audio_trainer``).
+r"""GRPO / ADRPO on spoken questions with an audio LLM (``adrpo_jax.rl.audio_trainer``). ::
 
     python launch.py --config=configs/audio_arith.py:cpu --workdir=/tmp/audio_adrpo
     python launch.py --config=configs/audio_arith.py:cpu_grpo --workdir=/tmp/audio_grpo

@@ -1,4 +1,4 @@
-r"""ADRPO-W2 online fine-tuning of a flow-matching DiT on digits (``trainer='flow'``).
+r"""ADRPO-W2 online fine-tuning of a flow-matching DiT on digits (``trainer='flow'``). ::
 
     python launch.py --config=configs/flow_digits.py:cpu --workdir=/tmp/flow_adrpo [--config.total_steps=N]
     python launch.py --config=configs/flow_digits.py:cpu_fixed_beta --workdir=/tmp/flow_fixed --config.rl.beta=0.3

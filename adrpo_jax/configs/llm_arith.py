@@ -1,4 +1,4 @@
-r"""GRPO / ADRPO on the built-in arithmetic task (``trainer='llm'``).
+r"""GRPO / ADRPO on the built-in arithmetic task (``trainer='llm'``). ::
 
     python launch.py --config=configs/llm_arith.py:cpu --workdir=/tmp/arith_adrpo
     python launch.py --config=configs/llm_arith.py:cpu_grpo --workdir=/tmp/arith_grpo --config.seed=1

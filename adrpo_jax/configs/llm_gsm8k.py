@@ -1,4 +1,4 @@
-r"""GRPO / ADRPO on a GSM8K-style jsonl with a local Hugging Face checkpoint (``trainer='llm'``).
+r"""GRPO / ADRPO on a GSM8K-style jsonl with a local Hugging Face checkpoint (``trainer='llm'``). ::
 
     python launch.py --config=configs/llm_gsm8k.py --workdir=/tmp/gsm8k_adrpo \
         --config.model.path=/models/Qwen2.5-0.5B-Instruct \

@@ -1,5 +1,5 @@
 r"""GRPO / ADRPO on GSM8K-style math with the models RL users train on TPU pod slices: Qwen2.5-7B-Instruct,
-Qwen3-8B, Qwen3-30B-A3B (mixture of experts, expert-parallel, router replay) and Gemma 3 12B / 27B.
+Qwen3-8B, Qwen3-30B-A3B (mixture of experts, expert-parallel, router replay) and Gemma 3 12B / 27B. ::
 
     python launch.py --config=configs/llm_pod.py:qwen2.5-7b,lora --workdir=runs/qwen7b_lora \
         --config.model.path=/models/Qwen2.5-7B-Instruct \

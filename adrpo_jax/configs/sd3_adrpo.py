@@ -1,5 +1,5 @@
 r"""ADRPO-W2 fine-tuning of Stable Diffusion 3 (MMDiT, latent flow matching) on text prompts with a CLIP-score
-reward and LoRA (``trainer = adrpo_jax.flow.sd3_trainer``), the paper's flow experiment.
+reward and LoRA (``trainer = adrpo_jax.flow.sd3_trainer``), the paper's flow experiment. ::
 
     # one GPU (H100 / A100 80 GB), weights in the diffusers layout on local disk:
     python launch.py --config=configs/sd3_adrpo.py:gpu --workdir=runs/sd3_adrpo \
