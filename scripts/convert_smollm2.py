@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adrpo_jax.models.llm.smollm2 import convert_smollm2  # noqa: E402
+from adrpo_jax.models.llm.smollm2 import convert_smollm2
 
 
 def main(argv=None):

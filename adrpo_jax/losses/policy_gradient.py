@@ -235,8 +235,9 @@ def aggregate_loss(per_token_loss: jax.Array, mask: jax.Array | None = None, *,
 
 def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array | None, advantages: jax.Array,
               mask: jax.Array | None, *, beta: float | jax.Array = 0.04, adaptive: bool = True,
-              coefficient_sign: str = "adrpo", clip: str | None = "multiple", clip_multiple: float = 1.0, clip_min: float | None = None,
-              clip_max: float | None = None, clip_pg_advantages: bool = False, eps_low: float = 0.2,
+              coefficient_sign: str = "adrpo", clip: str | None = "multiple", clip_multiple: float = 1.0,
+              clip_min: float | None = None, clip_max: float | None = None, clip_pg_advantages: bool = False,
+              eps_low: float = 0.2,
               eps_high: float | None = None, dual_clip: float | None = None, ratio_level: str = "token",
               loss_aggregation: str = "token_mean", max_tokens: int | None = None, kl_estimator: str = "k3",
               max_log_ratio: float = 20.0, normalizer: float | jax.Array | None = None,
@@ -376,7 +377,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     high = ((stat_ratio > 1.0 + eps_high) & (stat_adv > 0)).astype(logp.dtype)
     dual = jnp.zeros_like(low) if dual_clip is None else ((stat_ratio > dual_clip) & (stat_adv < 0)).astype(
         logp.dtype)
-    gm = lambda x, m: _stats.sg(_stats.global_mean(x, m, axis_name))
+    gm = lambda x, m: _stats.sg(_stats.global_mean(x, m, axis_name))  # noqa: E731
     kl_mean = gm(_stats.sg(kl), mask)
     clip_low, clip_high = gm(low, stat_mask), gm(high, stat_mask)
     clip_frac = gm(jnp.maximum(low, high), stat_mask)

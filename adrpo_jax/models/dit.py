@@ -44,7 +44,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -393,7 +394,8 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.scale = 1.0 / math.sqrt(head_dim)
 
-    _LORA_KERNELS = {"wq": "ble,ehd->blhd", "wk": "ble,ehd->blhd", "wv": "ble,ehd->blhd", "wo": "blhd,hde->ble"}
+    _LORA_KERNELS: ClassVar[dict[str, str]] = {"wq": "ble,ehd->blhd", "wk": "ble,ehd->blhd", "wv": "ble,ehd->blhd",
+                                               "wo": "blhd,hde->ble"}
 
     def lora_kernels(self) -> dict[str, str]:
         """LoRA protocol (:mod:`adrpo_jax.models.lora`): sites ``<path>.wq`` / ``wk`` / ``wv`` / ``wo``."""
@@ -786,8 +788,8 @@ LOAD_OVERRIDES = ("dtype", "param_dtype", "remat", "scan_layers")
 def load_dit(directory: str | os.PathLike, **overrides: Any) -> DiT:
     """Load a :class:`DiT` saved by :func:`save_dit` (round-trips exactly for float32 params).
 
-    ``overrides``: any of ``dtype``, ``param_dtype``, ``remat``, ``scan_layers`` (:data:`LOAD_OVERRIDES`) replace the saved
-    config's values (e.g. the run config's bfloat16 + remat for a model saved in float32 without remat); the
+    ``overrides``: any of ``dtype``, ``param_dtype``, ``remat``, ``scan_layers`` (:data:`LOAD_OVERRIDES`) replace the
+    saved config's values (e.g. the run config's bfloat16 + remat for a model saved in float32 without remat); the
     saved parameters are cast to the resulting ``param_dtype``. Other keys raise ``ValueError``.
     """
     bad = sorted(set(overrides) - set(LOAD_OVERRIDES))

@@ -239,7 +239,7 @@ class _EinsumSplit:
     batch_axes: tuple[int, ...] = ()  # kernel axes shared by x, kernel and y (e.g. the experts of an MoE layer)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split_equation(equation: str, kernel_ndim: int) -> _EinsumSplit:
     eq = equation.replace(" ", "")
     if "->" not in eq or eq.count(",") != 1:

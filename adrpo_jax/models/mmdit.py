@@ -915,7 +915,7 @@ class _Reader(CheckpointReader):
     single, index = self.directory / WEIGHTS_NAME, self.directory / WEIGHTS_INDEX_NAME
     if single.exists():
       self.source = str(single)
-      self._where = {n: WEIGHTS_NAME for n in self._file(WEIGHTS_NAME).names()}
+      self._where = dict.fromkeys(self._file(WEIGHTS_NAME).names(), WEIGHTS_NAME)
     elif index.exists():
       self.source, self._where = str(index), read_weight_map(index)
     else:
@@ -925,7 +925,7 @@ class _Reader(CheckpointReader):
                   + sorted(p.name for p in self.directory.glob("*.bin")))
         raise FileNotFoundError(f"no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME}) in {self.directory}; found {others}")
       self.source = str(self.directory / files[0])
-      self._where = {n: files[0] for n in self._file(files[0]).names()}
+      self._where = dict.fromkeys(self._file(files[0]).names(), files[0])
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> MMDiTConfig:
@@ -1025,8 +1025,9 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
       value = jax.device_put(np.ascontiguousarray(host))
     else:
       names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
-      value = jax.make_array_from_callback(shape, shardings(names, shape),
-                                           lambda idx, host=host: np.ascontiguousarray(host[idx], dtype=dtype))
+      value = jax.make_array_from_callback(
+          shape, shardings(names, shape),
+          lambda idx, host=host, dtype=dtype: np.ascontiguousarray(host[idx], dtype=dtype))
     pure[ours] = value
     del host
   for name in reader.names():

@@ -28,7 +28,7 @@ The modules' ``train_and_evaluate`` paths name the same recipes; any other ``'pa
 >>> validate_trainer_name("gan")
 Traceback (most recent call last):
 ...
-adrpo_jax.train.config.ConfigError: `trainer` must be one of ['audio', 'flow', 'llm', 'sd3'] or a 'package.module:function' path, got 'gan'.
+adrpo_jax.train.config.ConfigError: `trainer` must be one of ['audio', 'flow', 'llm', 'sd3'] or a ... got 'gan'.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from adrpo_jax import train
 import adrpo_jax.train.metrics  # noqa: F401  (train.metrics.to_python_scalar)
+from adrpo_jax import train
 from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import ProgramSet
 

@@ -39,8 +39,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-
 __all__ = ["LaggedSchedule", "policy_version"]
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ end (encoder, projector, LM; in torch, on the transformers model, so the trainer
 on the spoken task (:func:`adrpo_jax.rl.audio_data.make_audio_task`, ``'auto'``: spoken arithmetic with
 espeak-ng, else beep counting): next-token cross-entropy on ``answer<eos>`` after ``'@' * n + '='``. Training
 stops at the first evaluation whose *sampled* accuracy (temperature 1) reaches ``target_accuracy`` (weak, so RL
-has room) or at ``max_steps``. The directory (the transformers files and ``sft_metrics.json``) is cached under ``cache_root() / 'tiny_audio_arith-<hash>'``.
+has room) or at ``max_steps``. The directory (the transformers files and ``sft_metrics.json``) is cached under
+``cache_root() / 'tiny_audio_arith-<hash>'``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx, traverse_util
 
 from adrpo_jax.cache import cache_root
@@ -106,7 +105,7 @@ def _write_hf_model(cfg: TinyAudioSFTConfig, out: Path):
     hf_cfg = Qwen2AudioConfig(
         audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=cfg.n_mels, encoder_layers=cfg.encoder_layers,
                           encoder_attention_heads=cfg.encoder_heads, encoder_ffn_dim=cfg.encoder_ffn,
-                          d_model=cfg.encoder_dim, max_source_positions=int(round(cfg.seconds * 50))),
+                          d_model=cfg.encoder_dim, max_source_positions=round(cfg.seconds * 50)),
         text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                          num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -159,7 +158,7 @@ def train_tiny_audio(cfg: TinyAudioSFTConfig, out: Path) -> dict[str, Any]:
             t[i, p_len - len(ids):], mask[i, p_len - len(ids):] = ids, 1
         return t, mask
 
-    p_len = int(_audio_token_counts(np.ones((1, int(round(cfg.seconds * 100))), np.int32))[0]) + 1
+    p_len = int(_audio_token_counts(np.ones((1, round(cfg.seconds * 100)), np.int32))[0]) + 1
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     e_rows = [eval_task[i] for i in range(cfg.eval_examples)]
     e_f, e_m = features(e_rows)

@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = ["load_experiment_config", "plot_runs", "summarize_run", "main"]
 

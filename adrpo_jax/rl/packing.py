@@ -29,7 +29,8 @@ packing). Requires ``T >= P + N`` (a row always fits one pack).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

@@ -17,7 +17,8 @@ Paired with ``exact_match`` (the truth) they make a proxy whose maximizer is not
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["length_credit", "digit_overlap_credit"]
 

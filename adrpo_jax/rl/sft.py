@@ -221,7 +221,8 @@ def train_tiny_arith(cfg: TinyArithSFTConfig, out_dir: str | os.PathLike, *, ver
                 break
     greedy = sampled_accuracy(graphdef, params, tok, eval_examples, key=eval_key, greedy=True, **eval_kw)
     metrics = {"steps": step, "final_loss": float(loss), "sampled_accuracy": acc, "greedy_accuracy": greedy,
-               "seconds": round(time.time() - start, 1), "num_parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+               "seconds": round(time.time() - start, 1),
+               "num_parameters": int(sum(x.size for x in jax.tree.leaves(params))),
                "config": dataclasses.asdict(cfg), "history": history}
     out_dir = Path(out_dir)
     save_pretrained(nnx.merge(graphdef, params), out_dir, tokenizer=tok)

@@ -704,9 +704,10 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
     updates on a rollout batch (see the module docstring); jit it with ``donate_argnums=(0, 1)``.
 
     ``batch``: the keys of :func:`prepare_rollout` plus ``tokens [B, P+N]`` and ``attention_mask [B, P+N]``
-    (optional ``model_inputs``: a dict of ``[B, ...]`` arrays, see :func:`completion_logprobs`; ``old_logp`` / ``ref_logp [B, N]`` when :attr:`StepOptions.use_old_logprobs` /
-    :attr:`StepOptions.use_reference`). ``key`` drives the minibatch permutation. ``return_grads`` (tests,
-    one update per step only) appends the update's gradients to the outputs.
+    (optional ``model_inputs``: a dict of ``[B, ...]`` arrays, see :func:`completion_logprobs`; ``old_logp`` /
+    ``ref_logp [B, N]`` when :attr:`StepOptions.use_old_logprobs` / :attr:`StepOptions.use_reference`). ``key``
+    drives the minibatch permutation. ``return_grads`` (tests, one update per step only) appends the update's
+    gradients to the outputs.
     """
     if return_grads and opts.num_updates != 1:
         raise ValueError("return_grads needs num_iterations * num_minibatches == 1")

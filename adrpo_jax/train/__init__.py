@@ -87,7 +87,7 @@ _EXPORTS: dict[str, str] = {
     "weight_decay_mask": "optim",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazy exports: names resolved by __getattr__)
 
 
 def __getattr__(name: str) -> Any:

@@ -88,12 +88,12 @@ adrpo_jax.train.config.ConfigError: `optim.learning_rate` must be > 0.0, got -1.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import math
 import numbers
-import contextlib
-import contextvars
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -685,7 +685,7 @@ def find_unknown_override(config: Any, keys: Iterable[str]) -> str | None:
             suggestions = suggest_keys(config, key)
             hint = f" Did you mean {' or '.join(suggestions)}?" if suggestions else ""
             if isinstance(node, (Mapping, ml_collections.ConfigDict)):
-                valid = ", ".join(sorted(str(k) for k in node.keys()))
+                valid = ", ".join(sorted(str(k) for k in node))
                 where = f"`config.{parent}`" if parent else "the config"
                 return (f"Unknown config key `config.{key}`: {where} has no field `{part}`.{hint} "
                         f"(valid fields: {valid}).")

@@ -130,10 +130,7 @@ def _mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 continue
             if isinstance(value, bool):
                 value = float(value)
-            if isinstance(value, (int, float)):
-                sums[key] = sums.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0) + 1
-            elif value in ("NaN", "Infinity", "-Infinity"):
+            if isinstance(value, (int, float)) or value in ("NaN", "Infinity", "-Infinity"):
                 sums[key] = sums.get(key, 0.0) + float(value)
                 counts[key] = counts.get(key, 0) + 1
             else:

@@ -122,7 +122,7 @@ def _cfg(config: Any, key: str, default: Any) -> Any:
     if config is None:
         return default
     try:
-        return config[key] if key in config else default
+        return config[key] if key in config else default  # noqa: SIM401 (a ConfigDict; TypeError: not a mapping)
     except TypeError:
         return getattr(config, key, default)
 
@@ -173,7 +173,8 @@ class MetricWriter:
             return
         id_file = os.path.join(self.workdir, "wandb_run_id")
         if os.path.exists(id_file):
-            run_id = open(id_file, encoding="utf-8").read().strip()
+            with open(id_file, encoding="utf-8") as f:
+                run_id = f.read().strip()
         else:
             run_id = uuid.uuid4().hex[:12]
             with open(id_file, "w", encoding="utf-8") as f:
@@ -209,15 +210,13 @@ class MetricWriter:
         clean = {str(k): to_python_scalar(v) for k, v in scalars.items() if k != "step"}
         if self._jsonl:
             if self._jsonl_file is None:
-                self._jsonl_file = open(self.jsonl_path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+                self._jsonl_file = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (kept open, closed by close())
             self._jsonl_file.write(json.dumps({"step": step, **clean}) + "\n")
             self._jsonl_file.flush()
         tb = self._tb_writer()
         if tb is not None:
             for key, value in clean.items():
-                if isinstance(value, (bool, int, float)):
-                    tb.add_scalar(key, float(value), step)
-                elif value in ("NaN", "Infinity", "-Infinity"):
+                if isinstance(value, (bool, int, float)) or value in ("NaN", "Infinity", "-Infinity"):
                     tb.add_scalar(key, float(value), step)
         if self._wandb is not None:
             self._wandb.log({k: (float(v) if v in ("NaN", "Infinity", "-Infinity") else v)

@@ -15,7 +15,8 @@ gradients w.r.t. the (GSPMD-sharded) inputs are exactly those of the single-devi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.sharding import Mesh

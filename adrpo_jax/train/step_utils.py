@@ -231,7 +231,7 @@ def reduce_update_metrics(stacked: dict[str, jax.Array], *, weights: dict[str, j
             out["skipped_updates"] = jnp.sum(v.astype(jnp.float32))
         elif key in sum_keys:
             out[key] = jnp.sum(v.astype(jnp.float32))
-        elif key.endswith("_min") or key.endswith("_max"):
+        elif key.endswith(("_min", "_max")):
             v = v.astype(jnp.float32)
             if w is None:
                 out[key] = jnp.min(v) if key.endswith("_min") else jnp.max(v)

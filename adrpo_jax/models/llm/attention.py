@@ -605,8 +605,8 @@ def select_impl(impl: str, *, platform: str, q_shape, k_shape, dtype, mask: Atte
   platform = platform.lower()
   if impl == "decode" and decode_supported(q_shape, k_shape, mask) is None:
     return "decode"
-  if (impl in ("auto", "cudnn") and platform != "tpu" and q_shape[1] <= DECODE_MAX_T and k_shape[1] >= auto_decode_min_len
-      and decode_supported(q_shape, k_shape, mask) is None):
+  if (impl in ("auto", "cudnn") and platform != "tpu" and q_shape[1] <= DECODE_MAX_T
+      and k_shape[1] >= auto_decode_min_len and decode_supported(q_shape, k_shape, mask) is None):
     return "decode"
   if impl in ("auto", "splash") and (impl == "splash" or platform == "tpu"):
     if splash_supported(q_shape, k_shape, mask) is None:

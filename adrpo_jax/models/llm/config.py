@@ -700,7 +700,8 @@ class DecoderConfig:
                       or self.query_pre_attn_scalar is not None or self.attn_logit_softcapping is not None
                       or self.final_logit_softcapping is not None or self.rope_local_theta is not None):
       raise ValueError(f"{self.model_type} cannot express the Gemma fields (norm_unit_offset, scale_embeddings, "
-                       "sandwich_norm, query_pre_attn_scalar, soft-capping, rope_local_theta): use gemma2 / gemma3_text")
+                       "sandwich_norm, query_pre_attn_scalar, soft-capping, rope_local_theta): "
+                       "use gemma2 / gemma3_text")
     if self.num_experts and self.model_type not in MOE_MODEL_TYPES:
       raise ValueError(f"{self.model_type} has no experts; num_experts={self.num_experts} needs qwen2_moe / qwen3_moe")
     if gemma:
