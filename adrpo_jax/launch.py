@@ -48,9 +48,11 @@ __all__ = ["MODES", "main", "resolve_argv"]
 #: The subcommands (``adrpo-jax MODE ...``), the same as ``--mode=MODE``.
 MODES = ("train", "eval", "plan", "compare")
 
-_MODE_HELP = ("train | eval (the newest checkpoint -> WORKDIR/eval.jsonl) | plan (every program compiled for "
-              "--config.plan.target, no weights -> WORKDIR/plan.json) | compare (positional run directories -> "
-              "WORKDIR/compare.png and WORKDIR/compare.md).")
+_MODE_HELP = (
+    "train | eval (the newest checkpoint -> WORKDIR/eval.jsonl) | plan (every program compiled for "
+    "--config.plan.target, no weights -> WORKDIR/plan.json) | compare (positional run directories -> "
+    "WORKDIR/compare.png and WORKDIR/compare.md)."
+)
 
 _ARGV: list[str] = []  # the command line as parsed (subcommand -> --mode, packaged config names -> their files)
 
@@ -61,9 +63,12 @@ def _define_flags() -> None:
     if "workdir" in flags.FLAGS and "mode" in flags.FLAGS and "config" in flags.FLAGS:
         return
     config_flags.DEFINE_config_file(
-        "config", None, "Experiment config: a packaged config's NAME[:variant] (adrpo_jax.configs: llm_arith, "
+        "config",
+        None,
+        "Experiment config: a packaged config's NAME[:variant] (adrpo_jax.configs: llm_arith, "
         "llm_gsm8k, llm_pod, flow_digits, sd3_adrpo, audio_arith) or path/to/config.py[:variant].",
-        lock_config=True)
+        lock_config=True,
+    )
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config.json).")
     flags.DEFINE_enum("mode", "train", list(MODES), _MODE_HELP)
     flags.mark_flags_as_required(["workdir"])
@@ -112,7 +117,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     for i, arg in enumerate(argv[1:], start=1):
         for prefix in (f"--{name}=", f"-{name}="):
             if arg.startswith(prefix):
-                value = arg[len(prefix):]
+                value = arg[len(prefix) :]
         if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
             value = argv[i + 1]
     return value
@@ -132,9 +137,11 @@ def _packaged_config(spec: str) -> str | None:
 
         close = difflib.get_close_matches(name, configs.NAMES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"--config={spec}: {name!r} is neither a file nor a packaged config{hint}; the packaged "
-                         f"configs are {', '.join(configs.NAMES)}; a file of your own: "
-                         "--config=path/to/config.py[:variant]")
+        raise ValueError(
+            f"--config={spec}: {name!r} is neither a file nor a packaged config{hint}; the packaged "
+            f"configs are {', '.join(configs.NAMES)}; a file of your own: "
+            "--config=path/to/config.py[:variant]"
+        )
     return configs.config_path(name) + sep + arg
 
 
@@ -162,7 +169,7 @@ def resolve_argv(argv: list[str]) -> list[str]:
     for i, arg in enumerate(argv[1:], start=1):
         for prefix in ("--config=", "-config="):
             if arg.startswith(prefix):
-                resolved = _packaged_config(arg[len(prefix):])
+                resolved = _packaged_config(arg[len(prefix) :])
                 argv[i] = prefix + resolved if resolved else arg
         if arg in ("--config", "-config") and i + 1 < len(argv):
             argv[i + 1] = _packaged_config(argv[i + 1]) or argv[i + 1]
@@ -179,13 +186,15 @@ def _with_workdir_config(argv: list[str]) -> list[str]:
         return argv  # absl reports the missing --workdir
     path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
     if not os.path.isfile(path):
-        sys.stderr.write(f"FATAL --mode=eval without --config reads the run's config from {path}, which does not "
-                         "exist (a run writes it once its first step succeeded). Pass the run's "
-                         "--config=path/to/config.py[:variant] and its --config.* overrides.\n")
+        sys.stderr.write(
+            f"FATAL --mode=eval without --config reads the run's config from {path}, which does not "
+            "exist (a run writes it once its first step succeeded). Pass the run's "
+            "--config=path/to/config.py[:variant] and its --config.* overrides.\n"
+        )
         sys.exit(1)
     from adrpo_jax.recipe import workdir_config  # pylint: disable=import-outside-toplevel
-    return [argv[0], f"--config={workdir_config.__file__}:{os.path.abspath(os.path.expanduser(workdir))}",
-            *argv[1:]]
+
+    return [argv[0], f"--config={workdir_config.__file__}:{os.path.abspath(os.path.expanduser(workdir))}", *argv[1:]]
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -207,6 +216,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         path = _config_arg(argv)
         if path is not None:
             from adrpo_jax.train.config import find_unknown_override  # pylint: disable=import-outside-toplevel
+
             try:
                 config = _load_config_file(path)
                 message = find_unknown_override(config, _override_keys(argv))
@@ -230,15 +240,18 @@ def _compare(run_dirs: list[str], out_dir: str) -> None:
 def _plan(config, workdir: str) -> None:
     """--mode=plan: compile every program of the recipe for ``plan.target`` (adrpo_jax/recipe/plan.py)."""
     import re  # pylint: disable=import-outside-toplevel
+
     target = str(config.plan.target or "")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a topology is compiled for, not run on: no accelerator needed
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: libtpu's process lock is not needed
     import jax  # pylint: disable=import-outside-toplevel
+
     m = re.match(r"^cpu:(\d+)", target)
     if m:
         jax.config.update("jax_num_cpu_devices", max(int(m.group(1)), 1))
     from adrpo_jax.recipe import plan as plan_lib  # pylint: disable=import-outside-toplevel
     from adrpo_jax.train.config import ConfigError  # pylint: disable=import-outside-toplevel
+
     try:
         report = plan_lib.plan(config, target, workdir=workdir)
     except plan_lib.PlanError as err:
@@ -285,20 +298,24 @@ def _run(argv: list[str]) -> None:
     try:
         config_lib.validate_common_config(config)
         from adrpo_jax.recipe import base as recipe_base  # pylint: disable=import-outside-toplevel
+
         recipe_base.validate_trainer_name(config.trainer)
         if not config.is_locked:
             config.lock()
         if distributed.initialize_from_config(config.distributed):  # before any device use
-            distributed.PeerWatchdog(config.distributed.heartbeat_timeout_s,
-                                     checkpoint_dir=os.path.join(workdir, "checkpoints")).start()
+            distributed.PeerWatchdog(
+                config.distributed.heartbeat_timeout_s, checkpoint_dir=os.path.join(workdir, "checkpoints")
+            ).start()
         distributed.setup_compilation_cache(config.compilation_cache_dir)
 
         import jax  # pylint: disable=import-outside-toplevel
 
         from adrpo_jax.train.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+
         log.info("adrpo_jax launch: %s; workdir %s", distributed.describe_processes(), workdir)
         make_mesh(config.mesh)  # fail now (naming mesh.*) if the mesh does not fit the devices
         from adrpo_jax.recipe import runner  # pylint: disable=import-outside-toplevel
+
         if opts.mode == "eval":
             runner.evaluate_run(config, workdir)
             log.info("Wrote %s", os.path.join(workdir, runner.EVAL_FILE))
@@ -307,15 +324,23 @@ def _run(argv: list[str]) -> None:
             os.makedirs(workdir, exist_ok=True)
             runner.warn_config_changes(config, workdir)  # config.json: written by the runner after the first step
         result = runner.train(config, workdir)
-    except (config_lib.ConfigError, CheckpointMismatchError, CheckpointRestoreError, CheckpointSaveError,
-            NonFiniteUpdatesError, FileNotFoundError, PlanError) as err:
+    except (
+        config_lib.ConfigError,
+        CheckpointMismatchError,
+        CheckpointRestoreError,
+        CheckpointSaveError,
+        NonFiniteUpdatesError,
+        FileNotFoundError,
+        PlanError,
+    ) as err:
         sys.stderr.write(f"ERROR {type(err).__name__}: {err}\n")
         sys.stderr.flush()
         sys.exit(1)
     result = dict(result or {})
     if result.get("preempted"):
-        log.warning("Run preempted at step %s; checkpoint saved. Re-run the same command to resume.",
-                    result.get("step"))
+        log.warning(
+            "Run preempted at step %s; checkpoint saved. Re-run the same command to resume.", result.get("step")
+        )
     elif jax.process_index() == 0:
         print(runner.run_summary(result, workdir, config), flush=True)
 
@@ -330,11 +355,14 @@ def _extend_import_path(config) -> None:
     dirs = [d for d in str(config.import_path or "").split(os.pathsep) if d]
     from adrpo_jax import configs  # pylint: disable=import-outside-toplevel
     from adrpo_jax.recipe import workdir_config  # pylint: disable=import-outside-toplevel
+
     if spec:
         path = os.path.abspath(os.path.expanduser(spec.split(".py:", 1)[0] + ".py" if ".py:" in spec else spec))
         # the package's own files (workdir_config.py, the packaged configs) add no directory
-        if os.path.dirname(path) not in (os.path.dirname(os.path.abspath(workdir_config.__file__)),
-                                         os.path.dirname(os.path.abspath(configs.__file__))):
+        if os.path.dirname(path) not in (
+            os.path.dirname(os.path.abspath(workdir_config.__file__)),
+            os.path.dirname(os.path.abspath(configs.__file__)),
+        ):
             dirs.append(os.path.dirname(path))
     dirs.append(os.getcwd())
     unique = []

@@ -6,6 +6,7 @@ safetensors directory (once; later runs are free), then check that our loader re
 
 Default DIR: $ADRPO_JAX_CACHE/smollm2-135m-instruct or ~/.cache/adrpo_jax/smollm2-135m-instruct.
 """
+
 import argparse
 import logging
 import os
@@ -18,16 +19,17 @@ from adrpo_jax.models.llm.smollm2 import convert_smollm2
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--output", default=None, help="output directory (default: the cache dir)")
-  parser.add_argument("--overwrite", action="store_true", help="convert again even if already converted")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  directory = convert_smollm2(args.output, overwrite=args.overwrite)
-  from adrpo_jax.models.llm import load_pretrained
-  model = load_pretrained(directory)
-  print(f"{directory}: {model.config.model_type}, {model.config.num_params() / 1e6:.1f}M parameters")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=None, help="output directory (default: the cache dir)")
+    parser.add_argument("--overwrite", action="store_true", help="convert again even if already converted")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    directory = convert_smollm2(args.output, overwrite=args.overwrite)
+    from adrpo_jax.models.llm import load_pretrained
+
+    model = load_pretrained(directory)
+    print(f"{directory}: {model.config.model_type}, {model.config.num_params() / 1e6:.1f}M parameters")
 
 
 if __name__ == "__main__":
-  main()
+    main()

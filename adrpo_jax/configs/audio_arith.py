@@ -92,9 +92,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         config.audio.audio_token = "<|AUDIO|>"
         config.audio.audio_template = "<|audio_bos|>{audio}<|audio_eos|>"
         config.data.chat_template = True
-        config.data.system_prompt = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, "
-                                     "capable of perceiving auditory and visual inputs, as well as generating text "
-                                     "and speech.")
+        config.data.system_prompt = (
+            "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, "
+            "capable of perceiving auditory and visual inputs, as well as generating text "
+            "and speech."
+        )
         config.lora.enabled = True
         config.lora.rank = 16
         config.lora.alpha = 32.0

@@ -24,8 +24,7 @@ from adrpo_jax.train.config import add_common_config
 
 VARIANTS = ("default", "cpu")
 
-SYSTEM_PROMPT = ("Solve the math problem step by step. End your answer with the final number on its own, "
-                 "e.g. '#### 42'.")
+SYSTEM_PROMPT = "Solve the math problem step by step. End your answer with the final number on its own, e.g. '#### 42'."
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:

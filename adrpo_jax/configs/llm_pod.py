@@ -33,10 +33,17 @@ import ml_collections
 from adrpo_jax.rl.config import add_llm_config
 from adrpo_jax.train.config import add_common_config
 
-MODELS = {"qwen2.5-7b": "preset:qwen2.5-7b", "qwen3-8b": "preset:qwen3-8b", "qwen3-30b-a3b": "preset:qwen3-30b-a3b",
-          "gemma-3-12b": "preset:gemma-3-12b", "gemma-3-27b": "preset:gemma-3-27b"}
-SYSTEM_PROMPT = ("A conversation between User and Assistant. The Assistant reasons step by step inside <think> "
-                 "</think> and then gives the final answer as a number inside <answer> </answer>.")
+MODELS = {
+    "qwen2.5-7b": "preset:qwen2.5-7b",
+    "qwen3-8b": "preset:qwen3-8b",
+    "qwen3-30b-a3b": "preset:qwen3-30b-a3b",
+    "gemma-3-12b": "preset:gemma-3-12b",
+    "gemma-3-27b": "preset:gemma-3-27b",
+}
+SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The Assistant reasons step by step inside <think> "
+    "</think> and then gives the final answer as a number inside <answer> </answer>."
+)
 
 
 def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
@@ -46,8 +53,9 @@ def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
     length = 4096 if "4k" in parts else 1024
     unknown = [p for p in parts if p not in MODELS and p not in ("lora", "full", "1k", "4k")]
     if unknown:
-        raise ValueError(f"unknown parts {unknown} of configs/llm_pod.py:{arg}; use <{'|'.join(MODELS)}>,"
-                         "<lora|full>,<1k|4k>")
+        raise ValueError(
+            f"unknown parts {unknown} of configs/llm_pod.py:{arg}; use <{'|'.join(MODELS)}>,<lora|full>,<1k|4k>"
+        )
     config = add_llm_config(add_common_config(ml_collections.ConfigDict()))
     config.trainer = "llm"
     config.seed = 0
