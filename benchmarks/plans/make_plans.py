@@ -1,9 +1,10 @@
 r"""Plans every shipped accelerator variant with the target's own compiler (``launch.py --mode=plan``) and writes
-``benchmarks/plans/<name>.json`` plus the README's "What fits where" table (``benchmarks/plans/TABLE.md``).
+``benchmarks/plans/<name>.json`` plus the "What fits where" table (``benchmarks/plans/TABLE.md`` and the README's
+block between the ``plans:begin`` / ``plans:end`` markers).
 
     python benchmarks/plans/make_plans.py                 # every plan below (hours on a loaded 2-core machine)
     python benchmarks/plans/make_plans.py --only qwen     # the plans whose name contains 'qwen'
-    python benchmarks/plans/make_plans.py --table         # only re-render TABLE.md from the committed JSONs
+    python benchmarks/plans/make_plans.py --table         # only re-render TABLE.md and README's table from the JSONs
 
 Each plan is one process (``JAX_PLATFORMS=cpu``, libtpu's compiler; no TPU needed). A plan that does not fit exits
 1; its JSON is still written (``"fits": false``) and the table says so.
@@ -69,19 +70,34 @@ def run_plan(name: str, config: str, target: str, extra: list[str]) -> dict:
     return report
 
 
-def table() -> str:
-    rows = ["| plan | target | fits | largest program | its peak / chip | resident / chip | HBM / chip | "
-            "predicted step | MFU |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, *_ in PLANS:
+def table(link_prefix: str = "") -> str:
+    rows = ["| recipe (`configs/...`) | target | fits | largest program | its peak / chip | resident / chip | "
+            "HBM / chip | predicted step | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, config, _, extra in PLANS:
         path = HERE / f"{name}.json"
         if not path.exists():
             continue
         r = json.loads(path.read_text())
-        rows.append(f"| `{name}` | {r['target']} ({r['num_devices']} chips) | {'yes' if r['fits'] else '**no**'} | "
+        recipe = config.removeprefix("configs/") + "".join(f" `{e}`" for e in extra)
+        rows.append(f"| [{recipe}]({link_prefix}{name}.json) | {r['target']} ({r['num_devices']} chips) | "
+                    f"{'yes' if r['fits'] else '**no**'} | "
                     f"{r['largest_program']} | {r['largest_peak_gib']:.2f} GiB | {r['resident_gib']:.2f} GiB | "
                     f"{r['capacity_gib']:.0f} GiB | {r['predicted_step_s']:.3g} s | "
                     f"{100 * (r['predicted_mfu'] or 0):.1f} % |")
     return "\n".join(rows) + "\n"
+
+
+README = REPO / "README.md"
+BEGIN, END = "<!-- plans:begin (benchmarks/plans/make_plans.py --table) -->", "<!-- plans:end -->"
+
+
+def readme_with_table(text: str) -> str:
+    """``text`` (the README) with the table between the plan markers replaced by :func:`table`."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"README.md has no {BEGIN!r} ... {END!r} block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table('benchmarks/plans/')}{END}{tail}"
 
 
 def main() -> None:
@@ -97,6 +113,8 @@ def main() -> None:
             print(f"{name}: fits={r['fits']} largest={r['largest_program']} {r['largest_peak_gib']:.2f} GiB "
                   f"step={r['predicted_step_s']:.3g}s ({r['wall_s']:.0f} s to plan)", flush=True)
     (HERE / "TABLE.md").write_text(table())
+    if args.table or not args.only:  # a partial run leaves the README alone
+        README.write_text(readme_with_table(README.read_text()))
     print(table())
 
 
