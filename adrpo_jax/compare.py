@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["load_run", "run_kind", "summarize", "markdown_table", "plot_runs", "compare", "main", "KINDS"]
 
@@ -45,7 +45,7 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -167,16 +167,16 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                         labels: Sequence[str] | None = None) -> dict[str, Any]:
     """Writes ``<out>.png`` and ``<out>.md`` for ``run_dirs``; returns ``{"png", "table", "markdown", "kind",
     "summaries"}``. Raises ValueError for no runs, a label count that differs, or runs of different trainers."""
-    run_dirs = [Path(d) for d in run_dirs]
-    if not run_dirs:
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
         raise ValueError("compare needs at least one run directory.")
-    if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"--labels has {len(labels)} names for {len(run_dirs)} run directories.")
-    names = list(labels) if labels is not None else [d.name or str(d) for d in run_dirs]
+    if labels is not None and len(labels) != len(dirs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(dirs)} run directories.")
+    names = list(labels) if labels is not None else [d.name or str(d) for d in dirs]
     if len(set(names)) != len(names):  # same basename in different parents: use the full paths
-        names = [str(d) for d in run_dirs]
+        names = [str(d) for d in dirs]
     runs, kinds = {}, {}
-    for name, d in zip(names, run_dirs):
+    for name, d in zip(names, dirs):
         records, config = load_run(d)
         runs[name] = records
         kinds[name] = run_kind(records, config)

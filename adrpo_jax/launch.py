@@ -106,6 +106,8 @@ def _load_config_file(spec: str):
     path, sep, arg = spec.partition(".py:")
     path = path + ".py" if sep else spec
     module_spec = importlib.util.spec_from_file_location("_adrpo_config_for_diagnosis", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if sep else module.get_config()

@@ -9,7 +9,7 @@ thickness under the project's classifier. The pre-trained DiT (0.33M parameters,
 conditional flow matching for ~3 minutes on the first run and cached) binds the thickness imperfectly, which
 leaves the reward headroom.
 
-Variants (the same run, only the objective differs; ADRPO.md, "Flow matching"):
+Variants (the same run, only the objective differs; docs/math.md, "Flow matching"):
 
 * ``cpu`` (default): ADRPO-W2, ``A ||v - u||^2 + (beta_0 - clip(A)) ||v - v_ref||^2`` with beta_0 = 1 and A
   clipped at +-beta_0 inside the coefficient. A few minutes on 2 CPU cores; the reward rises clearly.

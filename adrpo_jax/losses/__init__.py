@@ -1,7 +1,7 @@
 """Pure-function losses of ADRPO (Adaptive Divergence Regularized Policy Optimization).
 
 Plain ``jax.Array`` in, ``jax.Array`` out: no model or config objects. Shapes and the equation of
-ADRPO.md (the project's working statement of the paper's math) are documented on every function. Argument errors
+docs/math.md (the project's working statement of the paper's math) are documented on every function. Argument errors
 (rank, shape, dtype, unknown option, out-of-range hyper-parameter) raise ``ValueError`` naming the argument,
 at trace time. All loss math runs in float32 (bfloat16/float16 inputs are upcast; float64 stays float64).
 

@@ -48,13 +48,16 @@ def check_array(x: Any, name: str) -> jax.Array:
         raise ValueError(f"`{name}` must be an array, got {type(x).__name__}: {err}") from None
 
 
-def check_rank(x: jax.Array, rank: int | Collection[int], name: str, *, min_rank: int | None = None) -> None:
-    """Raises unless ``x.ndim`` equals ``rank`` (or is in it), or is at least ``min_rank``."""
+def check_rank(x: jax.Array, rank: int | Collection[int] | None, name: str, *, min_rank: int | None = None) -> None:
+    """Raises unless ``x.ndim`` equals ``rank`` (or is in it), or is at least ``min_rank`` (then ``rank`` is unused:
+    pass None)."""
     ndim = jnp.ndim(x)
     if min_rank is not None:
         if ndim < min_rank:
             raise ValueError(f"`{name}` must have rank >= {min_rank}, got shape {_shape(x)}.")
         return
+    if rank is None:
+        raise TypeError("check_rank needs `rank` or `min_rank`")
     ranks = (rank,) if isinstance(rank, int) else tuple(rank)
     if ndim not in ranks:
         want = ranks[0] if len(ranks) == 1 else " or ".join(map(str, ranks))
@@ -125,6 +128,8 @@ def check_scalar(value: Any, name: str, *, positive: bool = False, nonnegative: 
     if isinstance(value, bool):
         raise ValueError(f"`{name}` must be a number, got bool {value!r}.")
     if isinstance(value, numbers.Number):
+        if not isinstance(value, numbers.Real):
+            raise ValueError(f"`{name}` must be a real number, got {value!r}.")
         if integer and not isinstance(value, numbers.Integral):
             raise ValueError(f"`{name}` must be an integer, got {value!r}.")
         v = float(value)

@@ -177,7 +177,7 @@ def group_advantages(rewards: jax.Array, group_size: int | None = None, *, group
                      axis_name: Any = None) -> jax.Array:
     r"""Group-relative advantages of GRPO: ``A_i = (r_i - mean_g r) / (std_g r + eps)``.
 
-    ADRPO.md, "Advantages / LLMs (GRPO)". ``scale_by_std=False`` is Dr. GRPO's ``A_i = r_i - mean_g r``.
+    docs/math.md, "Advantages / LLMs (GRPO)". ``scale_by_std=False`` is Dr. GRPO's ``A_i = r_i - mean_g r``.
     ``std_level="batch"`` divides by the std of all valid rewards of the (global) batch instead of the group
     std (TRL's ``scale_rewards="batch"``). ``ddof=1`` (default) is the unbiased sample std, as TRL's
     ``torch.std``; tunix uses ``ddof=0``.
@@ -244,7 +244,7 @@ def prompt_mean_advantages(rewards: jax.Array, prompt_ids: jax.Array, num_prompt
                            mask: jax.Array | None = None, axis_name: Any = None) -> jax.Array:
     r"""ADRPO's flow-matching advantage ``A(x1, c) = R(x1, c) - V(c)``, ``V(c)`` = mean reward of the prompt.
 
-    ADRPO.md, "Advantages / Flow matching": the baseline is the mean reward of the samples of the same prompt
+    docs/math.md, "Advantages / Flow matching": the baseline is the mean reward of the samples of the same prompt
     ``c`` in the (global) batch; no std normalization by default (``scale_by_std=True`` divides by the
     prompt's reward std + ``eps``). A prompt with one valid sample, or with all-equal rewards, gives 0.
 
@@ -344,7 +344,7 @@ def exponential_reward_weights(rewards: jax.Array, tau: float | jax.Array = 0.5,
                                max_exponent: float | None = None, mask: jax.Array | None = None) -> jax.Array:
     r"""Raw exponential reward weights ``w_i = exp(tau * r_i)`` of ORW-CFM-W2 (no softmax, no normalization).
 
-    ADRPO.md, "Flow matching" (the fixed-beta baseline). ``exp`` overflows float32 for ``tau * r > 88.7``;
+    docs/math.md, "Flow matching" (the fixed-beta baseline). ``exp`` overflows float32 for ``tau * r > 88.7``;
     ``max_exponent`` optionally caps ``tau * r`` (the gradient is 0 above the cap).
 
     Args:

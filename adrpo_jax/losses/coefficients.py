@@ -1,6 +1,6 @@
 """The adaptive divergence coefficient of ADRPO: ``beta_i = beta_0 - clip(A_i)``.
 
-ADRPO.md, "The general form": ``L = L_RL + (beta_0 - A) L_D`` per sample, with the advantage clipped inside the
+docs/math.md, "The general form": ``L = L_RL + (beta_0 - A) L_D`` per sample, with the advantage clipped inside the
 coefficient so that it cannot run away.
 
 The sign of the adaptive term is a switch, ``coefficient_sign``::
@@ -24,7 +24,7 @@ Clip modes:
 
 ``adaptive=False`` returns ``beta_0`` broadcast to the advantages' shape: the fixed-coefficient baseline goes
 through the same code path. The coefficient is stop-gradient by default (advantages come from black-box
-rewards; ADRPO.md: "beta_eff is a constant weight for the gradient").
+rewards; docs/math.md: "beta_eff is a constant weight for the gradient").
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def adaptive_coefficient(advantages: jax.Array, beta: float | jax.Array, *, adap
                          coefficient_sign: str = "adrpo", clip: str | None = "multiple", clip_multiple: float = 1.0,
                          clip_min: float | None = None, clip_max: float | None = None,
                          stop_gradient: bool = True) -> jax.Array:
-    r"""Per-sample divergence coefficient ``beta_i = beta_0 - s clip(A_i)`` (ADRPO.md, "The general form").
+    r"""Per-sample divergence coefficient ``beta_i = beta_0 - s clip(A_i)`` (docs/math.md, "The general form").
 
     ``s = +1`` (``coefficient_sign="adrpo"``, the paper): samples better than their peers (``A > 0``) are
     regularized less, worse ones more. ``s = -1`` (``"crd"``): ``beta_i = beta_0 + clip(A_i)``, the opposite

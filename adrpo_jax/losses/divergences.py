@@ -5,7 +5,7 @@ KL divergence"), with ``d = log pi_ref - log pi``:
 
 * ``k1 = -d = log pi - log pi_ref`` (unbiased, high variance, can be negative);
 * ``k2 = d^2 / 2`` (biased, low variance, >= 0);
-* ``k3 = exp(d) - d - 1`` (unbiased, low variance, >= 0; TRL's GRPO default and ADRPO.md's LLM divergence).
+* ``k3 = exp(d) - d - 1`` (unbiased, low variance, >= 0; TRL's GRPO default and docs/math.md's LLM divergence).
 
 k3's ``exp`` is guarded: for ``d > max_log_ratio`` it continues *linearly* (first-order extension of ``exp`` at
 the bound), so value and gradient stay finite, continuous and of the right sign for any finite log-ratio
@@ -59,7 +59,7 @@ def kl_divergence(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3", *
                   mask: jax.Array | None = None) -> jax.Array:
     r"""Per-token KL estimate of ``KL(pi_theta || pi_ref)`` from sampled-token log-probs (k1, k2 or k3).
 
-    ADRPO.md, "LLMs": the per-token k3 estimate ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` is the
+    docs/math.md, "LLMs": the per-token k3 estimate ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` is the
     divergence ``L_D`` weighted by each sequence's ``beta_eff`` in GRPO.
 
     Args:
@@ -107,7 +107,7 @@ def _kl(logp, ref_logp, estimator, max_log_ratio, mask):
 def w2_velocity_penalty(v: jax.Array, v_ref: jax.Array, *, stop_gradient_ref: bool = True) -> jax.Array:
     r"""Per-sample W2 upper bound ``||v_i - sg(v_ref_i)||^2`` (mean over data dims) of ORW-CFM-W2 / ADRPO-W2.
 
-    ADRPO.md, "Flow matching": the tractable upper bound of ``W2^2(policy, reference)`` is the squared difference
+    docs/math.md, "Flow matching": the tractable upper bound of ``W2^2(policy, reference)`` is the squared difference
     of the velocity fields along the path; the reference is frozen (stop-gradient) by default.
 
     Args:

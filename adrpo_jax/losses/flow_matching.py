@@ -1,6 +1,6 @@
 """Flow-matching losses: the rectified-flow path, CFM, ADRPO-W2 and the ORW-CFM-W2 baseline.
 
-Shapes: ``N`` samples, arbitrary data dimensions ``D...`` (e.g. ``[N, H, W, C]``). Conventions (ADRPO.md,
+Shapes: ``N`` samples, arbitrary data dimensions ``D...`` (e.g. ``[N, H, W, C]``). Conventions (docs/math.md,
 "Flow matching"): ``x0`` is noise, ``x1`` data, ``t = 0`` is noise and ``t = 1`` data,
 ``x_t = (1 - t) x0 + t x1`` and the conditional target velocity is ``u_t = x1 - x0``.
 ``||a - b||^2`` of a sample is the *mean* of squares over its data dimensions.
@@ -50,7 +50,7 @@ def _broadcast_per_sample(a: jax.Array, ndim: int) -> jax.Array:
 def rectified_flow_path(x0: jax.Array, x1: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     r"""Point and target velocity on the linear (rectified-flow) conditional path.
 
-    Implements ADRPO.md, "Flow matching": ``x_t = (1 - t) x0 + t x1`` and ``u_t = dx_t/dt = x1 - x0``.
+    Implements docs/math.md, "Flow matching": ``x_t = (1 - t) x0 + t x1`` and ``u_t = dx_t/dt = x1 - x0``.
 
     Args:
       x0: ``[N, D...]`` noise samples (``t = 0`` end), floating.
@@ -86,7 +86,7 @@ def rectified_flow_path(x0: jax.Array, x1: jax.Array, t: jax.Array) -> tuple[jax
 def flow_matching_error(v: jax.Array, target: jax.Array) -> jax.Array:
     r"""Per-sample squared error ``||v_i - target_i||^2`` = mean over data dims of ``(v - target)^2``.
 
-    This is the regression error of conditional flow matching (ADRPO.md, ``||v_theta - u_t||^2``); with
+    This is the regression error of conditional flow matching (docs/math.md, ``||v_theta - u_t||^2``); with
     ``target = v_ref`` it is the (differentiable in both arguments) W2 velocity bound, see
     :func:`adrpo_jax.losses.w2_velocity_penalty` for the stop-gradient version.
 
@@ -210,7 +210,7 @@ def adrpo_flow_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, advantages: ja
                     ) -> tuple[jax.Array, Metrics]:
     r"""ADRPO-W2 flow objective: advantage-weighted CFM plus the per-sample adaptive W2 penalty.
 
-    ADRPO.md, "Flow matching: ADRPO with Wasserstein-2 regularization"::
+    docs/math.md, "Flow matching: ADRPO with Wasserstein-2 regularization"::
 
         loss = (1/n) sum_i m_i [ A_i ||v_i - u_i||^2 + beta_i ||v_i - sg(v_ref_i)||^2 ],
         beta_i = beta_0 - s clip(A_i)   (stop-gradient; A is stop-gradient too)
@@ -259,8 +259,8 @@ def adrpo_flow_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, advantages: ja
     V.check_axis_name(axis_name)
     if not isinstance(clip_cfm_advantages, bool):
         raise ValueError(f"`clip_cfm_advantages` must be a bool, got {clip_cfm_advantages!r}.")
-    coef_kw = dict(adaptive=adaptive, coefficient_sign=coefficient_sign, clip=clip, clip_multiple=clip_multiple,
-                   clip_min=clip_min, clip_max=clip_max)
+    coef_kw: dict[str, Any] = dict(adaptive=adaptive, coefficient_sign=coefficient_sign, clip=clip,
+                                   clip_multiple=clip_multiple, clip_min=clip_min, clip_max=clip_max)
     coef = C.adaptive_coefficient(advantages, beta, **coef_kw)
     bounds = C.advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
                                      clip_max=clip_max)
@@ -296,7 +296,7 @@ def orw_cfm_w2_loss(v: jax.Array, v_ref: jax.Array, u: jax.Array, rewards: jax.A
                     ) -> tuple[jax.Array, Metrics]:
     r"""ORW-CFM-W2 baseline (Fan et al., ICLR 2025), as its public code computes it.
 
-    ADRPO.md, "Flow matching" (the fixed-beta baseline)::
+    docs/math.md, "Flow matching" (the fixed-beta baseline)::
 
         loss = (1/n) sum_i m_i [ exp(tau r_i) ||v_i - u_i||^2 + alpha ||v_i - sg(v_ref_i)||^2 ]
 

@@ -38,7 +38,8 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def importance_weights(proximal_logp: jax.Array, behaviour_logp: jax.Array, mask: jax.Array | None, *,
-                       mode: str = "truncate", level: str = "token", cap: float = 2.0, max_log_ratio: float = 20.0,
+                       mode: str = "truncate", level: str = "token", cap: float | jax.Array = 2.0,
+                       max_log_ratio: float = 20.0,
                        axis_name=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Bounded importance weights ``w [B, T]`` (float32, stop-gradient) of the proximal over the behaviour policy
     (module docstring for the equations) and their statistics.

@@ -127,7 +127,7 @@ def clipped_surrogate(ratio: jax.Array, advantages: jax.Array, *, eps_low: float
                       eps_high: float | None = None, dual_clip: float | None = None) -> jax.Array:
     r"""Per-element PPO clipped surrogate loss with asymmetric bounds and optional dual clip.
 
-    ``l = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))`` (ADRPO.md's ``-min(rho A, clip(rho) A)``);
+    ``l = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))`` (docs/math.md's ``-min(rho A, clip(rho) A)``);
     with ``dual_clip = c > 1`` (Ye et al. 2020, verl's ``clip_ratio_c``) the loss of negative-advantage elements
     is further capped at ``-A c``: ``l = min(l, -A c)`` where ``A < 0``.
 
@@ -244,7 +244,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
               axis_name: Any = None, weights: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
     r"""GRPO clipped-surrogate loss with ADRPO's per-sequence adaptive KL coefficient.
 
-    ADRPO.md, "LLMs: ADRPO on top of GRPO"::
+    docs/math.md, "LLMs: ADRPO on top of GRPO"::
 
         l_{i,t} = max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps_low, 1 + eps_high))
                   + beta_i * KL_{i,t},          beta_i = beta_0 - s clip(A_i)   (stop-gradient)
@@ -270,7 +270,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
       beta: ``beta_0 >= 0`` (TRL's default 0.04).
       adaptive, coefficient_sign, clip, clip_multiple, clip_min, clip_max: the coefficient
         (:func:`adaptive_coefficient`).
-      clip_pg_advantages: also use the clipped advantage in the policy-gradient term (ADRPO.md: a
+      clip_pg_advantages: also use the clipped advantage in the policy-gradient term (docs/math.md: a
         (reading), default False).
       eps_low, eps_high, dual_clip: the surrogate's clip (:func:`clipped_surrogate`).
       ratio_level: ``"token"`` or ``"sequence"`` (GSPO).
@@ -326,8 +326,8 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     V.check_axis_name(axis_name)
     if not isinstance(clip_pg_advantages, bool):
         raise ValueError(f"`clip_pg_advantages` must be a bool, got {clip_pg_advantages!r}.")
-    coef_kw = dict(adaptive=adaptive, coefficient_sign=coefficient_sign, clip=clip, clip_multiple=clip_multiple,
-                   clip_min=clip_min, clip_max=clip_max)
+    coef_kw: dict[str, Any] = dict(adaptive=adaptive, coefficient_sign=coefficient_sign, clip=clip,
+                                   clip_multiple=clip_multiple, clip_min=clip_min, clip_max=clip_max)
     coef = C.adaptive_coefficient(advantages, beta, **coef_kw)  # [B], stop-gradient; validates beta/clip
     bounds = C.advantage_clip_bounds(beta, clip=clip, clip_multiple=clip_multiple, clip_min=clip_min,
                                      clip_max=clip_max)

@@ -7,7 +7,7 @@ modulated by the conditioning vector ``c = time_embedding(t) + condition_embeddi
 shift, scale and a residual gate per block, all initialised to zero so every block starts as the identity and
 the network's initial output is 0). A final adaLN-modulated linear layer maps tokens back to patches.
 
-It predicts the velocity ``v_theta(x_t, t, c)`` of the rectified-flow path of ADRPO.md ("Flow matching"):
+It predicts the velocity ``v_theta(x_t, t, c)`` of the rectified-flow path of docs/math.md ("Flow matching"):
 ``x_t = (1 - t) x0 + t x1``, ``t = 0`` noise, ``t = 1`` data, target ``u_t = x1 - x0``.
 
 Conditioning:
@@ -45,7 +45,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -729,7 +729,10 @@ def read_saved_config(directory: str | os.PathLike, kind: str) -> dict[str, Any]
     return meta["config"]
 
 
-def restore_nnx_params(module: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
+_M = TypeVar("_M", bound=nnx.Module)
+
+
+def restore_nnx_params(module: _M, directory: str | os.PathLike) -> _M:
     """Load ``params.safetensors`` of ``directory`` into ``module`` (in place; also returned).
 
     Names and shapes must match the module's exactly (``ValueError`` listing the differences otherwise);

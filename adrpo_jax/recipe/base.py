@@ -42,7 +42,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -51,6 +51,9 @@ import adrpo_jax.train.metrics  # noqa: F401  (train.metrics.to_python_scalar)
 from adrpo_jax import train
 from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import ProgramSet
+
+if TYPE_CHECKING:
+    from adrpo_jax.recipe.policy import Policy
 
 __all__ = ["Recipe", "RECIPES", "recipe_name", "resolve_recipe", "resolve_trainer", "register_recipe",
            "validate_trainer_name", "write_png", "image_grid", "FINAL_MODEL", "EVAL_IMAGES_DIR"]
@@ -203,6 +206,10 @@ class Recipe:
 
     name = ""
     throughput_key = ""  # the metric counted per second ('tokens', 'images')
+    # built by the subclasses' __init__
+    policy: Policy
+    schedule: Callable[[int], Any]  # optimizer update count -> learning rate
+    updates_per_step: int
 
     def __init__(self, config: Any, workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
                  abstract: bool = False):

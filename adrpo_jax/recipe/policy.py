@@ -66,6 +66,13 @@ def lora_config(config: Any, what: str = "module") -> LoRAConfig | None:
         raise train.ConfigError(f"`{key}`: {err}", key=key, value=train.get_by_path(config, key, None)) from None
 
 
+def _split(model: nnx.Module, trainable: Any) -> tuple[Any, Any, Any]:
+    """``nnx.split(model, trainable, ...)``: the graph definition, the trained state, the rest (typed as a
+    3-tuple: nnx declares a variadic one)."""
+    parts: tuple[Any, ...] = nnx.split(model, trainable, ...)
+    return parts[0], parts[1], parts[2]
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicySpec:
     """What a recipe trains (see the module docstring).
@@ -142,14 +149,14 @@ class Policy:
         self.spec, self.mesh, self.abstract = spec, mesh, abstract
         self.tx, self.trainable, self.lora = spec.tx, spec.trainable, spec.lora
         abstract_model = nnx.eval_shape(spec.new_model)
-        self.graphdef, _, abstract_frozen = nnx.split(abstract_model, self.trainable, ...)
+        self.graphdef, _, abstract_frozen = _split(abstract_model, self.trainable)
         self.use_reference = spec.reference != "none"
         self.ref_in_state = spec.reference == "refreshed"
         self.lora_reference = self.lora is not None and spec.reference == "frozen"
         self.sampler_in_state = bool(spec.sampler_copy)
         self.base_graphdef = self.graphdef
         if self.lora is not None:
-            self.base_graphdef = nnx.split(set_lora_enabled(abstract_model, False), self.trainable, ...)[0]
+            self.base_graphdef = _split(set_lora_enabled(abstract_model, False), self.trainable)[0]
         self.ref_graphdef = self.base_graphdef if self.lora_reference else self.graphdef
         tx, trainable, new_model = self.tx, self.trainable, spec.new_model
         ref_in_state, sampler_in_state = self.ref_in_state, self.sampler_in_state
@@ -181,11 +188,12 @@ class Policy:
         pretrained = spec.load_pretrained() if spec.load_pretrained is not None else None
         if pretrained is None:
             self.frozen = abstract_frozen if not _has_leaves(abstract_frozen) else \
-                train.create_sharded(lambda: nnx.split(new_model(), trainable, ...)[2], self.abstract_frozen)
+                train.create_sharded(lambda: _split(new_model(), trainable)[2], self.abstract_frozen)
             return
-        _, pre_params, pre_frozen = nnx.split(pretrained, self.trainable, ...)
+        _, pre_params, pre_frozen = _split(pretrained, self.trainable)
         del pretrained
-        if jax.tree.structure(nnx.to_pure_dict(pre_frozen)) != jax.tree.structure(nnx.to_pure_dict(abstract_frozen)):
+        pre_structure: Any = jax.tree.structure(nnx.to_pure_dict(pre_frozen))  # PyTreeDef: unresolved in jax's stubs
+        if pre_structure != jax.tree.structure(nnx.to_pure_dict(abstract_frozen)):
             raise AssertionError("the pre-trained model's frozen state does not match the policy's frozen part")
         self.frozen = abstract_frozen if not _has_leaves(pre_frozen) else \
             jax.device_put(pre_frozen, self.frozen_shardings)

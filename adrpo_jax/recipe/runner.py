@@ -80,7 +80,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             pending.clear()
         return out
 
-    recipe.train_step = train_step  # Recipe.run hands self.train_step to the loop
+    recipe.train_step = train_step  # type: ignore[method-assign]  # Recipe.run hands self.train_step to the loop
     return recipe.run()
 
 
@@ -270,7 +270,10 @@ def evaluate_run(config: Any, workdir: str | os.PathLike, *, trainer: Recipe | N
                                     f"and no {final_model} (model.save_final).")
         if has_checkpoint:
             trainer = trainer if trainer is not None else build_trainer(config, workdir)
-            step, state, _ = checkpointer.restore_latest(trainer.abstract_state)
+            restored = checkpointer.restore_latest(trainer.abstract_state)
+            if restored is None:  # every step unreadable (warned about by restore_latest)
+                raise FileNotFoundError(f"no restorable checkpoint in {checkpointer.directory}")
+            step, state, _ = restored
             source, where = "checkpoint", str(checkpointer.directory / str(step))
         else:
             if trainer is None:  # final_model holds a plain (merged) model: build the recipe without LoRA

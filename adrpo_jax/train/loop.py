@@ -273,7 +273,8 @@ def run_training(*, config: Any, workdir: str | os.PathLike, init_state: Callabl
                 record["step_time_s"] = elapsed / max(interval_steps, 1)
                 record["steps_per_sec"] = interval_steps / elapsed if elapsed > 0 else float("nan")
                 for key in throughput_keys:
-                    total = sum(float(to_python_scalar(m[key])) for m in host if key in m)
+                    values = [to_python_scalar(m[key]) for m in host if key in m]
+                    total = sum((float(v) for v in values if v is not None), 0.0)
                     record[f"{key}_per_sec"] = total / elapsed if elapsed > 0 else float("nan")
                 record["skipped_steps"] = interval_skips
                 record["total_skipped_steps"] = total_skips

@@ -30,7 +30,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -109,7 +109,7 @@ def _import_summary_writer():
     if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
     try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     finally:
@@ -151,7 +151,7 @@ class MetricWriter:
         self._tb = None
         self._tb_purge_step: int | None = None
         self._wandb = None
-        self._jsonl_file = None
+        self._jsonl_file: TextIO | None = None
         if not self.is_primary:
             return
         os.makedirs(self.workdir, exist_ok=True)

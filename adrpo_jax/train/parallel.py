@@ -65,7 +65,7 @@ def batch_sharded_loss(loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Arr
         if not leaves:
             raise ValueError("batch_sharded_loss: `batch` has no array leaves")
         for path, leaf in leaves:
-            shape = getattr(leaf, "shape", ())
+            shape: tuple[int, ...] = tuple(getattr(leaf, "shape", ()))
             if len(shape) == 0 or shape[0] % n_shards:
                 raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has shape {tuple(shape)}: its leading "
                                  f"(batch) axis must be divisible by {n_shards} = product of mesh axes {axes}")

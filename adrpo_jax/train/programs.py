@@ -49,7 +49,8 @@ def key_struct(sharding: Any = None) -> jax.ShapeDtypeStruct:
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
     """``tree`` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs; ``shardings``: one sharding for every leaf or a
     matching tree (default: each leaf's own ``.sharding`` when it has one)."""
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves, treedef_ = jax.tree.flatten(tree)
+    treedef: Any = treedef_  # jax's stubs leave PyTreeDef unresolved
     if shardings is None:
         shs = [getattr(x, "sharding", None) for x in leaves]
     elif isinstance(shardings, jax.sharding.Sharding):
@@ -99,7 +100,7 @@ class Program:
         if self.per_step is None:
             object.__setattr__(self, "per_step", 0.0 if self.phase == "init" else 1.0)
 
-    def jit(self) -> Callable[..., Any]:
+    def jit(self) -> jax.stages.Wrapped:
         """``jax.jit`` of :attr:`fn` with this program's shardings and donation."""
         kwargs: dict[str, Any] = {}
         if self.out_shardings is not None:

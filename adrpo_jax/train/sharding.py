@@ -387,7 +387,8 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh, process_index: int |
                          f"data-parallel size {dp} (mesh.data * mesh.fsdp).")
     pid = jax.process_index() if process_index is None else process_index
     index_map = batch_sharding(mesh).devices_indices_map((int(global_batch_size),))
-    rows = set()
+    rows: set[int] = set()
+    device: Any  # jax's stubs leave Device unresolved
     for device, index in index_map.items():
         if device.process_index == pid:
             start, stop, _ = index[0].indices(int(global_batch_size))

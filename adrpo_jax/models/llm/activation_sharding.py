@@ -68,10 +68,10 @@ def current_mesh(x: jax.Array | None = None):
     sharding = jax.typeof(x).sharding
   except (AttributeError, TypeError):
     return None
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None:
+  found = getattr(sharding, "mesh", None)
+  if found is None:
     return None
-  mesh = getattr(mesh, "abstract_mesh", mesh)  # a concrete Mesh (eager arrays) -> its abstract mesh
+  mesh = getattr(found, "abstract_mesh", found)  # a concrete Mesh (eager arrays) -> its abstract mesh
   return None if mesh.empty else mesh
 
 
