@@ -231,8 +231,11 @@ _FLOW_COLS = [("eval/reward_mean", "reward", 3), ("eval/diversity", "diversity",
               ("beta_eff_run_mean", "mean coefficient", 3)]
 
 
-def _decisive_runs() -> dict[str, dict[int, dict[str, float]]] | None:
-  d = _load(DECISIVE)
+DECISIVE_03_PARTIAL = "issue27_decisive_block03_partial.json"  # seeds 0-1 of the beta_0 = 0.3 block, descriptive
+
+
+def _decisive_runs(name: str = DECISIVE) -> dict[str, dict[int, dict[str, float]]] | None:
+  d = _load(name)
   if d is None:
     return None
   out: dict[str, dict[int, dict[str, float]]] = {}
@@ -247,10 +250,10 @@ def _arm_order(labels: Sequence[str], b0: float) -> list[str]:
   return [w for w in wanted if w in labels]
 
 
-def _block_table(b0: float) -> str:
-  runs = _decisive_runs()
+def _block_table(b0: float, name: str = DECISIVE) -> str:
+  runs = _decisive_runs(name)
   if runs is None:
-    return f"({DECISIVE} not committed yet)"
+    return f"({name} not committed yet)"
   labels = _arm_order(list(runs), b0) + (["none"] if b0 == 1.0 and "none" in runs else [])
   if not labels:
     return f"(block beta_0 = {b0:g} not run)"
@@ -263,7 +266,18 @@ def decisive_block1() -> str:
 
 
 def decisive_block03() -> str:
-  return _block_table(0.3)
+  """The beta_0 = 0.3 block from the main results file; while that lacks the block, the partial file of its first
+  seeds (descriptive: fewer seeds than registered, no test)."""
+  runs = _decisive_runs()
+  import decisive_test as dt  # pylint: disable=import-outside-toplevel
+  if runs is not None and dt.label("adrpo", 0.3) in runs:
+    return _block_table(0.3)
+  partial = _decisive_runs(DECISIVE_03_PARTIAL)
+  if partial is None or dt.label("adrpo", 0.3) not in partial:
+    return "(block beta_0 = 0.3 not run)"
+  seeds = sorted({s for r in partial.values() for s in r})
+  return (f"Partial, descriptive (seeds {', '.join(map(str, seeds))} of the registered 0-5; no test), from "
+          f"`{DECISIVE_03_PARTIAL}`:\n\n" + _block_table(0.3, DECISIVE_03_PARTIAL))
 
 
 def decisive_tests() -> str:

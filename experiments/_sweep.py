@@ -168,6 +168,18 @@ def _with_judge(trainer) -> None:
   setattr(trainer, hook, with_gold)
 
 
+def finished(workdir: Path, spec: Mapping[str, Any], result: Any = None) -> bool:
+  """Whether a child's run reached its last step: not preempted (a trainer stopped by SIGTERM returns normally
+  with ``preempted``) and a record at ``spec["steps"]`` in its ``metrics.jsonl``. Only a finished run gets
+  ``DONE``; an unfinished one resumes from its checkpoint on the next sweep."""
+  preempted = getattr(result, "preempted", None)
+  if preempted is None and isinstance(result, Mapping):
+    preempted = result.get("preempted")
+  if preempted:
+    return False
+  return any(r.get("step", -1) >= int(spec["steps"]) for r in load_records(workdir))
+
+
 def _child(spec_path: Path) -> None:
   spec = json.loads(spec_path.read_text())
   workdir = spec_path.parent
@@ -182,12 +194,15 @@ def _child(spec_path: Path) -> None:
     trainer = FlowTrainer(config, str(workdir))
     if spec.get("judge", True) and trainer.evaluator is not None:
       _with_judge(trainer)
-    trainer.run()
+    result = trainer.run()
   else:
     from adrpo_jax.rl.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
-    train_and_evaluate(config, str(workdir))
+    result = train_and_evaluate(config, str(workdir))
   info["wall_time_s"] = time.time() - t0
   (workdir / "run_info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+  if not finished(workdir, spec, result):  # preempted: no DONE, the next sweep resumes it from its checkpoint
+    raise SystemExit(f"{workdir}: stopped before step {spec['steps']} (preempted); not marked DONE, "
+                     "the next sweep resumes it")
   (workdir / "DONE").write_text(json.dumps(spec, sort_keys=True))
 
 
