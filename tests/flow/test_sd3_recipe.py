@@ -2,9 +2,10 @@
 
 Default suite: config keys and their validation (resolution, prompt files, held-out eval prompts, micro-batch
 layouts, ORW-CFM-W2's exponent), the shifted training times, the ORW weights on a 0-100 CLIP score, the strided
-micro-batching of the rollout and of the VAE decode (the same numbers). Slow: the recipe end to end in process
-on the tiny models (refreshes, prompt files, the eval metrics, the bf16 merged export), the peak memory of the
-rollout following the micro-batch (XLA's buffer assignment on 8 CPU devices).
+micro-batching of the rollout and of the VAE decode (which rows each chunk holds, on stand-ins). Slow: the same
+numbers micro-batched on the tiny MMDiT sampler and the tiny VAE, the recipe end to end in process on the tiny
+models (refreshes, prompt files, the eval metrics, the bf16 merged export), the peak memory of the rollout
+following the micro-batch (XLA's buffer assignment on 8 CPU devices).
 """
 
 import importlib.util
@@ -205,6 +206,7 @@ def _tiny_velocity(**cfg):
     return nnx.split(model, nnx.Param, ...)
 
 
+@pytest.mark.slow  # 4-8 s (compiles the sampler twice); the default suite checks the striding below
 def test_rollout_micro_batches_equal_the_whole_batch():
     """rl.rollout_micro_batch: the same samples (ODE) m images at a time; also with remat + scanned blocks, whose
     nnx.remat inside the sampler's scan needs the model merged in that trace."""
@@ -229,6 +231,36 @@ def test_map_micro_batches_is_strided_and_inverts():
     assert [s.tolist() for s in seen] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
 
 
+class _EchoVAE(nnx.Module):
+    """A stand-in VAE: ``decode`` records the chunk's rows (their first latent value) and doubles them."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def unscale_latents(self, z):
+        return z
+
+    def decode(self, z):
+        jax.debug.callback(lambda v: self.seen.append(np.asarray(v).tolist()), z[:, 0, 0, 0])
+        return z * 2
+
+
+def test_vae_decode_chunks_are_strided_and_invert():
+    """vae.decode_batch through make_decode_fn (cheap: a stand-in VAE): chunk j holds rows j, j + n, ... and
+    the output rows are back in order; a chunk that does not divide the batch runs contiguous chunks."""
+    seen = []
+    graphdef, state = nnx.split(_EchoVAE(seen))
+    z = jnp.arange(6.0).reshape(6, 1, 1, 1) * jnp.ones((6, 2, 2, 1))
+    out = vae_lib.make_decode_fn(graphdef, scaled=True, batch_chunk=2)(state, z)
+    np.testing.assert_array_equal(out, z * 2)
+    assert seen == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]], seen
+    seen.clear()
+    out = vae_lib.make_decode_fn(graphdef, batch_chunk=4)(state, z)
+    np.testing.assert_array_equal(out, z * 2)
+    assert sorted(v for chunk in seen for v in chunk) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.slow  # 4-6 s (compiles the tiny VAE decode twice); the default suite checks the chunking above
 def test_vae_decode_chunks_are_strided_and_exact():
     vae = vae_lib.AutoencoderKL(vae_lib.tiny_config(), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(vae)
