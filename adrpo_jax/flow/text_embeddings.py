@@ -2,9 +2,17 @@ r"""SD3 prompt embeddings computed once on the host, and cached on disk, for the
 
 The SD3 / SD3.5 transformer is conditioned on text states ``[L, D]`` and a pooled vector ``[P]`` from three
 text encoders. They never run in the train step: :func:`encode_prompts` computes them for a whole prompt set
-with ``transformers`` (PyTorch on the CPU is enough) and :func:`cached_prompt_embeddings` stores them in an
-``.npz`` that later runs read without importing torch. The trainer keeps conditions as integer prompt ids and
+with ``transformers`` (PyTorch on the CPU is enough) and :func:`cached_prompt_embeddings` stores them on disk
+for later runs, which read them without importing torch. The trainer keeps conditions as integer prompt ids and
 looks the rows up from a device table (:class:`adrpo_jax.flow.sd3.MMDiTVelocity`).
+
+**Host memory.** A large prompt set is big: flow_grpo's ~25k prompts at SD3's ``[333, 4096]`` are 136 GB in
+float32. The cache is a directory of ``.npy`` files (``embeddings.npy`` ``[N, L, D]``, ``pooled.npy`` ``[N, P]``,
+``meta.json``) that a hit opens **memory-mapped** (``np.load(..., mmap_mode="r")``): nothing is read until rows
+are indexed, so a process that places only its own rows on its devices
+(:func:`adrpo_jax.flow.sd3.shard_prompt_table`) reads only those pages. A miss writes the encoders' outputs batch
+by batch into the memory-mapped files (no ``[N, L, D]`` array in memory either). Caches of earlier releases (one
+uncompressed ``.npz`` per key) are still read, memory-mapped in place inside the zip (no copy, no migration).
 
 **What is computed** -- exactly diffusers 0.42.1 ``StableDiffusion3Pipeline.encode_prompt`` (same prompt for
 all three encoders, one image per prompt; ``tests/flow/test_text_embeddings.py`` compares the two):
@@ -34,7 +42,7 @@ layout of ``stabilityai/stable-diffusion-3-medium-diffusers``), or explicit dire
 ``clip_g_path``, ``t5_path`` with ``tokenizer_*_path`` (default: the encoder's own directory). Nothing is
 downloaded. Encoders are loaded one at a time and freed before the next, in ``torch_dtype`` (``"float32"``
 default; T5-XXL is about 19 GB in float32 on the host, ``"bfloat16"`` halves it at a small cost in accuracy).
-Outputs are float32 numpy arrays.
+Outputs are float32 numpy arrays (read-only ``np.memmap`` s from the cache).
 
 Example (paths are local directories)::
 
@@ -50,8 +58,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import struct
+import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -73,7 +84,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NULL_PROMPT = ""
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 1   # in the cache key: the embeddings' definition (unchanged by the on-disk layout)
+CACHE_LAYOUT = 2           # on disk: 2 = a directory of .npy files (memory-mapped); 1 = one .npz (still read)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _HASH_CONTENT_MAX_BYTES = 64 << 20
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
@@ -196,16 +208,17 @@ def _warn_truncated(tokenizer, rows: list[str], max_length: int, what: str) -> N
                        over, len(rows), what, max_length, max(lengths))
 
 
-def _encode_clip(model_dir: str, tokenizer, rows: list[str], *, max_length: int, clip_skip: int | None,
-                 null_id: int | None, batch_size: int, torch_dtype) -> tuple[np.ndarray, np.ndarray]:
-    """diffusers ``_get_clip_prompt_embeds``: (``hidden_states[-2 or -(clip_skip + 2)]`` [N, max_length, H],
-    ``text_embeds`` [N, proj]) float32; the ``null_id`` row uses ``hidden_states[-2]`` (negative prompt)."""
+def _encode_clip(model_dir: str, tokenizer, rows: list[str], put: Callable[[slice, np.ndarray, np.ndarray], None],
+                 *, max_length: int, clip_skip: int | None, null_id: int | None, batch_size: int,
+                 torch_dtype) -> None:
+    """diffusers ``_get_clip_prompt_embeds``: per batch of rows ``sl``, ``put(sl, hidden_states[-2 or
+    -(clip_skip + 2)] [b, max_length, H], text_embeds [b, proj])`` float32; the ``null_id`` row uses
+    ``hidden_states[-2]`` (negative prompt)."""
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import CLIPTextModelWithProjection  # pylint: disable=import-outside-toplevel
 
     model = CLIPTextModelWithProjection.from_pretrained(model_dir, dtype=torch_dtype).eval()
     _warn_truncated(tokenizer, rows, max_length, f"CLIP ({model_dir})")
-    states, pooled = [], []
     with torch.no_grad():
         for sl in _batches(len(rows), batch_size):
             ids = tokenizer(rows[sl], padding="max_length", max_length=max_length, truncation=True,
@@ -216,58 +229,67 @@ def _encode_clip(model_dir: str, tokenizer, rows: list[str], *, max_length: int,
             if layer != -2 and null_id is not None and sl.start <= null_id < sl.stop:
                 h = h.clone()
                 h[null_id - sl.start] = out.hidden_states[-2][null_id - sl.start]
-            states.append(h.float().numpy())
-            pooled.append(out.text_embeds.float().numpy())
+            put(sl, h.float().numpy(), out.text_embeds.float().numpy())
     del model
     gc.collect()
-    return np.concatenate(states, 0), np.concatenate(pooled, 0)
 
 
-def _encode_t5(model_dir: str, tokenizer, rows: list[str], *, max_length: int, batch_size: int,
-               torch_dtype) -> np.ndarray:
-    """diffusers ``_get_t5_prompt_embeds``: ``last_hidden_state`` [N, max_length, d_model] float32."""
+def _encode_t5(model_dir: str, tokenizer, rows: list[str], put: Callable[[slice, np.ndarray], None], *,
+               max_length: int, batch_size: int, torch_dtype) -> None:
+    """diffusers ``_get_t5_prompt_embeds``: per batch of rows ``sl``, ``put(sl, last_hidden_state [b,
+    max_length, d_model])`` float32."""
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import T5EncoderModel  # pylint: disable=import-outside-toplevel
 
     model = T5EncoderModel.from_pretrained(model_dir, dtype=torch_dtype).eval()
     _warn_truncated(tokenizer, rows, max_length, f"T5 ({model_dir})")
-    states = []
     with torch.no_grad():
         for sl in _batches(len(rows), batch_size):
             ids = tokenizer(rows[sl], padding="max_length", max_length=max_length, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids
-            states.append(model(ids)[0].float().numpy())
+            put(sl, model(ids)[0].float().numpy())
     del model
     gc.collect()
-    return np.concatenate(states, 0)
 
 
-def _config_value(directory: str, key: str) -> int | None:
-    try:
-        cfg = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    value = cfg.get(key, cfg.get("text_config", {}).get(key))
-    return int(value) if isinstance(value, int) else None
+def _table_widths(paths: TextEncoderPaths, joint_attention_dim: int) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """``((CLIP-L width, CLIP-G width), (CLIP-L projection, CLIP-G projection), D)`` from the encoders'
+    configurations (no weights read; ``D`` = T5's ``d_model``, or ``joint_attention_dim`` without T5). Fails
+    before any weight is loaded when the CLIP states cannot be zero-padded to ``D``."""
+    from transformers import CLIPTextConfig, T5Config  # pylint: disable=import-outside-toplevel
 
-
-def _check_widths(paths: TextEncoderPaths, joint_attention_dim: int) -> None:
-    """Fail before loading anything when the CLIP states cannot be zero-padded to the T5 width (from the
-    config.json files; skipped when a value is not there)."""
-    widths = [_config_value(paths.clip_l, "hidden_size"), _config_value(paths.clip_g, "hidden_size")]
-    t5_width = joint_attention_dim if paths.t5 is None else _config_value(paths.t5, "d_model")
-    if None not in widths and t5_width is not None and sum(widths) > t5_width:
+    cfg_l, cfg_g = CLIPTextConfig.from_pretrained(paths.clip_l), CLIPTextConfig.from_pretrained(paths.clip_g)
+    widths = (int(cfg_l.hidden_size), int(cfg_g.hidden_size))
+    width = joint_attention_dim if paths.t5 is None else int(T5Config.from_pretrained(paths.t5).d_model)
+    if sum(widths) > width:
         raise ValueError(f"the CLIP states are {widths[0]} + {widths[1]} wide (CLIP-L + CLIP-G hidden sizes), more "
-                         f"than the T5 width {t5_width} (T5 d_model or `joint_attention_dim`): cannot zero-pad.")
+                         f"than the T5 width {width} (T5 d_model or `joint_attention_dim`): cannot zero-pad.")
+    return widths, (int(cfg_l.projection_dim), int(cfg_g.projection_dim)), width
+
+
+def _zeros(states_shape: tuple[int, ...], pooled_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(states_shape, np.float32), np.zeros(pooled_shape, np.float32)
+
+
+def _check_part(what: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise ValueError(f"{what} gave shape {tuple(got)}, expected {tuple(expected)} from its config.json")
 
 
 def encode_prompt_rows(rows: Sequence[str], paths: TextEncoderPaths, *, null_id: int | None = None,
                        max_sequence_length: int = 256, clip_skip: int | None = None,
-                       joint_attention_dim: int = 4096, batch_size: int = 8,
-                       torch_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+                       joint_attention_dim: int = 4096, batch_size: int = 8, torch_dtype: str = "float32",
+                       allocate: Callable[[tuple[int, ...], tuple[int, ...]], tuple[Any, Any]] | None = None
+                       ) -> tuple[Any, Any]:
     """Embeddings of exactly ``rows`` (no null row added): ``(states [N, Lc + max_sequence_length, D], pooled
-    [N, P])`` float32 numpy, ``Lc`` = the CLIP-L tokenizer's ``model_max_length``. ``null_id``: the row computed
-    as diffusers' negative prompt (``clip_skip`` ignored). See :func:`encode_prompts`."""
+    [N, P])`` float32, ``Lc`` = the CLIP-L tokenizer's ``model_max_length``. ``null_id``: the row computed
+    as diffusers' negative prompt (``clip_skip`` ignored). See :func:`encode_prompts`.
+
+    ``allocate(states_shape, pooled_shape) -> (states, pooled)``: where the rows are written, zero-filled
+    float32 arrays of those shapes (default: in-memory numpy; the cache passes memory-mapped ``.npy`` files, so
+    an ``[N, L, D]`` table never sits in memory). Each encoder writes its columns batch by batch: CLIP-L states
+    into ``[:, :Lc, :H_L]``, CLIP-G into ``[:, :Lc, H_L:H_L + H_G]``, T5 into ``[:, Lc:, :]`` (zeros without
+    T5), pooled ``[CLIP-L | CLIP-G]``."""
     rows = list(rows)
     if not rows:
         raise ValueError("`rows` must not be empty.")
@@ -275,7 +297,7 @@ def encode_prompt_rows(rows: Sequence[str], paths: TextEncoderPaths, *, null_id:
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
-    _check_widths(paths, joint_attention_dim)
+    (w_l, w_g), (p_l, p_g), width = _table_widths(paths, joint_attention_dim)
     dtype = getattr(torch, torch_dtype)
     tok_l = AutoTokenizer.from_pretrained(paths.tokenizer_l)
     tok_g = AutoTokenizer.from_pretrained(paths.tokenizer_g)
@@ -283,23 +305,29 @@ def encode_prompt_rows(rows: Sequence[str], paths: TextEncoderPaths, *, null_id:
     if not 0 < clip_len <= 4096:
         raise ValueError(f"the CLIP-L tokenizer in {paths.tokenizer_l!r} has model_max_length={clip_len}; set it to "
                          "the CLIP context length (77) in its tokenizer_config.json.")
+    n = len(rows)
+    states, pooled = (allocate or _zeros)((n, clip_len + max_sequence_length, width), (n, p_l + p_g))
+
+    def clip_put(lo: int, w: int, plo: int, pw: int, what: str):
+        def put(sl: slice, h: np.ndarray, p: np.ndarray) -> None:
+            b = sl.stop - sl.start
+            _check_part(f"{what} states", h.shape, (b, clip_len, w))
+            _check_part(f"{what} pooled", p.shape, (b, pw))
+            states[sl, :clip_len, lo:lo + w] = h
+            pooled[sl, plo:plo + pw] = p
+        return put
+
+    def t5_put(sl: slice, h: np.ndarray) -> None:
+        _check_part("T5 states", h.shape, (sl.stop - sl.start, max_sequence_length, width))
+        states[sl, clip_len:] = h
+
     kw = dict(max_length=clip_len, clip_skip=clip_skip, null_id=null_id, batch_size=batch_size, torch_dtype=dtype)
-    states_l, pooled_l = _encode_clip(paths.clip_l, tok_l, rows, **kw)
-    states_g, pooled_g = _encode_clip(paths.clip_g, tok_g, rows, **kw)
-    clip_states = np.concatenate([states_l, states_g], axis=-1)
+    _encode_clip(paths.clip_l, tok_l, rows, clip_put(0, w_l, 0, p_l, f"CLIP-L ({paths.clip_l})"), **kw)
+    _encode_clip(paths.clip_g, tok_g, rows, clip_put(w_l, w_g, p_l, p_g, f"CLIP-G ({paths.clip_g})"), **kw)
     if paths.t5 is not None:
         tok_t5 = AutoTokenizer.from_pretrained(paths.tokenizer_t5)
-        t5_states = _encode_t5(paths.t5, tok_t5, rows, max_length=max_sequence_length, batch_size=batch_size,
-                               torch_dtype=dtype)
-    else:
-        t5_states = np.zeros((len(rows), max_sequence_length, joint_attention_dim), np.float32)
-    width = t5_states.shape[-1]
-    if clip_states.shape[-1] > width:
-        raise ValueError(f"the CLIP states are {clip_states.shape[-1]} wide (CLIP-L + CLIP-G hidden sizes), "
-                         f"more than the T5 width {width} (T5 d_model or `joint_attention_dim`): cannot zero-pad.")
-    clip_states = np.pad(clip_states, ((0, 0), (0, 0), (0, width - clip_states.shape[-1])))
-    states = np.concatenate([clip_states, t5_states], axis=1).astype(np.float32)
-    pooled = np.concatenate([pooled_l, pooled_g], axis=-1).astype(np.float32)
+        _encode_t5(paths.t5, tok_t5, rows, t5_put, max_length=max_sequence_length, batch_size=batch_size,
+                   torch_dtype=dtype)
     return states, pooled
 
 
@@ -343,7 +371,10 @@ def encode_prompts(prompts: Sequence[str], text_path: str | os.PathLike | None =
 @dataclasses.dataclass(frozen=True)
 class PromptEmbeddings:
     """A prompt table: ``embeddings [N, L, D]``, ``pooled [N, P]`` float32 numpy; row ``i`` is ``prompts[i]``,
-    ``null_id`` the row of ``""`` (CFG's unconditional branch); ``key`` the cache key it was stored under."""
+    ``null_id`` the row of ``""`` (CFG's unconditional branch); ``key`` the cache key it was stored under.
+
+    From the cache, ``embeddings`` / ``pooled`` are read-only ``np.memmap`` s: index the rows you need
+    (``table.embeddings[a:b]`` reads only those) rather than ``np.asarray`` the whole table."""
     prompts: tuple[str, ...]
     embeddings: np.ndarray
     pooled: np.ndarray
@@ -401,12 +432,41 @@ def embedding_cache_key(rows: Sequence[str], paths: TextEncoderPaths, *, max_seq
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _npz_member_memmap(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray | None:
+    """The array ``name`` (``"embeddings.npy"``) of an uncompressed ``.npz`` memory-mapped in place (read-only),
+    or None when the member is compressed (``np.savez_compressed``: then it has to be read)."""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        sig, *_, name_len, extra_len = struct.unpack("<4s5H3L2H", f.read(30))  # the zip local file header
+        if sig != b"PK\x03\x04":
+            raise ValueError(f"bad zip local header for {name}")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{name} holds Python objects")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
 class PromptEmbeddingCache:
-    """An on-disk store of prompt tables, one ``<key>.npz`` per (prompt set, encoders, options).
+    """An on-disk store of prompt tables, one per (prompt set, encoders, options) key.
+
+    Layout: a directory ``sd3_prompts_<key[:32]>/`` with ``embeddings.npy`` ``[N, L, D]`` and ``pooled.npy``
+    ``[N, P]`` (float32) and ``meta.json`` (``key``, ``prompts``, ``null_id``, ``layout``), written under a
+    temporary name and renamed into place (readers never see a partial table). A hit opens the arrays
+    memory-mapped (read-only): host memory follows the rows a reader indexes, not the table. The single-file
+    ``sd3_prompts_<key[:32]>.npz`` of earlier releases is still read, memory-mapped inside the (uncompressed)
+    zip.
 
     ``get(prompts, paths, **options)`` returns the stored table when the key matches (numpy only), else encodes
-    with torch (:func:`encode_prompt_rows`), writes the file atomically and returns it. ``hits`` / ``misses``
-    count the lookups of this object.
+    with torch (:func:`encode_prompt_rows`, straight into the memory-mapped files) and returns the stored table.
+    ``hits`` / ``misses`` count the lookups of this object.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
@@ -414,43 +474,103 @@ class PromptEmbeddingCache:
         self.hits = 0
         self.misses = 0
 
+    def dir_for(self, key: str) -> Path:
+        """The table directory of ``key`` (the current layout)."""
+        return self.cache_dir / f"sd3_prompts_{key[:32]}"
+
     def path_for(self, key: str) -> Path:
+        """The single ``.npz`` of ``key`` written by earlier releases (read, never written)."""
         return self.cache_dir / f"sd3_prompts_{key[:32]}.npz"
 
     def load(self, key: str, rows: Sequence[str]) -> PromptEmbeddings | None:
-        """The stored table of ``key`` (None when absent, unreadable or for other rows)."""
-        path = self.path_for(key)
-        if not path.is_file():
-            return None
+        """The stored table of ``key``, memory-mapped (None when absent, unreadable or for other rows)."""
+        directory, legacy = self.dir_for(key), self.path_for(key)
         try:
-            with np.load(path, allow_pickle=False) as f:
-                stored_key = str(f["key"])
-                prompts = tuple(json.loads(str(f["prompts_json"])))
-                table = PromptEmbeddings(prompts=prompts, embeddings=np.asarray(f["embeddings"], np.float32),
-                                         pooled=np.asarray(f["pooled"], np.float32), null_id=int(f["null_id"]),
-                                         key=stored_key)
-        except (OSError, ValueError, KeyError) as e:  # a truncated / foreign file: recompute
-            logger.warning("ignoring unreadable prompt-embedding cache %s (%s)", path, e)
+            if (directory / "meta.json").is_file():
+                where = directory
+                meta = json.loads((directory / "meta.json").read_text())
+                stored_key, prompts, null_id = str(meta["key"]), tuple(meta["prompts"]), int(meta["null_id"])
+                embeddings = np.load(directory / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+                pooled = np.load(directory / "pooled.npy", mmap_mode="r", allow_pickle=False)
+            elif legacy.is_file():
+                where = legacy
+                with np.load(legacy, allow_pickle=False) as f:
+                    stored_key = str(f["key"])
+                    prompts = tuple(json.loads(str(f["prompts_json"])))
+                    null_id = int(f["null_id"])
+                    with zipfile.ZipFile(legacy) as zf:
+                        embeddings = _npz_member_memmap(legacy, zf, "embeddings.npy")
+                        pooled = _npz_member_memmap(legacy, zf, "pooled.npy")
+                    if embeddings is None or pooled is None:  # a compressed .npz (not ours): read it whole
+                        logger.warning("%s is compressed: reading the whole prompt table into memory", legacy)
+                        embeddings, pooled = np.asarray(f["embeddings"]), np.asarray(f["pooled"])
+            else:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, struct.error) as e:
+            logger.warning("ignoring unreadable prompt-embedding cache %s (%s)", directory, e)
             return None
         if stored_key != key or list(prompts) != list(rows):
             return None
-        return table
+        n = len(prompts)
+        if (embeddings.ndim != 3 or pooled.ndim != 2 or embeddings.shape[0] != n or pooled.shape[0] != n
+                or embeddings.dtype != np.float32 or pooled.dtype != np.float32):
+            logger.warning("ignoring prompt-embedding cache %s: arrays %s %s / %s %s for %d prompts", where,
+                           embeddings.shape, embeddings.dtype, pooled.shape, pooled.dtype, n)
+            return None
+        return PromptEmbeddings(prompts=prompts, embeddings=embeddings, pooled=pooled, null_id=null_id,
+                                key=stored_key)
+
+    def _write(self, key: str, rows: Sequence[str], null_id: int,
+               fill: Callable[[Callable[..., tuple[Any, Any]]], None]) -> Path:
+        """Writes the table of ``key``: ``fill(allocate)`` writes the rows into the arrays ``allocate(states_shape,
+        pooled_shape)`` returns (zero-filled float32 ``.npy`` memory maps in a temporary directory), then the
+        directory is renamed into place."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir_for(key)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        opened: list[np.memmap] = []
+
+        def allocate(states_shape, pooled_shape):
+            for name, shape in (("embeddings", states_shape), ("pooled", pooled_shape)):
+                opened.append(np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
+                                                        shape=tuple(shape)))
+            return opened[0], opened[1]
+
+        try:
+            fill(allocate)
+            if len(opened) != 2:
+                raise RuntimeError("the prompt table was never allocated")
+            for a in opened:
+                a.flush()
+            opened.clear()
+            (tmp / "meta.json").write_text(json.dumps({"layout": CACHE_LAYOUT, "key": key, "prompts": list(rows),
+                                                       "null_id": int(null_id)}))
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process wrote the same key first: keep theirs
+                if not (final / "meta.json").is_file():
+                    raise
+        finally:
+            opened.clear()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
 
     def save(self, table: PromptEmbeddings) -> Path:
-        """Write ``table`` under its key (temporary file + rename: readers never see a partial file)."""
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        path = self.path_for(table.key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, embeddings=table.embeddings, pooled=table.pooled, null_id=np.int64(table.null_id),
-                     key=np.str_(table.key), prompts_json=np.str_(json.dumps(list(table.prompts))))
-        os.replace(tmp, path)
-        return path
+        """Write ``table`` under its key (rows copied in blocks; temporary directory + rename)."""
+        def fill(allocate):
+            states, pooled = allocate(table.embeddings.shape, table.pooled.shape)
+            step = max(1, (256 << 20) // max(1, int(np.prod(table.embeddings.shape[1:])) * 4))
+            for a in range(0, table.num_prompts, step):
+                states[a:a + step] = table.embeddings[a:a + step]
+            pooled[:] = table.pooled
+        return self._write(table.key, table.prompts, table.null_id, fill)
 
     def get(self, prompts: Sequence[str], paths: TextEncoderPaths, *, max_sequence_length: int = 256,
             clip_skip: int | None = None, joint_attention_dim: int = 4096, batch_size: int = 8,
             torch_dtype: str = "float32") -> PromptEmbeddings:
-        """The table of ``prompts + [""]`` (see :func:`prompt_rows`), from disk when cached."""
+        """The table of ``prompts + [""]`` (see :func:`prompt_rows`), from disk when cached (memory-mapped)."""
         rows, null_id = prompt_rows(prompts)
         _check_options(max_sequence_length, clip_skip, joint_attention_dim, batch_size, torch_dtype)
         key = embedding_cache_key(rows, paths, max_sequence_length=max_sequence_length, clip_skip=clip_skip,
@@ -460,12 +580,22 @@ class PromptEmbeddingCache:
             self.hits += 1
             return table
         self.misses += 1
-        states, pooled = encode_prompt_rows(rows, paths, null_id=null_id, max_sequence_length=max_sequence_length,
-                                            clip_skip=clip_skip, joint_attention_dim=joint_attention_dim,
-                                            batch_size=batch_size, torch_dtype=torch_dtype)
-        table = PromptEmbeddings(prompts=tuple(rows), embeddings=states, pooled=pooled, null_id=null_id, key=key)
-        path = self.save(table)
-        logger.info("cached %d prompt embeddings %s in %s", len(rows), states.shape, path)
+        stale = self.dir_for(key)
+        if stale.exists():  # there but unreadable (logged by load): replaced
+            aside = stale.with_name(f".{stale.name}.{os.getpid()}.stale")
+            os.replace(stale, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+        def fill(allocate):
+            encode_prompt_rows(rows, paths, null_id=null_id, max_sequence_length=max_sequence_length,
+                               clip_skip=clip_skip, joint_attention_dim=joint_attention_dim, batch_size=batch_size,
+                               torch_dtype=torch_dtype, allocate=allocate)
+
+        path = self._write(key, rows, null_id, fill)
+        table = self.load(key, rows)
+        if table is None:
+            raise RuntimeError(f"the prompt table just written to {path} cannot be read back")
+        logger.info("cached %d prompt embeddings %s in %s", len(rows), table.embeddings.shape, path)
         return table
 
 
@@ -478,8 +608,9 @@ def cached_prompt_embeddings(prompts: Sequence[str], text_path: str | os.PathLik
                              torch_dtype: str = "float32") -> PromptEmbeddings:
     """:func:`encode_prompts` through the on-disk cache (``cache_dir``, default
     ``$ADRPO_JAX_CACHE/prompt_embeddings``): a second call with the same prompts, encoder files and options
-    reads the ``.npz`` without importing torch; anything changed recomputes. Returns a :class:`PromptEmbeddings`
-    (row ``i`` = ``prompts[i]``, ``null_id`` = the row of ``""``)."""
+    reads the stored table without importing torch (memory-mapped: nothing is read until rows are indexed);
+    anything changed recomputes. Returns a :class:`PromptEmbeddings` (row ``i`` = ``prompts[i]``, ``null_id`` =
+    the row of ``""``)."""
     paths = resolve_text_paths(text_path, clip_l_path=clip_l_path, clip_g_path=clip_g_path, t5_path=t5_path,
                                tokenizer_l_path=tokenizer_l_path, tokenizer_g_path=tokenizer_g_path,
                                tokenizer_t5_path=tokenizer_t5_path, use_t5=use_t5)

@@ -169,7 +169,9 @@ def test_cache_hit_and_invalidation(text_dir, reference, tmp_path, monkeypatch):
     assert len(calls) == 1 and t3.key != t1.key and t3.num_prompts == 3
     np.testing.assert_allclose(t3.embeddings[:2], t1.embeddings[:2], atol=1e-5, rtol=0)
     np.testing.assert_allclose(t3.embeddings[2], t1.embeddings[t1.null_id], atol=1e-5, rtol=0)
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "cache").glob("sd3_prompts_*/meta.json"))) == 2  # one directory per key
+    assert not list((tmp_path / "cache").glob(".*"))  # no temporary left behind
+    assert isinstance(t2.embeddings, np.memmap) and isinstance(t1.embeddings, np.memmap)  # the miss reads back
     # every option is in the key
     kw = dict(max_sequence_length=MAX_SEQ, clip_skip=None, joint_attention_dim=4096, torch_dtype="float32",
               null_id=len(PROMPTS))
