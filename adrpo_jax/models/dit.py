@@ -45,7 +45,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -464,7 +464,7 @@ class StackedDiTBlocks(DiTBlock):
         return int(self.fc1.kernel.shape[0])
 
     def __getitem__(self, i: int) -> DiTBlock:
-        return unstacked_copy(self, i, len(self), DiTBlock, "block")
+        return cast(DiTBlock, unstacked_copy(self, i, len(self), DiTBlock, "block"))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -509,6 +509,13 @@ class DiT(nnx.Module):
         h = config.hidden
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         normal = host_initializer("normal", stddev=0.02)
+        # the parts that exist depend on the config (pos_embed, cond_dim, scan_layers)
+        self.pos_embed: nnx.Param | None
+        self.class_embed: nnx.Embed | None
+        self.cond_fc1: nnx.Linear | None
+        self.cond_fc2: nnx.Linear | None
+        self.null_cond: nnx.Param | None
+        self.blocks: StackedDiTBlocks | nnx.List
         with nnx.use_eager_sharding(False):
             patch_dim = config.patch_size ** 2 * config.channels
             self.patch_embed = _dense(patch_dim, h, (None, "embed"), **kw)
@@ -545,6 +552,7 @@ class DiT(nnx.Module):
         ``null_cond``."""
         if self.config.cond_dim is None:
             return jnp.full((batch_size,), self.config.num_classes, jnp.int32)
+        assert self.null_cond is not None  # cond_dim set
         return jnp.broadcast_to(self.null_cond[...], (batch_size, self.config.cond_dim))
 
     def embed_condition(self, cond: jax.Array, drop_mask: jax.Array | None = None) -> jax.Array:
@@ -553,7 +561,9 @@ class DiT(nnx.Module):
         if cfg.cond_dim is None:
             if drop_mask is not None:
                 cond = jnp.where(drop_mask, jnp.asarray(cfg.num_classes, cond.dtype), cond)
+            assert self.class_embed is not None  # cond_dim None: class labels
             return self.class_embed(cond).astype(jnp.float32)
+        assert self.null_cond is not None and self.cond_fc1 is not None and self.cond_fc2 is not None
         cond = cond.astype(jnp.float32)
         if drop_mask is not None:
             cond = jnp.where(drop_mask[:, None], self.null_cond[...].astype(jnp.float32)[None, :], cond)
@@ -623,9 +633,9 @@ class DiT(nnx.Module):
             pos = self.pos_embed[...].astype(jnp.float32)
         h = tokens + pos[None]
         c = self.embed_time(t) + self.embed_condition(cond, drop_mask)
-        if cfg.scan_layers:
+        if isinstance(self.blocks, StackedDiTBlocks):  # cfg.scan_layers
             h = self.blocks.scan(h, c, remat=cfg.remat)
-        for block in (() if cfg.scan_layers else self.blocks):
+        for block in (() if isinstance(self.blocks, StackedDiTBlocks) else self.blocks):
             if cfg.remat:
                 h = nnx.remat(lambda blk, h_, c_: blk(h_, c_))(block, h, c)
             else:
@@ -749,7 +759,8 @@ def restore_nnx_params(module: _M, directory: str | os.PathLike) -> _M:
     pure = nnx.to_pure_dict(state)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
     prefixes = _stacked_prefixes(module)
-    template = {}  # saved name -> (shape, index of the module leaf, block index or None)
+    # saved name -> (shape, index of the module leaf, block index or None)
+    template: dict[str, tuple[tuple[int, ...], int, int | None]] = {}
     for j, (p, leaf) in enumerate(paths_leaves):
         name, shape = _key_str(p), tuple(leaf.shape)
         names = _saved_names(name, shape, prefixes)

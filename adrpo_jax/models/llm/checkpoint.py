@@ -40,7 +40,7 @@ from flax import nnx
 from adrpo_jax.models.llm.config import DecoderConfig
 from adrpo_jax.models.llm.modeling import CausalLM
 from adrpo_jax.models.lora import lora_sites
-from adrpo_jax.train.sharding import DEFAULT_LOGICAL_RULES, logical_to_partition_spec
+from adrpo_jax.train.sharding import DEFAULT_LOGICAL_RULES, LogicalRules, logical_to_partition_spec
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
   """All parameters of `CausalLM(config)` with their HF names, shapes and layout conversions (HF order)."""
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
   h, k, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+  assert hd is not None  # resolved by DecoderConfig.__post_init__
   out: list[TensorMapping] = []
   layer: int | None = None  # set while adding the tensors of a stacked layer
 
@@ -121,7 +122,8 @@ def param_mappings(config: DecoderConfig) -> list[TensorMapping]:
 
   add(("embed_tokens", "embedding"), "model.embed_tokens.weight", (v, d))
   for i in range(config.num_hidden_layers):
-    p, q = ("layers", i), f"model.layers.{i}"
+    p: tuple[Any, ...] = ("layers", i)
+    q = f"model.layers.{i}"
     if config.scan_layers:  # one stacked parameter per tensor kind; this layer is index i of its leading axis
       p, layer = ("layers",), i
     attn, aq = p + ("self_attn",), f"{q}.self_attn"
@@ -168,6 +170,7 @@ def _moe_mappings(config: DecoderConfig, mlp: tuple, mq: str, add, linear) -> No
   fused_gu, fused_down = f"{mq}.experts.gate_up_proj", f"{mq}.experts.down_proj"
   for j in range(e):
     for name, n_in, n_out in (("gate_proj", d, fe), ("up_proj", d, fe), ("down_proj", fe, d)):
+      fallback: tuple[Any, Callable[..., Any]]
       if name == "down_proj":  # fused [E, D, F] is already HF's per-expert [D, F]
         fallback = (fused_down, lambda w, j=j: w[j])
       else:  # fused [E, 2F, D]: gate rows then up rows
@@ -229,7 +232,7 @@ class SafetensorsFile:
     self.metadata = header.pop("__metadata__", None) or {}
     self._entries = header
     self._data_start = 8 + header_len
-    self._buffer = None
+    self._buffer: np.memmap | None = None
 
   def names(self) -> list[str]:
     return list(self._entries)
@@ -365,7 +368,7 @@ class CheckpointReader:
 # Sharding helpers
 # ------------------------------------------------------------------------------------------------------
 def logical_to_sharding(mesh: jax.sharding.Mesh, names: Sequence[str | None], shape: Sequence[int],
-                        rules: Iterable[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> jax.sharding.NamedSharding:
+                        rules: LogicalRules = DEFAULT_LOGICAL_RULES) -> jax.sharding.NamedSharding:
   """NamedSharding of a parameter from its logical axis names, by the project's one rule set
   (`adrpo_jax.train.sharding.logical_to_partition_spec`: a dimension not divisible by its mesh axis size, or
   whose mesh axis is already used, is replicated).

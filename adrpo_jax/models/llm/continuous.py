@@ -184,8 +184,8 @@ def _continuous(graphdef: nnx.GraphDef, state: Any, prompt_tokens: Array, prompt
   first = slot_ids < n_live
   slot_req = jnp.where(first, order[jnp.minimum(slot_ids, r - 1)], r)
   cache = model.init_cache(s, total, config.cache_dtype)
-  cache = cache.replace(keys=jax.tree.map(_slots_first, cache.keys), values=jax.tree.map(_slots_first, cache.values),
-                        index=jnp.zeros((s,), jnp.int32))
+  cache = dataclasses.replace(cache, keys=jax.tree.map(_slots_first, cache.keys),
+                              values=jax.tree.map(_slots_first, cache.values), index=jnp.zeros((s,), jnp.int32))
   cache = _refill(cache, store_k, store_v, u_mask, first, jnp.minimum(slot_req, r - 1) // g, total)
   cur = jnp.where(first, tok0[jnp.minimum(slot_req, r - 1)], pad)
   slot_t = jnp.ones((s,), jnp.int32)

@@ -440,7 +440,7 @@ class Experts(nnx.Module):
     def lora_of(arrays):
       return {n: (*arrays[n], *lora_static[n]) for n in arrays}
 
-    kw = dict(act=self.act, impl=impl, block=self.block_size, interpret=self.interpret)
+    kw: dict[str, Any] = dict(act=self.act, impl=impl, block=self.block_size, interpret=self.interpret)
     if impl == "dense":
       return _dense_ffn(x.reshape(b * t, d), gates.reshape(b * t, k), experts.reshape(b * t, k), params,
                         lora_of(lora_arrays), act=self.act).reshape(b, t, d)
@@ -565,6 +565,8 @@ class SparseMoeBlock(nnx.Module):
     common = dict(dtype=config.dtype, param_dtype=config.param_dtype, std=config.initializer_range, rngs=rngs)
     self.gate = Router(config.hidden_size, config.num_experts, **common)
     self.experts = Experts(config, rngs=rngs)
+    self.shared_expert: MLP | None
+    self.shared_expert_gate: Dense | None
     if config.shared_expert_intermediate_size:
       shared = config.replace(intermediate_size=config.shared_expert_intermediate_size, mlp_bias=False,
                               num_experts=0, mlp_only_layers=())
@@ -584,7 +586,7 @@ class SparseMoeBlock(nnx.Module):
     gates, experts, probs = route(logits, self.top_k, norm_topk_prob=self.norm_topk_prob,
                                   expert_indices=expert_indices)
     y = self.experts(x, gates.astype(self.dtype), experts)
-    if self.shared_expert is not None:
+    if self.shared_expert is not None and self.shared_expert_gate is not None:
       y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
     return y, routing_aux(logits, probs, experts, token_valid)
 
