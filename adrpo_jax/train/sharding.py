@@ -423,7 +423,7 @@ def global_to_host_local(array: Any) -> Any:
     Rows replicated on several local devices (e.g. over ``'tensor'``) appear once. Only the leading axis may
     be sharded across processes; with a single process this is ``np.asarray``.
     """
-    def one(x):
+    def one(x: Any) -> Any:
         if not isinstance(x, jax.Array):
             return np.asarray(x)
         if x.is_fully_addressable:
