@@ -11,9 +11,14 @@ compiler:
 * ``v5e:2x4``, ``v5e:4x4``, ``v5p:2x2x2``, ``v6e:2x4``, ``v4:2x2x2``, ... (any topology libtpu knows): the TPU
   compiler, on this machine (``jax.experimental.topologies``; ``pip install "jax[tpu]"``). Its
   ``memory_analysis()`` is the chip's HBM buffer assignment, ``cost_analysis()`` its FLOPs and bytes.
+* ``h100:N``, ``h100:HxN``, ``h200:N`` (N GPUs per host, H hosts): XLA's GPU compiler without a GPU (the CUDA
+  plugin, ``jax-cuda12-plugin`` + ``jax-cuda12-pjrt``, compiling for the chip's device description: a deviceless
+  compile). Its ``memory_analysis()`` is the GPU's buffer assignment; it has no cost analysis, so FLOPs come from
+  the jaxpr's matmuls and bytes are the arguments and outputs read once (a floor). Matmul autotuning needs the
+  device: a real run may pick other kernels (cuBLAS workspaces of tens of MiB).
 * ``cpu:N``: N host devices of this machine (the XLA CPU compiler), against this CPU's measured peaks;
-  ``cpu:N@h100`` / ``cpu:N@h200``: the same compilation compared with an H100 / H200 (a GPU cannot be compiled
-  for without its CUDA runtime: the figures are the CPU compiler's buffer assignment, an estimate).
+  ``cpu:N@h100`` / ``cpu:N@h200``: the same compilation compared with an H100 / H200 (the CPU compiler's buffer
+  assignment: an estimate, up to ~2x the GPU compiler's temporaries).
 
 Per program and chip it reports: memory (arguments, outputs, temporaries, aliases), the **peak** of the step
 while the program runs (the program's own buffers plus what stays resident the whole step: parameters,
@@ -53,6 +58,33 @@ log = logging.getLogger(__name__)
 
 _TPU_RE = re.compile(r"^(v\d+[a-z]*)(?:-\d+)?:(\d+(?:x\d+)*)$")
 _CPU_RE = re.compile(r"^cpu:(\d+)(?:@(\w+))?$")
+_GPU_RE = re.compile(r"^(h100|h200):(?:(\d+)x)?(\d+)$")
+
+# XLA:GPU's device description for a deviceless compile (the fields of stream_executor.GpuTargetConfigProto that
+# its compiler reads; values from NVIDIA's spec sheets, as openxla/xla's gpu_specs/h100_sxm.txtpb).
+_GPU_SPECS = {
+    "h100": dict(memory=84942979072, bandwidth=3352320000000, l2=52428800, name="NVIDIA H100 80GB HBM3"),
+    "h200": dict(memory=150754820096, bandwidth=4800000000000, l2=62914560, name="NVIDIA H200"),
+}
+
+
+def gpu_target_config(kind: str) -> str:
+    """The ``GpuTargetConfigProto`` text of an H100 / H200 (Hopper, compute capability 9.0, 132 SMs)."""
+    spec = _GPU_SPECS[kind]
+    return (
+        "gpu_device_info {\n"
+        "  threads_per_block_limit: 1024 threads_per_warp: 32\n"
+        "  shared_memory_per_block: 49152 shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448\n"
+        "  threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128\n"
+        "  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535\n"
+        "  thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64\n"
+        f"  memory_bandwidth: {spec['bandwidth']} l2_cache_size: {spec['l2']} clock_rate_ghz: 1.98\n"
+        f"  device_memory_size: {spec['memory']} registers_per_core_limit: 65536 registers_per_block_limit: 65536\n"
+        "  cuda_compute_capability { major: 9 minor: 0 }\n"
+        "}\n"
+        'platform_name: "CUDA"\n'
+        "dnn_version_info { major: 9 minor: 8 }\n"
+        f'device_description_str: "{spec["name"]}"\n')
 
 
 class PlanError(RuntimeError):
@@ -80,6 +112,23 @@ def target_mesh(config: Any, target: str) -> tuple[jax.sharding.Mesh, perf.Chip,
                               key="plan.target", value=target) from None
         chip = perf.chip_for(m.group(1))
         return train.make_mesh(config.mesh, devices=list(topo.devices)), chip, f"TPU compiler ({chip.name})"
+    m = _GPU_RE.match(target)
+    if m:
+        kind, hosts, per_host = m.group(1), int(m.group(2) or 1), int(m.group(3))
+        try:
+            from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+            topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(kind),
+                                                topology=f"1x{hosts}x{per_host}")
+        except Exception as err:  # pylint: disable=broad-except
+            raise ConfigError(
+                f"`plan.target`={target!r}: XLA's GPU compiler is not available here ({str(err).splitlines()[0]}); "
+                "install the CUDA plugin (`pip install jax-cuda12-plugin==<the jax version> "
+                "jax-cuda12-pjrt==<the jax version>`; no GPU needed) and start with JAX_PLATFORMS=cpu, or plan "
+                f"with the CPU compiler's estimate: 'cpu:{per_host}@{kind}'.", key="plan.target",
+                value=target) from None
+        chip = perf.chip_for(kind)
+        return (train.make_mesh(config.mesh, devices=list(topo.devices)), chip,
+                f"XLA GPU compiler, deviceless ({chip.name})")
     m = _CPU_RE.match(target)
     if m:
         n = int(m.group(1))
@@ -90,8 +139,9 @@ def target_mesh(config: Any, target: str) -> tuple[jax.sharding.Mesh, perf.Chip,
                               "it for --mode=plan).", key="plan.target", value=target)
         chip = perf.chip_for(m.group(2)) if m.group(2) else perf.cpu_chip()
         return train.make_mesh(config.mesh, devices=devices[:n]), chip, "XLA CPU compiler"
-    raise ConfigError(f"`plan.target`={target!r} must be a TPU topology ('v5e:2x4', 'v5p:2x2x2', 'v6e:2x4', ...) "
-                      "or 'cpu:N' (optionally 'cpu:N@h100').", key="plan.target", value=target)
+    raise ConfigError(f"`plan.target`={target!r} must be a TPU topology ('v5e:2x4', 'v5p:2x2x2', 'v6e:2x4', ...), "
+                      "a GPU ('h100:8' = one host of 8 H100s, 'h100:2x8' = two hosts, 'h200:8'), or 'cpu:N' "
+                      "(optionally 'cpu:N@h100').", key="plan.target", value=target)
 
 
 def _resident(recipe: Any) -> tuple[dict[int, int], int]:
@@ -120,7 +170,8 @@ def _program_report(recipe: Any, program: Any, resident_ids: dict[int, int], res
     return {"name": program.name, "phase": program.phase, "per_step": per_step,
             "shrink_key": program.shrink_key or None, "memory": mem, "peak_bytes": peak,
             "peak_gib": None if peak is None else peak / perf.GIB, "flops": cost["flops"],
-            "bytes_accessed": cost["bytes_accessed"], "roofline_s": roof, "compile_s": compiled.compile_s}
+            "bytes_accessed": cost["bytes_accessed"], "cost_source": cost.get("cost_source", "compiler"),
+            "roofline_s": roof, "compile_s": compiled.compile_s}
 
 
 def _per_step(recipe: Any, program: Any) -> float:
@@ -140,7 +191,8 @@ def plan(config: Any, target: str | None = None, *, workdir: str | os.PathLike |
     Kernel choices follow the target, not this host: for a TPU topology the programs are traced as on a TPU
     (``attention_impl='auto'`` -> Pallas splash for a prefill, ``moe_impl='auto'`` -> ``ragged_dot``)."""
     target = target or str(train.get_by_path(config, "plan.target", "") or "")
-    with compiling_for("tpu" if _TPU_RE.match(target) else None):
+    platform = "tpu" if _TPU_RE.match(target) else "gpu" if _GPU_RE.match(target) else None
+    with compiling_for(platform):
         return _plan(config, target, workdir=workdir, write=write, search=search)
 
 

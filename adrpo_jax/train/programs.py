@@ -132,8 +132,12 @@ class Program:
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
+        once, looped = _jaxpr_matmul_flops(self.fn, args, self.static_argnums)
+        devices = max((len(getattr(getattr(x, "sharding", None), "device_set", ()) or ())
+                       for x in jax.tree.leaves(args)), default=1) or 1
         return CompiledProgram(self, compiled, lower_s=t1 - t0, compile_s=t2 - t1,
-                               loop_factor=loop_factor(self.fn, args, self.static_argnums))
+                               loop_factor=looped / once if once > 0 else 1.0,
+                               jaxpr_flops_per_device=looped / devices)
 
 
 def _dot_flops(eqn: Any) -> float:
@@ -179,16 +183,23 @@ def matmul_flops(jaxpr: Any, *, count_loops: bool) -> float:
     return total
 
 
+def _jaxpr_matmul_flops(fn: Callable[..., Any], args: tuple, static_argnums: tuple[int, ...] = ()
+                        ) -> tuple[float, float]:
+    """``(once, looped)``: :func:`matmul_flops` of ``fn``'s jaxpr with every loop body counted once / ``length``
+    times ((0, 0) when it cannot be traced here)."""
+    try:
+        jaxpr = jax.make_jaxpr(fn, static_argnums=static_argnums)(*args)
+    except Exception:  # pylint: disable=broad-except
+        return 0.0, 0.0
+    return matmul_flops(jaxpr, count_loops=False), matmul_flops(jaxpr, count_loops=True)
+
+
 def loop_factor(fn: Callable[..., Any], args: tuple, static_argnums: tuple[int, ...] = ()) -> float:
     """How much a compiler's cost analysis undercounts ``fn`` because it counts every loop body once: the matmul
     FLOPs with ``scan`` bodies counted ``length`` times over those with every body counted once (1.0 without
     scans; ``while`` loops of unknown trip count stay once: plan them per step, as ``plan/decode``)."""
-    try:
-        jaxpr = jax.make_jaxpr(fn, static_argnums=static_argnums)(*args)
-    except Exception:  # pylint: disable=broad-except
-        return 1.0
-    once = matmul_flops(jaxpr, count_loops=False)
-    return matmul_flops(jaxpr, count_loops=True) / once if once > 0 else 1.0
+    once, looped = _jaxpr_matmul_flops(fn, args, static_argnums)
+    return looped / once if once > 0 else 1.0
 
 
 @dataclasses.dataclass
@@ -200,7 +211,9 @@ class CompiledProgram:
     ``cost``: ``flops`` and ``bytes_accessed`` of one execution: the compiler's cost analysis (per device for an
     SPMD program) scaled by :func:`loop_factor` (a compiler counts a loop body once: a scanned layer stack or a
     micro-batch loop would otherwise count one layer / one micro-batch); ``xla_flops`` / ``xla_bytes_accessed``
-    are the compiler's own figures.
+    are the compiler's own figures. A compiler without a cost analysis (XLA:GPU compiling without a device)
+    gives ``cost_source='jaxpr'``: the jaxpr's matmul FLOPs split evenly over the devices, and as bytes the
+    program's arguments and outputs read / written once (a floor).
     """
 
     program: Program
@@ -208,6 +221,7 @@ class CompiledProgram:
     lower_s: float = 0.0
     compile_s: float = 0.0
     loop_factor: float = 1.0
+    jaxpr_flops_per_device: float = 0.0
 
     @property
     def name(self) -> str:
@@ -231,7 +245,14 @@ class CompiledProgram:
             c = c[0] if c else {}
         c = dict(c or {})
         f = self.loop_factor
-        return {"flops": f * float(c.get("flops", 0.0)), "bytes_accessed": f * float(c.get("bytes accessed", 0.0)),
+        if not c:  # no cost analysis from this compiler
+            m = self.memory
+            return {"flops": self.jaxpr_flops_per_device,
+                    "bytes_accessed": float(m.get("argument", 0) + m.get("output", 0) - m.get("alias", 0)),
+                    "transcendentals": 0.0, "loop_factor": f, "xla_flops": 0.0, "xla_bytes_accessed": 0.0,
+                    "cost_source": "jaxpr"}
+        return {"cost_source": "compiler", "flops": f * float(c.get("flops", 0.0)),
+                "bytes_accessed": f * float(c.get("bytes accessed", 0.0)),
                 "transcendentals": f * float(c.get("transcendentals", 0.0)), "loop_factor": f,
                 "xla_flops": float(c.get("flops", 0.0)), "xla_bytes_accessed": float(c.get("bytes accessed", 0.0))}
 

@@ -163,3 +163,46 @@ def test_plan_check_runs_before_the_weights_on_accelerators(tmp_path, monkeypatc
     with pytest.raises(Exception) as err:  # unchecked, the run goes on to load the (missing) tokenizer and weights
         runner.train(config, tmp_path / "unchecked")
     assert not isinstance(err.value, plan_lib.PlanError)
+
+
+def _gpu_compiler_available() -> bool:
+    try:
+        from jax.experimental import topologies
+
+        from adrpo_jax.recipe.plan import gpu_target_config
+        topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config("h100"), topology="1x1x1")
+        return True
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+requires_cuda_plugin = pytest.mark.skipif(not _gpu_compiler_available(),
+                                          reason="the CUDA plugin (jax-cuda12-plugin) is not installed")
+
+
+@requires_cuda_plugin
+def test_gpu_target_is_a_deviceless_h100_mesh(tmp_path):
+    from adrpo_jax.recipe import plan as plan_lib
+    from adrpo_jax.train.config import ConfigError
+
+    config = _tiny_config(tmp_path)
+    mesh, chip, compiler = plan_lib.target_mesh(config, "h100:2x4")
+    assert mesh.size == 8 and {d.platform for d in mesh.devices.flat} == {"gpu"}
+    assert chip.name.startswith("NVIDIA H100") and "deviceless" in compiler
+    with pytest.raises(ConfigError, match="h100:8"):
+        plan_lib.target_mesh(config, "a100:8")
+
+
+@pytest.mark.slow  # XLA:GPU compiles every program (~1 min on 2 cores)
+@requires_cuda_plugin
+def test_tiny_llm_plan_on_h100_deviceless(tmp_path):
+    """The GPU compiler's own buffer assignment (cuDNN attention compiled in bfloat16), no GPU: the update's
+    figures are its memory_analysis(); FLOPs come from the jaxpr (XLA:GPU has no cost analysis without a device)."""
+    from adrpo_jax.recipe import plan as plan_lib
+
+    config = _tiny_config(tmp_path, **{"model.dtype": "bfloat16"})
+    report = plan_lib.plan(config, "h100:8", workdir=tmp_path)
+    assert report["fits"] and report["num_devices"] == 8 and report["chip"]["name"].startswith("NVIDIA H100")
+    update = next(p for p in report["programs"] if p["name"] == "update")
+    assert update["memory"]["temp"] > 0 and update["flops"] > 0
+
