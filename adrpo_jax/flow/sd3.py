@@ -29,6 +29,9 @@ condition is the row of the empty prompt (``null_id``). The table is a non-train
 checkpointed. Its rows are sharded like the weights' ``embed`` axis (``fsdp``): a large prompt set is not
 replicated (DrawBench's 200 prompts are 1.1 GB in float32, flow_grpo's ~25k would be 136 GB); the lookup of a
 batch's rows is then a sharded gather (XLA: a local masked gather + a reduce-scatter of the ``[B, L, D]`` rows).
+:func:`shard_prompt_table` builds that device table from a (memory-mapped) host table reading only the rows of
+the calling process's devices, one shard at a time, converted to the compute dtype per shard: host memory is
+``O(one shard)``, never the table.
 
 **Shapes without weights** (the plan mode): :data:`PRESETS` names the released models' parts (the MMDiT's
 ``config.json`` fields in :data:`adrpo_jax.models.mmdit.PRESETS`, SD3's VAE, the CLIP ViT-L/14 reward tower:
@@ -59,6 +62,8 @@ __all__ = [
     "diffusers_noisy_sample",
     "diffusers_euler_step",
     "PromptTable",
+    "prompt_table_sharding",
+    "shard_prompt_table",
     "MMDiTVelocity",
     "make_latent_reward",
     "PRESETS",
@@ -159,11 +164,75 @@ class PromptTable(nnx.Variable):
 
 def _as_table(x: Any, dtype: Any) -> Any:
     """``x`` as an array of ``dtype``: host (numpy) arrays stay on the host (placed sharded later), traced /
-    device arrays stay jax arrays."""
+    device arrays stay jax arrays (no copy when already of ``dtype``)."""
     if isinstance(x, (jax.Array, jax.core.Tracer)):
-        return x if dtype is None else x.astype(dtype)
+        return x if dtype is None or x.dtype == jnp.dtype(dtype) else x.astype(dtype)
     x = np.asarray(x)
     return x if dtype is None else x.astype(jnp.dtype(dtype))
+
+
+def prompt_table_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh, row_axis: str | None = "embed",
+                          rules: Any = None) -> jax.sharding.NamedSharding:
+    """The ``NamedSharding`` of a :class:`PromptTable` array of ``shape`` on ``mesh``: rows on ``row_axis``'s
+    mesh axis (``embed`` -> ``fsdp`` by the default rules; replicated when the rows do not divide it), the rest
+    replicated -- what the policy's frozen-state shardings give the table."""
+    from adrpo_jax import train  # pylint: disable=import-outside-toplevel
+    names = (row_axis,) + (None,) * (len(shape) - 1)
+    spec = train.logical_to_partition_spec(names, shape, mesh, train.DEFAULT_LOGICAL_RULES if rules is None else rules,
+                                           name="prompt_table")
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def _row_block(source: Any, rows: int, index: tuple[slice, ...], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """The block ``index`` of the ``[rows, *shape[1:]]`` table ``source`` (``[n, ...]`` with ``n <= rows``; rows
+    ``n..rows-1`` are zeros) in ``dtype``, reading only ``source`` rows inside the block (a memory-mapped
+    ``source`` reads only their pages) and converting them straight into the block."""
+    start, stop, step = index[0].indices(rows)
+    if step != 1:
+        raise ValueError(f"a prompt-table shard must be a contiguous row range, got {index[0]}")
+    cols = index[1:]
+    block_shape = (stop - start,) + tuple(len(range(*c.indices(d))) for c, d in zip(cols, shape[1:], strict=True))
+    out = np.zeros(block_shape, dtype)
+    hi = min(stop, int(source.shape[0]))
+    if start < hi:
+        part = source[start:hi]
+        part = np.reshape(part, (hi - start, *shape[1:])) if tuple(part.shape[1:]) != tuple(shape[1:]) else part
+        out[:hi - start] = part[(slice(None), *cols)]
+    return out
+
+
+def shard_prompt_table(source: Any, rows: int, mesh: jax.sharding.Mesh, dtype: Any, *,
+                       flatten: bool = False, row_axis: str | None = "embed") -> jax.Array:
+    """The device table ``[rows, ...]`` of ``source`` in ``dtype``, sharded by :func:`prompt_table_sharding`,
+    built without a full host copy.
+
+    ``source``: ``[n, ...]`` host rows (``n <= rows``; rows ``n..rows-1`` are zero padding), any array-like that
+    slices rows: a ``np.memmap`` of the prompt-embedding cache (:mod:`adrpo_jax.flow.text_embeddings`) reads
+    only the indexed rows from disk. ``flatten``: store ``[rows, prod(rest)]`` (the :class:`MMDiTVelocity`
+    layout of the text states). For each distinct shard of the devices this process addresses (replicas of a
+    shard on several local devices are read once), the shard's rows are read and converted to ``dtype`` into
+    one host block, copied to those devices, and dropped before the next shard: the host holds at most one
+    shard at a time (``rows / fsdp`` rows), and a process reads only the rows its devices hold. Multi-process:
+    every process calls it (no communication)."""
+    n = int(source.shape[0])
+    if n > rows:
+        raise ValueError(f"the table has {n} rows, more than the {rows} rows asked for")
+    rest = tuple(int(d) for d in source.shape[1:])
+    shape = (rows, int(np.prod(rest))) if flatten else (rows, *rest)
+    sharding = prompt_table_sharding(shape, mesh, row_axis)
+    groups: dict[tuple, list] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        groups.setdefault(key, [index]).append(device)
+    arrays: dict[Any, jax.Array] = {}
+    for index, *devices in groups.values():
+        block = _row_block(source, rows, index, shape, jnp.dtype(dtype))
+        for device in devices:
+            arrays[device] = jax.device_put(block, device)
+        jax.block_until_ready([arrays[d] for d in devices])  # the host block is dropped before the next read
+        del block
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [arrays[d] for d in sharding.addressable_devices_indices_map(shape)])
 
 
 class MMDiTVelocity(nnx.Module):
@@ -172,13 +241,16 @@ class MMDiTVelocity(nnx.Module):
     Args:
       transformer: an :mod:`adrpo_jax.models.mmdit` model (``transformer(latents NHWC, timestep [B] on the
         0..1000 scale, encoder_hidden_states [B, L, D], pooled_projections [B, P])`` -> diffusers' ``.sample``).
-      embeddings: ``[N, L, D]`` text states of the prompt set (the null / empty prompt among the rows).
+      embeddings: ``[N, L, D]`` text states of the prompt set (the null / empty prompt among the rows), or
+        already flattened ``[N, L * D]`` with ``text_shape = (L, D)`` (e.g. the device table of
+        :func:`shard_prompt_table`, placed as is).
       pooled: ``[N, P]`` pooled text embeddings.
       null_id: the row of the empty prompt (CFG's unconditional branch and ``drop_mask`` rows).
       num_train_timesteps: the timestep scale (1000 for SD3).
       dtype: the table's storage dtype (None: as given; the trainer stores it in the compute dtype).
       row_axis: the logical axis name of the table's rows (``"embed"``: sharded over ``fsdp`` like the weights'
         embedding axis, when the row count divides it; None: replicated).
+      text_shape: ``(L, D)`` of a flattened ``embeddings`` (None: ``embeddings`` is ``[N, L, D]``).
 
     ``embeddings`` / ``pooled`` are stored as :class:`PromptTable` variables, ``embeddings`` flattened to
     ``[N, L * D]`` (a row gather of a sharded 2-D table needs no relayout copy of the table on TPU); numpy inputs
@@ -187,10 +259,19 @@ class MMDiTVelocity(nnx.Module):
     """
 
     def __init__(self, transformer: nnx.Module, embeddings: Any, pooled: Any, *, null_id: int,
-                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, dtype: Any = None, row_axis: str | None = "embed"):
+                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, dtype: Any = None, row_axis: str | None = "embed",
+                 text_shape: tuple[int, int] | None = None):
         embeddings, pooled = _as_table(embeddings, dtype), _as_table(pooled, dtype)
-        if embeddings.ndim != 3:
-            raise ValueError(f"`embeddings` must be [N, L, D], got shape {embeddings.shape}.")
+        if text_shape is not None:
+            text_shape = (int(text_shape[0]), int(text_shape[1]))
+            if embeddings.ndim == 3 and tuple(embeddings.shape[1:]) != text_shape:
+                raise ValueError(f"`embeddings` is {embeddings.shape}, not [N, *text_shape={text_shape}].")
+            if embeddings.ndim == 2 and embeddings.shape[1] != text_shape[0] * text_shape[1]:
+                raise ValueError(f"flattened `embeddings` {embeddings.shape} must be [N, L * D] with (L, D) = "
+                                 f"`text_shape` {text_shape}.")
+        if embeddings.ndim != 3 and not (embeddings.ndim == 2 and text_shape is not None):
+            raise ValueError(f"`embeddings` must be [N, L, D] (or [N, L * D] with `text_shape`), got shape "
+                             f"{embeddings.shape}.")
         if pooled.ndim != 2 or pooled.shape[0] != embeddings.shape[0]:
             raise ValueError(f"`pooled` must be [N, P] with N = {embeddings.shape[0]} (the rows of `embeddings`), "
                              f"got shape {pooled.shape}.")
@@ -198,8 +279,8 @@ class MMDiTVelocity(nnx.Module):
         if not 0 <= int(null_id) < n:
             raise ValueError(f"`null_id`={null_id} must be a row of the prompt table (0..{n - 1}).")
         self.transformer = transformer
-        self.text_shape = (int(embeddings.shape[1]), int(embeddings.shape[2]))
-        flat = embeddings.reshape(n, -1)
+        self.text_shape = text_shape if embeddings.ndim == 2 else (int(embeddings.shape[1]), int(embeddings.shape[2]))
+        flat = embeddings if embeddings.ndim == 2 else embeddings.reshape(n, -1)
         with nnx.use_eager_sharding(False):  # logical names are metadata: placed by the trainer's shardings
             self.embeddings = PromptTable(flat, out_sharding=(row_axis, None))
             self.pooled = PromptTable(pooled, out_sharding=(row_axis, None))

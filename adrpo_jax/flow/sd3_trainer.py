@@ -19,7 +19,8 @@ prompt ids:
   ``[N + E + 1, P]`` table (training prompts, eval prompts, then the empty prompt = CFG's null row; ``L = 77 +
   text.max_sequence_length``) lives on the devices in the compute dtype as a frozen variable, its rows sharded
   over ``fsdp``, so ``cond [B]`` stays int prompt ids (advantage groups, CFG null id, ``drop_mask``) exactly as
-  on digits;
+  on digits; it goes from the memory-mapped cache to the devices shard by shard, each process reading only its
+  devices' rows (no host copy of the whole table: 25k prompts at SD3's shape are 136 GB in float32);
 * images are ``data.height x data.width`` pixels (0 = the model's ``sample_size`` x 8), latents ``[height / 8,
   width / 8, 16]``; the rollout integrates on SD3's shifted schedule (``sampling.time_shift``, 3.0), with CFG
   (``sampling.cfg_scale``) and optionally the marginal-preserving SDE (``sampling.sde_noise``), in micro-batches
@@ -86,9 +87,10 @@ from adrpo_jax.flow.sd3 import (
     clip_score_components,
     clip_vision_shapes,
     clip_vision_spec,
+    shard_prompt_table,
 )
 from adrpo_jax.flow.step import FlowStepOptions, draw_path_inputs, velocity_fn
-from adrpo_jax.models.lora import apply_lora
+from adrpo_jax.models.lora import apply_lora, merge_lora
 from adrpo_jax.recipe.policy import Policy
 from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import Program, abstract_like, key_struct
@@ -278,7 +280,9 @@ class SD3Components:
     """What a run is built from (all loaded on the host once).
 
     ``transformer``: the MMDiT (:mod:`adrpo_jax.models.mmdit`); ``embeddings [rows, L, D]``, ``pooled [rows,
-    P]``: the prompt table (training prompts, eval prompts, the empty prompt = ``null_id``, zero padding rows);
+    P]``: the prompt table (training prompts, eval prompts, the empty prompt = ``null_id``, zero padding rows),
+    host numpy or already-placed device arrays (:func:`load_components`: ``embeddings`` flattened ``[rows, L * D]``
+    and sharded by :func:`adrpo_jax.flow.sd3.shard_prompt_table`, with ``text_shape = (L, D)``);
     ``latent_shape`` ``(h, w, c)``; ``reward_state``: the arrays of the reward path (``{"vae", "clip"}``, any
     pytree passed to the jitted programs as an argument); ``reward``: the :class:`SD3Reward` over them
     (``make_reward(reward_state) -> reward(latents, cond)`` is its ``bind``); ``eval_state``: ``{"clips": (...)}``
@@ -286,9 +290,12 @@ class SD3Components:
     (default: the last row)."""
 
     def __init__(self, transformer, embeddings, pooled, latent_shape, reward_state, reward: SD3Reward, *,
-                 eval_state: Any = None, eval_clip_specs: tuple = (), null_id: int | None = None):
+                 eval_state: Any = None, eval_clip_specs: tuple = (), null_id: int | None = None,
+                 text_shape: tuple[int, int] | None = None):
         self.transformer = transformer
-        self.embeddings, self.pooled = np.asarray(embeddings), np.asarray(pooled)
+        host = lambda a: a if isinstance(a, jax.Array) else np.asarray(a)  # noqa: E731 (device tables stay put)
+        self.embeddings, self.pooled = host(embeddings), host(pooled)
+        self.text_shape = None if text_shape is None else (int(text_shape[0]), int(text_shape[1]))
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.reward_state, self.reward = reward_state, reward
         self.eval_state = eval_state if eval_state is not None else {"clips": ()}
@@ -314,9 +321,12 @@ def _clip_state(path: str, prompts: list[str], cache_dir: str | None) -> tuple[d
 
 def load_components(config: Any, mesh: jax.sharding.Mesh | None = None, *,
                     shapes: SD3Shapes | None = None) -> SD3Components:
-    """Loads the MMDiT (placed sharded on ``mesh`` by its logical axis names), the VAE, the prompt table (in the
-    compute dtype, on the host) and the reward arrays of ``config`` (tiny random models, built once and cached,
-    for empty paths when ``model.tiny``)."""
+    """Loads the MMDiT (placed sharded on ``mesh`` by its logical axis names), the VAE, the prompt table and the
+    reward arrays of ``config`` (tiny random models, built once and cached, for empty paths when ``model.tiny``).
+
+    The prompt table goes from the memory-mapped embedding cache straight to its sharded device copy in the
+    compute dtype (:func:`adrpo_jax.flow.sd3.shard_prompt_table`): each process reads only the rows its devices
+    hold, one shard at a time; no process holds the whole table in host memory."""
     from adrpo_jax.flow import text_embeddings  # pylint: disable=import-outside-toplevel
     from adrpo_jax.models import mmdit  # pylint: disable=import-outside-toplevel
     from adrpo_jax.models import vae as vae_lib
@@ -342,10 +352,11 @@ def load_components(config: Any, mesh: jax.sharding.Mesh | None = None, *,
     if tuple(table.embeddings.shape[1:]) != (shapes.text_len, shapes.text_dim):
         raise ValueError(f"the prompt table's states are {table.embeddings.shape[1:]}, expected "
                          f"{(shapes.text_len, shapes.text_dim)} (text.max_sequence_length + the CLIP tokens)")
-    embeddings = np.zeros((shapes.rows, *table.embeddings.shape[1:]), jnp.dtype(dtype))
-    embeddings[:n] = table.embeddings[:n]
-    pooled = np.zeros((shapes.rows, table.pooled.shape[1]), jnp.dtype(dtype))
-    pooled[:n] = table.pooled[:n]
+    if table.num_prompts != n:
+        raise ValueError(f"the prompt table has {table.num_prompts} rows, expected {n}")
+    # rows n..shapes.rows-1 are zero padding; each process reads only its devices' rows of the memory map
+    embeddings = shard_prompt_table(table.embeddings, shapes.rows, mesh, dtype, flatten=True)
+    pooled = shard_prompt_table(table.pooled, shapes.rows, mesh, dtype)
     del table
     clip_state, clip_spec = {}, None
     if config.reward.kind == "clip":
@@ -358,7 +369,8 @@ def load_components(config: Any, mesh: jax.sharding.Mesh | None = None, *,
     return SD3Components(transformer, embeddings, pooled, shapes.latent_shape,
                          {"vae": vae_state, "clip": clip_state}, reward,
                          eval_state={"clips": tuple(c[0] for c in eval_clips)},
-                         eval_clip_specs=tuple(c[1] for c in eval_clips), null_id=shapes.null_id)
+                         eval_clip_specs=tuple(c[1] for c in eval_clips), null_id=shapes.null_id,
+                         text_shape=(shapes.text_len, shapes.text_dim))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,9 +427,9 @@ class SD3Trainer(FlowRecipe):
                 apply_lora(model, lora, rngs=nnx.Rngs(params=lora_key))
             return model
 
-        def load_pretrained():  # the loaded MMDiT + the host table; with LoRA its initial adapters (B = 0)
+        def load_pretrained():  # the loaded MMDiT + the placed table; with LoRA its initial adapters (B = 0)
             model = MMDiTVelocity(comp.transformer, comp.embeddings, comp.pooled, null_id=shapes.null_id,
-                                  dtype=shapes.table_dtype)
+                                  dtype=shapes.table_dtype, text_shape=comp.text_shape)
             if lora is not None:
                 apply_lora(model, lora, rngs=nnx.Rngs(params=lora_key))
             return model
@@ -630,13 +642,35 @@ class SD3Trainer(FlowRecipe):
         from adrpo_jax.models import mmdit  # pylint: disable=import-outside-toplevel
 
         lora_dir = self._export_lora(params, os.path.join(os.fspath(path), "lora"))
-        model = self.policy.merged(params, to_host=True)
+        model = self._merged_on_host(params)
         if model is None:
             return None
         mmdit.save_pretrained(model.transformer, path, dtype=_DTYPES[self.config.model.save_dtype])
         log.info("Saved the fine-tuned MMDiT (%s) to %s%s", self.config.model.save_dtype, path,
                  f" and its LoRA adapters to {lora_dir}" if lora_dir else "")
         return str(path)
+
+    def _merged_on_host(self, params) -> nnx.Module | None:
+        """``policy.merged(params, to_host=True)`` without the prompt table: the frozen state is gathered to the
+        host with the table replaced by one zero row (an export writes the transformer only; the whole table on
+        every host would be 68 GB at 25k prompts in bfloat16). Process 0 gets the module, the others None."""
+        def slim(path, x):
+            if path and getattr(path[0], "key", None) in ("embeddings", "pooled"):  # the PromptTable variables
+                return np.zeros((1, *x.shape[1:]), x.dtype)
+            return x
+
+        frozen = jax.tree_util.tree_map_with_path(slim, self.frozen)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            gather = lambda x: multihost_utils.process_allgather(x, tiled=True)  # noqa: E731
+        else:
+            gather = jax.device_get
+        params, frozen = gather(params), gather(frozen)
+        if jax.process_index() != 0:
+            return None
+        params, frozen = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, frozen)
+        model = nnx.merge(self.policy.graphdef, params, frozen)
+        return merge_lora(model) if self.policy.lora is not None else model
 
     def _export_lora(self, params, path: str) -> str | None:
         """The adapters as ``pytorch_lora_weights.safetensors`` with their peft config
@@ -653,9 +687,9 @@ class SD3Trainer(FlowRecipe):
         from adrpo_jax.models import mmdit  # pylint: disable=import-outside-toplevel
 
         transformer = mmdit.load_pretrained(path, mesh=self.mesh, **_model_overrides(self.config))
-        s = self.shapes
-        model = MMDiTVelocity(transformer, np.zeros((s.rows, s.text_len, s.text_dim), np.float32),
-                              np.zeros((s.rows, s.pooled_dim), np.float32), null_id=s.null_id)
+        s = self.shapes  # a one-row stand-in table: only the trainable (transformer) state is returned
+        model = MMDiTVelocity(transformer, np.zeros((1, s.text_len, s.text_dim), np.float32),
+                              np.zeros((1, s.pooled_dim), np.float32), null_id=0)
         return jax.device_put(nnx.state(model, self.trainable), self.state_shardings["params"])
 
 
