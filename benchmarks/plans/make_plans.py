@@ -31,10 +31,10 @@ PLANS = [
     ("sd3_adrpo_tpu_v5e-8", "configs/sd3_adrpo.py:tpu", "v5e:2x4", []),
     ("audio_arith_tpu_v5e-8", "configs/audio_arith.py:tpu", "v5e:2x4", []),
     ("sd3_adrpo_tpu_1024_v5p-8", "configs/sd3_adrpo.py:tpu_1024", "v5p:2x2x2", []),
-    # GPU variants: planned by the XLA CPU compiler against one 80 GB H100 (no CUDA compile without a device)
-    ("flow_digits_gpu_h100", "configs/flow_digits.py:gpu", "cpu:1@h100", []),
-    ("sd3_adrpo_gpu_h100", "configs/sd3_adrpo.py:gpu", "cpu:1@h100", []),
-    ("audio_arith_gpu_h100", "configs/audio_arith.py:gpu", "cpu:1@h100", []),
+    # GPU variants: XLA's GPU compiler for one H100, deviceless (the CUDA plugin, no GPU)
+    ("flow_digits_gpu_h100", "configs/flow_digits.py:gpu", "h100:1", []),
+    ("sd3_adrpo_gpu_h100", "configs/sd3_adrpo.py:gpu", "h100:1", []),
+    ("audio_arith_gpu_h100", "configs/audio_arith.py:gpu", "h100:1", []),
 ]
 for model in ("qwen2.5-7b", "qwen3-8b"):
     for mode in ("lora", "full"):
