@@ -68,7 +68,7 @@ import math
 import re
 import string
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -356,7 +356,8 @@ class LoRAAdapter(nnx.Module):
                  rank: int, scale: float, dropout: float = 0.0, init: str = "kaiming_uniform",
                  param_dtype: Any = jnp.float32, key: Array, index: int = 0, layers: int | None = None):
         kernel_shape = tuple(int(s) for s in kernel_shape)
-        lead, lead_names = ((), ()) if layers is None else ((int(layers),), ("layers",))
+        lead: tuple[int, ...] = () if layers is None else (int(layers),)
+        lead_names: tuple[str | None, ...] = () if layers is None else ("layers",)
         split = _split_equation(equation, len(kernel_shape))
         names = tuple(kernel_names) if kernel_names is not None else (None,) * len(kernel_shape)
         in_shape = tuple(kernel_shape[i] for i in split.in_axes)
@@ -512,7 +513,7 @@ class LoRASite:
     @property
     def layer_paths(self) -> list[str]:
         """The per-layer site paths of a stacked site (``[path]`` otherwise)."""
-        if self.layers is None:
+        if self.layers is None or self.stack_path is None:
             return [self.path]
         rest = self.path[len(self.stack_path):]
         return [f"{self.stack_path}.{i}{rest}" for i in range(self.layers)]
@@ -532,7 +533,7 @@ class LoRASite:
 
 def _module_kernels(module: nnx.Module) -> dict[str, str] | None:
     if hasattr(type(module), "lora_kernels"):
-        return dict(module.lora_kernels())
+        return dict(cast(Any, module).lora_kernels())
     if type(module) is nnx.Linear:  # exact type: a subclass may override __call__ (it must opt in instead)
         return {"kernel": "...i,io->...o"}
     return None
@@ -561,7 +562,7 @@ def lora_sites(model: nnx.Module) -> list[LoRASite]:
                 if names and names[0] == "layers":
                     layers = int(getattr(module, name).shape[0])
             sites.append(LoRASite(site_path, module, name, equation, layers,
-                                  _path_str(stack) if layers is not None else None))
+                                  _path_str(stack) if layers is not None and stack is not None else None))
     return sites
 
 
@@ -637,7 +638,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | int | 
     param_dtype = _DTYPES[config.param_dtype]
     # Dropout fold-in indices continue after the adapters already in the model (an earlier apply_lora call), so
     # no two adapters of one model draw the same mask.
-    first_index = 1 + max((s.adapter.index for s in sites if s.adapted), default=-1)
+    first_index = 1 + max((a.index for s in sites if (a := s.adapter) is not None), default=-1)
     for index, site in enumerate(chosen, start=first_index):
         kernel = site.kernel
         value = kernel.get_value() if hasattr(kernel, "get_value") else kernel.value
@@ -666,8 +667,9 @@ def set_lora_enabled(model: nnx.Module, enabled: bool) -> nnx.Module:
     if not isinstance(enabled, bool):
         raise ValueError(f"`enabled` must be a bool, got {enabled!r}")
     for site in lora_sites(model):
-        if site.adapted:
-            site.adapter.enabled = enabled
+        adapter = site.adapter
+        if adapter is not None:
+            adapter.enabled = enabled
     return model
 
 
@@ -678,7 +680,7 @@ def lora_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
     Inside a jitted function over a split model: ``m = nnx.merge(graphdef, params, frozen)`` then
     ``with lora_disabled(m): ref_logits = m(tokens)`` — the reference forward with the same weights.
     """
-    adapters = [s.adapter for s in lora_sites(model) if s.adapted]
+    adapters = [a for s in lora_sites(model) if (a := s.adapter) is not None]
     previous = [a.enabled for a in adapters]
     for a in adapters:
         a.enabled = False
@@ -702,7 +704,8 @@ def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State
     >>> sorted(nnx.to_pure_dict(adapters)["lora"]), sorted(nnx.to_pure_dict(base))
     (['lora_a', 'lora_b'], ['bias', 'kernel'])
     """
-    graphdef, adapters, base = nnx.split(model, LORA_PARAMS, ...)
+    parts: tuple[Any, ...] = nnx.split(model, LORA_PARAMS, ...)  # nnx types it as a variadic tuple
+    graphdef, adapters, base = parts
     ref_graphdef = nnx.split(set_lora_enabled(nnx.clone(model), False), LORA_PARAMS, ...)[0]
     return graphdef, ref_graphdef, adapters, base
 

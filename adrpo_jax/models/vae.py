@@ -249,7 +249,7 @@ class VAEConfig:
 
   def to_diffusers_config(self) -> dict[str, Any]:
     """The diffusers ``config.json`` dict (``_class_name`` = AutoencoderKL)."""
-    out = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"}
+    out: dict[str, Any] = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"}
     for k in self.DIFFUSERS_FIELDS:
       v = getattr(self, k)
       out[k] = list(v) if isinstance(v, tuple) else v
@@ -262,6 +262,7 @@ class VAEConfig:
 def tiny_config(**kw: Any) -> VAEConfig:
   """A tiny config (channels (8, 16), 2 groups, 4 latent channels, x2 spatial factor) for tests; ``kw`` replaces
   any field."""
+  base: dict[str, Any]
   base = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
               up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
               sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
@@ -272,6 +273,7 @@ def tiny_config(**kw: Any) -> VAEConfig:
 
 def sd3_config(**kw: Any) -> VAEConfig:
   """The config of SD3 / SD3.5's VAE (``<sd3 snapshot>/vae/config.json``); ``kw`` replaces any field."""
+  base: dict[str, Any]
   base = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=16,
               norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,

@@ -429,8 +429,8 @@ def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: ja
     if tokens.shape[1] != opts.prompt_length + opts.max_new_tokens:
         raise ValueError(f"tokens of length {tokens.shape[1]} != prompt_length {opts.prompt_length} + "
                          f"max_new_tokens {opts.max_new_tokens}")
-    kw = dict(chunk_size=opts.logprob_chunk_size, return_entropy=True, temperature=opts.temperature,
-              logits_to_keep=opts.max_new_tokens)
+    kw: dict[str, Any] = dict(chunk_size=opts.logprob_chunk_size, return_entropy=True, temperature=opts.temperature,
+                              logits_to_keep=opts.max_new_tokens)
     if model_inputs is not None and "expert_indices" in model_inputs:  # router replay (MoE)
         model_inputs = dict(model_inputs)
         kw["expert_indices"] = model_inputs.pop("expert_indices")
@@ -438,8 +438,9 @@ def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: ja
     if return_routing:
         kw["return_routing"] = True
     if model_inputs is not None:
-        embeds = model.embed_inputs(tokens, **model_inputs)
-        out = token_logprobs(model.lm, tokens, attention_mask, embeds=embeds, **kw)
+        multimodal: Any = model  # an audio LLM: its embeddings of the tokens + the other inputs, then its LM
+        embeds = multimodal.embed_inputs(tokens, **model_inputs)
+        out = token_logprobs(multimodal.lm, tokens, attention_mask, embeds=embeds, **kw)
     else:
         out = token_logprobs(model, tokens, attention_mask, **kw)
     return (*out[0], out[1]) if return_routing else out

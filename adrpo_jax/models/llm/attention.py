@@ -39,6 +39,7 @@ Implementations (`DecoderConfig.attention_impl`):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -84,7 +85,7 @@ class AttentionMask:
 
   def with_window_array(self, window_array) -> "AttentionMask":
     """This mask with a (traced) per-layer window (<= 0: none)."""
-    return self.replace(window_array=jnp.asarray(window_array, jnp.int32))
+    return dataclasses.replace(self, window_array=jnp.asarray(window_array, jnp.int32))
 
   def dense(self, q_len: int) -> Array:
     """The equivalent dense boolean mask [B, T, S] (what `xla` uses)."""
@@ -520,7 +521,8 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   seg = jnp.asarray(mask.key_valid, jnp.int32)
   if mask.segment_ids is not None:  # packed: segment s -> s + 2 on valid slots (1 is never a real segment here)
     seg = jnp.where(seg > 0, jnp.asarray(mask.segment_ids, jnp.int32) + 2, 0)
-  kw = dict(window=mask.window, scale=scale, block_size=block_size, interpret=interpret, softcap=softcap)
+  kw: dict[str, Any] = dict(window=mask.window, scale=scale, block_size=block_size, interpret=interpret,
+                            softcap=softcap)
   mesh = activation_sharding.current_mesh(q)
   rows = activation_sharding.batch_axes(q.shape[0], q)
   types = dict(zip(mesh.axis_names, mesh.axis_types)) if mesh is not None else {}
@@ -529,8 +531,11 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   if not rows and heads is None:
     return _splash_local(q, k, v, seg, **kw)
   qkv = P(rows or None, None, heads, None)
-  fn = jax.shard_map(functools.partial(_splash_local, **kw), mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows or None)),
-                     out_specs=qkv, check_vma=False)
+
+  def local(q_: Array, k_: Array, v_: Array, seg_: Array) -> Array:
+    return _splash_local(q_, k_, v_, seg_, **kw)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows or None)), out_specs=qkv, check_vma=False)
   return fn(q, k, v, seg)
 
 
@@ -547,6 +552,7 @@ def _splash_local(q: Array, k: Array, v: Array, seg: Array, *, window, scale: fl
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     seg = jnp.pad(seg, ((0, 0), (0, tp - t)))
+  one: Any  # a splash-attention mask
   if window is None:
     one = sa.CausalMask((tp, tp))
   else:

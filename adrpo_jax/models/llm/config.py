@@ -57,7 +57,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwe
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # transformers 5.23 config defaults of the Gemma families where config.json files omit the field
-_GEMMA_DEFAULTS = {
+_GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
                    final_logit_softcapping=30.0, rope_theta=10000.0, tie_word_embeddings=True, vocab_size=256000,
                    max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh"),
@@ -352,9 +352,15 @@ class DecoderConfig:
     return sum(self.moe_layers)
 
   @property
+  def _head_dim(self) -> int:
+    """`head_dim` as an int (resolved by `__post_init__`: `hidden_size // num_attention_heads` when not given)."""
+    assert self.head_dim is not None
+    return self.head_dim
+
+  @property
   def attention_scale(self) -> float:
     """The attention logit scale: `query_pre_attn_scalar ** -0.5` (Gemma) or `head_dim ** -0.5`."""
-    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+    return (self.query_pre_attn_scalar or self._head_dim) ** -0.5
 
   @property
   def layer_local_rope(self) -> tuple[bool, ...]:
@@ -364,6 +370,7 @@ class DecoderConfig:
   @property
   def num_query_groups(self) -> int:
     """G = num_attention_heads // num_key_value_heads (query heads per kv head)."""
+    assert self.num_key_value_heads is not None  # resolved by __post_init__
     return self.num_attention_heads // self.num_key_value_heads
 
   @property
@@ -382,7 +389,7 @@ class DecoderConfig:
   def num_params(self) -> int:
     """Parameter count (embeddings counted once when tied)."""
     d, f, h, k, hd = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
-                      self.num_key_value_heads, self.head_dim)
+                      self.num_key_value_heads or self.num_attention_heads, self._head_dim)
     attn = d * h * hd * 2 + d * k * hd * 2
     attn += (h + 2 * k) * hd * self.attention_bias + d * self.attention_out_bias + 2 * hd * self.qk_norm
     mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
@@ -561,7 +568,10 @@ class DecoderConfig:
     """gemma2 / gemma3_text config.json -> DecoderConfig (transformers 5.23 defaults for absent fields)."""
     model_type = raw["model_type"]
     defaults = _GEMMA_DEFAULTS[model_type]
-    get = lambda key: raw[key] if raw.get(key) is not None else defaults.get(key)  # noqa: E731
+
+    def get(key: str) -> Any:
+      return raw[key] if raw.get(key) is not None else defaults.get(key)
+
     if raw.get("use_bidirectional_attention"):
       raise ValueError(f"use_bidirectional_attention=True in {source} (an encoder / embedding model) is not "
                        "supported: this decoder is causal")
@@ -641,7 +651,7 @@ class DecoderConfig:
       raise ValueError("gemma2 has one rope for every layer; rope_local_theta must be None")
     types = list(self.layer_types or ("full_attention",) * self.num_hidden_layers)
     out.pop("hidden_act")
-    scalar = self.query_pre_attn_scalar or self.head_dim
+    scalar = self.query_pre_attn_scalar or self._head_dim
     out.update(hidden_activation=self.hidden_act, attention_bias=self.attention_bias,
                query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,  # transformers: an int
                attn_logit_softcapping=self.attn_logit_softcapping,
@@ -665,9 +675,9 @@ class DecoderConfig:
         q/k/v and o_proj biases; qwen2: q/k norm, MLP bias, other than q/k/v-only bias; qwen3: no q/k norm,
         MLP bias), named in the message (transformers would otherwise compute other logits).
     """
-    rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_scaling is not None:
-      rope_parameters.update(self.rope_scaling_dict)
+      rope_parameters.update(self.rope_scaling_dict or {})
     out: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[self.model_type]],
         "model_type": self.model_type,
@@ -779,7 +789,7 @@ def rope_inv_freq(config: DecoderConfig) -> tuple[np.ndarray, float]:
   >>> inv_freq.shape, float(inv_freq[0]), scale
   ((2,), 1.0, 1.0)
   """
-  dim = config.head_dim
+  dim = config._head_dim
   base = np.float32(config.rope_theta)
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
   inv_freq = (np.float32(1.0) / (base ** exponents)).astype(np.float32)
