@@ -239,7 +239,7 @@ class CompiledProgram:
         return out
 
     @property
-    def cost(self) -> dict[str, float]:
+    def cost(self) -> dict[str, Any]:  # numbers, and "cost_source" (str)
         c = self.compiled.cost_analysis()
         if isinstance(c, (list, tuple)):  # older jax: one dict per computation
             c = c[0] if c else {}
