@@ -368,6 +368,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--orw", action="store_true", help="run the ORW-CFM-W2 tau grid (ORW_SEEDS) instead")
   parser.add_argument("--out", type=Path, default=None, help="results JSON (default WORKDIR/issue27_decisive.json)")
   parser.add_argument("--analyze-only", action="store_true", help="no new runs: analyze the finished ones")
+  parser.add_argument("--no-tests", action="store_true",
+                      help="write the runs only, no gaps, tests or plot (a partial grid with fewer seeds than the "
+                           "registered 6: descriptive)")
   parser.add_argument("--judge-info", type=Path, default=None, metavar="JSON",
                       help="only write the judge's and the reward classifier's accuracies to JSON")
   args = parser.parse_args(argv)
@@ -389,14 +392,15 @@ def main(argv=None) -> dict:
     _sweep.run_sweep(_sweep.with_overrides(todo, args.set), args.workdir, jobs=args.jobs, nice=args.nice)
   runs = collect(args.workdir, specs)
   per_seed = per_seed_table(runs)
-  analysis = analyze(per_seed, args.blocks)
+  analysis = {} if args.no_tests else analyze(per_seed, args.blocks)
   out = args.out or args.workdir / "issue27_decisive.json"
   _sweep.write_results(out, design={"steps": STEPS, "eval_every": EVAL_EVERY, "seeds": list(args.seeds),
                                     "blocks": {str(b): list(BLOCKS[b]) for b in args.blocks}, "alpha": ALPHA,
                                     "margin": MARGIN, "planes": {k: list(v) for k, v in PLANES.items()},
-                                    "reward": REWARD},
+                                    "reward": REWARD, "tests": not args.no_tests},
                        runs=runs, analysis=analysis, code=_sweep.code_version())
-  plot(per_seed, analysis, out.with_suffix(".png"))
+  if not args.no_tests:
+    plot(per_seed, analysis, out.with_suffix(".png"))
   for key, a in analysis.items():
     if "decision" in a:
       t = a["test"]
