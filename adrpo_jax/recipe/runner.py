@@ -33,7 +33,7 @@ from adrpo_jax.recipe.base import (EVAL_IMAGES_DIR, FINAL_MODEL, RECIPES, Recipe
 from adrpo_jax.train.config import ConfigError, get_by_path
 
 __all__ = ["train", "evaluate_run", "build_trainer", "warn_config_changes", "write_run_config", "apply_import_path",
-           "describe_model", "run_summary", "EVAL_FILE", "CONFIG_FILE", "MODES"]
+           "describe_model", "run_summary", "eval_command", "EVAL_FILE", "CONFIG_FILE", "MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,28 @@ def run_summary(result: dict[str, Any], workdir: str | os.PathLike, config: Any 
     rows.append(("config", str(workdir / CONFIG_FILE)))
     width = max(len(name) for name, _ in rows)
     lines.extend(f"  {name + ':':<{width + 1}} {value}" for name, value in rows)
-    lines.append(f"  evaluate again: launch.py --workdir={workdir} --mode=eval")
+    lines.append(f"  evaluate again: {eval_command(workdir)}")
     return "\n".join(lines)
+
+
+def eval_command(workdir: str | os.PathLike, argv0: str | None = None) -> str:
+    """The command that evaluates ``workdir`` again, in the form the run was started with (``argv0``: the
+    program, default ``sys.argv[0]``): the console script, ``python -m adrpo_jax.launch`` or a checkout's
+    ``launch.py``.
+
+    >>> eval_command("/tmp/run", "/venv/bin/adrpo-jax")
+    'adrpo-jax eval --workdir=/tmp/run'
+    >>> eval_command("/tmp/run", "/site-packages/adrpo_jax/launch.py")
+    'python -m adrpo_jax.launch eval --workdir=/tmp/run'
+    >>> eval_command("/tmp/run", "launch.py")
+    'launch.py --workdir=/tmp/run --mode=eval'
+    """
+    argv0 = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
+    if os.path.basename(argv0) == "adrpo-jax":
+        return f"adrpo-jax eval --workdir={workdir}"
+    if os.path.basename(argv0) == "launch.py" and os.path.basename(os.path.dirname(argv0)) == "adrpo_jax":
+        return f"python -m adrpo_jax.launch eval --workdir={workdir}"
+    return f"launch.py --workdir={workdir} --mode=eval"
 
 
 def warn_config_changes(config: Any, workdir: str | os.PathLike) -> list[tuple[str, Any, Any]]:
