@@ -67,7 +67,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import flax.struct
 import jax
@@ -133,6 +134,8 @@ class KVCache:
       raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    keys: Array | tuple[Array, ...]
+    values: Array | tuple[Array, ...]
     if config.scan_layers:
       keys = jnp.zeros((config.num_hidden_layers,) + shape, dtype)
       values = jnp.zeros((config.num_hidden_layers,) + shape, dtype)
@@ -165,6 +168,8 @@ def _normal_init(key, *, shape, dtype, std):
 def _param(rngs: nnx.Rngs | None, shape, names, dtype, *, init: str, std: float = 0.02) -> nnx.Param:
   shape, dtype = tuple(int(s) for s in shape), jnp.dtype(dtype)
   if init == "normal":
+    if rngs is None:
+      raise ValueError("init='normal' needs rngs")
     value = _normal_init(rngs.params(), shape=shape, dtype=dtype, std=float(std))
   elif init == "ones":
     value = jnp.ones(shape, dtype)
@@ -278,9 +283,11 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 class Attention(nnx.Module):
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
-    d, h, k, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    d, h, k, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config._head_dim
     common = dict(dtype=config.dtype, param_dtype=config.param_dtype, std=config.initializer_range, rngs=rngs)
     qkv_bias = config.attention_bias
+    self.q_norm: RMSNorm | None
+    self.k_norm: RMSNorm | None
     self.q_proj = Dense("btd,dhk->bthk", (d, h, hd), ("embed", "heads", "head_dim"),
                         bias_shape=(h, hd) if qkv_bias else None, bias_axes=("heads", "head_dim"), **common)
     self.k_proj = Dense("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
@@ -308,7 +315,7 @@ class Attention(nnx.Module):
     `kv_cache=(k [L,B,S,K,hd], v, layer)`: the stacked caches of all layers, written in place at (layer, index)
     and returned as the same 3-tuple."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    if self.q_norm is not None:
+    if self.q_norm is not None and self.k_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if kv_cache is not None and len(kv_cache) == 3:
@@ -360,6 +367,9 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(config.hidden_size, **norm)
     self.self_attn = Attention(config, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+    self.mlp: SparseMoeBlock | MLP
+    self.pre_feedforward_layernorm: RMSNorm | None
+    self.post_feedforward_layernorm: RMSNorm | None
     if config.moe_layers[layer_idx]:  # a sparse layer (router + experts)
       self.mlp = SparseMoeBlock(config, rngs=rngs)
     else:
@@ -444,7 +454,7 @@ class StackedDecoderLayers(DecoderLayer):
     return int(self.input_layernorm.weight.shape[0])
 
   def __getitem__(self, i: int) -> DecoderLayer:
-    return unstacked_copy(self, i, len(self), DecoderLayer, "layer")
+    return cast(DecoderLayer, unstacked_copy(self, i, len(self), DecoderLayer, "layer"))
 
   def scan(self, x, cos, sin, allowed, *, windows, kv_cache=None, index=None, remat: bool = False, policy=None,
            local_rope=None, token_valid=None, expert_indices=None):
@@ -532,6 +542,7 @@ class CausalLM(nnx.Module):
     with nnx.use_eager_sharding(False):  # logical names stay metadata: the model builds without a mesh
       common = dict(dtype=config.dtype, param_dtype=config.param_dtype, std=config.initializer_range, rngs=rngs)
       self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **common)
+      self.layers: StackedDecoderLayers | nnx.List
       if config.scan_layers:
         self.layers = StackedDecoderLayers(config, rngs=rngs)
       else:
@@ -574,7 +585,7 @@ class CausalLM(nnx.Module):
     view = nnx.merge(*nnx.split(self))  # a new module graph over the same arrays
     view.layers = nnx.List([self.layers[i] for i in range(len(self.layers))])
     view.config = dataclasses.replace(self.config, scan_layers=False)
-    view._stacked_view = True  # pylint: disable=protected-access  (per-layer LoRA dropout keys as in the scan)
+    setattr(view, "_stacked_view", True)  # noqa: B010 (only the view has it: per-layer LoRA dropout keys as in the scan)
     return view
 
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -712,7 +723,8 @@ class CausalLM(nnx.Module):
         raise ValueError(f"segment_ids must have the shape of tokens {(b, t)}, got {tuple(segment_ids.shape)}")
     attn_mask = AttentionMask(key_valid=key_valid, q_offset=index,  # structured: no [B, T, S] tensor here
                               segment_ids=segment_ids)
-    masks = {w: attn_mask.replace(window=w) for w in (set() if stacked else set(cfg.layer_sliding_windows))}
+    masks = {w: dataclasses.replace(attn_mask, window=w)
+             for w in (set() if stacked else set(cfg.layer_sliding_windows))}
     cos, sin = rotary_cos_sin(positions, np.asarray(self._inv_freq, np.float32), self._rope_scale, cfg.dtype)
     local_flags = cfg.layer_local_rope
     if any(local_flags):
@@ -732,10 +744,12 @@ class CausalLM(nnx.Module):
     if cfg.scale_embeddings and embeds is None:  # Gemma: sqrt(D) in the compute dtype (not on given embeds, as HF)
       x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.dtype)
     x = constrain_batch(x)  # batch-sharded activations under a mesh (activation_sharding)
-    new_keys, new_values = [], []
+    new_keys: Any = []  # per-layer lists, then tuples (or the scan's stacked arrays)
+    new_values: Any = []
     use_remat = cfg.remat and cache is None
     routing = None
-    if stacked:  # one lax.scan over the stacked layers (sliding windows applied per layer inside it)
+    # stacked: one lax.scan over the stacked layers (sliding windows applied per layer inside it)
+    if isinstance(self.layers, StackedDecoderLayers):
       kv = None if cache is None else (cache.keys, cache.values)
       x, kv, routing = self.layers.scan(
           x, cos, sin, attn_mask, windows=cfg.layer_sliding_windows, kv_cache=kv, index=index, remat=use_remat,
@@ -749,7 +763,8 @@ class CausalLM(nnx.Module):
     # the unrolled view of a stacked model (`unstacked`) keeps the scan's per-layer LoRA dropout keys
     from adrpo_jax.models.lora import lora_dropout_fold_in  # pylint: disable=import-outside-toplevel
     fold = lora_dropout_fold_in if getattr(self, "_stacked_view", False) else (lambda i: contextlib.nullcontext())
-    for i, layer in enumerate([] if stacked else self.layers):
+    unrolled: Sequence[DecoderLayer] = () if isinstance(self.layers, StackedDecoderLayers) else self.layers
+    for i, layer in enumerate(unrolled):
       allowed = masks[cfg.layer_sliding_windows[i]]
       x = constrain_batch(x) if i else x  # layer boundary (after the embedding's constraint): batch-sharded
       c, s = (cos_l, sin_l) if local_flags[i] else (cos, sin)
@@ -776,6 +791,7 @@ class CausalLM(nnx.Module):
       return x, routing
     if not stacked:
       new_keys, new_values = tuple(new_keys), tuple(new_values)
+    assert index is not None  # = cache.index
     new_cache = KVCache(keys=new_keys, values=new_values, mask=key_valid, index=index + t,
                         next_position=cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32))
     return (x, new_cache), routing
