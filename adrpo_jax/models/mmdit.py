@@ -73,7 +73,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +247,12 @@ class MMDiTConfig:
                          f"policy; choose one of {names} or None.")
 
   @property
+  def channels_out(self) -> int:
+    """``out_channels`` as an int (resolved to ``in_channels`` by ``__post_init__`` when None)."""
+    assert self.out_channels is not None
+    return self.out_channels
+
+  @property
   def inner_dim(self) -> int:
     """The width ``num_attention_heads * attention_head_dim``."""
     return self.num_attention_heads * self.attention_head_dim
@@ -277,7 +283,7 @@ class MMDiTConfig:
 
   def to_diffusers_config(self) -> dict[str, Any]:
     """The diffusers ``config.json`` dict (``_class_name`` = SD3Transformer2DModel)."""
-    out = {"_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.42.1"}
+    out: dict[str, Any] = {"_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.42.1"}
     for k in self.DIFFUSERS_FIELDS:
       v = getattr(self, k)
       out[k] = list(v) if isinstance(v, tuple) else v
@@ -337,6 +343,7 @@ def tiny_config(**kw: Any) -> MMDiTConfig:
   """A tiny SD3-shaped config (2 heads of 8, width 16, 3 blocks, latents up to 12 x 12 x 4 with patch 2) for
   tests and CPU configs; ``kw`` replaces any field (e.g. ``qk_norm="rms_norm", dual_attention_layers=(0, 1)``
   for an SD3.5-shaped one)."""
+  base: dict[str, Any]
   base = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
               num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
               out_channels=4, pos_embed_max_size=6)
@@ -491,8 +498,9 @@ class JointAttention(nnx.Module):
                qk_norm: str | None, kw: dict, attention_impl: str | None = None):
     inner = heads * head_dim
     self.heads, self.head_dim, self.dtype = heads, head_dim, kw["dtype"]
-    self.attention_impl = attention_impl
+    self.attention_impl: Any = attention_impl  # None | 'xla' | 'cudnn' (checked by MMDiTConfig)
     self.joint, self.context_pre_only = joint, context_pre_only
+    self.to_add_out: nnx.Linear | None
     self.to_q = _linear(dim, inner, ("embed", "heads"), kw)
     self.to_k = _linear(dim, inner, ("embed", "heads"), kw)
     self.to_v = _linear(dim, inner, ("embed", "heads"), kw)
@@ -522,6 +530,7 @@ class JointAttention(nnx.Module):
     v = self._heads(self.to_v, None, x)
     n = x.shape[1]
     if self.joint:
+      assert ctx is not None, "a joint attention needs the text tokens"
       ctx = ctx.astype(dt)
       ck = self._heads(self.add_k_proj, self.norm_added_k, ctx)
       cv = self._heads(self.add_v_proj, None, ctx)
@@ -535,7 +544,7 @@ class JointAttention(nnx.Module):
     img = self.to_out(out[:, :n]).astype(jnp.float32)
     if not self.joint:
       return img
-    ctx_out = None if self.context_pre_only else self.to_add_out(out[:, n:]).astype(jnp.float32)
+    ctx_out = None if self.to_add_out is None else self.to_add_out(out[:, n:]).astype(jnp.float32)
     return img, ctx_out
 
 
@@ -560,6 +569,8 @@ class JointBlock(nnx.Module):
   def __init__(self, dim: int, heads: int, head_dim: int, *, use_dual_attention: bool, context_pre_only: bool,
                qk_norm: str | None, kw: dict, attention_impl: str | None = None):
     self.use_dual_attention, self.context_pre_only = use_dual_attention, context_pre_only
+    self.attn2: JointAttention | None
+    self.ff_context: FeedForward | None
     self.norm1 = AdaNorm(dim, 9 if use_dual_attention else 6, kw)
     self.norm1_context = AdaNorm(dim, 2 if context_pre_only else 6, kw)
     self.attn = JointAttention(dim, heads, head_dim, joint=True, context_pre_only=context_pre_only,
@@ -584,11 +595,11 @@ class JointBlock(nnx.Module):
       hctx = _modulate(nctx, c_shift_msa, c_scale_msa)
     attn_out, ctx_attn_out = self.attn(h, hctx)
     x = x + gate_msa[:, None, :] * attn_out
-    if self.use_dual_attention:
+    if self.attn2 is not None:  # use_dual_attention
       shift_msa2, scale_msa2, gate_msa2 = mods[6:]
       x = x + gate_msa2[:, None, :] * self.attn2(_modulate(nx, shift_msa2, scale_msa2))
     x = x + gate_mlp[:, None, :] * self.ff(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
-    if not self.context_pre_only:
+    if self.ff_context is not None:  # not context_pre_only
       ctx = ctx + c_gate_msa[:, None, :] * ctx_attn_out
       ctx = ctx + c_gate_mlp[:, None, :] * self.ff_context(_modulate(_layer_norm(ctx), c_shift_mlp, c_scale_mlp))
     return x, ctx
@@ -604,8 +615,8 @@ class StackedJointBlocks(JointBlock):
 
   def __init__(self, length: int, first: int, dim: int, heads: int, head_dim: int, *, use_dual_attention: bool,
                qk_norm: str | None, kw: dict, attention_impl: str | None = None):
-    args = dict(use_dual_attention=use_dual_attention, context_pre_only=False, qk_norm=qk_norm, kw=kw,
-                attention_impl=attention_impl)
+    args: dict[str, Any] = dict(use_dual_attention=use_dual_attention, context_pre_only=False, qk_norm=qk_norm,
+                                kw=kw, attention_impl=attention_impl)
     super().__init__(dim, heads, head_dim, **args)
     stack_variables(self, [JointBlock(dim, heads, head_dim, **args) for _ in range(length - 1)])
     self.first = int(first)  # index of the run's first block in the model
@@ -614,7 +625,7 @@ class StackedJointBlocks(JointBlock):
     return int(self.ff.fc1.kernel.shape[0])
 
   def __getitem__(self, i: int) -> JointBlock:
-    return unstacked_copy(self, i, len(self), JointBlock, "block")
+    return cast(JointBlock, unstacked_copy(self, i, len(self), JointBlock, "block"))
 
   def __iter__(self):
     return (self[i] for i in range(len(self)))
@@ -626,10 +637,10 @@ class StackedJointBlocks(JointBlock):
     index."""
     graphdef, state = nnx.split(self)
 
-    def body(carry, xs):
+    def body(carry: tuple[jax.Array, jax.Array], xs):
       block_state, index = xs
       block = nnx.merge(graphdef, block_state)
-      carry = tuple(constrain_batch(c) for c in carry)
+      carry = (constrain_batch(carry[0]), constrain_batch(carry[1]))
       with lora_dropout_fold_in(index):
         carry = JointBlock.__call__(block, carry, temb)
       return carry, None
@@ -637,7 +648,7 @@ class StackedJointBlocks(JointBlock):
     if remat:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     indices = self.first + jnp.arange(len(self), dtype=jnp.int32)
-    streams, _ = jax.lax.scan(body, tuple(streams), (state, indices))
+    streams, _ = jax.lax.scan(body, (streams[0], streams[1]), (state, indices))
     return streams
 
 
@@ -663,6 +674,11 @@ class MMDiT(nnx.Module):
     kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=_Keys(rngs))
     c = config
     d, p = c.inner_dim, c.patch_size
+    # the parts that exist depend on the config (pos_embed_max_size, scan_layers)
+    self.pos_table: PositionTable | None
+    self.block_stacks: nnx.List | None
+    self.last_block: JointBlock | None
+    self.transformer_blocks: nnx.List | None
     with nnx.use_eager_sharding(False):  # logical names are metadata; builds without a mesh
       if c.pos_embed_max_size is not None:
         table = _pos_table_value(d, c.pos_embed_max_size, c.sample_size // p)
@@ -675,7 +691,7 @@ class MMDiT(nnx.Module):
       self.text_linear_1 = _linear(c.pooled_projection_dim, d, (None, "mlp"), kw)
       self.text_linear_2 = _linear(d, d, ("mlp", "embed"), kw)
       self.context_embedder = _linear(c.joint_attention_dim, d, (None, "embed"), kw)
-      block_args = dict(qk_norm=c.qk_norm, kw=kw, attention_impl=c.attention_impl)
+      block_args: dict[str, Any] = dict(qk_norm=c.qk_norm, kw=kw, attention_impl=c.attention_impl)
       if c.scan_layers:
         self.block_stacks = nnx.List([
             StackedJointBlocks(length, start, d, c.num_attention_heads, c.attention_head_dim,
@@ -690,7 +706,7 @@ class MMDiT(nnx.Module):
                        context_pre_only=pre_only, **block_args) for dual, pre_only in c.block_kinds()])
         self.block_stacks = self.last_block = None
       self.norm_out = AdaNorm(d, 2, kw)
-      self.proj_out = _linear(d, p * p * c.out_channels, ("embed", None), kw)
+      self.proj_out = _linear(d, p * p * c.channels_out, ("embed", None), kw)
 
   # -- pieces ------------------------------------------------------------------------------------------
   def position_embedding(self, gh: int, gw: int) -> jax.Array:
@@ -699,6 +715,7 @@ class MMDiT(nnx.Module):
     if c.pos_embed_max_size is None:
       return jnp.asarray(sd3_pos_embed_table(c.inner_dim, gh, gw, c.sample_size // c.patch_size))
     m = c.pos_embed_max_size
+    assert self.pos_table is not None  # built when pos_embed_max_size is set
     top, left = (m - gh) // 2, (m - gw) // 2
     table = self.pos_table[...].astype(jnp.float32).reshape(m, m, -1)
     return table[top:top + gh, left:left + gw].reshape(gh * gw, -1)
@@ -715,6 +732,7 @@ class MMDiT(nnx.Module):
     """The ``num_layers`` blocks as :class:`JointBlock` s in order (detached copies for the stacked ones)."""
     if self.transformer_blocks is not None:
       return list(self.transformer_blocks)
+    assert self.block_stacks is not None and self.last_block is not None  # scan_layers
     return [blk for stack in self.block_stacks for blk in stack] + [self.last_block]
 
   def _check(self, latents, timestep, states, pooled):
@@ -768,20 +786,20 @@ class MMDiT(nnx.Module):
     ctx = constrain_batch(self.context_embedder(encoder_hidden_states.astype(dt)).astype(jnp.float32))
     policy = getattr(jax.checkpoint_policies, c.remat_policy) if c.remat_policy else None
     call = nnx.remat(_block_call, policy=policy) if c.remat else _block_call
-    if c.scan_layers:
+    if self.block_stacks is not None and self.last_block is not None:  # c.scan_layers
       for stack in self.block_stacks:
         x, ctx = stack.scan((x, ctx), temb, remat=c.remat, policy=policy)
       x, ctx = constrain_batch(x), constrain_batch(ctx)
       with lora_dropout_fold_in(c.num_layers - 1):
         x, _ = call(self.last_block, x, ctx, temb)
     else:
-      for block in self.transformer_blocks:
+      for block in self.transformer_blocks or ():
         x, ctx = constrain_batch(x), constrain_batch(ctx)
         x, ctx = call(block, x, ctx, temb)
     scale, shift = self.norm_out(temb)
     x = _modulate(_layer_norm(x), shift, scale)
     out = self.proj_out(x.astype(dt)).astype(jnp.float32)
-    return _unpatchify(out, p, gh, gw, c.out_channels)
+    return _unpatchify(out, p, gh, gw, c.channels_out)
 
 
 def velocity_fn_from_state(graphdef: nnx.GraphDef, *state: nnx.State) -> Callable[..., jax.Array]:
@@ -897,7 +915,7 @@ def param_mappings(config: MMDiTConfig) -> list[_Mapping]:
     for i, (dual, pre_only) in enumerate(kinds):
       out += _block_mappings(f"transformer_blocks.{i}", ("transformer_blocks", i), c, dual, pre_only, None)
   linear(("norm_out", "linear"), "norm_out.linear", d, 2 * d)
-  linear("proj_out", "proj_out", d, p * p * c.out_channels)
+  linear("proj_out", "proj_out", d, p * p * c.channels_out)
   return out
 
 
@@ -1011,6 +1029,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     shape, dtype = tuple(var.get_value().shape), np.dtype(var.get_value().dtype)
     group = groups[ours]
     if group[0].name == "pos_embed.pos_embed" and group[0].name not in reader:
+      assert config.pos_embed_max_size is not None  # the model has a position table
       host = sd3_pos_embed_table(config.inner_dim, config.pos_embed_max_size, config.pos_embed_max_size,
                                  config.sample_size // config.patch_size).astype(dtype)
     elif group[0].layer is None and group[0].kind != "linear_w" and reader.dtype(group[0].name) == dtype:
@@ -1025,9 +1044,11 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
       value = jax.device_put(np.ascontiguousarray(host))
     else:
       names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
-      value = jax.make_array_from_callback(
-          shape, shardings(names, shape),
-          lambda idx, host=host, dtype=dtype: np.ascontiguousarray(host[idx], dtype=dtype))
+
+      def shard(idx: Any, host: np.ndarray = host, dtype: np.dtype = dtype) -> np.ndarray:
+        return np.ascontiguousarray(host[idx], dtype=dtype)
+
+      value = jax.make_array_from_callback(shape, shardings(names, shape), shard)
     pure[ours] = value
     del host
   for name in reader.names():
@@ -1116,9 +1137,9 @@ def diffusers_lora_state_dict(model: MMDiT, *, prefix: str = "transformer", dtyp
   ranks: dict[str, int] = {}
   alphas: dict[str, float] = {}
   for site in lora_sites(model):
-    if not site.adapted:
-      continue
     adapter = site.adapter
+    if adapter is None:
+      continue
     a, b = _to_host(adapter.lora_a[...]), _to_host(adapter.lora_b[...])
     layers = [None] if site.layers is None else list(range(site.layers))
     for layer in layers:
@@ -1137,7 +1158,7 @@ def diffusers_lora_state_dict(model: MMDiT, *, prefix: str = "transformer", dtyp
   if not tensors:
     raise ValueError("the model has no LoRA adapters to export (apply_lora first)")
 
-  def common(values):
+  def common(values: Any) -> Any:
     counts: dict[Any, int] = {}
     for v in values:
       counts[v] = counts.get(v, 0) + 1
