@@ -197,21 +197,35 @@ def test_fsdp_holds_less_than_data_for_the_logprob_gradient(mesh_context):
   assert mem["fsdp"] <= mem["data"], mem
 
 
+def _v5e_mesh(**axes):
+  try:
+    from jax.experimental import topologies
+    devices = list(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices)
+  except Exception as err:  # pylint: disable=broad-except
+    pytest.skip(f"no TPU compiler here: {err}")
+  return train.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **axes}, devices=devices)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layers", [2, 4])
-def test_fsdp_holds_less_than_data_at_smollm2_shape(layers):
+@pytest.mark.parametrize("layers,target", [(2, "cpu"), (4, "cpu"), (2, "v5e:2x4")])
+def test_fsdp_holds_less_than_data_at_smollm2_shape(layers, target):
   """vocab 49,152, B = 64, T = 192, hidden 256: the log-prob gradient (no mesh context, as a user calls it) and
-  the RL update (`make_rl_update` with its mesh), per device arguments + temps + outputs (~1 min)."""
+  the RL update (`make_rl_update` with its mesh), per device arguments + temps + outputs (~1 min), on 8 forced
+  CPU devices and compiled by the TPU compiler for a v5e-8 (traced as a TPU runs it: splash attention)."""
   import optax
 
+  from adrpo_jax.models.llm.activation_sharding import compiling_for
   from adrpo_jax.rl.step import StepOptions, make_rl_update
   cfg = DecoderConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
   b, pl, nl = 64, 64, 128
   lp, upd = {}, {}
+  make = _mesh if target == "cpu" else _v5e_mesh
+  platform = None if target == "cpu" else "tpu"
   for axis in ("data", "fsdp"):
-    mesh = _mesh(**{axis: 8})
-    lp[axis] = _logprob_grad_memory(cfg, mesh, b, pl + nl, mesh_context=False)
+    mesh = make(**{axis: 8})
+    with compiling_for(platform):
+      lp[axis] = _logprob_grad_memory(cfg, mesh, b, pl + nl, mesh_context=False)
     tx = optax.adamw(1e-6)
 
     def init(tx=tx):
@@ -227,8 +241,9 @@ def test_fsdp_holds_less_than_data_at_smollm2_shape(layers):
              "completion_mask": s((b, nl), jnp.bool_), "lengths": s((b,), jnp.int32), "done": s((b,), jnp.bool_),
              "rewards": s((b,), jnp.float32), "reward_valid": s((b,), jnp.bool_),
              "ref_logp": s((b, nl), jnp.float32)}
-    ma = jax.jit(make_rl_update(graphdef, tx, opts, mesh), donate_argnums=(0, 1)).lower(
-        abstract["params"], abstract["opt_state"], None, batch, jax.random.key(0)).compile().memory_analysis()
+    with compiling_for(platform):
+      ma = jax.jit(make_rl_update(graphdef, tx, opts, mesh), donate_argnums=(0, 1)).lower(
+          abstract["params"], abstract["opt_state"], None, batch, jax.random.key(0)).compile().memory_analysis()
     upd[axis] = (ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
                  - ma.alias_size_in_bytes)
   assert lp["fsdp"] <= lp["data"], lp
