@@ -90,7 +90,7 @@ from adrpo_jax.flow.sd3 import (
     shard_prompt_table,
 )
 from adrpo_jax.flow.step import FlowStepOptions, draw_path_inputs, velocity_fn
-from adrpo_jax.models.lora import apply_lora, merge_lora
+from adrpo_jax.models.lora import apply_lora
 from adrpo_jax.recipe.policy import Policy
 from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import Program, abstract_like, key_struct
@@ -659,18 +659,8 @@ class SD3Trainer(FlowRecipe):
                 return np.zeros((1, *x.shape[1:]), x.dtype)
             return x
 
-        frozen = jax.tree_util.tree_map_with_path(slim, self.frozen)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-            gather = lambda x: multihost_utils.process_allgather(x, tiled=True)  # noqa: E731
-        else:
-            gather = jax.device_get
-        params, frozen = gather(params), gather(frozen)
-        if jax.process_index() != 0:
-            return None
-        params, frozen = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, frozen)
-        model = nnx.merge(self.policy.graphdef, params, frozen)
-        return merge_lora(model) if self.policy.lora is not None else model
+        return self.policy.merged(params, to_host=True,
+                                  frozen=jax.tree_util.tree_map_with_path(slim, self.frozen))
 
     def _export_lora(self, params, path: str) -> str | None:
         """The adapters as ``pytorch_lora_weights.safetensors`` with their peft config

@@ -274,13 +274,14 @@ class Policy:
         """``ref <- ref_alpha * params + (1 - ref_alpha) * ref`` (``ref_params`` donated)."""
         return self._fns["policy/refresh"](ref_params, params)
 
-    def merged(self, params: Any, *, to_host: bool = False) -> nnx.Module | None:
+    def merged(self, params: Any, *, to_host: bool = False, frozen: Any = None) -> nnx.Module | None:
         """The policy of ``params`` as one plain module (adapters folded in: ``W + s A B``), for export.
 
         ``to_host``: gather every array to host numpy first (all processes take part: the arrays may span
         processes); then only process 0 gets the module, the others None. Otherwise the module holds the
-        (sharded) device arrays, for writers that fetch collectively themselves."""
-        frozen = self.frozen
+        (sharded) device arrays, for writers that fetch collectively themselves. ``frozen``: the frozen state to
+        merge instead of :attr:`frozen` (e.g. with a large table the export does not write swapped for a stand-in)."""
+        frozen = self.frozen if frozen is None else frozen
         if to_host:
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel

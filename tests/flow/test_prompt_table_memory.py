@@ -164,7 +164,10 @@ def test_export_gathers_the_transformer_not_the_table(monkeypatch):
     model = MMDiTVelocity(mmdit.MMDiT(mmdit.tiny_config(), rngs=nnx.Rngs(0)),
                           np.zeros((N, 7, 12), np.float32), np.zeros((N, 10), np.float32), null_id=N - 1)
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    fake = SimpleNamespace(frozen=frozen, policy=SimpleNamespace(graphdef=graphdef, lora=None))
+    from adrpo_jax.recipe.policy import Policy
+    policy = SimpleNamespace(graphdef=graphdef, lora=None, frozen=frozen)
+    policy.merged = lambda *a, **k: Policy.merged(policy, *a, **k)
+    fake = SimpleNamespace(frozen=frozen, policy=policy)
     gathered = []
     real_get = jax.device_get
     monkeypatch.setattr(jax, "device_get",
