@@ -13,7 +13,7 @@ Variants:
   random Qwen2-Audio-shaped model supervised briefly to a weak sampled accuracy, then cached. The encoder is
   frozen during RL; exact-match + format reward. Minutes on 2 CPU cores.
 * ``cpu_grpo``: the same with a fixed KL coefficient (``rl.adaptive=False``).
-* ``gpu``: Qwen2.5-Omni-7B (thinker) + LoRA r=16 on one 80 GB GPU (see ``benchmarks/omni_memory_plan.py``):
+* ``gpu``: Qwen2.5-Omni-7B (thinker) + LoRA r=16 on one 80 GB GPU (``--mode=plan``: its programs compiled for one H100):
   AVQA / MMAU-format jsonl (``{"audio", "question", "choices", "answer"}``) with the chat template, 30 s
   windows, multiple-choice accuracy + ``<think>/<answer>`` format reward. Needs local weights
   (``--config.model.path``) and data (``--config.data.path``, optional ``--config.eval.path``): nothing is
