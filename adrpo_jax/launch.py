@@ -43,7 +43,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-__all__ = ["MODES", "main", "resolve_argv"]
+__all__ = ["MODES", "USAGE", "main", "resolve_argv"]
 
 #: The subcommands (``adrpo-jax MODE ...``), the same as ``--mode=MODE``.
 MODES = ("train", "eval", "plan", "compare")
@@ -53,6 +53,16 @@ _MODE_HELP = (
     "--config.plan.target, no weights -> WORKDIR/plan.json) | compare (positional run directories -> "
     "WORKDIR/compare.png and WORKDIR/compare.md)."
 )
+
+#: The commands, printed when the launcher gets no arguments.
+USAGE = """usage:
+  adrpo-jax train --config=NAME[:variant] --workdir=DIR [--config.key=value ...]
+  adrpo-jax eval --workdir=DIR                          (the run's config.json; --config to override)
+  adrpo-jax plan --config=NAME[:variant] --workdir=DIR --config.plan.target=v5e:2x4
+  adrpo-jax compare --workdir=OUT RUN_DIR [RUN_DIR ...]
+packaged configs (NAME): llm_arith, llm_gsm8k, llm_pod, flow_digits, sd3_adrpo, audio_arith; or path/to/config.py
+(python -m adrpo_jax.launch and a checkout's python launch.py take the same arguments; --mode=MODE = the subcommand;
+ --helpshort for the flags, --version)"""
 
 _ARGV: list[str] = []  # the command line as parsed (subcommand -> --mode, packaged config names -> their files)
 
@@ -204,6 +214,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     ``--config.*`` overrides; a subcommand and packaged config names through :func:`resolve_argv`; ``eval``
     without ``--config`` reads ``WORKDIR/config.json``."""
     global _ARGV  # pylint: disable=global-statement
+    if len(argv) == 2 and argv[1] in ("--version", "version"):
+        from adrpo_jax import __version__  # pylint: disable=import-outside-toplevel
+
+        print(f"adrpo_jax {__version__}")
+        sys.exit(0)
+    if len(argv) == 1:  # no arguments: the commands, then absl's message about the missing --workdir
+        sys.stderr.write(USAGE + "\n")
     try:
         argv = resolve_argv(argv)
     except ValueError as err:

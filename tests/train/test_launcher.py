@@ -102,3 +102,13 @@ def test_importing_the_launcher_defines_no_flags_and_imports_no_jax():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
+
+
+def test_version_and_no_arguments(tmp_path):
+    import adrpo_jax
+
+    r = _module_launch("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"adrpo_jax {adrpo_jax.__version__}", r.stderr[-2000:]
+    r = _module_launch(cwd=tmp_path)  # the commands, then absl's error about the missing --workdir (exit 1)
+    assert r.returncode == 1 and r.stderr.startswith("usage:\n  adrpo-jax train --config=NAME[:variant]"), r.stderr
+    assert "Flag --workdir must have a value" in r.stderr
