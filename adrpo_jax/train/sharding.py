@@ -152,7 +152,28 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
         raise ConfigError(f"`mesh`: {desc} = {math.prod(sizes.values())} must equal the number of devices ({n}); "
                           "set one axis to -1 to fill.", key="mesh", value=dict(sizes))
     axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
-    return jax.make_mesh(tuple(sizes[a] for a in axes), axes, axis_types=axis_types, devices=devices)
+    mesh = jax.make_mesh(tuple(sizes[a] for a in axes), axes, axis_types=axis_types, devices=devices)
+    return _processes_contiguous(mesh)
+
+
+def _processes_contiguous(mesh: Mesh) -> Mesh:
+    """``mesh`` with its batch positions reordered so that each process's devices are adjacent on the batch axes
+    (stable: the ICI order is kept within a process), so that every process feeds one contiguous block of rows
+    (:func:`process_batch_slice`). ``jax.make_mesh`` orders a multi-host slice's chips for the torus, which can
+    interleave the hosts: on a v5p-8 (two hosts) the fsdp axis runs hosts 0, 1, 0, 1, ... Unchanged for one process,
+    when the order is already contiguous, or when a batch position's devices (the tensor axis) span processes."""
+    arr = np.asarray(mesh.devices)
+    if len({d.process_index for d in arr.flat}) <= 1:
+        return mesh
+    n_batch = math.prod(mesh.shape[a] for a in mesh.axis_names if a != "tensor")  # tensor is the last axis
+    groups = arr.reshape(n_batch, -1)
+    procs = [{d.process_index for d in g} for g in groups]
+    if any(len(p) > 1 for p in procs):
+        return mesh
+    order = sorted(range(n_batch), key=lambda i: (next(iter(procs[i])), i))
+    if order == list(range(n_batch)):
+        return mesh
+    return Mesh(groups[order].reshape(arr.shape), mesh.axis_names, axis_types=mesh.axis_types)
 
 
 # ----------------------------------------------------------------------------------------------------------
