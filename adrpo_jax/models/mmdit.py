@@ -538,14 +538,34 @@ class JointAttention(nnx.Module):
       v = jnp.concatenate([v, cv], axis=1)
       if not self.context_pre_only:  # the text queries only feed the (discarded) text output otherwise
         q = jnp.concatenate([q, self._heads(self.add_q_proj, self.norm_added_q, ctx)], axis=1)
-    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim),
-                                       implementation=self.attention_impl)
+    out = _sdpa(q, k, v, scale=1.0 / math.sqrt(self.head_dim), implementation=self.attention_impl)
     out = out.reshape(*out.shape[:2], self.heads * self.head_dim).astype(dt)
     img = self.to_out(out[:, :n]).astype(jnp.float32)
     if not self.joint:
       return img
     ctx_out = None if self.to_add_out is None else self.to_add_out(out[:, n:]).astype(jnp.float32)
     return img, ctx_out
+
+
+CUDNN_SEQ_MULTIPLE = 64  # cuDNN's fused attention pads the token axes to this multiple (see _sdpa)
+
+
+def _sdpa(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, implementation: str | None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` over ``q [B, T, H, hd]``, ``k, v [B, S, H, hd]`` without a mask.
+
+  cuDNN's fused kernel refuses an odd T or S in training ("Unsupported sequence length": SD3's 4,096 image + 333
+  text tokens = 4,429): for ``'cudnn'`` the token axes are zero-padded to a multiple of
+  :data:`CUDNN_SEQ_MULTIPLE` and the real lengths passed as ``query_seq_lengths`` / ``key_value_seq_lengths``
+  (cuDNN's padding mask: padded keys get no weight), and the padded query rows are dropped."""
+  t, s = q.shape[1], k.shape[1]
+  if implementation != "cudnn" or (t % CUDNN_SEQ_MULTIPLE == 0 and s % CUDNN_SEQ_MULTIPLE == 0):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, -n % CUDNN_SEQ_MULTIPLE), (0, 0), (0, 0)))  # noqa: E731
+  b = q.shape[0]
+  out = jax.nn.dot_product_attention(pad(q, t), pad(k, s), pad(v, s), scale=scale, implementation="cudnn",
+                                     query_seq_lengths=jnp.full((b,), t, jnp.int32),
+                                     key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
+  return out[:, :t]
 
 
 class AdaNorm(nnx.Module):
