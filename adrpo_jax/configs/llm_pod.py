@@ -11,8 +11,8 @@ The argument is a comma-separated list: the model (``qwen2.5-7b`` | ``qwen3-8b``
 ``gemma-3-12b`` | ``gemma-3-27b``), the trained part (``lora``:
 rank-64 adapters on every projection, the frozen base in bfloat16, the reference = adapters off; ``full``: every
 weight, float32 master weights + AdamW, a frozen bfloat16 reference copy), and the completion budget (``1k``:
-1,024 tokens; ``4k``: 4,096). G = 8 completions of 16 prompts per step (128 sequences), prompts up to 512
-tokens, ADRPO's adaptive KL (beta_0 = 0.04). ``model.path`` defaults to the model's shape preset
+1,024 tokens; ``4k``: 4,096). G = 8 completions of 16 prompts per step (128 sequences; Gemma: 8 prompts),
+prompts up to 512 tokens, ADRPO's adaptive KL (beta_0 = 0.04). ``model.path`` defaults to the model's shape preset
 (``preset:qwen2.5-7b``: shapes only, for ``--mode=plan``); to train, point it at the local checkpoint.
 
 The mixture of experts (``qwen3-30b-a3b``, 128 experts, top-8): the experts sharded over an ``expert`` mesh axis of
@@ -114,5 +114,8 @@ def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
         config.plan.target = "v5p:2x2x4"  # a v5p-16 (two hosts)
     elif model.startswith("gemma"):
         config.plan.target = "v6e:2x4"
+        # The decode's KV cache (12B: 48 layers x 8 kv heads of 256) at 128 rows x 1,536 slots does not fit a 32 GiB
+        # v6e chip next to the weights (the plan: 30.8 GiB at 16 prompts); 8 prompts x G = 8 does (18.5 GiB).
+        config.rl.num_prompts_per_step = 8
         config.data.system_prompt = ""  # Gemma's chat template has no system role (folded into the user turn)
     return config
