@@ -161,7 +161,20 @@ def _program_report(recipe: Any, program: Any, resident_ids: dict[int, int], res
     args = program.abstract_args()
     in_args = {id(x) for x in jax.tree.leaves(args)}
     resident_in_args = sum(b for i, b in resident_ids.items() if i in in_args)
-    compiled = program.compile_args(args)
+    try:
+        compiled = program.compile_args(args)
+    except Exception as err:  # pylint: disable=broad-except
+        out_of_memory = _compile_oom_bytes(err)
+        if out_of_memory is None:
+            raise
+        # The TPU compiler refuses a program whose temporaries alone exceed the chip: a failing program, not a crash.
+        args_bytes = sum(per_device_bytes(x) for x in jax.tree.leaves(args) if hasattr(x, "shape"))
+        peak = resident_total - resident_in_args + args_bytes + out_of_memory
+        return {"name": program.name, "phase": program.phase, "per_step": per_step,
+                "shrink_key": program.shrink_key or None,
+                "memory": {"temp": out_of_memory, "argument": args_bytes, "compile_error": str(err).splitlines()[0]},
+                "peak_bytes": peak, "peak_gib": peak / perf.GIB, "flops": 0.0, "bytes_accessed": 0.0,
+                "cost_source": "none (the compiler ran out of memory)", "roofline_s": 0.0, "compile_s": None}
     mem, cost = compiled.memory, compiled.cost
     # The step's peak while this program runs: what stays resident + the program's own buffers, counting the
     # resident arrays among its arguments once.
@@ -172,6 +185,18 @@ def _program_report(recipe: Any, program: Any, resident_ids: dict[int, int], res
             "peak_gib": None if peak is None else peak / perf.GIB, "flops": cost["flops"],
             "bytes_accessed": cost["bytes_accessed"], "cost_source": cost.get("cost_source", "compiler"),
             "roofline_s": roof, "compile_s": compiled.compile_s}
+
+
+_OOM_RE = re.compile(r"RESOURCE_EXHAUSTED.*?temporaries \((\d+(?:\.\d+)?)([KMGT]?)\)", re.S)
+
+
+def _compile_oom_bytes(err: BaseException) -> int | None:
+    """The temporaries (bytes) of a compile that ran out of device memory (the TPU compiler's ``RESOURCE_EXHAUSTED:
+    Ran out of memory ... HLO temporaries (17.45G) exceeds ...``), else None."""
+    m = _OOM_RE.search(str(err))
+    if not m:
+        return None
+    return int(float(m.group(1)) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[m.group(2)])
 
 
 def _per_step(recipe: Any, program: Any) -> float:

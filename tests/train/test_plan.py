@@ -225,3 +225,31 @@ def test_multi_host_mesh_gives_each_process_contiguous_rows(name, axes):
     slices = [train.process_batch_slice(64, mesh, p) for p in procs]
     assert [s.stop - s.start for s in slices] == [64 // len(procs)] * len(procs)
     assert sorted(x for s in slices for x in range(s.start, s.stop)) == list(range(64))
+
+
+def test_a_compile_that_runs_out_of_memory_is_a_failing_program():
+    """The TPU compiler refuses a program whose temporaries exceed the chip (RESOURCE_EXHAUSTED): the plan reports
+    the program as not fitting (its temporaries from the message), it does not crash."""
+    from types import SimpleNamespace
+
+    from adrpo_jax.recipe import plan as plan_lib
+    from adrpo_jax.train import perf
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(17.45G) exceeds available HBM (15.75G).")
+    assert plan_lib._compile_oom_bytes(RuntimeError(message)) == int(17.45 * 2 ** 30)
+    assert plan_lib._compile_oom_bytes(RuntimeError("INVALID_ARGUMENT: something else")) is None
+
+    def boom(args):
+        raise RuntimeError(message)
+
+    program = SimpleNamespace(name="update", phase="update", shrink_key="optim.grad_accum_steps",
+                              abstract_args=lambda: (jax.ShapeDtypeStruct((1024,), "float32"),), compile_args=boom)
+    rep = plan_lib._program_report(None, program, {}, 2 ** 30, perf.CHIPS["v5e"], 1.0)
+    assert rep["peak_bytes"] == 2 ** 30 + 4096 + int(17.45 * 2 ** 30) and rep["shrink_key"] == "optim.grad_accum_steps"
+    assert "RESOURCE_EXHAUSTED" in rep["memory"]["compile_error"]
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        plan_lib._program_report(None, SimpleNamespace(
+            name="x", phase="update", shrink_key=None, abstract_args=lambda: (),
+            compile_args=lambda a: (_ for _ in ()).throw(RuntimeError("INVALID_ARGUMENT: other"))), {}, 0,
+            perf.CHIPS["v5e"], 1.0)
