@@ -8,7 +8,8 @@ Qwen3-8B, Qwen3-30B-A3B (mixture of experts, expert-parallel, router replay) and
         --config.plan.target=v6e:2x4          # every program compiled for a v6e-8, no weights, no data
 
 The argument is a comma-separated list: the model (``qwen2.5-7b`` | ``qwen3-8b`` | ``qwen3-30b-a3b`` |
-``gemma-3-12b`` | ``gemma-3-27b``), the trained part (``lora``:
+``gemma-3-12b`` | ``gemma-3-27b``), optionally the slice (``v5p``: a v5p-8, the default; ``v6e``: a v6e-8, 4k
+rollouts with 8 prompts per step), the trained part (``lora``:
 rank-64 adapters on every projection, the frozen base in bfloat16, the reference = adapters off; ``full``: every
 weight, float32 master weights + AdamW, a frozen bfloat16 reference copy), and the completion budget (``1k``:
 1,024 tokens; ``4k``: 4,096). G = 8 completions of 16 prompts per step (128 sequences; Gemma: 8 prompts),
@@ -46,15 +47,23 @@ SYSTEM_PROMPT = (
 )
 
 
+# The pod slice a recipe is sized for (plan.target): v5p-8 by default (95 GiB per chip); on a v6e-8 (32 GiB per chip)
+# the 4k rollouts take 8 prompts per step (the plan: the decode's KV cache of 16 prompts x G = 8 at 4,608 slots does
+# not fit next to the weights).
+SLICES = {"v5p": "v5p:2x2x2", "v6e": "v6e:2x4"}
+
+
 def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
     parts = [p.strip() for p in (arg or "qwen2.5-7b,lora").split(",") if p.strip()]
     model = next((p for p in parts if p in MODELS), "qwen2.5-7b")
     mode = "full" if "full" in parts else "lora"
     length = 4096 if "4k" in parts else 1024
-    unknown = [p for p in parts if p not in MODELS and p not in ("lora", "full", "1k", "4k")]
+    slice_ = next((p for p in parts if p in SLICES), "")
+    unknown = [p for p in parts if p not in MODELS and p not in ("lora", "full", "1k", "4k") and p not in SLICES]
     if unknown:
         raise ValueError(
             f"unknown parts {unknown} of configs/llm_pod.py:{arg}; use <{'|'.join(MODELS)}>,<lora|full>,<1k|4k>"
+            f"[,<{'|'.join(SLICES)}>]"
         )
     config = add_llm_config(add_common_config(ml_collections.ConfigDict()))
     config.trainer = "llm"
@@ -112,8 +121,11 @@ def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
         config.mesh.expert = 8  # 16 of the 128 experts per chip; tokens exchanged by all-to-all
         config.rl.router_replay = "rollout"
         config.plan.target = "v5p:2x2x4"  # a v5p-16 (two hosts)
-    elif model.startswith("gemma"):
+    elif slice_ == "v6e" or model.startswith("gemma"):
         config.plan.target = "v6e:2x4"
+        if length == 4096:
+            config.rl.num_prompts_per_step = 8
+    if model.startswith("gemma"):
         # The decode's KV cache (12B: 48 layers x 8 kv heads of 256) at 128 rows x 1,536 slots does not fit a 32 GiB
         # v6e chip next to the weights (the plan: 30.8 GiB at 16 prompts); 8 prompts x G = 8 does (18.5 GiB).
         config.rl.num_prompts_per_step = 8

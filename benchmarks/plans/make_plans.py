@@ -40,8 +40,9 @@ for model in ("qwen2.5-7b", "qwen3-8b"):
     for mode in ("lora", "full"):
         for length in ("1k", "4k"):
             for target, chip in (("v5p:2x2x2", "v5p-8"), ("v6e:2x4", "v6e-8")):
-                PLANS.append((f"qwen_{model}_{mode}_{length}_{chip}", f"configs/llm_pod.py:{model},{mode},{length}",
-                              target, []))
+                slice_ = ",v6e" if chip == "v6e-8" else ""
+                PLANS.append((f"qwen_{model}_{mode}_{length}_{chip}",
+                              f"configs/llm_pod.py:{model},{mode},{length}{slice_}", target, []))
 PLANS.append(("qwen_qwen3-8b_full_4k_v5e-16_multihost", "configs/llm_pod.py:qwen3-8b,full,4k", "v5e:4x4", []))
 for mode in ("lora", "full"):
     PLANS.append((f"moe_qwen3-30b-a3b_{mode}_1k_v5p-16", f"configs/llm_pod.py:qwen3-30b-a3b,{mode}", "v5p:2x2x4", []))
