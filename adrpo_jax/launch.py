@@ -256,6 +256,11 @@ def _compare(run_dirs: list[str], out_dir: str) -> None:
     sys.exit(compare.main([*run_dirs, "--out", os.path.join(out_dir, "compare")]))
 
 
+# XLA flags of a deviceless GPU compile: the default Triton gemm tiling needs autotuning on a device (without it
+# some shapes fail: "Couldn't find output tile sizes"), and CUB's radix sort queries the device.
+GPU_DEVICELESS_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_cub_radix_sort=false")
+
+
 def _plan(config, workdir: str) -> None:
     """--mode=plan: compile every program of the recipe for ``plan.target`` (adrpo_jax/recipe/plan.py)."""
     import re  # pylint: disable=import-outside-toplevel
@@ -263,6 +268,8 @@ def _plan(config, workdir: str) -> None:
     target = str(config.plan.target or "")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a topology is compiled for, not run on: no accelerator needed
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: libtpu's process lock is not needed
+    if re.match(r"^h[12]00:", target):  # XLA:GPU without a device cannot autotune: cuBLAS gemms, no CUB sort
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *GPU_DEVICELESS_FLAGS]).strip()
     import jax  # pylint: disable=import-outside-toplevel
 
     m = re.match(r"^cpu:(\d+)", target)
