@@ -73,7 +73,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -550,7 +550,8 @@ class JointAttention(nnx.Module):
 CUDNN_SEQ_MULTIPLE = 64  # cuDNN's fused attention pads the token axes to this multiple (see _sdpa)
 
 
-def _sdpa(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, implementation: str | None) -> jax.Array:
+def _sdpa(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+          implementation: Literal["xla", "cudnn"] | None) -> jax.Array:
   """``jax.nn.dot_product_attention`` over ``q [B, T, H, hd]``, ``k, v [B, S, H, hd]`` without a mask.
 
   cuDNN's fused kernel refuses an odd T or S in training ("Unsupported sequence length": SD3's 4,096 image + 333

@@ -178,11 +178,11 @@ def _program_report(recipe: Any, program: Any, resident_ids: dict[int, int], res
     mem, cost = compiled.memory, compiled.cost
     # The step's peak while this program runs: what stays resident + the program's own buffers, counting the
     # resident arrays among its arguments once.
-    peak = resident_total + mem.get("peak", 0) - resident_in_args if mem else None
+    step_peak = resident_total + mem.get("peak", 0) - resident_in_args if mem else None
     roof = perf.roofline_seconds(cost["flops"], cost["bytes_accessed"], chip)
     return {"name": program.name, "phase": program.phase, "per_step": per_step,
-            "shrink_key": program.shrink_key or None, "memory": mem, "peak_bytes": peak,
-            "peak_gib": None if peak is None else peak / perf.GIB, "flops": cost["flops"],
+            "shrink_key": program.shrink_key or None, "memory": mem, "peak_bytes": step_peak,
+            "peak_gib": None if step_peak is None else step_peak / perf.GIB, "flops": cost["flops"],
             "bytes_accessed": cost["bytes_accessed"], "cost_source": cost.get("cost_source", "compiler"),
             "roofline_s": roof, "compile_s": compiled.compile_s}
 
