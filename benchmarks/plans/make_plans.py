@@ -80,14 +80,15 @@ def table(link_prefix: str = "") -> str:
             continue
         r = json.loads(path.read_text())
         recipe = config.removeprefix("configs/") + "".join(f" `{e}`" for e in extra)
-        # XLA:GPU without a device has no cost analysis: FLOPs from the jaxpr, bytes a floor -> step >=, MFU <=
+        # XLA:GPU without a device has no cost analysis: FLOPs from the jaxpr and bytes a floor, so the step time is
+        # a lower bound and no MFU is claimed
         floor = any(p.get("cost_source") == "jaxpr" for p in r["programs"])
-        le, ge = ("≤ ", "≥ ") if floor else ("", "")
+        ge = "≥ " if floor else ""
+        mfu = "n/a (no cost analysis)" if floor else f"{100 * (r['predicted_mfu'] or 0):.1f} %"
         rows.append(f"| [{recipe}]({link_prefix}{name}.json) | {r['target']} ({r['num_devices']} chips) | "
                     f"{'yes' if r['fits'] else '**no**'} | "
                     f"{r['largest_program']} | {r['largest_peak_gib']:.2f} GiB | {r['resident_gib']:.2f} GiB | "
-                    f"{r['capacity_gib']:.0f} GiB | {ge}{r['predicted_step_s']:.3g} s | "
-                    f"{le}{100 * (r['predicted_mfu'] or 0):.1f} % |")
+                    f"{r['capacity_gib']:.0f} GiB | {ge}{r['predicted_step_s']:.3g} s | {mfu} |")
     return "\n".join(rows) + "\n"
 
 
