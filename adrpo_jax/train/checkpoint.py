@@ -430,6 +430,9 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
+        # Before the first read: a failing read's sibling callbacks can report "Event loop is closed" from their
+        # threads before the failure reaches the except clauses below.
+        _drop_closed_event_loop_errors()
         failures: list[tuple[int, str]] = []
         for step in steps:
             try:
