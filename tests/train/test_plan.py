@@ -106,7 +106,7 @@ def test_every_program_of_the_recipe_is_declared_and_jitted_once(tmp_path):
 def test_launch_plan_cli(tmp_path):
     config = _tiny_config(tmp_path)
     cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text("import json, ml_collections\nfrom adrpo_jax.rl.config import add_llm_config\n"
+    cfg_file.write_text("import json, ml_collections\nfrom math import inf, nan\nfrom adrpo_jax.rl.config import add_llm_config\n"
                         "from adrpo_jax.train.config import add_common_config\n"
                         "def get_config():\n    c = add_llm_config(add_common_config(ml_collections.ConfigDict()))\n"
                         f"    c.update_from_flattened_dict({dict(_flat(config.to_dict()))!r})\n    return c\n")
