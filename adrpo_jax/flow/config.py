@@ -17,7 +17,7 @@ divisible by the data-parallel size ``mesh.data * mesh.fsdp`` times ``optim.grad
 ``total_steps`` counts RL steps; each does ``rl.num_inner_updates`` optimizer updates on its batch (the
 learning-rate schedule counts updates).
 
-Methods (``rl.method``; ADRPO.md, "Flow matching"), all on the same (t, x0, x_t) draws, with the per-prompt
+Methods (``rl.method``; docs/math.md, "Flow matching"), all on the same (t, x0, x_t) draws, with the per-prompt
 advantage ``A = r - mean_prompt(r)``:
 
 ============== ========================================================================================

@@ -11,7 +11,7 @@ host in float64 (a symmetric eigen-decomposition based matrix square root: stabl
   FID-style distance ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)`` between Gaussians fitted to
   classifier features of two sample sets (policy vs reference model, or vs data).
 * :func:`velocity_w2_bound` -- the W2 velocity bound ``E_{t, x0} ||v_theta(x_t, t, c) - v_ref(x_t, t, c)||^2`` on
-  the rectified-flow path through given samples ``x1`` (ADRPO.md, "Flow matching", second term). Jittable.
+  the rectified-flow path through given samples ``x1`` (docs/math.md, "Flow matching", second term). Jittable.
 * :func:`coefficient_stats` -- mean/min/max of the adaptive coefficient ``beta_eff = beta0 - clip(A)`` and the
   fraction of clipped advantages. Jittable.
 * :func:`evaluate_samples` -- all of the above that need a classifier, for a batch of generated images.
@@ -197,7 +197,7 @@ def velocity_w2_bound(velocity_fn: Callable, reference_fn: Callable, x1: jax.Arr
 
 def coefficient_stats(beta_eff: jax.Array, advantages: jax.Array | None = None, *, clip_min: float | None = None,
                       clip_max: float | None = None, prefix: str = "beta_eff") -> dict[str, jax.Array]:
-    """Summary of the adaptive coefficient ``beta_eff [N]`` (ADRPO.md: log mean, min, max, clipped fraction).
+    """Summary of the adaptive coefficient ``beta_eff [N]`` (docs/math.md: log mean, min, max, clipped fraction).
 
     With raw ``advantages [N]`` and the clip bounds, also ``clip_fraction`` = fraction of advantages outside
     ``[clip_min, clip_max]``. Jittable.

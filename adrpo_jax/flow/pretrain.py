@@ -4,7 +4,7 @@ Both trainers are functional: one jitted, donated step over ``nnx.split`` parame
 the whole (small) training split lives on the device and each step draws its batch with its own key
 (``fold_in(seed key, step)``), so a run is deterministic given the seeds and the platform.
 
-Flow model (ADRPO.md, "Flow matching"): ``x0 ~ N(0, I)``, ``x1`` a data batch, ``t ~ U(0, 1)`` (or
+Flow model (docs/math.md, "Flow matching"): ``x0 ~ N(0, I)``, ``x1`` a data batch, ``t ~ U(0, 1)`` (or
 logit-normal), ``x_t = (1 - t) x0 + t x1``, ``u_t = x1 - x0`` (:func:`adrpo_jax.losses.rectified_flow_path`),
 loss ``mean_i ||v_theta(x_t, t, c) - u_t||^2`` (:func:`adrpo_jax.losses.cfm_loss`), the condition replaced by
 the null class with probability ``class_dropout_prob`` (classifier-free guidance), optional EMA of the weights

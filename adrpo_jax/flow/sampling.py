@@ -1,6 +1,6 @@
 """Fixed-step ODE (and SDE) samplers of a velocity field, with classifier-free guidance.
 
-Time convention (ADRPO.md, "Flow matching"): ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data; the
+Time convention (docs/math.md, "Flow matching"): ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data; the
 samplers integrate ``dx/dt = v(x, t, c)`` from ``t = 0`` to ``t = 1`` over ``num_steps`` uniform steps
 (or a given time grid) inside one ``jax.lax.scan``, so they jit into one small program whose size does not grow
 with ``num_steps``.

@@ -1,6 +1,6 @@
 r"""SD3's flow convention mapped onto ours, in one place, and the MMDiT as a velocity field of our trainer.
 
-**Conventions.** Ours (ADRPO.md, "Flow matching"; :mod:`adrpo_jax.losses.flow_matching`,
+**Conventions.** Ours (docs/math.md, "Flow matching"; :mod:`adrpo_jax.losses.flow_matching`,
 :mod:`adrpo_jax.flow.sampling`): ``t = 0`` is noise ``x0``, ``t = 1`` data ``x1``, ``x_t = (1 - t) x0 + t x1``,
 target ``u = x1 - x0``; samplers integrate ``dx/dt = v`` from ``t = 0`` up to ``t = 1``.
 diffusers / SD3 (``FlowMatchEulerDiscreteScheduler``): ``sigma = 1`` is noise, ``sigma = 0`` data,

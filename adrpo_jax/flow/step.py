@@ -11,7 +11,7 @@ One RL step (:func:`make_train_step`) on ``B = K * G`` prompt ids ``cond [B]`` (
     x1 = ODE/SDE sample of the policy (or of its sampling copy) from x0 ~ N(0, I)      (stop-gradient: data)
     r = reward_model(x1, cond)                                                           [B]
     valid = finite(r) & finite(x1)          invalid samples enter no statistic, baseline or loss (counted)
-    A = r - mean_{same prompt, valid}(r)                                                 ADRPO.md, "Advantages"
+    A = r - mean_{same prompt, valid}(r)                                                 docs/math.md, "Advantages"
     for each of rl.num_inner_updates updates (fresh t ~ U(0, 1) or logit-normal, x0' ~ N(0, I)):
         x_t = (1 - t) x0' + t x1,  u = x1 - x0'
         v = v_theta(x_t, t, c),  v_ref = sg(v_ref(x_t, t, c))      one policy and one reference forward
