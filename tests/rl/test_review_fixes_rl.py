@@ -89,7 +89,8 @@ def _half_empty_batch():
 _REF = {}
 
 
-@pytest.mark.parametrize("split", [dict(num_minibatches=2), dict(grad_accum_steps=2)])
+@pytest.mark.parametrize("split", [pytest.param(dict(num_minibatches=2), marks=pytest.mark.slow),  # default: 10 min
+                                   dict(grad_accum_steps=2)])
 def test_empty_parts_do_not_dilute_the_logged_statistics(model, split):
     batch = _half_empty_batch()
     m = _run(_opts(beta=0.04, **split), model, batch)

@@ -132,6 +132,7 @@ def test_cached_decode_equals_full_forward_with_two_ropes():
   np.testing.assert_allclose(np.concatenate(outs, 1)[mask], full[mask], atol=2e-5)
 
 
+@pytest.mark.slow  # ~8 s: the default suite's 10-minute budget (the chunk-width rule is tested in test_logprobs)
 def test_gemma_vocabulary_log_probs_are_chunked():
   """A 262,144-token vocabulary (Gemma 3's) through token_logprobs: equal to the direct log-softmax, and the
   compiled program's temporaries stay far below one [B, T, V] float32 logits array."""
