@@ -9,17 +9,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adrpo_jax.models.mmdit import CUDNN_SEQ_MULTIPLE, _sdpa
+from tests.topologies import h100_devices
 
 
 def _h100_mesh():
-  try:
-    from jax.experimental import topologies
-
-    from adrpo_jax.recipe.plan import gpu_target_config
-    topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config("h100"), topology="1x1x1")
-  except Exception as err:  # pylint: disable=broad-except
-    pytest.skip(f"no CUDA plugin here: {err}")
-  return topologies.make_mesh(topo, (1,), ("data",))
+  return jax.sharding.Mesh(h100_devices(1), ("data",))
 
 
 @pytest.mark.parametrize("t,s", [(4429, 4429), (4096, 4429)])  # joint attention; text queries dropped (last block)

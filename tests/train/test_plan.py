@@ -215,10 +215,9 @@ def test_multi_host_mesh_gives_each_process_contiguous_rows(name, axes):
     """jax.make_mesh orders a multi-host slice's chips for the torus (a v5p-8's fsdp axis runs hosts 0, 1, 0, 1):
     make_mesh reorders the batch positions by process, so each host feeds one contiguous block of rows (a real
     multi-host run refused to start before: 'The batch rows of process 0 are not contiguous')."""
-    from jax.experimental import topologies
-
     from adrpo_jax import train
-    devices = list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    from tests.topologies import tpu_devices
+    devices = tpu_devices(name)
     mesh = train.make_mesh({"tensor": 1, **axes}, devices=devices)
     procs = sorted({d.process_index for d in devices})
     assert len(procs) > 1

@@ -25,6 +25,7 @@ from adrpo_jax.models.llm import CausalLM, DecoderConfig, token_logprobs
 from adrpo_jax.models.llm.attention import AttentionMask, chunked_attention, select_impl
 from adrpo_jax.models.llm.logprobs import chunk_width
 from adrpo_jax.train.sharding import BATCH_AXES
+from tests.topologies import tpu_devices
 
 
 def _mesh(**axes):
@@ -198,12 +199,7 @@ def test_fsdp_holds_less_than_data_for_the_logprob_gradient(mesh_context):
 
 
 def _v5e_mesh(**axes):
-  try:
-    from jax.experimental import topologies
-    devices = list(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices)
-  except Exception as err:  # pylint: disable=broad-except
-    pytest.skip(f"no TPU compiler here: {err}")
-  return train.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **axes}, devices=devices)
+  return train.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **axes}, devices=tpu_devices("v5e:2x4"))
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from adrpo_jax import train
 from adrpo_jax.models.llm.activation_sharding import compiling_for, target_platform
 from adrpo_jax.models.llm.attention import AttentionMask, attention, select_impl
+from tests.topologies import tpu_devices
 
 TOL = 1e-5
 
@@ -73,12 +74,7 @@ def test_compiling_for_sets_the_kernel_choice():
 
 
 def _tpu_mesh(name, **axes):
-  try:
-    from jax.experimental import topologies
-    devices = list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
-  except Exception as err:  # pylint: disable=broad-except
-    pytest.skip(f"no TPU compiler here: {err}")
-  return train.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **axes}, devices=devices)
+  return train.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **axes}, devices=tpu_devices(name))
 
 
 @pytest.mark.parametrize("axes", [{"data": 8}, pytest.param({"fsdp": 4, "tensor": 2}, marks=pytest.mark.slow)])
