@@ -19,7 +19,10 @@ from safetensors.numpy import load_file
 from adrpo_jax.train.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 150
+# 300 steps: the held-out eval problems are distinct and never trained on (issue 28), so the gain is smaller than on
+# the older overlapping set; at 300 steps measured eval 0.262 -> 0.324 / 0.328 / 0.410 / 0.379 (steps 0-300, every
+# 75) and the exact-match reward 0.18 -> 0.32 (last three logs). 150 steps gave +0.066 eval, too close to noise.
+STEPS = 300
 
 
 def _env():
@@ -89,8 +92,8 @@ def test_cpu_config_learns_and_sigkill_resume_is_exact(uninterrupted, tmp_path):
     last = np.mean([x["reward/exact_match_mean"] for x in train[-3:]])
     evals = [x["eval/accuracy"] for x in records if "eval/accuracy" in x]
     print(f"exact-match reward {first:.3f} -> {last:.3f}; eval accuracy {evals}")
-    assert last > first + 0.06, (first, last)
-    assert evals[-1] > evals[0] + 0.1, evals  # greedy held-out accuracy, step 0 vs the end
+    assert last > first + 0.08, (first, last)
+    assert np.mean(evals[-2:]) > evals[0] + 0.08, evals  # greedy held-out accuracy: step 0 vs the last two evals
     assert (full / "final_model" / "model.safetensors").exists()
 
     # The same command, SIGKILLed once a checkpoint (step >= 50) is committed, then run again to completion.
