@@ -44,7 +44,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from adrpo_jax import train
 from adrpo_jax.models.llm.activation_sharding import compiling_for
@@ -286,7 +285,8 @@ def _failure_message(report: dict[str, Any], failing: list[dict[str, Any]], capa
                 f"{report['chip']['name']})")
         fix = fixes.get(p["name"])
         if fix and fix.get("value") is not None:
-            line += f": set --config.{fix['key']}={fix['value']} (the largest value that fits, {fix['peak_gib']:.2f} GiB)"
+            line += (f": set --config.{fix['key']}={fix['value']} (the largest value that fits, "
+                     f"{fix['peak_gib']:.2f} GiB)")
         elif p.get("shrink_key"):
             line += f": lower `{p['shrink_key']}`" + (f" ({fix['note']})" if fix and fix.get("note") else "")
         lines.append(line)
@@ -304,7 +304,7 @@ def _search_fix(config: Any, target: str, program: dict[str, Any], limit: float)
     if not isinstance(current, int) or isinstance(current, bool):
         out["note"] = f"`{key}` is not an integer"
         return out
-    if key.endswith("grad_accum_steps") or key.endswith("_chunks"):  # more steps = smaller micro-batches
+    if key.endswith(("grad_accum_steps", "_chunks")):  # more steps = smaller micro-batches
         candidates = [current * 2 ** k for k in range(1, 7)]
     else:  # a batch / chunk size (0 = "all": start from the eval set)
         base = current or int(train.get_by_path(config, "eval.num_examples", 0) or 0)
