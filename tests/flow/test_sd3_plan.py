@@ -13,6 +13,7 @@ import pytest
 from adrpo_jax import train
 from adrpo_jax.models import mmdit
 from adrpo_jax.models import vae as vae_lib
+from tests.topologies import requires_libtpu
 
 REPO = Path(__file__).resolve().parents[2]
 TOPOLOGY = "v5e:2x4"
@@ -22,19 +23,6 @@ def _tpu_mesh(config):
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGY)
     return train.make_mesh(config.mesh, devices=list(topo.devices))
-
-
-def _tpu_compiler_available() -> bool:
-    try:
-        from jax.experimental import topologies
-        topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGY)
-        return True
-    except Exception:  # pylint: disable=broad-except
-        return False
-
-
-requires_libtpu = pytest.mark.skipif(not _tpu_compiler_available(),
-                                     reason="libtpu (pip install 'jax[tpu]') is not installed")
 
 
 def _config(variant="tpu", **overrides):

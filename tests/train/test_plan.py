@@ -14,22 +14,10 @@ import pytest
 
 from adrpo_jax.rl.config import add_llm_config
 from adrpo_jax.train.config import add_common_config
+from tests.topologies import requires_cuda_plugin, requires_libtpu
 
 REPO = Path(__file__).resolve().parents[2]
 TOPOLOGY = "v5e:2x4"
-
-
-def _tpu_compiler_available() -> bool:
-    try:
-        from jax.experimental import topologies
-        topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGY)
-        return True
-    except Exception:  # pylint: disable=broad-except
-        return False
-
-
-requires_libtpu = pytest.mark.skipif(not _tpu_compiler_available(),
-                                     reason="libtpu (pip install 'jax[tpu]') is not installed")
 
 
 def _tiny_config(tmp_path, **overrides):
@@ -163,21 +151,6 @@ def test_plan_check_runs_before_the_weights_on_accelerators(tmp_path, monkeypatc
     with pytest.raises(Exception) as err:  # unchecked, the run goes on to load the (missing) tokenizer and weights
         runner.train(config, tmp_path / "unchecked")
     assert not isinstance(err.value, plan_lib.PlanError)
-
-
-def _gpu_compiler_available() -> bool:
-    try:
-        from jax.experimental import topologies
-
-        from adrpo_jax.recipe.plan import gpu_target_config
-        topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config("h100"), topology="1x1x1")
-        return True
-    except Exception:  # pylint: disable=broad-except
-        return False
-
-
-requires_cuda_plugin = pytest.mark.skipif(not _gpu_compiler_available(),
-                                          reason="the CUDA plugin (jax-cuda12-plugin) is not installed")
 
 
 @requires_cuda_plugin

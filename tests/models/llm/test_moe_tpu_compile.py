@@ -10,20 +10,13 @@ from jax.sharding import PartitionSpec as P
 
 from adrpo_jax.models.llm import DecoderConfig, moe
 from adrpo_jax.train.sharding import logical_to_named_sharding, make_mesh
-
-
-def _tpu_devices(name):
-  try:
-    from jax.experimental import topologies
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
-  except Exception as err:  # pylint: disable=broad-except
-    pytest.skip(f"no TPU compiler here: {err}")
+from tests.topologies import tpu_devices
 
 
 @pytest.mark.slow  # the TPU compiler (Mosaic) on a 2-core CPU
 @pytest.mark.parametrize("impl", ["megablox", "ragged"])
 def test_moe_layer_compiles_for_v5p_with_expert_parallelism(impl):
-  mesh = make_mesh({"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}, devices=_tpu_devices("v5p:2x2x2"))
+  mesh = make_mesh({"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}, devices=tpu_devices("v5p:2x2x2"))
   cfg = DecoderConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                       num_attention_heads=2, model_type="qwen3_moe", qk_norm=True, num_experts=8,
                       num_experts_per_tok=2, moe_intermediate_size=256, moe_impl=impl, dtype=jnp.bfloat16,
