@@ -833,19 +833,22 @@ def mmau_string_match(answer: str, prediction: str, choices: Sequence[str]) -> b
     return ans <= pred and pred.isdisjoint(wrong)
 
 
-def _require_columns(name, choices, answer):
+def _require_columns(name: str, choices: Sequence[Sequence[str]] | None,
+                     answer: Sequence[str] | None) -> tuple[Sequence[Sequence[str]], Sequence[str]]:
     if choices is None or answer is None:
         raise ValueError(f"{name} needs the `choices` and `answer` columns (an audio multiple-choice source such as "
                          "AudioChoiceJsonlSource)")
+    return choices, answer
 
 
-def choice_accuracy_reward(prompts: Sequence[str], completions: Sequence[str], choices: Sequence[Sequence[str]] = None,
-                           answer: Sequence[str] = None, **unused_columns) -> list[float]:
+def choice_accuracy_reward(prompts: Sequence[str], completions: Sequence[str],
+                           choices: Sequence[Sequence[str]] | None = None, answer: Sequence[str] | None = None,
+                           **unused_columns) -> list[float]:
     """1.0 when the completion's single ``<answer>`` block chooses the correct option (:func:`parse_choice`:
     the letter first), else 0.0 (also without an answer block). Needs the columns ``choices`` (option texts per
     row) and ``answer`` (the correct option's text)."""
     del prompts, unused_columns
-    _require_columns("choice_accuracy_reward", choices, answer)
+    choices, answer = _require_columns("choice_accuracy_reward", choices, answer)
     out = []
     for completion, opts, ans in zip(completions, choices, answer, strict=True):
         chosen = parse_choice(completion, opts)
@@ -854,12 +857,12 @@ def choice_accuracy_reward(prompts: Sequence[str], completions: Sequence[str], c
 
 
 def choice_accuracy_untagged_reward(prompts: Sequence[str], completions: Sequence[str],
-                                    choices: Sequence[Sequence[str]] = None, answer: Sequence[str] = None,
+                                    choices: Sequence[Sequence[str]] | None = None, answer: Sequence[str] | None = None,
                                     **unused_columns) -> list[float]:
     """:func:`choice_accuracy_reward` for tag-free prompts: a completion without ``<answer>`` answers with its
     text outside ``<think>`` (``parse_choice(..., require_tag=False)``)."""
     del prompts, unused_columns
-    _require_columns("choice_accuracy_untagged_reward", choices, answer)
+    choices, answer = _require_columns("choice_accuracy_untagged_reward", choices, answer)
     out = []
     for completion, opts, ans in zip(completions, choices, answer, strict=True):
         chosen = parse_choice(completion, opts, require_tag=False)
@@ -867,13 +870,14 @@ def choice_accuracy_untagged_reward(prompts: Sequence[str], completions: Sequenc
     return out
 
 
-def mmau_accuracy_reward(prompts: Sequence[str], completions: Sequence[str], choices: Sequence[Sequence[str]] = None,
-                         answer: Sequence[str] = None, **unused_columns) -> list[float]:
+def mmau_accuracy_reward(prompts: Sequence[str], completions: Sequence[str],
+                         choices: Sequence[Sequence[str]] | None = None, answer: Sequence[str] | None = None,
+                         **unused_columns) -> list[float]:
     """MMAU's scorer on the answer: 1.0 when the content of the completion's single ``<answer>`` block passes
     :func:`mmau_string_match` against the correct option's text (the R1-AQA / MMAU protocol; pair it with
     :data:`TEXT_CHOICE_TEMPLATE`), else 0.0. The letter variant is ``choice_accuracy``."""
     del prompts, unused_columns
-    _require_columns("mmau_accuracy_reward", choices, answer)
+    choices, answer = _require_columns("mmau_accuracy_reward", choices, answer)
     out = []
     for completion, opts, ans in zip(completions, choices, answer, strict=True):
         text = answer_text(completion)
@@ -890,18 +894,19 @@ def answer_format_reward(prompts: Sequence[str], completions: Sequence[str], **u
     return [1.0 if _FORMAT.match(c) else 0.0 for c in completions]
 
 
-def accuracy_by_category(scores: Sequence[float], categories: Sequence[Any], *, prefix: str = "eval/accuracy",
-                         valid: Sequence[bool] | None = None) -> dict[str, float]:
+def accuracy_by_category(scores: Sequence[float] | np.ndarray, categories: Sequence[Any], *,
+                         prefix: str = "eval/accuracy",
+                         valid: Sequence[bool] | np.ndarray | None = None) -> dict[str, float]:
     """Per-category means of ``scores`` (e.g. MMAU's ``task`` column: sound / music / speech):
     ``{f"{prefix}/{category}": mean}`` over the rows where ``valid`` (default all), plus
     ``f"{prefix}_macro"``, the unweighted mean over categories (MMAU's tables report the categories and the
     overall mean, which is ``prefix`` itself). Rows whose category is None or '' are left out."""
-    scores = np.asarray(scores, np.float64)
-    if len(categories) != len(scores):
-        raise ValueError(f"{len(scores)} scores but {len(categories)} categories")
-    keep = np.ones(len(scores), bool) if valid is None else np.asarray(valid, bool)
+    values = np.asarray(scores, np.float64)
+    if len(categories) != len(values):
+        raise ValueError(f"{len(values)} scores but {len(categories)} categories")
+    keep = np.ones(len(values), bool) if valid is None else np.asarray(valid, bool)
     groups: dict[str, list[float]] = {}
-    for s, c, k in zip(scores, categories, keep):
+    for s, c, k in zip(values, categories, keep):
         if k and c is not None and str(c) != "":
             groups.setdefault(str(c), []).append(float(s))
     out = {f"{prefix}/{c}": float(np.mean(v)) for c, v in sorted(groups.items())}
@@ -946,9 +951,9 @@ class LogMelFeatures:
         if pad_multiple_s is not None and not 0 < pad_multiple_s <= seconds:
             raise ValueError(f"need 0 < pad_multiple_s <= seconds, got {pad_multiple_s}, {seconds}")
         self.n_mels, self.seconds = int(n_mels), float(seconds)
-        self.num_samples = int(round(seconds * SAMPLE_RATE))
+        self.num_samples = round(seconds * SAMPLE_RATE)
         self.num_frames = self.num_samples // 160
-        self.pad_multiple_frames = None if pad_multiple_s is None else max(1, int(round(pad_multiple_s * 100)))
+        self.pad_multiple_frames = None if pad_multiple_s is None else max(1, round(pad_multiple_s * 100))
         self.extractor = WhisperFeatureExtractor(feature_size=self.n_mels, sampling_rate=SAMPLE_RATE, hop_length=160,
                                                  chunk_length=max(1, int(np.ceil(seconds))), n_fft=400)
         self.num_cut = 0
@@ -968,8 +973,8 @@ class LogMelFeatures:
         if audio_config.kind == "whisper":
             window = 2 * int(audio_config.max_source_positions) / 100.0
             if seconds is not None and abs(float(seconds) - window) > 1e-9:
-                raise ValueError(f"audio.seconds={seconds}: the Qwen2-Audio encoder runs a fixed window of {window:g} s "
-                                 f"(2 * max_source_positions mel frames); set audio.seconds={window:g}")
+                raise ValueError(f"audio.seconds={seconds}: the Qwen2-Audio encoder runs a fixed window of "
+                                 f"{window:g} s (2 * max_source_positions mel frames); set audio.seconds={window:g}")
             return cls(n_mels, window)
         return cls(n_mels, 300.0 if seconds is None else float(seconds),
                    pad_multiple_s=2 * int(audio_config.n_window) / 100.0)

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -94,7 +94,7 @@ def _suggest(fields: Sequence[str], preferred: Sequence[str], exclude: str = "")
     return rest[0] if len(rest) == 1 else None
 
 
-def _missing_field(key: str, setting: str, fields: Sequence[str], preferred: Sequence[str], other: str) -> str:
+def _missing_field(key: str, setting: str, fields: Iterable[str], preferred: Sequence[str], other: str) -> str:
     guess = _suggest(list(fields), preferred, exclude=other)
     hint = f": set --config.{setting}={guess}" if guess else f" (set --config.{setting} to the right field)"
     return f"missing field {key!r} (fields: {sorted(fields)}){hint}"
@@ -252,11 +252,10 @@ def check_data(config: Any) -> dict[str, "JsonlPromptSource"]:
 def _check_first_row(path: str, d: Any, key: str) -> None:
     from adrpo_jax.train.config import ConfigError  # pylint: disable=import-outside-toplevel
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                break
-        else:
-            raise ConfigError(f"`{key}`={path!r} is empty.", key=key, value=path)
+        first = next(((n, text) for n, text in enumerate(f, start=1) if text.strip()), None)
+    if first is None:
+        raise ConfigError(f"`{key}`={path!r} is empty.", key=key, value=path)
+    line_no, line = first
     try:
         obj = json.loads(line)
     except json.JSONDecodeError:
