@@ -87,6 +87,9 @@ key                                    meaning
                                        policy of step t - k (dispatched k steps ahead, overlapping the updates;
                                        ``adrpo_jax.recipe.schedule``); the loss then takes the ratio against
                                        ``old_logp`` (the behaviour's, or with a correction the current policy's)
+                                       With ``mesh.rollout_devices`` = N the sampler runs on the first N
+                                       devices, the log-prob passes and the update on the rest (weights handed
+                                       over by a resharding ``device_put`` at each dispatch)
 ``rl.importance_correction``           ``none`` (PPO's clip against the behaviour policy) | ``truncate`` |
                                        ``mask``: bounded proximal / behaviour importance weights on the loss
                                        (``adrpo_jax.losses.importance_weights``; old_logp = the current policy)
@@ -472,8 +475,12 @@ def _validate_rl(config) -> None:
         raise ConfigError(f"`rl.overlong_buffer`={buffer} must be < `sampling.max_new_tokens`={max_new}.",
                           key="rl.overlong_buffer", value=buffer)
     require_float(config, "rl.overlong_penalty", min=0.0)
-    if "max_lag" in rl:
-        require_int(config, "rl.max_lag", min=0)
+    max_lag = require_int(config, "rl.max_lag", min=0) if "max_lag" in rl else 0
+    rollout_devices = int(config.mesh.get("rollout_devices", 0)) if "mesh" in config else 0
+    if rollout_devices and not max_lag:  # the rollout mesh samples while the training mesh updates
+        raise ConfigError(f"`mesh.rollout_devices`={rollout_devices} needs `rl.max_lag` >= 1 (got {max_lag}): with "
+                          "a synchronous loop the two meshes would take turns, each idle half the time.",
+                          key="mesh.rollout_devices", value=rollout_devices)
     if "importance_correction" in rl:
         require_choice(config, "rl.importance_correction", ("none", "truncate", "mask"))
         require_choice(config, "rl.importance_level", ("token", "sequence"))

@@ -229,10 +229,16 @@ class RLTrainer(Recipe):
                  abstract: bool = False):
         self.validate(config)
         super().__init__(config, workdir, mesh=mesh, abstract=abstract)
+        # mesh.rollout_devices = N (with rl.max_lag >= 1): the sampler on the first N devices, the rest train
+        # (self.mesh, built without them); None = one mesh. The plan mode plans every program on the training mesh.
+        self.rollout_mesh = None if abstract else train.sharding.make_rollout_mesh(config.mesh)
+        self.sampler_mesh = self.rollout_mesh if self.rollout_mesh is not None else self.mesh
         # The data files first, before anything heavy (issue 28 item 20): one ConfigError naming the setting.
         self.data_sources: dict[str, Any] = {} if abstract else self.check_data()
         self.layout = config_lib.validate_llm_batch_layout(config, train.data_parallel_size(self.mesh),
                                                            1 if abstract else jax.process_count())
+        if self.rollout_mesh is not None:
+            self._check_rollout_mesh()
         self.lora_cfg = config_lib.lora_config(config)
         self._setup_model()
         if config.sampling.top_k > self.model_config.vocab_size:
@@ -273,6 +279,9 @@ class RLTrainer(Recipe):
             self.get_host_state, self.set_host_state = self.iterator.get_state, self.iterator.set_state
             if self.has_evaluator:
                 self.evaluator = Evaluator(self, self.make_eval_examples())
+        if self.rollout_mesh is not None:  # the sampler's own copy of the frozen weights, once
+            self._rollout_shardings()
+            self.rollout_frozen = jax.device_put(self.frozen, self.rollout_shardings["frozen"])
         self._set_programs(self.build_programs())
         self.base_key = jax.random.key(int(config.seed))
         self.async_schedule = None
@@ -284,6 +293,53 @@ class RLTrainer(Recipe):
             self.set_host_state = self.async_schedule.set_host_state
         self._samples_path = os.path.join(self.workdir, "samples.jsonl")
         self._update_flops: float | None = None
+
+    # ---- disaggregated rollout mesh (mesh.rollout_devices) -------------------------------------------------
+
+    def _check_rollout_mesh(self) -> None:
+        """Checks a split run (the rollout mesh is disjoint from the training mesh, its data-parallel size divides
+        the rollout rows, the recipe samples token-id prompts); :meth:`_rollout_shardings` then builds
+        ``rollout_shardings`` (``params`` /
+        ``frozen`` on the rollout mesh, from the parameters' logical axis names) and ``rollout_param_bytes`` (the
+        bytes one weight sync writes onto the rollout devices: every device's shard, replicas counted)."""
+        n, rollout = int(self.config.mesh.rollout_devices), self.rollout_mesh
+        overlap = set(rollout.devices.flat) & set(self.mesh.devices.flat)
+        if overlap:
+            raise train.ConfigError(f"`mesh.rollout_devices`={n}: the rollout mesh's devices "
+                                    f"{sorted(d.id for d in overlap)} are also in the training mesh (a mesh was passed "
+                                    "in that holds them); build the training mesh from the other devices.",
+                                    key="mesh.rollout_devices", value=n)
+        b, dp = self.layout["batch_size"], train.data_parallel_size(rollout)
+        if b % dp:
+            raise train.ConfigError(f"`mesh.rollout_devices`={n}: the rollout batch of {b} rows "
+                                    f"(rl.num_prompts_per_step * rl.group_size) must be divisible by the rollout "
+                                    f"mesh's data-parallel size {dp} (mesh.rollout_devices / mesh.rollout_tensor).",
+                                    key="mesh.rollout_devices", value=n)
+        if type(self).make_generate is not RLTrainer.make_generate or \
+                type(self).prompt_inputs is not RLTrainer.prompt_inputs:
+            raise train.ConfigError(f"`mesh.rollout_devices`={n} is not available for the {self.name!r} recipe (its "
+                                    "prompts are not token ids only); use 0.", key="mesh.rollout_devices", value=n)
+
+    def _rollout_shardings(self) -> None:
+        rollout, trainable = self.rollout_mesh, self.policy.trainable
+
+        def parts():
+            _, params, frozen = nnx.split(self._new_model(), trainable, ...)
+            return {"params": params, "frozen": frozen}
+
+        abstract = train.plan_sharded(parts, rollout)
+        self.rollout_shardings = train.shardings_of(abstract)
+        self.rollout_param_bytes = sum(
+            int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize * len(x.sharding.device_set)
+            for x in jax.tree.leaves(abstract["params"]))
+
+    def sync_weights(self, params: Any) -> tuple[Any, float]:
+        """The weight handover of a split run: ``params`` (on the training mesh) resharded onto the rollout mesh by
+        ``jax.device_put``; returns the copy and its time (seconds; the host waits for the copy: the sampler
+        cannot start before its weights, and the update that follows donates ``params``)."""
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(jax.device_put(params, self.rollout_shardings["params"]))
+        return out, time.perf_counter() - t0
 
     # ---- what the audio recipe overrides ------------------------------------------------------------------
 
@@ -361,18 +417,20 @@ class RLTrainer(Recipe):
                                remat=m.remat, remat_policy=m.remat_policy or None,
                                config_overrides=_engine_overrides(m), shardings=_param_sharding_fn(self.mesh))
 
-    def make_generate(self, sampling: SamplingConfig):
-        """``fn(params, frozen, tokens [B, P], mask [B, P], key, *model_inputs) -> GenerationOutput``."""
-        gen = make_generate_fn(self.graphdef, sampling, self.mesh)  # mesh: rows stay batch-sharded in the model
+    def make_generate(self, sampling: SamplingConfig, mesh: Mesh | None = None):
+        """``fn(params, frozen, tokens [B, P], mask [B, P], key, *model_inputs) -> GenerationOutput`` (traced on
+        ``mesh``, default the training mesh)."""
+        gen = make_generate_fn(self.graphdef, sampling, mesh or self.mesh)  # rows stay batch-sharded in the model
         return lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k)
 
     def _rollout_engine(self) -> tuple[str, int]:
         """``(engine, slots)`` of the rollout sampler (``sampling.engine`` / ``sampling.decode_slots``,
         :func:`adrpo_jax.rl.config.rollout_engine`); a recipe with its own ``make_generate`` (multimodal prompts)
         samples with the static engine."""
+        mesh = self.sampler_mesh
         engine, slots = config_lib.rollout_engine(self.config, self.layout["batch_size"],
-                                                  train.data_parallel_size(self.mesh),
-                                                  platform=getattr(self.mesh.devices.flat[0], "platform", "cpu"))
+                                                  train.data_parallel_size(mesh),
+                                                  platform=getattr(mesh.devices.flat[0], "platform", "cpu"))
         if engine == "continuous" and type(self).make_generate is not RLTrainer.make_generate:
             if str(self.config.sampling.get("engine", "static")) == "continuous":
                 raise train.ConfigError(f"`sampling.engine`='continuous' is not available for the {self.name!r} "
@@ -387,18 +445,20 @@ class RLTrainer(Recipe):
         (:mod:`adrpo_jax.models.llm.continuous`: ``self.decode_slots`` slots refilled as rows stop, shared-prompt
         prefill, row r drawn with ``fold_in(key, r)``)."""
         if self.engine != "continuous":
+            if self.rollout_mesh is not None:
+                return self.make_generate(self.sampling, self.rollout_mesh)
             return self.make_generate(self.sampling)
-        gen = make_continuous_generate_fn(self.graphdef, self.sampling, self.decode_slots, self.mesh)
+        gen = make_continuous_generate_fn(self.graphdef, self.sampling, self.decode_slots, self.sampler_mesh)
         return lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k)
 
-    def prompt_inputs(self, rows, state, group: int) -> tuple[dict[str, Any], dict[str, Any] | None, list[str],
-                                                             list[str]]:
+    def prompt_inputs(self, rows, state, group: int, mesh: Mesh | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None, list[str], list[str]]:
         """The prompt front end: ``(global {tokens, mask, truncated}, model_inputs or None, prompts for the reward
-        functions, prompts for the samples log)``."""
+        functions, prompts for the samples log)``; the arrays on ``mesh`` (default the training mesh)."""
         del state, group
         prompts = [r["prompt"] for r in rows]
         tokens, pmask, ptrunc = self.encoder.encode(prompts)
-        g = train.host_local_to_global({"tokens": tokens, "mask": pmask, "truncated": ptrunc}, self.mesh)
+        g = train.host_local_to_global({"tokens": tokens, "mask": pmask, "truncated": ptrunc}, mesh or self.mesh)
         return g, None, prompts, prompts
 
     def generate_extra(self, model_inputs: dict[str, Any] | None) -> tuple:
@@ -409,12 +469,12 @@ class RLTrainer(Recipe):
         """G when each device's rows hold whole groups of G rows of one prompt (rows r // G of a prompt): the
         sampler then prefills each prompt once for its G rows, shard-locally; else 1 (every row prefills)."""
         g = int(self.opts.group_size)
-        return g if (self.layout["batch_size"] // train.data_parallel_size(self.mesh)) % g == 0 else 1
+        return g if (self.layout["batch_size"] // train.data_parallel_size(self.sampler_mesh)) % g == 0 else 1
 
     # ---- programs -------------------------------------------------------------------------------------------
 
-    def _prompt_structs(self, batch: int) -> tuple:
-        bs = train.batch_sharding(self.mesh)
+    def _prompt_structs(self, batch: int, mesh: Mesh | None = None) -> tuple:
+        bs = train.batch_sharding(mesh or self.mesh)
         p = int(self.config.sampling.max_prompt_length)
         return (jax.ShapeDtypeStruct((batch, p), jnp.int32, sharding=bs),
                 jax.ShapeDtypeStruct((batch, p), jnp.bool_, sharding=bs))
@@ -423,7 +483,13 @@ class RLTrainer(Recipe):
         """The abstract ``generate_extra`` of a ``batch``-row prompt batch (audio: embeddings)."""
         return ()
 
-    def _generate_args(self, batch: int) -> tuple:
+    def _generate_args(self, batch: int, rollout_side: bool = False) -> tuple:
+        """The abstract arguments of a generate program; ``rollout_side``: the rollout mesh's (split runs)."""
+        if rollout_side and self.rollout_mesh is not None:
+            sh = self.rollout_shardings
+            return (abstract_like(self.abstract_state["params"], sh["params"]),
+                    abstract_like(self.policy.abstract_frozen, sh["frozen"]),
+                    *self._prompt_structs(batch, self.rollout_mesh), key_struct())
         return (self.abstract_state["params"], self.policy.abstract_frozen, *self._prompt_structs(batch),
                 key_struct(), *self._model_input_structs(batch))
 
@@ -431,7 +497,7 @@ class RLTrainer(Recipe):
         """The abstract rollout batch of one step (what ``update`` consumes), from the sampler's output shapes."""
         bs = train.batch_sharding(self.mesh)
         b = self.layout["batch_size"]
-        out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b))
+        out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b, rollout_side=True))
         f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs)  # noqa: E731
         batch = {"tokens": out.tokens, "attention_mask": out.attention_mask, "completion_mask": out.completion_mask,
                  "lengths": out.lengths, "done": out.done,
@@ -471,8 +537,8 @@ class RLTrainer(Recipe):
             return (params(), frozen(), batch["tokens"], batch["attention_mask"], *extra)
 
         programs = [
-            Program("generate", self.make_rollout_generate(), args=lambda: self._generate_args(b),
-                    out_shardings=bs, phase="rollout",
+            Program("generate", self.make_rollout_generate(), args=lambda: self._generate_args(b, rollout_side=True),
+                    out_shardings=train.batch_sharding(self.sampler_mesh), phase="rollout",
                     shrink_key="sampling.decode_slots" if self.engine == "continuous" else "rl.num_prompts_per_step",
                     planned_by=plan_generate),
             Program("logprobs", make_logprob_fn(self.graphdef, opts, mesh), args=logprob_args,
@@ -489,7 +555,7 @@ class RLTrainer(Recipe):
         if self.is_moe:  # routing statistics of the training pass's router vs the rollout's record (moe/*)
             def moe_args():
                 batch = self.rollout_batch_struct()
-                out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b))
+                out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b, rollout_side=True))
                 return (params(), frozen(), batch["tokens"], batch["attention_mask"],
                         abstract_like(out.expert_indices, bs))
             programs.append(Program("moe/metrics", make_routing_metrics_fn(self.graphdef, mesh), args=moe_args,
@@ -553,11 +619,25 @@ class RLTrainer(Recipe):
         opts, fns = self.opts, self.fns
         t_start = time.perf_counter()
         rows = self.iterator.next_rows()
-        g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size))
+        split = self.rollout_mesh is not None
+        if split:  # mesh.rollout_devices: prompts and weights to the rollout mesh, its sampler, outputs back
+            g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size),
+                                                                 mesh=self.rollout_mesh)
+        else:
+            g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size))
         key = jax.random.fold_in(self.base_key, step)
         sample_key, update_key = jax.random.split(key)
-        out = fns["generate"](state["params"] if params is None else params, self.frozen, g["tokens"], g["mask"],
-                              sample_key, *self.generate_extra(model_inputs))
+        sync: dict[str, float] = {}
+        behaviour = state["params"] if params is None else params
+        if split:
+            sampler_params, sync_s = self.sync_weights(behaviour)
+            sync = {"sync_s": sync_s, "sync_bytes": float(self.rollout_param_bytes)}
+            out_rollout = fns["generate"](sampler_params, self.rollout_frozen, g["tokens"], g["mask"], sample_key)
+            out = jax.device_put(out_rollout, train.batch_sharding(self.mesh))  # dispatched: waits for the sampler
+            g = dict(g, truncated=jax.device_put(g["truncated"], train.batch_sharding(self.mesh)))
+        else:
+            out_rollout = out = fns["generate"](behaviour, self.frozen, g["tokens"], g["mask"], sample_key,
+                                                *self.generate_extra(model_inputs))
         # rl.router_replay='rollout' (MoE policies): the training passes route with the sampler's recorded experts
         model_inputs = training_model_inputs(out, model_inputs, self.router_replay)
         moe = None
@@ -582,7 +662,8 @@ class RLTrainer(Recipe):
             batch["ref_logp"], _ = ref_fn(self.policy.reference(state), self.frozen, out.tokens, out.attention_mask,
                                           *extra)
         return {"step": step, "t_start": t_start, "rows": rows, "prompts": prompts, "shown": shown,
-                "update_key": update_key, "out": out, "batch": batch, "moe": moe}
+                "update_key": update_key, "out": out, "out_rollout": out_rollout, "batch": batch, "moe": moe,
+                "ready_probe": out_rollout.lengths, **sync}
 
     def rollout_finish(self, handle: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The host part of a rollout (:meth:`rollout_start`'s handle): waits for the completions, decodes and
@@ -590,10 +671,16 @@ class RLTrainer(Recipe):
         mesh = self.mesh
         blocking = self.phase_timing()
         step, t_start, rows, prompts, shown = (handle[k] for k in ("step", "t_start", "rows", "prompts", "shown"))
-        update_key, out, batch = handle["update_key"], handle["out"], handle["batch"]
+        update_key, batch = handle["update_key"], handle["batch"]
+        out = handle.get("out_rollout", handle["out"])  # the sampler's own outputs (on the rollout mesh if split)
         t_wait = time.perf_counter()
         local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths})
-        t_generated = time.perf_counter()  # the host waited for the sampler here anyway
+        t_generated = t_sampled = time.perf_counter()  # the host waited for the sampler here anyway
+        transfer_s = None
+        if handle["out"] is not out:  # split: the outputs' copy onto the training mesh (its part not yet done)
+            jax.block_until_ready(handle["out"])
+            transfer_s = time.perf_counter() - t_generated
+            t_generated = time.perf_counter()
         logprob_outputs = [batch[k] for k in ("old_logp", "ref_logp") if k in batch]
         if blocking:  # logging.phase_timing: the log-prob passes alone (no overlap with the reward functions)
             jax.block_until_ready(logprob_outputs)
@@ -611,8 +698,10 @@ class RLTrainer(Recipe):
                                                  "reward_components": scored.per_function}, mesh))
         times = {"time/rollout": t_generated - t_start, "time/reward": t_scored - t_reward,
                  "time/logprobs": (t_reward - t_generated) if blocking else (t_logprobs - t_scored)}
+        if transfer_s is not None:
+            times["time/rollout_transfer"] = transfer_s
         host = {"prompts": shown, "completions": texts, "rewards": scored.rewards, "key": update_key,
-                "num_errors": scored.num_errors, "times": times, "wait_s": t_generated - t_wait,
+                "num_errors": scored.num_errors, "times": times, "wait_s": t_sampled - t_wait,
                 "decode_steps": int(np.max(local["lengths"], initial=0)), "moe": handle.get("moe")}
         return batch, host
 

@@ -32,6 +32,9 @@ key                             meaning
 ``mesh.fsdp``                   size of the fully-sharded data-parallel axis (params sharded on ``'embed'``)
 ``mesh.tensor``                 size of the tensor-parallel axis (``'mlp'``, ``'heads'``, ``'vocab'``)
 ``mesh.expert``                 size of the expert-parallel axis (MoE expert kernels' ``'expert'``; also a batch axis)
+``mesh.rollout_devices``        N > 0 (``trainer='llm'`` with ``rl.max_lag >= 1``): the first N devices sample the
+                                rollouts on their own mesh, the others (``mesh.data/fsdp/...``) train; 0 = one mesh
+``mesh.rollout_tensor``         tensor-parallel size of that rollout mesh (divides N; its data axis is N / it)
 ``plan.target``                 ``--mode=plan``: a TPU topology (``v5e:2x4``, ``v5p:2x2x2``, ``v6e:2x4``, ...) or
                                 ``cpu:N`` / ``cpu:N@h100``: every program compiled for it, no weights
 ``plan.check``                  on a TPU / GPU, plan the run on its own devices at start, before loading weights
@@ -219,7 +222,7 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
         "log_every": 10,
         "eval_every": 0,
         "checkpoint": {"every_steps": 100, "max_to_keep": 3, "keep_period": 0, "async_save": True},
-        "mesh": {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1},
+        "mesh": {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1, "rollout_devices": 0, "rollout_tensor": 1},
         "optim": {
             "name": "adamw",
             "learning_rate": 1e-4,
@@ -496,6 +499,18 @@ def validate_common_config(config: Any) -> None:
             fills.append(f"mesh.{axis}")
     if len(fills) > 1:
         raise ConfigError(f"At most one mesh axis may be -1 (fill), got {fills}.", key=fills[1], value=-1)
+    if "rollout_devices" in get_by_path(config, "mesh"):  # disaggregated rollout mesh (adrpo_jax.recipe.schedule)
+        rollout = _require_int_range(config, "mesh.rollout_devices", min=0)
+        tensor = _require_int_range(config, "mesh.rollout_tensor", min=1) if \
+            "rollout_tensor" in get_by_path(config, "mesh") else 1
+        if rollout and rollout % tensor:
+            raise ConfigError(f"`mesh.rollout_tensor`={tensor} must divide `mesh.rollout_devices`={rollout}.",
+                              key="mesh.rollout_tensor", value=tensor)
+        trainer = get_by_path(config, "trainer", "llm")
+        if rollout and trainer not in ("llm", "adrpo_jax.rl.trainer:train_and_evaluate"):
+            raise ConfigError(f"`mesh.rollout_devices`={rollout}: a separate rollout mesh exists for the text LLM "
+                              f"recipe (trainer='llm') only, got trainer={trainer!r}; use 0.",
+                              key="mesh.rollout_devices", value=rollout)
 
     name = require_choice(config, "optim.name", OPTIMIZERS)
     require_type(config, "optim.learning_rate", float)

@@ -59,6 +59,8 @@ __all__ = [
     "mesh_batch_axes",
     "LogicalRules",
     "make_mesh",
+    "make_rollout_mesh",
+    "rollout_device_count",
     "logical_to_partition_spec",
     "logical_to_named_sharding",
     "plan_sharded",
@@ -120,6 +122,7 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     {'data': 2, 'fsdp': 2, 'tensor': 1}
     """
     devices = list(jax.devices() if devices is None else devices)
+    devices = devices[rollout_device_count(mesh_config, len(devices)):]  # mesh.rollout_devices: the rest trains
     n = len(devices)
     sizes = {}
     try:
@@ -154,6 +157,55 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
     mesh = jax.make_mesh(tuple(sizes[a] for a in axes), axes, axis_types=axis_types, devices=devices)
     return _processes_contiguous(mesh)
+
+
+def rollout_device_count(mesh_config: Any, device_count: int) -> int:
+    """``mesh.rollout_devices`` (0 when absent): how many of the first devices form the rollout mesh of a
+    disaggregated asynchronous run (:func:`make_rollout_mesh`); :func:`make_mesh` builds the training mesh of the
+    others.
+
+    Raises:
+      ConfigError: naming ``mesh.rollout_devices`` when it is not an int >= 0, leaves no device to train on, or
+        is used with several processes (the rollout and training meshes must each feed their rows from one host).
+    """
+    try:
+        value = mesh_config.get("rollout_devices", 0)
+    except AttributeError:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"`mesh.rollout_devices` must be an int >= 0 (0 = one mesh), got {value!r}.",
+                          key="mesh.rollout_devices", value=value)
+    value = int(value)
+    if value and value >= device_count:
+        raise ConfigError(f"`mesh.rollout_devices`={value} must be smaller than the device count {device_count}: "
+                          "the other devices form the training mesh.", key="mesh.rollout_devices", value=value)
+    if value and jax.process_count() > 1:
+        raise ConfigError(f"`mesh.rollout_devices`={value}: disaggregated rollout / training meshes need a single "
+                          f"process (this run has {jax.process_count()}); use 0.", key="mesh.rollout_devices",
+                          value=value)
+    return value
+
+
+def make_rollout_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """The rollout mesh of a disaggregated asynchronous run: the first ``mesh.rollout_devices`` devices as a
+    ``('data', 'fsdp', 'tensor')`` mesh of shape ``(N // mesh.rollout_tensor, 1, mesh.rollout_tensor)`` (the sampler
+    is data parallel, with its parameters replicated or tensor-sharded: no ``fsdp`` gathers in the decode loop);
+    None when ``mesh.rollout_devices`` is 0 (one mesh for everything).
+
+    >>> mesh = make_rollout_mesh({"data": -1, "fsdp": 1, "tensor": 1, "rollout_devices": 2})
+    >>> dict(mesh.shape), [d.id for d in mesh.devices.flat]
+    ({'data': 2, 'fsdp': 1, 'tensor': 1}, [0, 1])
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = rollout_device_count(mesh_config, len(devices))
+    if not n:
+        return None
+    tensor = mesh_config.get("rollout_tensor", 1)
+    if isinstance(tensor, bool) or not isinstance(tensor, (int, np.integer)) or tensor < 1 or n % tensor:
+        raise ConfigError(f"`mesh.rollout_tensor`={tensor!r} must be a positive int dividing "
+                          f"`mesh.rollout_devices`={n}.", key="mesh.rollout_tensor", value=tensor)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh((n // int(tensor), 1, int(tensor)), MESH_AXES, axis_types=axis_types, devices=devices[:n])
 
 
 def _processes_contiguous(mesh: Mesh) -> Mesh:

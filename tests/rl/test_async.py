@@ -10,7 +10,6 @@ import pytest
 from adrpo_jax.recipe.schedule import LaggedSchedule, policy_version
 from adrpo_jax.rl.trainer import RLTrainer
 from adrpo_jax.train.metrics import read_jsonl
-
 from tests.rl.test_trainer import tiny_config
 
 
@@ -69,7 +68,7 @@ def test_lagged_schedule_versions_and_exact_resume(k):
     sched = LaggedSchedule(recipe, k, total)
     state0 = {"params": 0, "lag_params": (0,) * k, "trace": ()}
     state, metrics = _run(recipe, sched, state0, range(total))
-    assert [s for s in state["trace"]] == [(t, t, policy_version(t, k)) for t in range(total)]
+    assert list(state["trace"]) == [(t, t, policy_version(t, k)) for t in range(total)]
     assert metrics["async/lag"] == k and metrics["async/policy_version"] == total - 1 - k
     # checkpoint after step s: (state, host state); a new process resumes and continues identically
     for s in range(1, total):
@@ -105,7 +104,7 @@ def test_max_lag_zero_is_the_synchronous_loop(tiny_model_dir, tmp_path):
                                                                            "rl.num_prompts_per_step": 8})
     trainer = RLTrainer(config, tmp_path / "a")
     assert trainer.async_schedule is None and "lag_params" not in trainer.abstract_state
-    result = trainer.run()
+    trainer.run()
     legacy = tiny_config(tiny_model_dir, eval_every=0, total_steps=3, **{"rl.ref_sync_steps": 0,
                                                                            "rl.num_minibatches": 2,
                                                                            "rl.num_prompts_per_step": 8})
@@ -145,8 +144,44 @@ def test_max_lag_one_trains_and_resumes_exactly(tiny_model_dir, tmp_path, correc
     assert out["resumed_from"] == 2
     for a, b in zip(_params(full.result.state), _params(resumed.result.state)):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(full.result.state["lag_params"]), jax.tree.leaves(resumed.result.state["lag_params"])):
+    for a, b in zip(jax.tree.leaves(full.result.state["lag_params"]),
+                    jax.tree.leaves(resumed.result.state["lag_params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     again = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     for key in ("loss", "reward_mean", "kl_mean"):
         assert [r[key] for r in again][2:] == [r[key] for r in records][2:], key
+
+
+class ProbedRecipe(FakeRecipe):
+    """A FakeRecipe whose rollouts report a weight sync and a sampler output to watch (what a split run gives)."""
+
+    def rollout_start(self, step, state, *, params, logprob_passes):
+        h = super().rollout_start(step, state, params=params, logprob_passes=logprob_passes)
+        return dict(h, ready_probe=jax.numpy.zeros(()), sync_s=0.5, sync_bytes=100.0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_lag_histogram_idle_and_sync_metrics(k):
+    """async/lag_hist/<j> is one-hot per step (interval means = fractions summing to 1); time/update_idle is the
+    rollout wait; the dispatching steps log time/rollout_idle >= 0 and the weight sync summed over their dispatches."""
+    from adrpo_jax.train.loop import _mean_records  # the loop's interval aggregation
+    total = 6
+    sched = LaggedSchedule(ProbedRecipe(), k, total)
+    state = {"params": 0, "lag_params": (0,) * k, "trace": ()}
+    per_step = []
+    for t in range(total):
+        state, m = sched.train_step(t, state)
+        per_step.append(m)
+    for t, m in enumerate(per_step):
+        lag = min(t, k)
+        assert [m[f"async/lag_hist/{j}"] for j in range(k + 1)] == [float(j == lag) for j in range(k + 1)]
+        assert m["time/update_idle"] == m["time/rollout_wait"]
+        dispatches = (k + 1 if t == 0 else 1) if t + k < total else (k if t == 0 else 0)
+        if dispatches:
+            assert m["time/weight_sync"] == 0.5 * dispatches and m["async/weight_sync_bytes"] == 100.0 * dispatches
+            assert m["time/rollout_idle"] >= 0.0
+        else:
+            assert "time/weight_sync" not in m and "time/rollout_idle" not in m
+    mean = _mean_records(per_step)
+    hist = [mean[f"async/lag_hist/{j}"] for j in range(k + 1)]
+    assert abs(sum(hist) - 1.0) < 1e-12 and hist[k] == (total - k) / total

@@ -1,0 +1,101 @@
+"""Disaggregated asynchronous RL (issue 26 item 3): ``mesh.rollout_devices = N`` samples on the first N devices and
+trains on the others, weights handed over by a resharding ``device_put``. Config refusals (fast), the meshes, and
+(slow) a 4 + 4 split at max_lag=1: the losses of the one-mesh run within tolerance, the metrics, exact resume."""
+import jax
+import numpy as np
+import pytest
+
+from adrpo_jax.rl.trainer import RLTrainer
+from adrpo_jax.train.config import ConfigError
+from adrpo_jax.train.metrics import read_jsonl
+from adrpo_jax.train.sharding import make_mesh, make_rollout_mesh
+from tests.rl.test_trainer import tiny_config
+
+
+def test_rollout_and_training_meshes_are_disjoint():
+    assert jax.device_count() == 8
+    cfg = {"data": -1, "fsdp": 1, "tensor": 1, "rollout_devices": 4, "rollout_tensor": 2}
+    rollout, training = make_rollout_mesh(cfg), make_mesh(cfg)
+    assert dict(rollout.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert [d.id for d in rollout.devices.flat] == [0, 1, 2, 3]
+    assert sorted(d.id for d in training.devices.flat) == [4, 5, 6, 7] and training.shape["data"] == 4
+    assert make_rollout_mesh({"data": -1, "fsdp": 1, "tensor": 1}) is None  # the key absent: one mesh
+    assert make_rollout_mesh(dict(cfg, rollout_devices=0)) is None and make_mesh(dict(cfg, rollout_devices=0)).size == 8
+
+
+@pytest.mark.parametrize("overrides, key, match", [
+    ({"mesh.rollout_devices": 4}, "mesh.rollout_devices", "needs `rl.max_lag` >= 1"),
+    ({"mesh.rollout_devices": 8, "rl.max_lag": 1}, "mesh.rollout_devices", "smaller than the device count 8"),
+    ({"mesh.rollout_devices": -1, "rl.max_lag": 1}, "mesh.rollout_devices", "int >= 0"),
+    ({"mesh.rollout_devices": 4, "mesh.rollout_tensor": 3, "rl.max_lag": 1}, "mesh.rollout_tensor", "divid"),
+    ({"mesh.rollout_devices": 6, "rl.max_lag": 1}, "mesh.rollout_devices", "divisible by the rollout mesh"),
+    ({"mesh.rollout_devices": 4, "mesh.data": 8, "rl.max_lag": 1}, "mesh", "must equal the number of devices"),
+])
+def test_bad_rollout_mesh_keys_are_refused(tiny_model_dir, tmp_path, overrides, key, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        RLTrainer(tiny_config(tiny_model_dir, **overrides), tmp_path)
+    assert err.value.key == key
+
+
+def test_rollout_mesh_refused_for_other_recipes():
+    from adrpo_jax.train.config import common_config, validate_common_config
+    config = common_config()
+    config.trainer, config.mesh.rollout_devices = "flow", 2
+    with pytest.raises(ConfigError, match="text LLM recipe") as err:
+        validate_common_config(config)
+    assert err.value.key == "mesh.rollout_devices"
+    config.trainer, config.mesh.rollout_devices, config.mesh.rollout_tensor = "llm", 4, 3
+    with pytest.raises(ConfigError, match="must divide") as err:
+        validate_common_config(config)
+    assert err.value.key == "mesh.rollout_tensor"
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_split_meshes_train_like_one_mesh_and_resume_exactly(tiny_model_dir, tmp_path):
+    """4 rollout + 4 training devices at max_lag=1 against the one 8-device mesh at max_lag=1: the same samples
+    (the sampler's random draws do not depend on the sharding; every row is computed on one device either way) and
+    losses / parameters within 1e-5 (not bitwise: the update's batch reductions run over 4 devices instead of 8, a
+    different compiled computation). Split runs resume bit-identically (same meshes, same programs)."""
+    kw = {"rl.ref_sync_steps": 0, "rl.max_lag": 1, "optim.schedule": "constant", "rl.num_prompts_per_step": 8}
+    split = {"mesh.rollout_devices": 4}
+    one = RLTrainer(tiny_config(tiny_model_dir, eval_every=0, total_steps=4, **kw), tmp_path / "one")
+    one.run()
+    full = RLTrainer(tiny_config(tiny_model_dir, eval_every=0, total_steps=4, **kw, **split), tmp_path / "split")
+    assert sorted(d.id for d in full.rollout_mesh.devices.flat) == [0, 1, 2, 3]
+    assert sorted(d.id for d in full.mesh.devices.flat) == [4, 5, 6, 7]
+    full.run()
+    # every trained array lives on the training devices; the sampler's weights were synced to the rollout mesh
+    assert {d.id for x in jax.tree.leaves(full.result.state) for d in x.sharding.device_set} == {4, 5, 6, 7}
+    a, b = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    for key in ("loss", "kl_mean", "pg_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in ("reward_mean", "completion_length_mean"):
+        assert [r[key] for r in b] == [r[key] for r in a], key  # the same completions
+    for x, y in zip(_leaves(full.result.state["params"]), _leaves(one.result.state["params"])):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    # metrics: the lag histogram (one record per step: one-hot), idle times, the weight sync and its bytes
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(full.result.state["params"]))
+    for i, r in enumerate(b):
+        hist = [r["async/lag_hist/0"], r["async/lag_hist/1"]]
+        assert hist == ([1.0, 0.0] if i == 0 else [0.0, 1.0]) and sum(hist) == 1.0
+        assert r["time/update_idle"] == r["time/rollout_wait"] >= 0.0 and r["time/rollout_transfer"] >= 0.0
+        if i < 3:  # the steps that dispatch a rollout (the last one has none to dispatch)
+            assert r["time/weight_sync"] > 0.0 and r["time/rollout_idle"] >= 0.0
+            # replicated on the 4 rollout devices (a 4 x 1 x 1 mesh); step 0 syncs twice (R_0 and R_1)
+            assert r["async/weight_sync_bytes"] == 4 * param_bytes * (2 if i == 0 else 1)
+        else:
+            assert "time/weight_sync" not in r
+    assert "time/weight_sync" not in a[-1] and "time/rollout_transfer" not in a[-1]  # one mesh: no sync
+    # exact resume of the split run: 2 steps, then a new trainer continues to 4
+    RLTrainer(tiny_config(tiny_model_dir, eval_every=0, total_steps=2, **kw, **split), tmp_path / "resumed").run()
+    resumed = RLTrainer(tiny_config(tiny_model_dir, eval_every=0, total_steps=4, **kw, **split), tmp_path / "resumed")
+    assert resumed.run()["resumed_from"] == 2
+    for x, y in zip(_leaves(full.result.state), _leaves(resumed.result.state)):
+        np.testing.assert_array_equal(x, y)
+    again = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    for key in ("loss", "reward_mean", "kl_mean"):
+        assert [r[key] for r in again][2:] == [r[key] for r in b][2:], key
