@@ -43,7 +43,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,7 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
     if single.is_file():
         from safetensors import safe_open  # pylint: disable=import-outside-toplevel
         with safe_open(str(single), framework="numpy") as f:
-            return {k: single for k in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     raise ValueError(f"no model.safetensors (or its index) in {str(path)!r}: save the CLIPModel with "
                      "save_pretrained(..., safe_serialization=True).")
 
@@ -129,6 +130,14 @@ def _read_tensors(files: dict[str, Path], names: Sequence[str]) -> dict[str, np.
             for k in keys:
                 out[k] = np.asarray(f.get_tensor(k), np.float32)
     return out
+
+
+def _rgb(values: Any, name: str, path: Path) -> tuple[float, float, float]:
+    """A preprocessor's per-channel ``image_mean`` / ``image_std``: three floats (R, G, B)."""
+    out = tuple(float(v) for v in values)
+    if len(out) != 3:
+        raise ValueError(f"{name}={values!r} in {str(path)!r}: expected 3 values (R, G, B) for the RGB ViT.")
+    return out[0], out[1], out[2]
 
 
 def load_clip_vision(path: str | os.PathLike) -> tuple[CLIPVisionSpec, dict[str, Any]]:
@@ -185,8 +194,8 @@ def load_clip_vision(path: str | os.PathLike) -> tuple[CLIPVisionSpec, dict[str,
     pre = root / "preprocessor_config.json"
     if pre.is_file():
         pcfg = json.loads(pre.read_text())
-        mean = tuple(float(v) for v in pcfg.get("image_mean", mean))
-        std = tuple(float(v) for v in pcfg.get("image_std", std))
+        mean = _rgb(pcfg.get("image_mean", mean), "image_mean", pre)
+        std = _rgb(pcfg.get("image_std", std), "image_std", pre)
     proj = t["visual_projection.weight"]  # [E, hidden]
     spec = CLIPVisionSpec(hidden_size=int(hidden), num_layers=len(layer_ids), num_heads=num_heads, patch_size=int(p),
                           image_size=int(grid * p), projection_dim=int(proj.shape[0]), hidden_act=act,

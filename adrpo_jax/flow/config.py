@@ -340,7 +340,7 @@ def _validate_rl(config) -> None:
         raise ConfigError(f"`rl.coefficient_sign`={sign!r} only applies to rl.method='adrpo' (the adaptive "
                           f"coefficient); rl.method={method!r} has no adaptive term. Leave rl.coefficient_sign="
                           "'adrpo'.", key="rl.coefficient_sign", value=sign)
-    clip = validate_advantage_clip(config, "rl")
+    validate_advantage_clip(config, "rl")
     clip_cfm = require_type(config, "rl.clip_cfm_advantages", bool)
     if clip_cfm and method == "none" and config.rl.adv_clip == "multiple":
         raise ConfigError("`rl.clip_cfm_advantages`=True with rl.method='none' and rl.adv_clip='multiple': the "
@@ -633,7 +633,8 @@ def read_prompts_file(path: str, key: str) -> tuple[str, ...]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"`{key}`={path!r} cannot be read as a UTF-8 text file of prompts (one per line): "
                           f"{err}.", key=key, value=path) from None
-    prompts, first = [], {}
+    prompts: list[str] = []
+    first: dict[str, int] = {}  # prompt -> its first line number
     for number, line in enumerate(lines, 1):
         text = line.strip()
         if not text:

@@ -155,7 +155,7 @@ def _split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple
     for c in range(NUM_DIGITS):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(idx.size)]
-        n_test = int(round(test_fraction * idx.size))
+        n_test = round(test_fraction * idx.size)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -199,8 +199,8 @@ def load_digits_splits(image_size: int = 8, *, test_fraction: float = 0.2,
     mean_ink = raw.reshape(raw.shape[0], -1).mean(axis=1).astype(np.float32)
     medians = np.array([np.median(mean_ink[train_idx][labels[train_idx] == c]) for c in range(NUM_DIGITS)])
     thickness = (mean_ink > medians[labels]).astype(np.int32)
-    images = _resize_bilinear(raw, int(image_size)) * 2.0 - 1.0
-    images = np.clip(images, -1.0, 1.0).astype(np.float32)[..., None]
+    scaled = _resize_bilinear(raw, int(image_size)) * 2.0 - 1.0
+    images = np.clip(scaled, -1.0, 1.0).astype(np.float32)[..., None]
 
     def make(idx: np.ndarray) -> DigitsDataset:
         return DigitsDataset(images=images[idx], labels=labels[idx], thickness=thickness[idx],

@@ -39,7 +39,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from adrpo_jax.flow import pretrain
-from adrpo_jax.flow.data import CONDITION_MODES, load_digits_splits, split_condition
+from adrpo_jax.flow.data import CONDITION_MODES, ConditionMode, load_digits_splits, split_condition
 from adrpo_jax.flow.metrics import frechet_distance_from_features
 from adrpo_jax.flow.sampling import sample_noise
 from adrpo_jax.models.dit import count_params
@@ -102,7 +102,7 @@ def train_judge(config: Any = None, *, workdir: str | None = None, use_cache: bo
     key_dict = {"data": data, "judge": jcfg, "model": model_cfg.to_dict(), "trained_on": "held_out_split"}
     key_hash = pretrain._hash({**key_dict, "version": pretrain._CACHE_VERSION})  # pylint: disable=protected-access
     directory = pretrain._run_dir("judge", key_dict, workdir, use_cache)  # pylint: disable=protected-access
-    if use_cache:
+    if use_cache and directory is not None:  # (_load_finished finds nothing without a directory)
         finished = pretrain._load_finished(directory, key_hash)  # pylint: disable=protected-access
         if finished is not None:
             if log_fn:
@@ -182,8 +182,8 @@ class JudgeScorer:
       data: optional ``data`` settings (``image_size``, ``test_fraction``, ``split_seed``) of the real digits.
     """
 
-    def __init__(self, judge: JudgeMLP, condition_mode: str = "digit_thickness", *, thickness_weight: float = 1.0,
-                 reference_images: Any = None, data: Mapping[str, Any] | None = None):
+    def __init__(self, judge: JudgeMLP, condition_mode: ConditionMode = "digit_thickness", *,
+                 thickness_weight: float = 1.0, reference_images: Any = None, data: Mapping[str, Any] | None = None):
         if not isinstance(judge, JudgeMLP):
             raise ValueError(f"`judge` must be a JudgeMLP, got {type(judge).__name__}.")
         if condition_mode not in CONDITION_MODES:

@@ -27,12 +27,14 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adrpo_jax.flow.data import ConditionMode
 from adrpo_jax.losses import flow_matching_error, rectified_flow_path
 
 __all__ = [
@@ -229,8 +231,9 @@ def _classifier_fn(graphdef) -> Callable:
     return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, return_features=True))
 
 
-def evaluate_samples(images: jax.Array, cond: jax.Array, *, classifier: Any = None, condition_mode: str = "digit",
-                     num_conditions: int | None = None, reward_fn: Callable | None = None,
+def evaluate_samples(images: jax.Array, cond: jax.Array, *, classifier: Any = None,
+                     condition_mode: ConditionMode = "digit", num_conditions: int | None = None,
+                     reward_fn: Callable | None = None,
                      reference_features: Any = None) -> dict[str, float]:
     """Standard evaluation of generated images ``[N, H, W, C]`` for prompts ``cond [N]``.
 

@@ -6,7 +6,8 @@ Images are ``[N, H, W, C]`` in ``[-1, 1]`` (C = 1 grey or 3 RGB), drawn row-majo
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -36,7 +36,8 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -301,7 +302,7 @@ def pretrain_flow_model(config: Any = None, workdir: str | os.PathLike | None = 
                 "pretrain": {k: v for k, v in pre.items() if k != "log_every"}}
     key_hash = _hash({**key_dict, "version": _CACHE_VERSION})
     directory = _run_dir("dit", key_dict, workdir, use_cache)
-    if use_cache:
+    if use_cache and directory is not None:  # (_load_finished finds nothing without a directory)
         finished = _load_finished(directory, key_hash)
         if finished is not None:
             if log_fn:
@@ -402,7 +403,7 @@ def train_classifier(config: Any = None, workdir: str | os.PathLike | None = Non
                 "classifier": ccfg, "model": model_cfg.to_dict()}
     key_hash = _hash({**key_dict, "version": _CACHE_VERSION})
     directory = _run_dir("classifier", key_dict, workdir, use_cache)
-    if use_cache:
+    if use_cache and directory is not None:  # (_load_finished finds nothing without a directory)
         finished = _load_finished(directory, key_hash)
         if finished is not None:
             if log_fn:
@@ -457,7 +458,8 @@ def train_classifier(config: Any = None, workdir: str | os.PathLike | None = Non
     }
     if log_fn:
         log_fn(f"[classifier] {ccfg['steps']} steps in {train_time:.1f}s: test digit acc "
-               f"{test_acc['digit_accuracy']:.4f}, thickness acc {test_acc.get('thickness_accuracy', float('nan')):.4f}")
+               f"{test_acc['digit_accuracy']:.4f}, thickness acc "
+               f"{test_acc.get('thickness_accuracy', float('nan')):.4f}")
     if directory is not None:
         save_classifier(model, directory)
         _write_metrics(directory, metrics)

@@ -48,6 +48,12 @@ class FlowRecipe(Recipe):
 
     throughput_key = "images"
     _flops: dict[str, float]
+    # set by the subclass's setup (class docstring)
+    opts: FlowStepOptions
+    num_conditions: int
+    layout: dict[str, int]  # config.validate_flow_batch_layout / validate_sd3_batch_layout
+    rows: slice  # this process's rows of the global batch (train.process_batch_slice)
+    base_key: jax.Array
     # the config key that shrinks each step program's memory (Program.shrink_key; the plan names it)
     shrink_keys: ClassVar[dict[str, str]] = {}
 

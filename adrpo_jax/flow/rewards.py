@@ -27,7 +27,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -203,7 +204,11 @@ def sample(velocity_fn: VelocityFn, x0: jax.Array, cond: Any, *, num_steps: int,
             x_next = x + 0.5 * h * (k1 + k2)
         return x_next, (x_next if return_trajectory else None)
 
-    step_keys = jax.random.split(key, num_steps) if stochastic else jnp.zeros((num_steps,), jnp.uint32)
+    if stochastic:
+        assert key is not None  # checked above
+        step_keys = jax.random.split(key, num_steps)
+    else:
+        step_keys = jnp.zeros((num_steps,), jnp.uint32)
     x1, traj = jax.lax.scan(step, x0, (ts[:-1], ts[1:], step_keys))
     if return_trajectory:
         return x1, jnp.concatenate([x0[None], traj], axis=0)

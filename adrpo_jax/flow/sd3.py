@@ -78,7 +78,7 @@ SD3_SHIFT = 3.0
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def shift_sigmas(sigmas: Any, shift: float) -> Any:
+def shift_sigmas(sigmas: Any, shift: float | np.floating) -> Any:
     """SD3's timestep shift ``shift s / (1 + (shift - 1) s)`` (numpy or jax; 1 = identity).
 
     >>> float(shift_sigmas(0.5, 3.0))
@@ -222,6 +222,7 @@ def shard_prompt_table(source: Any, rows: int, mesh: jax.sharding.Mesh, dtype: A
     sharding = prompt_table_sharding(shape, mesh, row_axis)
     groups: dict[tuple, list] = {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
+        assert index is not None  # jax types the map's values Optional; a NamedSharding's are never None
         key = tuple((s.start, s.stop, s.step) for s in index)
         groups.setdefault(key, [index]).append(device)
     arrays: dict[Any, jax.Array] = {}
@@ -279,7 +280,10 @@ class MMDiTVelocity(nnx.Module):
         if not 0 <= int(null_id) < n:
             raise ValueError(f"`null_id`={null_id} must be a row of the prompt table (0..{n - 1}).")
         self.transformer = transformer
-        self.text_shape = text_shape if embeddings.ndim == 2 else (int(embeddings.shape[1]), int(embeddings.shape[2]))
+        if embeddings.ndim == 3:
+            text_shape = (int(embeddings.shape[1]), int(embeddings.shape[2]))
+        assert text_shape is not None  # a flattened [N, L * D] table needs it (checked above)
+        self.text_shape: tuple[int, int] = text_shape
         flat = embeddings if embeddings.ndim == 2 else embeddings.reshape(n, -1)
         with nnx.use_eager_sharding(False):  # logical names are metadata: placed by the trainer's shardings
             self.embeddings = PromptTable(flat, out_sharding=(row_axis, None))

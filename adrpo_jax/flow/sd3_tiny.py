@@ -77,7 +77,7 @@ def _build(root: Path, seed: int = 0) -> None:
         joint_attention_dim=TINY_JOINT_ATTENTION_DIM, caption_projection_dim=16, pooled_projection_dim=16,
         out_channels=4, pos_embed_max_size=8)
     with torch.no_grad():  # adaLN-Zero / output layers start at zero in training; perturb them (random model)
-        for name, p in transformer.named_parameters():
+        for p in transformer.parameters():
             if torch.count_nonzero(p) == 0:
                 p.normal_(0.0, 0.05)
     transformer.save_pretrained(root / "transformer")

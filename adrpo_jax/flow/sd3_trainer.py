@@ -287,20 +287,26 @@ class SD3Components:
     pytree passed to the jitted programs as an argument); ``reward``: the :class:`SD3Reward` over them
     (``make_reward(reward_state) -> reward(latents, cond)`` is its ``bind``); ``eval_state``: ``{"clips": (...)}``
     the eval-only CLIP scorers' arrays, ``eval_clip_specs`` their specs; ``null_id``: the empty prompt's row
-    (default: the last row)."""
+    (default: the last row). An :class:`SD3Trainer` that loaded the components itself releases the host / device
+    copies it has placed (``embeddings``, ``pooled``, ``reward_state``, ``eval_state`` become None)."""
 
     def __init__(self, transformer, embeddings, pooled, latent_shape, reward_state, reward: SD3Reward, *,
                  eval_state: Any = None, eval_clip_specs: tuple = (), null_id: int | None = None,
                  text_shape: tuple[int, int] | None = None):
         self.transformer = transformer
         host = lambda a: a if isinstance(a, jax.Array) else np.asarray(a)  # noqa: E731 (device tables stay put)
-        self.embeddings, self.pooled = host(embeddings), host(pooled)
+        table = host(embeddings)
+        self.embeddings: jax.Array | np.ndarray | None = table
+        self.pooled: jax.Array | np.ndarray | None = host(pooled)
         self.text_shape = None if text_shape is None else (int(text_shape[0]), int(text_shape[1]))
-        self.latent_shape = tuple(int(d) for d in latent_shape)
+        shape = tuple(int(d) for d in latent_shape)
+        if len(shape) != 3:
+            raise ValueError(f"`latent_shape`={latent_shape!r} must be (h, w, c).")
+        self.latent_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
         self.reward_state, self.reward = reward_state, reward
         self.eval_state = eval_state if eval_state is not None else {"clips": ()}
         self.eval_clip_specs = tuple(eval_clip_specs)
-        self.null_id = int(self.embeddings.shape[0] - 1 if null_id is None else null_id)
+        self.null_id = int(table.shape[0] - 1 if null_id is None else null_id)
 
     @property
     def make_reward(self) -> Callable:
@@ -358,7 +364,8 @@ def load_components(config: Any, mesh: jax.sharding.Mesh | None = None, *,
     embeddings = shard_prompt_table(table.embeddings, shapes.rows, mesh, dtype, flatten=True)
     pooled = shard_prompt_table(table.pooled, shapes.rows, mesh, dtype)
     del table
-    clip_state, clip_spec = {}, None
+    clip_state: dict[str, Any] = {}
+    clip_spec = None
     if config.reward.kind == "clip":
         clip_state, clip_spec = _clip_state(paths["clip"], prompts, cache_dir)
     eval_clips = [_clip_state(os.path.expanduser(p), prompts, cache_dir) for p in config.eval.clip_paths]
@@ -405,6 +412,9 @@ class SD3Trainer(FlowRecipe):
         comp = None
         if not abstract:
             comp = components if components is not None else load_components(config, self.mesh, shapes=shapes)
+            if comp.embeddings is None:
+                raise ValueError("`components` were released by the SD3Trainer that loaded them (it placed their "
+                                 "prompt table and reward arrays): load them again with load_components.")
             if comp.embeddings.shape[0] != shapes.rows or comp.null_id != shapes.null_id:
                 raise ValueError(f"the prompt table has {comp.embeddings.shape[0]} rows (null row {comp.null_id}); "
                                  f"expected {shapes.rows} (null row {shapes.null_id})")
@@ -444,6 +454,7 @@ class SD3Trainer(FlowRecipe):
             self.reward_state = abstract_like(self._abstract_reward_state(shapes), repl)
             self.eval_state = abstract_like(self._abstract_eval_state(shapes), repl)
         else:
+            assert comp is not None  # loaded above when not abstract
             self.reward, self.eval_clip_specs = comp.reward, comp.eval_clip_specs
             self.reward_state = jax.device_put(comp.reward_state, repl)
             self.eval_state = jax.device_put(comp.eval_state, repl)
@@ -645,7 +656,11 @@ class SD3Trainer(FlowRecipe):
         model = self._merged_on_host(params)
         if model is None:
             return None
-        mmdit.save_pretrained(model.transformer, path, dtype=_DTYPES[self.config.model.save_dtype])
+        transformer = getattr(model, "transformer", None)
+        if not isinstance(transformer, mmdit.MMDiT):
+            raise TypeError(f"the merged policy ({type(model).__name__}) holds no MMDiT transformer (got "
+                            f"{type(transformer).__name__}): cannot export it to {path}.")
+        mmdit.save_pretrained(transformer, path, dtype=_DTYPES[self.config.model.save_dtype])
         log.info("Saved the fine-tuned MMDiT (%s) to %s%s", self.config.model.save_dtype, path,
                  f" and its LoRA adapters to {lora_dir}" if lora_dir else "")
         return str(path)

@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +157,8 @@ class FlowStepOptions:
         absolute = rl.adv_clip == "absolute"
         return cls(
             num_conditions=int(num_conditions), null_class=int(null_class),
-            image_shape=tuple(int(d) for d in image_shape), method=rl.method, beta=float(rl.beta),
+            image_shape=cast("tuple[int, int, int]", tuple(int(d) for d in image_shape)),  # length: __post_init__
+            method=rl.method, beta=float(rl.beta),
             coefficient_sign=str(rl.get("coefficient_sign", "adrpo")),
             adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
             adv_clip_min=inf_to_none(rl.adv_clip_min) if absolute else None,
@@ -613,7 +614,7 @@ def _make_update_and_refresh(update: Callable, opts: FlowStepOptions, ref_graphd
     def update_and_refresh(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler):
         _, k_update = jax.random.split(key)
         sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
-        reference = state["ref_params"] if "ref_params" in state else ref_params
+        reference = state.get("ref_params", ref_params)
         if reference is None:
             if ref_graphdef is None:
                 raise ValueError("train_step needs `ref_params` (or state['ref_params']) unless a `ref_graphdef` "

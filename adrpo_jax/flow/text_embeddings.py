@@ -62,7 +62,8 @@ import shutil
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
