@@ -60,7 +60,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ from adrpo_jax.flow import config as config_lib
 from adrpo_jax.flow.data import describe_condition, load_digits_splits, prompt_conditions, step_prompts
 from adrpo_jax.flow.metrics import evaluate_samples, frechet_distance_from_features, velocity_w2_bound
 from adrpo_jax.flow.recipe import FlowRecipe
-from adrpo_jax.flow.rewards import ClassifierReward, CombinedReward, ImageStatReward
+from adrpo_jax.flow.rewards import ClassifierReward, CombinedReward, ImageStatReward, RewardModel
 from adrpo_jax.flow.sampling import sample, sample_noise
 from adrpo_jax.flow.step import FlowStepOptions
 from adrpo_jax.models.classifier import DigitClassifier, load_classifier
@@ -80,6 +81,9 @@ from adrpo_jax.models.dit import DiT, load_dit
 from adrpo_jax.models.lora import apply_lora
 from adrpo_jax.recipe.policy import Policy, once
 from adrpo_jax.train.programs import Program, key_struct
+
+if TYPE_CHECKING:  # imported when first used (FlowEvaluator.judge_metrics)
+    from adrpo_jax.flow.judge import JudgeScorer
 
 __all__ = ["train_and_evaluate", "FlowTrainer", "FlowEvaluator", "step_prompts", "build_reward_model",
            "load_models", "model_load_overrides"]
@@ -94,7 +98,7 @@ FINAL_MODEL = "final_model"
 def build_reward_model(config: Any, classifier: DigitClassifier | None) -> Callable:
     """The reward model of ``config.reward`` (see :mod:`adrpo_jax.flow.config`) on ``classifier``."""
     r = config.reward
-    parts = {}
+    parts: dict[str, RewardModel] = {}
     if r.kind in ("classifier", "combined"):
         if classifier is None:
             raise ValueError(f"reward.kind={r.kind!r} needs a classifier")
@@ -213,7 +217,7 @@ class FlowEvaluator:
         # eval.gold_rewards = ('judge',): the independent judge's gold metrics (adrpo_jax.flow.judge), logged as
         # eval/gold/judge_* for the reward-hacking monitor; built at the first evaluation (cached training)
         self._judge = "judge" in tuple(config.eval.get("gold_rewards", ()))
-        self._judge_scorer = None
+        self._judge_scorer: JudgeScorer | None = None
 
     @staticmethod
     def programs(trainer: "FlowTrainer") -> list[Program]:
@@ -249,7 +253,10 @@ class FlowEvaluator:
                        args=lambda: (params(), params(), policy.abstract_frozen,
                                      jax.ShapeDtypeStruct(shape, jnp.float32), c(), key_struct()))]
         if base_graphdef is not graphdef:
-            out.append(Program("eval/sample_base", lambda *a: sample_fn(*a, g=base_graphdef), args=sample_args,
+            out.append(Program("eval/sample_base",
+                               lambda params, frozen, x0, cond, key: sample_fn(params, frozen, x0, cond, key,
+                                                                               g=base_graphdef),
+                               args=sample_args,
                                out_shardings=repl, phase="eval"))
         if trainer.classifier is not None:
             cgraph = nnx.graphdef(trainer.classifier)
@@ -386,15 +393,23 @@ class FlowTrainer(FlowRecipe):
     def _is_primary(self) -> bool:
         return jax.process_index() == 0
 
+    def _evaluator(self, what: str) -> FlowEvaluator:
+        if self.evaluator is None:
+            raise ValueError(f"{what} needs the evaluator: set eval_every > 0 or eval.write_images=True "
+                             f"(got eval_every={self.config.eval_every}, "
+                             f"eval.write_images={self.config.eval.write_images}); none in an abstract trainer.")
+        return self.evaluator
+
     @property
     def _images(self) -> bool:
         return bool(self.config.eval.write_images) and self.evaluator is not None
 
     def on_start(self, state) -> None:
         if self._images:
-            reference = self.evaluator.reference_images(state)
+            evaluator = self._evaluator("on_start's grid")
+            reference = evaluator.reference_images(state)
             if self._is_primary():
-                self.evaluator.save_grid(os.path.join(self.workdir, BEFORE_GRID), {"pre-trained": reference},
+                evaluator.save_grid(os.path.join(self.workdir, BEFORE_GRID), {"pre-trained": reference},
                                          title=self._grid_title("pre-trained model"))
 
     def on_finish(self, result, out: dict[str, Any]) -> None:
@@ -412,6 +427,8 @@ class FlowTrainer(FlowRecipe):
         model = self.policy.merged(params, to_host=True)
         if model is None:
             return None
+        if not isinstance(model, DiT):
+            raise TypeError(f"the merged policy is a {type(model).__name__}, not a DiT: cannot export it to {path}.")
         save_dit(model, path)
         log.info("Saved the fine-tuned policy to %s", path)
         return str(path)
@@ -427,13 +444,13 @@ class FlowTrainer(FlowRecipe):
     def write_before_after(self, step: int, state) -> str | None:
         """Writes ``workdir/samples_before_after.png`` (pre-trained vs ``state``'s policy on the eval prompts /
         noise); returns its path (process 0) or None."""
-        last = self.evaluator.last_images
-        after = last[1] if last is not None and last[0] == step else self.evaluator.sample(state["params"],
-                                                                                           self.frozen)
-        reference = self.evaluator.reference_images(state)
+        evaluator = self._evaluator("write_before_after")
+        last = evaluator.last_images
+        after = last[1] if last is not None and last[0] == step else evaluator.sample(state["params"], self.frozen)
+        reference = evaluator.reference_images(state)
         if not self._is_primary():
             return None
-        path = self.evaluator.save_grid(
+        path = evaluator.save_grid(
             os.path.join(self.workdir, BEFORE_AFTER_GRID),
             {"before (pre-trained)": reference, f"after {step} steps ({self.config.rl.method})": after},
             title=self._grid_title("before / after fine-tuning"))
