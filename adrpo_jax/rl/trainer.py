@@ -45,6 +45,12 @@ log-prob passes overlap the reward functions (step 3), so by default ``time/logp
 hidden behind the rewards (the wait after scoring); with ``logging.phase_timing=True`` the host waits for them
 before scoring and ``time/logprobs`` is their full time (the overlap is lost: a slower step, exact phases).
 ``time/eval`` and ``time/checkpoint`` come from :func:`adrpo_jax.train.run_training`.
+
+Asynchronous RL (``rl.max_lag`` >= 1, :mod:`adrpo_jax.recipe.schedule`): with ``mesh.rollout_devices = N`` the
+sampler runs on its own mesh of the first N devices (``rollout_mesh``; ``self.mesh`` is the training mesh of the
+others): :meth:`RLTrainer.sync_weights` reshards the behaviour parameters onto it by ``jax.device_put`` at every
+dispatch (``time/weight_sync``, ``async/weight_sync_bytes``) and the sampler's outputs are copied back to the
+training mesh (``time/rollout_transfer``: the part not done when the completions reach the host).
 """
 
 from __future__ import annotations
