@@ -180,7 +180,7 @@ def slow_reward(prompts, completions, **columns):
 
 @pytest.mark.slow  # two tiny RL runs: ~1 min of compilation on 2 cores
 @pytest.mark.parametrize("phase_timing", [False, True])
-def test_llm_trainer_logs_where_the_step_time_goes(tiny_model_dir, tmp_path, caplog, phase_timing):
+def test_llm_trainer_logs_where_the_step_time_goes(tiny_model_dir, tmp_path, caplog, phase_timing):  # noqa: F811 (the fixture imported above)
     from adrpo_jax.rl.trainer import RLTrainer
     from tests.rl.test_trainer import tiny_config
 

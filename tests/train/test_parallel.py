@@ -1,6 +1,5 @@
 """batch_sharded_loss == the single-device loss (values, metrics, gradients) on several meshes."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

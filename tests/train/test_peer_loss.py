@@ -89,7 +89,7 @@ def test_a_finished_peer_is_not_reported():
 
 def test_an_unreachable_coordinator_is_reported():
     store, lost1 = FakeStore(), []
-    w1 = _watchdog(store, 1, lost1).start()
+    _watchdog(store, 1, lost1).start()  # its daemon thread keeps it alive
     time.sleep(0.3)
     store.fail = True
     assert _wait_for(lambda: lost1, 6.0)

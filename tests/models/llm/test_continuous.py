@@ -2,7 +2,6 @@
 engine equals the static sampler with the same per-row keys (greedy and sampled, any slot count, shared-prompt
 groups, both layer layouts), results in submission order, per-request budgets, and the slot accounting."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

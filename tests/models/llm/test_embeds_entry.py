@@ -1,6 +1,5 @@
 """The embeddings entry point (`embeds=` / `prompt_embeds=`) of the decoder stack, used by the audio LLM:
 `embed_tokens(tokens)` passed as embeddings gives the token path's logits, log-probs and generation."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -210,7 +210,7 @@ def test_shared_prefill_runs_one_prefill_row_per_group():
     fn = make_generate_fn(graphdef, SamplingConfig(max_new_tokens=2, greedy=True, prompt_group_size=g))
     text = str(jax.make_jaxpr(fn)(state, tokens, mask, jax.random.key(0)))
     assert f"f32[{rows},6,32]" in text
-    assert (f"f32[6,6,32]" in text) == (g == 1)
+    assert ("f32[6,6,32]" in text) == (g == 1)
 
 
 def test_group_errors():

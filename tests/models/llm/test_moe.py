@@ -229,7 +229,7 @@ def test_scan_and_list_layouts_agree_with_remat_gradients():
 
   results = [nnx.jit(nnx.value_and_grad(loss, has_aux=True))(m) for m in (scan, listed, remat)]
   (l0, idx0), g0 = results[0]
-  for (l1, idx1), g1 in results[1:]:
+  for (l1, idx1), _ in results[1:]:
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(idx1), np.asarray(idx0))
   flat = lambda g: {k: np.asarray(v) for k, v in lora_free(g).items()}  # noqa: E731
