@@ -45,7 +45,8 @@ devices), ``time/weight_sync`` and ``async/weight_sync_bytes`` (split runs: the 
 waiting for it, and the bytes it writes onto the rollout devices, replicas counted; summed over the rollouts a step
 dispatches), ``time/rollout_transfer`` (split runs: the part of the outputs' copy to the training mesh not done
 when the completions reached the host), ``time/update`` (dispatch to metrics of the update: the update's time the
-host waits), and the importance-weight statistics of the loss (``is_*``). The dispatch-side metrics
+host waits), and the importance-weight statistics of the loss (``is_*``). ``time/rollout`` and the
+``perf/rollout_mbu`` derived from it are not logged: from dispatch to completions they span k updates. The dispatch-side metrics
 (``time/rollout_idle``, ``time/weight_sync``, ``async/weight_sync_bytes``) are logged by the steps that dispatch a
 rollout (all but the last k).
 """
@@ -172,6 +173,7 @@ class LaggedSchedule:
         metrics = dict(metrics)
         lag = step - handle["policy_version"]
         metrics.pop("time/rollout", None)  # dispatched steps ago: replaced by its dispatch and wait times
+        metrics.pop("perf/rollout_mbu", None)  # derived from that time (it spans k updates): not the sampler's
         wait = float(host.get("wait_s", t_finished - t0))
         metrics.update({"async/lag": float(lag), "async/lag_max": float(lag),
                         "async/policy_version": float(handle["policy_version"]),

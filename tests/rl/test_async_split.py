@@ -83,6 +83,7 @@ def test_split_meshes_train_like_one_mesh_and_resume_exactly(tiny_model_dir, tmp
         hist = [r["async/lag_hist/0"], r["async/lag_hist/1"]]
         assert hist == ([1.0, 0.0] if i == 0 else [0.0, 1.0]) and sum(hist) == 1.0
         assert r["time/update_idle"] == r["time/rollout_wait"] >= 0.0 and r["time/rollout_transfer"] >= 0.0
+        assert "time/rollout" not in r and "perf/rollout_mbu" not in r  # dispatch-to-completion spans an update
         if i < 3:  # the steps that dispatch a rollout (the last one has none to dispatch)
             assert r["time/weight_sync"] > 0.0 and r["time/rollout_idle"] >= 0.0
             # replicated on the 4 rollout devices (a 4 x 1 x 1 mesh); step 0 syncs twice (R_0 and R_1)
