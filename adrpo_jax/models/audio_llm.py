@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -285,6 +284,9 @@ class OmniAudioEncoder(nnx.Module):
   """Qwen2.5-Omni's `audio_tower` (chunked; ln_post and proj to `output_dim` inside)."""
 
   def __init__(self, cfg: AudioEncoderConfig, *, rngs: nnx.Rngs):
+    if cfg.output_dim is None:
+      raise ValueError(f"OmniAudioEncoder needs an omni AudioEncoderConfig with output_dim (got kind={cfg.kind!r}, "
+                       "output_dim=None)")
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.config = cfg
     self.conv1 = Conv1d(cfg.num_mel_bins, cfg.d_model, (None, "embed"), stride=1, rngs=rngs, **kw)
@@ -496,7 +498,8 @@ def _full_config(path: Path) -> dict:
   return full
 
 
-def resolve_configs(full: dict, **overrides) -> tuple[str, DecoderConfig, AudioEncoderConfig, int, list[str]]:
+def resolve_configs(full: dict, **overrides,
+                    ) -> tuple[str, DecoderConfig, AudioEncoderConfig, int, tuple[str, str, str, str | None]]:
   """(model_type, LM config, audio config, audio_token_id, tensor-name prefixes [lm 'model.' part, head, audio])
   from a transformers config dict (`AutoConfig(...).to_dict()`). `overrides`: dtype, param_dtype and other
   `DecoderConfig` fields. The head is tied by the *thinker*-level `tie_word_embeddings` (Omni) or the text
@@ -507,14 +510,15 @@ def resolve_configs(full: dict, **overrides) -> tuple[str, DecoderConfig, AudioE
     text, audio, kind = dict(full["text_config"]), dict(full["audio_config"]), "whisper"
     tie = bool(text.get("tie_word_embeddings", False))
     token = full.get("audio_token_id", full.get("audio_token_index"))
-    prefixes = ["language_model.model.", "language_model.lm_head.", "audio_tower.", "multi_modal_projector."]
+    prefixes: tuple[str, str, str, str | None] = (
+        "language_model.model.", "language_model.lm_head.", "audio_tower.", "multi_modal_projector.")
   elif model_type in ("qwen2_5_omni_thinker", "qwen2_5_omni"):
     thinker = dict(full["thinker_config"]) if model_type == "qwen2_5_omni" else full
     text, audio, kind = dict(thinker["text_config"]), dict(thinker["audio_config"]), "omni"
     tie = bool(thinker.get("tie_word_embeddings", False))  # NOT text_config's (defaults True)
     token = thinker.get("audio_token_id", thinker.get("audio_token_index"))
     pre = "thinker." if model_type == "qwen2_5_omni" else ""
-    prefixes = [pre + "model.", pre + "lm_head.", pre + "audio_tower.", None]
+    prefixes = (pre + "model.", pre + "lm_head.", pre + "audio_tower.", None)  # no separate projector
   else:
     raise ValueError(f"unsupported model_type={model_type!r}; supported audio LLMs: {AUDIO_MODEL_TYPES}")
   if token is None:
@@ -655,8 +659,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
       names = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
       sharding = (logical_to_sharding(mesh, names, shape) if rules is None
                   else logical_to_sharding(mesh, names, shape, rules))
-      values[ours] = jax.make_array_from_callback(
-          shape, sharding, lambda idx, host=host: np.ascontiguousarray(host[idx], dtype=target))
+      def shard(idx, host=host):
+        return np.ascontiguousarray(host[idx], dtype=target)
+
+      values[ours] = jax.make_array_from_callback(shape, sharding, shard)
   skipped: dict[str, int] = {}
   for name in reader.names():
     if name in used or name.endswith("rotary_emb.inv_freq"):

@@ -223,6 +223,13 @@ class _Rendered(Sequence):
         return self.encoder.render(self.prompts[i])
 
 
+def _refuse_rollout_mesh(mesh: jax.sharding.Mesh | None) -> None:
+    """The audio recipe samples on its training mesh (the config refuses ``mesh.rollout_devices`` for it)."""
+    if mesh is not None:
+        raise ValueError(f"the audio recipe has no separate rollout mesh (got one of shape {dict(mesh.shape)}): "
+                         "set mesh.rollout_devices=0")
+
+
 def _mesh_context(mesh: jax.sharding.Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
@@ -351,7 +358,8 @@ class AudioRLTrainer(RLTrainer):
         clip per prompt), else 1 (every row's clip is encoded)."""
         return int(self.sampling.prompt_group_size)
 
-    def make_generate(self, sampling: SamplingConfig):
+    def make_generate(self, sampling: SamplingConfig, mesh: jax.sharding.Mesh | None = None):
+        _refuse_rollout_mesh(mesh)
         gen = make_generate_fn(self.lm_graphdef, sampling, self.mesh)
         graphdef, mesh = self.graphdef, self.mesh
 
@@ -364,6 +372,9 @@ class AudioRLTrainer(RLTrainer):
         return fn
 
     def generate_extra(self, model_inputs: dict[str, Any] | None) -> tuple:
+        if model_inputs is None:
+            raise ValueError("the audio recipe generates from the prompts' audio: model_inputs (audio_embeds, "
+                             "audio_valid) is None")
         return (model_inputs["audio_embeds"], model_inputs["audio_valid"])
 
     def _feature_structs(self, rows: int, *, sharded: bool = True) -> tuple:
@@ -501,6 +512,10 @@ class AudioRLTrainer(RLTrainer):
         """Encodes the rows' audio and builds their prompt texts; returns ``(global {tokens, mask, truncated,
         audio_embeds, audio_valid}, prompt texts, audio token counts)``. ``group``: rows per encoded clip (the
         rows come in groups of ``group`` rows of one prompt; the clip of each group's first row is encoded)."""
+        encoder, tokenizer = self.encoder, self.tokenizer
+        if encoder is None or tokenizer is None:
+            raise ValueError("audio_prompts needs the tokenizer: this trainer is abstract (plan mode) and encodes no "
+                             "prompts")
         rows = list(rows)
         feats, fmask = self._row_features(rows[::group])
         g = train.host_local_to_global({"features": feats, "feature_mask": fmask}, self.mesh)
@@ -509,19 +524,21 @@ class AudioRLTrainer(RLTrainer):
         counts = np.asarray(train.global_to_host_local(valid)).sum(axis=1)
         prompts = [self.audio_template.format(audio=self.audio_token * int(c)) + r["prompt"]
                    for r, c in zip(rows, counts)]
-        tokens, pmask, ptrunc = self.encoder.encode(prompts)
+        tokens, pmask, ptrunc = encoder.encode(prompts)
         if ptrunc.any():
             i = int(np.argmax(ptrunc))
-            raise ValueError(f"a prompt of {len(self.tokenizer(self.encoder.render(prompts[i]))['input_ids'])} "
+            raise ValueError(f"a prompt of {len(tokenizer(encoder.render(prompts[i]))['input_ids'])} "
                              f"tokens ({int(counts[i])} audio tokens) exceeds sampling.max_prompt_length="
-                             f"{self.encoder.max_prompt_length}: raise it (audio tokens cannot be cut)")
+                             f"{encoder.max_prompt_length}: raise it (audio tokens cannot be cut)")
         from adrpo_jax.models.audio_llm import check_audio_token_counts  # pylint: disable=import-outside-toplevel
-        check_audio_token_counts(tokens, self.audio_token_id, counts, texts=_Rendered(self.encoder, prompts))
+        check_audio_token_counts(tokens, self.audio_token_id, counts, texts=_Rendered(encoder, prompts))
         t = train.host_local_to_global({"tokens": tokens, "mask": pmask, "truncated": ptrunc}, self.mesh)
         t.update(audio_embeds=emb, audio_valid=valid)
         return t, [r["prompt"] for r in rows], counts
 
-    def prompt_inputs(self, rows, state, group: int):
+    def prompt_inputs(self, rows, state, group: int, mesh: jax.sharding.Mesh | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None, list[str], list[str]]:
+        _refuse_rollout_mesh(mesh)
         g, prompts, _ = self.audio_prompts(rows, state["params"], self.encode_group if group > 1 else 1)
         model_inputs = {"audio_embeds": g["audio_embeds"], "audio_valid": g["audio_valid"]}
         return g, model_inputs, prompts, [r.get("transcript", r["prompt"]) for r in rows]
@@ -564,8 +581,8 @@ class AudioRLTrainer(RLTrainer):
         keys of ``nnx.to_pure_dict``) in ``path``."""
         from flax import traverse_util  # pylint: disable=import-outside-toplevel
         model = self.policy.merged(params)
-        flat = {"/".join(map(str, k)): np.asarray(v)
-                for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
+        flat: dict[str, Any] = {"/".join(map(str, k)): np.asarray(v)
+                                for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         np.savez(path / "params.npz", **flat)
