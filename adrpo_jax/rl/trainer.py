@@ -238,6 +238,10 @@ class RLTrainer(Recipe):
         # mesh.rollout_devices = N (with rl.max_lag >= 1): the sampler on the first N devices, the rest train
         # (self.mesh, built without them); None = one mesh. The plan mode plans every program on the training mesh.
         self.rollout_mesh = None if abstract else train.sharding.make_rollout_mesh(config.mesh)
+        if abstract and int(config.mesh.get("rollout_devices", 0)):
+            log.warning("plan mode with mesh.rollout_devices=%d: every program, the sampler included, is planned on "
+                        "the training mesh %s (the rollout mesh's own programs are not planned)",
+                        int(config.mesh.rollout_devices), dict(self.mesh.shape))
         self.sampler_mesh = self.rollout_mesh if self.rollout_mesh is not None else self.mesh
         # The data files first, before anything heavy (issue 28 item 20): one ConfigError naming the setting.
         self.data_sources: dict[str, Any] = {} if abstract else self.check_data()

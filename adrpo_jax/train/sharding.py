@@ -189,8 +189,9 @@ def rollout_device_count(mesh_config: Any, device_count: int) -> int:
 def make_rollout_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
     """The rollout mesh of a disaggregated asynchronous run: the first ``mesh.rollout_devices`` devices as a
     ``('data', 'fsdp', 'tensor')`` mesh of shape ``(N // mesh.rollout_tensor, 1, mesh.rollout_tensor)`` (the sampler
-    is data parallel, with its parameters replicated or tensor-sharded: no ``fsdp`` gathers in the decode loop);
-    None when ``mesh.rollout_devices`` is 0 (one mesh for everything).
+    is data parallel, with its parameters replicated or tensor-sharded: no ``fsdp`` gathers in the decode loop; an
+    ``'expert'`` axis of size 1 before ``tensor`` when ``mesh_config`` names one, as :func:`make_mesh`); None when
+    ``mesh.rollout_devices`` is 0 (one mesh for everything).
 
     >>> mesh = make_rollout_mesh({"data": -1, "fsdp": 1, "tensor": 1, "rollout_devices": 2})
     >>> dict(mesh.shape), [d.id for d in mesh.devices.flat]
@@ -204,8 +205,13 @@ def make_rollout_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = N
     if isinstance(tensor, bool) or not isinstance(tensor, (int, np.integer)) or tensor < 1 or n % tensor:
         raise ConfigError(f"`mesh.rollout_tensor`={tensor!r} must be a positive int dividing "
                           f"`mesh.rollout_devices`={n}.", key="mesh.rollout_tensor", value=tensor)
-    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh((n // int(tensor), 1, int(tensor)), MESH_AXES, axis_types=axis_types, devices=devices[:n])
+    try:  # the training mesh's axis names (an 'expert' axis of size 1 when the config names one: MoE layers
+        has_expert = EXPERT_AXIS in mesh_config  # look their rules up on the mesh they run on)
+    except TypeError:
+        has_expert = False
+    axes = MESH_AXES[:2] + (EXPERT_AXIS,) + MESH_AXES[2:] if has_expert else MESH_AXES
+    shape = (n // int(tensor), 1, 1, int(tensor)) if has_expert else (n // int(tensor), 1, int(tensor))
+    return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes), devices=devices[:n])
 
 
 def _processes_contiguous(mesh: Mesh) -> Mesh:

@@ -16,7 +16,8 @@ def test_rollout_and_training_meshes_are_disjoint():
     assert jax.device_count() == 8
     cfg = {"data": -1, "fsdp": 1, "tensor": 1, "rollout_devices": 4, "rollout_tensor": 2}
     rollout, training = make_rollout_mesh(cfg), make_mesh(cfg)
-    assert dict(rollout.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert dict(rollout.shape) == {"data": 2, "fsdp": 1, "tensor": 2}  # no expert key: no expert axis
+    assert dict(make_rollout_mesh(dict(cfg, expert=1)).shape) == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 2}
     assert [d.id for d in rollout.devices.flat] == [0, 1, 2, 3]
     assert sorted(d.id for d in training.devices.flat) == [4, 5, 6, 7] and training.shape["data"] == 4
     assert make_rollout_mesh({"data": -1, "fsdp": 1, "tensor": 1}) is None  # the key absent: one mesh
