@@ -101,3 +101,22 @@ def test_split_meshes_train_like_one_mesh_and_resume_exactly(tiny_model_dir, tmp
     again = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     for key in ("loss", "reward_mean", "kl_mean"):
         assert [r[key] for r in again][2:] == [r[key] for r in b][2:], key
+
+
+@pytest.mark.slow
+def test_split_meshes_with_a_moe_policy(tmp_path):
+    """A tiny Qwen3-MoE policy with router replay on a 4 + 4 split: the sampler's MoE layers trace on the rollout
+    mesh (which carries the config's 'expert' axis, size 1: without it the experts' sharding rules were missing)."""
+    from adrpo_jax.rl.tasks import build_char_tokenizer
+    from tests.models.llm.families import tiny_hf
+    tok_dir = tmp_path / "tok"
+    build_char_tokenizer().save_pretrained(tok_dir)
+    config = tiny_config(str(tiny_hf("qwen3_moe").path), eval_every=0, total_steps=2,
+                         **{"model.tokenizer_path": str(tok_dir), "rl.router_replay": "rollout", "rl.ref_sync_steps": 0,
+                            "rl.max_lag": 1, "rl.num_prompts_per_step": 8, "mesh.rollout_devices": 4})
+    trainer = RLTrainer(config, tmp_path / "run")
+    assert trainer.is_moe and dict(trainer.rollout_mesh.shape)["expert"] == 1
+    trainer.run()
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(np.isfinite(r["loss"]) and 0.0 <= r["moe/routing_mismatch"] <= 1.0 for r in records)
+    assert records[0]["time/weight_sync"] > 0.0
