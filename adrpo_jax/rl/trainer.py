@@ -307,11 +307,9 @@ class RLTrainer(Recipe):
     # ---- disaggregated rollout mesh (mesh.rollout_devices) -------------------------------------------------
 
     def _check_rollout_mesh(self) -> None:
-        """Checks a split run (the rollout mesh is disjoint from the training mesh, its data-parallel size divides
-        the rollout rows, the recipe samples token-id prompts); :meth:`_rollout_shardings` then builds
-        ``rollout_shardings`` (``params`` /
-        ``frozen`` on the rollout mesh, from the parameters' logical axis names) and ``rollout_param_bytes`` (the
-        bytes one weight sync writes onto the rollout devices: every device's shard, replicas counted)."""
+        """Checks a split run before the model is built (ConfigErrors naming ``mesh.rollout_devices``): the rollout
+        mesh is disjoint from the training mesh, its data-parallel size divides the rollout rows, and the recipe
+        samples token-id prompts (the audio recipe's embeddings are not handed over)."""
         n, rollout = int(self.config.mesh.rollout_devices), self.rollout_mesh
         overlap = set(rollout.devices.flat) & set(self.mesh.devices.flat)
         if overlap:
@@ -331,6 +329,9 @@ class RLTrainer(Recipe):
                                     "prompts are not token ids only); use 0.", key="mesh.rollout_devices", value=n)
 
     def _rollout_shardings(self) -> None:
+        """``rollout_shardings`` (``params`` / ``frozen`` on the rollout mesh, from the parameters' logical axis
+        names) and ``rollout_param_bytes`` (the bytes one weight sync writes onto the rollout devices: every
+        device's shard, replicas counted)."""
         rollout, trainable = self.rollout_mesh, self.policy.trainable
 
         def parts():
