@@ -638,6 +638,16 @@ def heldout_overlap() -> str:
                    "issue 27 (distinct, excluded)"], rows)
 
 
+def lag_staleness() -> str:
+  """Issue 26: training reward and held-out accuracy against ``rl.max_lag`` (``lag_staleness.py``)."""
+  d = _load("issue26_lag_staleness.json")
+  if d is None:
+    return "(issue26_lag_staleness.json not committed yet)"
+  import lag_staleness as ls  # pylint: disable=import-outside-toplevel
+
+  return ls.report(d)
+
+
 REPORTS: dict[str, Callable[[], str]] = {
     "decisive_block1": decisive_block1,
     "decisive_tests": decisive_tests,
@@ -660,6 +670,7 @@ REPORTS: dict[str, Callable[[], str]] = {
     "issue15_ablations_llm": issue15_ablations_llm,
     "issue15_ablations_flow": issue15_ablations_flow,
     "audio": audio,
+    "lag_staleness": lag_staleness,
 }
 
 
