@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adrpo_jax.models.llm.activation_sharding import constrain_batch, rows_per_device
+from adrpo_jax.models.llm.activation_sharding import (constrain_batch, constrain_vocab_parallel,
+                                                       rows_per_device, vocab_parallel_axes)
 from adrpo_jax.models.llm.modeling import projection
 
 Array = jax.Array
@@ -113,7 +114,11 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
 
   @jax.checkpoint
   def chunk(h_c, y_c, w, i):  # [B, c, D], [B, c], [D, V], chunk index
-    h_c = constrain_batch(h_c)
+    vocab = vocab_parallel_axes(b, h_c.shape[1], w.shape[1], h_c)
+    if vocab:  # fsdp: V sharded, rows gathered over fsdp (never a whole [D, V] weight or gradient per device)
+      h_c, w = constrain_vocab_parallel(h_c, w, vocab)
+    else:
+      h_c = constrain_batch(h_c)
     logits = projection("bcd,dv->bcv", h_c, w.astype(h_c.dtype), jnp.float32)  # (its kernel gradient: modeling)
     if logits_lora is not None:
       from adrpo_jax.models.lora import lora_dropout_fold_in  # pylint: disable=import-outside-toplevel
@@ -121,7 +126,11 @@ def logprobs_from_hidden(hidden: Array, tokens: Array, lm_head: Array, mask: Arr
         logits = logits_lora(h_c, logits)
     logits = logits * inv_temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
+    if vocab:  # a select + sum over the sharded vocabulary (a gather along it would all-gather the logits)
+      hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == y_c[..., None]
+      chosen = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    else:
+      chosen = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
     logp = chosen - lse
     if not return_entropy:
       return logp, None

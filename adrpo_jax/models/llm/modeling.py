@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adrpo_jax.models.llm.activation_sharding import constrain_batch, constrain_embedding_lookup
+from adrpo_jax.models.llm.activation_sharding import constrain_batch, embedding_lookup
 from adrpo_jax.models.llm.attention import AttentionMask, attend, attention  # noqa: F401  (attend: re-export)
 from adrpo_jax.models.llm.config import DecoderConfig, rope_inv_freq, rope_inv_freq_local
 from adrpo_jax.models.llm.moe import SparseMoeBlock, stack_aux
@@ -259,9 +259,8 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, tokens: Array) -> Array:
-    # on a mesh: batch-sharded ids, the table gathered over fsdp (no replicated [B, T, D]; activation_sharding)
-    table, tokens = constrain_embedding_lookup(self.embedding[...], tokens)
-    return jnp.take(table, tokens, axis=0).astype(self.dtype)
+    # on a mesh: looked up on the table's fsdp shards, then batch-sharded (activation_sharding.embedding_lookup)
+    return embedding_lookup(self.embedding[...], tokens).astype(self.dtype)
 
 
 def _rotate_half(x: Array) -> Array:

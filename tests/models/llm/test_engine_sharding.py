@@ -10,6 +10,7 @@
 * per-device memory of fsdp=8 <= data=8 for the log-prob gradient, also when the caller sets no mesh context
   (the activations' mesh is read from the arrays).
 """
+import math
 import re
 
 import jax
@@ -99,10 +100,11 @@ def _abstract_params(cfg, mesh):
 
 @pytest.mark.parametrize("t", [32, 1])
 def test_embedding_output_stays_batch_sharded_on_3d_mesh(t, capfd):
-  """data=2 x fsdp=2 x tensor=2, a forward (T=32) and a decode-sized call (T=1): the lookup is computed on each
-  device's rows with the table gathered over fsdp (a masked lookup + all-reduce over tensor). Before, GSPMD
-  computed it with the table's sharding and then went to the batch sharding by replicating the [B, T, D] output
-  ("Involuntary full rematerialization", an all-to-all)."""
+  """data=2 x fsdp=2 x tensor=2, a forward (T=32) and a decode-sized call (T=1): the lookup runs on the table's own
+  fsdp shards for the ids of the device's fsdp group (a masked lookup + all-reduce over tensor), then one all-to-all
+  of [B / data, T, D / fsdp] gives each device its rows at full width; the table is never gathered. Before the
+  constraints, GSPMD computed it with the table's sharding and then went to the batch sharding by replicating the
+  [B, T, D] output ("Involuntary full rematerialization")."""
   cfg = _tiny_cfg()
   mesh = _mesh(data=2, fsdp=2, tensor=2)
   b, d = 16, cfg.hidden_size
@@ -117,7 +119,12 @@ def test_embedding_output_stays_batch_sharded_on_3d_mesh(t, capfd):
   capfd.readouterr()
   hlo = jax.jit(fwd).lower(_abstract_params(cfg, mesh), tok).compile().as_text()
   assert "Involuntary full rematerialization" not in capfd.readouterr().err
-  assert "all-to-all" not in hlo
+  v = cfg.vocab_size
+  gathers = [line for line in hlo.splitlines() if "all-gather(" in line]
+  assert not [g for g in gathers if f"[{v},{d}]" in g or f"[{v // 2},{d}]" in g], gathers  # the table stays sharded
+  for line in (line for line in hlo.splitlines() if "all-to-all(" in line):  # at most [B / data, T, D / fsdp] each
+    shapes = re.findall(r"f32\[([\d,]+)\]", line.split("all-to-all(")[0])
+    assert sum(math.prod(int(x) for x in sh.split(",")) for sh in shapes) <= b // 2 * t * d // 2, line
   assert not re.search(rf"\[{b},{t},", hlo)  # no [B, T, ...] of the global batch on a device
   assert re.search(rf"f32\[{b // 4},{t},{d}\]", hlo)  # the rows of one device, full width
 
