@@ -115,8 +115,16 @@ _WARNED_NON_SCALAR: set[str] = set()
 
 
 def _mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-key mean of numeric scalars over ``records`` (host values); strings: last value; arrays: dropped."""
+    """Per-key mean of numeric scalars over ``records`` (host values), except keys ending in ``_max`` / ``_min``: the
+    maximum / minimum over the interval (a logged ``ratio_max`` is the largest ratio of the interval, not the mean of
+    per-step maxima); strings: last value; arrays: dropped.
+
+    >>> _mean_records([{"loss": 1.0, "ratio_max": 2.0, "ratio_min": 0.5}, {"loss": 3.0, "ratio_max": 1.0,
+    ...                                                                  "ratio_min": 0.9}])
+    {'loss': 2.0, 'ratio_max': 2.0, 'ratio_min': 0.5}
+    """
     sums: dict[str, float] = {}
+    extremes: dict[str, float] = {}
     counts: dict[str, int] = {}
     last: dict[str, Any] = {}
     for record in records:
@@ -131,11 +139,20 @@ def _mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, (int, float)) or value in ("NaN", "Infinity", "-Infinity"):
-                sums[key] = sums.get(key, 0.0) + float(value)
+                v = float(value)
+                if key.endswith(("_max", "_min")):
+                    prev = extremes.get(key)
+                    if prev is None or np.isnan(v):  # a NaN sticks, as it does in a mean
+                        extremes[key] = v
+                    elif not np.isnan(prev):
+                        extremes[key] = max(prev, v) if key.endswith("_max") else min(prev, v)
+                    continue
+                sums[key] = sums.get(key, 0.0) + v
                 counts[key] = counts.get(key, 0) + 1
             else:
                 last[key] = value
     out = {k: sums[k] / counts[k] for k in sums}
+    out.update(extremes)
     out.update({k: v for k, v in last.items() if k not in out})
     return out
 

@@ -185,3 +185,4 @@ def test_lag_histogram_idle_and_sync_metrics(k):
     mean = _mean_records(per_step)
     hist = [mean[f"async/lag_hist/{j}"] for j in range(k + 1)]
     assert abs(sum(hist) - 1.0) < 1e-12 and hist[k] == (total - k) / total
+    assert mean["async/lag_max"] == k and mean["async/lag"] < k  # *_max: the interval's maximum
