@@ -9,7 +9,7 @@ Qwen3-8B, Qwen3-30B-A3B (mixture of experts, expert-parallel, router replay) and
 
 The argument is a comma-separated list: the model (``qwen2.5-7b`` | ``qwen3-8b`` | ``qwen3-30b-a3b`` |
 ``gemma-3-12b`` | ``gemma-3-27b``), optionally the slice (``v5p``: a v5p-8, the default; ``v6e``: a v6e-8, 4k
-rollouts with 8 prompts per step), the trained part (``lora``:
+rollouts with 8 prompts per step, full fine-tuning in micro-batches of one row per chip), the trained part (``lora``:
 rank-64 adapters on every projection, the frozen base in bfloat16, the reference = adapters off; ``full``: every
 weight, float32 master weights + AdamW, a frozen bfloat16 reference copy), and the completion budget (``1k``:
 1,024 tokens; ``4k``: 4,096). G = 8 completions of 16 prompts per step (128 sequences; Gemma: 8 prompts),
@@ -125,6 +125,12 @@ def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
         config.plan.target = "v6e:2x4"
         if length == 4096:
             config.rl.num_prompts_per_step = 8
+            if mode == "full":  # one row per chip per micro-batch; log-probs over 1,024 positions at a time
+                config.model.logprob_chunk_size = 1024
+        elif mode == "full":
+            # Full fine-tuning of an 8B on 32 GiB chips: micro-batches of one row per chip (the plan: Qwen3-8B's
+            # update needs 35.8 GiB at 4 micro-batches, 27.8 GiB at 16, against 28.8 GiB with the 10 % margin).
+            config.optim.grad_accum_steps = 16
     if model.startswith("gemma"):
         # The decode's KV cache (12B: 48 layers x 8 kv heads of 256) at 128 rows x 1,536 slots does not fit a 32 GiB
         # v6e chip next to the weights (the plan: 30.8 GiB at 16 prompts); 8 prompts x G = 8 does (18.5 GiB).
