@@ -17,8 +17,9 @@ fi
 if [ $# -eq 0 ]; then
   if [ "${CI:-}" = true ] || [ "${ADRPO_TEST_SECOND_SETTING:-0}" = 1 ]; then
     # conftest.py only sets XLA_FLAGS when it is unset: the 8 host devices must be repeated here.
+    # Two pytest workers (pytest-xdist, whole files per worker): single-threaded Eigen leaves a core idle otherwise.
     XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2 --xla_cpu_multi_thread_eigen=false" \
-      .venv/bin/python -m pytest -q -m 'not slow' tests  # the doctests print values at their written precision
+      .venv/bin/python -m pytest -q -m 'not slow' -n 2 --dist loadfile tests  # (doctests: written precision)
   fi
   .venv/bin/python -m pytest -q -m slow --durations=15
 fi
