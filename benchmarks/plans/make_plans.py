@@ -49,6 +49,15 @@ for mode in ("lora", "full"):
 PLANS.append(("gemma_gemma-3-12b_lora_1k_v6e-8", "configs/llm_pod.py:gemma-3-12b,lora", "v6e:2x4", []))
 
 
+def _code_version() -> str:
+    """The commit the plan was made with (``<sha>+dirty`` when adrpo_jax/ or configs/ had uncommitted edits)."""
+    git = ["git", "-C", str(REPO)]
+    sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "adrpo_jax", "configs"], capture_output=True,
+                           text=True).stdout.strip()
+    return f"{sha}+dirty" if dirty else sha
+
+
 def run_plan(name: str, config: str, target: str, extra: list[str]) -> dict:
     out = HERE / f"{name}.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
@@ -64,7 +73,7 @@ def run_plan(name: str, config: str, target: str, extra: list[str]) -> dict:
     report = json.loads(out.read_text())
     report.update(name=name, command=" ".join(["python launch.py", f"--config={config}", "--mode=plan",
                                                f"--config.plan.target={target}", *extra]),
-                  exit_code=proc.returncode, wall_s=seconds)
+                  exit_code=proc.returncode, wall_s=seconds, commit=_code_version())
     if proc.returncode:
         report["error"] = proc.stderr.strip().splitlines()[-2:]
     out.write_text(json.dumps(report, indent=2))
@@ -73,7 +82,7 @@ def run_plan(name: str, config: str, target: str, extra: list[str]) -> dict:
 
 def table(link_prefix: str = "") -> str:
     rows = ["| recipe (`configs/...`) | target | fits | largest program | its peak / chip | resident / chip | "
-            "HBM / chip | predicted step | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+            "HBM / chip | predicted step | MFU | code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, config, _, extra in PLANS:
         path = HERE / f"{name}.json"
         if not path.exists():
@@ -88,7 +97,8 @@ def table(link_prefix: str = "") -> str:
         rows.append(f"| [{recipe}]({link_prefix}{name}.json) | {r['target']} ({r['num_devices']} chips) | "
                     f"{'yes' if r['fits'] else '**no**'} | "
                     f"{r['largest_program']} | {r['largest_peak_gib']:.2f} GiB | {r['resident_gib']:.2f} GiB | "
-                    f"{r['capacity_gib']:.0f} GiB | {ge}{r['predicted_step_s']:.3g} s | {mfu} |")
+                    f"{r['capacity_gib']:.0f} GiB | {ge}{r['predicted_step_s']:.3g} s | {mfu} | "
+                    f"{r.get('commit') or 'before 0cf6ec6'} |")
     return "\n".join(rows) + "\n"
 
 
