@@ -125,9 +125,11 @@ def get_config(arg: str = "qwen2.5-7b,lora") -> ml_collections.ConfigDict:
         config.plan.target = "v6e:2x4"
         if length == 4096:
             config.rl.num_prompts_per_step = 8
-            if mode == "full":  # one row per chip per micro-batch, log-probs over 512 positions at a time, eval
-                # in halves (the plan, Qwen3-8B: update 28.84 GiB at 1,024 positions; eval/generate 33.2 -> 23.0 GiB)
-                config.model.logprob_chunk_size = 512
+            if mode == "full":  # one row per chip per micro-batch, Adam's first moment in bfloat16, eval in
+                # halves (the plan, Qwen3-8B: update 28.84 GiB of 28.80 with a float32 moment, at 512 or 1,024
+                # log-prob positions alike; eval/generate 33.2 GiB at 128 rows, 23.0 at 64)
+                config.optim.mu_dtype = "bfloat16"
+                config.model.logprob_chunk_size = 1024
                 config.eval.batch_size = 64
         elif mode == "full":
             # Full fine-tuning of an 8B on 32 GiB chips: micro-batches of one row per chip (the plan: Qwen3-8B's

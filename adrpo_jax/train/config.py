@@ -49,6 +49,8 @@ key                             meaning
 ``optim.weight_decay_1d``       also decay 1-D parameters (biases, norm scales); off by default
 ``optim.b1`` / ``optim.b2``     first / second moment decay (adam-family, lion)
 ``optim.eps``                   numerical epsilon of adam-family optimizers
+``optim.mu_dtype``              first-moment dtype of adam / adamw: ``''`` (the parameters'), ``float32``,
+                                ``bfloat16`` (half the moment's memory; the second moment stays float32)
 ``optim.momentum``              SGD momentum (0 = plain SGD)
 ``optim.grad_clip_norm``        clip the gradient to this global norm before the optimizer (0 = off)
 ``optim.grad_accum_steps``      micro-batches per step (see ``step_utils.accumulate_gradients``)
@@ -234,6 +236,7 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
             "b1": 0.9,
             "b2": 0.999,
             "eps": 1e-8,
+            "mu_dtype": "",
             "momentum": 0.0,
             "grad_clip_norm": 1.0,
             "grad_accum_steps": 1,
@@ -526,6 +529,13 @@ def validate_common_config(config: Any) -> None:
     require_range(config, "optim.b1", min=0.0, max=1.0, max_inclusive=False)
     require_range(config, "optim.b2", min=0.0, max=1.0, max_inclusive=False)
     require_range(config, "optim.eps", min=0.0, min_inclusive=False)
+    mu_dtype = get_by_path(config, "optim.mu_dtype", "")
+    if mu_dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError(f"`optim.mu_dtype` must be one of ['', 'bfloat16', 'float32'], got {mu_dtype!r}.",
+                          key="optim.mu_dtype", value=mu_dtype)
+    if mu_dtype and name not in ("adam", "adamw"):
+        raise ConfigError(f"`optim.mu_dtype`={mu_dtype!r} applies to adam and adamw (got optim.name={name!r}); "
+                          "use ''.", key="optim.mu_dtype", value=mu_dtype)
     require_range(config, "optim.momentum", min=0.0, max=1.0, max_inclusive=False)
     if name != "sgd" and get_by_path(config, "optim.momentum") != 0:
         raise ConfigError(f"`optim.momentum` only applies to optim.name='sgd' (got name={name!r}); "

@@ -51,7 +51,11 @@ _DEFAULTS = {
     "eps": 1e-8,
     "momentum": 0.0,
     "grad_clip_norm": 0.0,
+    "mu_dtype": "",
 }
+# optim.mu_dtype: the dtype of adam's / adamw's first moment ('' = the parameters' dtype; lion would
+# return bfloat16 updates, so it keeps its moment in the parameters' dtype)
+MU_DTYPES = {"": None, "float32": "float32", "bfloat16": "bfloat16"}
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -127,20 +131,28 @@ def make_optimizer(optim_config: Any, total_steps: int,
             raise ConfigError(f"`optim.{key}` must be in [0, 1), got {value!r}.", key=f"optim.{key}", value=value)
     if eps <= 0:
         raise ConfigError(f"`optim.eps` must be > 0, got {eps!r}.", key="optim.eps", value=eps)
+    mu_key = str(_get(optim_config, "mu_dtype") or "")
+    if mu_key not in MU_DTYPES:
+        raise ConfigError(f"`optim.mu_dtype` must be one of {sorted(MU_DTYPES)}, got {mu_key!r}.", key="optim.mu_dtype",
+                          value=mu_key)
+    if mu_key and name not in ("adam", "adamw"):
+        raise ConfigError(f"`optim.mu_dtype`={mu_key!r} applies to adam and adamw (got optim.name={name!r}); "
+                          "use ''.", key="optim.mu_dtype", value=mu_key)
+    mu_dtype = MU_DTYPES[mu_key]
     clip = float(_get(optim_config, "grad_clip_norm"))
     if clip < 0:
         raise ConfigError(f"`optim.grad_clip_norm` must be >= 0, got {clip!r}.", key="optim.grad_clip_norm",
                           value=clip)
 
     if name == "adamw":
-        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
+        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=wd, mask=decay_mask)
     elif name == "lion":
         opt = optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
     elif name == "adafactor":
         opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
     else:
         if name == "adam":
-            opt = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+            opt = optax.adam(schedule, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
         else:
             momentum = float(_get(optim_config, "momentum"))
             if not 0.0 <= momentum < 1.0:

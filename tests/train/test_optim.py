@@ -90,3 +90,25 @@ def test_bad_optimizer_config_names_key():
         optim.make_optimizer(cfg(learning_rate=-1.0), 10)
     with pytest.raises(ConfigError, match=r"`optim.warmup_steps`"):
         optim.make_optimizer(cfg(warmup_steps=20), 10)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_mu_dtype_bfloat16_halves_the_first_moment(name):
+    params = {"w": jnp.ones((4, 3), jnp.float32)}
+    tx, _ = optim.make_optimizer(cfg(name=name, mu_dtype="bfloat16"), 10)
+    state = tx.init(params)
+    mus = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (4, 3)]
+    assert any(x.dtype == jnp.bfloat16 for x in mus)
+    updates, _ = tx.update({"w": jnp.full((4, 3), 0.5)}, state, params)
+    assert updates["w"].dtype == jnp.float32
+    default = optim.make_optimizer(cfg(name=name), 10)[0].init(params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(default) if getattr(x, "shape", None) == (4, 3))
+
+
+def test_mu_dtype_is_checked():
+    with pytest.raises(ConfigError, match=r"`optim.mu_dtype` must be one of .* got 'float16'"):
+        optim.make_optimizer(cfg(mu_dtype="float16"), 10)
+    with pytest.raises(ConfigError, match=r"`optim.mu_dtype`='bfloat16' applies to adam and adamw"):
+        optim.make_optimizer(cfg(name="sgd", mu_dtype="bfloat16"), 10)
+    with pytest.raises(ConfigError, match=r"applies to adam and adamw"):
+        optim.make_optimizer(cfg(name="lion", mu_dtype="bfloat16"), 10)
