@@ -46,8 +46,8 @@ waiting for it, and the bytes it writes onto the rollout devices, replicas count
 dispatches), ``time/rollout_transfer`` (split runs: the part of the outputs' copy to the training mesh not done
 when the completions reached the host), ``time/update`` (dispatch to metrics of the update: the update's time the
 host waits), and the importance-weight statistics of the loss (``is_*``). ``time/rollout`` and the
-``perf/rollout_mbu`` derived from it are not logged: from dispatch to completions they span k updates. The dispatch-side metrics
-(``time/rollout_idle``, ``time/weight_sync``, ``async/weight_sync_bytes``) are logged by the steps that dispatch a
+``perf/rollout_mbu`` derived from it are not logged: from dispatch to completions they span k updates. The
+dispatch-side metrics (``time/rollout_idle``, ``time/weight_sync``, ``async/weight_sync_bytes``) are logged by the steps that dispatch a
 rollout (all but the last k).
 """
 

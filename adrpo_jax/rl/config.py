@@ -446,7 +446,7 @@ def _validate_rl(config) -> None:
         raise ConfigError(f"`rl.coefficient_sign`={sign!r} has no effect with `rl.adaptive`=False (the fixed "
                           "coefficient beta_0 has no adaptive term to sign); set rl.adaptive=True or leave "
                           "rl.coefficient_sign='adrpo'.", key="rl.coefficient_sign", value=sign)
-    clip = validate_advantage_clip(config, "rl")
+    validate_advantage_clip(config, "rl")
     require_type(config, "rl.clip_pg_advantages", bool)
     require_float(config, "rl.eps_low", min=0.0, max=1.0, max_inclusive=False)
     require_float(config, "rl.eps_high", min=0.0)

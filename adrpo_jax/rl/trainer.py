@@ -200,7 +200,7 @@ class Evaluator:
                                        *recipe.generate_extra(model_inputs))
             local = train.global_to_host_local({"completions": out.completions, "lengths": out.lengths,
                                                 "done": out.done})
-            texts = recipe.encoder.decode(local["completions"], local["lengths"])
+            texts = recipe.prompt_encoder().decode(local["completions"], local["lengths"])
             columns = data_lib.columns_of(rows)
             parts["score"].append(_finite_scores(self.reward_fn(prompts=prompts, completions=texts, **columns)))
             for key, fn in self.gold:
@@ -298,11 +298,23 @@ class RLTrainer(Recipe):
         if int(rl.get("max_lag", 0)) > 0 and not abstract:  # bounded-staleness async RL (recipe/schedule.py)
             from adrpo_jax.recipe.schedule import LaggedSchedule  # pylint: disable=import-outside-toplevel
             self.async_schedule = LaggedSchedule(self, int(rl.max_lag), int(config.total_steps))
-            self.train_step = self.async_schedule.train_step
             self.get_host_state = self.async_schedule.get_host_state
             self.set_host_state = self.async_schedule.set_host_state
         self._samples_path = os.path.join(self.workdir, "samples.jsonl")
         self._update_flops: float | None = None
+
+    def prompt_encoder(self) -> PromptEncoder:
+        """The prompt encoder (tokenizer + chat template); absent in the plan mode (``abstract=True``)."""
+        if self.encoder is None:
+            raise RuntimeError("this recipe was built without a tokenizer (abstract=True, the plan mode)")
+        return self.encoder
+
+    def train_step(self, step: int, state: Any) -> tuple[Any, dict[str, Any]]:
+        """One step: the synchronous ``update(rollout(...))`` of :class:`Recipe`, or with ``rl.max_lag`` >= 1 the
+        lagged schedule's step (:mod:`adrpo_jax.recipe.schedule`)."""
+        if self.async_schedule is not None:
+            return self.async_schedule.train_step(step, state)
+        return super().train_step(step, state)
 
     # ---- disaggregated rollout mesh (mesh.rollout_devices) -------------------------------------------------
 
@@ -311,6 +323,7 @@ class RLTrainer(Recipe):
         mesh is disjoint from the training mesh, its data-parallel size divides the rollout rows, and the recipe
         samples token-id prompts (the audio recipe's embeddings are not handed over)."""
         n, rollout = int(self.config.mesh.rollout_devices), self.rollout_mesh
+        assert rollout is not None  # called only for a split run
         overlap = set(rollout.devices.flat) & set(self.mesh.devices.flat)
         if overlap:
             raise train.ConfigError(f"`mesh.rollout_devices`={n}: the rollout mesh's devices "
@@ -364,6 +377,7 @@ class RLTrainer(Recipe):
     def _setup_model(self) -> None:
         """``model_dir``, ``tokenizer``, ``model_config``, ``encoder``, ``stop_ids``, ``pad_token_id``."""
         m = self.config.model
+        source: Any  # a preset's config dict or the checkpoint directory
         if str(m.path).startswith(PRESET_PREFIX):  # shapes only (plan mode; validation refuses it to train)
             self.model_dir, tokenizer_dir, source = None, None, preset(m.path)
         elif self.abstract and m.path in _BUILTIN_PRESETS:  # the plan never converts or loads a built-in's weights
@@ -386,6 +400,10 @@ class RLTrainer(Recipe):
                 self.stop_ids = (0,)
             self.pad_token_id = int(self.stop_ids[0])
             return
+        if tokenizer_dir is None:
+            raise train.ConfigError(f"`model.path`={self.config.model.path!r} names shapes only (a preset for "
+                                    "--mode=plan); training needs a checkpoint directory.", key="model.path",
+                                    value=self.config.model.path)
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.encoder = PromptEncoder(self.tokenizer, int(self.config.sampling.max_prompt_length),
                                      chat_template=d.chat_template, system_prompt=d.system_prompt,
@@ -424,6 +442,9 @@ class RLTrainer(Recipe):
     def _load_pretrained(self) -> CausalLM:
         """The pretrained model, sharded (without adapters: with LoRA only its frozen base is used)."""
         m = self.config.model
+        if self.model_dir is None:
+            raise train.ConfigError(f"`model.path`={m.path!r} names shapes only (a preset for --mode=plan); loading "
+                                    "weights needs a checkpoint directory.", key="model.path", value=m.path)
         return load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
                                remat=m.remat, remat_policy=m.remat_policy or None,
                                config_overrides=_engine_overrides(m), shardings=_param_sharding_fn(self.mesh))
@@ -468,7 +489,7 @@ class RLTrainer(Recipe):
         functions, prompts for the samples log)``; the arrays on ``mesh`` (default the training mesh)."""
         del state, group
         prompts = [r["prompt"] for r in rows]
-        tokens, pmask, ptrunc = self.encoder.encode(prompts)
+        tokens, pmask, ptrunc = self.prompt_encoder().encode(prompts)
         g = train.host_local_to_global({"tokens": tokens, "mask": pmask, "truncated": ptrunc}, mesh or self.mesh)
         return g, None, prompts, prompts
 
@@ -629,6 +650,8 @@ class RLTrainer(Recipe):
         passes queued on the device (asynchronous); the handle :meth:`rollout_finish` completes."""
         opts, fns = self.opts, self.fns
         t_start = time.perf_counter()
+        if self.iterator is None:
+            raise RuntimeError("rollout_start: this recipe was built without data (abstract=True, the plan mode)")
         rows = self.iterator.next_rows()
         split = self.rollout_mesh is not None
         if split:  # mesh.rollout_devices: prompts and weights to the rollout mesh, its sampler, outputs back
@@ -659,7 +682,7 @@ class RLTrainer(Recipe):
         batch: dict[str, Any] = {"tokens": out.tokens, "attention_mask": out.attention_mask,
                                  "completion_mask": out.completion_mask, "lengths": out.lengths, "done": out.done,
                                  "prompt_truncated": g["truncated"]}
-        extra = ()
+        extra: tuple[Any, ...] = ()
         if model_inputs is not None:
             batch["model_inputs"] = model_inputs
             extra = (model_inputs,)
@@ -696,7 +719,7 @@ class RLTrainer(Recipe):
         if blocking:  # logging.phase_timing: the log-prob passes alone (no overlap with the reward functions)
             jax.block_until_ready(logprob_outputs)
         t_reward = time.perf_counter()
-        texts = self.encoder.decode(local["completions"], local["lengths"])
+        texts = self.prompt_encoder().decode(local["completions"], local["lengths"])
         columns = data_lib.columns_of(rows)
         columns["completion_ids"] = [row[:n].tolist() for row, n in zip(local["completions"], local["lengths"])]
         scored = self.rewards(prompts, texts, **columns)
@@ -793,13 +816,15 @@ class RLTrainer(Recipe):
         the bytes a decode step cannot avoid reading (the weights once, the KV cache written so far), times the
         decode steps, over the rollout's time and the chips' bandwidth (:mod:`adrpo_jax.train.perf`)."""
         chip, n = perf.mesh_chips(self.mesh)
-        out = {"perf/update_mfu": perf.utilization(self._update_flops, 0.0, update_s, chip, n)["mfu"]}
+        out = {"perf/update_mfu": perf.utilization(self._update_flops or 0.0, 0.0, update_s, chip, n)["mfu"]}
         steps = int(host.get("decode_steps", 0))
         if steps > 0:
             weights = self.mesh.size * (perf.per_device_bytes(state["params"]) + perf.per_device_bytes(self.frozen))
             c = self.model_config
             slots = int(self.config.sampling.max_prompt_length) + steps / 2.0  # the cache filled on average
-            kv = 2 * c.num_hidden_layers * self.layout["batch_size"] * slots * c.num_key_value_heads * c.head_dim * \
+            head_dim = int(c.head_dim or c.hidden_size // c.num_attention_heads)
+            kv_heads = int(c.num_key_value_heads or c.num_attention_heads)
+            kv = 2 * c.num_hidden_layers * self.layout["batch_size"] * slots * kv_heads * head_dim * \
                 np.dtype(self.sampling.cache_dtype or c.dtype).itemsize
             out["perf/rollout_mbu"] = perf.utilization(0.0, steps * (weights + kv), host["times"]["time/rollout"],
                                                        chip, n)["mbu"]
@@ -822,7 +847,10 @@ class RLTrainer(Recipe):
         """Writes ``params`` (the policy) as a Hugging Face directory with the tokenizer (process 0 writes); with
         LoRA, the merged model ``W + s A B`` (a plain checkpoint that ``transformers`` loads)."""
         from adrpo_jax.models.llm import save_pretrained  # pylint: disable=import-outside-toplevel
-        path = save_pretrained(self.policy.merged(params), path, tokenizer=self.tokenizer)
+        model = self.policy.merged(params)
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"export: the merged policy is a {type(model).__name__}, not a CausalLM")
+        path = save_pretrained(model, path, tokenizer=self.tokenizer)
         log.info("Saved the trained policy to %s", path)
         return Path(path)
 
