@@ -43,7 +43,9 @@ for model in ("qwen2.5-7b", "qwen3-8b"):
                 slice_ = ",v6e" if chip == "v6e-8" else ""
                 PLANS.append((f"qwen_{model}_{mode}_{length}_{chip}",
                               f"configs/llm_pod.py:{model},{mode},{length}{slice_}", target, []))
-PLANS.append(("qwen_qwen3-8b_full_4k_v5e-16_multihost", "configs/llm_pod.py:qwen3-8b,full,4k", "v5e:4x4", []))
+# the multi-host row: two hosts of a v5e-16 (16 GiB chips: full fine-tuning of an 8B at 4k does not fit there,
+# update and decode alike at any micro-batch or prompt count; LoRA does)
+PLANS.append(("qwen_qwen3-8b_lora_4k_v5e-16_multihost", "configs/llm_pod.py:qwen3-8b,lora,4k", "v5e:4x4", []))
 for mode in ("lora", "full"):
     PLANS.append((f"moe_qwen3-30b-a3b_{mode}_1k_v5p-16", f"configs/llm_pod.py:qwen3-30b-a3b,{mode}", "v5p:2x2x4", []))
 PLANS.append(("gemma_gemma-3-12b_lora_1k_v6e-8", "configs/llm_pod.py:gemma-3-12b,lora", "v6e:2x4", []))
