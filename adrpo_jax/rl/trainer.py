@@ -633,8 +633,9 @@ class RLTrainer(Recipe):
 
         n = int(self.config.sampling.max_new_tokens)
         return [Program("plan/prefill", prefill, args=pre_args, phase="rollout", shrink_key="rl.num_prompts_per_step"),
+                # the cache donated: the sampler's loop updates it in place (without, the plan counted it twice)
                 Program("plan/decode", decode, args=decode_args, phase="rollout", per_step=max(n - 1, 0),
-                        shrink_key="rl.num_prompts_per_step")]
+                        donate_argnums=(3,), shrink_key="rl.num_prompts_per_step")]
 
     # ---- host phases ----------------------------------------------------------------------------------------
 

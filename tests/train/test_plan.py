@@ -69,6 +69,9 @@ def test_tiny_llm_plan_on_v5e_equals_the_compiler(tmp_path):
     assert update["peak_bytes"] >= update["memory"]["temp"] > 0
     decode = next(p for p in report["programs"] if p["name"] == "plan/decode")
     assert decode["per_step"] == 7  # max_new_tokens - 1 decode steps after the prefill's first token
+    # the KV cache is donated (updated in place, as in the sampler's loop): aliased, not counted twice
+    cache_bytes = sum(x.size * x.dtype.itemsize // 8 for x in jax.tree.leaves(recipe.programs["plan/decode"].abstract_args()[3]))
+    assert decode["memory"]["alias"] >= cache_bytes > 0
 
 
 @requires_libtpu
