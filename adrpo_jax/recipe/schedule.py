@@ -47,8 +47,8 @@ dispatches), ``time/rollout_transfer`` (split runs: the part of the outputs' cop
 when the completions reached the host), ``time/update`` (dispatch to metrics of the update: the update's time the
 host waits), and the importance-weight statistics of the loss (``is_*``). ``time/rollout`` and the
 ``perf/rollout_mbu`` derived from it are not logged: from dispatch to completions they span k updates. The
-dispatch-side metrics (``time/rollout_idle``, ``time/weight_sync``, ``async/weight_sync_bytes``) are logged by the steps that dispatch a
-rollout (all but the last k).
+dispatch-side metrics (``time/rollout_idle``, ``time/weight_sync``, ``async/weight_sync_bytes``) are logged by
+the steps that dispatch a rollout (all but the last k).
 """
 
 from __future__ import annotations
