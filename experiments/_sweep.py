@@ -218,6 +218,22 @@ def is_done(workdir: Path, spec: RunSpec) -> bool:
   return done.exists() and json.loads(done.read_text()) == json.loads(json.dumps(spec.to_json(), sort_keys=True))
 
 
+def finished_runs(workdir: Path, specs: Sequence[RunSpec]) -> Iterable[tuple[RunSpec, list[dict[str, Any]],
+                                                                             dict[str, Any]]]:
+  """``(spec, metrics records, run_info.json or {})`` of each finished run among ``specs`` in ``workdir``."""
+  for spec in specs:
+    if not is_done(workdir, spec):
+      continue
+    d = run_dir(workdir, spec)
+    info = json.loads((d / "run_info.json").read_text()) if (d / "run_info.json").exists() else {}
+    yield spec, load_records(d), info
+
+
+def provenance(info: Mapping[str, Any]) -> dict[str, Any]:
+  """The commit, dirty flag, wall time and config a run recorded in its ``run_info.json``."""
+  return {k: info.get(k) for k in ("commit", "dirty", "wall_time_s", "config")}
+
+
 def load_records(path: Path) -> list[dict[str, Any]]:
   """The records of a ``metrics.jsonl`` (later records of a step win over earlier ones on resume)."""
   path = Path(path)

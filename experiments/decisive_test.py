@@ -240,20 +240,14 @@ def mean_coefficient(records: Sequence[Mapping[str, Any]]) -> float:
 def collect(workdir: Path, specs: Sequence[_sweep.RunSpec]) -> dict[str, Any]:
   """Per run: final metrics (step ``STEPS``), curves, the mean coefficient, its spec, config and commit."""
   runs = {}
-  for spec in specs:
-    d = _sweep.run_dir(workdir, spec)
-    if not _sweep.is_done(workdir, spec):
-      continue
-    recs = _sweep.load_records(d)
-    info = json.loads((d / "run_info.json").read_text()) if (d / "run_info.json").exists() else {}
+  for spec, recs, info in _sweep.finished_runs(workdir, specs):
     final = _sweep.final_eval(recs, KEYS, STEPS)
     final["beta_eff_run_mean"] = mean_coefficient(recs)
     runs[spec.key] = {
         "label": spec.label, "seed": spec.seed, "family": spec.family, "beta": spec.beta,
         "overrides": dict(spec.overrides), "final": final,
         "curves": {k: _sweep.eval_curve(recs, k) for k in KEYS + TRAIN_KEYS},
-        "commit": info.get("commit"), "dirty": info.get("dirty"), "wall_time_s": info.get("wall_time_s"),
-        "config": info.get("config"),
+        **_sweep.provenance(info),
     }
   return runs
 

@@ -66,12 +66,7 @@ def collect(workdir: Path, specs: Sequence[_sweep.RunSpec]) -> dict[str, Any]:
   """``{"lagK/seedS": {"lag", "seed", "final", "curves", "wall_time_s", "commit", "dirty", "config"}}`` of the
   finished runs in ``workdir``."""
   runs = {}
-  for spec in specs:
-    d = _sweep.run_dir(workdir, spec)
-    if not _sweep.is_done(workdir, spec):
-      continue
-    recs = _sweep.load_records(d)
-    info = json.loads((d / "run_info.json").read_text()) if (d / "run_info.json").exists() else {}
+  for spec, recs, info in _sweep.finished_runs(workdir, specs):
     curves = {k: _sweep.eval_curve(recs, k) for k in KEYS}
     final = _sweep.final_eval(recs, KEYS)
     final["reward_end"] = reward_end(curves[REWARD])
@@ -80,8 +75,7 @@ def collect(workdir: Path, specs: Sequence[_sweep.RunSpec]) -> dict[str, Any]:
     final["clip_fraction_run_mean"] = float(np.mean(curves["clip_fraction"][1])) if curves["clip_fraction"][1] \
         else float("nan")
     runs[spec.key] = {"lag": int(spec.overrides["rl.max_lag"]), "seed": spec.seed, "final": final,
-                      "curves": curves, "wall_time_s": info.get("wall_time_s"), "commit": info.get("commit"),
-                      "dirty": info.get("dirty"), "config": info.get("config")}
+                      "curves": curves, **_sweep.provenance(info)}
   return runs
 
 

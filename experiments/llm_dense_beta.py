@@ -112,12 +112,7 @@ def _near_best(means: Mapping[float, float], top: float, tol: float) -> dict[str
 
 def collect(workdir: Path, specs: Sequence[_sweep.RunSpec]) -> dict[str, Any]:
   runs = {}
-  for spec in specs:
-    d = _sweep.run_dir(workdir, spec)
-    if not _sweep.is_done(workdir, spec):
-      continue
-    recs = _sweep.load_records(d)
-    info = json.loads((d / "run_info.json").read_text()) if (d / "run_info.json").exists() else {}
+  for spec, recs, info in _sweep.finished_runs(workdir, specs):
     curves = {k: _sweep.eval_curve(recs, k) for k in KEYS}
     final = _sweep.final_eval(recs, KEYS)
     final["held_out_accuracy"] = held_out_accuracy(curves[TRUTH])
@@ -126,8 +121,7 @@ def collect(workdir: Path, specs: Sequence[_sweep.RunSpec]) -> dict[str, Any]:
     final["truth_start"] = curves[TRUTH][1][0] if curves[TRUTH][1] else float("nan")
     runs[spec.key] = {"label": spec.label, "seed": spec.seed, "family": spec.family, "beta": spec.beta,
                       "overrides": dict(spec.overrides), "final": final, "curves": curves,
-                      "commit": info.get("commit"), "dirty": info.get("dirty"),
-                      "wall_time_s": info.get("wall_time_s"), "config": info.get("config")}
+                      **_sweep.provenance(info)}
   return runs
 
 
