@@ -26,7 +26,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench_utils import machine
-from bench_rollout import _load, _tiny_model_dir
+from bench_rollout import _load, _tiny_model_dir, finish
 
 KEYS = ("time/rollout_dispatch", "time/update", "time/update_idle", "time/rollout_idle", "time/reward",
         "time/logprobs", "time/weight_sync", "async/weight_sync_bytes", "time/rollout_transfer", "async/lag")
@@ -109,13 +108,7 @@ def main(argv=None) -> dict:
         result[name] = merged
     one, split = (result[n] for n in runs)
     result["split_over_one_mesh_steps_per_s"] = split["steps_per_s"] / one["steps_per_s"]
-    result["load_after"] = _load()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return result
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

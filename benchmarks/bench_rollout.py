@@ -59,6 +59,17 @@ def _load() -> list[float]:
         return []
 
 
+def finish(result: dict, json_path: str = "") -> dict:
+    """``result`` with the load average after the run, printed as JSON and written to ``json_path`` if given."""
+    result["load_after"] = _load()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return result
+
+
 def lognormal_lengths(n: int, max_new: int, seed: int, sigma: float = 1.0) -> np.ndarray:
     """``n`` completion lengths, log-normal with median ``max_new / 8`` and ``sigma``, clipped to [1, max_new]."""
     rng = np.random.default_rng(seed)
@@ -346,13 +357,7 @@ def main(argv=None) -> dict:
         result["async"] = bench_async(args)
     if "lag_experiment" in parts:
         result["lag_experiment"] = lag_experiment(args)
-    result["load_after"] = _load()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return result
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":
