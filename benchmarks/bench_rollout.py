@@ -10,10 +10,15 @@ Sections (``--parts``):
                 over R requests) vs static batching (the KV-cached sampler on batches of S rows, each batch
                 decoding until its longest row stops), side by side in one process, on the same requests with
                 completion lengths drawn from a log-normal (median ``max_new / 8``, sigma 1, clipped to
-                [1, max_new]). Lengths are imposed as per-request budgets with no stop token (the continuous
+                [1, max_new]; ``--lengths lognormal``, the default) or from a real run's length histogram
+                (``--lengths histogram``: ``--lengths-file``, by default the Qwen2.5 long chain-of-thought
+                completions of ``benchmarks/data/reasoning_lengths_skythought_qwen25.json``, scaled from the
+                source's budget to ``max_new``; see ``histogram_lengths``). Lengths are imposed as per-request
+                budgets with no stop token (the continuous
                 engine's ``max_lengths``; a static batch decodes ``max(lengths in the batch)`` steps, which is
                 what it does when its rows stop by EOS at those lengths). Useful tokens = sum(lengths).
-``packing``     update tokens/s of the GRPO update on packed rows (``rl.pack_tokens``) vs padded rows.
+``packing``     update tokens/s of the GRPO update on packed rows (``rl.pack_tokens``) vs padded rows (completion
+                lengths drawn as for ``continuous``, per ``--lengths``).
 ``async``       the LLM recipe (tiny random model) at rl.max_lag = 0 and 1: the measured phase times per step and
                 the simulated lag-1 throughput of a disaggregated pipeline (1 / max(R, U) vs 1 / (R + U)).
 ``lag_experiment``  reward vs step on the arithmetic task (configs/llm_arith.py:cpu) at max_lag 0 / 1 / 2, seeds.
@@ -77,6 +82,57 @@ def lognormal_lengths(n: int, max_new: int, seed: int, sigma: float = 1.0) -> np
     return np.clip(np.round(x), 1, max_new).astype(np.int32)
 
 
+DEFAULT_LENGTHS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                    "reasoning_lengths_skythought_qwen25.json")
+
+
+def load_length_histogram(path: str) -> dict:
+    """A completion-length histogram: JSON with ``bin_edges`` (B + 1 increasing token counts, first >= 0),
+    ``counts`` (B non-negative, positive sum) and ``budget_tokens`` (the source's max new tokens, >= the last
+    edge's start); refused with a ``ValueError`` naming the file and the bad field."""
+    with open(path, encoding="utf-8") as f:
+        hist = json.load(f)
+    edges = np.asarray(hist.get("bin_edges", []), dtype=np.float64)
+    counts = np.asarray(hist.get("counts", []), dtype=np.float64)
+    budget = hist.get("budget_tokens")
+    if edges.ndim != 1 or edges.size < 2 or edges[0] < 0 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"{path}: bin_edges must be >= 2 increasing non-negative numbers, got {edges.tolist()[:8]}")
+    if counts.shape != (edges.size - 1,) or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"{path}: counts must be {edges.size - 1} non-negative numbers with a positive sum")
+    if not isinstance(budget, (int, float)) or budget <= edges[0]:
+        raise ValueError(f"{path}: budget_tokens must be a number above the first bin edge, got {budget!r}")
+    return hist
+
+
+def histogram_lengths(n: int, max_new: int, seed: int, path: str = DEFAULT_LENGTHS_FILE) -> np.ndarray:
+    """``n`` completion lengths drawn from the histogram at ``path`` (``load_length_histogram``) and scaled to
+    ``max_new``: a bin i with probability counts[i] / sum(counts), a length L uniform in [edges[i], edges[i+1]),
+    then round(L * max_new / budget_tokens) clipped to [1, max_new]. The scaling keeps each completion's share of
+    the budget (a completion cut at the source's budget stays at ``max_new``), so the static batch's waste and the
+    packing fill match the real run's at any budget."""
+    hist = load_length_histogram(path)
+    edges = np.asarray(hist["bin_edges"], dtype=np.float64)
+    counts = np.asarray(hist["counts"], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    b = rng.choice(counts.size, size=n, p=counts / counts.sum())
+    x = edges[b] + rng.random(n) * (edges[b + 1] - edges[b])
+    return np.clip(np.round(x * max_new / float(hist["budget_tokens"])), 1, max_new).astype(np.int32)
+
+
+def draw_lengths(args, n: int, seed: int) -> tuple[np.ndarray, dict]:
+    """(lengths [n], a description for the JSON) per ``--lengths``."""
+    if args.lengths == "lognormal":
+        return lognormal_lengths(n, args.max_new, seed), {
+            "distribution": "lognormal", "median": args.max_new / 8, "sigma": 1.0}
+    path = args.lengths_file or DEFAULT_LENGTHS_FILE
+    hist = load_length_histogram(path)
+    return histogram_lengths(n, args.max_new, seed, path), {
+        "distribution": "histogram", "file": os.path.relpath(path, os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))), "source_completions": hist.get("completions"),
+        "source_budget_tokens": hist["budget_tokens"], "scale": args.max_new / float(hist["budget_tokens"]),
+        "source": (hist.get("source") or {}).get("repository")}
+
+
 def _timed(fn) -> tuple[float, float]:
     """(wall seconds, this process's CPU seconds) of one blocking call. On a loaded machine the CPU time (all
     threads) tracks the work better than the wall time; both are reported."""
@@ -94,7 +150,7 @@ def bench_continuous(args) -> dict:
     sb = args.static_rows or s  # static batch rows (the GRPO rollout: all requests in one batch, fewer slots)
     if r % s or r % sb:
         raise SystemExit(f"--requests {r} must be a multiple of --rows {s} and --static-rows {sb}")
-    lengths = lognormal_lengths(r, n, args.seed)
+    lengths, lengths_info = draw_lengths(args, r, args.seed)
     rng = np.random.default_rng(args.seed + 1)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (r, p)).astype(np.int32))
     mask = jnp.ones((r, p), bool)
@@ -138,7 +194,7 @@ def bench_continuous(args) -> dict:
     decode_steps = int(stats.decode_steps)
     return {
         "model": args.model, "layers": cfg.num_hidden_layers, "rows": s, "static_rows": sb, "requests": r,
-        "prompt_len": p,
+        "prompt_len": p, "lengths": lengths_info,
         "max_new_tokens": n, "length_mean": float(lengths.mean()), "length_median": float(np.median(lengths)),
         "length_max": int(lengths.max()), "useful_tokens": useful,
         "static": {"time_s": t_static, "cpu_s": c_static, "useful_tokens_per_s": useful / t_static,
@@ -179,14 +235,15 @@ def bench_packing(args) -> dict:
     cfg = DecoderConfig(**{**MODELS[args.model], **({"num_hidden_layers": args.layers} if args.layers else {})})
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
     b, p, n = args.update_rows, args.prompt_len, args.max_new
-    lengths = lognormal_lengths(b, n, args.seed + 7)
+    lengths, lengths_info = draw_lengths(args, b, args.seed + 7)
     batch = _rollout_batch(b, p, n, lengths, cfg.vocab_size, args.seed)
     real = int(b * p + lengths.sum())
     opts = StepOptions(group_size=args.group_size, prompt_length=p, max_new_tokens=n, beta=0.04,
                        logprob_chunk_size=512)
     tx = optax.adam(1e-5)
     out = {"model": args.model, "layers": cfg.num_hidden_layers, "rows": b, "prompt_len": p, "max_new_tokens": n,
-           "pack_tokens": args.pack_tokens, "length_mean": float(lengths.mean()), "real_tokens": real,
+           "pack_tokens": args.pack_tokens, "lengths": lengths_info, "length_mean": float(lengths.mean()),
+           "real_tokens": real,
            "padded_tokens": b * (p + n)}
     from adrpo_jax.rl import packing
     m = packing.packs_per_group(b, p + n, args.pack_tokens)
@@ -335,6 +392,12 @@ def main(argv=None) -> dict:
                     help="static batch rows (0: --rows); e.g. = --requests: the GRPO rollout's one batch vs slots")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=512)
+    ap.add_argument("--lengths", default="lognormal", choices=("lognormal", "histogram"),
+                    help="completion lengths: log-normal (median max_new / 8, sigma 1) or drawn from --lengths-file "
+                         "scaled to --max-new")
+    ap.add_argument("--lengths-file", default="",
+                    help="length histogram JSON (bin_edges, counts, budget_tokens); default "
+                         "benchmarks/data/reasoning_lengths_skythought_qwen25.json")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--update-rows", type=int, default=64, help="packing: rows of the rollout batch")
