@@ -459,6 +459,23 @@ def llm_crd() -> str:
   return md_table(["pair (held-out accuracy)", "per seed", "mean [95 % CI]", "p (paired t)", "same sign"], rows)
 
 
+def llm_same_beta() -> str:
+  """Exploratory (not pre-registered): ADRPO - GRPO held-out accuracy, seed-paired, at each grid beta (ADRPO's
+  beta_0 against GRPO's beta), with the two-sided paired p and the Bonferroni threshold over the grid."""
+  d = _llm()
+  if d is None:
+    return f"({LLM} not committed yet)"
+  import llm_dense_beta as ld  # pylint: disable=import-outside-toplevel
+  acc = ld.accuracy_table(d["runs"])
+  if "adrpo" not in acc or "grpo" not in acc:
+    return "(ADRPO and GRPO were not both run)"
+  betas = sorted(set(acc["adrpo"]) & set(acc["grpo"]))
+  rows = [[f"{b:g}", *paired(acc["adrpo"][b], acc["grpo"][b])] for b in betas]
+  return (md_table(["beta (GRPO) = beta_0 (ADRPO)", "ADRPO - GRPO per seed", "mean [95 % CI]", "p (paired t)",
+                    "same sign"], rows)
+          + f"\n\n{len(betas)} comparisons: Bonferroni threshold {0.05 / len(betas):.4f} per comparison.")
+
+
 def llm_kl_hack() -> str:
   """Mean KL, length credit and the truth's best step per method and beta (the hack's footprint)."""
   d = _llm()
@@ -661,6 +678,7 @@ REPORTS: dict[str, Callable[[], str]] = {
     "llm_dense": llm_dense,
     "llm_kl_hack": llm_kl_hack,
     "llm_crd": llm_crd,
+    "llm_same_beta": llm_same_beta,
     "monitor_replay": monitor_replay,
     "monitor_sensitivity": monitor_sensitivity,
     "issue15_flow_compare": issue15_flow_compare,
