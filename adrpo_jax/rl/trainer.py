@@ -126,7 +126,7 @@ def _param_sharding_fn(mesh: Mesh):
 
 def _cache_structs(cache: Any, mesh: Mesh) -> Any:
     """A KV cache's ShapeDtypeStructs as the sampler holds it: rows over the batch axes (axis 1 of the stacked
-    ``[L, B, S, K, hd]`` layout, else 0), key/value heads over ``tensor`` when they divide, scalars replicated."""
+    ``[L, B, K, S, hd]`` layout, else 0), key/value heads over ``tensor`` when they divide, scalars replicated."""
     tensor = mesh.shape.get("tensor", 1)
 
     def one(x):
@@ -134,8 +134,8 @@ def _cache_structs(cache: Any, mesh: Mesh) -> Any:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
         spec = [None] * x.ndim
         spec[1 if x.ndim == 5 else 0] = train.sharding.BATCH_AXES
-        if x.ndim >= 4 and tensor > 1 and x.shape[-2] % tensor == 0:
-            spec[-2] = "tensor"
+        if x.ndim >= 4 and tensor > 1 and x.shape[-3] % tensor == 0:
+            spec[-3] = "tensor"
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P(*spec)))
 
     return jax.tree.map(one, cache)

@@ -135,23 +135,27 @@ def validate_impl(impl: str, name: str = "attention_impl") -> str:
 # ------------------------------------------------------------------------------------------------------
 # xla: the reference
 # ------------------------------------------------------------------------------------------------------
-def attend(q: Array, k: Array, v: Array, allowed: Array, *, scale: float, softcap: float | None = None) -> Array:
+def attend(q: Array, k: Array, v: Array, allowed: Array, *, scale: float, softcap: float | None = None,
+           kv_heads_first: bool = False) -> Array:
   """Grouped-query attention with a dense boolean mask; scores and softmax in float32 (the reference).
 
   Args:
-    q: [B, T, H, hd]; k, v: [B, S, K, hd] with K dividing H (query head h uses kv head h // G).
+    q: [B, T, H, hd]; k, v: [B, S, K, hd] with K dividing H (query head h uses kv head h // G), or
+      [B, K, S, hd] with `kv_heads_first` (the KV cache's layout: both products then read k and v in place).
     allowed: [B, T, S] bool.
     softcap: None or c > 0: scores -> c * tanh(scores / c) before the mask (Gemma 2).
   Returns:
     [B, T, H, hd] in v's dtype.
   """
   b, t, h, hd = q.shape
-  kv = k.shape[2]
+  kv = k.shape[1 if kv_heads_first else 2]
+  kv_spec = "bksd" if kv_heads_first else "bskd"
   q = q.reshape(b, t, kv, h // kv, hd)
-  scores = _soft_cap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale, softcap)
+  scores = _soft_cap(jnp.einsum(f"btkgd,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * scale,
+                     softcap)
   scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v)
   return out.reshape(b, t, h, hd)
 
 
@@ -374,7 +378,7 @@ def decode_supported(q_shape, k_shape, mask: AttentionMask) -> str | None:
 
 def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float,
                      block_size: int = DECODE_BLOCK, layer_index: Array | None = None,
-                     softcap: float | None = None) -> Array:
+                     softcap: float | None = None, kv_heads_first: bool = False) -> Array:
   """Attention of T queries at cache slots `q_offset .. q_offset + T - 1` over a static KV cache [B, S],
   reading only the key blocks that the causal rule (and a window) can reach: a `lax.fori_loop` with a
   traced trip count over blocks `lo .. ceil((q_offset + T) / block) - 1` (online softmax, float32
@@ -384,16 +388,24 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
 
   Same contract as `attend(q, k, v, mask.dense(T))`; rows with no allowed key give zeros. With `layer_index`,
   k and v are the stacked caches of all layers [L, B, S, K, hd] and layer `layer_index` is read block by block
-  (no copy of the layer's cache: the scanned decoder's decode step).
+  (no copy of the layer's cache: the scanned decoder's decode step). With `kv_heads_first`, k and v are
+  [(L,) B, K, S, hd] (the KV cache's layout) and the blocks are read in that layout.
   """
+  seq = 2 if kv_heads_first else 1  # the slot axis of one layer's [B, S, K, hd] / [B, K, S, hd]
   if layer_index is not None:
-    def take(x, start, size):  # [B, size, K, hd] of layer `layer_index` from the stack
-      return jax.lax.dynamic_slice(x, (layer_index, 0, start, 0, 0), (1, x.shape[1], size) + x.shape[3:])[0]
+    def take(x, start, size):  # one layer's block of `size` slots from the stack
+      starts = [layer_index, 0, 0, 0, 0]
+      starts[1 + seq] = start
+      sizes = list(x.shape)
+      sizes[0], sizes[1 + seq] = 1, size
+      return jax.lax.dynamic_slice(x, starts, sizes)[0]
     k_shape = k.shape[1:]
   else:
     def take(x, start, size):
-      return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+      return jax.lax.dynamic_slice_in_dim(x, start, size, axis=seq)
     k_shape = k.shape
+  if kv_heads_first:
+    k_shape = (k_shape[0], k_shape[2], k_shape[1], k_shape[3])  # the [B, S, K, hd] shape of the checks below
   reason = decode_supported(q.shape, k_shape, mask)
   if reason is not None:
     raise ValueError(f"attention_impl='decode' cannot run this call: {reason}")
@@ -409,6 +421,7 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   window_array = None if mask.window_array is None else jnp.asarray(mask.window_array, jnp.int32)
   q_slots = q_offset + jnp.arange(t)
   qg = q.reshape(b, t, kh, g, hd)
+  kv_spec = "bkcd" if kv_heads_first else "bckd"
 
   hi = jnp.clip((q_offset + t + c - 1) // c, 0, n)  # blocks past the last query's slot hold no allowed key
   lo = jnp.zeros((), jnp.int32)
@@ -421,18 +434,19 @@ def decode_attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale
   def body(j, carry):
     m, l, acc = carry
     start = jnp.minimum(j * c, s - c)  # the last block may overlap the one before: slots < j * c are masked
-    kj = take(k, start, c).astype(q.dtype)  # [B, c, K, hd]
+    kj = take(k, start, c).astype(q.dtype)  # [B, c, K, hd] ([B, K, c, hd] with kv_heads_first)
     vj = take(v, start, c).astype(q.dtype)
     valid_j = jax.lax.dynamic_slice_in_dim(key_valid, start, c, axis=1)  # [B, c]
     k_slots = start + jnp.arange(c)
     rules = _slot_rules(q_slots, k_slots, True, mask.window, window_array) & (k_slots >= j * c)[None, :]
     allowed = (valid_j[:, None, :] & rules[None])[:, None, None]  # [B, 1, 1, T, c]
-    sc = _soft_cap(jnp.einsum("btkgd,bckd->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale, softcap)
+    sc = _soft_cap(jnp.einsum(f"btkgd,{kv_spec}->bkgtc", qg, kj, preferred_element_type=jnp.float32) * scale,
+                   softcap)
     sc = jnp.where(allowed, sc, _NEG)
     m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
     p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
-    pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+    pv = jnp.einsum(f"bkgtc,{kv_spec}->bkgtd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
     return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
   init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
@@ -629,7 +643,7 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
               impl: str = "auto", chunk_size: int = 512, auto_min_len: int = 1024,
               platform: str | None = None, interpret: bool = False, auto_decode_min_len: int = 512,
               decode_block: int = DECODE_BLOCK, layer_index: Array | None = None,
-              softcap: float | None = None) -> Array:
+              softcap: float | None = None, kv_heads_first: bool = False) -> Array:
   """Grouped-query attention [B, T, H, hd] x [B, S, K, hd] -> [B, T, H, hd] (v's dtype) under `mask`.
 
   Args:
@@ -646,41 +660,54 @@ def attention(q: Array, k: Array, v: Array, mask: AttentionMask, *, scale: float
     softcap: None or c > 0: logit soft-capping `c * tanh(scores / c)` (Gemma 2), in every implementation.
     layer_index: k and v are the stacked caches of all layers [L, B, S, K, hd] and this (traced) layer attends;
       `decode` reads its blocks from the stack, the others slice the layer first. The output is in q's dtype.
+    kv_heads_first: k and v are [B, K, S, hd] ([L, B, K, S, hd] with `layer_index`): the `KVCache` layout. `xla`
+      and `decode` read it in place (a decode step's two products then need no transposed copy of the cache:
+      on CPU such copies cost a third of the step); the other implementations get [B, S, K, hd] (one transpose).
   """
+  def bskd(shape):  # the [B, S, K, hd] shape of a key/value shape in the given layout
+    return tuple(shape) if not kv_heads_first or len(shape) != 4 else (shape[0], shape[2], shape[1], shape[3])
+
   if layer_index is not None:
     if k.ndim != 5 or k.shape != v.shape:
-      raise ValueError(f"with layer_index, k and v must be stacked [L, B, S, K, hd]; got {k.shape}, {v.shape}")
-    chosen = select_impl(impl, platform=platform or _target_platform(), q_shape=q.shape, k_shape=k.shape[1:],
+      layout = "[L, B, K, S, hd]" if kv_heads_first else "[L, B, S, K, hd]"
+      raise ValueError(f"with layer_index, k and v must be stacked {layout}; got {k.shape}, {v.shape}")
+    k_shape = bskd(k.shape[1:])
+    chosen = select_impl(impl, platform=platform or _target_platform(), q_shape=q.shape, k_shape=k_shape,
                          dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
                          auto_decode_min_len=auto_decode_min_len, softcap=softcap)
-    if chosen == "decode" and q.shape[-1] == k.shape[-1] and q.shape[2] % k.shape[3] == 0 \
-        and mask.key_valid.shape == k.shape[1:3]:
+    if chosen == "decode" and q.shape[-1] == k_shape[-1] and q.shape[2] % k_shape[2] == 0 \
+        and mask.key_valid.shape == k_shape[:2]:
       scale = q.shape[-1] ** -0.5 if scale is None else scale
       return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block, layer_index=layer_index,
-                              softcap=softcap)
+                              softcap=softcap, kv_heads_first=kv_heads_first)
     k = jax.lax.dynamic_index_in_dim(k, layer_index, 0, keepdims=False).astype(q.dtype)
     v = jax.lax.dynamic_index_in_dim(v, layer_index, 0, keepdims=False).astype(q.dtype)
-  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-    raise ValueError(f"q must be [B, T, H, hd] and k, v [B, S, K, hd]; got {q.shape}, {k.shape}, {v.shape}")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
-  if mask.key_valid.shape != (k.shape[0], k.shape[1]):
-    raise ValueError(f"mask.key_valid shape {mask.key_valid.shape} must be [B, S] = {k.shape[:2]}")
+  k_shape, v_shape = bskd(k.shape), bskd(v.shape)
+  if q.ndim != 4 or len(k_shape) != 4 or k_shape != v_shape or q.shape[-1] != k_shape[-1]:
+    layout = "[B, K, S, hd] (kv_heads_first)" if kv_heads_first else "[B, S, K, hd]"
+    raise ValueError(f"q must be [B, T, H, hd] and k, v {layout}; got {q.shape}, {k.shape}, {v.shape}")
+  if q.shape[2] % k_shape[2]:
+    raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k_shape[2]} kv heads")
+  if mask.key_valid.shape != (k_shape[0], k_shape[1]):
+    raise ValueError(f"mask.key_valid shape {mask.key_valid.shape} must be [B, S] = {k_shape[:2]}")
   if mask.window is not None and not (isinstance(mask.window, (int, np.integer)) and mask.window > 0):
     raise ValueError(f"window={mask.window!r} must be None or a positive int")
   if mask.segment_ids is not None and (mask.q_offset is not None or mask.segment_ids.shape != mask.key_valid.shape
-                                       or q.shape[1] != k.shape[1]):
+                                       or q.shape[1] != k_shape[1]):
     raise ValueError(f"segment_ids (packed sequences) need a call without a KV cache and shape [B, S] = "
                      f"{tuple(mask.key_valid.shape)}; got shape {tuple(mask.segment_ids.shape)}, q_offset="
-                     f"{mask.q_offset!r}, {q.shape[1]} queries over {k.shape[1]} keys")
+                     f"{mask.q_offset!r}, {q.shape[1]} queries over {k_shape[1]} keys")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  chosen = select_impl(impl, platform=platform or _target_platform(), q_shape=q.shape, k_shape=k.shape,
+  chosen = select_impl(impl, platform=platform or _target_platform(), q_shape=q.shape, k_shape=k_shape,
                        dtype=q.dtype, mask=mask, auto_min_len=auto_min_len,
                        auto_decode_min_len=auto_decode_min_len, softcap=softcap)
   if chosen == "decode":
-    return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block, softcap=softcap)
+    return decode_attention(q, k, v, mask, scale=scale, block_size=decode_block, softcap=softcap,
+                            kv_heads_first=kv_heads_first)
   if chosen == "xla":
-    return attend(q, k, v, mask.dense(q.shape[1]), scale=scale, softcap=softcap)
+    return attend(q, k, v, mask.dense(q.shape[1]), scale=scale, softcap=softcap, kv_heads_first=kv_heads_first)
+  if kv_heads_first:
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   if chosen == "chunked":
     return chunked_attention(q, k, v, mask, scale=scale, chunk_size=chunk_size, softcap=softcap)
   if chosen == "cudnn":

@@ -122,7 +122,7 @@ class DecoderConfig:
     remat_policy: None (save nothing) or the name of a `jax.checkpoint_policies` attribute
       ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable', ...).
     scan_layers: True: stack the decoder layers along a leading 'layers' axis and run them with one
-      `jax.lax.scan` (compile time independent of depth; KV cache [L, B, S, K, hd]). False: a Python list
+      `jax.lax.scan` (compile time independent of depth; KV cache [L, B, K, S, hd]). False: a Python list
       of layers (`model.layers[i]` is the live layer). 'auto' (default): the stacked layout of True, whose
       layers run unrolled when the model is small (`modeling.unroll_fits`: <= 16 layers and 1 GiB of layer
       weights; faster on CPU, where the scan's body copies each layer's weights out of the stack) and by the

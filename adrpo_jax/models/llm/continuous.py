@@ -83,14 +83,14 @@ class ContinuousStats:
 
 
 def _batch_axis(x: Array) -> int:
-  """The batch axis of a model-layout cache leaf: keys/values [L, B, S, K, hd] -> 1, [B, S, K, hd] -> 0; the
+  """The batch axis of a model-layout cache leaf: keys/values [L, B, K, S, hd] -> 1, [B, K, S, hd] -> 0; the
   [B, S] mask and the [B] positions -> 0."""
   return x.ndim - 4 if x.ndim >= 4 else 0
 
 
 def _slots_first(x: Array) -> Array:
   """A model-layout keys/values leaf with its batch axis moved to the front and kept as a batch of one row
-  ([L, B, S, K, hd] -> [B, L, 1, S, K, hd]; [B, S, K, hd] -> [B, 1, S, K, hd]): the slot cache's layout, so the
+  ([L, B, K, S, hd] -> [B, L, 1, K, S, hd]; [B, K, S, hd] -> [B, 1, K, S, hd]): the slot cache's layout, so the
   vmap over the slots hands the model each slot's cache as is (no per-step transpose or reshape copy of the
   whole cache around the layer scan)."""
   return jnp.expand_dims(jnp.moveaxis(x, _batch_axis(x), 0), _batch_axis(x) + 1)
@@ -99,12 +99,12 @@ def _slots_first(x: Array) -> Array:
 def _refill(cache: KVCache, store_k, store_v, prompt_mask: Array, which: Array, prompt_ids: Array,
             total_len: int) -> KVCache:
   """The slot cache (slots-first leaves) with the slots `which` [S] reset to the stored prompts `prompt_ids` [S]
-  (store: slots-first [U, ..., P, K, hd]): keys/values of [0, P) copied from the store, the mask = the prompt's
+  (store: slots-first [U, ..., K, P, hd]): keys/values of [0, P) copied from the store, the mask = the prompt's
   mask then nothing written, index = P, next position = the prompt's length. Other slots are untouched."""
   p = prompt_mask.shape[1]
 
-  def kv(leaf, store):  # leaf [S, (L,) 1, total, K, hd], store [U, (L,) 1, P, K, hd]
-    seq = leaf.ndim - 3
+  def kv(leaf, store):  # leaf [S, (L,) 1, K, total, hd], store [U, (L,) 1, K, P, hd]
+    seq = leaf.ndim - 2
     region = jax.lax.slice_in_dim(leaf, 0, p, axis=seq)
     new = jnp.take(store, prompt_ids, axis=0).astype(leaf.dtype)
     sel = which.reshape((-1,) + (1,) * (leaf.ndim - 1))
@@ -128,7 +128,7 @@ def _slot_hidden(graphdef: nnx.GraphDef, state: Any, tokens: Array, active: Arra
   slots feed a masked token (nothing attends it) and keep their index. Every leaf of `cache` is slots-first."""
 
   def one(tok, act, c):
-    # c: one slot, keys/values already a batch of one row ([L, 1, S, K, hd]); mask/positions get theirs back, the
+    # c: one slot, keys/values already a batch of one row ([L, 1, K, S, hd]); mask/positions get theirs back, the
     # index stays a scalar.
     c1 = c.replace(mask=c.mask[None], next_position=c.next_position[None])
     model = nnx.merge(graphdef, state)
@@ -164,8 +164,8 @@ def _continuous(graphdef: nnx.GraphDef, state: Any, prompt_tokens: Array, prompt
   u_embeds = None if prompt_embeds is None else prompt_embeds.reshape(u, g, *prompt_embeds.shape[1:])[:, 0]
   logits_u, pcache = _prefill(model, u_tokens, u_mask, total, dataclasses.replace(config, prompt_group_size=1),
                               u_embeds)
-  store_k = jax.tree.map(lambda x: _slots_first(x)[..., :p, :, :], pcache.keys)  # [U, (L,) 1, P, K, hd]
-  store_v = jax.tree.map(lambda x: _slots_first(x)[..., :p, :, :], pcache.values)
+  store_k = jax.tree.map(lambda x: _slots_first(x)[..., :p, :], pcache.keys)  # [U, (L,) 1, K, P, hd]
+  store_v = jax.tree.map(lambda x: _slots_first(x)[..., :p, :], pcache.values)
   del pcache
   logits_r = jnp.repeat(logits_u, g, axis=0) if g > 1 else logits_u
   step0 = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)

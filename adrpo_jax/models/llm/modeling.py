@@ -39,7 +39,7 @@ Layer layout (`DecoderConfig.scan_layers`, default True): the L decoder layers a
 `StackedDecoderLayers` module whose parameters have a leading [L] axis named 'layers' (left unsharded by
 the sharding rules), e.g. `layers.self_attn.q_proj.kernel [L, D, H, hd] ('layers', 'embed', 'heads',
 'head_dim')`, run by one `jax.lax.scan` (per-layer remat inside it), so compile time does not grow with depth;
-the KV cache is stacked the same way (keys/values [L, B, S, K, hd]). `model.layers[i]` is then a detached copy of
+the KV cache is stacked the same way (keys/values [L, B, K, S, hd]). `model.layers[i]` is then a detached copy of
 layer i (for inspection). With `scan_layers=False` the layers are an `nnx.List` (paths `layers.{i}.…`).
 Both layouts draw identical weights from the same `rngs` and read/write the same HF checkpoints.
 
@@ -114,8 +114,10 @@ class KVCache:
   """Key/value cache of all layers.
 
   Attributes:
-    keys, values: [L, B, S, K, hd] arrays for a `scan_layers=True` model (the batch axis is 1), or tuples of L
-      per-layer [B, S, K, hd] arrays for the list layout (rotary already applied to keys).
+    keys, values: [L, B, K, S, hd] arrays for a `scan_layers=True` model (the batch axis is 1), or tuples of L
+      per-layer [B, K, S, hd] arrays for the list layout (rotary already applied to keys). Heads before slots:
+      a decode step's two attention products read the cache in place (`attention(..., kv_heads_first=True)`);
+      with slots first, XLA copies the whole cache into that order at every step.
     mask: [B, S] bool, True where a slot holds a real (non-padding) token.
     index: [] int32, number of slots written so far (the next call writes at `index`).
     next_position: [B] int32, rotary position of the next real token of each row.
@@ -133,7 +135,7 @@ class KVCache:
     if batch_size <= 0 or max_length <= 0:
       raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
     keys: Array | tuple[Array, ...]
     values: Array | tuple[Array, ...]
     if config.scan_layers:
@@ -152,7 +154,7 @@ class KVCache:
 
   @property
   def stacked(self) -> bool:
-    """True for the stacked layout (keys/values [L, B, S, K, hd]), False for per-layer tuples."""
+    """True for the stacked layout (keys/values [L, B, K, S, hd]), False for per-layer tuples."""
     return not isinstance(self.keys, (tuple, list))
 
 
@@ -309,9 +311,9 @@ class Attention(nnx.Module):
     self.attention_auto_min_len = config.attention_auto_min_len
 
   def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
-    """x [B, T, D] -> [B, T, D] under the `AttentionMask` `allowed`; with `kv_cache=(k [B,S,K,hd], v)` the
+    """x [B, T, D] -> [B, T, D] under the `AttentionMask` `allowed`; with `kv_cache=(k [B,K,S,hd], v)` the
     new keys/values are written at slot `index` and the updated pair is returned as well. In the layer scan
-    `kv_cache=(k [L,B,S,K,hd], v, layer)`: the stacked caches of all layers, written in place at (layer, index)
+    `kv_cache=(k [L,B,K,S,hd], v, layer)`: the stacked caches of all layers, written in place at (layer, index)
     and returned as the same 3-tuple."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None and self.k_norm is not None:
@@ -321,22 +323,22 @@ class Attention(nnx.Module):
       # the stacked cache of all layers (k [L,B,S,K,hd], v, this layer's index), carried through the layer scan:
       # write only the new slots in place and read this layer's keys/values (no copy of the whole cache per step)
       cache_k, cache_v, layer_index = kv_cache
-      start = (layer_index, 0, index, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+      start = (layer_index, 0, 0, index, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, jnp.swapaxes(k, 1, 2)[None].astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, jnp.swapaxes(v, 1, 2)[None].astype(cache_v.dtype), start)
       out = attention(q, cache_k, cache_v, allowed, scale=self.scale, impl=self.attention_impl,
                       chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len,
-                      layer_index=layer_index, softcap=self.softcap)
+                      layer_index=layer_index, softcap=self.softcap, kv_heads_first=True)
       return self.o_proj(out), (cache_k, cache_v, layer_index)  # out is in q's dtype
-    if kv_cache is not None:
+    if kv_cache is not None:  # [B, K, S, hd]: the new [B, T, K, hd] keys/values go in at slots index .. + T - 1
       cache_k, cache_v = kv_cache
-      start = (0, index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      start = (0, 0, index, 0)
+      k = jax.lax.dynamic_update_slice(cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype), start)
       kv_cache = (k, v)
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), allowed, scale=self.scale, impl=self.attention_impl,
                     chunk_size=self.attention_chunk_size, auto_min_len=self.attention_auto_min_len,
-                    softcap=self.softcap)
+                    softcap=self.softcap, kv_heads_first=kv_cache is not None)
     return self.o_proj(out), kv_cache
 
 
@@ -463,7 +465,7 @@ class StackedDecoderLayers(DecoderLayer):
       allowed: the `AttentionMask` without sliding windows (each layer's window is added inside the scan).
       windows: per layer, the sliding window or None (static); one window shared by every layer stays static
         (any attention implementation), different ones become a traced per-layer `window_array`.
-      kv_cache: None or (keys, values) [L, B, S, K, hd]; index: the cache slot of the first new token.
+      kv_cache: None or (keys, values) [L, B, K, S, hd]; index: the cache slot of the first new token.
       remat, policy: `jax.checkpoint` each layer (inside the scan) with this `jax.checkpoint_policies` policy.
       local_rope: None, or (per-layer bools, cos_local, sin_local): the layers marked True rotate with the local
         rope (Gemma 3's sliding layers), the others with `cos` / `sin`.
@@ -502,7 +504,7 @@ class StackedDecoderLayers(DecoderLayer):
 
     if remat:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    # The KV cache rides in the carry (not as scan xs -> ys, which copies the whole [L, B, S, K, hd] cache at
+    # The KV cache rides in the carry (not as scan xs -> ys, which copies the whole [L, B, K, S, hd] cache at
     # every decode step): each layer writes its new slots in place (`Attention`, the 3-tuple cache).
     kv = None if kv_cache is None else tuple(kv_cache)
     (x, kv), aux = jax.lax.scan(body, (x, kv), (state, window_arr, jnp.arange(n, dtype=jnp.int32), flag_arr,
@@ -637,7 +639,7 @@ class CausalLM(nnx.Module):
                            f"misaligning keys and queries); build a cache of at least {start + tokens.shape[1]} "
                            "slots (model.init_cache(batch, max_length))")
       if cache.stacked != bool(self.config.scan_layers):
-        layout = lambda stacked: "stacked [L, B, S, K, hd]" if stacked else "per-layer list"  # noqa: E731
+        layout = lambda stacked: "stacked [L, B, K, S, hd]" if stacked else "per-layer list"  # noqa: E731
         raise ValueError(f"the cache has the {layout(cache.stacked)} layout but the model has scan_layers="
                          f"{self.config.scan_layers} ({layout(self.config.scan_layers)}): build it with "
                          "model.init_cache")

@@ -344,8 +344,8 @@ def repeat_cache_rows(cache: KVCache, g: int) -> KVCache:
   """Each row of a KV cache repeated g times (rows [0]*g + [1]*g + ...), for any cache layout.
 
   The batch axis of each leaf is found from its rank: scalars (the write index) are shared, [B] / [B, S] leaves
-  (next positions, slot mask) repeat axis 0, key/value leaves repeat axis ndim - 4 ([B, S, K, hd] per-layer
-  arrays: 0; stacked [L, B, S, K, hd]: 1).
+  (next positions, slot mask) repeat axis 0, key/value leaves repeat axis ndim - 4 ([B, K, S, hd] per-layer
+  arrays: 0; stacked [L, B, K, S, hd]: 1).
   """
   if g == 1:
     return cache

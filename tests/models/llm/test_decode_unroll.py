@@ -67,20 +67,41 @@ def test_auto_unrolls_small_models_only(model, monkeypatch):
     SamplingConfig(max_new_tokens=2, unroll_layers="yes")
 
 
-def _decode_loop_weight_slices(unroll: bool) -> int:
-  """Fusions / slices producing one layer's MLP kernel [D, F] inside the decode while loop's body."""
+def _decode_loop_bodies(unroll: bool) -> list[str]:
+  """The optimized HLO of the decode while loops' bodies (D = 64, F = 96, 4 heads over 2 kv heads of 16, B = 2
+  rows, a cache of 5 + 4 = 9 slots)."""
   cfg = _cfg(hidden_size=64, intermediate_size=96)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
   fn = make_generate_fn(graphdef, SamplingConfig(max_new_tokens=4, greedy=True, unroll_layers=unroll))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
   hlo = jax.jit(fn).lower(state, sds((2, 5), jnp.int32), sds((2, 5), jnp.bool_), jax.random.key(0)).compile().as_text()
-  bodies = set(re.findall(r"while\([^\n]*?body=%?([\w.\-]+)", hlo))
-  count = 0
-  for name in bodies:
+  bodies = []
+  for name in set(re.findall(r"while\([^\n]*?body=%?([\w.\-]+)", hlo)):
     m = re.search(rf"\n%?{re.escape(name)} [^\n]*\{{\n(.*?)\n\}}", hlo, re.S)
-    body = m.group(1) if m else ""
-    count += len(re.findall(r"= f32\[(?:1,)?(?:64,96|96,64)\]\{[0-9,]+\} (?:slice|dynamic-slice|copy|fusion)\(", body))
-  return count
+    bodies.append(m.group(1) if m else "")
+  return bodies
+
+
+def _decode_loop_weight_slices(unroll: bool) -> int:
+  """Fusions / slices producing one layer's MLP kernel [D, F] inside the decode while loop's body."""
+  return sum(len(re.findall(r"= f32\[(?:1,)?(?:64,96|96,64)\]\{[0-9,]+\} (?:slice|dynamic-slice|copy|fusion)\(", body))
+             for body in _decode_loop_bodies(unroll))
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_decode_step_reads_the_cache_in_place(unroll):
+  """The KV cache is [B, K, S, hd] per layer (heads before slots): the decode step's two attention products
+  read it as it lies. With slots first ([B, S, K, hd]) XLA wrote a transposed copy of every layer's keys and
+  values at every step (on CPU a third of the step's time); no transpose or copy of a layer's cache
+  (2 x 2 x 9 x 16 = 576 elements) is left in the loop."""
+  bodies = _decode_loop_bodies(unroll)
+  assert bodies
+  layer_cache = r"f32\[(?:2,2,9,16|2,2,16,9|2,9,2,16|2,16,2,9|2,9,16,2)\]"
+  for body in bodies:
+    moves = [line.strip()[:160] for line in body.splitlines()
+             if re.search(rf"= {layer_cache}\{{[0-9,]+\}} (?:transpose|copy)\(", line)
+             or re.search(rf"%[\w.\-]*transpose[\w.\-]* = {layer_cache}", line)]
+    assert not moves, moves
 
 
 def test_unrolled_decode_loop_reads_weights_in_place():

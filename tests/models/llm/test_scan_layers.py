@@ -112,7 +112,7 @@ def test_cached_prefill_and_decode_scan_equals_list():
     return jnp.concatenate(out, 1), cache
 
   (a, cache_s), (b, cache_l) = decode(scan), decode(lst)
-  assert cache_s.stacked and cache_s.keys.shape == (3, 2, 12, 2, 8) and not cache_l.stacked
+  assert cache_s.stacked and cache_s.keys.shape == (3, 2, 2, 12, 8) and not cache_l.stacked
   valid = np.asarray(MASK)
   np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], **TOL)
   np.testing.assert_allclose(np.asarray(cache_s.keys), np.stack([np.asarray(k) for k in cache_l.keys]), **TOL)
