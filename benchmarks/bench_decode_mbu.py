@@ -9,7 +9,8 @@ P prompt tokens, greedy, no stop token; single-threaded XLA (``--threads 0``: al
 per call), the jitted `make_generate_fn` runs N1 and N2 new tokens; the decode step's time is the difference over
 N2 - N1 steps (the prefill cancels), in wall time (best of the rounds) and process CPU time (median: robust on a
 loaded machine). The floor (`adrpo_jax.models.llm.roofline`): the weights and the mean filled KV cache of those
-steps read once, at the copy bandwidth measured in the same run; MBU = floor / step time. XLA's own byte count
+steps read once, at the copy bandwidth measured in the same run; MBU = floor / step time (best-of: the best copy
+bandwidth over the best step; per round: each round's step against the bandwidth measured just before it, median). XLA's own byte count
 of one compiled decode step (`make_plan_fns`' decode: the scanned program) is printed for comparison.
 """
 from __future__ import annotations
@@ -117,18 +118,28 @@ def main(argv=None) -> dict:
     w = (np.min(wall[(v, n2)]) - np.min(wall[(v, n1)])) / (n2 - n1)
     c = (np.median(cpu[(v, n2)]) - np.median(cpu[(v, n1)])) / (n2 - n1)
     rounds = [(a - b_) / (n2 - n1) for a, b_ in zip(wall[(v, n2)], wall[(v, n1)])]
+    # each round against the copy bandwidth measured just before it (this VM's bandwidth varies by ~30 % over
+    # a minute): robust to a slow round, unlike the best-of ratio
+    paired = [floor_seconds(step["total"], bw) / r for bw, r in zip(bandwidths, rounds) if r > 0]
     result["variants"][v] = dict(step_ms_wall=w * 1e3, step_ms_cpu=c * 1e3, step_ms_rounds=[r * 1e3 for r in rounds],
-                                 mbu_wall=floor / w if w > 0 else None, mbu_cpu=floor / c if c > 0 else None)
+                                 mbu_wall=floor / w if w > 0 else None, mbu_cpu=floor / c if c > 0 else None,
+                                 mbu_rounds_median=float(np.median(paired)) if paired else None,
+                                 mbu_rounds_quartiles=[float(q) for q in np.percentile(paired, [25, 75])]
+                                 if paired else None)
   print(f"**Machine:** {result['machine']}; load {result['load']}  ")
   print(f"**Model:** {result['params'] / 1e6:.2f}M parameters ({args.layers} layers, hidden {args.hidden}, MLP "
         f"{args.intermediate}, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}), float32, B={b}, P={p}, steps "
         f"{n1}..{n2}; copy bandwidth {bandwidth / 1e9:.2f} GB/s (best of {len(bandwidths)}); per step "
         f"{step['weights'] / 1e6:.1f} MB weights + {step['kv'] / 1e6:.2f} MB KV -> floor {floor * 1e3:.2f} ms; "
         f"XLA counts {xla_bytes / 1e6:.1f} MB accessed per (scanned) step\n")
-  print("| variant | ms / step (wall, best) | ms / step (CPU, median) | MBU (wall) | MBU (CPU) |")
-  print("|---|---:|---:|---:|---:|")
+  print("| variant | ms / step (wall, best) | ms / step (CPU, median) | MBU (wall) | MBU (CPU) | MBU per round, median "
+        "[quartiles] |")
+  print("|---|---:|---:|---:|---:|---:|")
+  pct = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731 (None: a step difference <= 0, a noisy run)
   for v, r in result["variants"].items():
-    print(f"| {v} | {r['step_ms_wall']:.2f} | {r['step_ms_cpu']:.2f} | {r['mbu_wall']:.0%} | {r['mbu_cpu']:.0%} |")
+    q = r["mbu_rounds_quartiles"] or [None, None]
+    print(f"| {v} | {r['step_ms_wall']:.2f} | {r['step_ms_cpu']:.2f} | {pct(r['mbu_wall'])} | {pct(r['mbu_cpu'])} | "
+          f"{pct(r['mbu_rounds_median'])} [{pct(q[0])}, {pct(q[1])}] |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2, default=str)

@@ -99,3 +99,17 @@ def test_bench_tunix_both_sides_tiny(tmp_path):
   result = json.loads(out.read_text())
   assert result["checks"]["failed"] == [] and result["checks"]["logp_max_abs_diff_ours_vs_tunix"] < 1e-5
   assert all("speedup_vs_tunix" in case["sides"]["ours:default"] for case in result["cases"].values())
+
+
+@pytest.mark.slow
+def test_bench_decode_mbu_runs_tiny_and_reports_both_statistics(capsys):
+  """A tiny model, both layer executions, 2 rounds: the best-of and the per-round (paired with each round's copy
+  bandwidth) MBU are in the result and the table (timings are not checked)."""
+  import bench_decode_mbu
+  result = bench_decode_mbu.main(["--vocab", "64", "--hidden", "32", "--intermediate", "64", "--layers", "2",
+                                  "--heads", "2", "--kv-heads", "1", "--batch", "2", "--prompt-len", "4",
+                                  "--steps", "2,4", "--rounds", "2"])
+  assert set(result["variants"]) == {"scan", "unrolled"} and len(result["copy_bandwidth_all"]) == 2
+  for r in result["variants"].values():
+    assert len(r["step_ms_rounds"]) == 2 and "mbu_rounds_median" in r and "mbu_rounds_quartiles" in r
+  assert "MBU per round, median" in capsys.readouterr().out
