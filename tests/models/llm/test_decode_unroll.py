@@ -1,5 +1,6 @@
 """The sampler's layer execution for stacked models (`SamplingConfig.unroll_layers`): unrolled over per-layer
 weights sliced once per call, the layer scan, or the size-based auto choice; same tokens and log-probs."""
+import functools
 import re
 
 import jax
@@ -67,7 +68,8 @@ def test_auto_unrolls_small_models_only(model, monkeypatch):
     SamplingConfig(max_new_tokens=2, unroll_layers="yes")
 
 
-def _decode_loop_bodies(unroll: bool) -> list[str]:
+@functools.lru_cache(maxsize=None)  # compiled once per layout for the two tests that read it
+def _decode_loop_bodies(unroll: bool) -> tuple[str, ...]:
   """The optimized HLO of the decode while loops' bodies (D = 64, F = 96, 4 heads over 2 kv heads of 16, B = 2
   rows, a cache of 5 + 4 = 9 slots)."""
   cfg = _cfg(hidden_size=64, intermediate_size=96)
@@ -79,7 +81,7 @@ def _decode_loop_bodies(unroll: bool) -> list[str]:
   for name in set(re.findall(r"while\([^\n]*?body=%?([\w.\-]+)", hlo)):
     m = re.search(rf"\n%?{re.escape(name)} [^\n]*\{{\n(.*?)\n\}}", hlo, re.S)
     bodies.append(m.group(1) if m else "")
-  return bodies
+  return tuple(bodies)
 
 
 def _decode_loop_weight_slices(unroll: bool) -> int:
