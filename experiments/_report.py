@@ -333,12 +333,13 @@ def decisive_judge_y() -> str:
 
 def decisive_matched() -> str:
   """Exploratory (not part of the pre-registered rule): seed-paired differences of the adaptive arms against the
-  fixed-beta runs at ADRPO's measured mean coefficient (0.88, a pre-registered grid point) and at the same nominal
-  beta (1.0)."""
+  fixed-beta runs at ADRPO's measured mean coefficient (0.88 and 0.25, pre-registered grid points from the pilot)
+  and at the same nominal beta (1.0 and 0.3), per block."""
   runs = _decisive_runs()
   if runs is None:
     return f"({DECISIVE} not committed yet)"
-  pairs = [("adrpo_b1", "fixed_b0.88"), ("adrpo_b1", "fixed_b1"), ("crd_b1", "fixed_b1")]
+  pairs = [("adrpo_b1", "fixed_b0.88"), ("adrpo_b1", "fixed_b1"), ("crd_b1", "fixed_b1"),
+           ("adrpo_b0.3", "fixed_b0.25"), ("adrpo_b0.3", "fixed_b0.3"), ("crd_b0.3", "fixed_b0.3")]
   keys = [("eval/reward_mean", "reward"), ("eval/diversity", "diversity"),
           ("eval/gold/judge_fd_pretrained", "judge FD to pre-trained"), ("eval/gold/judge_reward", "judge reward")]
   rows = []
@@ -391,13 +392,14 @@ def orw() -> str:
   rows = []
   for lab in labels:
     e = d["analysis"].get(f"{lab}|diversity")
-    gap = fmt(list(e["gaps"]["quadratic"].values())) if e else ""
+    gaps = {g: " / ".join(f"{v:+.3f}" for _, v in sorted(e["gaps"][g].items(), key=lambda kv: int(kv[0])))
+            + f" ({fmt(list(e['gaps'][g].values()))})" if e else "" for g in ("quadratic", "envelope")}
     outside = ", ".join(str(s) for s in e["gaps"]["outside"]) if e else ""
-    rows.append([lab] + [fmt(col(runs[lab], k), dg) for k, _, dg in _FLOW_COLS[:5]] + [gap, outside or "-",
-                                                                                      len(runs[lab])])
+    rows.append([lab] + [fmt(col(runs[lab], k), dg) for k, _, dg in _FLOW_COLS[:5]]
+                + [gaps["quadratic"], gaps["envelope"], outside or "-", len(runs[lab])])
   return md_table(["ORW-CFM-W2 (alpha 1, 300 steps)"] + [h for _, h, _ in _FLOW_COLS[:5]]
-                  + ["gap to the beta_0 = 1 fixed frontier at its diversity", "seeds outside the fixed range", "n"],
-                  rows)
+                  + ["gap to the beta_0 = 1 fixed frontier at its diversity, per seed (mean ± 95 % half-width)",
+                     "the same, envelope frontier (sensitivity)", "seeds outside the fixed range", "n"], rows)
 
 
 def _llm() -> dict[str, Any] | None:
