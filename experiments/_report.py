@@ -231,7 +231,6 @@ _FLOW_COLS = [("eval/reward_mean", "reward", 3), ("eval/diversity", "diversity",
               ("beta_eff_run_mean", "mean coefficient", 3)]
 
 
-DECISIVE_03_PARTIAL = "issue27_decisive_block03_partial.json"  # seeds 0-1 of the beta_0 = 0.3 block, descriptive
 
 
 def _decisive_runs(name: str = DECISIVE) -> dict[str, dict[int, dict[str, float]]] | None:
@@ -266,18 +265,12 @@ def decisive_block1() -> str:
 
 
 def decisive_block03() -> str:
-  """The beta_0 = 0.3 block from the main results file; while that lacks the block, the partial file of its first
-  seeds (descriptive: fewer seeds than registered, no test)."""
+  """The beta_0 = 0.3 block from the main results file."""
   runs = _decisive_runs()
   import decisive_test as dt  # pylint: disable=import-outside-toplevel
   if runs is not None and dt.label("adrpo", 0.3) in runs:
     return _block_table(0.3)
-  partial = _decisive_runs(DECISIVE_03_PARTIAL)
-  if partial is None or dt.label("adrpo", 0.3) not in partial:
-    return "(block beta_0 = 0.3 not run)"
-  seeds = sorted({s for r in partial.values() for s in r})
-  return (f"Partial, descriptive (seeds {', '.join(map(str, seeds))} of the registered 0-5; no test), from "
-          f"`{DECISIVE_03_PARTIAL}`:\n\n" + _block_table(0.3, DECISIVE_03_PARTIAL))
+  return "(block beta_0 = 0.3 not run)"
 
 
 def decisive_tests() -> str:
