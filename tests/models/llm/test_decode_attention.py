@@ -109,3 +109,27 @@ def test_sampler_with_decode_equals_xla(greedy):
   a, b = outs["xla"], outs["decode"]
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["xla", "decode", "chunked"])
+def test_kv_heads_first_layout_equals_the_slots_first_call(impl):
+  """`attention(..., kv_heads_first=True)` on [B, K, S, hd] keys/values (the KV cache's layout) equals the call on
+  [B, S, K, hd]: xla and decode read the layout in place, chunked gets it transposed; also through `layer_index`
+  on a stacked [L, B, K, S, hd] cache (one compiled call per layout: equal to 1e-5)."""
+  q, k, v = _inputs(2)
+  mask = AttentionMask(key_valid=_key_valid(20, 2), q_offset=jnp.int32(20))
+  kf, vf = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+  @jax.jit
+  def three(q, k, v, kf, vf, mask):
+    kw = dict(impl=impl, chunk_size=8, decode_block=16)
+    return (attention(q, k, v, mask, **kw), attention(q, kf, vf, mask, kv_heads_first=True, **kw),
+            attention(q, jnp.stack([kf * 0, kf]), jnp.stack([vf * 0, vf]), mask, kv_heads_first=True,
+                      layer_index=jnp.int32(1), **kw))
+
+  ref, got, stacked = three(q, k, v, kf, vf, mask)
+  rows = np.asarray(_key_valid(20, 2).any(axis=1))  # row 2 attends no key: implementation-specific values
+  np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(ref)[rows], atol=TOL, rtol=TOL)
+  np.testing.assert_allclose(np.asarray(stacked)[rows], np.asarray(ref)[rows], atol=TOL, rtol=TOL)
+  with pytest.raises(ValueError, match=r"\[B, K, S, hd\] \(kv_heads_first\)"):
+    attention(q, kf[..., :4], vf, mask, impl=impl, kv_heads_first=True)
