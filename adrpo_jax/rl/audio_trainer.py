@@ -70,7 +70,6 @@ weights, tokenizer or data: shapes from ``model.path``'s ``config.json`` or a pr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -89,18 +88,17 @@ from adrpo_jax.models.llm.sampler import SamplingConfig, make_generate_fn, make_
 from adrpo_jax.models.lora import apply_lora
 from adrpo_jax.rl import audio_data
 from adrpo_jax.rl import data as data_lib
-from adrpo_jax.rl.config import AUDIO_TASKS, add_audio_config, validate_audio_config  # noqa: F401 (re-exported)
-from adrpo_jax.rl.trainer import _DTYPES, RLTrainer, _cache_structs, _engine_overrides, _finite_scores, eval_layout
+from adrpo_jax.rl.config import add_audio_config, validate_audio_config
+from adrpo_jax.rl.trainer import _DTYPES, RLTrainer, _finite_scores, _model_overrides
 from adrpo_jax.train.config import ConfigError
-from adrpo_jax.train.programs import Program, key_struct
+from adrpo_jax.train.programs import Program
 
 __all__ = ["AudioRLTrainer", "add_audio_config", "validate_audio_config", "make_audio_source", "train_and_evaluate"]
 
 log = logging.getLogger(__name__)
 
-# rewards.functions / eval.accuracy_reward that read the answer as the option's text (MMAU's scorer) or letter
+# rewards.functions / eval.accuracy_reward that read the answer as the option's text (MMAU's scorer)
 _TEXT_SCORERS = ("mmau_accuracy",)
-_LETTER_SCORERS = ("choice_accuracy",)
 
 
 def _choice_template(config: Any) -> str:
@@ -152,18 +150,12 @@ def resolve_audio_model(config: Any) -> tuple[Path, Path]:
     return model_dir, tok
 
 
-def _model_overrides(config: Any) -> dict[str, Any]:
-    """The LM's ``DecoderConfig`` fields set from ``config.model`` (remat, layer layout, attention)."""
-    m = config.model
-    return dict(remat=bool(m.remat), remat_policy=m.remat_policy or None, **_engine_overrides(m))
-
-
 def _load_audio_model(model_dir: Path, config: Any, *, mesh: jax.sharding.Mesh | None = None):
     """The pre-trained audio LM of ``model_dir``, each parameter placed with its sharding on ``mesh``."""
     from adrpo_jax.models import audio_llm  # pylint: disable=import-outside-toplevel
     m = config.model
     model = audio_llm.load_pretrained(model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
-                                      config_overrides=_model_overrides(config), mesh=mesh)
+                                      config_overrides=_model_overrides(m), mesh=mesh)
     if (Path(model_dir) / "sft_params.npz").exists():  # the built-in tiny model's supervised parameters
         from adrpo_jax.rl.audio_sft import load_params_npz  # pylint: disable=import-outside-toplevel
         load_params_npz(model, Path(model_dir) / "sft_params.npz")
@@ -230,10 +222,6 @@ def _refuse_rollout_mesh(mesh: jax.sharding.Mesh | None) -> None:
                          "set mesh.rollout_devices=0")
 
 
-def _mesh_context(mesh: jax.sharding.Mesh | None):
-    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-
-
 class AudioRLTrainer(RLTrainer):
     """The audio recipe: :class:`RLTrainer` with the audio prompt front end (module docstring). Trainable: the
     LM's parameters, or the LM's LoRA adapters (the encoder is frozen and has no optimizer state)."""
@@ -287,7 +275,7 @@ class AudioRLTrainer(RLTrainer):
             self.model_dir, tokenizer_dir = None, None
             model_type, lm_config, audio_config, token_id, _ = audio_llm.resolve_configs(
                 _abstract_full_config(config), dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
-                **_model_overrides(config))
+                **_model_overrides(m))
             spec = dict(lm_config=lm_config, audio_config=audio_config, audio_token_id=token_id, model_type=model_type)
 
             def build():
@@ -364,7 +352,7 @@ class AudioRLTrainer(RLTrainer):
         graphdef, mesh = self.graphdef, self.mesh
 
         def fn(params, frozen, tokens, mask, key, audio_embeds, audio_valid):
-            with _mesh_context(mesh):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
                 model = nnx.merge(graphdef, params, frozen)
                 embeds = model.embed_inputs(tokens, audio_embeds, audio_valid)
             return gen(nnx.state(model.lm), tokens, mask, key, prompt_embeds=embeds)
@@ -434,40 +422,27 @@ class AudioRLTrainer(RLTrainer):
         # larger than that is compiled on its own, not assumed to fit in the rollout's programs.
         prefill_rows = b // int(self.sampling.prompt_group_size)
         base = [dataclasses.replace(p, planned_by=()) if p.name == "eval/generate" and p.planned_by
-                and self._eval_chunk() > prefill_rows else p for p in base]
+                and self._eval_layout()[0] > prefill_rows else p for p in base]
         programs += base
         gen = next((p for p in base if p.name == "eval/generate"), None)
         if gen is not None:  # the eval's clips: one per prompt, in chunks of eval.batch_size prompts
-            chunk = self._eval_chunk()
+            chunk = self._eval_layout()[0]
             programs.append(Program("eval/audio_encode", encode,
                                     args=lambda: (params(), frozen(), *self._feature_structs(chunk), 1),
                                     static_argnums=(4,), out_shardings=(bs, bs), phase="eval",
                                     shrink_key="eval.batch_size", per_step=gen.per_step))
         return programs
 
-    def _eval_chunk(self) -> int:
-        """Rows per eval generate call (``eval.batch_size`` rounded to the data-parallel size)."""
-        if self.evaluator is not None:
-            return int(self.evaluator.chunk)
-        return eval_layout(int(self.config.eval.num_examples), int(self.config.eval.batch_size),
-                           train.data_parallel_size(self.mesh))[0]
-
-    def _plan_programs_apply(self) -> bool:
-        """The plan compiles the (static) sampler as ``plan/prefill`` + ``plan/decode`` with the audio spliced in."""
-        return True
-
-    def _plan_programs(self) -> list[Program]:
-        """``plan/prefill`` (the audio-spliced prompts, one prefill per prompt) and ``plan/decode`` (one step of
-        the LM, x ``max_new_tokens - 1``): the generate program's phases, so the plan counts every decode step."""
+    def _plan_fns(self) -> tuple[Any, Any, Any, tuple[int, ...]]:
+        """The sampler's phases for the plan (:meth:`RLTrainer._plan_fns`): ``prefill`` of the audio-spliced
+        prompts (one prefill per prompt), ``decode`` one step of the LM; the state is ``(params, frozen)``."""
         from adrpo_jax.models.llm.sampler import _prefill  # pylint: disable=import-outside-toplevel
         graphdef, mesh, sampling = self.graphdef, self.mesh, self.sampling
-        bs = train.batch_sharding(mesh)
-        b = self.layout["batch_size"]
         max_length = int(self.config.sampling.max_prompt_length) + int(self.config.sampling.max_new_tokens)
         _, lm_decode = make_plan_fns(self.lm_graphdef, sampling, mesh)
 
         def prefill(params, frozen, tokens, mask, audio_embeds, audio_valid):
-            with _mesh_context(mesh):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
                 model = nnx.merge(graphdef, params, frozen)
                 embeds = model.embed_inputs(tokens, audio_embeds, audio_valid)
                 return _prefill(model.lm, tokens, mask.astype(bool), max_length, sampling, embeds)
@@ -475,18 +450,7 @@ class AudioRLTrainer(RLTrainer):
         def decode(params, frozen, token, done, cache, key):
             return lm_decode(nnx.state(nnx.merge(graphdef, params, frozen).lm), token, done, cache, key)
 
-        state = lambda: (self.abstract_state["params"], self.policy.abstract_frozen)  # noqa: E731
-        pre_args = lambda: (*state(), *self._prompt_structs(b), *self._model_input_structs(b))  # noqa: E731
-
-        def decode_args():
-            _, cache = jax.eval_shape(prefill, *pre_args())
-            return (*state(), jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs),
-                    jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=bs), _cache_structs(cache, mesh), key_struct())
-
-        n = int(self.config.sampling.max_new_tokens)
-        return [Program("plan/prefill", prefill, args=pre_args, phase="rollout", shrink_key="rl.num_prompts_per_step"),
-                Program("plan/decode", decode, args=decode_args, phase="rollout", per_step=max(n - 1, 0),
-                        shrink_key="rl.num_prompts_per_step")]
+        return prefill, decode, lambda: (self.abstract_state["params"], self.policy.abstract_frozen), ()
 
     # ---- the prompt front end --------------------------------------------------------------------------------
 

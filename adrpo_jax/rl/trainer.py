@@ -118,10 +118,9 @@ def _engine_overrides(m: Any) -> dict[str, Any]:
             "attention_chunk_size": m.attention_chunk_size, "attention_auto_min_len": m.attention_auto_min_len}
 
 
-def _param_sharding_fn(mesh: Mesh):
-    def fn(names, shape):
-        return NamedSharding(mesh, train.logical_to_partition_spec(names, shape, mesh))
-    return fn
+def _model_overrides(m: Any) -> dict[str, Any]:
+    """The LM's ``DecoderConfig`` fields set from the `model` section: remat, layer layout, attention."""
+    return dict(remat=bool(m.remat), remat_policy=m.remat_policy or None, **_engine_overrides(m))
 
 
 def _cache_structs(cache: Any, mesh: Mesh) -> Any:
@@ -192,8 +191,9 @@ class Evaluator:
 
     def __call__(self, state) -> dict[str, Any]:
         recipe, fns = self.recipe, self.recipe.fns
-        parts: dict[str, list[np.ndarray]] = {"score": [], "valid": [], "length": [], "truncated": [],
-                                              **{key: [] for key, _ in self.gold}}
+        # each metric's per-row values (means over the valid rows), then the valid-row mask
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("eval/accuracy", "eval/completion_length_mean",
+                                                               "eval/truncated_fraction", *dict(self.gold), "valid")}
         for rows, valid in self.chunks:
             g, model_inputs, prompts, _ = recipe.prompt_inputs(rows, state, group=1)
             out = fns["eval/generate"](state["params"], recipe.frozen, g["tokens"], g["mask"], self._key,
@@ -202,18 +202,13 @@ class Evaluator:
                                                 "done": out.done})
             texts = recipe.prompt_encoder().decode(local["completions"], local["lengths"])
             columns = data_lib.columns_of(rows)
-            parts["score"].append(_finite_scores(self.reward_fn(prompts=prompts, completions=texts, **columns)))
-            for key, fn in self.gold:
+            for key, fn in (("eval/accuracy", self.reward_fn), *self.gold):
                 parts[key].append(_finite_scores(fn(prompts=prompts, completions=texts, **columns)))
             parts["valid"].append(valid.astype(np.float32))
-            parts["length"].append(local["lengths"].astype(np.float32))
-            parts["truncated"].append((~local["done"]).astype(np.float32))
+            parts["eval/completion_length_mean"].append(local["lengths"].astype(np.float32))
+            parts["eval/truncated_fraction"].append((~local["done"]).astype(np.float32))
         g = train.host_local_to_global({k: np.concatenate(v) for k, v in parts.items()}, self.mesh)
-        mean = fns["eval/mean"]
-        return {"eval/accuracy": mean(g["score"], g["valid"]),
-                "eval/completion_length_mean": mean(g["length"], g["valid"]),
-                "eval/truncated_fraction": mean(g["truncated"], g["valid"]),
-                **{key: mean(g[key], g["valid"]) for key, _ in self.gold}}
+        return {k: fns["eval/mean"](g[k], g["valid"]) for k in parts if k != "valid"}
 
 
 class RLTrainer(Recipe):
@@ -386,8 +381,7 @@ class RLTrainer(Recipe):
             self.model_dir, tokenizer_dir = resolve_model_path(m)
             source = self.model_dir
         self.model_config = DecoderConfig.from_hf_config(
-            source, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat,
-            remat_policy=m.remat_policy or None, **_engine_overrides(m))
+            source, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], **_model_overrides(m))
         self._setup_text_io(tokenizer_dir)
 
     def _setup_text_io(self, tokenizer_dir: Path | None) -> None:
@@ -447,7 +441,8 @@ class RLTrainer(Recipe):
                                     "weights needs a checkpoint directory.", key="model.path", value=m.path)
         return load_pretrained(self.model_dir, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
                                remat=m.remat, remat_policy=m.remat_policy or None,
-                               config_overrides=_engine_overrides(m), shardings=_param_sharding_fn(self.mesh))
+                               config_overrides=_engine_overrides(m), shardings=lambda names, shape: NamedSharding(
+                                   self.mesh, train.logical_to_partition_spec(names, shape, self.mesh)))
 
     def make_generate(self, sampling: SamplingConfig, mesh: Mesh | None = None):
         """``fn(params, frozen, tokens [B, P], mask [B, P], key, *model_inputs) -> GenerationOutput`` (traced on
@@ -477,9 +472,7 @@ class RLTrainer(Recipe):
         (:mod:`adrpo_jax.models.llm.continuous`: ``self.decode_slots`` slots refilled as rows stop, shared-prompt
         prefill, row r drawn with ``fold_in(key, r)``)."""
         if self.engine != "continuous":
-            if self.rollout_mesh is not None:
-                return self.make_generate(self.sampling, self.rollout_mesh)
-            return self.make_generate(self.sampling)
+            return self.make_generate(self.sampling, self.rollout_mesh)
         gen = make_continuous_generate_fn(self.graphdef, self.sampling, self.decode_slots, self.sampler_mesh)
         return lambda params, frozen, t, m, k: gen(nnx.merge_state(params, frozen), t, m, k)
 
@@ -529,7 +522,7 @@ class RLTrainer(Recipe):
         """The abstract rollout batch of one step (what ``update`` consumes), from the sampler's output shapes."""
         bs = train.batch_sharding(self.mesh)
         b = self.layout["batch_size"]
-        out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b, rollout_side=True))
+        out = self._rollout_out_struct()
         f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs)  # noqa: E731
         batch = {"tokens": out.tokens, "attention_mask": out.attention_mask, "completion_mask": out.completion_mask,
                  "lengths": out.lengths, "done": out.done,
@@ -551,6 +544,11 @@ class RLTrainer(Recipe):
             batch["model_inputs"] = inputs
         return abstract_like(batch, bs)
 
+    def _rollout_out_struct(self) -> Any:
+        """The abstract sampler output (``GenerationOutput``) of one rollout batch."""
+        return jax.eval_shape(self.programs["generate"].fn,
+                              *self._generate_args(self.layout["batch_size"], rollout_side=True))
+
     model_input_names: tuple[str, ...] = ()
 
     def build_programs(self) -> list[Program]:
@@ -561,7 +559,7 @@ class RLTrainer(Recipe):
         frozen = lambda: self.policy.abstract_frozen  # noqa: E731
         params = lambda: self.abstract_state["params"]  # noqa: E731
         # The static sampler's loop is planned as its prefill and decode steps (a compiler counts a loop body once)
-        plan_generate = ("plan/prefill", "plan/decode") if self.abstract and self._plan_programs_apply() else ()
+        plan_generate = ("plan/prefill", "plan/decode") if self.abstract and self.engine == "static" else ()
 
         def logprob_args():
             batch = self.rollout_batch_struct()
@@ -587,9 +585,8 @@ class RLTrainer(Recipe):
         if self.is_moe:  # routing statistics of the training pass's router vs the rollout's record (moe/*)
             def moe_args():
                 batch = self.rollout_batch_struct()
-                out = jax.eval_shape(self.programs["generate"].fn, *self._generate_args(b, rollout_side=True))
                 return (params(), frozen(), batch["tokens"], batch["attention_mask"],
-                        abstract_like(out.expert_indices, bs))
+                        abstract_like(self._rollout_out_struct().expert_indices, bs))
             programs.append(Program("moe/metrics", make_routing_metrics_fn(self.graphdef, mesh), args=moe_args,
                                     out_shardings=repl, phase="rollout"))
         if self.policy.lora_reference:  # the reference: adapters off (another graph, another program)
@@ -597,11 +594,7 @@ class RLTrainer(Recipe):
                                     out_shardings=(bs, bs), phase="rollout", shrink_key="model.logprob_chunk_size",
                                     planned_by=("logprobs",)))  # the policy pass's shapes, adapters off
         if self.has_evaluator:
-            if self.evaluator is not None:
-                chunk, n = self.evaluator.chunk, self.evaluator.n_pad
-            else:
-                chunk, n = eval_layout(int(self.config.eval.num_examples), int(self.config.eval.batch_size),
-                                       train.data_parallel_size(mesh))
+            chunk, n = self._eval_layout()
             programs += [
                 Program("eval/generate", self.make_generate(self.eval_sampling),
                         args=lambda: self._generate_args(chunk), out_shardings=bs, phase="eval",
@@ -612,30 +605,41 @@ class RLTrainer(Recipe):
                         out_shardings=repl, phase="eval")]
         return programs
 
-    def _plan_programs_apply(self) -> bool:
-        """The plan compiles the static sampler as ``plan/prefill`` + ``plan/decode`` (text prompts only)."""
-        return not self.model_input_names and getattr(self, "engine", "static") == "static"
+    def _eval_layout(self) -> tuple[int, int]:
+        """``(chunk, padded)`` of the evaluator (:func:`eval_layout`), also when none is built (the plan mode)."""
+        if self.evaluator is not None:
+            return self.evaluator.chunk, self.evaluator.n_pad
+        return eval_layout(int(self.config.eval.num_examples), int(self.config.eval.batch_size),
+                           train.data_parallel_size(self.mesh))
+
+    def _plan_fns(self) -> tuple[Any, Any, Any, tuple[int, ...]]:
+        """``(prefill, decode, state, donate)``: the sampler's phases ``prefill(*state(), tokens, mask,
+        *model_inputs) -> (_, cache)`` and ``decode(*state(), token, done, cache, key)``, and decode's donated
+        arguments (text: the cache, which the sampler's loop updates in place; undonated, the plan counted it
+        twice)."""
+        prefill, decode = make_plan_fns(self.graphdef, self.sampling, self.mesh)
+        return prefill, decode, lambda: (nnx.merge_state(self.abstract_state["params"],
+                                                         self.policy.abstract_frozen),), (3,)
 
     def _plan_programs(self) -> list[Program]:
-        """``plan/prefill`` and ``plan/decode`` (x ``max_new_tokens - 1``): the generate program's two phases, so
-        the plan's cost counts every decode step (a compiler counts a while loop's body once)."""
+        """``plan/prefill`` and ``plan/decode`` (x ``max_new_tokens - 1``, :meth:`_plan_fns`): the generate
+        program's two phases, so the plan's cost counts every decode step (a compiler counts a while loop's body
+        once)."""
         bs = train.batch_sharding(self.mesh)
-        prefill, decode = make_plan_fns(self.graphdef, self.sampling, self.mesh)
+        prefill, decode, state, donate = self._plan_fns()
         b = self.layout["batch_size"]
-        state = lambda: nnx.merge_state(self.abstract_state["params"], self.policy.abstract_frozen)  # noqa: E731
-        pre_args = lambda: (state(), *self._prompt_structs(b))  # noqa: E731
+        pre_args = lambda: (*state(), *self._prompt_structs(b), *self._model_input_structs(b))  # noqa: E731
 
         def decode_args():
             _, cache = jax.eval_shape(prefill, *pre_args())
-            return (state(), jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs),
+            return (*state(), jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs),
                     jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=bs), _cache_structs(cache, self.mesh),
                     key_struct())
 
         n = int(self.config.sampling.max_new_tokens)
         return [Program("plan/prefill", prefill, args=pre_args, phase="rollout", shrink_key="rl.num_prompts_per_step"),
-                # the cache donated: the sampler's loop updates it in place (without, the plan counted it twice)
                 Program("plan/decode", decode, args=decode_args, phase="rollout", per_step=max(n - 1, 0),
-                        donate_argnums=(3,), shrink_key="rl.num_prompts_per_step")]
+                        donate_argnums=donate, shrink_key="rl.num_prompts_per_step")]
 
     # ---- host phases ----------------------------------------------------------------------------------------
 
@@ -654,12 +658,9 @@ class RLTrainer(Recipe):
         if self.iterator is None:
             raise RuntimeError("rollout_start: this recipe was built without data (abstract=True, the plan mode)")
         rows = self.iterator.next_rows()
+        # mesh.rollout_devices (split): prompts and weights to the rollout mesh, its sampler, outputs back
         split = self.rollout_mesh is not None
-        if split:  # mesh.rollout_devices: prompts and weights to the rollout mesh, its sampler, outputs back
-            g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size),
-                                                                 mesh=self.rollout_mesh)
-        else:
-            g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size))
+        g, model_inputs, prompts, shown = self.prompt_inputs(rows, state, int(opts.group_size), mesh=self.rollout_mesh)
         key = jax.random.fold_in(self.base_key, step)
         sample_key, update_key = jax.random.split(key)
         sync: dict[str, float] = {}
@@ -677,8 +678,7 @@ class RLTrainer(Recipe):
         model_inputs = training_model_inputs(out, model_inputs, self.router_replay)
         moe = None
         if self.is_moe:  # routing statistics and the rollout-vs-training mismatch of this step (dispatched)
-            moe = fns["moe/metrics"](state["params"] if params is None else params, self.frozen, out.tokens,
-                                     out.attention_mask, out.expert_indices)
+            moe = fns["moe/metrics"](behaviour, self.frozen, out.tokens, out.attention_mask, out.expert_indices)
         # Dispatch the device work that does not need the rewards first (asynchronous), then score on the host.
         batch: dict[str, Any] = {"tokens": out.tokens, "attention_mask": out.attention_mask,
                                  "completion_mask": out.completion_mask, "lengths": out.lengths, "done": out.done,
@@ -690,12 +690,9 @@ class RLTrainer(Recipe):
         if opts.use_behaviour_logprobs or not logprob_passes:  # the sampler's own: the behaviour policy's
             batch["behaviour_logp"] = out.logprobs
         if opts.use_old_logprobs and logprob_passes:
-            batch["old_logp"], _ = fns["logprobs"](state["params"], self.frozen, out.tokens, out.attention_mask,
-                                                   *extra)
+            batch["old_logp"] = self._logprobs(state["params"], batch, extra)
         if opts.use_reference and logprob_passes:
-            ref_fn = fns["ref_logprobs"] if self.policy.lora_reference else fns["logprobs"]
-            batch["ref_logp"], _ = ref_fn(self.policy.reference(state), self.frozen, out.tokens, out.attention_mask,
-                                          *extra)
+            batch["ref_logp"] = self._logprobs(self.policy.reference(state), batch, extra, ref=True)
         return {"step": step, "t_start": t_start, "rows": rows, "prompts": prompts, "shown": shown,
                 "update_key": update_key, "out": out, "out_rollout": out_rollout, "batch": batch, "moe": moe,
                 "ready_probe": out_rollout.lengths, **sync}
@@ -751,21 +748,24 @@ class RLTrainer(Recipe):
         correction the proximal ``old_logp`` (a pass with ``state["params"]``; ``behaviour_logp`` stays the
         sampler's), else ``old_logp`` = the behaviour log-probs (PPO's ratio against the sampling policy); the
         reference pass with the current reference (:mod:`adrpo_jax.recipe.schedule`)."""
-        opts, fns = self.opts, self.fns
+        opts = self.opts
         batch = dict(batch)
         behaviour = batch.pop("behaviour_logp")
         extra = (batch["model_inputs"],) if "model_inputs" in batch else ()
         if opts.use_behaviour_logprobs:
             batch["behaviour_logp"] = behaviour
-            batch["old_logp"], _ = fns["logprobs"](state["params"], self.frozen, batch["tokens"],
-                                                   batch["attention_mask"], *extra)
+            batch["old_logp"] = self._logprobs(state["params"], batch, extra)
         elif opts.use_old_logprobs:
             batch["old_logp"] = behaviour
         if opts.use_reference:
-            ref_fn = fns["ref_logprobs"] if self.policy.lora_reference else fns["logprobs"]
-            batch["ref_logp"], _ = ref_fn(self.policy.reference(state), self.frozen, batch["tokens"],
-                                          batch["attention_mask"], *extra)
+            batch["ref_logp"] = self._logprobs(self.policy.reference(state), batch, extra, ref=True)
         return batch
+
+    def _logprobs(self, params: Any, batch: dict[str, Any], extra: tuple, *, ref: bool = False) -> Any:
+        """The completion log-probs ``[B, N]`` of ``batch``'s tokens under ``params`` (dispatched): the policy's
+        pass, or with ``ref`` the reference's (``ref_logprobs``: adapters off under LoRA)."""
+        fn = self.fns["ref_logprobs"] if ref and self.policy.lora_reference else self.fns["logprobs"]
+        return fn(params, self.frozen, batch["tokens"], batch["attention_mask"], *extra)[0]
 
     def check_rewards(self, scored: Any, step: int) -> None:
         """Stops (``rewards.stop_when_all_missing``, else logs an error) when every sample of the step misses its
