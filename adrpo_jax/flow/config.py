@@ -129,8 +129,9 @@ from typing import Any
 import ml_collections
 
 from adrpo_jax.train.monitor import MONITOR_DEFAULTS, validate_monitor_config
-from adrpo_jax.train.config import (ConfigError, get_by_path, merge_defaults, require_choice, require_float,
-                                    require_float_or_inf, require_int, require_type, validate_advantage_clip)
+from adrpo_jax.train.config import (ConfigError, checking_files, get_by_path, merge_defaults, require_choice,
+                                    require_float, require_float_or_inf, require_int, require_sections, require_type,
+                                    validate_advantage_clip, validate_ref_refresh)
 
 __all__ = [
     "add_sd3_config",
@@ -252,7 +253,6 @@ def uses_reference(config: Any) -> bool:
 
 
 def _validate_data_model(config) -> None:
-    require_type(config, "data.image_size", int)
     size = require_int(config, "data.image_size", min=8)
     mode = require_choice(config, "data.condition_mode", CONDITION_MODES)
     require_float(config, "data.test_fraction", min=0.0, max=1.0, min_inclusive=False, max_inclusive=False)
@@ -286,11 +286,10 @@ def _validate_data_model(config) -> None:
     require_float(config, "model.class_dropout_prob", min=0.0, max=1.0, max_inclusive=False)
     require_float(config, "model.time_scale", min=0.0, min_inclusive=False)
     require_choice(config, "model.pos_embed", ("sincos", "learned"))
-    require_choice(config, "model.dtype", DTYPES)
-    require_choice(config, "model.param_dtype", DTYPES)
-    require_type(config, "model.remat", bool)
-    require_type(config, "model.scan_layers", bool)
-    require_type(config, "model.save_final", bool)
+    for key in ("dtype", "param_dtype"):
+        require_choice(config, f"model.{key}", DTYPES)
+    for key in ("remat", "scan_layers", "save_final"):
+        require_type(config, f"model.{key}", bool)
 
     for key in ("steps", "batch_size", "log_every"):
         require_int(config, f"pretrain.{key}", min=1)
@@ -366,17 +365,13 @@ def _validate_rl(config) -> None:
     require_choice(config, "rl.time_sampling", TIME_SAMPLINGS)
     require_float(config, "rl.cond_dropout_prob", min=0.0, max=1.0, max_inclusive=False)
     require_int(config, "rl.sampler_refresh_steps", min=1)
-    sync = require_int(config, "rl.ref_refresh_steps", min=0)
-    alpha = require_float(config, "rl.ref_refresh_alpha", min=0.0, max=1.0, min_inclusive=False)
-    if sync == 0 and alpha != 1.0:
-        raise ConfigError(f"`rl.ref_refresh_alpha`={alpha} has no effect with `rl.ref_refresh_steps`=0 (the "
-                          "reference is never refreshed).", key="rl.ref_refresh_alpha", value=alpha)
+    sync = validate_ref_refresh(config, "rl.ref_refresh_steps", "rl.ref_refresh_alpha")
     if sync > 0 and method == "none":
         raise ConfigError(f"`rl.ref_refresh_steps`={sync} has no effect with rl.method='none' (no W2 term).",
                           key="rl.ref_refresh_steps", value=sync)
 
 
-def _validate_sampling_eval(config) -> None:
+def _validate_sampling_eval(config, sd3: bool = False) -> None:
     method = require_choice(config, "sampling.method", SAMPLERS)
     require_int(config, "sampling.num_steps", min=1)
     require_float(config, "sampling.cfg_scale", min=0.0)
@@ -384,21 +379,21 @@ def _validate_sampling_eval(config) -> None:
     if noise > 0 and method != "euler":
         raise ConfigError(f"`sampling.sde_noise`={noise} > 0 samples the SDE by Euler-Maruyama: set "
                           f"sampling.method='euler' (got {method!r}).", key="sampling.sde_noise", value=noise)
+    if sd3:
+        require_float(config, "sampling.time_shift", min=0.0, min_inclusive=False)
     require_int(config, "eval.samples_per_prompt", min=2)
     require_int(config, "eval.seed", min=0)
     require_int(config, "eval.w2_time_samples", min=1)
+    if sd3:
+        return
     require_type(config, "eval.write_images", bool)
     if "gold_rewards" in config.eval:  # the reward-hacking monitor (adrpo_jax.train.monitor): gold = the judge
         validate_monitor_config(config, "flow")
 
 
 def _validate_lora(config) -> None:
-    lora = lora_config(config)
-    if lora is not None and int(config.rl.ref_refresh_steps) > 0 and float(config.rl.ref_refresh_alpha) != 1.0:
-        raise ConfigError(f"`rl.ref_refresh_alpha`={config.rl.ref_refresh_alpha} cannot be used with LoRA: the "
-                          "refreshed reference is base + a copy of the adapters, and mixing the factors A and B does "
-                          "not mix the weights W + s A B. Use rl.ref_refresh_alpha=1.0 (copy) or lora.enabled=False.",
-                          key="rl.ref_refresh_alpha", value=config.rl.ref_refresh_alpha)
+    if lora_config(config) is not None:
+        validate_ref_refresh(config, "rl.ref_refresh_steps", "rl.ref_refresh_alpha", lora=True)
 
 
 def lora_config(config: Any):
@@ -413,10 +408,8 @@ def validate_flow_config(config: Any) -> None:
 
     Device-dependent divisibility is :func:`validate_flow_batch_layout`.
     """
-    for section in ("data", "model", "pretrain", "classifier", "reward", "rl", "sampling", "eval"):
-        if section not in config:
-            raise ConfigError(f"Config section `{section}` is missing (build the config with add_flow_config).",
-                              key=section)
+    require_sections(config, ("data", "model", "pretrain", "classifier", "reward", "rl", "sampling", "eval"),
+                     "add_flow_config")
     _validate_data_model(config)
     _validate_reward(config)
     _validate_rl(config)
@@ -568,28 +561,17 @@ def add_sd3_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         "vae": {"path": "", "decode_batch": 0, "attention_query_chunk": 4096},
         "text": {"path": "", "cache_dir": "", "max_sequence_length": 256, "torch_dtype": "float32"},
         "reward": {"kind": "clip", "clip_path": "", "clip_scale": 100.0, "clip_clamp": True, "dtype": "float32"},
-        "rl": flow.rl.to_dict(),
+        # t = sigmoid(N(0, 1)) (logit-normal, symmetric in sigma = 1 - t), then SD3's shift (rl.time_shift): the
+        # distribution of diffusers' SD3 fine-tuning (median sigma 0.75) and of the shifted rollout grid.
+        "rl": dict(flow.rl.to_dict(), prompts_per_step=4, samples_per_prompt=4, time_sampling="logit_normal",
+                   time_shift=0.0, rollout_micro_batch=0, orw_reward_scaling="standardize"),
         "sampling": {"method": "euler", "num_steps": 28, "cfg_scale": 4.5, "sde_noise": 0.0, "time_shift": 3.0},
         "eval": {"samples_per_prompt": 2, "seed": 1234, "w2_time_samples": 1, "prompts": (), "prompts_file": "",
                  "batch_size": 0, "clip_paths": ()},
         "lora": dict(flow.lora.to_dict(), enabled=True, rank=16, alpha=16.0, target_modules=SD3_LORA_TARGETS),
     }
-    defaults["rl"]["prompts_per_step"] = 4
-    defaults["rl"]["samples_per_prompt"] = 4
-    # t = sigmoid(N(0, 1)) (logit-normal, symmetric in sigma = 1 - t), then SD3's shift (rl.time_shift): the
-    # distribution of diffusers' SD3 fine-tuning (median sigma 0.75) and of the shifted rollout grid.
-    defaults["rl"]["time_sampling"] = "logit_normal"
-    defaults["rl"]["time_shift"] = 0.0
-    defaults["rl"]["rollout_micro_batch"] = 0
-    defaults["rl"]["orw_reward_scaling"] = "standardize"
     merge_defaults(config, defaults)
     return config
-
-
-def _checking_files() -> bool:
-    """False inside ``train.config.shapes_only()`` (the plan mode: no file needs to exist)."""
-    from adrpo_jax.train import config as train_config  # pylint: disable=import-outside-toplevel
-    return bool(getattr(train_config, "checking_files", lambda: True)())
 
 
 def _check_dir(config: Any, key: str, tiny: bool, files: bool = True) -> str:
@@ -726,11 +708,9 @@ def validate_sd3_config(config: Any, *, abstract: bool = False) -> None:
     """Checks the SD3 trainer's keys; raises :class:`ConfigError` naming the key. ``abstract`` (the plan mode,
     also inside ``train.config.shapes_only()``): no file or directory needs to exist (empty paths take the
     ``model.preset`` shapes)."""
-    for section in ("data", "model", "vae", "text", "reward", "rl", "sampling", "eval", "lora"):
-        if section not in config:
-            raise ConfigError(f"Config section `{section}` is missing (build the config with add_sd3_config).",
-                              key=section)
-    files = not abstract and _checking_files()
+    require_sections(config, ("data", "model", "vae", "text", "reward", "rl", "sampling", "eval", "lora"),
+                     "add_sd3_config")
+    files = not abstract and checking_files()
     _validate_sd3_prompts(config, files)
     for key in ("data.height", "data.width"):  # multiples of VAE factor x patch (16 for SD3): checked with the
         require_int(config, key, min=0)           # models' configs (adrpo_jax.flow.sd3_trainer.resolve_shapes)
@@ -771,17 +751,7 @@ def validate_sd3_config(config: Any, *, abstract: bool = False) -> None:
     require_float(config, "rl.time_shift", min=0.0)
     require_int(config, "rl.rollout_micro_batch", min=0)
     _validate_orw_scaling(config)
-    method = require_choice(config, "sampling.method", SAMPLERS)
-    require_int(config, "sampling.num_steps", min=1)
-    require_float(config, "sampling.cfg_scale", min=0.0)
-    noise = require_float(config, "sampling.sde_noise", min=0.0)
-    if noise > 0 and method != "euler":
-        raise ConfigError(f"`sampling.sde_noise`={noise} > 0 samples the SDE by Euler-Maruyama: set "
-                          f"sampling.method='euler' (got {method!r}).", key="sampling.sde_noise", value=noise)
-    require_float(config, "sampling.time_shift", min=0.0, min_inclusive=False)
-    require_int(config, "eval.samples_per_prompt", min=2)
-    require_int(config, "eval.seed", min=0)
-    require_int(config, "eval.w2_time_samples", min=1)
+    _validate_sampling_eval(config, sd3=True)
     require_int(config, "eval.batch_size", min=0)
     clip_paths = get_by_path(config, "eval.clip_paths")
     if not isinstance(clip_paths, (tuple, list)) or not all(isinstance(p, str) and p for p in clip_paths):

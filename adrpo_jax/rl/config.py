@@ -177,9 +177,11 @@ from adrpo_jax.train.config import (
     require_choice,
     require_float,
     require_int,
+    require_sections,
     require_type,
     checking_files,
     validate_advantage_clip,
+    validate_ref_refresh,
 )
 
 __all__ = [
@@ -300,7 +302,6 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      "engine": "auto", "decode_slots": 0},
         "rewards": {"functions": ("exact_match", "format"), "weights": (1.0, 0.1), "on_error": "raise",
                     "timeout_s": 0.0, "stop_when_all_missing": True},
-        # eval.batch_size: prompts per eval generate call (0: all eval.num_examples at once); bounds its KV cache
         "eval": {"num_examples": 128, "path": "", "accuracy_reward": "exact_match", "greedy": True,
                  "batch_size": 0, **MONITOR_DEFAULTS},
         "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0,
@@ -340,6 +341,16 @@ def updates_per_step(config: Any) -> int:
     return int(config.rl.num_iterations) * int(config.rl.num_minibatches)
 
 
+def _check_preset(path: str, presets: Any, what: str, to_train: str) -> None:
+    """``model.path`` = ``preset:<name>``: a known name, and only where no file is read (the plan mode)."""
+    if path[len("preset:"):] not in presets:
+        raise ConfigError(f"`model.path`={path!r}: unknown {what}; one of {sorted(presets)} (shapes only: "
+                          "--mode=plan).", key="model.path", value=path)
+    if checking_files():
+        raise ConfigError(f"`model.path`={path!r} names shapes only (no weights): use it with --mode=plan, or "
+                          f"{to_train} to train.", key="model.path", value=path)
+
+
 def _validate_model(config) -> None:
     path = require_type(config, "model.path", str)
     if not path:
@@ -351,12 +362,7 @@ def _validate_model(config) -> None:
                               key="model.path", value=path)
     elif path.startswith("preset:"):  # shapes only (the plan mode): adrpo_jax.models.llm.presets
         from adrpo_jax.models.llm.presets import PRESETS  # pylint: disable=import-outside-toplevel
-        if path[len("preset:"):] not in PRESETS:
-            raise ConfigError(f"`model.path`={path!r}: unknown preset; one of {sorted(PRESETS)} (shapes only: "
-                              "--mode=plan).", key="model.path", value=path)
-        if checking_files():
-            raise ConfigError(f"`model.path`={path!r} names shapes only (no weights): use it with --mode=plan, or "
-                              "give a local Hugging Face directory to train.", key="model.path", value=path)
+        _check_preset(path, PRESETS, "preset", "give a local Hugging Face directory")
     elif not os.path.isdir(os.path.expanduser(path)) or not os.path.exists(
             os.path.join(os.path.expanduser(path), "config.json")):
         raise ConfigError(f"`model.path`={path!r} is not a local Hugging Face model directory (no config.json); "
@@ -492,11 +498,7 @@ def _validate_rl(config) -> None:
             raise ConfigError(f"`rl.pack_tokens`={pack} must be 0 (off) or at least sampling.max_prompt_length + "
                               f"sampling.max_new_tokens = {width} (a row must fit one pack).", key="rl.pack_tokens",
                               value=pack)
-    sync = require_int(config, "rl.ref_sync_steps", min=0)
-    alpha = require_float(config, "rl.ref_mixup_alpha", min=0.0, max=1.0, min_inclusive=False)
-    if sync == 0 and alpha != 1.0:
-        raise ConfigError(f"`rl.ref_mixup_alpha`={alpha} has no effect with `rl.ref_sync_steps`=0 (the reference "
-                          "is never refreshed).", key="rl.ref_mixup_alpha", value=alpha)
+    sync = validate_ref_refresh(config, "rl.ref_sync_steps", "rl.ref_mixup_alpha")
     if sync > 0 and coefficient_is_zero(rl):
         raise ConfigError(f"`rl.ref_sync_steps`={sync} has no effect: the KL coefficient is identically 0 "
                           f"(`rl.beta`={rl.beta}), so no reference model is used.", key="rl.ref_sync_steps",
@@ -577,11 +579,7 @@ def _validate_lora(config) -> None:
                           "to the reference need the deterministic policy that sampled the completions (TRL's GRPO "
                           "disables dropout for the same reason). Set lora.dropout=0.0.", key="lora.dropout",
                           value=dropout)
-    if int(config.rl.ref_sync_steps) > 0 and float(config.rl.ref_mixup_alpha) != 1.0:
-        raise ConfigError(f"`rl.ref_mixup_alpha`={config.rl.ref_mixup_alpha} cannot be used with LoRA: the refreshed "
-                          "reference is base + a copy of the adapters, and mixing the factors A and B does not mix the "
-                          "weights W + s A B. Use rl.ref_mixup_alpha=1.0 (copy) or lora.enabled=False.",
-                          key="rl.ref_mixup_alpha", value=config.rl.ref_mixup_alpha)
+    validate_ref_refresh(config, "rl.ref_sync_steps", "rl.ref_mixup_alpha", lora=True)
 
 
 def lora_config(config: Any):
@@ -596,10 +594,7 @@ def validate_llm_config(config: Any) -> None:
     Device-dependent divisibility (batch vs. mesh, prompts vs. processes) is :func:`validate_llm_batch_layout`.
     Raises :class:`ConfigError` naming the key.
     """
-    for section in ("model", "data", "rl", "sampling", "rewards", "eval"):
-        if section not in config:
-            raise ConfigError(f"Config section `{section}` is missing (build the config with add_llm_config).",
-                              key=section)
+    require_sections(config, ("model", "data", "rl", "sampling", "rewards", "eval"), "add_llm_config")
     _validate_sampling(config)
     _validate_model(config)
     _validate_data(config)
@@ -704,21 +699,15 @@ def add_audio_config(config: ml_collections.ConfigDict) -> ml_collections.Config
 def validate_audio_config(config: Any) -> None:
     """Checks the audio recipe's config: the ``audio`` section, the model path, and the LLM sections it shares
     (``rl``, ``sampling``, ``rewards``, ``lora``); ``ConfigError`` naming the key."""
-    if "audio" not in config:
-        raise ConfigError("Config section `audio` is missing (build the config with add_audio_config).", key="audio")
+    require_sections(config, ("audio",), "add_audio_config")
     a = config.audio
     if a.task not in AUDIO_TASKS:
         raise ConfigError(f"`audio.task`={a.task!r} must be one of {AUDIO_TASKS}.", key="audio.task", value=a.task)
     path = str(config.model.path)
     if path.startswith("preset:"):  # shapes only (the plan mode): adrpo_jax.models.audio_presets
         from adrpo_jax.models.audio_presets import AUDIO_PRESETS  # pylint: disable=import-outside-toplevel
-        if path[len("preset:"):] not in AUDIO_PRESETS:
-            raise ConfigError(f"`model.path`={path!r}: unknown audio preset; one of {sorted(AUDIO_PRESETS)} (shapes "
-                              "only: --mode=plan).", key="model.path", value=path)
-        if checking_files():
-            raise ConfigError(f"`model.path`={path!r} names shapes only (no weights): use it with --mode=plan, or pass "
-                              "--config.model.path=/path/to/Qwen2.5-Omni-7B (a local transformers directory) to "
-                              "train.", key="model.path", value=path)
+        _check_preset(path, AUDIO_PRESETS, "audio preset",
+                      "pass --config.model.path=/path/to/Qwen2.5-Omni-7B (a local transformers directory)")
     elif not path.startswith("builtin:"):
         p = os.path.expanduser(path)
         if not path or not os.path.isfile(os.path.join(p, "config.json")):

@@ -120,12 +120,13 @@ __all__ = [
     "require_float_or_inf",
     "validate_advantage_clip",
     "validate_lora_section",
+    "validate_ref_refresh",
+    "require_sections",
     "require_choice",
     "require_divisible",
     "find_unknown_override",
     "suggest_keys",
     "TRL_ALIASES",
-    "OVERRIDE_FOLLOWERS",
     "apply_override_followers",
     "config_from_dict",
     "config_to_dict",
@@ -370,10 +371,11 @@ def require_range(config: Any, key: str, *, min: float | None = None, max: float
     return value
 
 
-def require_int(config: Any, key: str, *, min: int | None = None, max: int | None = None) -> int:  # pylint: disable=redefined-builtin
-    """Returns ``config.<key>``; ConfigError unless it is an ``int`` within [min, max]."""
+def require_int(config: Any, key: str, *, min: int | None = None, max: int | None = None,  # pylint: disable=redefined-builtin
+                allow: Iterable[int] = ()) -> int:
+    """Returns ``config.<key>``; ConfigError unless it is an ``int`` within [min, max] (or one of ``allow``)."""
     require_type(config, key, int)
-    return int(require_range(config, key, min=min, max=max))
+    return int(require_range(config, key, min=min, max=max, allow=allow))
 
 
 def require_float(config: Any, key: str, *, min: float | None = None, max: float | None = None,  # pylint: disable=redefined-builtin
@@ -440,6 +442,28 @@ def validate_lora_section(config: Any, what: str = "module") -> dict[str, Any] |
             "target_modules": tuple(targets), "init": lc.init, "use_rslora": bool(lc.use_rslora)}
 
 
+def validate_ref_refresh(config: Any, steps_key: str, alpha_key: str, *, lora: bool = False) -> int:
+    """Checks a reference refreshed every ``steps_key`` steps (0 = frozen) to ref = alpha * policy + (1 - alpha) * ref
+    (``alpha_key`` in (0, 1]: alpha != 1 needs refreshes, and ``lora`` refuses it); returns the steps."""
+    sync = require_int(config, steps_key, min=0)
+    alpha = require_float(config, alpha_key, min=0.0, max=1.0, min_inclusive=False)
+    if sync == 0 and alpha != 1.0:
+        raise ConfigError(f"`{alpha_key}`={alpha} has no effect with `{steps_key}`=0 (the reference is never "
+                          "refreshed).", key=alpha_key, value=alpha)
+    if lora and sync > 0 and alpha != 1.0:
+        raise ConfigError(f"`{alpha_key}`={alpha} cannot be used with LoRA: the refreshed reference is base + a copy "
+                          "of the adapters, and mixing the factors A and B does not mix the weights W + s A B. Use "
+                          f"{alpha_key}=1.0 (copy) or lora.enabled=False.", key=alpha_key, value=alpha)
+    return sync
+
+
+def require_sections(config: Any, sections: Iterable[str], builder: str) -> None:
+    """ConfigError naming the first of ``sections`` that ``config`` lacks (``builder`` adds them)."""
+    for section in sections:
+        if section not in config:
+            raise ConfigError(f"Config section `{section}` is missing (build the config with {builder}).", key=section)
+
+
 def require_choice(config: Any, key: str, choices: Sequence[Any]) -> Any:
     """Returns ``config.<key>``; ConfigError unless it is one of ``choices``."""
     value = get_by_path(config, key)
@@ -473,38 +497,27 @@ def require_divisible(config: Any, key: str, divisor: str | int, *, what: str | 
         raise ConfigError(f"`{key}`={value} must be divisible by {desc}.", key=key, value=value)
 
 
-def _require_int_range(config: Any, key: str, *, min: int | None = None, max: int | None = None,
-                       allow: Iterable[int] = ()) -> int:  # pylint: disable=redefined-builtin
-    require_type(config, key, int)
-    return require_range(config, key, min=min, max=max, allow=allow)
-
-
 def validate_common_config(config: Any) -> None:
     """Checks types, ranges and consistency of every common key; raises :class:`ConfigError`.
 
     Device-dependent checks (the mesh product equals the device count) happen in ``sharding.make_mesh``.
     """
     require_type(config, "trainer", str)  # which recipe: resolved (and checked) by the runner
-    _require_int_range(config, "seed", min=0)
-    total_steps = _require_int_range(config, "total_steps", min=1)
-    _require_int_range(config, "log_every", min=1)
-    _require_int_range(config, "eval_every", min=0)
-
-    _require_int_range(config, "checkpoint.every_steps", min=1)
-    _require_int_range(config, "checkpoint.max_to_keep", min=0)
-    _require_int_range(config, "checkpoint.keep_period", min=0)
+    for key, low in (("seed", 0), ("total_steps", 1), ("log_every", 1), ("eval_every", 0),
+                     ("checkpoint.every_steps", 1), ("checkpoint.max_to_keep", 0), ("checkpoint.keep_period", 0)):
+        require_int(config, key, min=low)
     require_type(config, "checkpoint.async_save", bool)
 
     fills = []
     for axis in ("data", "fsdp", "expert", "tensor"):
-        size = _require_int_range(config, f"mesh.{axis}", min=1, allow=(-1,))
+        size = require_int(config, f"mesh.{axis}", min=1, allow=(-1,))
         if size == -1:
             fills.append(f"mesh.{axis}")
     if len(fills) > 1:
         raise ConfigError(f"At most one mesh axis may be -1 (fill), got {fills}.", key=fills[1], value=-1)
     if "rollout_devices" in get_by_path(config, "mesh"):  # disaggregated rollout mesh (adrpo_jax.recipe.schedule)
-        rollout = _require_int_range(config, "mesh.rollout_devices", min=0)
-        tensor = _require_int_range(config, "mesh.rollout_tensor", min=1) if \
+        rollout = require_int(config, "mesh.rollout_devices", min=0)
+        tensor = require_int(config, "mesh.rollout_tensor", min=1) if \
             "rollout_tensor" in get_by_path(config, "mesh") else 1
         if rollout and rollout % tensor:
             raise ConfigError(f"`mesh.rollout_tensor`={tensor} must divide `mesh.rollout_devices`={rollout}.",
@@ -519,7 +532,8 @@ def validate_common_config(config: Any) -> None:
     require_type(config, "optim.learning_rate", float)
     require_range(config, "optim.learning_rate", min=0.0, min_inclusive=False)
     require_choice(config, "optim.schedule", SCHEDULES)
-    warmup = _require_int_range(config, "optim.warmup_steps", min=0)
+    warmup = require_int(config, "optim.warmup_steps", min=0)
+    total_steps = get_by_path(config, "total_steps")
     if warmup > total_steps:
         raise ConfigError(f"`optim.warmup_steps`={warmup} must be <= `total_steps`={total_steps}.",
                           key="optim.warmup_steps", value=warmup)
@@ -541,9 +555,9 @@ def validate_common_config(config: Any) -> None:
         raise ConfigError(f"`optim.momentum` only applies to optim.name='sgd' (got name={name!r}); "
                           "use optim.b1 for adam-family optimizers.", key="optim.momentum")
     require_range(config, "optim.grad_clip_norm", min=0.0)
-    _require_int_range(config, "optim.grad_accum_steps", min=1)
+    require_int(config, "optim.grad_accum_steps", min=1)
 
-    _require_int_range(config, "numerics.max_consecutive_skips", min=1)
+    require_int(config, "numerics.max_consecutive_skips", min=1)
 
     for key in ("jsonl", "tensorboard", "wandb", "progress_bar", "phase_timing"):
         require_type(config, f"logging.{key}", bool)
@@ -563,12 +577,12 @@ def validate_common_config(config: Any) -> None:
     if address and ":" not in address:
         raise ConfigError(f"`distributed.coordinator_address` must be 'host:port', got {address!r}.",
                           key="distributed.coordinator_address", value=address)
-    nproc = _require_int_range(config, "distributed.num_processes", min=1, allow=(-1,))
-    pid = _require_int_range(config, "distributed.process_id", min=0, allow=(-1,))
+    nproc = require_int(config, "distributed.num_processes", min=1, allow=(-1,))
+    pid = require_int(config, "distributed.process_id", min=0, allow=(-1,))
     if nproc != -1 and pid != -1 and pid >= nproc:
         raise ConfigError(f"`distributed.process_id`={pid} must be < `distributed.num_processes`={nproc}.",
                           key="distributed.process_id", value=pid)
-    _require_int_range(config, "distributed.heartbeat_timeout_s", min=2)
+    require_int(config, "distributed.heartbeat_timeout_s", min=2)
     if "plan" in config:
         require_type(config, "plan.target", str)
         require_type(config, "plan.check", bool)
@@ -640,15 +654,15 @@ TRL_ALIASES: dict[str, str] = {
 }
 
 
-def _leaf_keys(config: Any, prefix: str = "") -> list[str]:
-    out = []
-    for key in (config.keys() if isinstance(config, (Mapping, ml_collections.ConfigDict)) else ()):
-        value = config[key]
+def _flatten(d: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of the leaves of a nested mapping / ConfigDict."""
+    out = {}
+    for key, value in d.items():
         path = f"{prefix}{key}"
         if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-            out.extend(_leaf_keys(value, path + "."))
+            out.update(_flatten(value, path + "."))
         else:
-            out.append(path)
+            out[path] = value
     return out
 
 
@@ -665,7 +679,7 @@ def suggest_keys(config: Any, key: str, n: int = 3) -> list[str]:
     """
     import difflib  # pylint: disable=import-outside-toplevel
 
-    keys = _leaf_keys(config)
+    keys = list(_flatten(config))
     leaf = key.split(".")[-1]
     out: list[str] = []
     seen: set[str] = set()
@@ -720,15 +734,11 @@ def find_unknown_override(config: Any, keys: Iterable[str]) -> str | None:
     return None
 
 
-# When the command line overrides the key on the left but not a key on the right, the right one follows it (and
-# the change is reported): a user who swaps in their own reward functions gets TRL's default weights (1.0 each) and
-# an eval that scores with their reward, instead of a length-mismatch error or an eval by a built-in reward.
-OVERRIDE_FOLLOWERS: dict[str, tuple[str, ...]] = {"rewards.functions": ("rewards.weights", "eval.accuracy_reward")}
-
-
 def apply_override_followers(config: Any, overridden: Iterable[str]) -> list[str]:
-    """Sets the keys that follow an overridden key (:data:`OVERRIDE_FOLLOWERS`) unless they were overridden too;
-    returns one message per changed key (``launch.py`` logs them). Rules for ``rewards.functions``:
+    """Sets the keys that follow an overridden key unless they were overridden too; returns one message per changed
+    key (``launch.py`` logs them). A user who swaps in their own reward functions gets TRL's default weights and an
+    eval that scores with their reward, instead of a length-mismatch error or an eval by a built-in reward. Rules for
+    ``rewards.functions``:
 
     * ``rewards.weights`` -> ``(1.0,) * len(functions)`` (TRL's ``reward_weights=None``);
     * ``eval.accuracy_reward`` -> the first function, unless its current value is one of the functions.
@@ -790,19 +800,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=repr, sort_keys=True))
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def _is_runtime_key(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key == p.rstrip(".") or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+def _flat_model_keys(config: Any, prefixes: Sequence[str]) -> dict[str, Any]:
+    """The flat :func:`config_to_dict` of ``config`` without the runtime-only keys that ``prefixes`` name."""
+    return {k: v for k, v in _flatten(config_to_dict(config)).items()
+            if not any(k == p.rstrip(".") or (p.endswith(".") and k.startswith(p)) for p in prefixes)}
 
 
 def config_diff(old: Mapping[str, Any] | ml_collections.ConfigDict, new: Mapping[str, Any] | ml_collections.ConfigDict,
@@ -814,12 +815,9 @@ def config_diff(old: Mapping[str, Any] | ml_collections.ConfigDict, new: Mapping
     >>> config_diff({"a": 1, "optim": {"b1": 0.9}, "total_steps": 5}, {"a": 2, "optim": {"b1": 0.9}})
     [('a', 1, 2)]
     """
-    flat_old = _flatten(config_to_dict(old))
-    flat_new = _flatten(config_to_dict(new))
+    flat_old, flat_new = _flat_model_keys(old, ignore_prefixes), _flat_model_keys(new, ignore_prefixes)
     diffs = []
     for key in sorted(set(flat_old) | set(flat_new)):
-        if _is_runtime_key(key, ignore_prefixes):
-            continue
         a, b = flat_old.get(key, "<missing>"), flat_new.get(key, "<missing>")
         if a != b:
             diffs.append((key, a, b))
@@ -828,5 +826,5 @@ def config_diff(old: Mapping[str, Any] | ml_collections.ConfigDict, new: Mapping
 
 def config_fingerprint(config: Any, *, ignore_prefixes: Sequence[str] = RUNTIME_KEY_PREFIXES) -> str:
     """Short sha256 of the config without runtime-only keys (stored in checkpoints' ``meta``)."""
-    flat = {k: v for k, v in _flatten(config_to_dict(config)).items() if not _is_runtime_key(k, ignore_prefixes)}
+    flat = _flat_model_keys(config, ignore_prefixes)
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=repr).encode()).hexdigest()[:16]
