@@ -410,13 +410,13 @@ class AudioRLTrainer(RLTrainer):
                 emb, valid = jnp.repeat(emb, repeat, axis=0), jnp.repeat(valid, repeat, axis=0)
             return emb, valid
 
+        def encode_program(name: str, rows: int, repeat: int, **kwargs: Any) -> Program:
+            return Program(name, encode, args=lambda: (self.abstract_state["params"], self.policy.abstract_frozen,
+                                                       *self._feature_structs(rows), repeat),
+                           static_argnums=(4,), out_shardings=(bs, bs), **kwargs)
+
         b, g = self.layout["batch_size"], self.encode_group
-        params = lambda: self.abstract_state["params"]  # noqa: E731
-        frozen = lambda: self.policy.abstract_frozen  # noqa: E731
-        programs = [Program("audio/encode", encode,
-                            args=lambda: (params(), frozen(), *self._feature_structs(b // g), g),
-                            static_argnums=(4,), out_shardings=(bs, bs), phase="rollout",
-                            shrink_key="rl.num_prompts_per_step")]
+        programs = [encode_program("audio/encode", b // g, g, phase="rollout", shrink_key="rl.num_prompts_per_step")]
         base = super().build_programs()
         # The eval prefills every row; the rollout's plan/prefill one row per prompt (b / G rows): an eval chunk
         # larger than that is compiled on its own, not assumed to fit in the rollout's programs.
@@ -426,11 +426,8 @@ class AudioRLTrainer(RLTrainer):
         programs += base
         gen = next((p for p in base if p.name == "eval/generate"), None)
         if gen is not None:  # the eval's clips: one per prompt, in chunks of eval.batch_size prompts
-            chunk = self._eval_layout()[0]
-            programs.append(Program("eval/audio_encode", encode,
-                                    args=lambda: (params(), frozen(), *self._feature_structs(chunk), 1),
-                                    static_argnums=(4,), out_shardings=(bs, bs), phase="eval",
-                                    shrink_key="eval.batch_size", per_step=gen.per_step))
+            programs.append(encode_program("eval/audio_encode", self._eval_layout()[0], 1, phase="eval",
+                                           shrink_key="eval.batch_size", per_step=gen.per_step))
         return programs
 
     def _plan_fns(self) -> tuple[Any, Any, Any, tuple[int, ...]]:

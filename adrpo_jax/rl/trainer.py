@@ -184,9 +184,8 @@ class Evaluator:
         self._key = jax.random.key(0)
         # Gold rewards (eval.gold_rewards: scorers the run never trains on), logged as eval/gold/<name> for the
         # reward-hacking monitor (adrpo_jax.train.monitor).
-        config = recipe.config
-        names = tuple(config.eval.get("gold_rewards", ()))
-        keys = gold_metric_keys(config, "llm") if names else ()
+        names = tuple(recipe.config.eval.get("gold_rewards", ()))
+        keys = gold_metric_keys(recipe.config, "llm") if names else ()
         self.gold = [(key, resolve_reward_function(name)[1]) for key, name in zip(keys, names)]
 
     def __call__(self, state) -> dict[str, Any]:
@@ -264,14 +263,13 @@ class RLTrainer(Recipe):
                                         ref_alpha=float(rl.ref_mixup_alpha), lag_copies=int(rl.get("max_lag", 0))),
                              self.mesh, abstract=abstract)
         s = config.sampling
-        self.sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-                                       top_k=int(s.top_k) or None, top_p=float(s.top_p) if s.top_p < 1.0 else None,
-                                       eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id,
+        both: dict[str, Any] = dict(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+                                    eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id)  # rollout's + eval's
+        self.sampling = SamplingConfig(**both, top_k=int(s.top_k) or None,
+                                       top_p=float(s.top_p) if s.top_p < 1.0 else None,
                                        prompt_group_size=self._shared_prompt_group())
         self.engine, self.decode_slots = self._rollout_engine()
-        self.eval_sampling = SamplingConfig(
-            max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-            greedy=bool(config.eval.greedy), eos_token_ids=self.stop_ids, pad_token_id=self.pad_token_id)
+        self.eval_sampling = SamplingConfig(**both, greedy=bool(config.eval.greedy))
         self.router_replay = str(rl.get("router_replay", "none"))
         self.is_moe = int(getattr(self.model_config, "num_experts", 0) or 0) > 0
         self.evaluator = None
@@ -527,13 +525,11 @@ class RLTrainer(Recipe):
         batch = {"tokens": out.tokens, "attention_mask": out.attention_mask, "completion_mask": out.completion_mask,
                  "lengths": out.lengths, "done": out.done,
                  "prompt_truncated": jax.ShapeDtypeStruct((b,), jnp.bool_)}
-        n = out.completion_mask.shape[1]
-        if self.opts.use_old_logprobs:
-            batch["old_logp"] = f32(b, n)
-        if self.opts.use_behaviour_logprobs:
-            batch["behaviour_logp"] = f32(b, n)
-        if self.opts.use_reference:
-            batch["ref_logp"] = f32(b, n)
+        o, n = self.opts, out.completion_mask.shape[1]
+        for key, used in (("old_logp", o.use_old_logprobs), ("behaviour_logp", o.use_behaviour_logprobs),
+                          ("ref_logp", o.use_reference)):
+            if used:
+                batch[key] = f32(b, n)
         batch.update(rewards=f32(b), reward_valid=jax.ShapeDtypeStruct((b,), jnp.bool_),
                      reward_components=f32(b, len(self.rewards.names)))
         extra = self._model_input_structs(b)
@@ -683,16 +679,14 @@ class RLTrainer(Recipe):
         batch: dict[str, Any] = {"tokens": out.tokens, "attention_mask": out.attention_mask,
                                  "completion_mask": out.completion_mask, "lengths": out.lengths, "done": out.done,
                                  "prompt_truncated": g["truncated"]}
-        extra: tuple[Any, ...] = ()
         if model_inputs is not None:
             batch["model_inputs"] = model_inputs
-            extra = (model_inputs,)
         if opts.use_behaviour_logprobs or not logprob_passes:  # the sampler's own: the behaviour policy's
             batch["behaviour_logp"] = out.logprobs
         if opts.use_old_logprobs and logprob_passes:
-            batch["old_logp"] = self._logprobs(state["params"], batch, extra)
+            batch["old_logp"] = self._logprobs(state["params"], batch)
         if opts.use_reference and logprob_passes:
-            batch["ref_logp"] = self._logprobs(self.policy.reference(state), batch, extra, ref=True)
+            batch["ref_logp"] = self._logprobs(self.policy.reference(state), batch, ref=True)
         return {"step": step, "t_start": t_start, "rows": rows, "prompts": prompts, "shown": shown,
                 "update_key": update_key, "out": out, "out_rollout": out_rollout, "batch": batch, "moe": moe,
                 "ready_probe": out_rollout.lengths, **sync}
@@ -751,20 +745,20 @@ class RLTrainer(Recipe):
         opts = self.opts
         batch = dict(batch)
         behaviour = batch.pop("behaviour_logp")
-        extra = (batch["model_inputs"],) if "model_inputs" in batch else ()
         if opts.use_behaviour_logprobs:
             batch["behaviour_logp"] = behaviour
-            batch["old_logp"] = self._logprobs(state["params"], batch, extra)
+            batch["old_logp"] = self._logprobs(state["params"], batch)
         elif opts.use_old_logprobs:
             batch["old_logp"] = behaviour
         if opts.use_reference:
-            batch["ref_logp"] = self._logprobs(self.policy.reference(state), batch, extra, ref=True)
+            batch["ref_logp"] = self._logprobs(self.policy.reference(state), batch, ref=True)
         return batch
 
-    def _logprobs(self, params: Any, batch: dict[str, Any], extra: tuple, *, ref: bool = False) -> Any:
-        """The completion log-probs ``[B, N]`` of ``batch``'s tokens under ``params`` (dispatched): the policy's
-        pass, or with ``ref`` the reference's (``ref_logprobs``: adapters off under LoRA)."""
+    def _logprobs(self, params: Any, batch: dict[str, Any], *, ref: bool = False) -> Any:
+        """The completion log-probs ``[B, N]`` of ``batch``'s tokens (and ``model_inputs``) under ``params``
+        (dispatched): the policy's pass, or with ``ref`` the reference's (``ref_logprobs``: adapters off under LoRA)."""
         fn = self.fns["ref_logprobs"] if ref and self.policy.lora_reference else self.fns["logprobs"]
+        extra = (batch["model_inputs"],) if "model_inputs" in batch else ()
         return fn(params, self.frozen, batch["tokens"], batch["attention_mask"], *extra)[0]
 
     def check_rewards(self, scored: Any, step: int) -> None:
