@@ -1,4 +1,5 @@
-"""Pure helpers used inside jitted train steps: guarded optimizer updates and gradient accumulation.
+"""Pure helpers used inside jitted train steps: guarded optimizer updates, gradient accumulation, repeated
+updates, batch sharding hints, metric reductions and the checks of the steps' static options.
 
 >>> import jax, jax.numpy as jnp, optax
 >>> tx = optax.sgd(0.1)
@@ -11,17 +12,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adrpo_jax.train.sharding import BATCH_AXES
 
 __all__ = ["apply_updates_if_finite", "tree_is_finite", "global_norm", "accumulate_gradients", "masked_mean_std",
-           "masked_min_max", "reduce_update_metrics", "mix_params",
-           "split_micro_batches"]
+           "masked_min_max", "reduce_update_metrics", "mix_params", "split_micro_batches", "select_tree",
+           "repeat_updates", "mesh_context", "constrain_batch", "check_options", "options_from_section"]
 
 PyTree = Any
 
@@ -86,14 +93,78 @@ def apply_updates_if_finite(tx: optax.GradientTransformation, grads: PyTree, opt
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
 
-    def select(new, old):
-        return jnp.where(finite, new, old)
-
-    params_out = jax.tree.map(select, new_params, params)
-    opt_state_out = jax.tree.map(select, new_opt_state, opt_state)
+    params_out = select_tree(finite, new_params, params)
+    opt_state_out = select_tree(finite, new_opt_state, opt_state)
     update_norm = jnp.where(finite, global_norm(updates), jnp.zeros((), jnp.float32))
     info = {"skipped": jnp.logical_not(finite), "grad_norm": grad_norm, "update_norm": update_norm}
     return params_out, opt_state_out, info
+
+
+def select_tree(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """``jnp.where(flag, new, old)`` leaf by leaf (a scalar bool ``flag`` picks a whole tree inside a jit)."""
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def repeat_updates(update: Callable[..., tuple], params: PyTree, opt_state: optax.OptState, xs: PyTree | None
+                   ) -> tuple[PyTree, optax.OptState, dict[str, jax.Array], list]:
+    """Optimizer updates in sequence: ``update(params, opt_state, x) -> (params, opt_state, metrics, *extra)``.
+
+    ``xs`` None: one update, ``update(params, opt_state, None)``, called directly (no scan); its ``extra`` outputs
+    (e.g. gradients) are returned. Else one update per entry of ``xs``'s leading axis in a ``jax.lax.scan``
+    (``extra`` dropped). Returns ``(params, opt_state, metrics stacked [U], extra)`` (:func:`reduce_update_metrics`
+    reduces the stack).
+    """
+    if xs is None:
+        params, opt_state, metrics, *extra = update(params, opt_state, None)
+        return params, opt_state, jax.tree.map(lambda x: x[None], metrics), extra
+
+    def body(carry, x):
+        p, o, m, *_ = update(*carry, x)
+        return (p, o), m
+
+    (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state), xs)
+    return params, opt_state, stacked, []
+
+
+def mesh_context(mesh: Mesh | None):
+    """While tracing: ``mesh`` as the abstract mesh, so that models reading it pin their activations to the batch
+    sharding (:mod:`adrpo_jax.models.llm.activation_sharding`; without it, on an ``fsdp`` mesh GSPMD follows the
+    FSDP-sharded weights and runs every row on every device); nothing without a mesh."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain_batch(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """Every leaf constrained to the batch sharding (leading axis over ``BATCH_AXES``) under ``mesh`` (arrays made
+    inside a step, e.g. noise or a gathered minibatch: GSPMD would otherwise replicate them); as is without."""
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, P(BATCH_AXES))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+def check_options(opts: Any, *, choices: Mapping[str, Sequence[Any]], ints: Mapping[str, int]) -> None:
+    """Checks fields of a step's options: ``choices`` maps a field to its allowed values, ``ints`` to the least
+    int it may hold (bools refused); raises ``ValueError`` naming the field, its value and what it must be."""
+    for name, allowed in choices.items():
+        if getattr(opts, name) not in allowed:
+            raise ValueError(f"{name}={getattr(opts, name)!r} must be one of {tuple(allowed)}")
+    for name, least in ints.items():
+        value = getattr(opts, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r} must be an int >= {least}")
+
+
+_CASTS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def options_from_section(cls: type, section: Any, given: dict[str, Any], *, optional: tuple[str, ...] = ()) -> Any:
+    """``cls(**given, **rest)``: each other field of the options dataclass ``cls`` is the config ``section``'s key
+    of the same name, cast to the field's annotated type (int, float, bool, str); a key named in ``optional`` that
+    the section lacks gives the field's default (any other missing key raises)."""
+    rest = {f.name: _CASTS[str(f.type)](section.get(f.name, f.default) if f.name in optional
+                                        else getattr(section, f.name)) for f in dataclasses.fields(cls)
+            if f.name not in given}
+    return cls(**given, **rest)
 
 
 def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
