@@ -34,7 +34,6 @@ contiguous) with ``N`` completion slots::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -44,16 +43,17 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from adrpo_jax import losses
 from adrpo_jax.models.llm.logprobs import token_logprobs
 from adrpo_jax.rl import packing
 from adrpo_jax.train.parallel import batch_sharded_loss
 from adrpo_jax.train.sharding import BATCH_AXES
-from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
-                                       mix_params, reduce_update_metrics, split_micro_batches)
+from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, check_options, constrain_batch,
+                                       masked_mean_std, masked_min_max, mix_params, options_from_section,
+                                       reduce_update_metrics, repeat_updates, split_micro_batches)
+from adrpo_jax.train.step_utils import mesh_context as _mesh_context  # a module name: tests trace without it
 
 __all__ = [
     "StepOptions",
@@ -133,70 +133,42 @@ class StepOptions:
     importance_cap: float = 2.0  # c > 1 of the bounded weights
 
     def __post_init__(self):
-        if self.router_replay not in ("none", "rollout"):
-            raise ValueError(f"router_replay={self.router_replay!r} must be 'none' or 'rollout'")
+        check_options(self, choices={
+            "router_replay": ("none", "rollout"), "adv_clip": losses.CLIP_MODES,
+            "coefficient_sign": losses.COEFFICIENT_SIGNS, "kl_placement": ("loss", "reward"),
+            "advantage_estimator": ("grpo", "rloo", "batch_normalized"), "scale_rewards": ("group", "batch", "none"),
+            "importance_correction": ("none",) + losses.IMPORTANCE_MODES, "importance_level": losses.IMPORTANCE_LEVELS,
+        }, ints={"group_size": 1, "prompt_length": 1, "max_new_tokens": 1, "num_iterations": 1, "num_minibatches": 1,
+                 "grad_accum_steps": 1, "max_lag": 0, "pack_tokens": 0})
         for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
-        if self.adv_clip not in losses.CLIP_MODES:
-            raise ValueError(f"adv_clip={self.adv_clip!r} must be one of {losses.CLIP_MODES}")
-        if self.coefficient_sign not in losses.COEFFICIENT_SIGNS:
-            raise ValueError(f"coefficient_sign={self.coefficient_sign!r} must be one of {losses.COEFFICIENT_SIGNS}")
-        if self.kl_placement not in ("loss", "reward"):
-            raise ValueError(f"kl_placement={self.kl_placement!r} must be 'loss' or 'reward'")
         if self.kl_placement == "reward" and self.adaptive:
             raise ValueError("adaptive=True cannot be combined with kl_placement='reward' (the coefficient would "
                              "depend on the advantage it changes)")
-        if self.advantage_estimator not in ("grpo", "rloo", "batch_normalized"):
-            raise ValueError(f"advantage_estimator={self.advantage_estimator!r} is unknown")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"scale_rewards={self.scale_rewards!r} is unknown")
-        for name in ("group_size", "prompt_length", "max_new_tokens", "num_iterations", "num_minibatches",
-                     "grad_accum_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
-        if isinstance(self.max_lag, bool) or not isinstance(self.max_lag, int) or self.max_lag < 0:
-            raise ValueError(f"max_lag={self.max_lag!r} must be an int >= 0")
-        if self.importance_correction not in ("none",) + losses.IMPORTANCE_MODES:
-            raise ValueError(f"importance_correction={self.importance_correction!r} must be 'none' or one of "
-                             f"{losses.IMPORTANCE_MODES}")
-        if self.importance_level not in losses.IMPORTANCE_LEVELS:
-            raise ValueError(f"importance_level={self.importance_level!r} must be one of {losses.IMPORTANCE_LEVELS}")
         if not float(self.importance_cap) > 1.0:
             raise ValueError(f"importance_cap={self.importance_cap!r} must be > 1")
-        if isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int) or self.pack_tokens < 0 or \
-                0 < self.pack_tokens < self.prompt_length + self.max_new_tokens:
+        if 0 < self.pack_tokens < self.prompt_length + self.max_new_tokens:
             raise ValueError(f"pack_tokens={self.pack_tokens!r} must be 0 (off) or >= prompt_length + max_new_tokens "
                              f"= {self.prompt_length + self.max_new_tokens}")
 
     @classmethod
     def from_config(cls, config: Any, *, prompt_length: int | None = None,
                     reward_names: tuple[str, ...] = ()) -> "StepOptions":
-        """Options of a validated trainer config (``rl``, ``sampling``, ``model``, ``optim`` sections)."""
+        """Options of a validated trainer config: the ``rl`` keys of the fields' names (the ``optional`` ones below
+        may be missing), ``sampling.max_prompt_length`` (or ``prompt_length``), ``max_new_tokens`` and
+        ``temperature``, ``optim.grad_accum_steps``, ``model.logprob_chunk_size``; an infinite clip bound or
+        ``dual_clip`` 0 is None."""
         rl, sampling = config.rl, config.sampling
         inf_to_none = lambda x: None if math.isinf(float(x)) else float(x)  # noqa: E731
-        return cls(
-            group_size=int(rl.group_size), prompt_length=int(prompt_length or sampling.max_prompt_length),
-            max_new_tokens=int(sampling.max_new_tokens), num_iterations=int(rl.num_iterations),
-            num_minibatches=int(rl.num_minibatches), grad_accum_steps=int(config.optim.grad_accum_steps),
-            shuffle_minibatches=bool(rl.shuffle_minibatches), advantage_estimator=rl.advantage_estimator,
-            scale_rewards=rl.scale_rewards, advantage_eps=float(rl.advantage_eps), beta=float(rl.beta),
-            adaptive=bool(rl.adaptive), coefficient_sign=str(rl.get("coefficient_sign", "adrpo")),
-            adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
+        return options_from_section(cls, rl, dict(
+            prompt_length=int(prompt_length or sampling.max_prompt_length), max_new_tokens=int(sampling.max_new_tokens),
+            grad_accum_steps=int(config.optim.grad_accum_steps), temperature=float(sampling.temperature),
+            logprob_chunk_size=int(config.model.logprob_chunk_size), reward_names=tuple(reward_names),
             adv_clip_min=inf_to_none(rl.adv_clip_min), adv_clip_max=inf_to_none(rl.adv_clip_max),
-            clip_pg_advantages=bool(rl.clip_pg_advantages), eps_low=float(rl.eps_low), eps_high=float(rl.eps_high),
-            dual_clip=float(rl.dual_clip) or None, ratio_level=rl.ratio_level, loss_aggregation=rl.loss_aggregation,
-            kl_estimator=rl.kl_estimator, kl_placement=rl.kl_placement, max_log_ratio=float(rl.max_log_ratio),
-            entropy_coef=float(rl.entropy_coef), mask_truncated_completions=bool(rl.mask_truncated_completions),
-            overlong_buffer=int(rl.overlong_buffer), overlong_penalty=float(rl.overlong_penalty),
-            temperature=float(sampling.temperature), logprob_chunk_size=int(config.model.logprob_chunk_size),
-            reward_names=tuple(reward_names), router_replay=str(rl.get("router_replay", "none")),
-            moe_aux_loss_coef=float(rl.get("moe_aux_loss_coef", 0.0)),
-            moe_z_loss_coef=float(rl.get("moe_z_loss_coef", 0.0)), pack_tokens=int(rl.get("pack_tokens", 0)),
-            max_lag=int(rl.get("max_lag", 0)), importance_correction=str(rl.get("importance_correction", "none")),
-            importance_level=str(rl.get("importance_level", "token")),
-            importance_cap=float(rl.get("importance_cap", 2.0)))
+            dual_clip=float(rl.dual_clip) or None), optional=(
+            "coefficient_sign", "router_replay", "moe_aux_loss_coef", "moe_z_loss_coef", "pack_tokens", "max_lag",
+            "importance_correction", "importance_level", "importance_cap"))
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -227,6 +199,14 @@ class StepOptions:
         """The batch carries the sampling (behaviour) policy's log-probs ``behaviour_logp``: the importance weights
         of the proximal (``old_logp``) over the behaviour policy enter the loss."""
         return self.importance_correction != "none"
+
+    @property
+    def loss_logp_keys(self) -> tuple[str, ...]:
+        """The ``[B, N]`` log-probs the loss reads besides the policy's: ``old_logp`` (the ratio's, when
+        :attr:`ratio_uses_old_logprobs`), ``behaviour_logp`` (importance weights), ``ref_logp`` (KL in the loss)."""
+        return tuple(key for key, used in (("old_logp", self.ratio_uses_old_logprobs),
+                                           ("behaviour_logp", self.use_behaviour_logprobs),
+                                           ("ref_logp", self.use_reference and self.kl_placement == "loss")) if used)
 
     @property
     def moe_router_losses(self) -> bool:
@@ -286,8 +266,6 @@ class PreparedRollout(NamedTuple):
     rewards: jax.Array
     valid: jax.Array
     metrics: Metrics
-
-
 
 
 def prepare_rollout(opts: StepOptions, batch: dict[str, jax.Array]) -> PreparedRollout:
@@ -446,12 +424,6 @@ def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: ja
     return (*out[0], out[1]) if return_routing else out
 
 
-def _mesh_context(mesh: Mesh | None):
-    """While tracing: the mesh as the abstract mesh, so the model pins its activations to the batch sharding
-    (:mod:`adrpo_jax.models.llm.activation_sharding`); nothing without a mesh."""
-    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-
-
 def _data_parallel(mesh: Mesh | None) -> int:
     return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
 
@@ -466,7 +438,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
                     ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Pure ``fn(params, frozen, tokens, attention_mask, model_inputs=None) -> (logp [B, N], entropy [B, N])``
     (not jitted; ``model_inputs``: see :func:`completion_logprobs`). With a ``mesh`` the activations are kept
-    batch-sharded (see :func:`_mesh_context`). With ``opts.pack_tokens`` the rows are packed
+    batch-sharded (:func:`~adrpo_jax.train.step_utils.mesh_context`). With ``opts.pack_tokens`` the rows are packed
     (:func:`adrpo_jax.rl.packing.packed_completion_logprobs`: the same values, cost following the real tokens)."""
 
     def fn(params, frozen, tokens, attention_mask, model_inputs=None):
@@ -536,17 +508,10 @@ def make_logp_loss_fn(opts: StepOptions, mesh: Mesh | None
                    eps_low=opts.eps_low, eps_high=opts.eps_high, dual_clip=opts.dual_clip,
                    ratio_level=opts.ratio_level, loss_aggregation=opts.loss_aggregation,
                    kl_estimator=opts.kl_estimator, max_log_ratio=opts.max_log_ratio)
-    use_ref_in_loss = opts.use_reference and opts.kl_placement == "loss"
 
     def loss_from_logp(logp, entropy, minibatch, normalizer):
         shard_batch = {"logp": logp, "entropy": entropy, "loss_mask": minibatch["loss_mask"],
-                       "advantages": minibatch["advantages"]}
-        if opts.ratio_uses_old_logprobs:
-            shard_batch["old_logp"] = minibatch["old_logp"]
-        if opts.use_behaviour_logprobs:
-            shard_batch["behaviour_logp"] = minibatch["behaviour_logp"]
-        if use_ref_in_loss:
-            shard_batch["ref_logp"] = minibatch["ref_logp"]
+                       "advantages": minibatch["advantages"], **{k: minibatch[k] for k in opts.loss_logp_keys}}
 
         def per_device(b, axis_name=None):
             mask = b["loss_mask"]
@@ -600,24 +565,16 @@ _RATIO_STAT_KEYS = ("ratio_mean", "ratio_min", "ratio_max", "clip_fraction", "cl
                     "clip_fraction_high", "dual_clip_fraction")
 
 
-def _metric_weights(stacked: Metrics, ratio_level: str) -> dict[str, jax.Array]:
-    if "num_tokens" not in stacked:
-        return {}
-    ratio_count = stacked["num_sequences" if ratio_level == "sequence" else "num_tokens"]
-    weights = {key: stacked["num_tokens"] for key in _TOKEN_STAT_KEYS if key in stacked}
-    weights.update({key: ratio_count for key in _RATIO_STAT_KEYS if key in stacked})
-    return weights
-
-
-def _reduce_micro(stacked: Metrics, ratio_level: str = "token") -> Metrics:
-    """Per-micro-batch metric vectors [k] -> minibatch metrics: shares and counts summed, statistics weighted
-    by their token (sequence) count, empty micro-batches left out of min / max."""
-    return reduce_update_metrics(stacked, weights=_metric_weights(stacked, ratio_level), sum_keys=_SUM_KEYS)
-
-
-def _reduce_updates(stacked: Metrics, ratio_level: str) -> Metrics:
-    """Per-update metric vectors [U] -> the step's metrics (statistics weighted by their count, as above)."""
-    return reduce_update_metrics(stacked, weights=_metric_weights(stacked, ratio_level))
+def _reduce(stacked: Metrics, ratio_level: str, sum_keys: tuple[str, ...] = ()) -> Metrics:
+    """Per-micro-batch metric vectors [k] -> minibatch metrics (``sum_keys=_SUM_KEYS``: shares and counts summed),
+    or per-update vectors [U] -> the step's metrics: statistics weighted by their token (sequence) count, empty
+    parts left out of min / max."""
+    weights = {}
+    if "num_tokens" in stacked:
+        ratio_count = stacked["num_sequences" if ratio_level == "sequence" else "num_tokens"]
+        weights = {key: stacked["num_tokens"] for key in _TOKEN_STAT_KEYS if key in stacked}
+        weights.update({key: ratio_count for key in _RATIO_STAT_KEYS if key in stacked})
+    return reduce_update_metrics(stacked, weights=weights, sum_keys=sum_keys)
 
 
 def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions,
@@ -645,39 +602,24 @@ def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
             m = packing.packs_per_group(tokens.shape[0] // k, tokens.shape[1], opts.pack_tokens, _data_parallel(mesh))
             packed = packing.pack_rows(tokens, minibatch["attention_mask"], opts.prompt_length, opts.pack_tokens, m)
             (loss, stacked), grads = packed_grad(params, frozen, minibatch, packed, normalizer)
-            metrics = _reduce_micro(stacked, opts.ratio_level)
-            new_params, new_opt_state, info = apply_updates_if_finite(tx, grads, opt_state, params, loss=loss)
-            metrics.update(info)
-            if return_grads:
-                return new_params, new_opt_state, metrics, grads
-            return new_params, new_opt_state, metrics
+        else:
+            def grad_fn(p, micro):
+                micro = dict(micro)
+                index = micro.pop("_micro_index")
+                (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, frozen, micro, normalizer)
+                onehot = jax.nn.one_hot(index, k, dtype=jnp.bool_)
+                m = {key: jnp.where(onehot, v.astype(jnp.float32), 0.0) for key, v in m.items()}
+                return (loss, m), grads
 
-        def grad_fn(p, micro):
-            micro = dict(micro)
-            index = micro.pop("_micro_index")
-            (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, frozen, micro, normalizer)
-            onehot = jax.nn.one_hot(index, k, dtype=jnp.bool_)
-            m = {key: jnp.where(onehot, v.astype(jnp.float32), 0.0) for key, v in m.items()}
-            return (loss, m), grads
-
-        micro = split_micro_batches(minibatch, k)
-        micro["_micro_index"] = jnp.arange(k)
-        (loss, stacked), grads = accumulate_gradients(grad_fn, params, micro)
-        metrics = _reduce_micro(stacked, opts.ratio_level)
+            micro = split_micro_batches(minibatch, k)
+            micro["_micro_index"] = jnp.arange(k)
+            (loss, stacked), grads = accumulate_gradients(grad_fn, params, micro)
+        metrics = _reduce(stacked, opts.ratio_level, _SUM_KEYS)
         new_params, new_opt_state, info = apply_updates_if_finite(tx, grads, opt_state, params, loss=loss)
         metrics.update(info)
-        if return_grads:
-            return new_params, new_opt_state, metrics, grads
-        return new_params, new_opt_state, metrics
+        return (new_params, new_opt_state, metrics) + ((grads,) if return_grads else ())
 
     return update
-
-
-def _constrain_batch(tree, mesh):
-    if mesh is None:
-        return tree
-    sharding = NamedSharding(mesh, P(BATCH_AXES))
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
 def minibatch_indices(opts: StepOptions, batch_size: int, key: jax.Array | None) -> jax.Array:
@@ -718,40 +660,25 @@ def make_rl_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
         prep = prepare_rollout(opts, batch)
         train_batch = {"tokens": batch["tokens"], "attention_mask": batch["attention_mask"],
                        "loss_mask": prep.loss_mask, "advantages": prep.advantages}
-        if opts.ratio_uses_old_logprobs:
-            train_batch["old_logp"] = batch["old_logp"]
-        if opts.use_behaviour_logprobs:
-            train_batch["behaviour_logp"] = batch["behaviour_logp"]
-        if opts.use_reference and opts.kl_placement == "loss":
-            train_batch["ref_logp"] = batch["ref_logp"]
+        train_batch.update({key_: batch[key_] for key_ in opts.loss_logp_keys})
         if "model_inputs" in batch:  # multimodal rows (e.g. audio embeddings): sliced with the rows
             train_batch["model_inputs"] = batch["model_inputs"]
-        b = prep.advantages.shape[0]
-        grads = None
-        if opts.num_updates == 1:
-            params, opt_state, m, *grads = minibatch_update(params, opt_state, frozen, train_batch)
-            step_metrics = _reduce_updates(jax.tree.map(lambda x: x[None], m), opts.ratio_level)
-        else:
-            indices = minibatch_indices(opts, b, key)
 
-            def body(carry, idx):
-                p, o = carry
-                mb = _constrain_batch(jax.tree.map(lambda x: jnp.take(x, idx, axis=0), train_batch), mesh)
-                p, o, m = minibatch_update(p, o, frozen, mb)
-                return (p, o), m
+        def one_update(p, o, idx):  # idx None: the whole batch (one update)
+            mb = train_batch if idx is None else constrain_batch(
+                jax.tree.map(lambda x: jnp.take(x, idx, axis=0), train_batch), mesh)
+            return minibatch_update(p, o, frozen, mb)
 
-            (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state), indices)
-            step_metrics = _reduce_updates(stacked, opts.ratio_level)
+        indices = None if opts.num_updates == 1 else minibatch_indices(opts, prep.advantages.shape[0], key)
+        params, opt_state, stacked, grads = repeat_updates(one_update, params, opt_state, indices)
         metrics = dict(prep.metrics)
-        for key_, value in step_metrics.items():
+        for key_, value in _reduce(stacked, opts.ratio_level).items():
             if key_ == "kl_mean" and opts.kl_placement == "reward":
                 continue  # the rollout's KL(old || ref) (the shaped one) is the meaningful one there
             metrics[key_] = value
         if not opts.use_reference:
             metrics.pop("kl_mean", None)
-        if return_grads:
-            return params, opt_state, metrics, grads[0]
-        return params, opt_state, metrics
+        return (params, opt_state, metrics) + ((grads[0],) if return_grads else ())
 
     return rl_update
 
