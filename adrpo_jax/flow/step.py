@@ -31,7 +31,6 @@ global normalizers, global metrics). The per-prompt advantages are computed on t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -41,17 +40,17 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from adrpo_jax import losses
 from adrpo_jax.flow.metrics import pairwise_diversity
 from adrpo_jax.flow.sampling import METHODS as SAMPLER_METHODS
 from adrpo_jax.flow.sampling import sample, sample_noise
 from adrpo_jax.train.parallel import batch_sharded_loss
-from adrpo_jax.train.sharding import BATCH_AXES
-from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, masked_mean_std, masked_min_max,
-                                       mix_params, reduce_update_metrics, split_micro_batches)
+from adrpo_jax.train.step_utils import (accumulate_gradients, apply_updates_if_finite, check_options, masked_mean_std,
+                                       masked_min_max, mesh_context, mix_params, options_from_section,
+                                       reduce_update_metrics, repeat_updates, select_tree, split_micro_batches)
+from adrpo_jax.train.step_utils import constrain_batch as _constrain
 
 __all__ = [
     "FlowStepOptions",
@@ -115,21 +114,12 @@ class FlowStepOptions:
     orw_reward_scaling: str = "raw"  # ORW-CFM-W2's exponent: raw exp(tau r) | center | standardize
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"`method`={self.method!r} must be one of {METHODS}.")
-        if self.adv_clip not in losses.CLIP_MODES:
-            raise ValueError(f"`adv_clip`={self.adv_clip!r} must be one of {losses.CLIP_MODES}.")
-        if self.coefficient_sign not in losses.COEFFICIENT_SIGNS:
-            raise ValueError(f"`coefficient_sign`={self.coefficient_sign!r} must be one of "
-                             f"{losses.COEFFICIENT_SIGNS}.")
-        if self.time_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"`time_sampling`={self.time_sampling!r} must be 'uniform' or 'logit_normal'.")
-        if self.sampling_method not in SAMPLER_METHODS:
-            raise ValueError(f"`sampling_method`={self.sampling_method!r} must be one of {SAMPLER_METHODS}.")
-        for name in ("num_conditions", "num_inner_updates", "grad_accum_steps", "sampling_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}`={value!r} must be a positive int.")
+        check_options(self, choices={
+            "method": METHODS, "adv_clip": losses.CLIP_MODES, "coefficient_sign": losses.COEFFICIENT_SIGNS,
+            "time_sampling": ("uniform", "logit_normal"), "sampling_method": SAMPLER_METHODS,
+            "orw_reward_scaling": ORW_REWARD_SCALINGS,
+        }, ints={"num_conditions": 1, "num_inner_updates": 1, "grad_accum_steps": 1, "sampling_steps": 1,
+                 "rollout_micro_batch": 0})
         if len(tuple(self.image_shape)) != 3:
             raise ValueError(f"`image_shape`={self.image_shape!r} must be (H, W, C).")
         if self.beta < 0 or self.alpha < 0:
@@ -141,40 +131,27 @@ class FlowStepOptions:
         if not self.time_shift > 0 or not self.train_time_shift > 0:
             raise ValueError(f"`time_shift`={self.time_shift} and `train_time_shift`={self.train_time_shift} must "
                              "be > 0.")
-        if isinstance(self.rollout_micro_batch, bool) or not isinstance(self.rollout_micro_batch, int) or \
-                self.rollout_micro_batch < 0:
-            raise ValueError(f"`rollout_micro_batch`={self.rollout_micro_batch!r} must be an int >= 0.")
-        if self.orw_reward_scaling not in ORW_REWARD_SCALINGS:
-            raise ValueError(f"`orw_reward_scaling`={self.orw_reward_scaling!r} must be one of "
-                             f"{ORW_REWARD_SCALINGS}.")
 
     @classmethod
     def from_config(cls, config: Any, *, num_conditions: int, null_class: int,
                     image_shape: tuple[int, int, int]) -> "FlowStepOptions":
-        """Options of a validated flow config (``rl``, ``sampling``, ``optim`` sections)."""
+        """Options of a validated flow config: the ``rl`` keys of the fields' names (``coefficient_sign``,
+        ``rollout_micro_batch`` and ``orw_reward_scaling`` may be missing), ``optim.grad_accum_steps`` and the
+        ``sampling`` section; an infinite bound is None (the clip bounds only with ``adv_clip='absolute'``)."""
         rl, s = config.rl, config.sampling
         inf_to_none = lambda x: None if math.isinf(float(x)) else float(x)  # noqa: E731
         absolute = rl.adv_clip == "absolute"
-        return cls(
+        return options_from_section(cls, rl, dict(
             num_conditions=int(num_conditions), null_class=int(null_class),
             image_shape=cast("tuple[int, int, int]", tuple(int(d) for d in image_shape)),  # length: __post_init__
-            method=rl.method, beta=float(rl.beta),
-            coefficient_sign=str(rl.get("coefficient_sign", "adrpo")),
-            adv_clip=rl.adv_clip, adv_clip_multiple=float(rl.adv_clip_multiple),
             adv_clip_min=inf_to_none(rl.adv_clip_min) if absolute else None,
             adv_clip_max=inf_to_none(rl.adv_clip_max) if absolute else None,
-            clip_cfm_advantages=bool(rl.clip_cfm_advantages),
-            scale_advantages_by_std=bool(rl.scale_advantages_by_std), advantage_eps=float(rl.advantage_eps),
-            tau=float(rl.tau), alpha=float(rl.alpha), orw_max_exponent=inf_to_none(rl.orw_max_exponent),
-            num_inner_updates=int(rl.num_inner_updates), grad_accum_steps=int(config.optim.grad_accum_steps),
-            time_sampling=rl.time_sampling, cond_dropout_prob=float(rl.cond_dropout_prob),
+            orw_max_exponent=inf_to_none(rl.orw_max_exponent), grad_accum_steps=int(config.optim.grad_accum_steps),
             sampling_method=s.method, sampling_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
-            sde_noise=float(s.sde_noise), ref_refresh_alpha=float(rl.ref_refresh_alpha),
-            time_shift=float(s.get("time_shift", 1.0)),
+            sde_noise=float(s.sde_noise), time_shift=float(s.get("time_shift", 1.0)),
             # rl.time_shift (SD3): 0 = the sampler's shift; recipes without the key train on unshifted times
-            train_time_shift=float(rl.get("time_shift", 1.0)) or float(s.get("time_shift", 1.0)),
-            rollout_micro_batch=int(rl.get("rollout_micro_batch", 0)),
-            orw_reward_scaling=str(rl.get("orw_reward_scaling", "raw")))
+            train_time_shift=float(rl.get("time_shift", 1.0)) or float(s.get("time_shift", 1.0))),
+            optional=("coefficient_sign", "rollout_micro_batch", "orw_reward_scaling"))
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -205,20 +182,6 @@ class FlowStepOptions:
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """Batch-shard an array created inside the step (noise): GSPMD would otherwise replicate its computation."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
-
-
-def _model_mesh(mesh: Mesh | None):
-    """Traces the model under ``mesh`` as the abstract mesh, so that the activation hints of models that read it
-    (:mod:`adrpo_jax.models.llm.activation_sharding`, used by the MMDiT) keep the batch sharded: without it, on
-    an ``fsdp`` mesh GSPMD follows the FSDP-sharded weights and runs every image on every device."""
-    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def velocity_fn(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree = None) -> Callable[..., jax.Array]:
@@ -252,7 +215,7 @@ def map_micro_batches(fn: Callable[..., PyTree], num_micro_batches: int, *arrays
 
     def body(xs):
         chunk, extra = xs
-        return jax.tree.map(lambda y: _constrain(y, mesh), fn(*(_constrain(x, mesh) for x in chunk), *extra))
+        return _constrain(fn(*(_constrain(x, mesh) for x in chunk), *extra), mesh)
 
     out = jax.lax.map(body, (split, tuple(broadcast)))
     # [k, B / k, ...] -> [B, ...] with row j * k + i = micro-batch i's row j (the inverse of the strided split)
@@ -261,8 +224,6 @@ def map_micro_batches(fn: Callable[..., PyTree], num_micro_batches: int, *arrays
 
 def _per_sample(mask: jax.Array, ndim: int) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (ndim - 1))
-
-
 
 
 def reward_components(reward_model: Callable, images: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
@@ -282,10 +243,6 @@ def reward_components(reward_model: Callable, images: jax.Array, cond: jax.Array
                              "image)")
         out[name] = value
     return out
-
-
-def _select_tree(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -452,7 +409,6 @@ def make_loss_fn(opts: FlowStepOptions, mesh: Mesh | None
     return loss_fn
 
 
-
 def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: FlowStepOptions,
                      mesh: Mesh | None, *, return_grads: bool = False, ref_graphdef: nnx.GraphDef | None = None,
                      lora_dropout: bool = False):
@@ -537,31 +493,17 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
         return new_params, new_opt_state, m, grads
 
     def update(params, opt_state, ref_params, frozen, batch, key):
-        with _model_mesh(mesh):
-            return _update(params, opt_state, ref_params, frozen, batch, key)
-
-    def _update(params, opt_state, ref_params, frozen, batch, key):
-        prep = prepare_batch(opts, batch["x1"], batch["cond"], batch["rewards"], batch.get("components"))
-        if opts.num_inner_updates == 1:
-            params, opt_state, m, grads = one_update(params, opt_state, ref_params, frozen, prep,
-                                                     inner_update_key(key, 0))
-            step_metrics = reduce_update_metrics(jax.tree.map(lambda x: x[None], m))
-        else:
-            def body(carry, i):
-                p, o = carry
-                p, o, m, _ = one_update(p, o, ref_params, frozen, prep, inner_update_key(key, i))
-                return (p, o), m
-
-            (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state),
-                                                        jnp.arange(opts.num_inner_updates))
-            step_metrics = reduce_update_metrics(stacked)
-            grads = None
-        metrics = dict(prep.metrics)
-        metrics.update(step_metrics)
-        metrics["images"] = jnp.asarray(prep.x1.shape[0], jnp.float32)
-        if return_grads:
-            return params, opt_state, metrics, grads
-        return params, opt_state, metrics
+        with mesh_context(mesh):
+            prep = prepare_batch(opts, batch["x1"], batch["cond"], batch["rewards"], batch.get("components"))
+            n = opts.num_inner_updates
+            params, opt_state, stacked, grads = repeat_updates(  # i None: the only update, i = 0
+                lambda p, o, i: one_update(p, o, ref_params, frozen, prep,
+                                           inner_update_key(key, 0 if i is None else i)),
+                params, opt_state, None if n == 1 else jnp.arange(n))
+            metrics = dict(prep.metrics)
+            metrics.update(reduce_update_metrics(stacked))
+            metrics["images"] = jnp.asarray(prep.x1.shape[0], jnp.float32)
+            return (params, opt_state, metrics) + (tuple(grads) if return_grads else ())
 
     return update
 
@@ -577,30 +519,27 @@ def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowSt
     fresh noise (``opts.sampling_*``, CFG with the null class), stop-gradient, and the reward model's outputs
     (:func:`reward_components`; ``components["reward"]`` is the reward). Pure; jit-able."""
     def rollout(params, frozen, cond, key):
-        with _model_mesh(mesh):
-            return _rollout(params, frozen, cond, key)
+        with mesh_context(mesh):
+            model = velocity_fn(graphdef, params, frozen)
+            b = cond.shape[0]
+            k_x0, k_sde = jax.random.split(key)
+            x0 = _constrain(sample_noise(k_x0, (b,) + tuple(opts.image_shape), jnp.float32), mesh)
 
-    def _rollout(params, frozen, cond, key):
-        model = velocity_fn(graphdef, params, frozen)
-        b = cond.shape[0]
-        k_x0, k_sde = jax.random.split(key)
-        x0 = _constrain(sample_noise(k_x0, (b,) + tuple(opts.image_shape), jnp.float32), mesh)
+            def sample_chunk(x0_, cond_, k_):
+                return sample(lambda x, t, c: model(x, t, c), _constrain(x0_, mesh), _constrain(cond_, mesh),
+                              num_steps=opts.sampling_steps, method=opts.sampling_method, cfg_scale=opts.cfg_scale,
+                              null_cond=None if opts.cfg_scale == 1.0 else opts.null_class,
+                              sde_noise=opts.sde_noise, key=k_ if opts.sde_noise > 0 else None,
+                              timesteps=opts.time_grid())
 
-        def sample_chunk(x0_, cond_, k_):
-            return sample(lambda x, t, c: model(x, t, c), _constrain(x0_, mesh), _constrain(cond_, mesh),
-                          num_steps=opts.sampling_steps, method=opts.sampling_method, cfg_scale=opts.cfg_scale,
-                          null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
-                          key=k_ if opts.sde_noise > 0 else None, timesteps=opts.time_grid())
-
-        m = opts.rollout_micro_batch
-        if 0 < m < b:  # rl.rollout_micro_batch: m images at a time (SDE noise: one key per micro-batch)
-            keys = jax.random.split(k_sde, b // m)
-            x1 = map_micro_batches(lambda xc, cc, kc: sample_chunk(xc, cc, kc), b // m, x0, cond,
-                                   broadcast=(keys,), mesh=mesh)
-        else:
-            x1 = sample_chunk(x0, cond, k_sde)
-        x1 = _constrain(jax.lax.stop_gradient(x1), mesh)
-        return x1, reward_components(reward_model, x1, cond)
+            m = opts.rollout_micro_batch
+            if 0 < m < b:  # rl.rollout_micro_batch: m images at a time (SDE noise: one key per micro-batch)
+                x1 = map_micro_batches(sample_chunk, b // m, x0, cond, broadcast=(jax.random.split(k_sde, b // m),),
+                                       mesh=mesh)
+            else:
+                x1 = sample_chunk(x0, cond, k_sde)
+            x1 = _constrain(jax.lax.stop_gradient(x1), mesh)
+            return x1, reward_components(reward_model, x1, cond)
 
     return rollout
 
@@ -628,10 +567,10 @@ def _make_update_and_refresh(update: Callable, opts: FlowStepOptions, ref_graphd
         refresh_ref = jnp.asarray(refresh_ref, bool)
         refresh_sampler = jnp.asarray(refresh_sampler, bool)
         if "ref_params" in state:
-            new_state["ref_params"] = _select_tree(refresh_ref, mix_params(reference, params, opts.ref_refresh_alpha),
+            new_state["ref_params"] = select_tree(refresh_ref, mix_params(reference, params, opts.ref_refresh_alpha),
                                                    reference)
         if "sampler_params" in state:
-            new_state["sampler_params"] = _select_tree(refresh_sampler, params, sampler)
+            new_state["sampler_params"] = select_tree(refresh_sampler, params, sampler)
         metrics = dict(metrics)
         metrics["sample_diversity"] = pairwise_diversity(x1, cond, opts.num_conditions)[1]
         metrics["ref_refreshed"] = (refresh_ref & ("ref_params" in state)).astype(jnp.float32)
