@@ -596,12 +596,14 @@ _WHAT = {
 }
 
 
-def _prompt_list(config: Any, key: str, allow_empty: bool) -> tuple[str, ...]:
+def _prompt_list(config: Any, key: str, allow_empty: bool, why: str = "") -> tuple[str, ...]:
     prompts = get_by_path(config, key)
     if not isinstance(prompts, (tuple, list)) or not all(isinstance(p, str) and p.strip() for p in prompts) or (
             not prompts and not allow_empty):
         raise ConfigError(f"`{key}` must be a {'' if allow_empty else 'non-empty '}tuple of non-empty strings, got "
                           f"{prompts!r}.", key=key, value=prompts)
+    if len(set(prompts)) != len(prompts):
+        raise ConfigError(f"`{key}` has duplicates{why}.", key=key, value=tuple(prompts))
     return tuple(prompts)
 
 
@@ -644,13 +646,8 @@ def sd3_prompt_sets(config: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _validate_sd3_prompts(config: Any, files: bool) -> None:
-    prompts = _prompt_list(config, "data.prompts", allow_empty=bool(config.data.prompts_file))
-    if len(set(prompts)) != len(prompts):
-        raise ConfigError("`data.prompts` has duplicates (each prompt is one advantage group).", key="data.prompts",
-                          value=prompts)
+    _prompt_list(config, "data.prompts", bool(config.data.prompts_file), " (each prompt is one advantage group)")
     eval_prompts = _prompt_list(config, "eval.prompts", allow_empty=True)
-    if len(set(eval_prompts)) != len(eval_prompts):
-        raise ConfigError("`eval.prompts` has duplicates.", key="eval.prompts", value=eval_prompts)
     for key in ("data.prompts_file", "eval.prompts_file"):
         path = require_type(config, key, str)
         if path and files and not os.path.isfile(os.path.expanduser(path)):

@@ -427,10 +427,9 @@ def _validate_data(config) -> None:
 
 def _validate_rl(config) -> None:
     rl = config.rl
-    require_int(config, "rl.num_prompts_per_step", min=1)
-    group = require_int(config, "rl.group_size", min=1)
-    require_int(config, "rl.num_iterations", min=1)
-    require_int(config, "rl.num_minibatches", min=1)
+    for key in ("num_prompts_per_step", "group_size", "num_iterations", "num_minibatches"):
+        require_int(config, f"rl.{key}", min=1)
+    group = int(rl.group_size)
     require_type(config, "rl.shuffle_minibatches", bool)
     estimator = require_choice(config, "rl.advantage_estimator", ADVANTAGE_ESTIMATORS)
     if estimator in ("grpo", "rloo") and group < 2:

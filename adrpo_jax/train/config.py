@@ -257,8 +257,6 @@ def add_common_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
         "import_path": "",  # extra import directories (launch.py: the config file's and the current directory)
         "distributed": {"mode": "auto", "coordinator_address": "", "num_processes": -1, "process_id": -1,
                         "heartbeat_timeout_s": 60},
-        # --mode=plan (adrpo_jax/recipe/plan.py): compile every program for `target` without weights; on a TPU /
-        # GPU, `check` runs the same plan on the run's own devices at start, before any weight is loaded.
         "plan": {"target": "", "check": True, "margin": 0.1, "output": ""},
     }
     merge_defaults(config, defaults)
