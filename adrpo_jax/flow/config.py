@@ -239,9 +239,6 @@ def add_flow_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return config
 
 
-# ----------------------------------------------------------------------------------------------------------
-
-
 def num_prompt_conditions(config: Any) -> int:
     """Number of distinct prompts (condition ids) of ``data.condition_mode``: 10 or 20."""
     return 10 if config.data.condition_mode == "digit" else 20

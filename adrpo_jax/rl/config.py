@@ -311,9 +311,6 @@ def add_llm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
-# ----------------------------------------------------------------------------------------------------------
-
-
 def coefficient_is_zero(rl: Any) -> bool:
     """True when the KL coefficient is identically 0: beta_0 == 0 and no adaptive term can move it off 0.
 

@@ -319,11 +319,6 @@ def get_by_path(config: Any, key: str, default: Any = _MISSING) -> Any:
     return node
 
 
-def _type_names(types: type | tuple[type, ...]) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join(t.__name__ for t in types)
-
-
 def require_type(config: Any, key: str, types: type | tuple[type, ...]) -> Any:
     """Returns ``config.<key>``; ConfigError unless it is an instance of ``types``.
 
@@ -331,6 +326,7 @@ def require_type(config: Any, key: str, types: type | tuple[type, ...]) -> Any:
     """
     value = get_by_path(config, key)
     wanted = types if isinstance(types, tuple) else (types,)
+    names = " or ".join(t.__name__ for t in wanted)
     if float in wanted:
         wanted = wanted + (int,)
     ok = isinstance(value, wanted)
@@ -338,7 +334,7 @@ def require_type(config: Any, key: str, types: type | tuple[type, ...]) -> Any:
         ok = False
     if not ok:
         raise ConfigError(
-            f"`{key}` must be of type {_type_names(types)}, got {value!r} ({type(value).__name__}).",
+            f"`{key}` must be of type {names}, got {value!r} ({type(value).__name__}).",
             key=key, value=value)
     return value
 
