@@ -1,13 +1,14 @@
 r"""Guard for refactors: the same short runs on two commits must give bit-identical metrics and weights.
 
-    python benchmarks/compare_commits.py OLD NEW [--steps 6] [--out /tmp/guard]
+    python benchmarks/compare_commits.py OLD NEW [--steps 6] [--out /tmp/guard] [--reuse-old]
 
 For each recipe's cpu variant (llm_arith:cpu, its LoRA + refreshed-reference form, flow_digits:cpu and :cpu_lora)
 it runs ``launch.py`` for ``--steps`` steps (evaluating every ``steps / 2``) in a git worktree of OLD and of NEW and
 compares ``metrics.jsonl`` (every key but timings) and the final checkpoint's arrays exactly. Then a workdir written
 by OLD after 2 steps is resumed by NEW to 4 steps (all four recipes, SD3 and audio included) and compared with OLD
 run uninterrupted to 4. Exact equality is right here: the same computation run twice on one machine (the runs of
-one recipe compile the same programs); run it on one machine, not across two.
+one recipe compile the same programs); run it on one machine, not across two. ``--reuse-old`` keeps OLD's runs
+from an earlier call (same OLD, same ``--steps``) and runs NEW alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +79,9 @@ def main() -> int:
     ap.add_argument("new")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default="/tmp/adrpo_guard")
+    ap.add_argument("--reuse-old", action="store_true",
+                    help="keep OLD's runs already in --out (from an earlier call with the same OLD and --steps): "
+                         "only NEW runs again, e.g. to check several NEW commits against one OLD")
     args = ap.parse_args()
     out = Path(args.out)
     trees = {}
@@ -84,20 +89,33 @@ def main() -> int:
         trees[name] = out / f"tree_{name}"
         if not trees[name].exists():
             subprocess.run(["git", "worktree", "add", "--detach", str(trees[name]), commit], cwd=REPO, check=True)
+        else:  # a tree of an earlier call: moved to this call's commit
+            subprocess.run(["git", "checkout", "--quiet", "--detach", commit], cwd=trees[name], check=True)
     failures = []
+
+    def launch_old(workdir: Path, *launch_args: str) -> None:  # OLD's run, kept when --reuse-old finds it whole
+        if args.reuse_old and (workdir / "metrics.jsonl").exists():
+            return
+        shutil.rmtree(workdir, ignore_errors=True)
+        _launch(trees["old"], *launch_args[:1], workdir, *launch_args[1:])
+
     for run, (config, extra) in RUNS.items():
-        for name, tree in trees.items():
-            _launch(tree, config, out / name / run, f"--config.total_steps={args.steps}",
-                    f"--config.eval_every={max(args.steps // 2, 1)}", *extra)
+        steps = (f"--config.total_steps={args.steps}", f"--config.eval_every={max(args.steps // 2, 1)}")
+        launch_old(out / "old" / run, config, *steps, *extra)
+        shutil.rmtree(out / "new" / run, ignore_errors=True)
+        _launch(trees["new"], config, out / "new" / run, *steps, *extra)
         m = _compare_metrics(out / "old" / run / "metrics.jsonl", out / "new" / run / "metrics.jsonl")
         c = _compare_checkpoints(out / "old" / run / "checkpoints" / str(args.steps) / "state",
                                  out / "new" / run / "checkpoints" / str(args.steps) / "state")
         print(f"{run}: metrics {'identical' if not m else m[:5]}; final weights {'identical' if not c else c[:5]}")
         failures += m + c
     for run, config in RESUME.items():
-        whole, mixed = out / "resume" / f"{run}_old", out / "resume" / f"{run}_mixed"
-        _launch(trees["old"], config, whole, "--config.total_steps=4", "--config.eval_every=0")
-        _launch(trees["old"], config, mixed, "--config.total_steps=2", "--config.eval_every=0")
+        whole, half = out / "resume" / f"{run}_old", out / "resume" / f"{run}_old2"
+        mixed = out / "resume" / f"{run}_mixed"
+        launch_old(whole, config, "--config.total_steps=4", "--config.eval_every=0")
+        launch_old(half, config, "--config.total_steps=2", "--config.eval_every=0")
+        shutil.rmtree(mixed, ignore_errors=True)
+        shutil.copytree(half, mixed)  # OLD's 2-step workdir, resumed by NEW
         _launch(trees["new"], config, mixed, "--config.total_steps=4", "--config.eval_every=0")
         m = _compare_metrics(whole / "metrics.jsonl", mixed / "metrics.jsonl")
         c = _compare_checkpoints(whole / "checkpoints" / "4" / "state", mixed / "checkpoints" / "4" / "state")
