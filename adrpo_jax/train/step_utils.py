@@ -1,5 +1,13 @@
-"""Pure helpers used inside jitted train steps: guarded optimizer updates, gradient accumulation, repeated
+r"""Pure helpers used inside jitted train steps: guarded optimizer updates, gradient accumulation, repeated
 updates, batch sharding hints, metric reductions and the checks of the steps' static options.
+
+The conventions of the steps (:mod:`adrpo_jax.rl.step`, :mod:`adrpo_jax.flow.step`): everything is a pure function
+of arrays plus static, hashable options, built for ``jax.jit`` over the functional NNX split ``(graphdef, params,
+frozen)``: ``params`` is the trainable state (the ``nnx.Param`` filter by default; a LoRA setup swaps the filter),
+``frozen`` the rest of the model state. The model forward runs under GSPMD (parameters and batches carry
+``NamedSharding``\ s; :func:`constrain_batch`, :func:`mesh_context`); the loss runs inside ``jax.shard_map`` over
+the batch axes through :func:`adrpo_jax.train.batch_sharded_loss`, with the loss library's distributed contract
+(local sums, global normalizers, global metrics).
 
 >>> import jax, jax.numpy as jnp, optax
 >>> tx = optax.sgd(0.1)
