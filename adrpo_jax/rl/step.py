@@ -1,14 +1,9 @@
 """The jitted pieces of a GRPO / ADRPO step: log-probs, rollout preparation (rewards -> advantages -> loss
 mask), the minibatch update and the whole RL update.
 
-Everything here is a pure function of arrays (plus static :class:`StepOptions`), built for ``jax.jit`` over
-the functional NNX split ``(graphdef, params, frozen)``: ``params`` is the trainable state (the ``nnx.Param``
-filter by default; a LoRA setup swaps the filter), ``frozen`` the rest of the model state (empty for a plain
-:class:`~adrpo_jax.models.llm.CausalLM`).
-
-The model forward runs under GSPMD (parameters and batches carry ``NamedSharding``\\ s); the GRPO loss runs
-inside ``jax.shard_map`` over the batch axes through :func:`adrpo_jax.train.batch_sharded_loss`, with the
-loss library's distributed contract (local sums, global normalizers, global metrics).
+Pure functions of arrays plus static :class:`StepOptions`, over the NNX split ``(graphdef, params, frozen)``
+(``frozen`` is empty for a plain :class:`~adrpo_jax.models.llm.CausalLM`), the forward under GSPMD and the GRPO loss
+in ``shard_map``: the conventions of :mod:`adrpo_jax.train.step_utils`.
 
 One RL update (:func:`make_rl_update`) on a rollout batch of ``B`` rows (``B = prompts * G``, groups
 contiguous) with ``N`` completion slots::
@@ -184,8 +179,7 @@ class StepOptions:
     def use_old_logprobs(self) -> bool:
         """Old log-probs from a pre-update forward: the batch is reused, or the KL goes into the reward; or the
         rollouts are stale (``max_lag``) / importance-corrected: the surrogate's ratio needs them."""
-        return (self.num_iterations > 1 or self.num_minibatches > 1
-                or (self.kl_placement == "reward" and self.use_reference) or self.ratio_uses_old_logprobs)
+        return (self.kl_placement == "reward" and self.use_reference) or self.ratio_uses_old_logprobs
 
     @property
     def ratio_uses_old_logprobs(self) -> bool:
@@ -223,8 +217,7 @@ class StepOptions:
 
     def coefficient_kwargs(self) -> dict[str, Any]:
         return dict(adaptive=self.adaptive and self.kl_placement == "loss", coefficient_sign=self.coefficient_sign,
-                    clip=self.adv_clip,
-                    clip_multiple=self.adv_clip_multiple,
+                    clip=self.adv_clip, clip_multiple=self.adv_clip_multiple,
                     clip_min=self.adv_clip_min if self.adv_clip == "absolute" else None,
                     clip_max=self.adv_clip_max if self.adv_clip == "absolute" else None)
 
@@ -424,14 +417,13 @@ def completion_logprobs(model: nnx.Module, tokens: jax.Array, attention_mask: ja
     return (*out[0], out[1]) if return_routing else out
 
 
-def _data_parallel(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
-
-
-def _check_packable(opts: StepOptions, model_inputs) -> None:
+def _group_packs(opts: StepOptions, model_inputs, rows: int, width: int, mesh: Mesh | None) -> int:
+    """:func:`adrpo_jax.rl.packing.packs_per_group` of ``rows`` rows of ``width`` tokens, once the batch is packable."""
     if model_inputs is not None or opts.moe_router_losses:
         raise ValueError("rl.pack_tokens: packed rows are text-only, without router replay or MoE router losses "
                          "(the batch has model_inputs, or rl.moe_*_loss_coef > 0); set rl.pack_tokens=0")
+    data_parallel = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+    return packing.packs_per_group(rows, width, opts.pack_tokens, data_parallel)
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None = None
@@ -445,8 +437,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, opts: StepOptions, mesh: Mesh | None
         with _mesh_context(mesh):
             model = merge_model(graphdef, params, frozen)
             if opts.pack_tokens:
-                _check_packable(opts, model_inputs)
-                m = packing.packs_per_group(tokens.shape[0], tokens.shape[1], opts.pack_tokens, _data_parallel(mesh))
+                m = _group_packs(opts, model_inputs, tokens.shape[0], tokens.shape[1], mesh)
                 logp, ent = packing.packed_completion_logprobs(
                     model, tokens, attention_mask, prompt_length=opts.prompt_length, pack_tokens=opts.pack_tokens,
                     group_packs=m, chunk_size=opts.logprob_chunk_size, temperature=opts.temperature, mesh=mesh)
@@ -597,9 +588,8 @@ def make_minibatch_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
     def update(params, opt_state, frozen, minibatch):
         normalizer = loss_normalizer(minibatch["loss_mask"], opts.loss_aggregation, opts.max_new_tokens)
         if opts.pack_tokens:
-            _check_packable(opts, minibatch.get("model_inputs"))
             tokens = minibatch["tokens"]
-            m = packing.packs_per_group(tokens.shape[0] // k, tokens.shape[1], opts.pack_tokens, _data_parallel(mesh))
+            m = _group_packs(opts, minibatch.get("model_inputs"), tokens.shape[0] // k, tokens.shape[1], mesh)
             packed = packing.pack_rows(tokens, minibatch["attention_mask"], opts.prompt_length, opts.pack_tokens, m)
             (loss, stacked), grads = packed_grad(params, frozen, minibatch, packed, normalizer)
         else:
