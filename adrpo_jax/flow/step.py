@@ -1,10 +1,9 @@
 r"""The jitted pieces of one ADRPO-W2 RL step of a flow-matching model: rollout, batch preparation, loss, updates.
 
-Everything here is a pure function of arrays plus static :class:`FlowStepOptions`, written for ``jax.jit`` over
-the functional NNX split ``(graphdef, params, frozen)``: ``params`` is the trainable state (the ``nnx.Param``
-filter by default; a LoRA setup swaps the filter), ``frozen`` the rest of the model state (empty for a plain
-:class:`~adrpo_jax.models.dit.DiT`). The reference is a separate parameter tree of the same structure as
-``params`` (the frozen pre-trained model, or a refreshed copy).
+Pure functions of arrays plus static :class:`FlowStepOptions`, over the NNX split ``(graphdef, params, frozen)``
+(``frozen`` is empty for a plain :class:`~adrpo_jax.models.dit.DiT`), the forward under GSPMD and the loss in
+``shard_map``: the conventions of :mod:`adrpo_jax.train.step_utils`. The reference is a separate parameter tree of
+the same structure as ``params`` (the frozen pre-trained model, or a refreshed copy).
 
 One RL step (:func:`make_train_step`) on ``B = K * G`` prompt ids ``cond [B]`` (G samples per prompt)::
 
@@ -23,14 +22,13 @@ One RL step (:func:`make_train_step`) on ``B = K * G`` prompt ids ``cond [B]`` (
         optimizer update (skipped when the loss or a gradient is non-finite, or no sample is valid)
     optional: reference refresh ref <- alpha * theta + (1 - alpha) * ref, sampling-copy refresh
 
-Parallelism: the model runs under GSPMD (parameters and the batch carry ``NamedSharding``\ s; noise drawn
-inside the step is constrained to the batch sharding), the loss runs inside ``jax.shard_map`` over the batch
-axes via :func:`adrpo_jax.train.batch_sharded_loss` with the loss library's distributed contract (local sums,
-global normalizers, global metrics). The per-prompt advantages are computed on the global ``[B]`` rewards.
+Noise drawn inside the step is constrained to the batch sharding; the per-prompt advantages are computed on the
+global ``[B]`` rewards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -175,8 +173,7 @@ class FlowStepOptions:
 
     def coefficient_kwargs(self) -> dict[str, Any]:
         return dict(adaptive=self.adaptive, coefficient_sign=self.coefficient_sign, clip=self.adv_clip,
-                    clip_multiple=self.adv_clip_multiple,
-                    clip_min=self.adv_clip_min, clip_max=self.adv_clip_max)
+                    clip_multiple=self.adv_clip_multiple, clip_min=self.adv_clip_min, clip_max=self.adv_clip_max)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,16 +181,22 @@ class FlowStepOptions:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _merge(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree | None = None) -> Any:
+    """``nnx.merge`` of the trainable and (if any) frozen states, the frozen part as fresh Variables over
+    ``stop_gradient`` views: merged inside ``value_and_grad`` or a scan body, the module must not hold values of the
+    outer trace (an ``nnx.remat`` inside the model would try to update them: ``TraceContextError``). The frozen
+    part has no gradient anyway; ``stop_gradient`` lowers to nothing."""
+    return nnx.merge(graphdef, params) if frozen is None else \
+        nnx.merge(graphdef, params, jax.tree.map(jax.lax.stop_gradient, frozen))
+
+
 def velocity_fn(graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree = None) -> Callable[..., jax.Array]:
-    """``v(x, t, cond, **kw)`` of ``nnx.merge(graphdef, params, frozen)`` without gradients (a rollout), the
-    module merged afresh at each call over ``stop_gradient`` views of the arrays: called inside a ``lax.scan`` /
-    ``lax.map`` body (the samplers), its Variables then hold values of that trace, so a model that rematerializes
-    its blocks (``nnx.remat``) does not try to mutate Variables of the outer trace (``TraceContextError``).
-    Trace-time only: ``stop_gradient`` lowers to nothing."""
-    sg = lambda tree: jax.tree.map(jax.lax.stop_gradient, tree)  # noqa: E731
+    """``v(x, t, cond, **kw)`` of the model without gradients (a rollout): merged afresh at each call
+    (:func:`_merge`), ``params`` over ``stop_gradient`` views too, so that inside a
+    ``lax.scan`` / ``lax.map`` body (the samplers) its Variables hold values of that trace."""
 
     def v(*args, **kwargs):
-        model = nnx.merge(graphdef, sg(params)) if frozen is None else nnx.merge(graphdef, sg(params), sg(frozen))
+        model = _merge(graphdef, jax.tree.map(jax.lax.stop_gradient, params), frozen)
         return model(*args, **kwargs)
 
     return v
@@ -220,10 +223,6 @@ def map_micro_batches(fn: Callable[..., PyTree], num_micro_batches: int, *arrays
     out = jax.lax.map(body, (split, tuple(broadcast)))
     # [k, B / k, ...] -> [B, ...] with row j * k + i = micro-batch i's row j (the inverse of the strided split)
     return jax.tree.map(lambda y: _constrain(jnp.swapaxes(y, 0, 1).reshape((-1,) + y.shape[2:]), mesh), out)
-
-
-def _per_sample(mask: jax.Array, ndim: int) -> jax.Array:
-    return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
 def reward_components(reward_model: Callable, images: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
@@ -305,7 +304,7 @@ def prepare_batch(opts: FlowStepOptions, x1: jax.Array, cond: jax.Array, rewards
     finite_x = jnp.all(jnp.isfinite(x1.reshape(b, -1)), axis=-1)
     valid = jnp.isfinite(r) & finite_x
     r = jnp.where(valid, r, 0.0)
-    x1 = jnp.where(_per_sample(valid, x1.ndim), x1, jnp.zeros_like(x1))
+    x1 = jnp.where(valid.reshape(valid.shape + (1,) * (x1.ndim - 1)), x1, jnp.zeros_like(x1))
     adv = losses.prompt_mean_advantages(r, cond, opts.num_conditions, scale_by_std=opts.scale_advantages_by_std,
                                         eps=opts.advantage_eps, mask=valid)
     adv = jnp.where(valid, adv, 0.0)
@@ -440,13 +439,6 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
     k = opts.grad_accum_steps
     ref_graphdef = graphdef if ref_graphdef is None else ref_graphdef
 
-    def merge(p, frozen, g=graphdef):
-        # fresh Variable objects for the frozen part, over stop_gradient views (values of the current trace):
-        # merged inside value_and_grad / the micro-batch scan, the module must not hold values of the outer trace
-        # (an nnx.remat inside the model would try to update them: TraceContextError); the frozen part has no
-        # gradient anyway
-        return nnx.merge(g, p) if frozen is None else nnx.merge(g, p, jax.tree.map(jax.lax.stop_gradient, frozen))
-
     def one_update(params, opt_state, ref_params, frozen, prep: PreparedBatch, key):
         t, x0, drop = draw_path_inputs(opts, key, prep.x1, mesh)
         x_t, u = losses.rectified_flow_path(x0, prep.x1, t)
@@ -466,13 +458,10 @@ def make_flow_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, o
                 mb["x_t"], mb["t"], mb["cond"], drop_mask=mb.get("drop")))
 
             def f(p_):
-                model = merge(p_, frozen)
-                x = (mb["x_t"], mb["t"], mb["cond"])
-                if lora_dropout:
-                    with lora_dropout_rng(jax.random.fold_in(dropout_key, mb["index"][0])):
-                        v = model(*x, drop_mask=mb.get("drop"))
-                else:
-                    v = model(*x, drop_mask=mb.get("drop"))
+                model = _merge(graphdef, p_, frozen)
+                with (lora_dropout_rng(jax.random.fold_in(dropout_key, mb["index"][0])) if lora_dropout
+                      else contextlib.nullcontext()):
+                    v = model(mb["x_t"], mb["t"], mb["cond"], drop_mask=mb.get("drop"))
                 return loss_fn({**mb, "v": v, "v_ref": v_ref}, normalizer)
 
             (loss, m), grads = jax.value_and_grad(f, has_aux=True)(p)
@@ -544,15 +533,23 @@ def make_rollout_fn(graphdef: nnx.GraphDef, reward_model: Callable, opts: FlowSt
     return rollout
 
 
-def _make_update_and_refresh(update: Callable, opts: FlowStepOptions, ref_graphdef: nnx.GraphDef | None,
-                             return_grads: bool):
-    """The update half of the RL step (shared by :func:`make_train_step` and :func:`make_phase_fns`):
-    ``(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler) -> (state, metrics[, grads])``
-    (``key``: the whole step's key; the update uses its second half)."""
+def _make_phases(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reward_model: Callable,
+                 opts: FlowStepOptions, mesh: Mesh | None, return_grads: bool, ref_graphdef: nnx.GraphDef | None,
+                 lora_dropout: bool) -> tuple[Callable, Callable]:
+    """The two halves of the RL step (shared by :func:`make_train_step` and :func:`make_phase_fns`):
+    ``sample(state, frozen, cond, key) -> (x1, components)`` (the rollout of the sampling copy when ``state`` holds
+    one, with the first half of the step's ``key``) and ``update_and_refresh(state, ref_params, frozen, cond, key,
+    x1, comps, refresh_ref, refresh_sampler) -> (state, metrics[, grads])`` (the update uses its second half)."""
+    rollout = make_rollout_fn(graphdef, reward_model, opts, mesh)
+    update = make_flow_update(graphdef, tx, opts, mesh, return_grads=return_grads, ref_graphdef=ref_graphdef,
+                              lora_dropout=lora_dropout)
+
+    def sample(state, frozen, cond, key):
+        k_roll, _ = jax.random.split(key)
+        return rollout(state["sampler_params"] if "sampler_params" in state else state["params"], frozen, cond, k_roll)
 
     def update_and_refresh(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler):
         _, k_update = jax.random.split(key)
-        sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
         reference = state.get("ref_params", ref_params)
         if reference is None:
             if ref_graphdef is None:
@@ -568,18 +565,16 @@ def _make_update_and_refresh(update: Callable, opts: FlowStepOptions, ref_graphd
         refresh_sampler = jnp.asarray(refresh_sampler, bool)
         if "ref_params" in state:
             new_state["ref_params"] = select_tree(refresh_ref, mix_params(reference, params, opts.ref_refresh_alpha),
-                                                   reference)
+                                                  reference)
         if "sampler_params" in state:
-            new_state["sampler_params"] = select_tree(refresh_sampler, params, sampler)
+            new_state["sampler_params"] = select_tree(refresh_sampler, params, state["sampler_params"])
         metrics = dict(metrics)
         metrics["sample_diversity"] = pairwise_diversity(x1, cond, opts.num_conditions)[1]
         metrics["ref_refreshed"] = (refresh_ref & ("ref_params" in state)).astype(jnp.float32)
         metrics["sampler_refreshed"] = (refresh_sampler & ("sampler_params" in state)).astype(jnp.float32)
-        if return_grads:
-            return new_state, metrics, grads[0]
-        return new_state, metrics
+        return (new_state, metrics, *grads)
 
-    return update_and_refresh
+    return sample, update_and_refresh
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reward_model: Callable,
@@ -595,15 +590,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, re
     update's keys. Metrics: the update's, ``sample_diversity`` (mean per-prompt pairwise L2 of the rollout),
     ``ref_refreshed``, ``sampler_refreshed``. :func:`make_phase_fns` is the same step as three programs.
     """
-    rollout = make_rollout_fn(graphdef, reward_model, opts, mesh)
-    update = make_flow_update(graphdef, tx, opts, mesh, return_grads=return_grads, ref_graphdef=ref_graphdef,
-                              lora_dropout=lora_dropout)
-    update_and_refresh = _make_update_and_refresh(update, opts, ref_graphdef, return_grads)
+    sample, update_and_refresh = _make_phases(graphdef, tx, reward_model, opts, mesh, return_grads, ref_graphdef,
+                                              lora_dropout)
 
     def train_step(state, ref_params, frozen, cond, key, refresh_ref, refresh_sampler):
-        k_roll, _ = jax.random.split(key)
-        sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
-        x1, comps = rollout(sampler, frozen, cond, k_roll)
+        x1, comps = sample(state, frozen, cond, key)
         return update_and_refresh(state, ref_params, frozen, cond, key, x1, comps, refresh_ref, refresh_sampler)
 
     return train_step
@@ -623,13 +614,9 @@ def make_phase_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
     The same math as the fused step; another compilation, so equal up to float32 rounding, not bit-identical.
     """
     no_reward = lambda x, c: jnp.zeros(x.shape[:1], jnp.float32)  # noqa: E731  # the sampler alone
-    rollout = make_rollout_fn(graphdef, no_reward, opts, mesh)
-    update = make_flow_update(graphdef, tx, opts, mesh, ref_graphdef=ref_graphdef, lora_dropout=lora_dropout)
+    sample, update = _make_phases(graphdef, tx, no_reward, opts, mesh, False, ref_graphdef, lora_dropout)
 
     def sample_fn(state, frozen, cond, key):
-        k_roll, _ = jax.random.split(key)
-        sampler = state["sampler_params"] if "sampler_params" in state else state["params"]
-        return rollout(sampler, frozen, cond, k_roll)[0]
+        return sample(state, frozen, cond, key)[0]
 
-    return {"sample": sample_fn, "reward": reward_components,
-            "update": _make_update_and_refresh(update, opts, ref_graphdef, False)}
+    return {"sample": sample_fn, "reward": reward_components, "update": update}
