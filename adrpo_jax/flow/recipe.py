@@ -19,6 +19,7 @@ them, logged as ``ref_refreshed`` / ``sampler_refreshed``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,12 +28,15 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from adrpo_jax import train
+from adrpo_jax.flow.config import lora_config
 from adrpo_jax.flow.data import step_prompts
 from adrpo_jax.flow.step import FlowStepOptions, make_phase_fns, make_train_step
+from adrpo_jax.models.lora import apply_lora
 from adrpo_jax.recipe.base import Recipe
-from adrpo_jax.recipe.policy import PolicySpec
+from adrpo_jax.recipe.policy import Policy, PolicySpec
 from adrpo_jax.train import perf
 from adrpo_jax.train.programs import Program, key_struct, matmul_flops
 
@@ -43,12 +47,12 @@ log = logging.getLogger(__name__)
 
 class FlowRecipe(Recipe):
     """Base of the flow recipes (module docstring). A subclass sets ``self.opts``, ``self.num_conditions``,
-    builds ``self.policy`` from :meth:`policy_spec`, and provides :meth:`make_reward`, :meth:`reward_args` (+ their
+    ``self.layout``, calls :meth:`_build_policy`, provides :meth:`make_reward`, :meth:`reward_args` (+ their
     abstract values in :meth:`reward_arg_structs`); then calls :meth:`step_programs`."""
 
     throughput_key = "images"
     _flops: dict[str, float]
-    # set by the subclass's setup (class docstring)
+    # set by the subclass (class docstring) and _build_policy (rows, base_key)
     opts: FlowStepOptions
     num_conditions: int
     layout: dict[str, int]  # config.validate_flow_batch_layout / validate_sd3_batch_layout
@@ -57,18 +61,30 @@ class FlowRecipe(Recipe):
     # the config key that shrinks each step program's memory (Program.shrink_key; the plan names it)
     shrink_keys: ClassVar[dict[str, str]] = {}
 
-    def _setup_optimization(self, config: Any) -> None:
-        self._flops = {}
-        self.updates_per_step = int(config.rl.num_inner_updates)
-        self.tx_, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
+    def _with_lora(self, model: Any) -> Any:
+        """``model`` with adapters under LoRA (their A a function of ``seed`` only), else ``model``."""
+        if self.lora_cfg is not None:
+            key = jax.random.fold_in(jax.random.key(int(self.config.seed)), 0x10A)
+            apply_lora(model, self.lora_cfg, rngs=nnx.Rngs(params=key))
+        return model
 
-    def policy_spec(self, new_model: Callable, load_pretrained: Callable | None, trainable: Any,
-                    lora: Any) -> PolicySpec:
-        rl = self.config.rl
-        return PolicySpec(new_model=new_model, load_pretrained=load_pretrained, tx=self.tx_, trainable=trainable,
+    def _build_policy(self, new_model: Callable, load_pretrained: Callable | None, trainable: Any = None) -> None:
+        """The optimizer, LoRA, ``self.policy`` (``trainable`` default: ``nnx.Param``, or ``nnx.LoRAParam`` under
+        LoRA), this process's batch rows and the base key (after ``self.layout`` and ``self.opts``)."""
+        config, rl = self.config, self.config.rl
+        self._flops = {}
+        self.updates_per_step = int(rl.num_inner_updates)
+        tx, self.schedule = train.make_optimizer(config.optim, int(config.total_steps) * self.updates_per_step)
+        lora = self.lora_cfg = lora_config(config)
+        if trainable is None:
+            trainable = nnx.LoRAParam if lora is not None else nnx.Param
+        spec = PolicySpec(new_model=new_model, load_pretrained=load_pretrained, tx=tx, trainable=trainable,
                           lora=lora, reference="refreshed" if int(rl.ref_refresh_steps) > 0 else "frozen",
                           ref_alpha=float(rl.ref_refresh_alpha), sampler_copy=int(rl.sampler_refresh_steps) > 1,
                           keep_pretrained=True)  # eval: W2 to, and samples of, the pre-trained model
+        self.policy = Policy(spec, self.mesh, abstract=self.abstract)
+        self.rows = train.process_batch_slice(self.layout["batch_size"], self.mesh)
+        self.base_key = jax.random.key(int(config.seed))
 
     # ---- the reward, as the subclass provides it ------------------------------------------------------------
 
@@ -89,9 +105,6 @@ class FlowRecipe(Recipe):
         p = self.policy
         return None if p.ref_in_state or p.lora is not None else p.ref_params
 
-    def _cond_struct(self, n: int) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((n,), jnp.int32, sharding=train.batch_sharding(self.mesh))
-
     def step_programs(self) -> list[Program]:
         """``step`` (the fused RL step), and with ``logging.phase_timing`` ``sample`` / ``reward`` / ``update``."""
         opts, mesh, policy = self.opts, self.mesh, self.policy
@@ -106,31 +119,25 @@ class FlowRecipe(Recipe):
 
         b = self.layout["batch_size"]
         flag = jax.ShapeDtypeStruct((), jnp.bool_)
+        cond = lambda: jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs)  # noqa: E731
         ref_struct = lambda: None if self._step_ref_arg() is None else self.abstract_state["params"]  # noqa: E731
-        sk = self.shrink_keys.get
+        # (state, ref_params, frozen, cond, key): the arguments the fused step and the phase-timing update share
+        head = lambda: (self.abstract_state, ref_struct(), policy.abstract_frozen, cond(), key_struct())  # noqa: E731
         programs = [Program("step", step, out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
-                            shrink_key=sk("step", ""),
-                            args=lambda: (self.abstract_state, ref_struct(), self.policy.abstract_frozen,
-                                          self._cond_struct(b), key_struct(), flag, flag,
-                                          *self.reward_arg_structs()))]
+                            args=lambda: (*head(), flag, flag, *self.reward_arg_structs()))]
         if self.phase_timing():
             fns = make_phase_fns(graphdef, tx, opts, mesh, ref_graphdef=ref_graphdef, lora_dropout=lora_dropout)
+            reward = lambda x, c, *r: fns["reward"](make_reward(*r), x, c)  # noqa: E731
             x1 = lambda: jax.ShapeDtypeStruct((b, *opts.image_shape), jnp.float32, sharding=bs)  # noqa: E731
-            comps = lambda: jax.eval_shape(lambda x, c, *r: fns["reward"](make_reward(*r), x, c),  # noqa: E731
-                                           x1(), self._cond_struct(b), *self.reward_arg_structs())
+            comps = lambda: jax.eval_shape(reward, x1(), cond(), *self.reward_arg_structs())  # noqa: E731
             programs += [
-                Program("sample", fns["sample"], out_shardings=bs, phase="rollout", shrink_key=sk("sample", ""),
-                        args=lambda: (self.abstract_state, self.policy.abstract_frozen, self._cond_struct(b),
-                                      key_struct())),
-                Program("reward", lambda x, c, *r: fns["reward"](make_reward(*r), x, c), phase="rollout",
-                        shrink_key=sk("reward", ""),
-                        args=lambda: (x1(), self._cond_struct(b), *self.reward_arg_structs())),
+                Program("sample", fns["sample"], out_shardings=bs, phase="rollout",
+                        args=lambda: (self.abstract_state, policy.abstract_frozen, cond(), key_struct())),
+                Program("reward", reward, phase="rollout", args=lambda: (x1(), cond(), *self.reward_arg_structs())),
                 Program("update", fns["update"], out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
-                        shrink_key=sk("update", ""),
-                        args=lambda: (self.abstract_state, ref_struct(), self.policy.abstract_frozen,
-                                      self._cond_struct(b), key_struct(), x1(), comps(), flag, flag)),
+                        args=lambda: (*head(), x1(), comps(), flag, flag)),
             ]
-        return programs
+        return [dataclasses.replace(p, shrink_key=self.shrink_keys.get(p.name, "")) for p in programs]
 
     # ---- host phases ----------------------------------------------------------------------------------------
 
@@ -157,12 +164,11 @@ class FlowRecipe(Recipe):
     def update(self, step: int, state: Any, rollout: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         r = rollout
         flags = (np.bool_(r["refresh_ref"]), np.bool_(r["refresh_sampler"]))
+        head = (state, self._step_ref_arg(), self.frozen, r["cond"], r["key"])
         if "x1" not in r:
-            name, args = "step", (state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], *flags,
-                                  *self.reward_args())
+            name, args = "step", (*head, *flags, *self.reward_args())
         else:
-            name, args = "update", (state, self._step_ref_arg(), self.frozen, r["cond"], r["key"], r["x1"],
-                                    r["components"], *flags)
+            name, args = "update", (*head, r["x1"], r["components"], *flags)
         if name not in self._flops:  # matmul FLOPs of the program (every sampling / inner-update step), once
             self._flops[name] = matmul_flops(jax.make_jaxpr(self.programs[name].fn)(*args), count_loops=True)
         t0 = time.perf_counter()

@@ -72,7 +72,6 @@ import numpy as np
 from flax import nnx
 
 from adrpo_jax import train
-from adrpo_jax.flow import config as flow_config
 from adrpo_jax.flow.config import SD3_DEFAULT_PROMPTS as DEFAULT_PROMPTS
 from adrpo_jax.flow.config import SD3_LORA_TARGETS as LORA_DEFAULT_TARGETS
 from adrpo_jax.flow.config import SD3_TRAINER as TRAINER
@@ -90,8 +89,6 @@ from adrpo_jax.flow.sd3 import (
     shard_prompt_table,
 )
 from adrpo_jax.flow.step import FlowStepOptions, draw_path_inputs, velocity_fn
-from adrpo_jax.models.lora import apply_lora
-from adrpo_jax.recipe.policy import Policy
 from adrpo_jax.train.config import ConfigError
 from adrpo_jax.train.programs import Program, abstract_like, key_struct
 
@@ -285,7 +282,7 @@ class SD3Components:
     and sharded by :func:`adrpo_jax.flow.sd3.shard_prompt_table`, with ``text_shape = (L, D)``);
     ``latent_shape`` ``(h, w, c)``; ``reward_state``: the arrays of the reward path (``{"vae", "clip"}``, any
     pytree passed to the jitted programs as an argument); ``reward``: the :class:`SD3Reward` over them
-    (``make_reward(reward_state) -> reward(latents, cond)`` is its ``bind``); ``eval_state``: ``{"clips": (...)}``
+    (``reward.bind(reward_state) -> reward(latents, cond)``); ``eval_state``: ``{"clips": (...)}``
     the eval-only CLIP scorers' arrays, ``eval_clip_specs`` their specs; ``null_id``: the empty prompt's row
     (default: the last row). An :class:`SD3Trainer` that loaded the components itself releases the host / device
     copies it has placed (``embeddings``, ``pooled``, ``reward_state``, ``eval_state`` become None)."""
@@ -308,15 +305,12 @@ class SD3Components:
         self.eval_clip_specs = tuple(eval_clip_specs)
         self.null_id = int(table.shape[0] - 1 if null_id is None else null_id)
 
-    @property
-    def make_reward(self) -> Callable:
-        return self.reward.bind
 
-
-def image_mean_reward(images: jax.Array, cond: jax.Array) -> jax.Array:
-    """``mean(images)`` per image (brightness in [-1, 1]): a cheap, hackable stand-in reward."""
-    del cond
-    return jnp.mean(images.astype(jnp.float32), axis=(1, 2, 3))
+def _sd3_reward(config: Any, vae_graphdef: Any, clip_spec: Any) -> SD3Reward:
+    """The :class:`SD3Reward` of ``config.reward`` / ``vae.decode_batch`` on a VAE graph and a CLIP spec (or None)."""
+    return SD3Reward(vae_graphdef, clip_spec, scale=float(config.reward.clip_scale),
+                     clamp=bool(config.reward.clip_clamp), dtype=_DTYPES[config.reward.dtype],
+                     decode_batch=int(config.vae.decode_batch) or None)
 
 
 def _clip_state(path: str, prompts: list[str], cache_dir: str | None) -> tuple[dict[str, Any], Any]:
@@ -370,11 +364,8 @@ def load_components(config: Any, mesh: jax.sharding.Mesh | None = None, *,
         clip_state, clip_spec = _clip_state(paths["clip"], prompts, cache_dir)
     eval_clips = [_clip_state(os.path.expanduser(p), prompts, cache_dir) for p in config.eval.clip_paths]
     vae_graphdef, vae_state = nnx.split(vae)
-    reward = SD3Reward(vae_graphdef, clip_spec, scale=float(config.reward.clip_scale),
-                       clamp=bool(config.reward.clip_clamp), dtype=_DTYPES[config.reward.dtype],
-                       decode_batch=int(config.vae.decode_batch) or None)
     return SD3Components(transformer, embeddings, pooled, shapes.latent_shape,
-                         {"vae": vae_state, "clip": clip_state}, reward,
+                         {"vae": vae_state, "clip": clip_state}, _sd3_reward(config, vae_graphdef, clip_spec),
                          eval_state={"clips": tuple(c[0] for c in eval_clips)},
                          eval_clip_specs=tuple(c[1] for c in eval_clips), null_id=shapes.null_id,
                          text_shape=(shapes.text_len, shapes.text_dim))
@@ -386,11 +377,9 @@ def load_components(config: Any, mesh: jax.sharding.Mesh | None = None, *,
 
 
 class SD3Trainer(FlowRecipe):
-    """The SD3 recipe (module docstring); ``components`` overrides :func:`load_components` (tests). Attributes as
-    :class:`adrpo_jax.flow.trainer.FlowTrainer`'s: ``mesh``, ``opts``, ``policy``, ``graphdef``,
-    ``base_graphdef``, ``ref_graphdef``, ``tx``, ``abstract_state``, ``state_shardings``, ``ref_params``,
-    ``frozen``, ``fns`` (``fns["step"]``: the fused RL step), plus ``shapes`` (:class:`SD3Shapes`), ``layout``,
-    ``train_prompts`` / ``eval_prompts``.
+    """The SD3 recipe (module docstring); ``components`` overrides :func:`load_components` (tests). Attributes:
+    :class:`~adrpo_jax.recipe.base.Recipe`'s (``fns["step"]``: the fused RL step), ``opts``, plus ``shapes``
+    (:class:`SD3Shapes`), ``layout``, ``train_prompts`` / ``eval_prompts``.
 
     ``abstract=True`` (the plan mode): no weight, tokenizer or text encoder is loaded; every program's abstract
     arguments are at the run's real shapes (:func:`resolve_shapes`)."""
@@ -422,37 +411,26 @@ class SD3Trainer(FlowRecipe):
         self.components = comp
         self.opts = FlowStepOptions.from_config(config, num_conditions=self.num_prompts, null_class=shapes.null_id,
                                                 image_shape=shapes.latent_shape)
-        self._setup_optimization(config)
-        lora = flow_config.lora_config(config)
-        lora_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x10A)  # the adapters' A: the seed's
         tcfg = comp.transformer.config if comp is not None else shapes.transformer
 
         def new_model():  # only ever built abstractly / under jit
             from adrpo_jax.models import mmdit  # pylint: disable=import-outside-toplevel
-            model = MMDiTVelocity(mmdit.MMDiT(tcfg, rngs=nnx.Rngs(0)),
-                                  jnp.zeros((shapes.rows, shapes.text_len, shapes.text_dim), shapes.table_dtype),
-                                  jnp.zeros((shapes.rows, shapes.pooled_dim), shapes.table_dtype),
-                                  null_id=shapes.null_id)
-            if lora is not None:
-                apply_lora(model, lora, rngs=nnx.Rngs(params=lora_key))
-            return model
+            return self._with_lora(MMDiTVelocity(
+                mmdit.MMDiT(tcfg, rngs=nnx.Rngs(0)),
+                jnp.zeros((shapes.rows, shapes.text_len, shapes.text_dim), shapes.table_dtype),
+                jnp.zeros((shapes.rows, shapes.pooled_dim), shapes.table_dtype), null_id=shapes.null_id))
 
         def load_pretrained():  # the loaded MMDiT + the placed table; with LoRA its initial adapters (B = 0)
-            model = MMDiTVelocity(comp.transformer, comp.embeddings, comp.pooled, null_id=shapes.null_id,
-                                  dtype=shapes.table_dtype, text_shape=comp.text_shape)
-            if lora is not None:
-                apply_lora(model, lora, rngs=nnx.Rngs(params=lora_key))
-            return model
+            return self._with_lora(MMDiTVelocity(comp.transformer, comp.embeddings, comp.pooled, null_id=shapes.null_id,
+                                                 dtype=shapes.table_dtype, text_shape=comp.text_shape))
 
-        trainable = nnx.LoRAParam if lora is not None else nnx.Param
-        self.policy = Policy(self.policy_spec(new_model, None if abstract else load_pretrained, trainable, lora),
-                             self.mesh, abstract=abstract)
+        self._build_policy(new_model, None if abstract else load_pretrained)
         repl = train.replicated_sharding(self.mesh)
         if abstract:
-            self.reward = self._reward_fn(shapes)
+            self.reward, reward_state, eval_state = self._abstract_reward(config, shapes)
             self.eval_clip_specs = tuple(spec for spec, _ in shapes.eval_clips)
-            self.reward_state = abstract_like(self._abstract_reward_state(shapes), repl)
-            self.eval_state = abstract_like(self._abstract_eval_state(shapes), repl)
+            self.reward_state = abstract_like(reward_state, repl)
+            self.eval_state = abstract_like(eval_state, repl)
         else:
             assert comp is not None  # loaded above when not abstract
             self.reward, self.eval_clip_specs = comp.reward, comp.eval_clip_specs
@@ -460,8 +438,6 @@ class SD3Trainer(FlowRecipe):
             self.eval_state = jax.device_put(comp.eval_state, repl)
             if components is None:  # ours: the placed host copies are not needed any more
                 comp.reward_state = comp.eval_state = comp.embeddings = comp.pooled = None
-        self.rows = train.process_batch_slice(self.layout["batch_size"], self.mesh)
-        self.base_key = jax.random.key(int(config.seed))
         self._set_programs(self.step_programs() + self.eval_programs())
         if not abstract:
             self._eval_inputs()
@@ -477,34 +453,19 @@ class SD3Trainer(FlowRecipe):
                                   "sized by its prompts.", key=key, value=path)
         return sd3_prompt_sets(config)
 
-    def _reward_fn(self, shapes: SD3Shapes) -> SD3Reward:
-        from adrpo_jax.models.vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
-        c = self.config
-        vae_graphdef = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(shapes.vae, rngs=nnx.Rngs(0))))[0]
-        return SD3Reward(vae_graphdef, None if shapes.clip is None else shapes.clip[0],
-                         scale=float(c.reward.clip_scale), clamp=bool(c.reward.clip_clamp),
-                         dtype=_DTYPES[c.reward.dtype], decode_batch=int(c.vae.decode_batch) or None)
-
     @staticmethod
-    def _abstract_reward_state(shapes: SD3Shapes) -> dict[str, Any]:
+    def _abstract_reward(config: Any, shapes: SD3Shapes) -> tuple[SD3Reward, dict[str, Any], dict[str, Any]]:
+        """The plan mode's reward and its abstract ``reward_state`` / ``eval_state`` (shapes only)."""
         from adrpo_jax.models.vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
-        vae_state = nnx.state(nnx.eval_shape(lambda: AutoencoderKL(shapes.vae, rngs=nnx.Rngs(0))))
-        clip = {}
-        if shapes.clip is not None:
-            spec, inter = shapes.clip
-            clip = {"params": clip_vision_shapes(spec, inter),
+        vae_graphdef, vae_state = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(shapes.vae, rngs=nnx.Rngs(0))))
+
+        def clip(spec, inter):  # a CLIP tower's arrays: the vision weights, the prompts' text features
+            return {"params": clip_vision_shapes(spec, inter),
                     "text": jax.ShapeDtypeStruct((shapes.clip_rows, spec.projection_dim), jnp.float32)}
-        return {"vae": vae_state, "clip": clip}
 
-    @staticmethod
-    def _abstract_eval_state(shapes: SD3Shapes) -> dict[str, Any]:
-        return {"clips": tuple({"params": clip_vision_shapes(spec, inter),
-                                "text": jax.ShapeDtypeStruct((shapes.clip_rows, spec.projection_dim), jnp.float32)}
-                               for spec, inter in shapes.eval_clips)}
-
-    @property
-    def step_fn(self):
-        return self.fns["step"]
+        reward = _sd3_reward(config, vae_graphdef, None if shapes.clip is None else shapes.clip[0])
+        reward_state = {"vae": vae_state, "clip": {} if shapes.clip is None else clip(*shapes.clip)}
+        return reward, reward_state, {"clips": tuple(clip(spec, inter) for spec, inter in shapes.eval_clips)}
 
     def make_reward(self, *reward_args: Any) -> Callable:
         return self.reward.bind(*reward_args)
@@ -516,13 +477,6 @@ class SD3Trainer(FlowRecipe):
         return (abstract_like(self.reward_state),)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
-
-    def _eval_rows(self) -> np.ndarray:
-        """The eval batch's prompt rows: every eval prompt (held-out ids ``N..N+E-1``, else the training ids)
-        ``eval.samples_per_prompt`` times, prompt-major."""
-        n, e = self.num_prompts, len(self.eval_prompts)
-        ids = np.arange(n, n + e, dtype=np.int32) if e else np.arange(n, dtype=np.int32)
-        return np.repeat(ids, int(self.config.eval.samples_per_prompt))
 
     def eval_programs(self) -> list[Program]:
         """``eval/noise`` (the fixed eval noise of the whole padded eval batch) and ``eval/step`` (one call of
@@ -598,10 +552,13 @@ class SD3Trainer(FlowRecipe):
                                       rows(jnp.int32), rows(jnp.bool_), key_struct(), key_struct()))]
 
     def _eval_inputs(self) -> None:
-        """The fixed eval batch, padded to whole calls: per call ``(x0, cond, group, mask)`` global arrays."""
+        """The fixed eval batch, padded to whole calls: per call ``(x0, cond, group, mask)`` global arrays. Its
+        prompt rows: every eval prompt (held-out ids ``N..N+E-1``, else the training ids) ``eval.samples_per_prompt``
+        times, prompt-major."""
         call, calls = self.layout["eval_call_size"], self.layout["eval_calls"]
         spp = int(self.config.eval.samples_per_prompt)
-        cond = self._eval_rows()
+        p, e = self.num_prompts, len(self.eval_prompts)
+        cond = np.repeat(np.arange(p, p + e, dtype=np.int32) if e else np.arange(p, dtype=np.int32), spp)
         n = cond.shape[0]
         total = call * calls
         mask = np.arange(total) < n
@@ -616,10 +573,6 @@ class SD3Trainer(FlowRecipe):
             s = slice(i * call, (i + 1) * call)
             self._eval_calls.append((put(x0[s]), put(cond[s].astype(np.int32)), put(group[s].astype(np.int32)),
                                      put(mask[s])))
-
-    @property
-    def has_evaluator(self) -> bool:
-        return int(self.config.eval_every) > 0
 
     def evaluate(self, step: int, state) -> dict[str, Any]:
         del step
@@ -649,10 +602,14 @@ class SD3Trainer(FlowRecipe):
     def export(self, params, path: str | os.PathLike) -> str | None:
         """Writes the policy's MMDiT (LoRA merged: ``W + s A B``) as a diffusers directory in
         ``model.save_dtype`` and, with LoRA, the adapters in the diffusers / peft format under ``path/lora``
-        (process 0)."""
+        (``pytorch_lora_weights.safetensors`` with their peft config,
+        :func:`adrpo_jax.models.mmdit.save_diffusers_lora`: ``pipe.load_lora_weights(path)``) (process 0)."""
         from adrpo_jax.models import mmdit  # pylint: disable=import-outside-toplevel
 
-        lora_dir = self._export_lora(params, os.path.join(os.fspath(path), "lora"))
+        lora_dir = None
+        if self.policy.lora is not None:
+            lora_dir = os.path.join(os.fspath(path), "lora")
+            mmdit.save_diffusers_lora(nnx.merge(self.policy.graphdef, params, self.frozen).transformer, lora_dir)
         model = self._merged_on_host(params)
         if model is None:
             return None
@@ -676,16 +633,6 @@ class SD3Trainer(FlowRecipe):
 
         return self.policy.merged(params, to_host=True,
                                   frozen=jax.tree_util.tree_map_with_path(slim, self.frozen))
-
-    def _export_lora(self, params, path: str) -> str | None:
-        """The adapters as ``pytorch_lora_weights.safetensors`` with their peft config
-        (:func:`adrpo_jax.models.mmdit.save_diffusers_lora`: ``pipe.load_lora_weights(path)``), when LoRA is on."""
-        if self.policy.lora is None:
-            return None
-        from adrpo_jax.models import mmdit  # pylint: disable=import-outside-toplevel
-        model = nnx.merge(self.policy.graphdef, params, self.frozen)
-        mmdit.save_diffusers_lora(model.transformer, path)
-        return path
 
     def load_final(self, path: Path) -> Any:
         """The trainable parameters of an exported (merged) diffusers MMDiT directory."""

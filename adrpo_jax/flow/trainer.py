@@ -40,11 +40,9 @@ pre-trained model on the policy's eval samples). Images: ``workdir/samples_befor
 ``workdir/samples_before_after.png`` (pre-trained vs fine-tuned, one row per prompt) at the end; with
 ``model.save_final`` the fine-tuned DiT goes to ``workdir/final_model`` (``load_dit``).
 
-Where a step's time goes: the step is one fused XLA program (sampling, reward and update overlap nothing on
-the host), so by default only ``step_time_s`` / ``images_per_sec`` (and ``time/eval``, ``time/checkpoint``)
-are logged. ``logging.phase_timing=True`` runs it as three jitted programs with the same keys, the host
-waiting for each: ``time/sample``, ``time/reward``, ``time/update`` (the same math, another compilation:
-equal to the fused step up to float32 rounding).
+Where a step's time goes: by default only ``step_time_s`` / ``images_per_sec`` (and ``time/eval``,
+``time/checkpoint``); ``logging.phase_timing=True`` adds ``time/sample``, ``time/reward``, ``time/update``
+(:mod:`adrpo_jax.flow.recipe`: the step as three programs, the host waiting for each).
 
 LoRA (``lora.enabled``, :mod:`adrpo_jax.models.lora`): adapters on the DiT sites of ``lora.target_modules``; the
 state (optimizer state and checkpoints included) holds the adapters only, the pre-trained weights are the
@@ -78,8 +76,7 @@ from adrpo_jax.flow.sampling import sample, sample_noise
 from adrpo_jax.flow.step import FlowStepOptions
 from adrpo_jax.models.classifier import DigitClassifier, load_classifier
 from adrpo_jax.models.dit import DiT, load_dit
-from adrpo_jax.models.lora import apply_lora
-from adrpo_jax.recipe.policy import Policy, once
+from adrpo_jax.recipe.policy import once
 from adrpo_jax.train.programs import Program, key_struct
 
 if TYPE_CHECKING:  # imported when first used (FlowEvaluator.judge_metrics)
@@ -92,7 +89,6 @@ log = logging.getLogger(__name__)
 
 BEFORE_GRID = "samples_before.png"
 BEFORE_AFTER_GRID = "samples_before_after.png"
-FINAL_MODEL = "final_model"
 
 
 def build_reward_model(config: Any, classifier: DigitClassifier | None) -> Callable:
@@ -179,10 +175,6 @@ def _check_model(model: DiT, config: Any, num_conditions: int) -> None:
                                 f"{config.data.image_size}.", key="model.path")
 
 
-def _merge(graphdef, params, frozen):
-    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
-
-
 class FlowEvaluator:
     """Fixed-batch evaluation: every prompt x ``eval.samples_per_prompt`` images from fixed noise, scored against
     the pre-trained model's samples of the same prompts and noise (computed once, at the first evaluation).
@@ -230,7 +222,7 @@ class FlowEvaluator:
         shape = (n,) + tuple(opts.image_shape)
 
         def sample_fn(params, frozen, x0, cond, key, g=graphdef):
-            model = _merge(g, params, frozen)
+            model = nnx.merge(g, params, frozen)
             return sample(lambda x, t, c: model(x, t, c), x0, cond, num_steps=opts.sampling_steps,
                           method=opts.sampling_method, cfg_scale=opts.cfg_scale,
                           null_cond=None if opts.cfg_scale == 1.0 else opts.null_class, sde_noise=opts.sde_noise,
@@ -239,7 +231,7 @@ class FlowEvaluator:
         n_time = int(config.eval.w2_time_samples)
 
         def w2_fn(params, ref_params, frozen, x1, cond, key):
-            policy_model, ref = _merge(graphdef, params, frozen), _merge(base_graphdef, ref_params, frozen)
+            policy_model, ref = nnx.merge(graphdef, params, frozen), nnx.merge(base_graphdef, ref_params, frozen)
             return velocity_w2_bound(lambda x, t, c: policy_model(x, t, c), lambda x, t, c: ref(x, t, c), x1, cond,
                                      key, num_time_samples=n_time)
 
@@ -359,16 +351,8 @@ class FlowTrainer(FlowRecipe):
         mc = self.model_config
         self.opts = FlowStepOptions.from_config(config, num_conditions=self.num_conditions, null_class=mc.null_class,
                                                 image_shape=(mc.image_size, mc.image_size, mc.channels))
-        self._setup_optimization(config)
-        lora = config_lib.lora_config(config)
-        self.lora_cfg = lora
-        if trainable is None:
-            trainable = nnx.LoRAParam if lora is not None else nnx.Param
-        self.policy = Policy(self.policy_spec(self._new_model, once(pretrained), trainable, lora), self.mesh,
-                             abstract=abstract)
+        self._build_policy(self._new_model, once(pretrained), trainable)
         del pretrained
-        self.rows = train.process_batch_slice(self.layout["batch_size"], self.mesh)
-        self.base_key = jax.random.key(int(config.seed))
         with_evaluator = int(config.eval_every) > 0 or bool(config.eval.write_images)
         self._set_programs(self.step_programs() + (FlowEvaluator.programs(self) if with_evaluator else []))
         self.evaluator = FlowEvaluator(self) if with_evaluator and not abstract else None
@@ -378,20 +362,13 @@ class FlowTrainer(FlowRecipe):
     def _new_model(self) -> DiT:
         """A freshly initialized policy (with adapters under LoRA; their A a function of ``seed`` only); only
         ever built abstractly or under jit."""
-        model = DiT(self.model_config, rngs=nnx.Rngs(0))
-        if self.lora_cfg is not None:
-            key = jax.random.fold_in(jax.random.key(int(self.config.seed)), 0x10A)
-            apply_lora(model, self.lora_cfg, rngs=nnx.Rngs(params=key))
-        return model
+        return self._with_lora(DiT(self.model_config, rngs=nnx.Rngs(0)))
 
     def make_reward(self, *reward_args: Any) -> Callable:
         return self.reward_model
 
     def evaluate(self, step: int, state) -> dict[str, Any]:
         return self.evaluator(step, state) if self.evaluator is not None else {}
-
-    def _is_primary(self) -> bool:
-        return jax.process_index() == 0
 
     def _evaluator(self, what: str) -> FlowEvaluator:
         if self.evaluator is None:
@@ -408,7 +385,7 @@ class FlowTrainer(FlowRecipe):
         if self._images:
             evaluator = self._evaluator("on_start's grid")
             reference = evaluator.reference_images(state)
-            if self._is_primary():
+            if jax.process_index() == 0:
                 evaluator.save_grid(os.path.join(self.workdir, BEFORE_GRID), {"pre-trained": reference},
                                          title=self._grid_title("pre-trained model"))
 
@@ -448,7 +425,7 @@ class FlowTrainer(FlowRecipe):
         last = evaluator.last_images
         after = last[1] if last is not None and last[0] == step else evaluator.sample(state["params"], self.frozen)
         reference = evaluator.reference_images(state)
-        if not self._is_primary():
+        if jax.process_index() != 0:
             return None
         path = evaluator.save_grid(
             os.path.join(self.workdir, BEFORE_AFTER_GRID),
