@@ -245,10 +245,7 @@ class FlowEvaluator:
                        args=lambda: (params(), params(), policy.abstract_frozen,
                                      jax.ShapeDtypeStruct(shape, jnp.float32), c(), key_struct()))]
         if base_graphdef is not graphdef:
-            out.append(Program("eval/sample_base",
-                               lambda params, frozen, x0, cond, key: sample_fn(params, frozen, x0, cond, key,
-                                                                               g=base_graphdef),
-                               args=sample_args,
+            out.append(Program("eval/sample_base", lambda *a: sample_fn(*a, g=base_graphdef), args=sample_args,
                                out_shardings=repl, phase="eval"))
         if trainer.classifier is not None:
             cgraph = nnx.graphdef(trainer.classifier)
