@@ -221,7 +221,7 @@ class FlowEvaluator:
         n = prompt_conditions(config.data.condition_mode, int(config.eval.samples_per_prompt)).shape[0]
         shape = (n,) + tuple(opts.image_shape)
 
-        def sample_fn(params, frozen, x0, cond, key, g=graphdef):
+        def sample_fn(params, frozen, x0, cond, key, *, g=graphdef):
             model = nnx.merge(g, params, frozen)
             return sample(lambda x, t, c: model(x, t, c), x0, cond, num_steps=opts.sampling_steps,
                           method=opts.sampling_method, cfg_scale=opts.cfg_scale,
