@@ -266,9 +266,6 @@ class Recipe:
         """Eval metrics (``eval/*``) of ``state`` after ``step`` steps."""
         return {}
 
-    def eval_step(self, step: int, state: Any) -> dict[str, Any]:
-        return self.evaluate(step, state)
-
     def export(self, params: Any, path: str | os.PathLike) -> str | os.PathLike | None:
         """Writes the policy of ``params`` to ``path`` in its family's format; returns the path (process 0)."""
         raise NotImplementedError

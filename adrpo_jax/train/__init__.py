@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "require_float_or_inf": "config",
     "require_int": "config",
     "require_range": "config",
+    "require_sections": "config",
     "require_type": "config",
     "rng_from_meta": "checkpoint",
     "rng_to_meta": "checkpoint",
@@ -84,6 +85,7 @@ _EXPORTS: dict[str, str] = {
     "validate_advantage_clip": "config",
     "validate_common_config": "config",
     "validate_lora_section": "config",
+    "validate_ref_refresh": "config",
     "weight_decay_mask": "optim",
 }
 
