@@ -856,6 +856,5 @@ class RLTrainer(Recipe):
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) GRPO / ADRPO training of ``config`` in ``workdir``; returns the last logged metrics
-    plus ``step``, ``preempted``, ``resumed_from``."""
+    """Runs (or resumes) GRPO / ADRPO training of ``config`` in ``workdir``; returns :meth:`Recipe.run`'s dict."""
     return RLTrainer(config, workdir).run()
