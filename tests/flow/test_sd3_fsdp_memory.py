@@ -1,5 +1,5 @@
 """Numerically equal is not sharded: the MMDiT flow update on an fsdp=8 mesh must keep the batch sharded (per-device
-activation memory grows like data=8's), which needs the model traced under the mesh (flow.step._model_mesh):
+activation memory grows like data=8's), which needs the model traced under the mesh (train.step_utils.mesh_context):
 without it GSPMD follows the FSDP-sharded weights and runs every image on every device (measured at the
 SD3-medium shape: 5.5 GB vs 1.1 GB per device)."""
 import jax
