@@ -118,20 +118,22 @@ def repeat_updates(update: Callable[..., tuple], params: PyTree, opt_state: opta
     """Optimizer updates in sequence: ``update(params, opt_state, x) -> (params, opt_state, metrics, *extra)``.
 
     ``xs`` None: one update, ``update(params, opt_state, None)``, called directly (no scan); its ``extra`` outputs
-    (e.g. gradients) are returned. Else one update per entry of ``xs``'s leading axis in a ``jax.lax.scan``
-    (``extra`` dropped). Returns ``(params, opt_state, metrics stacked [U], extra)`` (:func:`reduce_update_metrics`
-    reduces the stack).
+    (e.g. gradients) are returned. Else one update per entry of ``xs``'s leading axis in a ``jax.lax.scan``, and
+    ``extra`` is one None per extra output (not kept across updates). Returns ``(params, opt_state, metrics stacked
+    [U], extra)`` (:func:`reduce_update_metrics` reduces the stack).
     """
     if xs is None:
         params, opt_state, metrics, *extra = update(params, opt_state, None)
         return params, opt_state, jax.tree.map(lambda x: x[None], metrics), extra
+    num_extra: list[int] = []
 
     def body(carry, x):
-        p, o, m, *_ = update(*carry, x)
+        p, o, m, *rest = update(*carry, x)
+        num_extra[:] = [len(rest)]
         return (p, o), m
 
     (params, opt_state), stacked = jax.lax.scan(body, (params, opt_state), xs)
-    return params, opt_state, stacked, []
+    return params, opt_state, stacked, [None] * num_extra[0]
 
 
 def mesh_context(mesh: Mesh | None):

@@ -108,3 +108,24 @@ def test_accumulate_gradients_bad_inputs():
         step_utils.accumulate_gradients(grad_fn, jnp.ones(2), {"x": np.ones((2, 2)), "y": np.ones((3, 2))})
     with pytest.raises(ValueError, match=r"`num_micro_batches`=4"):
         step_utils.split_micro_batches({"x": np.ones((6, 2))}, 4)
+
+
+def test_repeat_updates_one_direct_or_a_scan_with_the_extra_outputs_kept_only_for_one():
+    tx = optax.sgd(0.1)
+    params = _params()
+
+    def update(p, o, x):
+        grads = jax.tree.map(lambda v: v * (1.0 if x is None else x), p)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, {"loss": sum(jnp.sum(v) for v in jax.tree.leaves(p))}, grads
+
+    p1, _, m1, extra1 = step_utils.repeat_updates(update, params, tx.init(params), None)
+    assert m1["loss"].shape == (1,) and len(extra1) == 1
+    np.testing.assert_array_equal(extra1[0]["w"], params["w"])
+    p3, _, m3, extra3 = step_utils.repeat_updates(update, params, tx.init(params), jnp.array([1.0, 2.0, 3.0]))
+    assert m3["loss"].shape == (3,) and extra3 == [None]  # one None per extra output after several updates
+    want = params
+    for x in (1.0, 2.0, 3.0):
+        want = jax.tree.map(lambda v: v - 0.1 * x * v, want)
+    np.testing.assert_allclose(p3["w"], want["w"], rtol=1e-6)
+    np.testing.assert_allclose(p1["w"], params["w"] * 0.9, rtol=1e-6)
