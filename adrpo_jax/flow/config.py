@@ -369,6 +369,7 @@ def _validate_rl(config) -> None:
 
 
 def _validate_sampling_eval(config, sd3: bool = False) -> None:
+    """The sampler and the eval keys both flow recipes have (``sd3``: with ``sampling.time_shift``)."""
     method = require_choice(config, "sampling.method", SAMPLERS)
     require_int(config, "sampling.num_steps", min=1)
     require_float(config, "sampling.cfg_scale", min=0.0)
@@ -381,11 +382,6 @@ def _validate_sampling_eval(config, sd3: bool = False) -> None:
     require_int(config, "eval.samples_per_prompt", min=2)
     require_int(config, "eval.seed", min=0)
     require_int(config, "eval.w2_time_samples", min=1)
-    if sd3:
-        return
-    require_type(config, "eval.write_images", bool)
-    if "gold_rewards" in config.eval:  # the reward-hacking monitor (adrpo_jax.train.monitor): gold = the judge
-        validate_monitor_config(config, "flow")
 
 
 def _validate_lora(config) -> None:
@@ -411,6 +407,9 @@ def validate_flow_config(config: Any) -> None:
     _validate_reward(config)
     _validate_rl(config)
     _validate_sampling_eval(config)
+    require_type(config, "eval.write_images", bool)
+    if "gold_rewards" in config.eval:  # the reward-hacking monitor (adrpo_jax.train.monitor): gold = the judge
+        validate_monitor_config(config, "flow")
     _validate_lora(config)
 
 
