@@ -80,8 +80,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default="/tmp/adrpo_guard")
     ap.add_argument("--reuse-old", action="store_true",
-                    help="keep OLD's runs already in --out (from an earlier call with the same OLD and --steps): "
-                         "only NEW runs again, e.g. to check several NEW commits against one OLD")
+                    help="keep OLD's finished runs already in --out (from an earlier call with the same OLD commit and "
+                         "--steps): only NEW runs again, e.g. to check several NEW commits against one OLD")
     args = ap.parse_args()
     out = Path(args.out)
     trees = {}
@@ -92,18 +92,30 @@ def main() -> int:
         else:  # a tree of an earlier call: moved to this call's commit
             subprocess.run(["git", "checkout", "--quiet", "--detach", commit], cwd=trees[name], check=True)
     failures = []
+    # OLD's runs are reused only when they are of this OLD commit and --steps (the stamp) and finished (their last
+    # checkpoint exists); any other OLD output is removed first
+    old_sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=trees["old"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    stamp, record = out / "old_runs.json", {"commit": old_sha, "steps": args.steps}
+    reuse = args.reuse_old and stamp.exists() and json.loads(stamp.read_text()) == record
+    if not reuse:
+        if args.reuse_old:
+            print(f"--reuse-old: no runs of {old_sha[:12]} at --steps={args.steps} in {out}: running OLD again")
+        for folder in ("old", "resume"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+        stamp.write_text(json.dumps(record))
 
-    def launch_old(workdir: Path, *launch_args: str) -> None:  # OLD's run, kept when --reuse-old finds it whole
-        if args.reuse_old and (workdir / "metrics.jsonl").exists():
+    def launch_old(workdir: Path, config: str, total_steps: int, *extra: str) -> None:
+        if reuse and (workdir / "checkpoints" / str(total_steps)).exists():
             return
         shutil.rmtree(workdir, ignore_errors=True)
-        _launch(trees["old"], *launch_args[:1], workdir, *launch_args[1:])
+        _launch(trees["old"], config, workdir, f"--config.total_steps={total_steps}", *extra)
 
     for run, (config, extra) in RUNS.items():
-        steps = (f"--config.total_steps={args.steps}", f"--config.eval_every={max(args.steps // 2, 1)}")
-        launch_old(out / "old" / run, config, *steps, *extra)
+        evals = f"--config.eval_every={max(args.steps // 2, 1)}"
+        launch_old(out / "old" / run, config, args.steps, evals, *extra)
         shutil.rmtree(out / "new" / run, ignore_errors=True)
-        _launch(trees["new"], config, out / "new" / run, *steps, *extra)
+        _launch(trees["new"], config, out / "new" / run, f"--config.total_steps={args.steps}", evals, *extra)
         m = _compare_metrics(out / "old" / run / "metrics.jsonl", out / "new" / run / "metrics.jsonl")
         c = _compare_checkpoints(out / "old" / run / "checkpoints" / str(args.steps) / "state",
                                  out / "new" / run / "checkpoints" / str(args.steps) / "state")
@@ -112,8 +124,8 @@ def main() -> int:
     for run, config in RESUME.items():
         whole, half = out / "resume" / f"{run}_old", out / "resume" / f"{run}_old2"
         mixed = out / "resume" / f"{run}_mixed"
-        launch_old(whole, config, "--config.total_steps=4", "--config.eval_every=0")
-        launch_old(half, config, "--config.total_steps=2", "--config.eval_every=0")
+        launch_old(whole, config, 4, "--config.eval_every=0")
+        launch_old(half, config, 2, "--config.eval_every=0")
         shutil.rmtree(mixed, ignore_errors=True)
         shutil.copytree(half, mixed)  # OLD's 2-step workdir, resumed by NEW
         _launch(trees["new"], config, mixed, "--config.total_steps=4", "--config.eval_every=0")
